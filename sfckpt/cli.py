@@ -1,0 +1,186 @@
+"""The `sfckpt` command: parse options, call the library, print.
+
+Data goes to stdout (a table, or JSON with --json); messages and progress go
+to stderr. Exit codes: 0 success, 1 a check found a problem, 2 bad input or
+usage. torch is imported only when a command runs, so --help is instant.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from . import __version__
+from .errors import SfckptError
+
+EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+
+
+def _fail(message: str, hint: str | None = None) -> None:
+    click.echo(f"error: {message}" + (f"; {hint}" if hint else ""), err=True)
+    sys.exit(EXIT_ERROR)
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def handle_errors(func: Callable) -> Callable:
+    """Turn known errors into one `error:` line and exit 2; a traceback only with SFCKPT_DEBUG=1."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)  # so SIGTERM cleans up like Ctrl-C
+        try:
+            return func(*args, **kwargs)
+        except SfckptError as exc:
+            if os.environ.get("SFCKPT_DEBUG") == "1":
+                traceback.print_exc()
+            _fail(exc.message, exc.hint)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; nothing was written", err=True)
+            sys.exit(130)
+        except MemoryError:
+            _fail("out of memory", "see docs/performance.md")
+        except Exception as exc:  # a bug: still one line, traceback on request
+            if os.environ.get("SFCKPT_DEBUG") == "1":
+                traceback.print_exc()
+            _fail(f"internal error: {type(exc).__name__}: {exc}"[:400], "set SFCKPT_DEBUG=1 for the traceback and report it")
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return wrapper
+
+
+def load_options(func: Callable) -> Callable:
+    """Options that say where the weights and optimizer state are and how they were trained."""
+    options = [
+        click.option("--model-key", help="Entry holding the model state dict (default: detected; see inspect)."),
+        click.option("--optimizer-key", help="Entry holding the optimizer state dict, e.g. optimizer_states.0."),
+        click.option("--strip-prefix", metavar="PREFIX", help="Remove PREFIX (e.g. 'model.') from weight names."),
+        click.option("--optimizer", "family", metavar="FAMILY", help="Optimizer family, overriding detection (see docs/families.md)."),
+        click.option("--beta", type=float, help="β to use; required for ScheduleFreeWrapper, which does not save it."),
+        click.option("--params-are", type=click.Choice(["y", "x"]), help="What the saved parameters hold, overriding the mode flag."),
+        click.option(
+            "--param-order",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            help="File with parameter names in optimizer order, one per line.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _reconstruction(ckpt_path: Path, model_key, optimizer_key, strip_prefix, family, beta, params_are, param_order, dtype=None):
+    from .checkpoint import load
+    from .reconstruct import reconstruct
+
+    order = None
+    if param_order is not None:
+        order = [line.strip() for line in param_order.read_text().splitlines() if line.strip()]
+    ckpt = load(ckpt_path, model_key=model_key, optimizer_key=optimizer_key, strip_prefix=strip_prefix)
+    return reconstruct(ckpt, optimizer=family, beta=beta, params_are=params_are, param_order=order, dtype=dtype)
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def _warn(warnings: list[str], quiet: bool = False) -> None:
+    if not quiet:
+        for w in warnings:
+            click.echo(f"warning: {w}", err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sfckpt")
+def main() -> None:
+    """Turn Schedule-Free training checkpoints into the weights to ship (x).
+
+    Exit codes: 0 success, 1 a check found a problem, 2 bad input or usage.
+    """
+
+
+@main.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@load_options
+@click.option("--scan", is_flag=True, help="Also read tensor data to count NaN/Inf in y, z and x.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@handle_errors
+def inspect(ckpt: Path, scan: bool, as_json: bool, **load_kw) -> None:
+    """Show what a training checkpoint holds and how x would be made from it.
+
+    Reads only metadata (no tensor data) unless --scan is given.
+    """
+    from .inspection import describe
+    from .tables import inspect_tables
+
+    recon = _reconstruction(ckpt, **load_kw)
+    report = describe(recon, scan=scan)
+    if as_json:
+        _print_json(report)
+    else:
+        click.echo(inspect_tables(report))
+        _warn(report["warnings"])
+
+
+@main.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@load_options
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "float64"]), help="Cast floating tensors to this dtype after computing x.")
+@click.option("--max-shard-size", metavar="SIZE", help="Write shards of at most SIZE (e.g. 5GB) and model.safetensors.index.json into the folder OUT.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--allow-nonfinite", is_flag=True, help="Write x even if it holds NaN or Inf.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@handle_errors
+def convert(ckpt: Path, out: Path, dtype, max_shard_size, force, allow_nonfinite, quiet, as_json, **load_kw) -> None:
+    """Reconstruct x from CKPT and write it to OUT.
+
+    OUT ending in .safetensors is one file; any other OUT is a folder with
+    model.safetensors (or shards and an index with --max-shard-size).
+    """
+    from .save import save
+
+    recon = _reconstruction(ckpt, dtype=dtype, **load_kw)
+    _warn(recon.warnings, quiet and not as_json)
+    total = sum(t.nbytes for t in recon.tensors)
+    show = not (quiet or as_json)
+    with click.progressbar(length=total, label="writing x", file=sys.stderr, hidden=not (show and sys.stderr.isatty()), show_pos=False) as bar:
+        paths = save(recon, out, force=force, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size, progress=bar.update)
+    summary = {
+        "version": 1,
+        "source": str(ckpt),
+        "outputs": [str(p) for p in paths],
+        "optimizer_family": recon.family.name,
+        "source_params": recon.source_held,
+        "beta": [g.beta for g in recon.groups],
+        "tensors": len(recon.tensors),
+        "tensors_converted": recon.n_converted,
+        "bytes": total,
+        "warnings": recon.warnings,
+    }
+    bn = recon.batchnorm_buffers
+    if bn and recon.source_held != "x":
+        summary["warnings"] = summary["warnings"] + [
+            f"{len(bn)} BatchNorm statistics buffers were copied as gathered at y; re-estimate them at x on data"
+        ]
+        _warn(summary["warnings"][-1:], quiet and not as_json)
+    if as_json:
+        _print_json(summary)
+    elif not quiet:
+        what = "already held x: copied" if recon.source_held == "x" else f"{recon.n_converted} tensors converted from y to x"
+        click.echo(f"wrote {', '.join(map(str, paths))} ({recon.family.name}; {what})", err=True)
+
+
+if __name__ == "__main__":
+    main()

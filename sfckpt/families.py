@@ -1,0 +1,208 @@
+"""Schedule-Free optimizer families: where each keeps z, β and its mode flag.
+
+The optimizer's class name is not saved in its `state_dict()`, so a family
+is recognised by the keys of its parameter groups and per-parameter state.
+Each family is one declarative entry below; adding a library means adding an
+entry (and a test that trains with the real optimizer).
+
+How each family's own `eval()` computes x (the reference sfckpt matches bit
+for bit):
+
+* ``lerp``: ``p.lerp_(end=z, weight=1 - 1/β)`` when the group is in train
+  mode (params hold y); nothing when it is in eval mode (params hold x).
+* ``state-x``: ``p.copy_(state['x'])`` (the *Reference* variants keep x).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    classes: tuple[str, ...]
+    library: str = "schedulefree"
+    x_source: str = "lerp"  # "lerp" (x = y.lerp(z, 1-1/β)) or "state-x" (x kept in state)
+    beta_key: str | None = "betas"  # "betas" (first entry) or "momentum"; None: β is not saved
+    mode_key: str | None = "train_mode"  # group flag: True → params hold y
+    params_without_mode: str = "x"  # what params hold when there is no mode flag: "x" or "unknown"
+    z_key: str = "z"
+    step_key: str = "k"
+    group_has: frozenset[str] = field(default_factory=frozenset)
+    group_lacks: frozenset[str] = field(default_factory=frozenset)
+    state_has: frozenset[str] = field(default_factory=frozenset)
+    state_lacks: frozenset[str] = field(default_factory=frozenset)
+    note: str = ""
+
+    def matches(self, group_keys: set[str], state_keys: set[str]) -> bool:
+        return (
+            self.group_has <= group_keys
+            and not (self.group_lacks & group_keys)
+            and self.state_has <= state_keys
+            and not (self.state_lacks & state_keys)
+        )
+
+    def beta(self, group: Mapping[str, Any]) -> Any:
+        """β as saved in the group, or None when this family does not save it."""
+        if self.beta_key is None:
+            return None
+        value = group.get(self.beta_key)
+        if self.beta_key == "betas" and isinstance(value, (tuple, list)) and value:
+            return value[0]
+        return value
+
+    def params_hold(self, group: Mapping[str, Any]) -> str:
+        """'y', 'x' or 'unknown': what the model's parameters hold for this group."""
+        if self.mode_key is None:
+            return self.params_without_mode
+        flag = group.get(self.mode_key)
+        if flag is None:
+            return "unknown"
+        return "y" if flag else "x"
+
+
+_F = frozenset
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        "sgd",
+        ("SGDScheduleFree",),
+        beta_key="momentum",
+        group_has=_F({"momentum", "train_mode", "weight_lr_power"}),
+        state_has=_F({"z"}),
+        state_lacks=_F({"x", "y"}),
+    ),
+    Family(
+        "adamw",
+        ("AdamWScheduleFree", "AdamWScheduleFreePaper"),
+        group_has=_F({"betas", "train_mode", "weight_lr_power"}),
+        group_lacks=_F({"silent_sgd_phase"}),
+        state_has=_F({"z"}),
+        state_lacks=_F({"x", "y"}),
+        note="AdamWScheduleFree and AdamWScheduleFreePaper save identical state and evaluate identically",
+    ),
+    Family(
+        "radam",
+        ("RAdamScheduleFree",),
+        group_has=_F({"betas", "train_mode", "silent_sgd_phase"}),
+        state_has=_F({"z"}),
+        state_lacks=_F({"x", "y"}),
+    ),
+    Family(
+        "sgd-closure",
+        ("SGDScheduleFreeClosure",),
+        beta_key="momentum",
+        mode_key=None,
+        group_has=_F({"momentum", "weight_lr_power"}),
+        group_lacks=_F({"train_mode"}),
+        state_has=_F({"z"}),
+        state_lacks=_F({"x", "y"}),
+        note="between steps the parameters hold x",
+    ),
+    Family(
+        "adamw-closure",
+        ("AdamWScheduleFreeClosure",),
+        mode_key=None,
+        group_has=_F({"betas", "weight_lr_power"}),
+        group_lacks=_F({"train_mode", "silent_sgd_phase"}),
+        state_has=_F({"z"}),
+        state_lacks=_F({"x", "y"}),
+        note="between steps the parameters hold x",
+    ),
+    Family(
+        "radam-closure",
+        ("RAdamScheduleFreeClosure",),
+        mode_key=None,
+        group_has=_F({"betas", "silent_sgd_phase"}),
+        group_lacks=_F({"train_mode"}),
+        state_has=_F({"z"}),
+        state_lacks=_F({"x", "y"}),
+        note="between steps the parameters hold x",
+    ),
+    Family(
+        "sgd-reference",
+        ("SGDScheduleFreeReference",),
+        x_source="state-x",
+        beta_key="momentum",
+        group_has=_F({"momentum", "train_mode"}),
+        state_has=_F({"z", "x", "y"}),
+        note="x is stored in the optimizer state",
+    ),
+    Family(
+        "adamw-reference",
+        ("AdamWScheduleFreeReference",),
+        x_source="state-x",
+        group_has=_F({"betas", "train_mode"}),
+        state_has=_F({"z", "x", "y"}),
+        note="x is stored in the optimizer state",
+    ),
+    Family(
+        "wrapper",
+        ("ScheduleFreeWrapper",),
+        beta_key=None,
+        mode_key=None,
+        params_without_mode="unknown",
+        group_has=_F({"weight_sum"}),
+        group_lacks=_F({"train_mode", "weight_lr_power"}),
+        state_has=_F({"z"}),
+        state_lacks=_F({"x", "y"}),
+        note="β (the wrapper's momentum) and the mode are not saved: pass --beta; "
+        "the groups' own momentum/betas belong to the base optimizer and are not β",
+    ),
+    Family(
+        "wrapper-reference",
+        ("ScheduleFreeWrapperReference",),
+        x_source="state-x",
+        beta_key=None,
+        mode_key=None,
+        params_without_mode="unknown",
+        group_lacks=_F({"train_mode", "weight_lr_power"}),
+        state_has=_F({"z", "x", "y"}),
+        note="x is stored in the optimizer state; β and the mode are not saved",
+    ),
+)
+
+BY_NAME = {f.name: f for f in FAMILIES}
+
+
+def get(name: str) -> Family:
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise InputError(f"unknown optimizer family '{name}'", f"choose one of: {', '.join(BY_NAME)}") from None
+
+
+def detect(groups: list[Mapping[str, Any]], state_keys: set[str]) -> Family:
+    """The family whose saved keys these are, or an InputError saying what was found."""
+    group_keys = set().union(*(set(g) for g in groups)) if groups else set()
+    found = [f for f in FAMILIES if f.matches(group_keys, state_keys)]
+    if len(found) == 1:
+        return found[0]
+    seen = f"group keys {sorted(group_keys - {'params', 'param_names'})}, state keys {sorted(state_keys)}"
+    if not found and "z" not in state_keys:
+        raise InputError(
+            f"the optimizer state holds no Schedule-Free z ({seen})",
+            "this is not a Schedule-Free checkpoint, or no step was taken; there is no x to reconstruct",
+        )
+    if not found:
+        raise InputError(
+            f"the optimizer state has a z but matches no known Schedule-Free family ({seen})",
+            "pass --optimizer FAMILY, --beta and --params-are y|x to say how it was trained",
+        )
+    raise InputError(
+        f"the optimizer state matches several families ({', '.join(f.name for f in found)})",
+        "pass --optimizer FAMILY",
+    )
+
+
+def check_beta(beta: Any, where: str) -> float:
+    """β as a float in (0, 1), or an InputError naming where it came from."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise InputError(f"{where}: β is {beta!r}, not a number", "pass --beta to give it")
+    beta = float(beta)
+    if not math.isfinite(beta) or not 0.0 < beta < 1.0:
+        raise InputError(f"{where}: β = {beta} is outside (0, 1)", "Schedule-Free needs 0 < β < 1; pass --beta if the saved value is wrong")
+    return beta

@@ -1,0 +1,122 @@
+"""`describe()`: what a checkpoint holds, as one JSON-able report (what `sfckpt inspect` prints)."""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from .reconstruct import Reconstruction
+
+REPORT_VERSION = 1
+
+
+def _plain(value: Any) -> Any:
+    """Group values as JSON: tensors (a tensor lr, say) and placeholders become strings."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def describe(recon: Reconstruction, scan: bool = False) -> dict[str, Any]:
+    """A report of the checkpoint and of how x will be made from it.
+
+    With `scan`, tensor data is read to count NaN/Inf in y, z and x; otherwise
+    nothing but metadata is read.
+    """
+    ckpt = recon.checkpoint
+    by_dtype: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "elements": 0, "bytes": 0})
+    for ref in ckpt.weights.values():
+        d = by_dtype[ref.dtype]
+        d["tensors"] += 1
+        d["elements"] += ref.numel
+        d["bytes"] += ref.nbytes
+    fam = recon.family
+    bn = recon.batchnorm_buffers
+    warnings = list(recon.warnings)
+    if bn and recon.source_held != "x":
+        warnings.append(
+            f"{len(bn)} BatchNorm statistics buffers were gathered at y, not x; re-estimate them on data "
+            "(convert --bn-calib) before trusting accuracy"
+        )
+    if ckpt.unloaded_classes:
+        warnings.append(
+            "objects of these classes were not loaded (never imported or run): " + ", ".join(ckpt.unloaded_classes)
+        )
+    report: dict[str, Any] = {
+        "version": REPORT_VERSION,
+        "path": str(ckpt.path),
+        "container": ckpt.container,
+        "keys": {
+            "model": ckpt.model_key,
+            "optimizer": ckpt.optimizer_key,
+            "model_candidates": ckpt.model_candidates,
+            "optimizer_candidates": ckpt.optimizer_candidates,
+            "top_level": ckpt.top_level_keys,
+        },
+        "optimizer": {
+            "family": fam.name,
+            "library": fam.library,
+            "classes": list(fam.classes),
+            "family_source": recon.family_source,
+            "x_source": fam.x_source,
+            "note": fam.note,
+        },
+        "params_hold": recon.source_held,
+        "groups": [
+            {
+                "index": g.index,
+                "beta": g.beta,
+                "beta_source": g.beta_source,
+                "lr": _plain(g.lr),
+                "weight_decay": _plain(g.weight_decay),
+                "warmup_steps": _plain(g.warmup_steps),
+                "step": _plain(g.step),
+                "weight_sum": _plain(g.weight_sum),
+                "train_mode": _plain(g.train_mode),
+                "params_hold": g.params_hold,
+                "params_hold_source": g.params_hold_source,
+                "params": g.n_params,
+                "params_with_z": g.n_with_z,
+            }
+            for g in recon.groups
+        ],
+        "tensors": {
+            "count": len(ckpt.weights),
+            "elements": sum(d["elements"] for d in by_dtype.values()),
+            "bytes": sum(d["bytes"] for d in by_dtype.values()),
+            "by_dtype": dict(sorted(by_dtype.items())),
+        },
+        "mapping": {
+            "method": recon.mapping_method,
+            "optimizer_entries": recon.n_entries,
+            "entries_with_z": sum(g.n_with_z for g in recon.groups),
+            "tensors_converted": recon.n_converted,
+            "tensors_unchanged": len(recon.tensors) - recon.n_converted,
+        },
+        "batchnorm": {"buffers": bn, "layers": len({n.rsplit(".", 1)[0] for n in bn})},
+        "skipped": ckpt.skipped,
+        "unloaded_classes": ckpt.unloaded_classes,
+        "nonfinite": scan_nonfinite(recon) if scan else None,
+        "warnings": warnings,
+    }
+    return report
+
+
+def scan_nonfinite(recon: Reconstruction) -> dict[str, Any]:
+    """Count NaN/Inf in y (the weights), z, and the x they give, one tensor at a time."""
+    import torch
+
+    def bad(t) -> int:
+        return int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+
+    found: dict[str, dict[str, int]] = {}
+    for out in recon.tensors:
+        counts = {"weights": bad(out.ref.load())}
+        if out.z is not None:
+            counts["z"] = bad(out.z.load())
+        if out.how != "copy":
+            counts["x"] = bad(out.compute())
+        if any(counts.values()):
+            found[out.name] = counts
+    return {"tensors_with_nonfinite": len(found), "tensors": found}

@@ -1,0 +1,135 @@
+"""Find the model weights and the optimizer state inside a loaded checkpoint object.
+
+People save `{'model': ..., 'optimizer': ...}` under many names; Lightning
+saves `{'state_dict': ..., 'optimizer_states': [...]}`. We look for values of
+the right *shape* (a name -> tensor mapping; a mapping with `state` and
+`param_groups`) and prefer the usual names, so that `inspect` can show every
+candidate and the user can pick another with --model-key / --optimizer-key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import InputError
+from .tensors import TensorRef
+
+MODEL_KEYS = ("model", "state_dict", "model_state_dict", "model_state", "module", "net", "network", "weights", "params")
+OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_state", "optim", "opt", "optimizer_states")
+
+
+@dataclass
+class Layout:
+    """Where the weights and the optimizer state were found."""
+
+    container: str
+    model_key: str | None
+    optimizer_key: str | None
+    weights: dict[str, TensorRef]
+    optimizer: Mapping[str, Any] | None
+    model_candidates: list[str] = field(default_factory=list)
+    optimizer_candidates: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> why it is not in the output
+
+
+def is_weights(value: Any) -> bool:
+    return (
+        isinstance(value, Mapping)
+        and len(value) > 0
+        and all(isinstance(k, str) for k in value)
+        and any(isinstance(v, TensorRef) for v in value.values())
+    )
+
+
+def is_optimizer(value: Any) -> bool:
+    return isinstance(value, Mapping) and "state" in value and "param_groups" in value
+
+
+def _lookup(obj: Any, key: str) -> Any:
+    """`obj[key]`, where a dotted key walks into nested dicts and lists (`optimizer_states.0`)."""
+    if isinstance(obj, Mapping) and key in obj:
+        return obj[key]
+    current = obj
+    for part in key.split("."):
+        if isinstance(current, Mapping) and part in current:
+            current = current[part]
+        elif isinstance(current, (list, tuple)) and part.isdigit() and int(part) < len(current):
+            current = current[int(part)]
+        else:
+            raise InputError(f"the checkpoint has no entry '{key}'", "run `sfckpt inspect` to see the keys it has")
+    return current
+
+
+def _ranked(candidates: list[str], preferred: tuple[str, ...]) -> list[str]:
+    order = {k: i for i, k in enumerate(preferred)}
+    return sorted(candidates, key=lambda k: (order.get(k.split(".")[0], len(order)), candidates.index(k)))
+
+
+def find(obj: Any, model_key: str | None = None, optimizer_key: str | None = None) -> Layout:
+    """Locate weights and optimizer state in the object a `torch.save` file holds."""
+    if not isinstance(obj, Mapping):
+        raise InputError(
+            f"the checkpoint holds a {type(obj).__name__}, not a dict of weights and optimizer state",
+            "save a dict such as {'model': model.state_dict(), 'optimizer': optimizer.state_dict()}",
+        )
+    model_candidates, optimizer_candidates = [], []
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            continue
+        if is_optimizer(value):
+            optimizer_candidates.append(key)
+        elif isinstance(value, (list, tuple)) and value and all(is_optimizer(v) for v in value):
+            optimizer_candidates.extend(f"{key}.{i}" for i in range(len(value)))
+        elif is_weights(value):
+            model_candidates.append(key)
+    model_candidates = _ranked(model_candidates, MODEL_KEYS)
+    optimizer_candidates = _ranked(optimizer_candidates, OPTIMIZER_KEYS)
+    container = "lightning" if "optimizer_states" in obj and "state_dict" in obj else "torch.save"
+
+    if model_key is None:
+        if is_weights(obj) and not model_candidates:
+            model_key = ""  # a bare state dict
+        elif len(model_candidates) == 1 or (model_candidates and model_candidates[0].split(".")[0] in MODEL_KEYS):
+            model_key = model_candidates[0]
+        elif model_candidates:
+            raise InputError(
+                f"several entries could be the model weights: {', '.join(model_candidates)}",
+                "pass --model-key to choose one",
+            )
+        else:
+            raise InputError(
+                f"no model weights found (top-level keys: {', '.join(map(str, list(obj)[:12]))})",
+                "pass --model-key to name the entry holding the state dict",
+            )
+    weights = obj if model_key == "" else _lookup(obj, model_key)
+    if not is_weights(weights):
+        raise InputError(f"entry '{model_key}' is not a name -> tensor mapping", "pass --model-key to choose another")
+
+    if optimizer_key is None and optimizer_candidates:
+        optimizer_key = optimizer_candidates[0]
+    optimizer = _lookup(obj, optimizer_key) if optimizer_key is not None else None
+    if optimizer is not None and not is_optimizer(optimizer):
+        raise InputError(
+            f"entry '{optimizer_key}' is not an optimizer state_dict (no 'state' and 'param_groups')",
+            "pass --optimizer-key to choose another",
+        )
+
+    clean: dict[str, TensorRef] = {}
+    skipped: dict[str, str] = {}
+    for name, value in weights.items():
+        if isinstance(value, TensorRef):
+            clean[name] = value
+        else:
+            skipped[name] = f"not a tensor ({type(value).__name__})"
+    return Layout(container, model_key, optimizer_key, clean, optimizer, model_candidates, optimizer_candidates, skipped)
+
+
+def strip_prefix(weights: dict[str, TensorRef], prefix: str) -> dict[str, TensorRef]:
+    """Names without `prefix` (Lightning's `model.`); names without it are kept as they are."""
+    out: dict[str, TensorRef] = {}
+    for name, ref in weights.items():
+        new = name[len(prefix):] if name.startswith(prefix) else name
+        if new in out:
+            raise InputError(f"--strip-prefix '{prefix}' makes two tensors named '{new}'", "choose a longer prefix")
+        out[new] = ref
+    return out

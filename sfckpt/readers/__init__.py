@@ -1,0 +1,73 @@
+"""Container readers: turn a path into Python objects whose tensors are `TensorRef`s.
+
+Which reader applies is decided from the bytes, not the file name, so a
+renamed file still reads and a wrong one is named for what it is.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from .safetensors_file import INDEX_NAME, SINGLE_NAME, read_index, read_safetensors
+from .torch_file import Opaque, TorchArchive
+
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def sniff(path: Path) -> str:
+    """The container kind of `path`: 'torch', 'safetensors', 'safetensors-index' or 'folder'."""
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder", "check the path")
+    if path.is_dir():
+        return "folder"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror})", "check the path and its permissions") from None
+    if not head:
+        raise InputError(f"{path}: the file is empty", "the copy or the save did not complete")
+    if head.startswith(LFS_POINTER):
+        raise InputError(
+            f"{path}: this is a Git LFS pointer file, not the weights",
+            "fetch the real file with `git lfs pull` (in GitHub Actions, set `lfs: true` on actions/checkout)",
+        )
+    if head.startswith(b"PK\x03\x04"):
+        return "torch"
+    if len(head) > 8 and head[8:9] == b"{":
+        return "safetensors"
+    if head.lstrip().startswith(b"{") and path.name.endswith(".json"):
+        return "safetensors-index"
+    if head[:1] == b"\x80":
+        raise InputError(
+            f"{path}: a legacy (pre-1.6, non-zip) torch file, which cannot be read without running its code",
+            "load it in a trusted session and re-save it with a current torch.save",
+        )
+    raise InputError(f"{path}: not a checkpoint sfckpt can read", "expected a torch.save file, a safetensors file or a folder")
+
+
+def load_torch(path: Path) -> tuple[Any, list[str]]:
+    """The object a `torch.save` file holds, and the classes replaced by placeholders."""
+    archive = TorchArchive(path)
+    obj = archive.load_object()
+    return obj, sorted(archive.opaque)
+
+
+def read_weights(path: Path):
+    """A flat name -> TensorRef map from a safetensors file, index or release folder."""
+    kind = sniff(path)
+    if kind == "safetensors":
+        return read_safetensors(path)
+    if kind == "safetensors-index":
+        return read_index(path)
+    if kind == "folder":
+        if (path / INDEX_NAME).is_file():
+            return read_index(path / INDEX_NAME)
+        if (path / SINGLE_NAME).is_file():
+            return read_safetensors(path / SINGLE_NAME)
+        raise InputError(f"{path}: the folder holds no {SINGLE_NAME} or {INDEX_NAME}", "point at the weights file itself")
+    raise InputError(f"{path}: not a weights file", "expected safetensors")
+
+
+__all__ = ["Opaque", "TorchArchive", "load_torch", "read_weights", "sniff"]

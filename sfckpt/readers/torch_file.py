@@ -1,0 +1,293 @@
+"""Read files written by `torch.save` without running code from them.
+
+A `torch.save` file is a zip archive: `data.pkl` describes the object and
+`data/<key>` entries hold raw tensor bytes, stored uncompressed and aligned.
+We unpickle `data.pkl` with an unpickler that imports nothing: tensors become
+`TensorRef`s that memory-map their bytes when loaded, a short list of harmless
+types is rebuilt, and any other class becomes an inert `Opaque` placeholder
+that is never imported or called. This is both safer than
+`torch.load(weights_only=True)` (no class from the file is ever resolved) and
+cheaper (no tensor data is read until asked for, and torch is not imported).
+"""
+from __future__ import annotations
+
+import _compat_pickle
+import collections
+import io
+import mmap
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from ..tensors import DTYPES, TensorRef, torch_dtype
+
+_STORAGE_DTYPES = {
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "UntypedStorage": "uint8",
+}
+
+
+class Opaque:
+    """Stand-in for an object of a class sfckpt does not rebuild.
+
+    It records the class name and whatever the pickle passed to it, and
+    nothing more: the real class is never imported, so nothing runs.
+    """
+
+    qualname = "?"
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.args = args
+        obj.state = None
+        obj.items = []
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __setitem__(self, key, value):
+        self.items.append((key, value))
+
+    def append(self, value):
+        self.items.append(value)
+
+    def extend(self, values):
+        self.items.extend(values)
+
+    def __repr__(self) -> str:
+        return f"<not loaded: {self.qualname}>"
+
+
+class _Marker:
+    """A torch global (a dtype or storage type) reduced to its name."""
+
+    def __init__(self, kind: str, value: str):
+        self.kind, self.value = kind, value
+
+
+def _opaque_class(module: str, name: str) -> type:
+    return type(name, (Opaque,), {"qualname": f"{module}.{name}"})
+
+
+def _codecs_encode(text, encoding="latin1", errors="strict"):
+    # Protocol-2 pickles store bytes as _codecs.encode(str, 'latin1').
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+def _defaultdict(*_factory):
+    return {}
+
+
+_SAFE_BUILTINS = {
+    "set": set,
+    "frozenset": frozenset,
+    "complex": complex,
+    "bytearray": bytearray,
+    "slice": slice,
+    "list": list,
+    "dict": dict,
+    "tuple": tuple,
+    "int": int,
+    "float": float,
+    "str": str,
+    "bool": bool,
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, archive: "TorchArchive"):
+        super().__init__(io.BytesIO(data))
+        self.archive = archive
+        self.opaque: set[str] = set()
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        if module == "collections" and name == "defaultdict":
+            return _defaultdict
+        if module == "builtins" and name in _SAFE_BUILTINS:
+            return _SAFE_BUILTINS[name]
+        if module == "_codecs" and name == "encode":
+            return _codecs_encode
+        if module == "torch":
+            if name in _STORAGE_DTYPES:
+                return _Marker("storage", _STORAGE_DTYPES[name])
+            if name in DTYPES:
+                return _Marker("dtype", name)
+            if name == "Size":
+                return tuple
+            if name == "device":
+                return lambda *args: ":".join(str(a) for a in args)
+        if module == "torch.storage" and name in ("UntypedStorage", "TypedStorage"):
+            return _Marker("storage", "uint8")
+        if module == "torch._utils":
+            if name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3"):
+                return self._rebuild_tensor
+            if name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
+                return _rebuild_parameter
+        if module == "torch._tensor" and name == "_rebuild_from_type_v2":
+            return _rebuild_from_type_v2
+        if module == "torch.nn.parameter" and name == "Parameter":
+            return _rebuild_parameter
+        if module == "torch.serialization" and name == "_get_layout":
+            return lambda layout: layout
+        self.opaque.add(f"{module}.{name}")
+        return _opaque_class(module, name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
+        _, storage_type, key, _location, numel = pid
+        if not isinstance(storage_type, _Marker):
+            raise pickle.UnpicklingError(f"unknown storage type in persistent id {pid!r:.80}")
+        return self.archive.storage(str(key), storage_type.value, int(numel))
+
+    def _rebuild_tensor(self, storage, offset, size, stride, *rest):
+        if not isinstance(storage, _Storage):
+            raise pickle.UnpicklingError("tensor without storage")
+        dtype = storage.dtype
+        # _rebuild_tensor_v3 passes the dtype explicitly (for dtypes without a storage class).
+        if len(rest) >= 3 and isinstance(rest[2], _Marker):
+            dtype = rest[2].value
+        return storage.tensor(dtype, int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+
+
+def _rebuild_parameter(data, *_args):
+    return data
+
+
+def _rebuild_from_type_v2(func, _new_type, args, _state):
+    return func(*args)
+
+
+class _Storage:
+    """One `data/<key>` record of the archive."""
+
+    def __init__(self, archive: "TorchArchive", key: str, dtype: str, numel: int):
+        self.archive, self.key, self.dtype, self.numel = archive, key, dtype, numel
+
+    def tensor(self, dtype: str, offset: int, shape: tuple, stride: tuple) -> TensorRef:
+        if dtype not in DTYPES:
+            raise pickle.UnpicklingError(f"unsupported dtype {dtype}")
+        if len(shape) != len(stride) or any(s < 0 for s in shape) or offset < 0:
+            raise pickle.UnpicklingError("tensor with an invalid shape or stride")
+        if shape and all(shape):
+            # The highest element the view touches must lie inside the storage.
+            last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
+            storage_elems = self.archive.storage_nbytes(self.key) // DTYPES[dtype][0]
+            if last >= storage_elems:
+                raise InputError(
+                    f"{self.archive.path}: tensor data record '{self.key}' is shorter than the tensor it holds",
+                    "the file is truncated or damaged; copy it again",
+                )
+        archive, key = self.archive, self.key
+
+        def load():
+            import torch
+
+            base = archive.storage_tensor(key, dtype)
+            return torch.as_strided(base, shape, stride, offset)
+
+        return TensorRef(dtype, shape, load, storage_id=(id(archive), key), view=(offset, stride, shape))
+
+
+class TorchArchive:
+    """An open `torch.save` zip file, memory-mapped for reading tensor data."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "rb")
+        try:
+            self._zip = zipfile.ZipFile(self._file)
+            names = self._zip.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as exc:
+            self._file.close()
+            raise InputError(f"{path}: not a readable torch.save file ({exc})", "the file is truncated or damaged") from None
+        pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
+        if len(pkl) != 1:
+            self._file.close()
+            hint = "this looks like a TorchScript archive, not a checkpoint" if any(
+                n.endswith("constants.pkl") for n in names
+            ) else "the zip archive has no torch data.pkl record"
+            raise InputError(f"{path}: not a torch.save checkpoint", hint)
+        self.prefix = pkl[0][: -len("data.pkl")]
+        self._infos = {i.filename: i for i in self._zip.infolist()}
+        self._mmap: mmap.mmap | None = None
+        self.opaque: set[str] = set()
+
+    def load_object(self) -> Any:
+        byteorder = self._infos.get(self.prefix + "byteorder")
+        if byteorder is not None and self._zip.read(byteorder) != b"little":
+            raise InputError(f"{self.path}: big-endian checkpoint", "re-save it on a little-endian machine")
+        try:
+            data = self._zip.read(self.prefix + "data.pkl")
+            unpickler = _Unpickler(data, self)
+            obj = unpickler.load()
+        except InputError:
+            raise
+        except Exception as exc:  # any malformed pickle: the message is what matters
+            raise InputError(
+                f"{self.path}: cannot read the checkpoint's object data ({type(exc).__name__}: {exc})"[:300],
+                "the file is truncated, damaged, or not written by torch.save",
+            ) from None
+        self.opaque = unpickler.opaque
+        return obj
+
+    def storage(self, key: str, dtype: str, numel: int) -> _Storage:
+        if self.prefix + "data/" + key not in self._infos:
+            raise InputError(
+                f"{self.path}: tensor data record 'data/{key}' is missing",
+                "the file is truncated or damaged; copy it again",
+            )
+        return _Storage(self, key, dtype, numel)
+
+    def storage_nbytes(self, key: str) -> int:
+        return self._infos[self.prefix + "data/" + key].file_size
+
+    def storage_tensor(self, key: str, dtype: str):
+        """The whole storage as a flat tensor over the memory-mapped file."""
+        import torch
+
+        info = self._infos[self.prefix + "data/" + key]
+        size = info.file_size // DTYPES[dtype][0]
+        if size == 0:
+            return torch.empty(0, dtype=torch_dtype(dtype))
+        if info.compress_type != zipfile.ZIP_STORED:
+            buf = bytearray(self._zip.read(info))
+            return torch.frombuffer(buf, dtype=torch_dtype(dtype), count=size)
+        start = self._data_offset(info)
+        if self._mmap is None:
+            # ACCESS_COPY: pages come from the file, and nothing can ever write back to it.
+            self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
+        if start + info.file_size > len(self._mmap):
+            raise InputError(f"{self.path}: tensor data record '{key}' runs past the end of the file", "the file is truncated")
+        return torch.frombuffer(self._mmap, dtype=torch_dtype(dtype), count=size, offset=start)
+
+    def _data_offset(self, info: zipfile.ZipInfo) -> int:
+        self._file.seek(info.header_offset)
+        header = self._file.read(30)
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            raise InputError(f"{self.path}: damaged zip entry '{info.filename}'", "the file is truncated or damaged")
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        return info.header_offset + 30 + name_len + extra_len

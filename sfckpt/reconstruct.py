@@ -1,0 +1,257 @@
+"""`reconstruct()`: decide, per output tensor, how its x is obtained — then compute it lazily.
+
+The plan is made from metadata alone (families, β, modes, the parameter
+mapping), so `inspect` reports it without reading tensor data and `convert`
+computes one tensor at a time, reading only y and z (or the stored x).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+from . import families, mapping
+from .checkpoint import Checkpoint
+from .errors import InputError
+from .tensors import DTYPES, TensorRef
+
+BN_SUFFIXES = ("running_mean", "running_var")
+
+
+@dataclass
+class GroupReport:
+    """One optimizer parameter group, as inspect shows it."""
+
+    index: int
+    beta: float | None
+    beta_source: str
+    train_mode: Any
+    params_hold: str
+    params_hold_source: str
+    lr: Any
+    weight_decay: Any
+    warmup_steps: Any
+    step: Any
+    weight_sum: Any
+    n_params: int
+    n_with_z: int
+
+
+@dataclass
+class OutputTensor:
+    """One tensor of the output and how to get its x.
+
+    how: "lerp" (x = torch.lerp(y, z, 1 - 1/β), as the optimizer's eval()),
+    "state-x" (x stored in the optimizer state), or "copy" (unchanged).
+    """
+
+    name: str
+    ref: TensorRef
+    how: str = "copy"
+    z: TensorRef | None = None
+    x: TensorRef | None = None
+    beta: float | None = None
+    group: int | None = None
+    out_dtype: str | None = None
+
+    @property
+    def dtype(self) -> str:
+        return self.out_dtype or self.ref.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.ref.shape
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][0]
+
+    def compute(self):
+        """x for this tensor, in its own dtype (or --dtype), contiguous."""
+        import torch
+
+        if self.how == "lerp":
+            # Exactly what the optimizer's eval() does: p.lerp_(end=z, weight=1 - 1/β).
+            t = torch.lerp(self.ref.load(), self.z.load(), 1 - 1 / self.beta)
+        elif self.how == "state-x":
+            t = self.x.load()
+        else:
+            t = self.ref.load()
+        if self.out_dtype and self.out_dtype != self.ref.dtype:
+            t = t.to(getattr(torch, self.out_dtype))
+        return t.contiguous()
+
+
+@dataclass
+class Reconstruction:
+    """How x is made from a checkpoint: what `inspect` shows and `convert` writes."""
+
+    checkpoint: Checkpoint
+    family: families.Family
+    family_source: str
+    groups: list[GroupReport]
+    tensors: list[OutputTensor]
+    mapping_method: str
+    n_entries: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def source_held(self) -> str:
+        held = {g.params_hold for g in self.groups if g.n_with_z}
+        return held.pop() if len(held) == 1 else ("mixed" if held else "x")
+
+    @property
+    def n_converted(self) -> int:
+        return sum(t.how != "copy" for t in self.tensors)
+
+    @property
+    def batchnorm_buffers(self) -> list[str]:
+        return [t.name for t in self.tensors if t.name.rsplit(".", 1)[-1] in BN_SUFFIXES]
+
+    def metadata(self) -> dict[str, str]:
+        """safetensors metadata: strings only, no timestamps (same input, same bytes)."""
+        from . import __version__
+
+        steps = sorted({str(g.step) for g in self.groups if g.step is not None})
+        return {
+            "format": "pt",
+            "sfckpt_version": __version__,
+            "sfckpt_optimizer_family": self.family.name,
+            "sfckpt_beta": ",".join("none" if g.beta is None else repr(g.beta) for g in self.groups),
+            "sfckpt_step": ",".join(steps) if steps else "unknown",
+            "sfckpt_source_params": self.source_held,
+            "sfckpt_source": self.checkpoint.path.name,
+        }
+
+    def iter_tensors(self) -> Iterator[tuple[str, Any]]:
+        """(name, x) pairs, computed one at a time."""
+        for t in self.tensors:
+            yield t.name, t.compute()
+
+    def state_dict(self) -> dict[str, Any]:
+        """All of x in memory: handy for small models and tests."""
+        return dict(self.iter_tensors())
+
+
+def _beta_for(family, group, g, beta_override):
+    if beta_override is not None:
+        return families.check_beta(beta_override, "--beta"), "--beta"
+    saved = family.beta(group)
+    if saved is None:
+        raise InputError(
+            f"{family.classes[0]} does not save β: it is the wrapper's momentum= argument, and the groups' own "
+            "momentum/betas belong to the base optimizer",
+            "pass --beta with the momentum you gave the wrapper (its default is 0.9)",
+        )
+    key = f"{family.beta_key}[0]" if family.beta_key == "betas" else family.beta_key
+    return families.check_beta(saved, f"optimizer param_groups[{g}] {key}"), "saved"
+
+
+def reconstruct(
+    ckpt: Checkpoint,
+    *,
+    optimizer: str | None = None,
+    beta: float | None = None,
+    params_are: str | None = None,
+    param_order: Sequence[str] | None = None,
+    dtype: str | None = None,
+) -> Reconstruction:
+    """Plan how to obtain x for every tensor of the checkpoint's model state.
+
+    Args:
+        ckpt: from `sfckpt.load`.
+        optimizer: family name (see `sfckpt.families.FAMILIES`) to skip detection.
+        beta: β to use instead of the saved one (required for ScheduleFreeWrapper).
+        params_are: "y" or "x": what the saved parameters hold, overriding the mode flag.
+        param_order: parameter names in optimizer order, overriding the mapping.
+        dtype: write every floating tensor in this dtype (default: keep dtypes).
+
+    Returns:
+        A `Reconstruction`; call `.state_dict()` or `sfckpt.save()` to get x.
+    """
+    if ckpt.optimizer is None:
+        raise InputError(
+            f"{ckpt.path}: no optimizer state found (keys: {', '.join(ckpt.top_level_keys[:12])})",
+            "x needs the optimizer's z; pass the training checkpoint that includes the optimizer state_dict, "
+            "or --optimizer-key to name the entry",
+        )
+    if params_are not in (None, "x", "y"):
+        raise InputError(f"--params-are must be 'y' or 'x', not {params_are!r}", "see `sfckpt convert --help`")
+    if dtype is not None and (dtype not in DTYPES or dtype not in ("float32", "float16", "bfloat16", "float64")):
+        raise InputError(f"--dtype {dtype} is not a floating dtype sfckpt writes", "use float32, bfloat16, float16 or float64")
+
+    entries = mapping.entries_of(ckpt.optimizer)
+    groups_saved = list(ckpt.optimizer["param_groups"])
+    state_keys = set().union(*(set(e.state) for e in entries)) if entries else set()
+    if optimizer is not None:
+        family, family_source = families.get(optimizer), "--optimizer"
+    else:
+        family, family_source = families.detect(groups_saved, state_keys), "detected"
+    method = mapping.assign_names(entries, ckpt.weights, family.z_key, param_order)
+
+    warnings: list[str] = []
+    groups: list[GroupReport] = []
+    by_name: dict[str, OutputTensor] = {}
+    for g, group in enumerate(groups_saved):
+        members = [e for e in entries if e.group == g]
+        stepped = [e for e in members if isinstance(e.state.get(family.z_key), TensorRef)]
+        hold, hold_source = family.params_hold(group), "saved mode flag" if family.mode_key else "family"
+        if params_are is not None:
+            hold, hold_source = params_are, "--params-are"
+        elif hold == "unknown" and stepped:
+            if family.x_source != "state-x":
+                warnings.append(
+                    f"{family.classes[0]} does not save whether it was in train or eval mode; assuming the parameters "
+                    "hold y (saved during training). Pass --params-are x if the checkpoint was saved after optimizer.eval()"
+                )
+            hold, hold_source = "y", "assumed"
+        needs_beta = hold == "y" and stepped and family.x_source == "lerp"
+        if needs_beta:
+            group_beta, beta_source = _beta_for(family, group, g, beta)
+        else:
+            saved = family.beta(group) if beta is None else beta
+            group_beta = float(saved) if isinstance(saved, (int, float)) and not isinstance(saved, bool) else None
+            beta_source = "--beta" if beta is not None else ("saved" if group_beta is not None else "not saved")
+        groups.append(
+            GroupReport(
+                index=g,
+                beta=group_beta,
+                beta_source=beta_source,
+                train_mode=group.get(family.mode_key) if family.mode_key else None,
+                params_hold=hold,
+                params_hold_source=hold_source,
+                lr=group.get("lr"),
+                weight_decay=group.get("weight_decay"),
+                warmup_steps=group.get("warmup_steps"),
+                step=group.get(family.step_key),
+                weight_sum=group.get("weight_sum"),
+                n_params=len(members),
+                n_with_z=len(stepped),
+            )
+        )
+        if hold != "y":
+            continue
+        for e in stepped:
+            out = OutputTensor(e.name, ckpt.weights[e.name], group=g)
+            if family.x_source == "state-x":
+                x = e.state.get("x")
+                if not isinstance(x, TensorRef):
+                    raise InputError(f"optimizer entry {e.index} ('{e.name}') has z but no stored x", "the checkpoint is damaged")
+                out.how, out.x = "state-x", x
+            else:
+                out.how, out.z, out.beta = "lerp", e.state[family.z_key], group_beta
+            by_name[e.name] = out
+
+    tensors: list[OutputTensor] = []
+    for name, ref in ckpt.weights.items():
+        if ref.dtype not in DTYPES:
+            raise InputError(f"tensor '{name}' has dtype {ref.dtype}, which safetensors cannot hold", "")
+        out = by_name.get(name)
+        if out is None:
+            # A tied duplicate gets the same x as the name the optimizer knows it by.
+            twin = next((o for o in by_name.values() if o.ref.same_data(ref)), None)
+            out = OutputTensor(name, ref, twin.how, twin.z, twin.x, twin.beta, twin.group) if twin else OutputTensor(name, ref)
+        if dtype and ref.is_float:
+            out.out_dtype = dtype
+        tensors.append(out)
+    return Reconstruction(ckpt, family, family_source, groups, tensors, method, len(entries), warnings)

@@ -1,0 +1,82 @@
+"""`save()`: stream a reconstruction's x into safetensors (one file, or a sharded folder)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from . import writer
+from .errors import InputError, OutputError
+from .reconstruct import Reconstruction
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
+
+
+def save(
+    recon: Reconstruction,
+    out: str | Path,
+    *,
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    max_shard_size: int | str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[Path]:
+    """Write x. A path ending in `.safetensors` gets one file; any other path is a folder
+    holding `model.safetensors`, or shards and `model.safetensors.index.json` when
+    `max_shard_size` is given.
+
+    Nothing is written if any x is non-finite (unless `allow_nonfinite`), and an
+    existing output is kept unless `force`.
+
+    Returns:
+        The paths written.
+    """
+    out = Path(out)
+    src = recon.checkpoint.path
+    if _same_file(out, src) or out.resolve() == src.resolve():
+        raise OutputError(f"{out} is the input checkpoint", "write x to a new file")
+    by_name = {t.name: t for t in recon.tensors}
+    specs = [writer.Spec(t.name, t.dtype, t.shape) for t in recon.tensors]
+
+    def produce(spec: writer.Spec):
+        import torch
+
+        item = by_name[spec.name]
+        x = item.compute()
+        if not allow_nonfinite and x.is_floating_point():
+            bad = int((~torch.isfinite(x)).sum())
+            if bad:
+                source = "y or z" if item.how == "lerp" else "the checkpoint"
+                raise InputError(
+                    f"x of '{spec.name}' has {bad} NaN/Inf values (they come from {source})",
+                    "nothing was written; pass --allow-nonfinite to write anyway",
+                )
+        return x
+
+    metadata = recon.metadata()
+    if isinstance(max_shard_size, str):
+        max_shard_size = writer.parse_size(max_shard_size)
+    if out.suffix == ".safetensors":
+        if max_shard_size:
+            raise OutputError("--max-shard-size needs a folder as output", f"write to {out.with_suffix('')}/ instead")
+        return [writer.write_file(out, specs, produce, metadata, force, progress)]
+    return writer.write_folder(out, specs, produce, metadata, force, progress, max_shard_size)
+
+
+def convert(src: str | Path, out: str | Path, **options) -> list[Path]:
+    """`sfckpt convert` as a function: load, reconstruct, save.
+
+    Options are those of `load`, `reconstruct` and `save`.
+    """
+    from .checkpoint import load
+    from .reconstruct import reconstruct
+
+    load_keys = {"model_key", "optimizer_key", "strip_prefix"}
+    save_keys = {"force", "allow_nonfinite", "max_shard_size", "progress"}
+    ckpt = load(src, **{k: v for k, v in options.items() if k in load_keys})
+    recon = reconstruct(ckpt, **{k: v for k, v in options.items() if k not in load_keys | save_keys})
+    return save(recon, out, **{k: v for k, v in options.items() if k in save_keys})

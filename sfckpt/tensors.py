@@ -1,0 +1,86 @@
+"""Lazy tensors: what a checkpoint holds, described without reading its data.
+
+Readers return `TensorRef`s so that `inspect` can report names, dtypes and
+sizes without touching tensor bytes, and `convert` can read exactly the
+tensors that x needs (y and z, never `exp_avg_sq`), one at a time.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+# torch dtype name -> (bytes per element, safetensors dtype code)
+DTYPES: dict[str, tuple[int, str]] = {
+    "float64": (8, "F64"),
+    "float32": (4, "F32"),
+    "float16": (2, "F16"),
+    "bfloat16": (2, "BF16"),
+    "float8_e4m3fn": (1, "F8_E4M3"),
+    "float8_e5m2": (1, "F8_E5M2"),
+    "int64": (8, "I64"),
+    "int32": (4, "I32"),
+    "int16": (2, "I16"),
+    "int8": (1, "I8"),
+    "uint64": (8, "U64"),
+    "uint32": (4, "U32"),
+    "uint16": (2, "U16"),
+    "uint8": (1, "U8"),
+    "bool": (1, "BOOL"),
+}
+SAFETENSORS_TO_DTYPE = {code: name for name, (_, code) in DTYPES.items()}
+FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
+
+
+def itemsize(dtype: str) -> int:
+    return DTYPES[dtype][0]
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+@dataclass(frozen=True, eq=False)
+class TensorRef:
+    """A tensor inside a file: its metadata now, its data on `load()`.
+
+    `storage_id` identifies the underlying storage, so two names that share it
+    (tied weights) can be recognised without reading anything.
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    loader: Callable[[], Any] = field(repr=False)
+    storage_id: Any = None
+    view: tuple = ()
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype) if self.dtype in DTYPES else 0
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+    def same_data(self, other: "TensorRef") -> bool:
+        """True when both refer to the same bytes (a tied weight)."""
+        return (
+            self.storage_id is not None
+            and self.storage_id == other.storage_id
+            and self.view == other.view
+            and self.dtype == other.dtype
+        )
+
+    def load(self):
+        """The tensor, memory-mapped where the format allows it."""
+        return self.loader()
+
+
+def format_shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"

@@ -1,0 +1,206 @@
+"""Write safetensors one tensor at a time, atomically.
+
+The header (names, dtypes, shapes, offsets) is known before any x is
+computed, so it is written first and each tensor's bytes follow as soon as
+they exist; memory holds one tensor at a time. The byte layout is the one
+`safetensors.torch.save_file` produces (tests compare the bytes), and outputs
+appear under their final name only when complete (temporary file in the
+destination folder, fsync, rename).
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+from .errors import OutputError
+from .tensors import DTYPES
+
+# safetensors orders tensors by dtype (this rank, highest first), then name: keeps data aligned.
+_DTYPE_RANK = [
+    "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
+    "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64",
+]
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the header needs to know about a tensor before its data exists."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPES[self.dtype][0]
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def ordered(specs: Iterable[Spec]) -> list[Spec]:
+    return sorted(specs, key=lambda s: (-_DTYPE_RANK.index(DTYPES[s.dtype][1]), s.name))
+
+
+def header_bytes(specs: Sequence[Spec], metadata: dict[str, str] | None) -> bytes:
+    """The 8-byte length and padded JSON header for `specs`, in safetensors' order."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for s in specs:
+        header[s.name] = {"dtype": DTYPES[s.dtype][1], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+        offset += s.nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def _tensor_bytes(tensor) -> memoryview:
+    """A zero-copy view of a contiguous CPU tensor's bytes (no numpy needed)."""
+    n = tensor.numel() * tensor.element_size()
+    return memoryview((ctypes.c_ubyte * n).from_address(tensor.data_ptr())).cast("B")
+
+
+@contextmanager
+def atomic_path(dest: Path, force: bool) -> Iterator[Path]:
+    """A temporary path beside `dest`, moved onto it only if the block completes.
+
+    Without `force`, an existing `dest` is never replaced, even one created
+    while we worked (the final step is a hard link, which refuses to clobber).
+    """
+    if dest.exists() and not force:
+        raise OutputError(f"{dest} already exists", "pass --force to replace it")
+    parent = dest.parent
+    if not parent.is_dir():
+        raise OutputError(f"{parent}: the output folder does not exist", "create it first")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".sfckpt-tmp", dir=parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write in {parent} ({exc.strerror})", "choose a folder you can write to") from None
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        if force:
+            os.replace(tmp, dest)
+        else:
+            try:
+                os.link(tmp, dest)
+            except FileExistsError:
+                raise OutputError(f"{dest} appeared while sfckpt was writing", "pass --force to replace it") from None
+            except OSError:
+                if dest.exists():
+                    raise OutputError(f"{dest} already exists", "pass --force to replace it") from None
+                os.replace(tmp, dest)  # file systems without hard links
+        _fsync_dir(parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, specs: list[Spec], produce: Callable[[Spec], object], metadata, progress) -> None:
+    try:
+        with open(path, "wb") as f:
+            f.write(header_bytes(specs, metadata))
+            for spec in specs:
+                tensor = produce(spec)
+                if tuple(tensor.shape) != spec.shape or str(tensor.dtype).removeprefix("torch.") != spec.dtype:
+                    raise RuntimeError(f"tensor '{spec.name}' changed shape or dtype while being written")
+                if spec.nbytes:
+                    f.write(_tensor_bytes(tensor))
+                del tensor
+                if progress:
+                    progress(spec.nbytes)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise OutputError(f"writing {path.parent} failed ({exc.strerror})", "free some disk space or choose another folder") from None
+
+
+def write_file(dest: Path, specs: Iterable[Spec], produce, metadata=None, force=False, progress=None) -> Path:
+    """Write one safetensors file, streaming each tensor from `produce(spec)`."""
+    specs = ordered(specs)
+    with atomic_path(dest, force) as tmp:
+        _write_file(tmp, specs, produce, metadata, progress)
+    return dest
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000, '500MiB' -> 524_288_000 (Hugging Face's units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise OutputError(f"--max-shard-size {text!r} is not a size", "write it like 5GB, 500MB or 2GiB")
+    unit = (m.group(2) or "B").upper()
+    power = " KMGT".index(unit[0]) if unit[0] in "KMGT" else 0
+    base = 1024 if "I" in unit else 1000
+    return int(float(m.group(1)) * base**power)
+
+
+def shard(specs: Sequence[Spec], max_bytes: int) -> list[list[Spec]]:
+    """Split tensors (in name order) into shards of at most `max_bytes`; a bigger tensor gets its own."""
+    shards: list[list[Spec]] = [[]]
+    size = 0
+    for spec in sorted(specs, key=lambda s: s.name):
+        if shards[-1] and size + spec.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def write_folder(folder: Path, specs: Iterable[Spec], produce, metadata=None, force=False, progress=None,
+                 max_shard_size: int | None = None) -> list[Path]:
+    """Write `model.safetensors`, or shards and `model.safetensors.index.json`, into `folder`."""
+    specs = list(specs)
+    groups = shard(specs, max_shard_size) if max_shard_size else [specs]
+    if len(groups) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder} exists and is not a folder", "choose a folder name for sharded output")
+    folder.mkdir(parents=True, exist_ok=True)
+    targets = [folder / n for n in names] + ([folder / INDEX_NAME] if len(groups) > 1 else [])
+    for t in targets:
+        if t.exists() and not force:
+            raise OutputError(f"{t} already exists", "pass --force to replace it")
+    written: list[Path] = []
+    try:
+        for name, group in zip(names, groups):
+            written.append(write_file(folder / name, group, produce, metadata, force, progress))
+        if len(groups) > 1:
+            index = {
+                "metadata": {"total_size": sum(s.nbytes for s in specs), **(metadata or {})},
+                "weight_map": {s.name: n for n, g in zip(names, groups) for s in sorted(g, key=lambda s: s.name)},
+            }
+            with atomic_path(folder / INDEX_NAME, force) as tmp:
+                tmp.write_text(json.dumps(index, indent=2, sort_keys=False) + "\n")
+            written.append(folder / INDEX_NAME)
+    except BaseException:
+        for path in written:  # a partial set of shards is worse than none
+            path.unlink(missing_ok=True)
+        raise
+    return written
