@@ -54,7 +54,7 @@ def header_bytes(specs: Sequence[Spec], metadata: dict[str, str] | None) -> byte
     """The 8-byte length and padded JSON header for `specs`, in safetensors' order."""
     header: dict = {}
     if metadata:
-        header["__metadata__"] = metadata
+        header["__metadata__"] = dict(sorted(metadata.items()))
     offset = 0
     for s in specs:
         header[s.name] = {"dtype": DTYPES[s.dtype][1], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}

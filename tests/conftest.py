@@ -1,0 +1,69 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import trainers  # noqa: E402
+from sfckpt.cli import main  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+@pytest.fixture
+def run():
+    """Invoke the CLI in-process; stdout and stderr stay separate."""
+
+    def invoke(*args):
+        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+def save_checkpoint(path, model, opt, layout="model/optimizer", **extra):
+    """Save model + optimizer state the way people do; returns the path."""
+    sd, osd = model.state_dict(), opt.state_dict()
+    if layout == "lightning":
+        obj = {
+            "epoch": 0,
+            "global_step": 4,
+            "pytorch-lightning_version": "2.4.0",
+            "state_dict": {f"model.{k}": v for k, v in sd.items()},
+            "optimizer_states": [osd],
+            "lr_schedulers": [],
+        }
+    else:
+        model_key, opt_key = layout.split("/")
+        obj = {model_key: sd, opt_key: osd}
+    obj.update(extra)
+    torch.save(obj, path)
+    return path
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """(checkpoint path, expected x from the optimizer's own eval(), y) for a family."""
+
+    def make(family="adamw", model=None, dtype=torch.float32, layout="model/optimizer", steps=4, **extra):
+        model = (model or trainers.MLP()).to(dtype)
+        opt = trainers.train(model, family, steps=steps)
+        path = save_checkpoint(tmp_path / f"{family}.pt", model, opt, layout, **extra)
+        y = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return path, trainers.eval_x(model, opt), y
+
+    return make
+
+
+def assert_equal_tensors(got: dict, expected: dict):
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        assert got[name].dtype == expected[name].dtype, name
+        assert torch.equal(got[name], expected[name]), f"{name} differs from optimizer.eval()"
+
+
+def read(path):
+    return load_file(str(path))
