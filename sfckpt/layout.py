@@ -68,8 +68,11 @@ def _ranked(candidates: list[str], preferred: tuple[str, ...]) -> list[str]:
 def find(obj: Any, model_key: str | None = None, optimizer_key: str | None = None) -> Layout:
     """Locate weights and optimizer state in the object a `torch.save` file holds."""
     if not isinstance(obj, Mapping):
+        what = getattr(obj, "qualname", None)
+        what = f"an object of class {what}, which sfckpt does not load (that would run code from the file)" if what \
+            else f"a {type(obj).__name__}"
         raise InputError(
-            f"the checkpoint holds a {type(obj).__name__}, not a dict of weights and optimizer state",
+            f"the checkpoint holds {what}, not a dict of weights and optimizer state",
             "save a dict such as {'model': model.state_dict(), 'optimizer': optimizer.state_dict()}",
         )
     model_candidates, optimizer_candidates = [], []
@@ -120,7 +123,8 @@ def find(obj: Any, model_key: str | None = None, optimizer_key: str | None = Non
         if isinstance(value, TensorRef):
             clean[name] = value
         else:
-            skipped[name] = f"not a tensor ({type(value).__name__})"
+            kind = getattr(value, "qualname", None)
+            skipped[name] = f"not loaded: object of class {kind}" if kind else f"not a tensor ({type(value).__name__})"
     return Layout(container, model_key, optimizer_key, clean, optimizer, model_candidates, optimizer_candidates, skipped)
 
 

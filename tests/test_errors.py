@@ -157,3 +157,9 @@ def test_debug_env_shows_traceback(run, tmp_path, monkeypatch):
     monkeypatch.setenv("SFCKPT_DEBUG", "1")
     result = run("inspect", tmp_path / "empty.pt")
     assert result.exit_code == 2 and "Traceback" in result.stderr
+
+
+def test_whole_module_pickle_is_refused_naming_the_class(run, tmp_path):
+    torch.save(trainers.MLP(), tmp_path / "model.pt")
+    out = tmp_path / "x.safetensors"
+    assert_refused(run("convert", tmp_path / "model.pt", out), out, "trainers.MLP", "does not load")
