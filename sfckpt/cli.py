@@ -6,6 +6,7 @@ usage. torch is imported only when a command runs, so --help is instant.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -90,6 +91,19 @@ def _reconstruction(ckpt_path: Path, model_key, optimizer_key, strip_prefix, fam
     return reconstruct(ckpt, optimizer=family, beta=beta, params_are=params_are, param_order=order, dtype=dtype)
 
 
+@contextlib.contextmanager
+def _progress(total_bytes: int, label: str, enabled: bool):
+    """A bytes progress bar on stderr, shown only on a terminal and when enabled; yields `update(n)`."""
+    show = enabled and sys.stderr.isatty()
+    with click.progressbar(length=max(total_bytes, 1), label=label, file=sys.stderr, hidden=not show,
+                           show_pos=False, show_percent=True, show_eta=True) as bar:
+        yield bar.update
+
+
+def _reconstruction_at(load_kw: dict, path: Path):
+    return _reconstruction(path, **load_kw)
+
+
 def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False))
 
@@ -154,9 +168,8 @@ def convert(ckpt: Path, out: Path, dtype, max_shard_size, force, allow_nonfinite
     recon = _reconstruction(ckpt, dtype=dtype, **load_kw)
     _warn(recon.warnings, quiet and not as_json)
     total = sum(t.nbytes for t in recon.tensors)
-    show = not (quiet or as_json)
-    with click.progressbar(length=total, label="writing x", file=sys.stderr, hidden=not (show and sys.stderr.isatty()), show_pos=False) as bar:
-        paths = save(recon, out, force=force, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size, progress=bar.update)
+    with _progress(total, "writing x", not (quiet or as_json)) as update:
+        paths = save(recon, out, force=force, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size, progress=update)
     summary = {
         "version": 1,
         "source": str(ckpt),
@@ -180,6 +193,93 @@ def convert(ckpt: Path, out: Path, dtype, max_shard_size, force, allow_nonfinite
     elif not quiet:
         what = "already held x: copied" if recon.source_held == "x" else f"{recon.n_converted} tensors converted from y to x"
         click.echo(f"wrote {', '.join(map(str, paths))} ({recon.family.name}; {what})", err=True)
+
+
+
+def _gha_escape(text: str) -> str:
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+@main.command()
+@click.argument("a", type=click.Path(path_type=Path))
+@click.argument("b", type=click.Path(path_type=Path), required=False)
+@load_options
+@click.option("--top", type=int, default=20, show_default=True, help="Rows in the table (0: all).")
+@click.option("--sort", type=click.Choice(["rel_l2", "max_abs", "mean_abs", "cosine", "name"]), default="rel_l2", show_default=True)
+@click.option("--plot", type=click.Path(path_type=Path), help="Write a per-layer bar chart of rel_l2 to this PNG (needs sfckpt[plot]).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@handle_errors
+def diff(a: Path, b: Path | None, top: int, sort: str, plot: Path | None, as_json: bool, **load_kw) -> None:
+    """Show the per-tensor gap between two weight sets.
+
+    With one argument (a training checkpoint): its saved weights against its
+    x. With two: any two of safetensors file, sharded index, release folder or
+    training checkpoint (whose x is used), matched by name; b is the reference
+    (rel_l2 = ||a - b|| / ||b||). Exit 0 when the report was produced; use
+    `sfckpt check` to gate a release.
+    """
+    from .compare import diff_checkpoint, diff_sets
+    from .sources import open_weights
+    from .tables import diff_table
+
+    if b is None:
+        recon = _reconstruction(a, **load_kw)
+        with _progress(sum(t.nbytes for t in recon.tensors), "comparing", not as_json) as update:
+            report = diff_checkpoint(recon, update)
+    else:
+        make = functools.partial(_reconstruction_at, load_kw)
+        set_a, set_b = open_weights(a, make), open_weights(b, make)
+        total = sum(r.nbytes for r in {**set_b.tensors, **set_a.tensors}.values())
+        with _progress(total, "comparing", not as_json) as update:
+            report = diff_sets(set_a, set_b, update)
+    if plot is not None:
+        from .plot import plot_gap
+
+        plot_gap(report, plot)
+    if as_json:
+        _print_json(report)
+    else:
+        click.echo(diff_table(report, top or None, sort))
+        if plot is not None:
+            click.echo(f"wrote {plot}", err=True)
+
+
+@main.command()
+@click.argument("weights", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--ckpt", required=True, type=click.Path(path_type=Path), help="The training checkpoint the release was made from.")
+@load_options
+@click.option("--rtol", type=float, default=0.0, show_default=True, help="Relative tolerance (default: exact).")
+@click.option("--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance (default: exact).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON report on stdout.")
+@handle_errors
+def check(weights: tuple[Path, ...], ckpt: Path, rtol: float, atol: float, as_json: bool, **load_kw) -> None:
+    """Exit 0 if WEIGHTS are the checkpoint's x, 1 if not (e.g. they are y), 2 if undecidable.
+
+    WEIGHTS: a safetensors file, a sharded index, a release folder, or several
+    safetensors files that together hold the model. Comparison is exact; a
+    release in another dtype is compared with x cast to that dtype.
+    """
+    from .compare import check_release, union
+    from .sources import open_weights
+    from .tables import check_markdown, check_table
+
+    released = union(open_weights(w) for w in weights)
+    recon = _reconstruction(ckpt, **load_kw)
+    with _progress(sum(t.nbytes for t in recon.tensors), "checking", not as_json) as update:
+        report = check_release(released, recon, rtol=rtol, atol=atol, progress=update)
+    if as_json:
+        _print_json(report)
+    else:
+        click.echo(check_table(report))
+    if os.environ.get("GITHUB_ACTIONS") == "true":
+        # Workflow commands are read from stdout; in --json mode stdout is the report, so use stderr.
+        if not report["passed"]:
+            click.echo(f"::error title=sfckpt check::{_gha_escape(report['verdict'])}", err=as_json)
+        summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if summary:
+            with open(summary, "a", encoding="utf-8") as f:
+                f.write(check_markdown(report))
+    sys.exit(EXIT_OK if report["passed"] else EXIT_FINDINGS)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from typing import Any
 
 from tabulate import tabulate
 
+from .tensors import format_shape
+
 
 def human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -64,3 +66,67 @@ def inspect_tables(r: dict[str, Any]) -> str:
     if r["skipped"]:
         parts.append(tabulate(list(r["skipped"].items()), headers=["skipped entry", "why"]))
     return "\n\n".join(parts)
+
+
+def _g(v: Any) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+SORT_KEYS = ("rel_l2", "max_abs", "mean_abs", "cosine", "name")
+
+
+def diff_table(report: dict[str, Any], top: int | None, sort: str) -> str:
+    s = report["summary"]
+    rows = list(report["tensors"])
+    if sort == "name":
+        rows.sort(key=lambda r: r["name"])
+    elif sort == "cosine":
+        rows.sort(key=lambda r: (r["cosine"] is None, r["cosine"] if r["cosine"] is not None else 0))
+    else:
+        rows.sort(key=lambda r: (r[sort] is None, -(r[sort] or 0), r["name"]))
+    shown = rows[:top] if top else rows
+    table = tabulate(
+        [[r["name"], format_shape(r["shape_a"] or r["shape_b"]), r["dtype_a"] if r["dtype_a"] == r["dtype_b"] else
+          f"{r['dtype_a']}/{r['dtype_b']}", _g(r["rel_l2"]), _g(r["max_abs"]), _g(r["mean_abs"]),
+          "-" if r["cosine"] is None else f"{r['cosine']:.6f}", r["status"]] for r in shown],
+        headers=["tensor", "shape", "dtype", "rel_l2", "max_abs", "mean_abs", "cosine", "status"],
+    )
+    lines = [
+        f"a: {s['a']}",
+        f"b: {s['b']}",
+        f"{s['compared']} tensors compared: {s['differ']} differ, {s['identical']} identical; "
+        f"total relative gap ‖a − b‖/‖b‖ = {_g(s['total_rel_l2'])}",
+    ]
+    for key, text in (("only_in_a", "only in a"), ("only_in_b", "only in b"), ("shape_differs", "shape differs"),
+                      ("dtype_differs", "dtype differs")):
+        if s[key]:
+            lines.append(f"{text}: {', '.join(s[key][:5])}" + (f" (+{len(s[key]) - 5} more)" if len(s[key]) > 5 else ""))
+    modules = sorted((m for m in s["modules"] if m["rel_l2"] is not None), key=lambda m: -m["rel_l2"])[: top or None]
+    module_table = tabulate([[m["module"], m["tensors"], _g(m["rel_l2"])] for m in modules],
+                            headers=["module", "tensors", "rel_l2"])
+    more = f"\n({len(rows) - len(shown)} more rows; --top 0 shows all)" if len(shown) < len(rows) else ""
+    return "\n".join(lines) + "\n\n" + table + more + "\n\n" + module_table
+
+
+def check_table(report: dict[str, Any]) -> str:
+    head = "PASS" if report["passed"] else "FAIL"
+    lines = [f"{head}: {report['weights']}: {report['verdict']}"]
+    if report["findings"]:
+        lines.append("")
+        lines.append(tabulate([[f["name"], f["kind"], f["detail"], _g(f["max_abs"]), "yes" if f["equals_y"] else ""]
+                               for f in report["findings"][:50]],
+                              headers=["tensor", "finding", "detail", "max_abs", "is y"]))
+        if len(report["findings"]) > 50:
+            lines.append(f"({len(report['findings']) - 50} more findings in --json)")
+    return "\n".join(lines)
+
+
+def check_markdown(report: dict[str, Any]) -> str:
+    """For $GITHUB_STEP_SUMMARY."""
+    icon = "✅" if report["passed"] else "❌"
+    lines = [f"### {icon} sfckpt check: `{report['weights']}`", "", report["verdict"], ""]
+    if report["findings"]:
+        lines += ["| tensor | finding | detail | max abs | is y |", "|---|---|---|---|---|"]
+        lines += [f"| `{f['name']}` | {f['kind']} | {f['detail']} | {_g(f['max_abs'])} | {'yes' if f['equals_y'] else ''} |"
+                  for f in report["findings"][:50]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,266 @@
+"""The y/x gap (`diff`) and the release gate (`check`), one tensor pair at a time.
+
+Statistics are computed in float64 over chunks of each tensor, so memory
+stays bounded by a chunk, not by the model, whatever the tensors' size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable
+
+from .sources import WeightSet, x_of
+from .reconstruct import Reconstruction
+from .tensors import FLOAT_DTYPES, TensorRef, format_shape
+
+CHUNK = 1 << 22  # elements per float64 chunk (32 MiB)
+
+
+@dataclass
+class Sums:
+    """Running float64 sums over the elements finite in both tensors."""
+
+    n: int = 0
+    sq_diff: float = 0.0
+    abs_diff: float = 0.0
+    max_abs: float = 0.0
+    sq_a: float = 0.0
+    sq_b: float = 0.0
+    dot: float = 0.0
+    nonfinite_a: int = 0
+    nonfinite_b: int = 0
+
+
+def tensor_sums(a, b) -> Sums:
+    """Float64 sums of a, b and a-b; a and b have equal numel."""
+    import torch
+
+    s = Sums()
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    for start in range(0, fa.numel(), CHUNK):
+        ca = fa[start : start + CHUNK].to(torch.float64)
+        cb = fb[start : start + CHUNK].to(torch.float64)
+        ok_a, ok_b = torch.isfinite(ca), torch.isfinite(cb)
+        s.nonfinite_a += int((~ok_a).sum())
+        s.nonfinite_b += int((~ok_b).sum())
+        ok = ok_a & ok_b
+        if not bool(ok.all()):
+            ca, cb = ca[ok], cb[ok]
+        d = ca - cb
+        s.n += ca.numel()
+        s.sq_diff += float(d.square().sum())
+        s.abs_diff += float(d.abs().sum())
+        s.max_abs = max(s.max_abs, float(d.abs().max()) if d.numel() else 0.0)
+        s.sq_a += float(ca.square().sum())
+        s.sq_b += float(cb.square().sum())
+        s.dot += float((ca * cb).sum())
+    return s
+
+
+def _rel(sq_diff: float, sq_b: float) -> float | None:
+    if sq_b > 0:
+        return math.sqrt(sq_diff / sq_b)
+    return 0.0 if sq_diff == 0 else None  # None: relative to zero is undefined
+
+
+@dataclass
+class TensorDiff:
+    name: str
+    status: str  # same | differs | only_in_a | only_in_b | shape_differs
+    shape_a: list[int] | None = None
+    shape_b: list[int] | None = None
+    dtype_a: str | None = None
+    dtype_b: str | None = None
+    max_abs: float | None = None
+    mean_abs: float | None = None
+    rel_l2: float | None = None
+    cosine: float | None = None
+    nonfinite_a: int = 0
+    nonfinite_b: int = 0
+    sums: Sums | None = field(default=None, repr=False)
+
+    def as_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("sums")
+        return d
+
+
+def diff_pair(name: str, a: TensorRef | None, b: TensorRef | None) -> TensorDiff:
+    if a is None or b is None:
+        present = a or b
+        return TensorDiff(
+            name,
+            "only_in_b" if a is None else "only_in_a",
+            shape_a=list(a.shape) if a else None,
+            shape_b=list(b.shape) if b else None,
+            dtype_a=a.dtype if a else None,
+            dtype_b=b.dtype if b else None,
+        ) if present else TensorDiff(name, "missing")
+    d = TensorDiff(name, "same", list(a.shape), list(b.shape), a.dtype, b.dtype)
+    if a.shape != b.shape:
+        d.status = "shape_differs"
+        return d
+    s = tensor_sums(a.load(), b.load())
+    d.sums = s
+    d.nonfinite_a, d.nonfinite_b = s.nonfinite_a, s.nonfinite_b
+    d.max_abs = s.max_abs
+    d.mean_abs = s.abs_diff / s.n if s.n else 0.0
+    d.rel_l2 = _rel(s.sq_diff, s.sq_b)
+    norm = math.sqrt(s.sq_a * s.sq_b)
+    d.cosine = s.dot / norm if norm > 0 else None
+    if s.sq_diff > 0 or s.nonfinite_a or s.nonfinite_b:
+        d.status = "differs"
+    return d
+
+
+def module_of(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def diff_sets(a: WeightSet, b: WeightSet, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """The per-tensor gap between two weight sets, matched by name (b is the reference)."""
+    names = sorted(set(a.tensors) | set(b.tensors))
+    rows: list[TensorDiff] = []
+    for name in names:
+        ra, rb = a.tensors.get(name), b.tensors.get(name)
+        rows.append(diff_pair(name, ra, rb))
+        if progress:
+            progress((ra or rb).nbytes)
+    compared = [r for r in rows if r.sums is not None]
+    # Totals and roll-ups are about weights: integer counters such as num_batches_tracked stay out.
+    weights = [r for r in compared if r.dtype_b in FLOAT_DTYPES]
+    total_sq_diff = sum(r.sums.sq_diff for r in weights)
+    total_sq_b = sum(r.sums.sq_b for r in weights)
+    modules: dict[str, list[float]] = {}
+    for r in weights:
+        m = modules.setdefault(module_of(r.name), [0.0, 0.0, 0])
+        m[0] += r.sums.sq_diff
+        m[1] += r.sums.sq_b
+        m[2] += 1
+    worst = sorted((r for r in compared if r.rel_l2), key=lambda r: -r.rel_l2)[:5]
+    summary = {
+        "a": a.label,
+        "b": b.label,
+        "tensors": len(rows),
+        "compared": len(compared),
+        "identical": sum(r.status == "same" for r in rows),
+        "differ": sum(r.status == "differs" for r in rows),
+        "only_in_a": [r.name for r in rows if r.status == "only_in_a"],
+        "only_in_b": [r.name for r in rows if r.status == "only_in_b"],
+        "shape_differs": [r.name for r in rows if r.status == "shape_differs"],
+        "dtype_differs": [r.name for r in rows if r.dtype_a and r.dtype_b and r.dtype_a != r.dtype_b],
+        "total_rel_l2": _rel(total_sq_diff, total_sq_b),
+        "worst": [{"name": r.name, "rel_l2": r.rel_l2, "max_abs": r.max_abs} for r in worst],
+        "modules": [
+            {"module": m, "tensors": v[2], "rel_l2": _rel(v[0], v[1])} for m, v in modules.items()
+        ],
+    }
+    return {"version": 1, "summary": summary, "tensors": [r.as_json() for r in rows]}
+
+
+def diff_checkpoint(recon: Reconstruction, progress=None) -> dict[str, Any]:
+    """The gap between a training checkpoint's saved weights (a) and its x (b)."""
+    path = recon.checkpoint.path
+    a = WeightSet(f"weights in {path} ({recon.source_held})", dict(recon.checkpoint.weights))
+    b = WeightSet(f"x of {path}", x_of(recon), recon)
+    return diff_sets(a, b, progress)
+
+
+# ---- check -------------------------------------------------------------------------------
+
+Y_VERDICT = "these are the training weights y (identical to the checkpoint's parameters); release x with `sfckpt convert`"
+
+
+@dataclass
+class Finding:
+    kind: str  # differs | missing | extra | shape | nonfinite
+    name: str
+    detail: str
+    max_abs: float | None = None
+    equals_y: bool = False
+
+
+def check_release(released: WeightSet, recon: Reconstruction, rtol: float = 0.0, atol: float = 0.0,
+                  progress=None) -> dict[str, Any]:
+    """Whether `released` is the checkpoint's x: exact (after casting x to the released dtype) or within rtol/atol."""
+    import torch
+
+    findings: list[Finding] = []
+    cast: set[str] = set()
+    checked = 0
+    x_names = {t.name for t in recon.tensors}
+    for t in recon.tensors:
+        rel = released.tensors.get(t.name)
+        if progress:
+            progress(t.nbytes)
+        if rel is None:
+            twin = next((o.name for o in recon.tensors if o.name != t.name and o.ref.same_data(t.ref)
+                         and o.name in released.tensors), None)
+            if twin is None:  # a tied duplicate may be dropped, as Hugging Face does
+                findings.append(Finding("missing", t.name, "in x but not in the released weights"))
+            continue
+        if rel.shape != t.shape:
+            findings.append(Finding("shape", t.name, f"released {format_shape(rel.shape)}, x {format_shape(t.shape)}"))
+            continue
+        checked += 1
+        r = rel.load()
+        if r.is_floating_point() and not bool(torch.isfinite(r).all()):
+            findings.append(Finding("nonfinite", t.name, f"{int((~torch.isfinite(r)).sum())} NaN/Inf values"))
+            continue
+        x = t.compute()
+        if x.dtype != r.dtype:
+            cast.add(t.name)
+            x = x.to(r.dtype)
+        if torch.equal(r, x):
+            continue
+        diff = (r.to(torch.float64) - x.to(torch.float64)).abs()
+        if (rtol or atol) and bool((diff <= atol + rtol * x.to(torch.float64).abs()).all()):
+            continue
+        y = t.ref.load()
+        equals_y = t.how != "copy" and torch.equal(r, y.to(r.dtype))
+        findings.append(Finding("differs", t.name, "differs from x", float(diff.max()), equals_y))
+    for name in sorted(set(released.tensors) - x_names):
+        findings.append(Finding("extra", name, "in the released weights but not in the checkpoint"))
+
+    differs = [f for f in findings if f.kind == "differs"]
+    messages: list[str] = []
+    if differs and len(differs) == len(findings) and all(f.equals_y for f in differs):
+        messages.append(Y_VERDICT)
+    else:
+        if differs:
+            worst = max(differs, key=lambda f: f.max_abs or 0)
+            messages.append(f"{len(differs)} tensors differ from x (worst: {worst.name}, max abs {worst.max_abs:.3g})"
+                            + (f"; {sum(f.equals_y for f in differs)} of them are still y" if any(f.equals_y for f in differs) else ""))
+        for kind, text in (("missing", "missing from the release"), ("extra", "not in the checkpoint"),
+                           ("shape", "of another shape"), ("nonfinite", "holding NaN/Inf")):
+            group = [f for f in findings if f.kind == kind]
+            if group:
+                messages.append(f"{len(group)} tensors {text} (first: {group[0].name})")
+    passed = not findings
+    return {
+        "version": 1,
+        "passed": passed,
+        "verdict": "these are x" + (" (compared after casting x to the released dtype)" if cast else "")
+        if passed else "; ".join(messages),
+        "weights": released.label,
+        "checkpoint": str(recon.checkpoint.path),
+        "tensors_checked": checked,
+        "cast_to_released_dtype": sorted(cast),
+        "tolerance": {"rtol": rtol, "atol": atol},
+        "findings": [asdict(f) for f in findings],
+    }
+
+
+def union(sets: Iterable[WeightSet]) -> WeightSet:
+    """Several files (say, shards passed one by one by pre-commit) as one weight set."""
+    from .errors import InputError
+
+    sets = list(sets)
+    tensors: dict[str, TensorRef] = {}
+    for s in sets:
+        for name, ref in s.tensors.items():
+            if name in tensors:
+                raise InputError(f"tensor '{name}' is in more than one of the given files (also in {s.label})",
+                                 "pass each model's weights once")
+            tensors[name] = ref
+    return WeightSet(", ".join(s.label for s in sets), tensors)

@@ -1,0 +1,46 @@
+"""`diff --plot`: a per-layer bar chart of the relative gap (needs the `plot` extra: matplotlib)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+from .writer import atomic_path
+
+MAX_BARS = 60
+
+
+def plot_gap(report: dict[str, Any], out: Path, force: bool = True) -> Path:
+    """Horizontal bars of rel_l2 per module, in model order, on a log scale."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("--plot needs matplotlib", "pip install 'sfckpt[plot]'") from None
+    modules = [m for m in report["summary"]["modules"] if m["rel_l2"]]
+    if len(modules) > MAX_BARS:  # keep it readable: the largest gaps, still in model order
+        keep = {id(m) for m in sorted(modules, key=lambda m: -m["rel_l2"])[:MAX_BARS]}
+        modules = [m for m in modules if id(m) in keep]
+    height = 1.5 + 0.28 * max(1, len(modules))
+    fig, ax = plt.subplots(figsize=(8, height))
+    names = [m["module"] for m in modules]
+    values = [m["rel_l2"] for m in modules]
+    ax.barh(range(len(values)), values, color="#4c72b0")
+    ax.set_yticks(range(len(values)), names, fontsize=8)
+    ax.invert_yaxis()
+    if values and max(values) / max(min(values), 1e-30) > 100:
+        ax.set_xscale("log")
+    ax.set_xlabel("relative L2 gap  ‖a − b‖ / ‖b‖")
+    total = report["summary"]["total_rel_l2"]
+    title = f"{report['summary']['a']}\nvs {report['summary']['b']}"
+    if total is not None:
+        title += f"   (total {total:.3g})"
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out, force) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return out
