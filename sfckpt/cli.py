@@ -19,7 +19,7 @@ from typing import Any, Callable
 import click
 
 from . import __version__
-from .errors import SfckptError
+from .errors import InputError, SfckptError
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 
@@ -95,6 +95,11 @@ def _reconstruction(ckpt_path: Path, model_key, optimizer_key, strip_prefix, fam
 def _progress(total_bytes: int, label: str, enabled: bool):
     """A bytes progress bar on stderr, shown only on a terminal and when enabled; yields `update(n)`."""
     show = enabled and sys.stderr.isatty()
+    if not total_bytes:  # length unknown: say what is happening, once
+        if show:
+            click.echo(f"{label}...", err=True)
+        yield lambda n: None
+        return
     with click.progressbar(length=max(total_bytes, 1), label=label, file=sys.stderr, hidden=not show,
                            show_pos=False, show_percent=True, show_eta=True) as bar:
         yield bar.update
@@ -154,10 +159,18 @@ def inspect(ckpt: Path, scan: bool, as_json: bool, **load_kw) -> None:
 @click.option("--max-shard-size", metavar="SIZE", help="Write shards of at most SIZE (e.g. 5GB) and model.safetensors.index.json into the folder OUT.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--allow-nonfinite", is_flag=True, help="Write x even if it holds NaN or Inf.")
+@click.option("--bn-calib", metavar="DATA", help="Re-estimate BatchNorm statistics at x on DATA: a .pt/.safetensors/.npy "
+              "file of inputs (first dimension = samples), a folder of them, or module:callable returning a DataLoader.")
+@click.option("--model", "model_spec", metavar="SPEC", help="With --bn-calib: file.py:callable or package.module:callable "
+              "returning the nn.Module (this runs your code, as it must to run the model).")
+@click.option("--bn-batch-size", type=int, default=32, show_default=True, help="Samples per batch for data files.")
+@click.option("--bn-batches", type=int, help="Use at most this many batches.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where to run --bn-calib.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @handle_errors
-def convert(ckpt: Path, out: Path, dtype, max_shard_size, force, allow_nonfinite, quiet, as_json, **load_kw) -> None:
+def convert(ckpt: Path, out: Path, dtype, max_shard_size, force, allow_nonfinite, bn_calib, model_spec, bn_batch_size,
+            bn_batches, device, quiet, as_json, **load_kw) -> None:
     """Reconstruct x from CKPT and write it to OUT.
 
     OUT ending in .safetensors is one file; any other OUT is a folder with
@@ -165,8 +178,16 @@ def convert(ckpt: Path, out: Path, dtype, max_shard_size, force, allow_nonfinite
     """
     from .save import save
 
+    if bool(bn_calib) != bool(model_spec):
+        raise InputError("--bn-calib and --model go together", "give both: the data, and the code that builds the model")
     recon = _reconstruction(ckpt, dtype=dtype, **load_kw)
     _warn(recon.warnings, quiet and not as_json)
+    shifts = None
+    if bn_calib:
+        from .batchnorm import calibrate
+
+        with _progress(bn_batches or 0, "re-estimating BatchNorm statistics", not (quiet or as_json)) as update:
+            shifts = calibrate(recon, model_spec, bn_calib, bn_batch_size, bn_batches, device, update)
     total = sum(t.nbytes for t in recon.tensors)
     with _progress(total, "writing x", not (quiet or as_json)) as update:
         paths = save(recon, out, force=force, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size, progress=update)
@@ -182,15 +203,22 @@ def convert(ckpt: Path, out: Path, dtype, max_shard_size, force, allow_nonfinite
         "bytes": total,
         "warnings": recon.warnings,
     }
+    if shifts is not None:
+        summary["batchnorm"] = [s.as_json() for s in shifts]
     bn = recon.batchnorm_buffers
-    if bn and recon.source_held != "x":
+    if bn and recon.source_held != "x" and shifts is None:
         summary["warnings"] = summary["warnings"] + [
-            f"{len(bn)} BatchNorm statistics buffers were copied as gathered at y; re-estimate them at x on data"
+            f"{len(bn)} BatchNorm statistics buffers were copied as gathered at y; re-estimate them at x with --bn-calib DATA --model SPEC"
         ]
         _warn(summary["warnings"][-1:], quiet and not as_json)
     if as_json:
         _print_json(summary)
-    elif not quiet:
+        return
+    if shifts is not None:
+        from .tables import bn_table
+
+        click.echo(bn_table(summary["batchnorm"]))
+    if not quiet:
         what = "already held x: copied" if recon.source_held == "x" else f"{recon.n_converted} tensors converted from y to x"
         click.echo(f"wrote {', '.join(map(str, paths))} ({recon.family.name}; {what})", err=True)
 

@@ -53,6 +53,7 @@ class OutputTensor:
     beta: float | None = None
     group: int | None = None
     out_dtype: str | None = None
+    value: Any = None  # a tensor computed elsewhere (re-estimated BatchNorm statistics)
 
     @property
     def dtype(self) -> str:
@@ -70,7 +71,9 @@ class OutputTensor:
         """x for this tensor, in its own dtype (or --dtype), contiguous."""
         import torch
 
-        if self.how == "lerp":
+        if self.value is not None:
+            t = self.value
+        elif self.how == "lerp":
             # Exactly what the optimizer's eval() does: p.lerp_(end=z, weight=1 - 1/β).
             t = torch.lerp(self.ref.load(), self.z.load(), 1 - 1 / self.beta)
         elif self.how == "state-x":
@@ -94,6 +97,14 @@ class Reconstruction:
     mapping_method: str
     n_entries: int
     warnings: list[str] = field(default_factory=list)
+    bn_calibrated: bool = False
+
+    def replace(self, name: str, tensor) -> None:
+        """Use `tensor` for `name` (same shape) instead of the checkpoint's value."""
+        out = next(t for t in self.tensors if t.name == name)
+        if tuple(tensor.shape) != out.shape:
+            raise InputError(f"new value for '{name}' has shape {tuple(tensor.shape)}, not {out.shape}", "")
+        out.how, out.value = "replaced", tensor
 
     @property
     def source_held(self) -> str:
@@ -102,7 +113,7 @@ class Reconstruction:
 
     @property
     def n_converted(self) -> int:
-        return sum(t.how != "copy" for t in self.tensors)
+        return sum(t.how in ("lerp", "state-x") for t in self.tensors)
 
     @property
     def batchnorm_buffers(self) -> list[str]:
@@ -113,6 +124,8 @@ class Reconstruction:
         from . import __version__
 
         steps = sorted({str(g.step) for g in self.groups if g.step is not None})
+        bn = {"sfckpt_batchnorm": "re-estimated at x" if self.bn_calibrated else "as saved (gathered at y)"} \
+            if self.batchnorm_buffers and self.source_held != "x" else {}
         return {
             "format": "pt",
             "sfckpt_version": __version__,
@@ -121,6 +134,7 @@ class Reconstruction:
             "sfckpt_step": ",".join(steps) if steps else "unknown",
             "sfckpt_source_params": self.source_held,
             "sfckpt_source": self.checkpoint.path.name,
+            **bn,
         }
 
     def iter_tensors(self) -> Iterator[tuple[str, Any]]:

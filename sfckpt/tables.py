@@ -130,3 +130,11 @@ def check_markdown(report: dict[str, Any]) -> str:
         lines += [f"| `{f['name']}` | {f['kind']} | {f['detail']} | {_g(f['max_abs'])} | {'yes' if f['equals_y'] else ''} |"
                   for f in report["findings"][:50]]
     return "\n".join(lines) + "\n"
+
+
+def bn_table(shifts: list[dict[str, Any]]) -> str:
+    """How far each BatchNorm layer's statistics moved when re-estimated at x."""
+    return tabulate(
+        [[s["layer"], _g(s["mean_max_abs"]), _g(s["mean_rel_l2"]), _g(s["var_max_abs"]), _g(s["var_rel_l2"])] for s in shifts],
+        headers=["BatchNorm layer", "running_mean max_abs", "rel_l2", "running_var max_abs", "rel_l2"],
+    )

@@ -1,0 +1,279 @@
+"""Re-estimate BatchNorm statistics at x: `convert --bn-calib DATA --model SPEC`.
+
+The statistics in a training checkpoint were gathered at y. We load x into
+the user's model and call `torch.optim.swa_utils.update_bn` (reset, then a
+cumulative average over the calibration data in train mode, momenta and mode
+restored). We add only what it lacks: dict and multi-input batches, a batch
+limit, no autograd graph. Only BatchNorm buffers change; every other tensor
+stays bit-identical to x.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import itertools
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from .errors import InputError
+from .reconstruct import Reconstruction
+
+BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+DATA_SUFFIXES = (".pt", ".pth", ".safetensors", ".npy")
+
+
+def resolve(spec: str, what: str) -> Any:
+    """`path/to/file.py:name` or `package.module:name` -> the object (this runs the user's code)."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise InputError(f"{what} '{spec}' is not of the form file.py:callable or package.module:callable",
+                         "for example --model models.py:build_model")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise InputError(f"{what} file '{target}' does not exist", "check the path")
+            name = f"_sfckpt_user_{path.stem}"
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            sys.path.insert(0, str(path.resolve().parent))  # so the file can import its neighbours
+            try:
+                module_spec.loader.exec_module(module)
+            finally:
+                sys.path.remove(str(path.resolve().parent))
+        else:
+            module = importlib.import_module(target)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{what} '{spec}': importing it failed ({type(exc).__name__}: {exc})"[:400], "fix the module") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise InputError(f"{what} '{spec}': '{target}' has no '{attr}'", "check the name after the colon") from None
+
+
+def build_model(spec: str):
+    import torch
+
+    factory = resolve(spec, "--model")
+    try:
+        model = factory()
+    except Exception as exc:
+        raise InputError(f"--model '{spec}' raised {type(exc).__name__}: {exc}"[:400], "it is called with no arguments") from None
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"--model '{spec}' returned a {type(model).__name__}, not a torch.nn.Module",
+                         "point it at a function or class that builds the model")
+    return model
+
+
+def _load_data_file(path: Path) -> Any:
+    import torch
+
+    suffix = path.suffix
+    try:
+        if suffix in (".pt", ".pth"):
+            return torch.load(path, map_location="cpu", weights_only=True)
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            data = load_file(str(path))
+            return next(iter(data.values())) if len(data) == 1 else data
+        if suffix == ".npy":
+            try:
+                import numpy as np
+            except ImportError:
+                raise InputError(".npy calibration data needs numpy", "pip install numpy") from None
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"calibration data {path}: cannot be read ({type(exc).__name__}: {exc})"[:400],
+                         "give a tensor, or a tuple/dict of tensors, saved with torch.save, safetensors or numpy") from None
+    raise InputError(f"calibration data {path}: unknown file type", f"use one of {', '.join(DATA_SUFFIXES)}")
+
+
+def _split(data: Any, batch_size: int, where: str) -> Iterator[Any]:
+    """Batches along the first dimension of a tensor, or of every tensor of a tuple/dict."""
+    import torch
+
+    if isinstance(data, torch.Tensor):
+        parts = {"": data}
+    elif isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        parts = dict(enumerate(data))
+    elif isinstance(data, dict) and data and all(isinstance(t, torch.Tensor) for t in data.values()):
+        parts = data
+    else:
+        raise InputError(f"calibration data {where} holds a {type(data).__name__}",
+                         "expected a tensor, or a tuple/dict of tensors (first dimension = samples)")
+    sizes = {t.shape[0] if t.dim() else 0 for t in parts.values()}
+    if len(sizes) != 1 or 0 in sizes:
+        raise InputError(f"calibration data {where}: tensors disagree on the number of samples ({sorted(sizes)})",
+                         "every tensor's first dimension is the sample index")
+    n = sizes.pop()
+    for start in range(0, n, batch_size):
+        chunk = {k: t[start : start + batch_size] for k, t in parts.items()}
+        if isinstance(data, torch.Tensor):
+            yield chunk[""]
+        elif isinstance(data, dict):
+            yield chunk
+        else:
+            yield tuple(chunk[i] for i in range(len(parts)))
+
+
+class _Args:
+    """A batch to be passed to the model as *args/**kwargs (so update_bn does not unwrap it)."""
+
+    def __init__(self, args=(), kwargs=None):
+        self.args, self.kwargs = tuple(args), dict(kwargs or {})
+
+    def to(self, device):
+        return _Args([a.to(device) for a in self.args], {k: v.to(device) for k, v in self.kwargs.items()})
+
+
+def calibration_batches(data: str, batch_size: int) -> Iterator[_Args]:
+    """Batches from a data file, a folder of them, or `module:callable` returning an iterable (a DataLoader).
+
+    Files: a tensor is the input; a tuple/list is the model's positional inputs, a dict its
+    keyword inputs. Loaders follow update_bn: a list/tuple batch's first element is the input
+    (the usual (inputs, labels) pair); a dict batch is passed as keyword inputs.
+    """
+    import torch
+
+    path = Path(data)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES)
+        if not files:
+            raise InputError(f"calibration folder {path} holds no {', '.join(DATA_SUFFIXES)} files", "")
+        for f in files:
+            yield from (_as_args(b) for b in _split(_load_data_file(f), batch_size, str(f)))
+    elif path.is_file():
+        yield from (_as_args(b) for b in _split(_load_data_file(path), batch_size, str(path)))
+    elif ":" in data:
+        loader = resolve(data, "--bn-calib")
+        if callable(loader):
+            loader = loader()
+        if not isinstance(loader, Iterable):
+            raise InputError(f"--bn-calib '{data}' gave a {type(loader).__name__}, not an iterable of batches",
+                             "return a DataLoader or another iterable")
+        for batch in loader:
+            if isinstance(batch, (list, tuple)):
+                batch = batch[0]
+            if isinstance(batch, dict):
+                yield _Args(kwargs=batch)
+            elif isinstance(batch, torch.Tensor):
+                yield _Args((batch,))
+            else:
+                raise InputError(f"--bn-calib '{data}' yielded a {type(batch).__name__}", "batches must be tensors, tuples or dicts")
+    else:
+        raise InputError(f"calibration data '{data}' does not exist", "give a .pt/.safetensors/.npy file, a folder, or module:callable")
+
+
+def _as_args(batch: Any) -> _Args:
+    if isinstance(batch, dict):
+        return _Args(kwargs=batch)
+    if isinstance(batch, tuple):
+        return _Args(batch)
+    return _Args((batch,))
+
+
+class _Caller:
+    """Wraps the model so that update_bn's `model(input)` becomes `model(*args, **kwargs)`."""
+
+    def __new__(cls, model):
+        import torch
+
+        class Caller(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, batch: _Args):
+                return self.inner(*batch.args, **batch.kwargs)
+
+        return Caller(model)
+
+
+@dataclass
+class LayerShift:
+    layer: str
+    mean_max_abs: float
+    mean_rel_l2: float | None
+    var_max_abs: float
+    var_rel_l2: float | None
+
+    def as_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _shift(old, new) -> tuple[float, float | None]:
+    import torch
+
+    d = (new.double() - old.double())
+    norm = old.double().norm().item()
+    return d.abs().max().item() if d.numel() else 0.0, (d.norm().item() / norm if norm > 0 else None)
+
+
+def calibrate(recon: Reconstruction, model_spec: str, data: str, batch_size: int = 32, max_batches: int | None = None,
+              device: str = "cpu", progress: Callable[[int], None] | None = None) -> list[LayerShift]:
+    """Re-estimate the BatchNorm statistics of x on `data`; the new buffers replace the old in `recon`."""
+    import torch
+    from torch.optim.swa_utils import update_bn
+
+    if batch_size < 1:
+        raise InputError("--bn-batch-size must be at least 1", "")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available", "use --device cpu")
+    model = build_model(model_spec)
+    x = recon.state_dict()
+    try:
+        model.load_state_dict(x, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()
+        raise InputError(f"--model '{model_spec}' does not match the checkpoint: {' '.join(first[1:3]).strip() or first[0]}"[:500],
+                         "point --model at the architecture the checkpoint was trained with (and --strip-prefix if names differ)") from None
+    bn_layers = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    if not bn_layers:
+        raise InputError(f"--model '{model_spec}' has no BatchNorm layers", "--bn-calib is only needed for models with BatchNorm")
+    model.to(device)
+    batches = calibration_batches(data, batch_size)
+    if max_batches is not None:
+        batches = itertools.islice(batches, max_batches)
+
+    def counted() -> Iterator[_Args]:
+        seen = 0
+        for batch in batches:
+            seen += 1
+            if progress:
+                progress(1)
+            yield batch.to(device)
+        if not seen:
+            raise InputError(f"calibration data '{data}' holds no samples", "")
+
+    try:
+        with torch.no_grad():
+            update_bn(counted(), _Caller(model))
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"the model's forward pass failed on the calibration data ({type(exc).__name__}: {exc})"[:500],
+                         "check that the data has the shape and dtype the model expects") from None
+
+    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    shifts = []
+    for name in bn_layers:
+        prefix = f"{name}." if name else ""
+        for buf in BN_BUFFERS:
+            key = prefix + buf
+            if key in state and state[key] is not None:
+                recon.replace(key, state[key].to(x[key].dtype))
+        if prefix + "running_mean" in state and state[prefix + "running_mean"] is not None:
+            mm, mr = _shift(x[prefix + "running_mean"], state[prefix + "running_mean"])
+            vm, vr = _shift(x[prefix + "running_var"], state[prefix + "running_var"])
+            shifts.append(LayerShift(name, mm, mr, vm, vr))
+    recon.bn_calibrated = True
+    return shifts
