@@ -39,10 +39,6 @@ def describe(recon: Reconstruction, scan: bool = False) -> dict[str, Any]:
             f"{len(bn)} BatchNorm statistics buffers were gathered at y, not x; re-estimate them on data "
             "(convert --bn-calib) before trusting accuracy"
         )
-    if ckpt.unloaded_classes:
-        warnings.append(
-            "objects of these classes were not loaded (never imported or run): " + ", ".join(ckpt.unloaded_classes)
-        )
     report: dict[str, Any] = {
         "version": REPORT_VERSION,
         "path": str(ckpt.path),

@@ -204,6 +204,8 @@ def reconstruct(
     method = mapping.assign_names(entries, ckpt.weights, family.z_key, param_order)
 
     warnings: list[str] = []
+    if ckpt.unloaded_classes:
+        warnings.append("skipped objects of these classes (never imported or run): " + ", ".join(ckpt.unloaded_classes))
     groups: list[GroupReport] = []
     by_name: dict[str, OutputTensor] = {}
     for g, group in enumerate(groups_saved):

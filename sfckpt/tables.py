@@ -86,7 +86,7 @@ def diff_table(report: dict[str, Any], top: int | None, sort: str) -> str:
         rows.sort(key=lambda r: (r[sort] is None, -(r[sort] or 0), r["name"]))
     shown = rows[:top] if top else rows
     table = tabulate(
-        [[r["name"], format_shape(r["shape_a"] or r["shape_b"]), r["dtype_a"] if r["dtype_a"] == r["dtype_b"] else
+        [[r["name"], format_shape(r["shape_a"] if r["shape_a"] is not None else r["shape_b"]), r["dtype_a"] if r["dtype_a"] == r["dtype_b"] else
           f"{r['dtype_a']}/{r['dtype_b']}", _g(r["rel_l2"]), _g(r["max_abs"]), _g(r["mean_abs"]),
           "-" if r["cosine"] is None else f"{r['cosine']:.6f}", r["status"]] for r in shown],
         headers=["tensor", "shape", "dtype", "rel_l2", "max_abs", "mean_abs", "cosine", "status"],

@@ -6,11 +6,12 @@ checks that turn damaged input into a clear message.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
 from ..errors import InputError
-from ..tensors import SAFETENSORS_TO_DTYPE, TensorRef
+from ..tensors import DTYPES, SAFETENSORS_TO_DTYPE, TensorRef
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -31,14 +32,21 @@ def read_header(path: Path) -> dict:
             data_len = f.tell() - 8 - n
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not a readable safetensors file ({exc})", "the file is truncated or damaged") from None
-    if not isinstance(header, dict):
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
         raise InputError(f"{path}: safetensors header is not a JSON object", "the file is damaged")
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
             begin, end = info["data_offsets"]
-            ok = 0 <= begin <= end <= data_len and info["dtype"] in SAFETENSORS_TO_DTYPE
+            shape = info["shape"]
+            dtype = SAFETENSORS_TO_DTYPE[info["dtype"]]
+            ok = (
+                all(type(v) is int for v in (begin, end, *shape))
+                and all(v >= 0 for v in shape)
+                and 0 <= begin <= end <= data_len
+                and end - begin == math.prod(shape) * DTYPES[dtype][0]
+            )
         except (TypeError, KeyError, ValueError):
             ok = False
         if not ok:

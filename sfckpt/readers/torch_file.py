@@ -221,7 +221,7 @@ class TorchArchive:
         try:
             self._zip = zipfile.ZipFile(self._file)
             names = self._zip.namelist()
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as exc:
+        except Exception as exc:  # zipfile raises many kinds on damaged input; all mean the same here
             self._file.close()
             raise InputError(f"{path}: not a readable torch.save file ({exc})", "the file is truncated or damaged") from None
         pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
@@ -237,10 +237,10 @@ class TorchArchive:
         self.opaque: set[str] = set()
 
     def load_object(self) -> Any:
-        byteorder = self._infos.get(self.prefix + "byteorder")
-        if byteorder is not None and self._zip.read(byteorder) != b"little":
-            raise InputError(f"{self.path}: big-endian checkpoint", "re-save it on a little-endian machine")
         try:
+            byteorder = self._infos.get(self.prefix + "byteorder")
+            if byteorder is not None and self._zip.read(byteorder) != b"little":
+                raise InputError(f"{self.path}: big-endian checkpoint", "re-save it on a little-endian machine")
             data = self._zip.read(self.prefix + "data.pkl")
             unpickler = _Unpickler(data, self)
             obj = unpickler.load()
@@ -267,6 +267,15 @@ class TorchArchive:
 
     def storage_tensor(self, key: str, dtype: str):
         """The whole storage as a flat tensor over the memory-mapped file."""
+        try:
+            return self._storage_tensor(key, dtype)
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"{self.path}: cannot read tensor data record '{key}' ({type(exc).__name__}: {exc})"[:300],
+                             "the file is truncated or damaged") from None
+
+    def _storage_tensor(self, key: str, dtype: str):
         import torch
 
         info = self._infos[self.prefix + "data/" + key]

@@ -1,0 +1,389 @@
+"""Hardening: damaged files, hostile pickles, nonsense values, interrupted and failed writes.
+
+Fast by default; set SFCKPT_FUZZ=N (e.g. 2000) for a longer fuzz run.
+"""
+import io
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+import sfckpt
+import trainers
+from conftest import read, save_checkpoint
+
+FUZZ = int(os.environ.get("SFCKPT_FUZZ", "12"))
+COMMANDS = ("inspect", "convert", "diff", "check")
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("good")
+    model = trainers.ConvBN()
+    opt = trainers.train(model, "adamw")
+    ckpt = save_checkpoint(tmp / "good.pt", model, opt, epoch=1)
+    x = trainers.eval_x(model, opt)
+    save_file(x, str(tmp / "x.safetensors"))
+    return ckpt, tmp / "x.safetensors"
+
+
+def invoke(run, command, bad, good_ckpt, good_weights, out):
+    if command == "inspect":
+        return run("inspect", bad)
+    if command == "convert":
+        return run("convert", bad, out)
+    if command == "diff":
+        return run("diff", bad, good_weights)
+    return run("check", good_weights, "--ckpt", bad) if bad.suffix == ".pt" else run("check", bad, "--ckpt", good_ckpt)
+
+
+def assert_clean(result, out, allow_success=False):
+    """Exit 2 with one `error:` line (or, where allowed, success); never a traceback or internal error."""
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr, result.stderr
+    if allow_success and result.exit_code in (0, 1):
+        return
+    assert result.exit_code == 2, (result.exit_code, result.stdout[-300:], result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert not out.exists()
+    assert not list(out.parent.glob("*sfckpt-tmp"))
+
+
+def corruptions(data: bytes, rng: random.Random, n: int):
+    """(name, bytes, may_still_be_valid) cases derived from a valid file."""
+    size = len(data)
+    yield "empty", b"", False
+    yield "random", rng.randbytes(rng.randint(1, 4096)), False
+    for _ in range(n):
+        cut = rng.randint(1, size - 1)
+        yield f"truncated@{cut}", data[:cut], False
+    for _ in range(n):
+        pos = rng.randrange(size)
+        flipped = bytearray(data)
+        flipped[pos] ^= 1 << rng.randrange(8)
+        # A flip inside raw tensor bytes changes numbers, not structure: no format can tell.
+        yield f"flip@{pos}", bytes(flipped), True
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_fuzz_torch_checkpoint(command, good, run, tmp_path):
+    good_ckpt, good_weights = good
+    rng = random.Random(f"torch-{command}")
+    out = tmp_path / "out.safetensors"
+    for name, data, may_be_valid in corruptions(good_ckpt.read_bytes(), rng, FUZZ):
+        bad = tmp_path / "bad.pt"
+        bad.write_bytes(data)
+        result = invoke(run, command, bad, good_ckpt, good_weights, out)
+        try:
+            assert_clean(result, out, allow_success=may_be_valid)
+        except AssertionError as exc:
+            raise AssertionError(f"{command} on {name}: {exc}") from None
+        out.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("command", ["diff", "check"])
+def test_fuzz_safetensors(command, good, run, tmp_path):
+    good_ckpt, good_weights = good
+    data = good_weights.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    rng = random.Random(f"st-{command}")
+    out = tmp_path / "never.safetensors"
+    cases = list(corruptions(data, rng, FUZZ))
+    for _ in range(FUZZ):  # damage inside the JSON header specifically
+        pos = rng.randrange(8, 8 + header_len)
+        broken = bytearray(data)
+        broken[pos] = rng.choice(b'{}[]:,"0x\xff')
+        cases.append((f"header@{pos}", bytes(broken), True))
+    cases.append(("huge header length", (2**62).to_bytes(8, "little") + data[8:], False))
+    for name, blob, may_be_valid in cases:
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(blob)
+        result = invoke(run, command, bad, good_ckpt, good_weights, out)
+        try:
+            assert_clean(result, out, allow_success=may_be_valid)
+        except AssertionError as exc:
+            raise AssertionError(f"{command} on {name}: {exc}") from None
+
+
+def _zip_without(data: bytes, predicate) -> bytes:
+    src = zipfile.ZipFile(io.BytesIO(data))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            if not predicate(info.filename):
+                dst.writestr(info, src.read(info))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_structural_damage(command, good, run, tmp_path):
+    good_ckpt, good_weights = good
+    data = good_ckpt.read_bytes()
+    model = trainers.MLP()
+    opt = trainers.train(model, "sgd")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "legacy.pt",
+               _use_new_zipfile_serialization=False)
+    cases = {
+        "no data.pkl": _zip_without(data, lambda n: n.endswith("data.pkl")),
+        "no tensor record": _zip_without(data, lambda n: n.endswith("/data/0")),
+        "not a torch zip": _zip_without(data, lambda n: True),
+        "lfs pointer": b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"1" * 64 + b"\nsize 99\n",
+        "legacy": (tmp_path / "legacy.pt").read_bytes(),
+    }
+    out = tmp_path / "out.safetensors"
+    for name, blob in cases.items():
+        bad = tmp_path / "bad.pt"
+        bad.write_bytes(blob)
+        try:
+            assert_clean(invoke(run, command, bad, good_ckpt, good_weights, out), out)
+        except AssertionError as exc:
+            raise AssertionError(f"{command} on {name}: {exc}") from None
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    assert_clean(invoke(run, command, folder, good_ckpt, good_weights, out), out)
+
+
+# ---- hostile pickles ----------------------------------------------------------------------
+
+class RunsCommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class Execs:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+class Imports:
+    def __reduce__(self):
+        import importlib
+
+        return (importlib.import_module, ("this",))  # importing `this` prints; must never happen
+
+
+def _hostile(marker):
+    return {"cmd": RunsCommand(marker), "exec": Execs(marker), "imp": Imports()}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_hostile_objects_never_run(command, good, run, tmp_path):
+    good_ckpt, good_weights = good
+    marker = tmp_path / "pwned"
+    model = trainers.MLP()
+    opt = trainers.train(model, "adamw")
+    beside = save_checkpoint(tmp_path / "beside.pt", model, opt, **_hostile(marker))
+    alone = tmp_path / "alone.pt"
+    torch.save(RunsCommand(marker), alone)
+    sys.modules.pop("this", None)
+    out = tmp_path / "x.safetensors"
+    result = invoke(run, command, beside, good_ckpt, good_weights, out)
+    if command in ("inspect", "convert"):
+        assert result.exit_code == 0, result.stderr
+        assert "posix.system" in result.stdout + result.stderr
+    assert_clean(invoke(run, command, alone, good_ckpt, good_weights, tmp_path / "y.safetensors"),
+                 tmp_path / "y.safetensors")
+    assert not marker.exists()
+    assert "this" not in sys.modules
+
+
+def test_hostile_globals_are_never_imported(tmp_path):
+    """A GLOBAL naming a module with import side effects resolves to a placeholder."""
+    payload = b"\x80\x02cthis\nd\nq\x00."  # protocol 2: GLOBAL this.d
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", payload)
+        z.writestr("archive/byteorder", "little")
+    (tmp_path / "g.pt").write_bytes(buf.getvalue())
+    sys.modules.pop("this", None)
+    with pytest.raises(sfckpt.InputError):
+        sfckpt.load(tmp_path / "g.pt")
+    assert "this" not in sys.modules
+
+
+# ---- semantic nonsense --------------------------------------------------------------------
+
+def _parts():
+    model = trainers.MLP()
+    opt = trainers.train(model, "adamw")
+    return model.state_dict(), opt.state_dict()
+
+
+def _refused(run, tmp_path, obj, *fragments, extra=()):
+    torch.save(obj, tmp_path / "c.pt")
+    out = tmp_path / "x.safetensors"
+    result = run("convert", tmp_path / "c.pt", out, *extra)
+    assert_clean(result, out)
+    for f in fragments:
+        assert f in result.stderr, result.stderr
+
+
+def test_more_entries_than_parameters(run, tmp_path):
+    sd, osd = _parts()
+    sd.pop("fc2.bias")
+    _refused(run, tmp_path, {"model": sd, "optimizer": osd}, "4 entries but the model has only 3")
+
+
+def test_param_names_naming_missing_tensors(run, tmp_path):
+    sd, osd = _parts()
+    osd["param_groups"][0]["param_names"] = ["fc1.weight", "fc1.bias", "fc2.weight", "nope.bias"]
+    _refused(run, tmp_path, {"model": sd, "optimizer": osd}, "named 'nope.bias'", "no such tensor")
+
+
+def test_duplicate_names(run, tmp_path):
+    sd, osd = _parts()
+    osd["param_groups"][0]["param_names"] = ["fc1.weight", "fc1.bias", "fc2.weight", "fc1.bias"]
+    _refused(run, tmp_path, {"model": sd, "optimizer": osd}, "named 'fc1.bias'")
+    osd["param_groups"][0].pop("param_names")
+    osd["param_groups"][0]["params"] = [0, 1, 2, 2]
+    _refused(run, tmp_path, {"model": sd, "optimizer": osd}, "entry 2 is listed twice")
+
+
+def test_nonfinite_z(run, tmp_path):
+    sd, osd = _parts()
+    osd["state"][1]["z"][0] = float("inf")
+    _refused(run, tmp_path, {"model": sd, "optimizer": osd}, "'fc1.bias' has", "--allow-nonfinite")
+
+
+def test_damaged_groups(run, tmp_path):
+    sd, osd = _parts()
+    _refused(run, tmp_path, {"model": sd, "optimizer": {"state": osd["state"], "param_groups": [{"lr": 1}]}}, "no 'params'")
+    _refused(run, tmp_path, {"model": sd, "optimizer": {"state": {9: {}}, "param_groups": osd["param_groups"]}},
+             "entry 9 belongs to no parameter group")
+
+
+# ---- outputs --------------------------------------------------------------------------------
+
+def test_interrupt_mid_write_leaves_nothing(good, tmp_path):
+    ckpt, _ = good
+    recon = sfckpt.reconstruct(sfckpt.load(ckpt))
+    calls = []
+
+    def interrupt_after_first(n):
+        calls.append(n)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    for out in (tmp_path / "x.safetensors", tmp_path / "folder"):
+        with pytest.raises(KeyboardInterrupt):
+            sfckpt.save(recon, out, progress=interrupt_after_first, max_shard_size=100 if out.suffix == "" else None)
+        calls.clear()
+        assert not (tmp_path / "x.safetensors").exists()
+        assert not list(tmp_path.rglob("*sfckpt-tmp")) and not list(tmp_path.rglob("*.safetensors"))
+
+
+def _big_checkpoint(path: Path, tensors=40, side=1024):
+    model = torch.nn.Sequential(*[torch.nn.Linear(side, side, bias=False) for _ in range(tensors)])
+    opt = trainers.OPTIMIZERS["sgd"][0](model.parameters())
+    opt.train()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p) * 1e-3
+    opt.step()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_mid_conversion_leaves_nothing(sig, tmp_path):
+    _big_checkpoint(tmp_path / "big.pt")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "x.safetensors"
+    proc = subprocess.Popen([sys.executable, "-m", "sfckpt", "convert", str(tmp_path / "big.pt"), str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(out_dir.glob("*sfckpt-tmp")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.001)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("conversion finished before the signal arrived")
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert list(out_dir.iterdir()) == []
+
+
+def test_disk_full_leaves_nothing(good, tmp_path):
+    ckpt, _ = good
+    out = tmp_path / "x.safetensors"
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (600, 600)); "
+            "from sfckpt.cli import main; main()")
+    result = subprocess.run([sys.executable, "-c", code, "convert", str(ckpt), str(out)], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert "writing" in result.stderr and "failed" in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_destination(good, run):
+    ckpt, _ = good
+    result = run("convert", ckpt, "/proc/x.safetensors")
+    assert result.exit_code == 2 and result.stderr.startswith("error: ")
+
+
+def test_inputs_are_never_modified(good, run, tmp_path):
+    ckpt, weights = good
+    before = ckpt.read_bytes(), weights.read_bytes()
+    for args in (["inspect", ckpt, "--scan"], ["convert", ckpt, tmp_path / "x.safetensors"], ["diff", ckpt],
+                 ["check", weights, "--ckpt", ckpt]):
+        run(*args)
+    assert (ckpt.read_bytes(), weights.read_bytes()) == before
+
+
+def test_sharded_output_is_deterministic(good, run, tmp_path):
+    ckpt, _ = good
+    for name in ("a", "b"):
+        assert run("convert", ckpt, tmp_path / name, "--max-shard-size", "120B").exit_code == 0
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert len(files) > 2
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
+# ---- properties -----------------------------------------------------------------------------
+
+def _bits(t):
+    return t.view({torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[t.dtype])
+
+
+@settings(max_examples=int(os.environ.get("SFCKPT_PROPERTY_EXAMPLES", "40")), deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=0, max_size=3),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    beta=st.floats(0.01, 0.999),
+    seed=st.integers(0, 2**16),
+)
+def test_property_reconstruction_is_eval(shape, dtype, beta, seed, tmp_path_factory):
+    import schedulefree
+
+    tmp = tmp_path_factory.mktemp("prop")
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(shape, generator=g).to(dtype)
+    z = torch.randn(shape, generator=g).to(dtype)
+    p = torch.nn.Parameter(x0.clone())
+    opt = schedulefree.SGDScheduleFree([p], momentum=beta)
+    opt.state[p]["z"] = z.clone()
+    opt.train()  # the library's own train(): p becomes y = lerp(x, z, 1 - β)
+    torch.save({"model": {"w": p.detach()}, "optimizer": opt.state_dict()}, tmp / "y.pt")
+    opt.eval()  # the library's own eval(): the reference x
+    expected = p.detach().clone()
+    got = sfckpt.reconstruct(sfckpt.load(tmp / "y.pt")).state_dict()["w"]
+    assert torch.equal(_bits(got), _bits(expected))
+    torch.save({"model": {"w": p.detach()}, "optimizer": opt.state_dict()}, tmp / "x.pt")
+    again = sfckpt.reconstruct(sfckpt.load(tmp / "x.pt")).state_dict()["w"]
+    assert torch.equal(_bits(again), _bits(expected))  # holding x already: nothing changes
