@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable
 
 from .sources import WeightSet, x_of
 from .reconstruct import Reconstruction
-from .tensors import FLOAT_DTYPES, TensorRef, format_shape
+from .tensors import FLOAT_DTYPES, TensorRef, count_nonfinite, format_shape
 
 CHUNK = 1 << 22  # elements per float64 chunk (32 MiB)
 
@@ -204,8 +204,9 @@ def check_release(released: WeightSet, recon: Reconstruction, rtol: float = 0.0,
             continue
         checked += 1
         r = rel.load()
-        if r.is_floating_point() and not bool(torch.isfinite(r).all()):
-            findings.append(Finding("nonfinite", t.name, f"{int((~torch.isfinite(r)).sum())} NaN/Inf values"))
+        bad = count_nonfinite(r)
+        if bad:
+            findings.append(Finding("nonfinite", t.name, f"{bad} NaN/Inf values"))
             continue
         x = t.compute()
         if x.dtype != r.dtype:

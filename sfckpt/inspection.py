@@ -5,6 +5,7 @@ from collections import defaultdict
 from typing import Any
 
 from .reconstruct import Reconstruction
+from .tensors import count_nonfinite
 
 REPORT_VERSION = 1
 
@@ -101,11 +102,7 @@ def describe(recon: Reconstruction, scan: bool = False) -> dict[str, Any]:
 
 def scan_nonfinite(recon: Reconstruction) -> dict[str, Any]:
     """Count NaN/Inf in y (the weights), z, and the x they give, one tensor at a time."""
-    import torch
-
-    def bad(t) -> int:
-        return int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
-
+    bad = count_nonfinite
     found: dict[str, dict[str, int]] = {}
     for out in recon.tensors:
         counts = {"weights": bad(out.ref.load())}

@@ -7,6 +7,7 @@ from typing import Callable
 from . import writer
 from .errors import InputError, OutputError
 from .reconstruct import Reconstruction
+from .tensors import count_nonfinite
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -43,12 +44,10 @@ def save(
     specs = [writer.Spec(t.name, t.dtype, t.shape) for t in recon.tensors]
 
     def produce(spec: writer.Spec):
-        import torch
-
         item = by_name[spec.name]
         x = item.compute()
-        if not allow_nonfinite and x.is_floating_point():
-            bad = int((~torch.isfinite(x)).sum())
+        if not allow_nonfinite:
+            bad = count_nonfinite(x)
             if bad:
                 source = "y or z" if item.how == "lerp" else "the checkpoint"
                 raise InputError(

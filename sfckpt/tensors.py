@@ -84,3 +84,18 @@ class TensorRef:
 
 def format_shape(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def count_nonfinite(t) -> int:
+    """NaN/Inf count of a tensor; fast when there are none (one min/max pass, no temporaries)."""
+    import torch
+
+    if not t.is_floating_point() or t.numel() == 0:
+        return 0
+    try:
+        lo, hi = torch.aminmax(t)
+        if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+            return 0
+    except RuntimeError:  # dtypes without aminmax (float8): count directly
+        pass
+    return int((~torch.isfinite(t)).sum())

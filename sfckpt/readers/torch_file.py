@@ -192,7 +192,7 @@ class _Storage:
             raise pickle.UnpicklingError(f"unsupported dtype {dtype}")
         if len(shape) != len(stride) or any(s < 0 for s in shape) or offset < 0:
             raise pickle.UnpicklingError("tensor with an invalid shape or stride")
-        if shape and all(shape):
+        if all(shape):  # a view with elements (scalars included)
             # The highest element the view touches must lie inside the storage.
             last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
             storage_elems = self.archive.storage_nbytes(self.key) // DTYPES[dtype][0]
