@@ -7,7 +7,8 @@ from typing import Any, Mapping
 
 from . import layout as layout_mod
 from .errors import InputError
-from .readers import load_torch, sniff
+from .readers import hf_trainer, load_torch, sniff
+from .readers.dcp_folder import DcpFolder, is_dcp_folder
 from .tensors import TensorRef
 
 
@@ -26,6 +27,8 @@ class Checkpoint:
     skipped: dict[str, str] = field(default_factory=dict)
     unloaded_classes: list[str] = field(default_factory=list)
     top_level_keys: list[str] = field(default_factory=list)
+    param_order: list[str] | None = None  # optimizer order known from the container (Hugging Face Trainer)
+    ties_visible: bool = True  # False where tied weights are saved as separate copies (DCP)
 
 
 def load(
@@ -49,17 +52,34 @@ def load(
     """
     path = Path(path)
     kind = sniff(path)
-    if kind != "torch":
+    param_order = None
+    if kind == "folder" and hf_trainer.is_trainer_folder(path):
+        weights, unloaded = hf_trainer.read_weights(path)
+        optimizer, opt_unloaded = load_torch(path / hf_trainer.OPTIMIZER_NAME)
+        state = hf_trainer.trainer_state(path)
+        obj = {"model": weights, "optimizer": optimizer, "global_step": state.get("global_step")}
+        unloaded = sorted(set(unloaded) | set(opt_unloaded))
+        container = "huggingface-trainer"
+        if optimizer_key is None and model_key is None:
+            param_order = hf_trainer.parameter_order(path)
+    elif kind == "folder" and is_dcp_folder(path):
+        folder = DcpFolder(path)
+        obj, unloaded = folder.load_object(), folder.opaque
+        container = "torch.distributed.checkpoint"
+    elif kind == "torch":
+        obj, unloaded = load_torch(path)
+        container = None
+    else:
         raise InputError(
             f"{path}: a {kind} holds weights only, not the optimizer state that x needs",
-            "pass the training checkpoint (the torch.save file with the optimizer state)",
+            "pass the training checkpoint (a torch.save file, Lightning .ckpt, Hugging Face Trainer checkpoint-N/ "
+            "folder or torch.distributed.checkpoint folder)",
         )
-    obj, unloaded = load_torch(path)
     found = layout_mod.find(obj, model_key, optimizer_key)
     weights = layout_mod.strip_prefix(found.weights, strip_prefix) if strip_prefix else found.weights
     return Checkpoint(
         path=path,
-        container=found.container,
+        container=container or found.container,
         weights=weights,
         optimizer=found.optimizer,
         model_key=found.model_key,
@@ -69,4 +89,6 @@ def load(
         skipped=found.skipped,
         unloaded_classes=unloaded,
         top_level_keys=[str(k) for k in obj] if isinstance(obj, Mapping) else [],
+        param_order=param_order,
+        ties_visible=container != "torch.distributed.checkpoint",
     )

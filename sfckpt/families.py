@@ -26,9 +26,12 @@ class Family:
     name: str
     classes: tuple[str, ...]
     library: str = "schedulefree"
+    layout: str = "standard"  # see optimizer_state.normalize
     x_source: str = "lerp"  # "lerp" (x = y.lerp(z, 1-1/β)) or "state-x" (x kept in state)
+    x_in_float32: bool = False  # eval() promotes y and z to float32, lerps, and casts back
     beta_key: str | None = "betas"  # "betas" (first entry) or "momentum"; None: β is not saved
     mode_key: str | None = "train_mode"  # group flag: True → params hold y
+    mode_default: bool | None = None  # the flag's meaning when the key is absent
     params_without_mode: str = "x"  # what params hold when there is no mode flag: "x" or "unknown"
     z_key: str = "z"
     step_key: str = "k"
@@ -59,7 +62,7 @@ class Family:
         """'y', 'x' or 'unknown': what the model's parameters hold for this group."""
         if self.mode_key is None:
             return self.params_without_mode
-        flag = group.get(self.mode_key)
+        flag = group.get(self.mode_key, self.mode_default)
         if flag is None:
             return "unknown"
         return "y" if flag else "x"
@@ -71,14 +74,14 @@ FAMILIES: tuple[Family, ...] = (
         "sgd",
         ("SGDScheduleFree",),
         beta_key="momentum",
-        group_has=_F({"momentum", "train_mode", "weight_lr_power"}),
+        group_has=_F({"k", "momentum", "train_mode", "weight_lr_power"}),
         state_has=_F({"z"}),
         state_lacks=_F({"x", "y"}),
     ),
     Family(
         "adamw",
         ("AdamWScheduleFree", "AdamWScheduleFreePaper"),
-        group_has=_F({"betas", "train_mode", "weight_lr_power"}),
+        group_has=_F({"k", "betas", "train_mode", "weight_lr_power"}),
         group_lacks=_F({"silent_sgd_phase"}),
         state_has=_F({"z"}),
         state_lacks=_F({"x", "y"}),
@@ -87,7 +90,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "radam",
         ("RAdamScheduleFree",),
-        group_has=_F({"betas", "train_mode", "silent_sgd_phase"}),
+        group_has=_F({"k", "betas", "train_mode", "silent_sgd_phase"}),
         state_has=_F({"z"}),
         state_lacks=_F({"x", "y"}),
     ),
@@ -96,7 +99,7 @@ FAMILIES: tuple[Family, ...] = (
         ("SGDScheduleFreeClosure",),
         beta_key="momentum",
         mode_key=None,
-        group_has=_F({"momentum", "weight_lr_power"}),
+        group_has=_F({"k", "momentum", "weight_lr_power"}),
         group_lacks=_F({"train_mode"}),
         state_has=_F({"z"}),
         state_lacks=_F({"x", "y"}),
@@ -106,7 +109,7 @@ FAMILIES: tuple[Family, ...] = (
         "adamw-closure",
         ("AdamWScheduleFreeClosure",),
         mode_key=None,
-        group_has=_F({"betas", "weight_lr_power"}),
+        group_has=_F({"k", "betas", "weight_lr_power"}),
         group_lacks=_F({"train_mode", "silent_sgd_phase"}),
         state_has=_F({"z"}),
         state_lacks=_F({"x", "y"}),
@@ -116,7 +119,7 @@ FAMILIES: tuple[Family, ...] = (
         "radam-closure",
         ("RAdamScheduleFreeClosure",),
         mode_key=None,
-        group_has=_F({"betas", "silent_sgd_phase"}),
+        group_has=_F({"k", "betas", "silent_sgd_phase"}),
         group_lacks=_F({"train_mode"}),
         state_has=_F({"z"}),
         state_lacks=_F({"x", "y"}),
@@ -127,7 +130,7 @@ FAMILIES: tuple[Family, ...] = (
         ("SGDScheduleFreeReference",),
         x_source="state-x",
         beta_key="momentum",
-        group_has=_F({"momentum", "train_mode"}),
+        group_has=_F({"k", "momentum", "train_mode"}),
         state_has=_F({"z", "x", "y"}),
         note="x is stored in the optimizer state",
     ),
@@ -135,7 +138,7 @@ FAMILIES: tuple[Family, ...] = (
         "adamw-reference",
         ("AdamWScheduleFreeReference",),
         x_source="state-x",
-        group_has=_F({"betas", "train_mode"}),
+        group_has=_F({"k", "betas", "train_mode"}),
         state_has=_F({"z", "x", "y"}),
         note="x is stored in the optimizer state",
     ),
@@ -145,7 +148,7 @@ FAMILIES: tuple[Family, ...] = (
         beta_key=None,
         mode_key=None,
         params_without_mode="unknown",
-        group_has=_F({"weight_sum"}),
+        group_has=_F({"k", "weight_sum"}),
         group_lacks=_F({"train_mode", "weight_lr_power"}),
         state_has=_F({"z"}),
         state_lacks=_F({"x", "y"}),
@@ -163,6 +166,58 @@ FAMILIES: tuple[Family, ...] = (
         state_has=_F({"z", "x", "y"}),
         note="x is stored in the optimizer state; β and the mode are not saved",
     ),
+    Family(
+        "pto-sgd",
+        ("ScheduleFreeSGD",),
+        library="pytorch_optimizer",
+        beta_key="momentum",
+        step_key="step",
+        group_has=_F({"momentum", "train_mode", "step"}),
+        group_lacks=_F({"k"}),
+        state_has=_F({"z"}),
+    ),
+    Family(
+        "pto-adamw",
+        ("ScheduleFreeAdamW",),
+        library="pytorch_optimizer",
+        step_key="step",
+        group_has=_F({"betas", "train_mode", "step"}),
+        group_lacks=_F({"k", "silent_sgd_phase"}),
+        state_has=_F({"z"}),
+    ),
+    Family(
+        "pto-radam",
+        ("ScheduleFreeRAdam",),
+        library="pytorch_optimizer",
+        step_key="step",
+        group_has=_F({"betas", "train_mode", "step", "silent_sgd_phase"}),
+        group_lacks=_F({"k"}),
+        state_has=_F({"z"}),
+    ),
+    Family(
+        "pto-wrapper",
+        ("ScheduleFreeWrapper",),
+        library="pytorch_optimizer",
+        layout="pytorch_optimizer-wrapper",
+        beta_key=None,
+        step_key="step",
+        state_has=_F({"z"}),
+        note="β (the wrapper's momentum) is not saved: pass --beta; the groups' own momentum/betas belong to the "
+        "base optimizer and are not β. The mode is saved",
+    ),
+    Family(
+        "heavyball-sfadamw",
+        ("SFAdamW",),
+        library="heavyball",
+        layout="heavyball",
+        x_in_float32=True,
+        mode_default=True,
+        step_key="step_count",
+        group_has=_F({"betas"}),
+        state_has=_F({"z"}),
+        note="heavyball's eval() rounds bfloat16 parameters stochastically; for them sfckpt's x (rounded to nearest) "
+        "matches only up to that rounding. float32 parameters match bit for bit",
+    ),
 )
 
 BY_NAME = {f.name: f for f in FAMILIES}
@@ -175,10 +230,10 @@ def get(name: str) -> Family:
         raise InputError(f"unknown optimizer family '{name}'", f"choose one of: {', '.join(BY_NAME)}") from None
 
 
-def detect(groups: list[Mapping[str, Any]], state_keys: set[str]) -> Family:
+def detect(groups: list[Mapping[str, Any]], state_keys: set[str], layout: str = "standard") -> Family:
     """The family whose saved keys these are, or an InputError saying what was found."""
     group_keys = set().union(*(set(g) for g in groups)) if groups else set()
-    found = [f for f in FAMILIES if f.matches(group_keys, state_keys)]
+    found = [f for f in FAMILIES if f.layout == layout and f.matches(group_keys, state_keys)]
     if len(found) == 1:
         return found[0]
     seen = f"group keys {sorted(group_keys - {'params', 'param_names'})}, state keys {sorted(state_keys)}"

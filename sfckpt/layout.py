@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import InputError
+from .optimizer_state import is_optimizer_state
 from .tensors import TensorRef
 
 MODEL_KEYS = ("model", "state_dict", "model_state_dict", "model_state", "module", "net", "network", "weights", "params")
@@ -42,7 +43,7 @@ def is_weights(value: Any) -> bool:
 
 
 def is_optimizer(value: Any) -> bool:
-    return isinstance(value, Mapping) and "state" in value and "param_groups" in value
+    return is_optimizer_state(value)
 
 
 def _lookup(obj: Any, key: str) -> Any:

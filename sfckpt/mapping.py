@@ -45,6 +45,8 @@ def entries_of(optimizer: Mapping[str, Any]) -> list[Entry]:
         if not isinstance(params, (list, tuple)):
             raise InputError(f"optimizer param_groups[{g}] has no 'params' list", "the checkpoint is damaged")
         names = group.get("param_names")
+        if names is None and params and all(isinstance(p, str) for p in params):
+            names = params  # torch.distributed.checkpoint keys parameters by name
         if names is not None and (not isinstance(names, (list, tuple)) or len(names) != len(params)):
             raise InputError(f"optimizer param_groups[{g}] has {len(names) if isinstance(names, (list, tuple)) else 'no'} "
                              f"param_names for {len(params)} params", "the checkpoint is damaged")
@@ -93,6 +95,7 @@ def assign_names(
     weights: Mapping[str, TensorRef],
     shape_key: str,
     param_order: Sequence[str] | None = None,
+    same_dtype: bool = True,
 ) -> str:
     """Fill in `entry.name` for every entry; return how the names were found."""
     shapes = [e.shape_from(shape_key) for e in entries]
@@ -135,11 +138,11 @@ def assign_names(
                 entry.name = candidates[j]
                 j += 1
             method = "position (skipping parameters the optimizer does not hold)"
-    _verify(entries, weights, shape_key, method)
+    _verify(entries, weights, shape_key, method, same_dtype)
     return method
 
 
-def _verify(entries: list[Entry], weights: Mapping[str, TensorRef], shape_key: str, method: str) -> None:
+def _verify(entries: list[Entry], weights: Mapping[str, TensorRef], shape_key: str, method: str, same_dtype: bool) -> None:
     hint = "the optimizer state does not belong to this model (use --param-order to give the order explicitly)"
     names_seen: set[str] = set()
     for entry in entries:
@@ -159,7 +162,7 @@ def _verify(entries: list[Entry], weights: Mapping[str, TensorRef], shape_key: s
                     f"'{entry.name}' is {format_shape(param.shape)}",
                     hint,
                 )
-            if ref.dtype != param.dtype:
+            if same_dtype and ref.dtype != param.dtype:
                 raise InputError(
                     f"optimizer entry {entry.index} has {key} of dtype {ref.dtype} but parameter '{entry.name}' is {param.dtype}",
                     "optimizer.eval() could not combine them either; the checkpoint is inconsistent",

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from . import families, mapping
+from . import families, mapping, optimizer_state
 from .checkpoint import Checkpoint
 from .errors import InputError
 from .tensors import DTYPES, TensorRef
@@ -54,6 +54,7 @@ class OutputTensor:
     group: int | None = None
     out_dtype: str | None = None
     value: Any = None  # a tensor computed elsewhere (re-estimated BatchNorm statistics)
+    in_float32: bool = False  # lerp in float32 and cast back, as heavyball's eval() does
 
     @property
     def dtype(self) -> str:
@@ -73,6 +74,9 @@ class OutputTensor:
 
         if self.value is not None:
             t = self.value
+        elif self.how == "lerp" and self.in_float32:
+            y = self.ref.load()
+            t = torch.lerp(y.float(), self.z.load().float(), 1 - 1 / self.beta).to(y.dtype)
         elif self.how == "lerp":
             # Exactly what the optimizer's eval() does: p.lerp_(end=z, weight=1 - 1/β).
             t = torch.lerp(self.ref.load(), self.z.load(), 1 - 1 / self.beta)
@@ -147,6 +151,20 @@ class Reconstruction:
         return dict(self.iter_tensors())
 
 
+def _twin_by_content(ref: TensorRef, converted) -> OutputTensor | None:
+    """The converted parameter whose saved data equals `ref` bit for bit: a tied weight in a format
+    (torch.distributed.checkpoint) that saves each name separately. Reads only same-shape candidates."""
+    import torch
+
+    data = None
+    for out in converted:
+        if out.ref.shape == ref.shape and out.ref.dtype == ref.dtype:
+            data = ref.load() if data is None else data
+            if torch.equal(out.ref.load(), data):
+                return out
+    return None
+
+
 def _beta_for(family, group, g, beta_override):
     if beta_override is not None:
         return families.check_beta(beta_override, "--beta"), "--beta"
@@ -194,14 +212,18 @@ def reconstruct(
     if dtype is not None and (dtype not in DTYPES or dtype not in ("float32", "float16", "bfloat16", "float64")):
         raise InputError(f"--dtype {dtype} is not a floating dtype sfckpt writes", "use float32, bfloat16, float16 or float64")
 
-    entries = mapping.entries_of(ckpt.optimizer)
-    groups_saved = list(ckpt.optimizer["param_groups"])
+    layout, opt_state = optimizer_state.normalize(ckpt.optimizer)
+    entries = mapping.entries_of(opt_state)
+    groups_saved = list(opt_state["param_groups"])
     state_keys = set().union(*(set(e.state) for e in entries)) if entries else set()
     if optimizer is not None:
         family, family_source = families.get(optimizer), "--optimizer"
     else:
-        family, family_source = families.detect(groups_saved, state_keys), "detected"
-    method = mapping.assign_names(entries, ckpt.weights, family.z_key, param_order)
+        family, family_source = families.detect(groups_saved, state_keys, layout), "detected"
+    order = param_order if param_order is not None else ckpt.param_order
+    method = mapping.assign_names(entries, ckpt.weights, family.z_key, order, same_dtype=not family.x_in_float32)
+    if param_order is None and ckpt.param_order is not None:
+        method = "Hugging Face Trainer grouping (from config.json)"
 
     warnings: list[str] = []
     if ckpt.unloaded_classes:
@@ -256,6 +278,7 @@ def reconstruct(
                 out.how, out.x = "state-x", x
             else:
                 out.how, out.z, out.beta = "lerp", e.state[family.z_key], group_beta
+                out.in_float32 = family.x_in_float32
             by_name[e.name] = out
 
     tensors: list[OutputTensor] = []
@@ -266,7 +289,10 @@ def reconstruct(
         if out is None:
             # A tied duplicate gets the same x as the name the optimizer knows it by.
             twin = next((o for o in by_name.values() if o.ref.same_data(ref)), None)
-            out = OutputTensor(name, ref, twin.how, twin.z, twin.x, twin.beta, twin.group) if twin else OutputTensor(name, ref)
+            if twin is None and not ckpt.ties_visible and ref.is_float:
+                twin = _twin_by_content(ref, by_name.values())
+            out = OutputTensor(name, ref, twin.how, twin.z, twin.x, twin.beta, twin.group, in_float32=twin.in_float32) \
+                if twin else OutputTensor(name, ref)
         if dtype and ref.is_float:
             out.out_dtype = dtype
         tensors.append(out)

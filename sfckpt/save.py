@@ -40,6 +40,8 @@ def save(
     src = recon.checkpoint.path
     if _same_file(out, src) or out.resolve() == src.resolve():
         raise OutputError(f"{out} is the input checkpoint", "write x to a new file")
+    if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+        raise OutputError(f"{out} is inside the input folder {src}", "write x outside the checkpoint folder")
     by_name = {t.name: t for t in recon.tensors}
     specs = [writer.Spec(t.name, t.dtype, t.shape) for t in recon.tensors]
 
@@ -63,7 +65,25 @@ def save(
         if max_shard_size:
             raise OutputError("--max-shard-size needs a folder as output", f"write to {out.with_suffix('')}/ instead")
         return [writer.write_file(out, specs, produce, metadata, force, progress)]
-    return writer.write_folder(out, specs, produce, metadata, force, progress, max_shard_size)
+    written = writer.write_folder(out, specs, produce, metadata, force, progress, max_shard_size)
+    if recon.checkpoint.container == "huggingface-trainer":
+        written += _copy_release_files(src, out, force)
+    return written
+
+
+def _copy_release_files(src: Path, out: Path, force: bool) -> list[Path]:
+    """config.json, generation_config.json and tokenizer files, so `from_pretrained(out)` works."""
+    import shutil
+
+    from .readers.hf_trainer import RELEASE_FILES
+
+    copied = []
+    for name in RELEASE_FILES:
+        if (src / name).is_file():
+            with writer.atomic_path(out / name, force) as tmp:
+                shutil.copyfile(src / name, tmp)
+            copied.append(out / name)
+    return copied
 
 
 def convert(src: str | Path, out: str | Path, **options) -> list[Path]:

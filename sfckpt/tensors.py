@@ -81,6 +81,9 @@ class TensorRef:
         """The tensor, memory-mapped where the format allows it."""
         return self.loader()
 
+    def __str__(self) -> str:
+        return f"tensor({self.dtype}, shape {format_shape(self.shape)})"
+
 
 def format_shape(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ")"

@@ -32,6 +32,37 @@ OPTIMIZERS = {
 WRAPPER_BETA = 0.75
 
 
+def _pto(name, **kw):
+    def make(p):
+        import pytorch_optimizer
+
+        if name == "ScheduleFreeWrapper":
+            return pytorch_optimizer.ScheduleFreeWrapper(torch.optim.SGD(p, lr=0.1), momentum=WRAPPER_BETA)
+        return getattr(pytorch_optimizer, name)(p, **kw)
+
+    return make, False
+
+
+def _heavyball(p):
+    import heavyball
+    import heavyball.utils
+
+    heavyball.utils.compile_mode = None  # no torch.compile in tests: slow on CPU, and eval() is plain torch anyway
+    return heavyball.SFAdamW(p, lr=0.02, betas=(0.85, 0.99))
+
+
+# Other libraries' Schedule-Free optimizers (test dependencies): family name -> (constructor, closure)
+OTHER_OPTIMIZERS = {
+    "pto-sgd": _pto("ScheduleFreeSGD", lr=0.5, momentum=0.8),
+    "pto-adamw": _pto("ScheduleFreeAdamW", lr=0.02, betas=(0.85, 0.999)),
+    "pto-radam": _pto("ScheduleFreeRAdam", lr=0.02),
+    "pto-wrapper": _pto("ScheduleFreeWrapper"),
+    "heavyball-sfadamw": (_heavyball, False),
+}
+OPTIMIZERS.update(OTHER_OPTIMIZERS)
+NEEDS_BETA = ("wrapper", "wrapper-reference", "pto-wrapper")
+
+
 class MLP(nn.Module):
     def __init__(self, width: int = 16):
         super().__init__()
@@ -80,6 +111,7 @@ def train(model: nn.Module, family: str, steps: int = 4, param_groups=None, seed
     torch.manual_seed(seed)
     make, uses_closure = OPTIMIZERS[family]
     opt = make(param_groups if param_groups is not None else model.parameters())
+    opt._sfckpt_family = family
     if hasattr(opt, "train"):
         opt.train()
     model.train()
@@ -109,7 +141,15 @@ def eval_x(model: nn.Module, opt) -> dict[str, torch.Tensor]:
     Copying model and optimizer together keeps the optimizer's references
     pointing at the copied parameters.
     """
-    model2, opt2 = copy.deepcopy((model, opt))
+    family = getattr(opt, "_sfckpt_family", None)
+    if family in OTHER_OPTIMIZERS:
+        # These do not deep-copy faithfully (pytorch_optimizer's wrapper drops its settings, heavyball
+        # its compiled functions); their state_dict is complete, so rebuild and load it.
+        model2 = copy.deepcopy(model)
+        opt2 = OPTIMIZERS[family][0](model2.parameters())
+        opt2.load_state_dict(opt.state_dict())
+    else:
+        model2, opt2 = copy.deepcopy((model, opt))
     if hasattr(opt2, "eval"):
         opt2.eval()
     return {k: v.detach().clone() for k, v in model2.state_dict().items()}

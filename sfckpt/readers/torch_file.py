@@ -215,9 +215,10 @@ class _Storage:
 class TorchArchive:
     """An open `torch.save` zip file, memory-mapped for reading tensor data."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | str, data: bytes | None = None):
+        """Open `path`, or, when `data` is given, an in-memory archive that `path` only names."""
         self.path = path
-        self._file = open(path, "rb")
+        self._file = open(path, "rb") if data is None else io.BytesIO(data)
         try:
             self._zip = zipfile.ZipFile(self._file)
             names = self._zip.namelist()
@@ -282,7 +283,7 @@ class TorchArchive:
         size = info.file_size // DTYPES[dtype][0]
         if size == 0:
             return torch.empty(0, dtype=torch_dtype(dtype))
-        if info.compress_type != zipfile.ZIP_STORED:
+        if info.compress_type != zipfile.ZIP_STORED or isinstance(self._file, io.BytesIO):
             buf = bytearray(self._zip.read(info))
             return torch.frombuffer(buf, dtype=torch_dtype(dtype), count=size)
         start = self._data_offset(info)

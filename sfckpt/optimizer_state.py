@@ -1,0 +1,81 @@
+"""Bring every library's optimizer `state_dict()` into torch's standard layout.
+
+torch and most libraries save `{'state': {index: {...}}, 'param_groups': [...]}`.
+Two Schedule-Free implementations differ, and are rewritten here so that
+family detection and the parameter mapping see one shape:
+
+* pytorch_optimizer's `ScheduleFreeWrapper` saves `{'schedulefree_state':
+  {(group, position): {'z': ...}}, 'base_optimizer': {...}, 'train_mode': bool}`.
+* heavyball nests each parameter's state by view (`state[i] = {0: {...}}`)
+  and names z `update_by_schedule_free_z_<n>`.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from .errors import InputError
+
+STANDARD = "standard"
+PTO_WRAPPER = "pytorch_optimizer-wrapper"
+HEAVYBALL = "heavyball"
+
+
+def is_optimizer_state(value: Any) -> bool:
+    return isinstance(value, Mapping) and (
+        ("state" in value and "param_groups" in value)
+        or ("schedulefree_state" in value and "base_optimizer" in value)
+    )
+
+
+def normalize(optimizer: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(layout name, the state in torch's standard layout)."""
+    if "schedulefree_state" in optimizer:
+        return PTO_WRAPPER, _from_pto_wrapper(optimizer)
+    if "heavyball" in optimizer or _nested_by_view(optimizer.get("state")):
+        return HEAVYBALL, _from_heavyball(optimizer)
+    return STANDARD, dict(optimizer)
+
+
+def _from_pto_wrapper(sd: Mapping[str, Any]) -> dict[str, Any]:
+    base = sd.get("base_optimizer")
+    sf_state = sd.get("schedulefree_state")
+    if not isinstance(base, Mapping) or not isinstance(sf_state, Mapping) or not isinstance(base.get("param_groups"), list):
+        raise InputError("pytorch_optimizer ScheduleFreeWrapper state is incomplete", "the checkpoint is damaged")
+    groups = [dict(g, train_mode=sd.get("train_mode")) for g in base["param_groups"]]
+    state: dict[Any, dict] = {}
+    for key, value in sf_state.items():
+        if not (isinstance(key, tuple) and len(key) == 2):
+            raise InputError(f"pytorch_optimizer ScheduleFreeWrapper state has key {key!r}, not (group, position)",
+                             "the checkpoint is damaged")
+        g, pos = key
+        try:
+            index = groups[g]["params"][pos]
+        except (IndexError, KeyError, TypeError):
+            raise InputError(f"pytorch_optimizer ScheduleFreeWrapper state {key} names no parameter", "the checkpoint is damaged") from None
+        state[index] = dict(value)
+    return {"state": state, "param_groups": groups}
+
+
+def _nested_by_view(state: Any) -> bool:
+    return isinstance(state, Mapping) and any(
+        isinstance(s, Mapping) and s and all(isinstance(k, int) and isinstance(v, Mapping) for k, v in s.items())
+        for s in state.values()
+    )
+
+
+def _from_heavyball(sd: Mapping[str, Any]) -> dict[str, Any]:
+    state: dict[Any, dict] = {}
+    for index, views in (sd.get("state") or {}).items():
+        if not isinstance(views, Mapping):
+            raise InputError(f"heavyball state entry {index} is not a dict", "the checkpoint is damaged")
+        if len(views) != 1 or 0 not in views:
+            raise InputError(
+                f"heavyball state entry {index} is split into {len(views)} views",
+                "parameters that heavyball split or merged are not supported yet; convert with heavyball's own eval()",
+            )
+        view = dict(views[0])
+        z_keys = [k for k in view if isinstance(k, str) and "schedule_free_z" in k]
+        if len(z_keys) == 1:
+            view["z"] = view.pop(z_keys[0])
+        state[index] = view
+    return {"state": state, "param_groups": list(sd.get("param_groups") or [])}

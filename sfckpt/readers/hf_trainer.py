@@ -1,0 +1,81 @@
+"""Hugging Face Trainer `checkpoint-N/` folders.
+
+The Trainer saves the weights (`model.safetensors`, shards + index, or
+`pytorch_model.bin`) apart from the optimizer state (`optimizer.pt`), and puts
+parameters in two groups (weight decay / none) in `named_parameters()` order
+with no names. Weight files list tensors in sorted order, so the optimizer
+order must be rebuilt: we build the model from `config.json` on the meta
+device (no weights, no download) and apply the Trainer's own grouping rule.
+That needs `transformers` (the `hf` extra).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from .safetensors_file import INDEX_NAME, SINGLE_NAME, read_index, read_safetensors
+from .torch_file import TorchArchive
+
+OPTIMIZER_NAME = "optimizer.pt"
+STATE_NAME = "trainer_state.json"
+BIN_NAME = "pytorch_model.bin"
+# Files a release folder needs beside the weights (copied as they are).
+RELEASE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+    "chat_template.json", "preprocessor_config.json", "processor_config.json",
+)
+
+
+def is_trainer_folder(path: Path) -> bool:
+    return path.is_dir() and (path / OPTIMIZER_NAME).is_file() and (path / "config.json").is_file()
+
+
+def read_weights(path: Path):
+    """The folder's model weights (lazy) and the classes left unloaded."""
+    if (path / INDEX_NAME).is_file():
+        return read_index(path / INDEX_NAME)[0], []
+    if (path / SINGLE_NAME).is_file():
+        return read_safetensors(path / SINGLE_NAME)[0], []
+    if (path / BIN_NAME).is_file():
+        archive = TorchArchive(path / BIN_NAME)
+        weights = archive.load_object()
+        return dict(weights), sorted(archive.opaque)
+    raise InputError(f"{path}: no {SINGLE_NAME}, {INDEX_NAME} or {BIN_NAME}", "the checkpoint folder is incomplete")
+
+
+def trainer_state(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def parameter_order(path: Path) -> list[str]:
+    """Parameter names in the order the Trainer gave them to the optimizer."""
+    try:
+        import torch
+        import transformers
+        from transformers import Trainer
+    except ImportError:
+        raise InputError(
+            f"{path} is a Hugging Face Trainer checkpoint; matching its optimizer state to the weights needs transformers",
+            "pip install 'sfckpt[hf]' (or pass --param-order FILE)",
+        ) from None
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:
+        raise InputError(f"{path}/config.json cannot be read by transformers ({type(exc).__name__}: {exc})"[:300],
+                         "pass --param-order FILE") from None
+    archs = getattr(config, "architectures", None) or []
+    model_cls = getattr(transformers, archs[0], None) if archs else None
+    if model_cls is None:
+        raise InputError(f"{path}/config.json names architecture {archs[0] if archs else 'none'}, which transformers does not have",
+                         "pass --param-order FILE with the parameter names in optimizer order")
+    with torch.device("meta"):
+        model = model_cls._from_config(config)
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    named = [n for n, p in model.named_parameters() if p.requires_grad]
+    return [n for n in named if n in decay] + [n for n in named if n not in decay]
