@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -93,16 +94,28 @@ def _reconstruction(ckpt_path: Path, model_key, optimizer_key, strip_prefix, fam
 
 @contextlib.contextmanager
 def _progress(total_bytes: int, label: str, enabled: bool):
-    """A bytes progress bar on stderr, shown only on a terminal and when enabled; yields `update(n)`."""
+    """A progress bar on stderr (done/total, rate, ETA), shown only on a terminal and when enabled.
+
+    Yields `update(n)`. With an unknown total it says once what is happening.
+    """
     show = enabled and sys.stderr.isatty()
-    if not total_bytes:  # length unknown: say what is happening, once
+    if not total_bytes:
         if show:
             click.echo(f"{label}...", err=True)
         yield lambda n: None
         return
+    start = time.monotonic()
+    done = 0
     with click.progressbar(length=max(total_bytes, 1), label=label, file=sys.stderr, hidden=not show,
-                           show_pos=False, show_percent=True, show_eta=True) as bar:
-        yield bar.update
+                           show_pos=False, show_percent=True, show_eta=True, item_show_func=lambda rate: rate) as bar:
+
+        def update(n: int) -> None:
+            nonlocal done
+            done += n
+            elapsed = max(time.monotonic() - start, 1e-6)
+            bar.update(n, f"{done / 1e9:.2f}/{total_bytes / 1e9:.2f} GB, {done / elapsed / 1e6:.0f} MB/s")
+
+        yield update
 
 
 def _reconstruction_at(load_kw: dict, path: Path):

@@ -13,7 +13,9 @@ import ctypes
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import tempfile
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
@@ -84,13 +86,16 @@ def atomic_path(dest: Path, force: bool) -> Iterator[Path]:
     parent = dest.parent
     if not parent.is_dir():
         raise OutputError(f"{parent}: the output folder does not exist", "create it first")
+    tmp: Path | None = None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".sfckpt-tmp", dir=parent)
-    except OSError as exc:
-        raise OutputError(f"cannot write in {parent} ({exc.strerror})", "choose a folder you can write to") from None
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+        # Signals wait until `tmp` is known, so a Ctrl-C cannot leave a file nobody removes.
+        with _signals_deferred():
+            try:
+                fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".sfckpt-tmp", dir=parent)
+            except OSError as exc:
+                raise OutputError(f"cannot write in {parent} ({exc.strerror})", "choose a folder you can write to") from None
+            os.close(fd)
+            tmp = Path(tmp_name)
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         if force:
@@ -106,8 +111,23 @@ def atomic_path(dest: Path, force: bool) -> Iterator[Path]:
                 os.replace(tmp, dest)  # file systems without hard links
         _fsync_dir(parent)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        if tmp is not None:
+            with _signals_deferred():
+                tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def _signals_deferred():
+    """Hold SIGINT/SIGTERM until the block ends (they are delivered right after)."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _load_sync_file_range():

@@ -1,6 +1,7 @@
 """convert --bn-calib: BatchNorm statistics re-estimated at x, as update_bn on the model after eval()."""
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,19 +12,12 @@ import trainers
 from conftest import read, save_checkpoint
 
 MODEL_FILE = """
+import sys
+
 import torch
-from torch import nn
 
-
-class ConvBN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 6, 3, padding=1)
-        self.bn = nn.BatchNorm2d(6)
-        self.fc = nn.Linear(6, 2)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+sys.path.insert(0, {tests!r})
+from trainers import ConvBN  # the architecture the checkpoint was trained with
 
 
 def build():
@@ -50,7 +44,7 @@ def bn_setup(tmp_path):
     torch.manual_seed(5)
     data = torch.randn(40, 3, 5, 5)
     torch.save(data, tmp_path / "calib.pt")
-    (tmp_path / "model_def.py").write_text(MODEL_FILE)
+    (tmp_path / "model_def.py").write_text(MODEL_FILE.format(tests=str(Path(__file__).parent)))
     # The reference: the optimizer's own eval(), then update_bn on the same batches.
     ref_model, ref_opt = copy.deepcopy((model, opt))
     ref_opt.eval()

@@ -60,6 +60,18 @@ def assert_clean(result, out, allow_success=False):
     assert not list(out.parent.glob("*sfckpt-tmp"))
 
 
+def run_cases(run, command, cases, bad: Path, good) -> None:
+    """Write each damaged file to `bad`, run `command` on it, and require a clean answer."""
+    out = bad.parent / "out.safetensors"
+    for name, blob, may_be_valid in cases:
+        bad.write_bytes(blob)
+        try:
+            assert_clean(invoke(run, command, bad, *good, out), out, allow_success=may_be_valid)
+        except AssertionError as exc:
+            raise AssertionError(f"{command} on {name}: {exc}") from None
+        out.unlink(missing_ok=True)
+
+
 def corruptions(data: bytes, rng: random.Random, n: int):
     """(name, bytes, may_still_be_valid) cases derived from a valid file."""
     size = len(data)
@@ -80,16 +92,7 @@ def corruptions(data: bytes, rng: random.Random, n: int):
 def test_fuzz_torch_checkpoint(command, good, run, tmp_path):
     good_ckpt, good_weights = good
     rng = random.Random(f"torch-{command}")
-    out = tmp_path / "out.safetensors"
-    for name, data, may_be_valid in corruptions(good_ckpt.read_bytes(), rng, FUZZ):
-        bad = tmp_path / "bad.pt"
-        bad.write_bytes(data)
-        result = invoke(run, command, bad, good_ckpt, good_weights, out)
-        try:
-            assert_clean(result, out, allow_success=may_be_valid)
-        except AssertionError as exc:
-            raise AssertionError(f"{command} on {name}: {exc}") from None
-        out.unlink(missing_ok=True)
+    run_cases(run, command, corruptions(good_ckpt.read_bytes(), rng, FUZZ), tmp_path / "bad.pt", good)
 
 
 @pytest.mark.parametrize("command", ["diff", "check"])
@@ -98,7 +101,6 @@ def test_fuzz_safetensors(command, good, run, tmp_path):
     data = good_weights.read_bytes()
     header_len = int.from_bytes(data[:8], "little")
     rng = random.Random(f"st-{command}")
-    out = tmp_path / "never.safetensors"
     cases = list(corruptions(data, rng, FUZZ))
     for _ in range(FUZZ):  # damage inside the JSON header specifically
         pos = rng.randrange(8, 8 + header_len)
@@ -106,14 +108,7 @@ def test_fuzz_safetensors(command, good, run, tmp_path):
         broken[pos] = rng.choice(b'{}[]:,"0x\xff')
         cases.append((f"header@{pos}", bytes(broken), True))
     cases.append(("huge header length", (2**62).to_bytes(8, "little") + data[8:], False))
-    for name, blob, may_be_valid in cases:
-        bad = tmp_path / "bad.safetensors"
-        bad.write_bytes(blob)
-        result = invoke(run, command, bad, good_ckpt, good_weights, out)
-        try:
-            assert_clean(result, out, allow_success=may_be_valid)
-        except AssertionError as exc:
-            raise AssertionError(f"{command} on {name}: {exc}") from None
+    run_cases(run, command, cases, tmp_path / "bad.safetensors", good)
 
 
 def _zip_without(data: bytes, predicate) -> bytes:
