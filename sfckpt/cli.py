@@ -194,7 +194,6 @@ def convert(ckpt: Path, out: Path, dtype, max_shard_size, force, allow_nonfinite
     if bool(bn_calib) != bool(model_spec):
         raise InputError("--bn-calib and --model go together", "give both: the data, and the code that builds the model")
     recon = _reconstruction(ckpt, dtype=dtype, **load_kw)
-    _warn(recon.warnings, quiet and not as_json)
     shifts = None
     if bn_calib:
         from .batchnorm import calibrate
@@ -204,6 +203,7 @@ def convert(ckpt: Path, out: Path, dtype, max_shard_size, force, allow_nonfinite
     total = sum(t.nbytes for t in recon.tensors)
     with _progress(total, "writing x", not (quiet or as_json)) as update:
         paths = save(recon, out, force=force, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size, progress=update)
+    _warn(recon.all_warnings(), quiet)  # after success, so that a failure is one line on stderr
     summary = {
         "version": 1,
         "source": str(ckpt),
@@ -214,16 +214,10 @@ def convert(ckpt: Path, out: Path, dtype, max_shard_size, force, allow_nonfinite
         "tensors": len(recon.tensors),
         "tensors_converted": recon.n_converted,
         "bytes": total,
-        "warnings": recon.warnings,
+        "warnings": recon.all_warnings(),
     }
     if shifts is not None:
         summary["batchnorm"] = [s.as_json() for s in shifts]
-    bn = recon.batchnorm_buffers
-    if bn and recon.source_held != "x" and shifts is None:
-        summary["warnings"] = summary["warnings"] + [
-            f"{len(bn)} BatchNorm statistics buffers were copied as gathered at y; re-estimate them at x with --bn-calib DATA --model SPEC"
-        ]
-        _warn(summary["warnings"][-1:], quiet and not as_json)
     if as_json:
         _print_json(summary)
         return
@@ -234,7 +228,6 @@ def convert(ckpt: Path, out: Path, dtype, max_shard_size, force, allow_nonfinite
     if not quiet:
         what = "already held x: copied" if recon.source_held == "x" else f"{recon.n_converted} tensors converted from y to x"
         click.echo(f"wrote {', '.join(map(str, paths))} ({recon.family.name}; {what})", err=True)
-
 
 
 def _gha_escape(text: str) -> str:

@@ -34,12 +34,6 @@ def describe(recon: Reconstruction, scan: bool = False) -> dict[str, Any]:
         d["bytes"] += ref.nbytes
     fam = recon.family
     bn = recon.batchnorm_buffers
-    warnings = list(recon.warnings)
-    if bn and recon.source_held != "x":
-        warnings.append(
-            f"{len(bn)} BatchNorm statistics buffers were gathered at y, not x; re-estimate them on data "
-            "(convert --bn-calib) before trusting accuracy"
-        )
     report: dict[str, Any] = {
         "version": REPORT_VERSION,
         "path": str(ckpt.path),
@@ -95,7 +89,7 @@ def describe(recon: Reconstruction, scan: bool = False) -> dict[str, Any]:
         "skipped": ckpt.skipped,
         "unloaded_classes": ckpt.unloaded_classes,
         "nonfinite": scan_nonfinite(recon) if scan else None,
-        "warnings": warnings,
+        "warnings": recon.all_warnings(),
     }
     return report
 

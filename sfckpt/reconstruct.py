@@ -116,6 +116,18 @@ class Reconstruction:
         return held.pop() if len(held) == 1 else ("mixed" if held else "x")
 
     @property
+    def batchnorm_warning(self) -> str | None:
+        """Why BatchNorm statistics need re-estimating, or None when they do not."""
+        bn = self.batchnorm_buffers
+        if not bn or self.source_held == "x" or self.bn_calibrated:
+            return None
+        return (f"{len(bn)} BatchNorm statistics buffers were gathered at y, not x; re-estimate them on data "
+                "(convert --bn-calib DATA --model SPEC) before trusting accuracy")
+
+    def all_warnings(self) -> list[str]:
+        return self.warnings + ([self.batchnorm_warning] if self.batchnorm_warning else [])
+
+    @property
     def n_converted(self) -> int:
         return sum(t.how in ("lerp", "state-x") for t in self.tensors)
 

@@ -266,3 +266,18 @@ def test_unknown_schedule_free_state_names_what_was_found(run, tmp_path):
     assert result.exit_code == 2
     assert "has a z but matches no known Schedule-Free family" in result.stderr
     assert "--optimizer" in result.stderr and "--beta" in result.stderr and "--params-are" in result.stderr
+
+
+def test_hf_folder_with_pytorch_model_bin(hf_run, run, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    ckpt, expected = hf_run()
+    folder = tmp_path / "checkpoint-3"
+    shutil.copytree(ckpt, folder)
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    assert run("convert", folder, tmp_path / "x.safetensors").exit_code == 0
+    got = read(tmp_path / "x.safetensors")
+    assert_equal_tensors(got, {k: v for k, v in expected.items() if k in got})
