@@ -16,6 +16,7 @@ from .errors import InputError
 from .tensors import TensorRef, format_shape
 
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+MAX_ALIGNMENT_CELLS = 20_000_000  # entries x candidates the shape alignment may tabulate
 
 
 @dataclass
@@ -68,12 +69,14 @@ def candidate_parameters(weights: Mapping[str, TensorRef]) -> tuple[list[str], l
     """Names that can be parameters (in order), and the names left out as buffers or tied duplicates."""
     candidates: list[str] = []
     left_out: list[str] = []
+    seen: set = set()
     for name, ref in weights.items():
-        tied = any(weights[c].same_data(ref) for c in candidates)
+        tied = ref.data_key is not None and ref.data_key in seen
         if tied or not ref.is_float or name.rsplit(".", 1)[-1] in BUFFER_SUFFIXES:
             left_out.append(name)
         else:
             candidates.append(name)
+            seen.add(ref.data_key)
     return candidates, left_out
 
 
@@ -123,6 +126,12 @@ def assign_names(
                 entry.name = name
             method = "position"
         else:
+            if len(entries) * len(candidates) > MAX_ALIGNMENT_CELLS:
+                raise InputError(
+                    f"the model has {len(candidates) - len(entries)} more parameter tensors than the optimizer has "
+                    f"entries, and {len(entries)} entries are too many to align by shape",
+                    "pass --param-order FILE with the parameter names in optimizer order",
+                )
             ways = _count_embeddings(shapes, cand_shapes)
             if ways[0][0] != 1:
                 why = "in more than one way" if ways[0][0] > 1 else "in no way"

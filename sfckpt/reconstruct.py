@@ -293,6 +293,7 @@ def reconstruct(
                 out.in_float32 = family.x_in_float32
             by_name[e.name] = out
 
+    by_data = {o.ref.data_key: o for o in by_name.values() if o.ref.data_key is not None}
     tensors: list[OutputTensor] = []
     for name, ref in ckpt.weights.items():
         if ref.dtype not in DTYPES:
@@ -300,7 +301,7 @@ def reconstruct(
         out = by_name.get(name)
         if out is None:
             # A tied duplicate gets the same x as the name the optimizer knows it by.
-            twin = next((o for o in by_name.values() if o.ref.same_data(ref)), None)
+            twin = by_data.get(ref.data_key) if ref.data_key is not None else None
             if twin is None and not ckpt.ties_visible and ref.is_float:
                 twin = _twin_by_content(ref, by_name.values())
             out = OutputTensor(name, ref, twin.how, twin.z, twin.x, twin.beta, twin.group, in_float32=twin.in_float32) \

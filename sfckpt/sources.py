@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Callable
 
 from .readers import read_weights, sniff
+from .readers.dcp_folder import is_dcp_folder
+from .readers.hf_trainer import is_trainer_folder
 from .reconstruct import Reconstruction
 from .tensors import TensorRef
 
@@ -29,13 +31,19 @@ def x_of(recon: Reconstruction) -> dict[str, TensorRef]:
     return {t.name: TensorRef(t.dtype, t.shape, t.compute, t.ref.storage_id, t.ref.view) for t in recon.tensors}
 
 
+def is_training_checkpoint(path: Path) -> bool:
+    """A torch.save file, a Hugging Face Trainer folder or a torch.distributed.checkpoint folder."""
+    kind = sniff(path)
+    return kind == "torch" or (kind == "folder" and (is_trainer_folder(path) or is_dcp_folder(path)))
+
+
 def open_weights(path: Path, make_reconstruction: Callable[[Path], Reconstruction] | None = None) -> WeightSet:
     """Released weights (safetensors, index, folder) as they are; a training checkpoint as its x.
 
     `make_reconstruction(path)` turns a training checkpoint into its plan (the
     CLI passes one that applies its options); by default, detection alone.
     """
-    if sniff(path) == "torch":
+    if is_training_checkpoint(path):
         if make_reconstruction is None:
             from .checkpoint import load
             from .reconstruct import reconstruct

@@ -68,14 +68,14 @@ class TensorRef:
     def is_float(self) -> bool:
         return self.dtype in FLOAT_DTYPES
 
+    @property
+    def data_key(self):
+        """Equal for two refs to the same bytes (a tied weight); None when unknown."""
+        return None if self.storage_id is None else (self.storage_id, self.view, self.dtype)
+
     def same_data(self, other: "TensorRef") -> bool:
         """True when both refer to the same bytes (a tied weight)."""
-        return (
-            self.storage_id is not None
-            and self.storage_id == other.storage_id
-            and self.view == other.view
-            and self.dtype == other.dtype
-        )
+        return self.data_key is not None and self.data_key == other.data_key
 
     def load(self):
         """The tensor, memory-mapped where the format allows it."""

@@ -281,3 +281,12 @@ def test_hf_folder_with_pytorch_model_bin(hf_run, run, tmp_path):
     assert run("convert", folder, tmp_path / "x.safetensors").exit_code == 0
     got = read(tmp_path / "x.safetensors")
     assert_equal_tensors(got, {k: v for k, v in expected.items() if k in got})
+
+
+def test_diff_of_a_trainer_folder_uses_its_x(hf_run, run, tmp_path):
+    ckpt, _ = hf_run()
+    assert run("convert", ckpt, tmp_path / "rel").exit_code == 0
+    same = json.loads(run("diff", tmp_path / "rel", ckpt, "--json").stdout)["summary"]
+    assert same["differ"] == 0 and same["compared"] > 0
+    gap = json.loads(run("diff", ckpt, "--json").stdout)["summary"]
+    assert gap["differ"] > 0
