@@ -86,8 +86,8 @@ class TensorDiff:
 
 
 def diff_pair(name: str, a: TensorRef | None, b: TensorRef | None) -> TensorDiff:
+    """Statistics for one name; `a` or `b` is None when the name is only on one side."""
     if a is None or b is None:
-        present = a or b
         return TensorDiff(
             name,
             "only_in_b" if a is None else "only_in_a",
@@ -95,7 +95,7 @@ def diff_pair(name: str, a: TensorRef | None, b: TensorRef | None) -> TensorDiff
             shape_b=list(b.shape) if b else None,
             dtype_a=a.dtype if a else None,
             dtype_b=b.dtype if b else None,
-        ) if present else TensorDiff(name, "missing")
+        )
     d = TensorDiff(name, "same", list(a.shape), list(b.shape), a.dtype, b.dtype)
     if a.shape != b.shape:
         d.status = "shape_differs"

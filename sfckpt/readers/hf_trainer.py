@@ -16,7 +16,6 @@ from typing import Any
 
 from ..errors import InputError
 from .safetensors_file import INDEX_NAME, SINGLE_NAME, read_index, read_safetensors
-from .torch_file import TorchArchive
 
 OPTIMIZER_NAME = "optimizer.pt"
 STATE_NAME = "trainer_state.json"
@@ -40,9 +39,12 @@ def read_weights(path: Path):
     if (path / SINGLE_NAME).is_file():
         return read_safetensors(path / SINGLE_NAME)[0], []
     if (path / BIN_NAME).is_file():
-        archive = TorchArchive(path / BIN_NAME)
-        weights = archive.load_object()
-        return dict(weights), sorted(archive.opaque)
+        from . import load_torch
+
+        weights, unloaded = load_torch(path / BIN_NAME)
+        if not isinstance(weights, dict):
+            raise InputError(f"{path / BIN_NAME} holds a {type(weights).__name__}, not a state dict", "the checkpoint folder is damaged")
+        return weights, unloaded
     raise InputError(f"{path}: no {SINGLE_NAME}, {INDEX_NAME} or {BIN_NAME}", "the checkpoint folder is incomplete")
 
 
