@@ -41,7 +41,8 @@ def load(
     """Open a training checkpoint without reading tensor data or running code from it.
 
     Args:
-        path: a file written by `torch.save` (plain dict or Lightning `.ckpt`).
+        path: a `torch.save` file (plain dict or Lightning `.ckpt`), a Hugging Face
+            Trainer `checkpoint-N/` folder, or a torch.distributed.checkpoint folder.
         model_key / optimizer_key: which entries hold the weights and the
             optimizer state, when the defaults pick the wrong ones.
         strip_prefix: remove this prefix from weight names (e.g. ``model.``).
