@@ -180,15 +180,14 @@ def _twin_by_content(ref: TensorRef, converted) -> OutputTensor | None:
 def _beta_for(family, group, g, beta_override):
     if beta_override is not None:
         return families.check_beta(beta_override, "--beta"), "--beta"
-    saved = family.beta(group)
-    if saved is None:
+    if family.beta_key is None:
         raise InputError(
             f"{family.classes[0]} does not save β: it is the wrapper's momentum= argument, and the groups' own "
             "momentum/betas belong to the base optimizer",
             "pass --beta with the momentum you gave the wrapper (its default is 0.9)",
         )
     key = f"{family.beta_key}[0]" if family.beta_key == "betas" else family.beta_key
-    return families.check_beta(saved, f"optimizer param_groups[{g}] {key}"), "saved"
+    return families.check_beta(family.beta(group), f"optimizer param_groups[{g}] {key}"), "saved"
 
 
 def reconstruct(

@@ -382,3 +382,11 @@ def test_property_reconstruction_is_eval(shape, dtype, beta, seed, tmp_path_fact
     torch.save({"model": {"w": p.detach()}, "optimizer": opt.state_dict()}, tmp / "x.pt")
     again = sfckpt.reconstruct(sfckpt.load(tmp / "x.pt")).state_dict()["w"]
     assert torch.equal(_bits(again), _bits(expected))  # holding x already: nothing changes
+
+
+def test_beta_missing_from_groups(run, tmp_path):
+    sd, osd = _parts()
+    for g in osd["param_groups"]:
+        g.pop("betas")
+    _refused(run, tmp_path, {"model": sd, "optimizer": osd}, "param_groups[0] betas[0]", "--beta",
+             extra=("--optimizer", "adamw"))
