@@ -294,10 +294,10 @@ def check(weights: tuple[Path, ...], ckpt: Path, rtol: float, atol: float, as_js
     release in another dtype is compared with x cast to that dtype.
     """
     from .compare import check_release, union
-    from .sources import open_weights
+    from .sources import released_weights
     from .tables import check_markdown, check_table
 
-    released = union(open_weights(w) for w in weights)
+    released = union(released_weights(w) for w in weights)
     recon = _reconstruction(ckpt, **load_kw)
     with _progress(sum(t.nbytes for t in recon.tensors), "checking", not as_json) as update:
         report = check_release(released, recon, rtol=rtol, atol=atol, progress=update)

@@ -31,6 +31,13 @@ def x_of(recon: Reconstruction) -> dict[str, TensorRef]:
     return {t.name: TensorRef(t.dtype, t.shape, t.compute, t.ref.storage_id, t.ref.view) for t in recon.tensors}
 
 
+def released_weights(path: Path) -> WeightSet:
+    """Weights exactly as they are on disk (safetensors, index, or a folder's model.safetensors),
+    never reconstructed: what `check` judges."""
+    tensors, metadata = read_weights(path)
+    return WeightSet(str(path), tensors, metadata=metadata)
+
+
 def is_training_checkpoint(path: Path) -> bool:
     """A torch.save file, a Hugging Face Trainer folder or a torch.distributed.checkpoint folder."""
     kind = sniff(path)
@@ -52,5 +59,4 @@ def open_weights(path: Path, make_reconstruction: Callable[[Path], Reconstructio
         else:
             recon = make_reconstruction(path)
         return WeightSet(f"x of {path}", x_of(recon), recon)
-    tensors, metadata = read_weights(path)
-    return WeightSet(str(path), tensors, metadata=metadata)
+    return released_weights(path)

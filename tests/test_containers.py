@@ -81,6 +81,7 @@ def test_hf_trainer_folder_to_release_folder(optim, hf_run, run, tmp_path):
     assert AutoTokenizer.from_pretrained(str(release)) is not None
     assert run("check", release, "--ckpt", ckpt).exit_code == 0
     assert run("check", ckpt / "model.safetensors", "--ckpt", ckpt).exit_code == 1  # the folder's own weights are y
+    assert run("check", ckpt, "--ckpt", ckpt).exit_code == 1  # WEIGHTS are judged as they are, never reconstructed
 
 
 def test_hf_checkpoint_after_evaluation_holds_x(hf_run, run, tmp_path):
