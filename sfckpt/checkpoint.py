@@ -70,9 +70,16 @@ def load(
     elif kind == "torch":
         obj, unloaded = load_torch(path)
         container = None
+    elif kind == "folder":
+        raise InputError(
+            f"{path}: a folder without optimizer state (no optimizer.pt as Hugging Face Trainer saves it, "
+            "no .metadata as torch.distributed.checkpoint saves it)",
+            "x needs the optimizer's z: pass the training checkpoint folder or file",
+        )
     else:
         raise InputError(
-            f"{path}: a {kind} holds weights only, not the optimizer state that x needs",
+            f"{path}: a {'safetensors file' if kind == 'safetensors' else 'safetensors index'} holds weights only, "
+            "not the optimizer state that x needs",
             "pass the training checkpoint (a torch.save file, Lightning .ckpt, Hugging Face Trainer checkpoint-N/ "
             "folder or torch.distributed.checkpoint folder)",
         )

@@ -29,7 +29,7 @@ RELEASE_FILES = (
 
 
 def is_trainer_folder(path: Path) -> bool:
-    return path.is_dir() and (path / OPTIMIZER_NAME).is_file() and (path / "config.json").is_file()
+    return path.is_dir() and (path / OPTIMIZER_NAME).is_file()
 
 
 def read_weights(path: Path):
@@ -66,6 +66,9 @@ def parameter_order(path: Path) -> list[str]:
             f"{path} is a Hugging Face Trainer checkpoint; matching its optimizer state to the weights needs transformers",
             "pip install 'sfckpt[hf]' (or pass --param-order FILE)",
         ) from None
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path} has optimizer.pt but no config.json to rebuild the parameter order from",
+                         "copy config.json into the folder, or pass --param-order FILE")
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:
