@@ -38,7 +38,7 @@ def is_dcp_folder(path: Path) -> bool:
     return path.is_dir() and (path / ".metadata").is_file()
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+class _MetadataUnpickler(pickle._Unpickler):  # pure Python: see torch_file._Unpickler
     def find_class(self, module: str, name: str) -> Any:
         import torch
 
@@ -63,11 +63,13 @@ def _reader_classes():
             if self._cached is None:
                 path = Path(self.path) / ".metadata"
                 try:
-                    with open(path, "rb") as f:
-                        metadata = _MetadataUnpickler(f).load()
+                    # From memory, not the file: a damaged length field then reads short instead of
+                    # making pickle allocate whatever the field claims.
+                    metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
                 except Exception as exc:
                     raise InputError(f"{path}: cannot read DCP metadata ({type(exc).__name__}: {exc})"[:300],
                                      "the folder is damaged or not a torch.distributed.checkpoint") from None
+                _validate(metadata, Path(self.path))
                 if getattr(metadata, "storage_meta", None) is None:
                     metadata.storage_meta = StorageMeta()
                 metadata.storage_meta.load_id = self.load_id
@@ -100,8 +102,6 @@ class DcpFolder:
         reader_cls, self._planner_cls = _reader_classes()
         self.reader = reader_cls(str(path))
         self.metadata = self.reader.read_metadata()
-        if not isinstance(getattr(self.metadata, "state_dict_metadata", None), dict):
-            raise InputError(f"{path}: DCP metadata lists no entries", "the folder is damaged")
 
     def _load(self, request: dict[str, Any]) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
@@ -112,10 +112,14 @@ class DcpFolder:
             with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
                 warnings.simplefilter("ignore", UserWarning)
                 dcp.load(request, storage_reader=self.reader, planner=planner, no_dist=True)
-        except InputError:
+        except (KeyboardInterrupt, SystemExit):
             raise
-        except Exception as exc:
-            raise InputError(f"{self.path}: reading {', '.join(list(request)[:2])} failed ({type(exc).__name__}: {exc})"[:400],
+        except BaseException as exc:  # DCP's CheckpointException is a BaseException wrapping the cause
+            cause = _first_failure(exc)
+            if isinstance(cause, InputError):
+                raise cause from None
+            raise InputError(f"{self.path}: reading {', '.join(list(request)[:2])} failed "
+                             f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})"[:400],
                              "a shard file is missing or damaged") from None
         return planner.loaded
 
@@ -148,6 +152,43 @@ class DcpFolder:
                 node = node.setdefault(part, {})
             node[path[-1]] = value
         return _lists(root)
+
+
+def _validate(metadata: Any, path: Path) -> None:
+    """Check the unpickled metadata has the shape DCP's own classes promise (a flipped byte may not)."""
+    import torch
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
+
+    if not isinstance(metadata, Metadata) or not isinstance(getattr(metadata, "storage_meta", None), (StorageMeta, type(None))):
+        raise InputError(f"{path}/.metadata does not hold DCP metadata", "the folder is damaged")
+    entries = getattr(metadata, "state_dict_metadata", None)
+    paths = getattr(metadata, "planner_data", None)
+    ok = isinstance(entries, dict) and isinstance(getattr(metadata, "storage_data", None), dict)
+    ok = ok and (paths is None or (isinstance(paths, dict) and all(
+        isinstance(p, tuple) and p and all(type(part) in (str, int) for part in p) for p in paths.values())))
+    for key, md in (entries or {}).items():
+        if not ok:
+            break
+        if isinstance(md, TensorStorageMetadata):
+            dtype = getattr(getattr(md, "properties", None), "dtype", None)
+            size = getattr(md, "size", None)
+            ok = isinstance(key, str) and isinstance(dtype, torch.dtype) and isinstance(size, tuple) \
+                and all(type(n) is int and n >= 0 for n in size)
+        else:
+            ok = isinstance(key, str) and isinstance(md, BytesStorageMetadata)
+    if not ok:
+        raise InputError(f"{path}/.metadata does not describe a checkpoint DCP can read", "the folder is damaged")
+
+
+def _first_failure(exc: BaseException) -> BaseException:
+    """The original exception inside DCP's CheckpointException (rank -> (exception, traceback))."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict):
+        for failure in failures.values():
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(inner, BaseException):
+                return inner
+    return exc
 
 
 def _lists(node: Any, key: Any = None) -> Any:

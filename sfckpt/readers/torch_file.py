@@ -112,7 +112,9 @@ _SAFE_BUILTINS = {
 }
 
 
-class _Unpickler(pickle.Unpickler):
+class _Unpickler(pickle._Unpickler):
+    # The pure-Python unpickler: its memo is a dict, where the C one allocates a table as large
+    # as any index the file names (a damaged LONG_BINPUT could ask for tens of GB).
     def __init__(self, data: bytes, archive: "TorchArchive"):
         super().__init__(io.BytesIO(data))
         self.archive = archive
