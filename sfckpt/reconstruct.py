@@ -220,7 +220,7 @@ def reconstruct(
         )
     if params_are not in (None, "x", "y"):
         raise InputError(f"--params-are must be 'y' or 'x', not {params_are!r}", "see `sfckpt convert --help`")
-    if dtype is not None and (dtype not in DTYPES or dtype not in ("float32", "float16", "bfloat16", "float64")):
+    if dtype is not None and dtype not in ("float32", "float16", "bfloat16", "float64"):
         raise InputError(f"--dtype {dtype} is not a floating dtype sfckpt writes", "use float32, bfloat16, float16 or float64")
 
     layout, opt_state = optimizer_state.normalize(ckpt.optimizer)
@@ -308,4 +308,5 @@ def reconstruct(
         if dtype and ref.is_float:
             out.out_dtype = dtype
         tensors.append(out)
+    warnings = list(dict.fromkeys(warnings))  # one per kind, not one per group
     return Reconstruction(ckpt, family, family_source, groups, tensors, method, len(entries), warnings)
