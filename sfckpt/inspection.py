@@ -90,8 +90,19 @@ def describe(recon: Reconstruction, scan: bool = False) -> dict[str, Any]:
         "unloaded_classes": ckpt.unloaded_classes,
         "nonfinite": scan_nonfinite(recon) if scan else None,
         "warnings": recon.all_warnings(),
+        "hints": _hints(recon),
     }
     return report
+
+
+def _hints(recon: Reconstruction) -> list[str]:
+    """Suggestions that make the output easier to use (nothing is wrong without them)."""
+    names = list(recon.checkpoint.weights)
+    first = names[0].split(".", 1)[0] + "." if names and "." in names[0] else None
+    if first and all(n.startswith(first) for n in names):
+        return [f"every tensor name starts with '{first}' (the LightningModule attribute); add --strip-prefix {first} "
+                "to write the inner model's names"]
+    return []
 
 
 def scan_nonfinite(recon: Reconstruction) -> dict[str, Any]:

@@ -65,6 +65,7 @@ def inspect_tables(r: dict[str, Any]) -> str:
                               headers=["tensor with NaN/Inf", "weights", "z", "x"]))
     if r["skipped"]:
         parts.append(tabulate(list(r["skipped"].items()), headers=["skipped entry", "why"]))
+    parts.extend(f"hint: {h}" for h in r.get("hints", []))
     return "\n\n".join(parts)
 
 

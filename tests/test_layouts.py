@@ -32,6 +32,8 @@ def test_lightning_layout_keeps_or_strips_prefix(trained, run, tmp_path):
     report = json.loads(run("inspect", ckpt, "--json").stdout)
     assert report["container"] == "lightning"
     assert report["keys"]["optimizer"] == "optimizer_states.0"
+    assert "--strip-prefix model." in report["hints"][0]
+    assert "hint: every tensor name starts with 'model.'" in run("inspect", ckpt).stdout
 
 
 def test_model_and_optimizer_keys_can_be_chosen(run, tmp_path):
