@@ -65,25 +65,13 @@ def save(
         if max_shard_size:
             raise OutputError("--max-shard-size needs a folder as output", f"write to {out.with_suffix('')}/ instead")
         return [writer.write_file(out, specs, produce, metadata, force, progress)]
-    written = writer.write_folder(out, specs, produce, metadata, force, progress, max_shard_size)
+    copies: list[Path] = []
     if recon.checkpoint.container == "huggingface-trainer":
-        written += _copy_release_files(src, out, force)
-    return written
+        # config.json, generation_config.json and tokenizer files, so `from_pretrained(out)` works
+        from .readers.hf_trainer import RELEASE_FILES
 
-
-def _copy_release_files(src: Path, out: Path, force: bool) -> list[Path]:
-    """config.json, generation_config.json and tokenizer files, so `from_pretrained(out)` works."""
-    import shutil
-
-    from .readers.hf_trainer import RELEASE_FILES
-
-    copied = []
-    for name in RELEASE_FILES:
-        if (src / name).is_file():
-            with writer.atomic_path(out / name, force) as tmp:
-                shutil.copyfile(src / name, tmp)
-            copied.append(out / name)
-    return copied
+        copies = [src / name for name in RELEASE_FILES if (src / name).is_file()]
+    return writer.write_folder(out, specs, produce, metadata, force, progress, max_shard_size, copies)
 
 
 def convert(src: str | Path, out: str | Path, **options) -> list[Path]:

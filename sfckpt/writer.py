@@ -13,6 +13,7 @@ import ctypes
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -233,8 +234,9 @@ def shard(specs: Sequence[Spec], max_bytes: int) -> list[list[Spec]]:
 
 
 def write_folder(folder: Path, specs: Iterable[Spec], produce, metadata=None, force=False, progress=None,
-                 max_shard_size: int | None = None) -> list[Path]:
-    """Write `model.safetensors`, or shards and `model.safetensors.index.json`, into `folder`."""
+                 max_shard_size: int | None = None, copies: Sequence[Path] = ()) -> list[Path]:
+    """Write `model.safetensors`, or shards and `model.safetensors.index.json`, into `folder`,
+    with `copies` (files such as config.json) beside them: all of it, or none of it."""
     specs = list(specs)
     groups = shard(specs, max_shard_size) if max_shard_size else [specs]
     if len(groups) == 1:
@@ -243,11 +245,15 @@ def write_folder(folder: Path, specs: Iterable[Spec], produce, metadata=None, fo
         names = [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{folder} exists and is not a folder", "choose a folder name for sharded output")
-    folder.mkdir(parents=True, exist_ok=True)
-    targets = [folder / n for n in names] + ([folder / INDEX_NAME] if len(groups) > 1 else [])
+    if not folder.parent.is_dir():
+        raise OutputError(f"{folder.parent}: the output folder does not exist", "create it first")
+    targets = [folder / n for n in names] + ([folder / INDEX_NAME] if len(groups) > 1 else []) \
+        + [folder / c.name for c in copies]
     for t in targets:
         if t.exists() and not force:
             raise OutputError(f"{t} already exists", "pass --force to replace it")
+    created = not folder.exists()
+    folder.mkdir(exist_ok=True)
     written: list[Path] = []
     try:
         for name, group in zip(names, groups):
@@ -260,8 +266,14 @@ def write_folder(folder: Path, specs: Iterable[Spec], produce, metadata=None, fo
             with atomic_path(folder / INDEX_NAME, force) as tmp:
                 tmp.write_text(json.dumps(index, indent=2, sort_keys=False) + "\n")
             written.append(folder / INDEX_NAME)
+        for source in copies:
+            with atomic_path(folder / source.name, force) as tmp:
+                shutil.copyfile(source, tmp)
+            written.append(folder / source.name)
     except BaseException:
         for path in written:  # a partial set of shards is worse than none
             path.unlink(missing_ok=True)
+        if created:  # and a folder made for them, left empty, says something was written
+            folder.rmdir()
         raise
     return written

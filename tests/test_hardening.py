@@ -442,3 +442,15 @@ def test_memo_index_bomb_is_harmless(run, tmp_path):
     result = subprocess.run([sys.executable, "-c", code, "inspect", str(tmp_path / "bomb.pt")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.startswith("error: no model weights"), result.stderr
+
+
+def test_failed_folder_output_leaves_no_folder(run, tmp_path):
+    sd, osd = _parts()
+    sd["fc1.bias"][0] = float("nan")
+    torch.save({"model": sd, "optimizer": osd}, tmp_path / "c.pt")
+    result = run("convert", tmp_path / "c.pt", tmp_path / "release", "--max-shard-size", "200B")
+    assert result.exit_code == 2 and "NaN/Inf" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+    result = run("convert", tmp_path / "c.pt", tmp_path / "no" / "release", "--allow-nonfinite")
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+    assert not (tmp_path / "no").exists()
