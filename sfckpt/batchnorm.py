@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import itertools
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,9 +210,7 @@ class LayerShift:
 
 
 def _shift(old, new) -> tuple[float, float | None]:
-    import torch
-
-    d = (new.double() - old.double())
+    d = new.double() - old.double()
     norm = old.double().norm().item()
     return d.abs().max().item() if d.numel() else 0.0, (d.norm().item() / norm if norm > 0 else None)
 

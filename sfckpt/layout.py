@@ -42,10 +42,6 @@ def is_weights(value: Any) -> bool:
     )
 
 
-def is_optimizer(value: Any) -> bool:
-    return is_optimizer_state(value)
-
-
 def _lookup(obj: Any, key: str) -> Any:
     """`obj[key]`, where a dotted key walks into nested dicts and lists (`optimizer_states.0`)."""
     if isinstance(obj, Mapping) and key in obj:
@@ -80,9 +76,9 @@ def find(obj: Any, model_key: str | None = None, optimizer_key: str | None = Non
     for key, value in obj.items():
         if not isinstance(key, str):
             continue
-        if is_optimizer(value):
+        if is_optimizer_state(value):
             optimizer_candidates.append(key)
-        elif isinstance(value, (list, tuple)) and value and all(is_optimizer(v) for v in value):
+        elif isinstance(value, (list, tuple)) and value and all(is_optimizer_state(v) for v in value):
             optimizer_candidates.extend(f"{key}.{i}" for i in range(len(value)))
         elif is_weights(value):
             model_candidates.append(key)
@@ -112,7 +108,7 @@ def find(obj: Any, model_key: str | None = None, optimizer_key: str | None = Non
     if optimizer_key is None and optimizer_candidates:
         optimizer_key = optimizer_candidates[0]
     optimizer = _lookup(obj, optimizer_key) if optimizer_key is not None else None
-    if optimizer is not None and not is_optimizer(optimizer):
+    if optimizer is not None and not is_optimizer_state(optimizer):
         raise InputError(
             f"entry '{optimizer_key}' is not an optimizer state_dict (no 'state' and 'param_groups')",
             "pass --optimizer-key to choose another",

@@ -6,14 +6,13 @@ computes one tensor at a time, reading only y and z (or the stored x).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from . import families, mapping, optimizer_state
 from .checkpoint import Checkpoint
 from .errors import InputError
-from .tensors import DTYPES, TensorRef
+from .tensors import DTYPES, TensorRef, nbytes_of
 
 BN_SUFFIXES = ("running_mean", "running_var")
 
@@ -66,7 +65,7 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype][0]
+        return nbytes_of(self.dtype, self.shape)
 
     def compute(self):
         """x for this tensor, in its own dtype (or --dtype), contiguous."""

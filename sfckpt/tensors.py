@@ -36,6 +36,11 @@ def itemsize(dtype: str) -> int:
     return DTYPES[dtype][0]
 
 
+def nbytes_of(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes a contiguous tensor of this dtype and shape takes (0 for dtypes sfckpt cannot write)."""
+    return math.prod(shape) * DTYPES[dtype][0] if dtype in DTYPES else 0
+
+
 def torch_dtype(name: str):
     import torch
 
@@ -62,7 +67,7 @@ class TensorRef:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * itemsize(self.dtype) if self.dtype in DTYPES else 0
+        return nbytes_of(self.dtype, self.shape)
 
     @property
     def is_float(self) -> bool:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from .errors import OutputError
-from .tensors import DTYPES
+from .tensors import DTYPES, nbytes_of
 
 # safetensors orders tensors by dtype (this rank, highest first), then name: keeps data aligned.
 _DTYPE_RANK = [
@@ -45,10 +45,7 @@ class Spec:
 
     @property
     def nbytes(self) -> int:
-        n = DTYPES[self.dtype][0]
-        for s in self.shape:
-            n *= s
-        return n
+        return nbytes_of(self.dtype, self.shape)
 
 
 def ordered(specs: Iterable[Spec]) -> list[Spec]:

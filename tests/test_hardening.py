@@ -4,7 +4,6 @@ Fast by default; set SFCKPT_FUZZ=N (e.g. 2000) for a longer fuzz run.
 """
 import io
 import os
-import pickle
 import random
 import signal
 import subprocess

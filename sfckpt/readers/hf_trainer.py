@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .safetensors_file import INDEX_NAME, SINGLE_NAME, read_index, read_safetensors
+from .safetensors_file import INDEX_NAME, SINGLE_NAME
 
 OPTIMIZER_NAME = "optimizer.pt"
 STATE_NAME = "trainer_state.json"
@@ -34,13 +34,11 @@ def is_trainer_folder(path: Path) -> bool:
 
 def read_weights(path: Path):
     """The folder's model weights (lazy) and the classes left unloaded."""
-    if (path / INDEX_NAME).is_file():
-        return read_index(path / INDEX_NAME)[0], []
-    if (path / SINGLE_NAME).is_file():
-        return read_safetensors(path / SINGLE_NAME)[0], []
-    if (path / BIN_NAME).is_file():
-        from . import load_torch
+    from . import load_torch, read_weights as read_safetensors_weights
 
+    if (path / INDEX_NAME).is_file() or (path / SINGLE_NAME).is_file():
+        return read_safetensors_weights(path)[0], []
+    if (path / BIN_NAME).is_file():
         weights, unloaded = load_torch(path / BIN_NAME)
         if not isinstance(weights, dict):
             raise InputError(f"{path / BIN_NAME} holds a {type(weights).__name__}, not a state dict", "the checkpoint folder is damaged")

@@ -160,10 +160,10 @@ class _Unpickler(pickle._Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
-        _, storage_type, key, _location, numel = pid
+        _, storage_type, key, _location, _numel = pid  # the record's size is read from the zip
         if not isinstance(storage_type, _Marker):
             raise pickle.UnpicklingError(f"unknown storage type in persistent id {pid!r:.80}")
-        return self.archive.storage(str(key), storage_type.value, int(numel))
+        return self.archive.storage(str(key), storage_type.value)
 
     def _rebuild_tensor(self, storage, offset, size, stride, *rest):
         if not isinstance(storage, _Storage):
@@ -186,8 +186,8 @@ def _rebuild_from_type_v2(func, _new_type, args, _state):
 class _Storage:
     """One `data/<key>` record of the archive."""
 
-    def __init__(self, archive: "TorchArchive", key: str, dtype: str, numel: int):
-        self.archive, self.key, self.dtype, self.numel = archive, key, dtype, numel
+    def __init__(self, archive: "TorchArchive", key: str, dtype: str):
+        self.archive, self.key, self.dtype = archive, key, dtype
 
     def tensor(self, dtype: str, offset: int, shape: tuple, stride: tuple) -> TensorRef:
         if dtype not in DTYPES:
@@ -257,13 +257,13 @@ class TorchArchive:
         self.opaque = unpickler.opaque
         return obj
 
-    def storage(self, key: str, dtype: str, numel: int) -> _Storage:
+    def storage(self, key: str, dtype: str) -> _Storage:
         if self.prefix + "data/" + key not in self._infos:
             raise InputError(
                 f"{self.path}: tensor data record 'data/{key}' is missing",
                 "the file is truncated or damaged; copy it again",
             )
-        return _Storage(self, key, dtype, numel)
+        return _Storage(self, key, dtype)
 
     def storage_nbytes(self, key: str) -> int:
         return self._infos[self.prefix + "data/" + key].file_size
