@@ -206,3 +206,12 @@ def test_docs_ci_workflow_step_runs(release, run, tmp_path):
 
 def test_fixture_diff_runs(run):
     assert run("diff", FIXTURES / "adamw_mlp.pt").exit_code == 0
+
+
+def test_check_accepts_a_release_without_the_tied_duplicate(trained, run, tmp_path):
+    ckpt, x, _ = trained("adamw", model=trainers.TiedLM())
+    save_file({k: v for k, v in x.items() if k != "head.weight"}, str(tmp_path / "hf_style.safetensors"))
+    assert run("check", tmp_path / "hf_style.safetensors", "--ckpt", ckpt).exit_code == 0
+    save_file({k: v for k, v in x.items() if k != "mid.bias"}, str(tmp_path / "missing.safetensors"))
+    result = run("check", tmp_path / "missing.safetensors", "--ckpt", ckpt)
+    assert result.exit_code == 1 and "missing from the release (first: mid.bias)" in result.stdout
