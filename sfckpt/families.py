@@ -11,6 +11,10 @@ for bit):
 * ``lerp``: ``p.lerp_(end=z, weight=1 - 1/β)`` when the group is in train
   mode (params hold y); nothing when it is in eval mode (params hold x).
 * ``state-x``: ``p.copy_(state['x'])`` (the *Reference* variants keep x).
+
+Optimizers that keep a z or a train/eval switch without being Schedule-Free
+(`LOOKALIKES`) are refused by name, so that nobody gets a confusing "unknown
+family" message, or worse, a conversion, for a checkpoint with no x in it.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ class Family:
     params_without_mode: str = "x"  # what params hold when there is no mode flag: "x" or "unknown"
     z_key: str = "z"
     step_key: str = "k"
+    switch_key: str | None = None  # group flag turning Schedule-Free on; a group with it off has no y/x split
     group_has: frozenset[str] = field(default_factory=frozenset)
     group_lacks: frozenset[str] = field(default_factory=frozenset)
     state_has: frozenset[str] = field(default_factory=frozenset)
@@ -60,6 +65,8 @@ class Family:
 
     def params_hold(self, group: Mapping[str, Any]) -> str:
         """'y', 'x' or 'unknown': what the model's parameters hold for this group."""
+        if self.switch_key is not None and group.get(self.switch_key) is False:
+            return "x"  # not Schedule-Free: eval() leaves these parameters alone
         if self.mode_key is None:
             return self.params_without_mode
         flag = group.get(self.mode_key, self.mode_default)
@@ -218,9 +225,69 @@ FAMILIES: tuple[Family, ...] = (
         note="heavyball's eval() rounds bfloat16 parameters stochastically; for them sfckpt's x (rounded to nearest) "
         "matches only up to that rounding. float32 parameters match bit for bit",
     ),
+    Family(
+        "prodigy-plus-sf",
+        ("ProdigyPlusScheduleFree",),
+        library="prodigy-plus-schedule-free",
+        switch_key="use_schedulefree",
+        group_has=_F({"use_schedulefree", "schedulefree_c", "betas", "train_mode", "k", "d0"}),
+        state_has=_F({"z"}),
+        note="eval() is p.lerp_(z, 1 - 1/betas[0]) in the parameter's dtype (no stochastic rounding there), and "
+        "schedulefree_c only changes the training-time averaging; groups with use_schedulefree=False are left as saved",
+    ),
 )
 
 BY_NAME = {f.name: f for f in FAMILIES}
+
+
+@dataclass(frozen=True)
+class Lookalike:
+    """An optimizer whose saved state resembles a Schedule-Free one but has no x to reconstruct."""
+
+    classes: tuple[str, ...]
+    library: str
+    why: str
+    layout: str = "standard"
+    group_has: frozenset[str] = field(default_factory=frozenset)
+    state_has: frozenset[str] = field(default_factory=frozenset)
+
+    def matches(self, layout: str, group_keys: set[str], state_keys: set[str]) -> bool:
+        return layout == self.layout and self.group_has <= group_keys and self.state_has <= state_keys
+
+
+LOOKALIKES: tuple[Lookalike, ...] = (
+    Lookalike(
+        ("DAdaptSGD",),
+        "pytorch_optimizer",
+        "its z is D-Adaptation's dual average; every step already moves the parameters to the averaged point, "
+        "and it has no eval() to call",
+        group_has=_F({"momentum", "growth_rate", "d"}),
+        state_has=_F({"z", "s", "x0"}),
+    ),
+    Lookalike(
+        ("FTRL",),
+        "pytorch_optimizer",
+        "its z is FTRL-Proximal's accumulator, and the parameters are the weights",
+        group_has=_F({"lambda_1", "lambda_2", "lr_power"}),
+        state_has=_F({"z", "n"}),
+    ),
+    Lookalike(
+        ("SPlus",),
+        "pytorch_optimizer",
+        "its eval() swaps in an exponential moving average (state 'ema', divided by 1 - ema_rate**step), "
+        "not Schedule-Free's lerp towards z",
+        group_has=_F({"train_mode", "ema_rate"}),
+        state_has=_F({"ema"}),
+    ),
+    Lookalike(
+        ("MSAMLaProp",),
+        "heavyball",
+        "it is Momentum-SAM: its eval() swaps the parameters with the state 'update_by_msam_z', "
+        "not Schedule-Free's lerp towards z",
+        layout="heavyball",
+        state_has=_F({"msam_z"}),
+    ),
+)
 
 
 def get(name: str) -> Family:
@@ -237,6 +304,8 @@ def detect(groups: list[Mapping[str, Any]], state_keys: set[str], layout: str = 
     if len(found) == 1:
         return found[0]
     seen = f"group keys {sorted(group_keys - {'params', 'param_names'})}, state keys {sorted(state_keys)}"
+    if not found:
+        _refuse_if_not_schedule_free(groups, group_keys, state_keys, layout)
     if not found and "z" not in state_keys:
         raise InputError(
             f"the optimizer state holds no Schedule-Free z ({seen})",
@@ -251,6 +320,24 @@ def detect(groups: list[Mapping[str, Any]], state_keys: set[str], layout: str = 
         f"the optimizer state matches several families ({', '.join(f.name for f in found)})",
         "pass --optimizer FAMILY",
     )
+
+
+def _refuse_if_not_schedule_free(groups, group_keys: set[str], state_keys: set[str], layout: str) -> None:
+    """Name the optimizer when the checkpoint is a known non-Schedule-Free one, instead of a generic refusal."""
+    for f in FAMILIES:
+        if (f.switch_key and f.layout == layout and groups and f.group_has <= group_keys
+                and not any(g.get(f.switch_key) for g in groups)):
+            raise InputError(
+                f"{f.classes[0]} ({f.library}) was run with {f.switch_key}=False: that is not Schedule-Free, "
+                "so there is no x to reconstruct",
+                "its parameters already are the trained weights: release them as saved",
+            )
+    for look in LOOKALIKES:
+        if look.matches(layout, group_keys, state_keys):
+            raise InputError(
+                f"this looks like {look.library} {', '.join(look.classes)}, which is not Schedule-Free: {look.why}",
+                "sfckpt only reconstructs Schedule-Free x; release the weights the way that optimizer's documentation says",
+            )
 
 
 def check_beta(beta: Any, where: str) -> float:

@@ -6,8 +6,12 @@ family detection and the parameter mapping see one shape:
 
 * pytorch_optimizer's `ScheduleFreeWrapper` saves `{'schedulefree_state':
   {(group, position): {'z': ...}}, 'base_optimizer': {...}, 'train_mode': bool}`.
+* heavyball's `SAMWrapper` saves `{'wrapped': <inner state>, 'ball': [...]}`;
+  the inner optimizer's state is used (SAM restores the parameters after its
+  ascent step, so between steps they hold the inner optimizer's y).
 * heavyball nests each parameter's state by view (`state[i] = {0: {...}}`)
-  and names z `update_by_schedule_free_z_<n>`.
+  and names z `update_by_schedule_free_z_<n>` (MSAMLaProp's swap buffer
+  `update_by_msam_z_<n>` becomes `msam_z`, which no family uses).
 """
 from __future__ import annotations
 
@@ -24,11 +28,21 @@ def is_optimizer_state(value: Any) -> bool:
     return isinstance(value, Mapping) and (
         ("state" in value and "param_groups" in value)
         or ("schedulefree_state" in value and "base_optimizer" in value)
+        or (set(value) == {"wrapped", "ball"} and is_optimizer_state(value["wrapped"]))
+        or (set(value) == {"optimizers"} and isinstance(value["optimizers"], list)
+            and all(is_optimizer_state(v) for v in value["optimizers"]))
     )
 
 
 def normalize(optimizer: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """(layout name, the state in torch's standard layout)."""
+    if set(optimizer) == {"wrapped", "ball"}:
+        return normalize(optimizer["wrapped"])  # heavyball SAMWrapper: parameters hold the wrapped optimizer's y between steps
+    if set(optimizer) == {"optimizers"}:
+        raise InputError(
+            "the optimizer state is heavyball SplitOpt's (one state_dict per inner optimizer), which sfckpt does not read yet",
+            "convert with the inner optimizers' own eval() in your training code",
+        )
     if "schedulefree_state" in optimizer:
         return PTO_WRAPPER, _from_pto_wrapper(optimizer)
     if "heavyball" in optimizer or _nested_by_view(optimizer.get("state")):
@@ -77,5 +91,8 @@ def _from_heavyball(sd: Mapping[str, Any]) -> dict[str, Any]:
         z_keys = [k for k in view if isinstance(k, str) and "schedule_free_z" in k]
         if len(z_keys) == 1:
             view["z"] = view.pop(z_keys[0])
+        msam_keys = [k for k in view if isinstance(k, str) and "msam_z" in k]
+        if len(msam_keys) == 1:
+            view["msam_z"] = view.pop(msam_keys[0])  # MSAMLaProp's; named so that it is refused by name, never used as z
         state[index] = view
     return {"state": state, "param_groups": list(sd.get("param_groups") or [])}

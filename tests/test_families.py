@@ -127,3 +127,134 @@ def test_pto_wrapper_needs_beta_and_reads_its_mode(trained, run, tmp_path):
 
     report = json.loads(run("inspect", ckpt, "--json", "--beta", "0.75").stdout)
     assert report["optimizer"]["library"] == "pytorch_optimizer" and report["params_hold"] == "y"
+
+
+def _prodigy_checkpoint(path, model, **kwargs):
+    """Train with the real ProdigyPlusScheduleFree; returns (checkpoint path, x from its own eval(), y)."""
+    from prodigyplus import ProdigyPlusScheduleFree
+
+    torch.manual_seed(0)
+    opt = ProdigyPlusScheduleFree(model.parameters() if "params" not in kwargs else kwargs.pop("params"),
+                                  lr=1.0, d0=1e-3, **kwargs)
+    dtype = next(model.parameters()).dtype
+    for _ in range(4):
+        opt.zero_grad()
+        model(trainers.example_input(model).to(dtype)).float().pow(2).mean().backward()
+        opt.step()
+    y = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    opt.eval()
+    return path, {k: v.detach().clone() for k, v in model.state_dict().items()}, y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("options", [
+    {},  # the defaults: betas (0.9, 0.99), schedulefree_c=0, stochastic rounding of bfloat16 during training
+    {"betas": (0.95, 0.99), "schedulefree_c": 20, "use_cautious": True, "weight_decay": 0.1, "weight_decay_by_lr": False},
+    {"eps": None, "factored": False, "stochastic_rounding": False, "use_orthograd": True},
+], ids=["defaults", "c20-cautious-wd", "atan2-orthograd"])
+def test_prodigy_options_match_eval(options, dtype, run, tmp_path):
+    """eval() lerps in the parameter's dtype whatever the training options; x must be its bits exactly."""
+    ckpt, x, y = _prodigy_checkpoint(tmp_path / "c.pt", trainers.MLP().to(dtype), **options)
+    assert any(not torch.equal(x[k], y[k]) for k in x)
+    result = run("convert", ckpt, tmp_path / "x.safetensors")
+    assert result.exit_code == 0, result.stderr
+    assert_equal_tensors(read(tmp_path / "x.safetensors"), x)
+
+
+def test_prodigy_groups_with_and_without_schedule_free(run, tmp_path):
+    """A group with use_schedulefree=False is plain Prodigy: eval() leaves it, and so does sfckpt."""
+    model = trainers.MLP()
+    groups = [{"params": model.fc1.parameters()}, {"params": model.fc2.parameters(), "use_schedulefree": False}]
+    ckpt, x, y = _prodigy_checkpoint(tmp_path / "c.pt", model, params=groups)
+    result = run("convert", ckpt, tmp_path / "x.safetensors")
+    assert result.exit_code == 0, result.stderr
+    got = read(tmp_path / "x.safetensors")
+    assert_equal_tensors(got, x)
+    assert torch.equal(got["fc2.weight"], y["fc2.weight"]) and not torch.equal(got["fc1.weight"], y["fc1.weight"])
+    import json
+
+    groups = json.loads(run("inspect", ckpt, "--json").stdout)["groups"]
+    assert [g["params_hold"] for g in groups] == ["y", "x"]
+
+
+def test_prodigy_without_schedule_free_is_refused(run, tmp_path):
+    ckpt, _, _ = _prodigy_checkpoint(tmp_path / "c.pt", trainers.MLP(), use_schedulefree=False)
+    out = tmp_path / "x.safetensors"
+    result = run("convert", ckpt, out)
+    assert result.exit_code == 2
+    assert "ProdigyPlusScheduleFree" in result.stderr and "use_schedulefree=False" in result.stderr
+    assert "not Schedule-Free" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def _train_plain(make, model, closure_needed=False):
+    torch.manual_seed(0)
+    opt = make(list(model.parameters()))
+    for _ in range(3):
+        inp = trainers.example_input(model)
+
+        def closure():
+            opt.zero_grad()
+            loss = model(inp).pow(2).mean()
+            loss.backward()
+            return loss
+
+        opt.step(closure) if closure_needed else (closure(), opt.step())
+    return opt
+
+
+def _heavyball_class(name):
+    import heavyball
+    import heavyball.utils
+
+    heavyball.utils.compile_mode = None
+    return getattr(heavyball, name)
+
+
+LOOKALIKES = {
+    "DAdaptSGD": lambda p: __import__("pytorch_optimizer").DAdaptSGD(p, lr=1.0, momentum=0.9),
+    "FTRL": lambda p: __import__("pytorch_optimizer").FTRL(p, lr=0.1),
+    "SPlus": lambda p: __import__("pytorch_optimizer").SPlus(p, lr=0.01),
+    "MSAMLaProp": lambda p: _heavyball_class("MSAMLaProp")(p, lr=0.01),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOOKALIKES))
+def test_lookalikes_are_refused_by_name(name, run, tmp_path):
+    """Optimizers with a z or a train/eval switch that are not Schedule-Free: no x, and the refusal names them."""
+    model = trainers.MLP()
+    opt = _train_plain(LOOKALIKES[name], model)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "c.pt")
+    result = run("convert", tmp_path / "c.pt", tmp_path / "x.safetensors")
+    assert result.exit_code == 2
+    assert name in result.stderr and "not Schedule-Free" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_heavyball_sam_wrapper_around_sfadamw(run, tmp_path):
+    """SAMWrapper saves {'wrapped': ..., 'ball': ...}; the wrapped SFAdamW's x is what its eval() gives."""
+    SAMWrapper, SFAdamW = _heavyball_class("SAMWrapper"), _heavyball_class("SFAdamW")
+    model = trainers.MLP()
+    opt = _train_plain(lambda p: SAMWrapper(p, SFAdamW(p, lr=0.02, betas=(0.85, 0.99))), model, closure_needed=True)
+    sd = opt.state_dict()
+    torch.save({"model": model.state_dict(), "optimizer": sd}, tmp_path / "c.pt")
+    model2 = trainers.MLP()
+    params = list(model2.parameters())
+    opt2 = SAMWrapper(params, SFAdamW(params, lr=0.02, betas=(0.85, 0.99)))
+    model2.load_state_dict(model.state_dict())
+    opt2.load_state_dict(sd)
+    opt2.eval()
+    result = run("convert", tmp_path / "c.pt", tmp_path / "x.safetensors")
+    assert result.exit_code == 0, result.stderr
+    assert_equal_tensors(read(tmp_path / "x.safetensors"), model2.state_dict())
+
+
+def test_heavyball_split_opt_is_refused_by_name(run, tmp_path):
+    SplitOpt, SFAdamW = _heavyball_class("SplitOpt"), _heavyball_class("SFAdamW")
+    model = trainers.MLP()
+    opt = _train_plain(lambda p: SplitOpt([{"params": model.fc1.parameters(), "optimizer": SFAdamW, "lr": 0.02},
+                                           {"params": model.fc2.parameters(), "optimizer": SFAdamW, "lr": 0.02}]), model)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "c.pt")
+    result = run("convert", tmp_path / "c.pt", tmp_path / "x.safetensors")
+    assert result.exit_code == 2 and "SplitOpt" in result.stderr and "Traceback" not in result.stderr

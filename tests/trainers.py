@@ -51,6 +51,13 @@ def _heavyball(p):
     return heavyball.SFAdamW(p, lr=0.02, betas=(0.85, 0.99))
 
 
+def _prodigy(p):
+    from prodigyplus import ProdigyPlusScheduleFree
+
+    # d0 well above the default so that Prodigy's step size, and with it the y/x gap, grows within four steps
+    return ProdigyPlusScheduleFree(p, lr=1.0, betas=(0.9, 0.99), d0=1e-3, schedulefree_c=8, weight_decay=0.01)
+
+
 # Other libraries' Schedule-Free optimizers (test dependencies): family name -> (constructor, closure)
 OTHER_OPTIMIZERS = {
     "pto-sgd": _pto("ScheduleFreeSGD", lr=0.5, momentum=0.8),
@@ -58,6 +65,7 @@ OTHER_OPTIMIZERS = {
     "pto-radam": _pto("ScheduleFreeRAdam", lr=0.02),
     "pto-wrapper": _pto("ScheduleFreeWrapper"),
     "heavyball-sfadamw": (_heavyball, False),
+    "prodigy-plus-sf": (_prodigy, False),
 }
 OPTIMIZERS.update(OTHER_OPTIMIZERS)
 NEEDS_BETA = ("wrapper", "wrapper-reference", "pto-wrapper")
