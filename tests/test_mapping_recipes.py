@@ -1,0 +1,282 @@
+"""Try to break the parameter mapping (issue #10) with the recipes people really train with.
+
+An optimizer's state_dict keys its state by position; sfckpt must work out which model tensor
+each entry belongs to. Every model below has many tensors of one shape, so a wrong pairing fits
+the shapes and only the real order, or the content, tells it apart. Each test trains with the
+real optimizer, saves the checkpoint the way the public code does, converts it with the CLI and
+compares with the optimizer's own eval() (never hand-written numbers). Two contracts:
+
+- `assert_converts`: exit 0 and every tensor bit-identical to eval()'s x. Used where the issue
+  says the setup must convert, and where the file determines x because the interchangeable
+  tensors started from different random initialisations (content tells them apart); those are
+  marked "content decides".
+- `assert_exact_or_refused`: exit 0 with the exact x, or exit 2 with one `error:` line and
+  nothing written. Never exit 0 with a wrong tensor.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+
+import pytest
+import schedulefree
+import torch
+from torch import nn
+
+import recipes
+from conftest import assert_equal_tensors, read
+from recipes import HeadBackbone, Net, Stack, eval_x, fit, lin, snapshot
+
+
+# ---- contracts ---------------------------------------------------------------------------------
+
+def assert_converts(result, out, expected, tied=()):
+    """Exit 0 and every tensor equal to eval()'s x; only tied duplicates may be left out."""
+    assert result.exit_code == 0, f"refused a checkpoint that determines x: {result.stderr}"
+    got = read(out)
+    missing = set(expected) - set(got)
+    assert missing <= set(tied), f"tensors missing from the output: {sorted(missing - set(tied))}"
+    assert_equal_tensors(got, {k: v for k, v in expected.items() if k in got})
+
+
+def assert_exact_or_refused(result, out, expected, tied=()):
+    """Either the exact x (exit 0) or a clean refusal: exit 2, one `error:` line, no output."""
+    if result.exit_code == 2:
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        assert not Path(out).exists(), "a refusal must write nothing"
+        return "refused"
+    assert_converts(result, out, expected, tied)
+    return "converted"
+
+
+def assert_trained(expected, y, names):
+    """Guard on the test itself: these tensors really differ between y and x."""
+    moved = recipes.changed(expected, y)
+    assert set(names) <= moved, f"eval() did not move {sorted(set(names) - moved)}: the test would prove nothing"
+
+
+def save_and_convert(run, tmp_path, obj, *args, out_name="x.safetensors"):
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save(obj, ckpt)
+    out = tmp_path / out_name
+    return run("convert", ckpt, out, *args), out
+
+
+def params_of(*modules):
+    return [p for m in modules for p in m.parameters()]
+
+
+def sfadamw(groups, **kw):
+    kw.setdefault("lr", 0.02)
+    kw.setdefault("betas", (0.9, 0.999))
+    return schedulefree.AdamWScheduleFree(groups, **kw)
+
+
+# ---- 1. parameter groups in an order other than the model's ---------------------------------------
+
+def _head_first(model):
+    return [{"params": model.head.parameters(), "lr": 0.01}, {"params": model.backbone.parameters()}]
+
+
+def _sorted_by_name(model):
+    return [p for _, p in sorted(model.named_parameters())]  # 'layers.10' < 'layers.2'
+
+
+def _reversed(model):
+    return reversed(list(model.parameters()))
+
+
+GROUP_ORDERS = {
+    # fine-tuning recipes: a new head with its own lr listed first
+    "head-first": (HeadBackbone, _head_first),
+    # BEiT/ELECTRA layer-wise lr decay over identical blocks, deepest first
+    "layerwise-lr-decay": (lambda: Stack(4), recipes.layerwise_lr_decay_groups),
+    # parameters collected from a name-sorted dict (a 12-layer stack: layers.10 before layers.2);
+    # bias-free like LLaMA, so every position fits the shapes, and with biases (bias sorts before weight)
+    "sorted-by-name": (lambda: Stack(12, bias=False), _sorted_by_name),
+    "sorted-by-name-biased": (lambda: Stack(12), _sorted_by_name),
+    "reversed": (lambda: Stack(3, bias=False), _reversed),
+    "reversed-biased": (lambda: Stack(3), _reversed),
+}
+
+
+@pytest.mark.parametrize("recipe", GROUP_ORDERS)
+def test_groups_out_of_model_order(recipe, run, tmp_path):
+    """Optimizer groups/params handed over in head-first, LLRD, name-sorted or reversed order (fine-tuning scripts)."""
+    make_model, groups = GROUP_ORDERS[recipe]
+    torch.manual_seed(0)
+    model = make_model()
+    opt = fit(model, sfadamw(groups(model)))
+    y, expected = snapshot(model), eval_x(model, opt)
+    assert_trained(expected, y, expected)
+    result, out = save_and_convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    # content decides: every same-shape tensor started from its own random initialisation
+    assert_converts(result, out, expected)
+
+
+def test_heavyball_groups_reversed(run, tmp_path):
+    """heavyball SFAdamW with the head's group before the backbone's (fine-tuning with heavyball)."""
+    torch.manual_seed(0)
+    model = HeadBackbone()
+
+    def build(m):
+        import heavyball
+        import heavyball.utils
+
+        heavyball.utils.compile_mode = None  # as trainers._heavyball: no torch.compile in tests
+
+        return heavyball.SFAdamW([{"params": list(m.head.parameters())}, {"params": list(m.backbone.parameters())}],
+                                 lr=0.02, betas=(0.85, 0.99))
+
+    opt = fit(model, build(model))
+    y, expected = snapshot(model), eval_x(model, opt, rebuild=build)
+    assert_trained(expected, y, expected)
+    result, out = save_and_convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    assert_converts(result, out, expected)  # content decides
+
+
+def _lightning_fit(module, tmp_path, epochs=1):
+    """A real lightning.Trainer on CPU with ModelCheckpoint(save_last=True); 3 batches per epoch."""
+    L = pytest.importorskip("lightning")
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(12, recipes.W)), batch_size=4)
+    trainer = L.Trainer(max_epochs=epochs, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True)],
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                        default_root_dir=tmp_path, num_sanity_val_steps=0)
+    trainer.fit(module, data)
+    return trainer, tmp_path / "ckpts" / "last.ckpt"
+
+
+def test_lightning_configure_optimizers_head_first(run, tmp_path):
+    """A LightningModule whose configure_optimizers lists the head's group before the backbone's."""
+    L = pytest.importorskip("lightning")
+
+    class FineTune(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = HeadBackbone()
+
+        def training_step(self, batch, _):
+            return self.model(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return sfadamw(_head_first(self.model))
+
+        def on_train_epoch_start(self):
+            self.optimizers().optimizer.train()
+
+    torch.manual_seed(0)
+    module = FineTune()
+    trainer, ckpt = _lightning_fit(module, tmp_path)
+    y, expected = snapshot(module.model), eval_x(module.model, trainer.optimizers[0])
+    assert_trained(expected, y, expected)
+    out = tmp_path / "x.safetensors"
+    result = run("convert", ckpt, out, "--strip-prefix", "model.")
+    assert_converts(result, out, expected)  # content decides
+
+
+# ---- 2. progressive unfreezing --------------------------------------------------------------------
+
+def test_progressive_unfreezing_add_param_group(run, tmp_path):
+    """ULMFiT-style gradual unfreezing: train the head, then opt.add_param_group(backbone) and go on."""
+    torch.manual_seed(0)
+    model = HeadBackbone()
+    model.backbone.requires_grad_(False)
+    opt = fit(model, sfadamw(model.head.parameters()), steps=2)
+    model.backbone.requires_grad_(True)
+    opt.add_param_group({"params": model.backbone.parameters(), "lr": 0.005})
+    opt.train()  # the new group starts with train_mode=False; the library wants train() again
+    fit(model, opt, steps=3, seed=1)
+    y, expected = snapshot(model), eval_x(model, opt)
+    assert_trained(expected, y, expected)
+    result, out = save_and_convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    assert_converts(result, out, expected)  # content decides
+
+
+# ---- 3. groups without state -----------------------------------------------------------------------
+
+class MultiTask(nn.Module):
+    """A shared encoder and three task heads; only task1 is trained so far (curriculum / multi-task)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = lin()
+        self.task1 = lin()
+        self.task2 = lin()
+        self.task3 = lin()
+
+    def forward(self, x):
+        return self.task1(torch.tanh(self.encoder(x)))
+
+
+@pytest.mark.parametrize("order", [("encoder", "task2", "task1", "task3"), ("task2", "encoder", "task1")],
+                         ids=["between-and-after", "first"])
+def test_group_without_state_between_trained_groups(order, run, tmp_path):
+    """One group per task, some heads not used yet (no gradient, no state) listed between/after trained ones."""
+    torch.manual_seed(0)
+    model = MultiTask()
+    opt = fit(model, sfadamw([{"params": getattr(model, name).parameters()} for name in order]))
+    assert sum("z" in s for s in opt.state.values()) == 4  # encoder and task1 only
+    y, expected = snapshot(model), eval_x(model, opt)
+    assert_trained(expected, y, ["encoder.weight", "encoder.bias", "task1.weight", "task1.bias"])
+    result, out = save_and_convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    assert_converts(result, out, expected)  # content decides; stateless entries keep y, which is their x
+
+
+# ---- 4. counts that coincide ------------------------------------------------------------------------
+
+class FrozenStemEncoder(nn.Module):
+    """A frozen pretrained stem before a trainable encoder."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = lin()
+        self.encoder = nn.Sequential(lin(), nn.Tanh(), lin())
+        self.stem.requires_grad_(False)
+
+    def forward(self, x):
+        return self.encoder(torch.tanh(self.stem(x)))
+
+
+def test_projector_owned_by_the_loss_with_as_many_frozen_tensors(run, tmp_path):
+    """SimCLR/BYOL-style: the loss module owns a projector the optimizer trains; the model has a frozen stem."""
+    torch.manual_seed(0)
+    model = FrozenStemEncoder()
+    projector = lin()  # lives in the loss, not in the model's state dict; same shapes as the frozen stem
+
+    def loss(m, b):
+        return projector(m(b)).pow(2).mean()
+
+    opt = fit(model, sfadamw(list(model.encoder.parameters()) + list(projector.parameters())), loss=loss)
+    y, expected = snapshot(model), eval_x(model, opt)
+    assert sum(1 for _ in model.parameters()) == sum("z" in s for s in opt.state.values())  # the counts coincide
+    assert_trained(expected, y, [k for k in expected if k.startswith("encoder.")])
+    assert recipes.changed(expected, y) == {k for k in expected if k.startswith("encoder.")}
+    result, out = save_and_convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    assert_exact_or_refused(result, out, expected)
+
+
+# ---- 5. saved param_names that name other tensors -------------------------------------------------
+
+@pytest.mark.parametrize("how", ["named_parameters", "param_names-group"])
+def test_param_names_relative_to_a_submodule(how, run, tmp_path):
+    """Optimizer built from model[2].named_parameters(): names '0.weight'… that are the model's frozen layers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(lin(), lin(), nn.Sequential(lin(), nn.Tanh(), lin()))
+    model[0].requires_grad_(False)
+    model[1].requires_grad_(False)
+    adapter = model[2]
+    if how == "named_parameters":
+        opt = sfadamw(adapter.named_parameters())  # torch >= 2.6 saves param_names
+    else:
+        names, params = zip(*adapter.named_parameters())
+        opt = sfadamw([{"params": list(params), "param_names": list(names)}])
+    fit(model, opt)
+    assert opt.state_dict()["param_groups"][0]["param_names"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    y, expected = snapshot(model), eval_x(model, opt)
+    assert recipes.changed(expected, y) == {"2.0.weight", "2.0.bias", "2.2.weight", "2.2.bias"}
+    result, out = save_and_convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    assert_exact_or_refused(result, out, expected)
