@@ -280,3 +280,184 @@ def test_param_names_relative_to_a_submodule(how, run, tmp_path):
     assert recipes.changed(expected, y) == {"2.0.weight", "2.0.bias", "2.2.weight", "2.2.bias"}
     result, out = save_and_convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
     assert_exact_or_refused(result, out, expected)
+
+
+# ---- 6. several optimizers, several models ------------------------------------------------------
+
+def test_second_optimizer_for_the_head(run, tmp_path):
+    """{"model", "optimizer", "optimizer_head"}: the backbone and the head trained by two optimizers, different β."""
+    torch.manual_seed(0)
+    model = HeadBackbone()
+    opt = sfadamw(model.backbone.parameters(), betas=(0.9, 0.999))
+    opt_head = sfadamw(model.head.parameters(), lr=0.01, betas=(0.95, 0.999))
+    torch.manual_seed(1)
+    opt.train(), opt_head.train()
+    for _ in range(4):
+        opt.zero_grad(), opt_head.zero_grad()
+        model(recipes.random_batch()).pow(2).mean().backward()
+        opt.step(), opt_head.step()
+    y, expected = snapshot(model), eval_x(model, [opt, opt_head])
+    assert_trained(expected, y, expected)
+    result, out = save_and_convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                                   "optimizer_head": opt_head.state_dict()})
+    assert_converts(result, out, expected)  # each tensor converted with the optimizer that trains it
+
+
+def _train_gan(G, D, opt_g, opt_d, steps=4):
+    """The DCGAN example's loop (least-squares loss): a D step on real and fake, then a G step."""
+    torch.manual_seed(1)
+    opt_g.train(), opt_d.train()
+    for _ in range(4):
+        real, noise = recipes.random_batch(), recipes.random_batch()
+        fake = G(noise)
+        opt_d.zero_grad()
+        ((D(real) - 1).pow(2).mean() + D(fake.detach()).pow(2).mean()).backward()
+        opt_d.step()
+        opt_g.zero_grad()
+        (D(fake) - 1).pow(2).mean().backward()
+        opt_g.step()
+
+
+def test_gan_dict_converts_every_model(run, tmp_path):
+    """{"netG", "netD", "optimizerG", "optimizerD"} (pytorch/examples dcgan-style), G and D of the same shapes."""
+    torch.manual_seed(0)
+    G, D = Net(), Net()
+    opt_g = sfadamw(G.parameters(), lr=0.02, betas=(0.5, 0.999))  # DCGAN's β1 = 0.5
+    opt_d = sfadamw(D.parameters(), lr=0.01, betas=(0.9, 0.999))
+    _train_gan(G, D, opt_g, opt_d)
+    models = {"netG": G, "netD": D}
+    y, expected = {f"{p}.{k}": v for p, m in models.items() for k, v in snapshot(m).items()}, eval_x(models, [opt_g, opt_d])
+    assert_trained(expected, y, expected)
+    obj = {"netG": G.state_dict(), "netD": D.state_dict(), "optimizerG": opt_g.state_dict(),
+           "optimizerD": opt_d.state_dict()}
+    result, out = save_and_convert(run, tmp_path, obj)
+    assert_converts(result, out, expected)  # every model, names prefixed with its key
+    assert {k.split(".")[0] for k in read(out)} == {"netG", "netD"}
+    for key, model, o in (("netG", G, opt_g), ("netD", D, opt_d)):
+        result, out = save_and_convert(run, tmp_path, obj, "--model-key", key, out_name=f"{key}.safetensors")
+        assert_converts(result, out, eval_x(model, o))  # the selected model alone, with its own names
+
+
+def test_two_towers_model_key_picks_its_own_optimizer(run, tmp_path):
+    """CLIP-style dual encoder saved as {"tower_a", "tower_b", "opt_a", "opt_b"}, converted with --model-key tower_b."""
+    torch.manual_seed(0)
+    a, b = Net(), Net()
+    opt_a = sfadamw(a.parameters(), lr=0.02, betas=(0.9, 0.999))
+    opt_b = sfadamw(b.parameters(), lr=0.01, betas=(0.95, 0.999))
+    torch.manual_seed(1)
+    opt_a.train(), opt_b.train()
+    for _ in range(4):
+        x1, x2 = recipes.random_batch(), recipes.random_batch()
+        opt_a.zero_grad(), opt_b.zero_grad()
+        ea, eb = a(x1), b(x1 + 0.1 * x2)
+        (1 - nn.functional.cosine_similarity(ea, eb)).mean().backward()
+        opt_a.step(), opt_b.step()
+    y_b, expected_b = snapshot(b), eval_x(b, opt_b)
+    assert_trained(expected_b, y_b, expected_b)
+    obj = {"tower_a": a.state_dict(), "tower_b": b.state_dict(), "opt_a": opt_a.state_dict(), "opt_b": opt_b.state_dict()}
+    result, out = save_and_convert(run, tmp_path, obj, "--model-key", "tower_b")
+    assert_converts(result, out, expected_b)  # tower_b's x: opt_b's z and β, never opt_a's
+    result, out = save_and_convert(run, tmp_path, obj, out_name="both.safetensors")
+    assert_converts(result, out, eval_x({"tower_a": a, "tower_b": b}, [opt_a, opt_b]))
+
+
+class TinyUNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(4, 4, 3, padding=1)
+        self.mid = nn.Conv2d(4, 4, 3, padding=1)
+        self.up = nn.Conv2d(4, 4, 3, padding=1)
+        self.cond = nn.Linear(4, 4)
+
+    def forward(self, x, c):
+        h = torch.tanh(self.down(x)) + self.cond(c)[:, :, None, None]
+        return self.up(torch.tanh(self.mid(h)))
+
+
+class TinyTextEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 4)
+        self.proj = nn.Linear(4, 4)
+        self.final = nn.Linear(4, 4)
+
+    def forward(self, ids):
+        return self.final(torch.tanh(self.proj(self.embed(ids)))).mean(1)
+
+
+def _train_unet_and_text_encoder():
+    torch.manual_seed(0)
+    unet, te = TinyUNet(), TinyTextEncoder()
+    opt = sfadamw(itertools.chain(unet.parameters(), te.parameters()), lr=0.01)
+    torch.manual_seed(1)
+    opt.train()
+    for _ in range(4):
+        latents, noise, ids = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.randint(0, 16, (2, 5))
+        opt.zero_grad()
+        (unet(latents + noise, te(ids)) - noise).pow(2).mean().backward()
+        opt.step()
+    models = {"unet": unet, "text_encoder": te}
+    y = {f"{p}.{k}": v for p, m in models.items() for k, v in snapshot(m).items()}
+    expected = eval_x(models, opt)
+    assert_trained(expected, y, expected)
+    return {"unet": unet.state_dict(), "text_encoder": te.state_dict(), "optimizer": opt.state_dict()}, expected
+
+
+def test_unet_and_text_encoder_one_optimizer(run, tmp_path):
+    """diffusers train_dreambooth --train_text_encoder: one optimizer over chain(unet, text_encoder) parameters."""
+    obj, expected = _train_unet_and_text_encoder()
+    result, out = save_and_convert(run, tmp_path, obj)
+    assert_converts(result, out, expected)  # both models, names prefixed with their keys
+
+
+def test_unet_and_text_encoder_model_key_selects_one(run, tmp_path):
+    """The same dreambooth checkpoint, shipping only the fine-tuned text encoder (--model-key text_encoder)."""
+    obj, expected = _train_unet_and_text_encoder()
+    result, out = save_and_convert(run, tmp_path, obj, "--model-key", "text_encoder")
+    # the shared optimizer's first entries are the U-Net's, also in this file: x is determined
+    assert_converts(result, out, {k.split(".", 1)[1]: v for k, v in expected.items() if k.startswith("text_encoder.")})
+
+
+def test_lightning_gan_manual_optimization(run, tmp_path):
+    """Lightning's GAN recipe: automatic_optimization = False, two optimizers → optimizer_states has two entries."""
+    L = pytest.importorskip("lightning")
+
+    class GAN(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.generator = Net()
+            self.discriminator = Net()
+
+        def training_step(self, batch, _):
+            opt_g, opt_d = self.optimizers()
+            real = batch[0]
+            fake = self.generator(torch.randn_like(real))
+            d_loss = (self.discriminator(real) - 1).pow(2).mean() + self.discriminator(fake.detach()).pow(2).mean()
+            opt_d.zero_grad()
+            self.manual_backward(d_loss)
+            opt_d.step()
+            g_loss = (self.discriminator(fake) - 1).pow(2).mean()
+            opt_g.zero_grad()
+            self.manual_backward(g_loss)
+            opt_g.step()
+
+        def configure_optimizers(self):
+            return [sfadamw(self.generator.parameters(), lr=0.02, betas=(0.5, 0.999)),
+                    sfadamw(self.discriminator.parameters(), lr=0.01, betas=(0.9, 0.999))]
+
+        def on_train_epoch_start(self):
+            for o in self.optimizers():
+                o.optimizer.train()
+
+    torch.manual_seed(0)
+    module = GAN()
+    trainer, ckpt = _lightning_fit(module, tmp_path)
+    models = {"generator": module.generator, "discriminator": module.discriminator}
+    y = snapshot(module)
+    expected = eval_x(models, trainer.optimizers)
+    assert_trained(expected, y, expected)
+    assert len(torch.load(ckpt, weights_only=False)["optimizer_states"]) == 2
+    out = tmp_path / "x.safetensors"
+    result = run("convert", ckpt, out)
+    assert_converts(result, out, expected)  # each half with its own optimizer
