@@ -9,10 +9,16 @@ Library API (the CLI is a thin layer over it):
 """
 __version__ = "0.1.0"
 
-from .checkpoint import Checkpoint, load
-from .errors import InputError, OutputError, SfckptError
-from .reconstruct import Reconstruction, reconstruct
-from .save import convert, save
+from . import checkpoint as _checkpoint, reconstruct as _reconstruct, save as _save
+from .checkpoint import Checkpoint
+from .errors import InputError, OutputError, SfckptError, speaks_api
+from .reconstruct import Reconstruction
+
+# The API's errors say force=True, not --force (the CLI calls the modules directly).
+load = speaks_api(_checkpoint.load)
+reconstruct = speaks_api(_reconstruct.reconstruct)
+save = speaks_api(_save.save)
+convert = speaks_api(_save.convert)
 
 __all__ = [
     "Checkpoint",

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +24,17 @@ from .errors import InputError, SfckptError
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 
 
-def _fail(message: str, hint: str | None = None) -> None:
+def error_document(message: str, hint: str | None, exit_code: int = EXIT_ERROR) -> dict[str, Any]:
+    """What --json prints on stdout when a command fails, so that machines get a document either way."""
+    return {"version": 1, "error": {"message": message, "hint": hint, "exit_code": exit_code}}
+
+
+def _fail(message: str, hint: str | None = None, as_json: bool | None = None) -> None:
+    if as_json is None:  # inside a command: its own --json decides
+        ctx = click.get_current_context(silent=True)
+        as_json = bool(ctx is not None and ctx.params.get("as_json"))
+    if as_json:
+        _print_json(error_document(message, hint))
     click.echo(f"error: {message}" + (f"; {hint}" if hint else ""), err=True)
     sys.exit(EXIT_ERROR)
 
@@ -73,15 +82,19 @@ def load_options(func: Callable) -> Callable:
         click.option(
             "--param-order",
             type=click.Path(exists=True, dir_okay=False, path_type=Path),
-            help="File with parameter names in optimizer order, one per line.",
+            help="File with parameter names in optimizer order, one per line (docs/mapping.md).",
         ),
+        click.option("--twins", type=click.Choice(["auto", "tied", "frozen"]), default="auto", show_default=True,
+                     help="Where ties are saved as copies (torch.distributed.checkpoint): untrained tensors byte-identical "
+                     "to a trained one are tied (get its x) or frozen copies (kept as saved)."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def _reconstruction(ckpt_path: Path, model_key, optimizer_key, strip_prefix, family, beta, params_are, param_order, dtype=None):
+def _reconstruction(ckpt_path: Path, model_key, optimizer_key, strip_prefix, family, beta, params_are, param_order,
+                    twins="auto", dtype=None):
     from .checkpoint import load
     from .reconstruct import reconstruct
 
@@ -89,33 +102,29 @@ def _reconstruction(ckpt_path: Path, model_key, optimizer_key, strip_prefix, fam
     if param_order is not None:
         order = [line.strip() for line in param_order.read_text().splitlines() if line.strip()]
     ckpt = load(ckpt_path, model_key=model_key, optimizer_key=optimizer_key, strip_prefix=strip_prefix)
-    return reconstruct(ckpt, optimizer=family, beta=beta, params_are=params_are, param_order=order, dtype=dtype)
+    return reconstruct(ckpt, optimizer=family, beta=beta, params_are=params_are, param_order=order, dtype=dtype,
+                       twins=twins)
 
 
 @contextlib.contextmanager
-def _progress(total_bytes: int, label: str, enabled: bool):
-    """A progress bar on stderr (done/total, rate, ETA), shown only on a terminal and when enabled.
+def _progress(total: int, label: str, enabled: bool, unit: str = "bytes"):
+    """A progress line on stderr (done/total, rate, ETA; see progress.py), only on a terminal and when enabled.
 
     Yields `update(n)`. With an unknown total it says once what is happening.
     """
+    from .progress import Progress
+
     show = enabled and sys.stderr.isatty()
-    if not total_bytes:
+    if not show or not total:
         if show:
             click.echo(f"{label}...", err=True)
         yield lambda n: None
         return
-    start = time.monotonic()
-    done = 0
-    with click.progressbar(length=max(total_bytes, 1), label=label, file=sys.stderr, hidden=not show,
-                           show_pos=False, show_percent=True, show_eta=True, item_show_func=lambda rate: rate) as bar:
-
-        def update(n: int) -> None:
-            nonlocal done
-            done += n
-            elapsed = max(time.monotonic() - start, 1e-6)
-            bar.update(n, f"{done / 1e9:.2f}/{total_bytes / 1e9:.2f} GB, {done / elapsed / 1e6:.0f} MB/s")
-
-        yield update
+    bar = Progress(label, total, unit)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
 
 
 def _reconstruction_at(load_kw: dict, path: Path):
@@ -132,7 +141,30 @@ def _warn(warnings: list[str], quiet: bool = False) -> None:
             click.echo(f"warning: {w}", err=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """click, except that usage errors are one `error:` line (and a JSON document with --json), exit 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        args = sys.argv[1:] if args is None else list(args)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `sfckpt`: the help, as with --help
+                click.echo(exc.ctx.get_help())
+                sys.exit(EXIT_OK)
+            command = exc.ctx.command_path if exc.ctx else (prog_name or "sfckpt")
+            _fail(exc.format_message().rstrip("."), f"try '{command} --help'", as_json="--json" in args)
+        except click.ClickException as exc:
+            _fail(exc.format_message().rstrip("."), None, as_json="--json" in args)
+        except click.Abort:
+            click.echo("error: interrupted; nothing was written", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+@click.group(name="sfckpt", cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sfckpt")
 def main() -> None:
     """Turn Schedule-Free training checkpoints into the weights to ship (x).
@@ -141,7 +173,7 @@ def main() -> None:
     """
 
 
-@main.command()
+@main.command(short_help="Show what a training checkpoint holds and how x would be made.")
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @load_options
 @click.option("--scan", is_flag=True, help="Also read tensor data to count NaN/Inf in y, z and x.")
@@ -164,12 +196,13 @@ def inspect(ckpt: Path, scan: bool, as_json: bool, **load_kw) -> None:
         _warn(report["warnings"])
 
 
-@main.command()
+@main.command(short_help="Reconstruct x from a checkpoint and write safetensors.")
 @click.argument("ckpt", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path())  # a str: a trailing "/" (a folder) must reach save()
 @load_options
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "float64"]), help="Cast floating tensors to this dtype after computing x.")
-@click.option("--max-shard-size", metavar="SIZE", help="Write shards of at most SIZE (e.g. 5GB) and model.safetensors.index.json into the folder OUT.")
+@click.option("--max-shard-size", metavar="SIZE", help="In the folder OUT, shards of at most SIZE (e.g. 5GB) and model.safetensors.index.json; "
+              "x smaller than SIZE stays one model.safetensors, as with Hugging Face.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--allow-nonfinite", is_flag=True, help="Write x even if it holds NaN or Inf.")
 @click.option("--bn-calib", metavar="DATA", help="Re-estimate BatchNorm statistics at x on DATA: a .pt/.safetensors/.npy "
@@ -182,12 +215,13 @@ def inspect(ckpt: Path, scan: bool, as_json: bool, **load_kw) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @handle_errors
-def convert(ckpt: Path, out: Path, dtype, max_shard_size, force, allow_nonfinite, bn_calib, model_spec, bn_batch_size,
+def convert(ckpt: Path, out: str, dtype, max_shard_size, force, allow_nonfinite, bn_calib, model_spec, bn_batch_size,
             bn_batches, device, quiet, as_json, **load_kw) -> None:
     """Reconstruct x from CKPT and write it to OUT.
 
-    OUT ending in .safetensors is one file; any other OUT is a folder with
-    model.safetensors (or shards and an index with --max-shard-size).
+    OUT ending in .safetensors is one file; OUT ending in /, an existing
+    folder or a name without a suffix is a folder with model.safetensors
+    (or, with --max-shard-size and x larger than SIZE, shards and an index).
     """
     from .save import save
 
@@ -198,7 +232,7 @@ def convert(ckpt: Path, out: Path, dtype, max_shard_size, force, allow_nonfinite
     if bn_calib:
         from .batchnorm import calibrate
 
-        with _progress(bn_batches or 0, "re-estimating BatchNorm statistics", not (quiet or as_json)) as update:
+        with _progress(bn_batches or 0, "BatchNorm statistics", not (quiet or as_json), "batches") as update:
             shifts = calibrate(recon, model_spec, bn_calib, bn_batch_size, bn_batches, device, update)
     total = sum(t.nbytes for t in recon.tensors)
     with _progress(total, "writing x", not (quiet or as_json)) as update:
@@ -209,10 +243,13 @@ def convert(ckpt: Path, out: Path, dtype, max_shard_size, force, allow_nonfinite
         "source": str(ckpt),
         "outputs": [str(p) for p in paths],
         "optimizer_family": recon.family.name,
+        "optimizers": [{"key": o.key, "family": o.family.name} for o in recon.optimizers],
         "source_params": recon.source_held,
         "beta": [g.beta for g in recon.groups],
         "tensors": len(recon.tensors),
         "tensors_converted": recon.n_converted,
+        "mapping": recon.mapping.as_json(),
+        "untrained_parameters": recon.mapping.untrained,
         "bytes": total,
         "warnings": recon.all_warnings(),
     }
@@ -221,25 +258,30 @@ def convert(ckpt: Path, out: Path, dtype, max_shard_size, force, allow_nonfinite
     if as_json:
         _print_json(summary)
         return
-    if shifts is not None:
+    if shifts is not None and not quiet:
         from .tables import bn_table
 
         click.echo(bn_table(summary["batchnorm"]))
     if not quiet:
         what = "already held x: copied" if recon.source_held == "x" else f"{recon.n_converted} tensors converted from y to x"
-        click.echo(f"wrote {', '.join(map(str, paths))} ({recon.family.name}; {what})", err=True)
+        n_untrained = len(recon.mapping.untrained)
+        if n_untrained:
+            what += f"; {n_untrained} untrained parameter{'s' if n_untrained != 1 else ''} copied as saved"
+        families_used = ", ".join(dict.fromkeys(o.family.name for o in recon.optimizers))
+        click.echo(f"wrote {', '.join(map(str, paths))} ({families_used}; {what})", err=True)
 
 
 def _gha_escape(text: str) -> str:
     return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
 
 
-@main.command()
+@main.command(short_help="Show the per-tensor gap between two weight sets (or y and x).")
 @click.argument("a", type=click.Path(path_type=Path))
 @click.argument("b", type=click.Path(path_type=Path), required=False)
 @load_options
 @click.option("--top", type=int, default=20, show_default=True, help="Rows in the table (0: all).")
-@click.option("--sort", type=click.Choice(["rel_l2", "max_abs", "mean_abs", "cosine", "name"]), default="rel_l2", show_default=True)
+@click.option("--sort", type=click.Choice(["rel_l2", "max_abs", "mean_abs", "cosine", "name"]), default="rel_l2", show_default=True,
+              help="Order of the table's rows: largest gap first, cosine smallest first, or by name.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a per-layer bar chart of rel_l2 to this PNG (needs sfckpt[plot]).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @handle_errors
@@ -278,12 +320,12 @@ def diff(a: Path, b: Path | None, top: int, sort: str, plot: Path | None, as_jso
             click.echo(f"wrote {plot}", err=True)
 
 
-@main.command()
+@main.command(short_help="CI gate: exit 0 if released weights are x, 1 if not, 2 if undecidable.")
 @click.argument("weights", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--ckpt", required=True, type=click.Path(path_type=Path), help="The training checkpoint the release was made from.")
 @load_options
-@click.option("--rtol", type=float, default=0.0, show_default=True, help="Relative tolerance (default: exact).")
-@click.option("--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance (default: exact).")
+@click.option("--rtol", type=float, default=0.0, help="Relative tolerance: pass when |released - x| <= atol + rtol·|x|.  [default: 0, exact]")
+@click.option("--atol", type=float, default=0.0, help="Absolute tolerance (see --rtol).  [default: 0, exact]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report on stdout.")
 @handle_errors
 def check(weights: tuple[Path, ...], ckpt: Path, rtol: float, atol: float, as_json: bool, **load_kw) -> None:

@@ -9,8 +9,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
-from .sources import WeightSet, x_of
+from .errors import InputError
 from .reconstruct import Reconstruction
+from .sources import WeightSet, x_of
+from .tables import counted
 from .tensors import FLOAT_DTYPES, TensorRef, count_nonfinite, format_shape
 
 CHUNK = 1 << 22  # elements per float64 chunk (32 MiB)
@@ -120,6 +122,9 @@ def module_of(name: str) -> str:
 def diff_sets(a: WeightSet, b: WeightSet, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """The per-tensor gap between two weight sets, matched by name (b is the reference)."""
     names = sorted(set(a.tensors) | set(b.tensors))
+    if not set(a.tensors) & set(b.tensors):
+        raise InputError(f"nothing to compare: {a.label} and {b.label} have no tensor name in common",
+                         "diff two weight sets of the same model (a --strip-prefix may be needed for one side)")
     rows: list[TensorDiff] = []
     for name in names:
         ra, rb = a.tensors.get(name), b.tensors.get(name)
@@ -163,7 +168,14 @@ def diff_checkpoint(recon: Reconstruction, progress=None) -> dict[str, Any]:
     path = recon.checkpoint.path
     a = WeightSet(f"weights in {path} ({recon.source_held})", dict(recon.checkpoint.weights))
     b = WeightSet(f"x of {path}", x_of(recon), recon)
-    return diff_sets(a, b, progress)
+    report = diff_sets(a, b, progress)
+    # inspect counts the tensors whose x is computed from y and z; one whose z equals y (a bias
+    # before BatchNorm gets no gradient, so z never moves from y) is converted but comes out unchanged.
+    converted = {t.name for t in recon.tensors if t.how in ("lerp", "state-x")}
+    report["summary"]["converted"] = len(converted)
+    report["summary"]["converted_but_identical"] = [r["name"] for r in report["tensors"]
+                                                    if r["status"] == "same" and r["name"] in converted]
+    return report
 
 
 # ---- check -------------------------------------------------------------------------------
@@ -180,15 +192,35 @@ class Finding:
     equals_y: bool = False
 
 
+BN_REESTIMATED = "re-estimated at x"  # the value `convert --bn-calib` writes under sfckpt_batchnorm
+
+
+def reestimated_batchnorm(released: WeightSet, recon: Reconstruction) -> set[str]:
+    """BatchNorm buffers that the release says `convert --bn-calib` re-estimated at x (so they are
+    expected to differ from the checkpoint's); empty unless its metadata says so."""
+    if (released.metadata or {}).get("sfckpt_batchnorm") != BN_REESTIMATED:
+        return set()
+    layers = {n.rsplit(".", 1)[0] if "." in n else "" for n in recon.batchnorm_buffers}
+    buffers = {f"{layer}.{b}" if layer else b for layer in layers
+               for b in ("running_mean", "running_var", "num_batches_tracked")}
+    return buffers & {t.name for t in recon.tensors}
+
+
 def check_release(released: WeightSet, recon: Reconstruction, rtol: float = 0.0, atol: float = 0.0,
                   progress=None) -> dict[str, Any]:
-    """Whether `released` is the checkpoint's x: exact (after casting x to the released dtype) or within rtol/atol."""
+    """Whether `released` is the checkpoint's x: exact (after casting x to the released dtype) or within rtol/atol.
+
+    BatchNorm statistics that the release's metadata says were re-estimated at x
+    (`convert --bn-calib`) cannot be reproduced from the checkpoint: they are
+    checked for shape and NaN/Inf only, and the verdict says so.
+    """
     import torch
 
     findings: list[Finding] = []
     cast: set[str] = set()
     checked = 0
     x_names = {t.name for t in recon.tensors}
+    bn_calibrated = reestimated_batchnorm(released, recon)
     # Storage of every x that the release does hold: a tied duplicate of one may be dropped.
     released_data = {t.ref.data_key for t in recon.tensors if t.name in released.tensors and t.ref.data_key}
     for t in recon.tensors:
@@ -207,6 +239,8 @@ def check_release(released: WeightSet, recon: Reconstruction, rtol: float = 0.0,
         bad = count_nonfinite(r)
         if bad:
             findings.append(Finding("nonfinite", t.name, f"{bad} NaN/Inf values"))
+            continue
+        if t.name in bn_calibrated:
             continue
         x = t.compute()
         if x.dtype != r.dtype:
@@ -230,38 +264,54 @@ def check_release(released: WeightSet, recon: Reconstruction, rtol: float = 0.0,
     else:
         if differs:
             worst = max(differs, key=lambda f: f.max_abs or 0)
-            messages.append(f"{len(differs)} tensors differ from x (worst: {worst.name}, max abs {worst.max_abs:.3g})"
-                            + (f"; {sum(f.equals_y for f in differs)} of them are still y" if any(f.equals_y for f in differs) else ""))
+            n_y = sum(f.equals_y for f in differs)
+            messages.append(f"{counted(len(differs), 'tensor')} {'differs' if len(differs) == 1 else 'differ'} from x "
+                            f"(worst: {worst.name}, max abs {worst.max_abs:.3g})"
+                            + (f"; {n_y} of them {'is' if n_y == 1 else 'are'} still y" if n_y else ""))
         for kind, text in (("missing", "missing from the release"), ("extra", "not in the checkpoint"),
                            ("shape", "of another shape"), ("nonfinite", "holding NaN/Inf")):
             group = [f for f in findings if f.kind == kind]
             if group:
-                messages.append(f"{len(group)} tensors {text} (first: {group[0].name})")
+                messages.append(f"{counted(len(group), 'tensor')} {text} (first: {group[0].name})")
     passed = not findings
+    notes = []
+    if cast:
+        notes.append("compared after casting x to the released dtype")
+    if bn_calibrated:
+        notes.append(f"{counted(len(bn_calibrated), 'BatchNorm statistics buffer')} re-estimated at x by "
+                     "`convert --bn-calib`, as the release's metadata says: checked for shape and NaN/Inf only; "
+                     "every other tensor compared with x")
+    if passed:
+        verdict = "these are x" + (f" ({'; '.join(notes)})" if notes else "")
+    else:
+        verdict = "; ".join(messages + ([f"{counted(len(bn_calibrated), 'BatchNorm statistics buffer')} re-estimated "
+                                         "at x (release metadata) not compared"] if bn_calibrated else []))
     return {
         "version": 1,
         "passed": passed,
-        "verdict": "these are x" + (" (compared after casting x to the released dtype)" if cast else "")
-        if passed else "; ".join(messages),
+        "verdict": verdict,
         "weights": released.label,
         "checkpoint": str(recon.checkpoint.path),
         "tensors_checked": checked,
         "cast_to_released_dtype": sorted(cast),
+        "batchnorm_reestimated": sorted(bn_calibrated),
         "tolerance": {"rtol": rtol, "atol": atol},
         "findings": [asdict(f) for f in findings],
     }
 
 
 def union(sets: Iterable[WeightSet]) -> WeightSet:
-    """Several files (say, shards passed one by one by pre-commit) as one weight set."""
-    from .errors import InputError
-
+    """Several files (say, shards passed one by one) as one weight set."""
     sets = list(sets)
+    if len(sets) == 1:
+        return sets[0]
     tensors: dict[str, TensorRef] = {}
+    metadata: dict[str, str] = {}
     for s in sets:
+        metadata.update(s.metadata or {})
         for name, ref in s.tensors.items():
             if name in tensors:
                 raise InputError(f"tensor '{name}' is in more than one of the given files (also in {s.label})",
                                  "pass each model's weights once")
             tensors[name] = ref
-    return WeightSet(", ".join(s.label for s in sets), tensors)
+    return WeightSet(", ".join(s.label for s in sets), tensors, metadata=metadata)

@@ -1,6 +1,7 @@
 """`save()`: stream a reconstruction's x into safetensors (one file, or a sharded folder)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -26,9 +27,10 @@ def save(
     max_shard_size: int | str | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[Path]:
-    """Write x. A path ending in `.safetensors` gets one file; any other path is a folder
-    holding `model.safetensors`, or shards and `model.safetensors.index.json` when
-    `max_shard_size` is given.
+    """Write x. A path ending in `.safetensors` gets one file; a path ending in `/`, an
+    existing folder or a name without a suffix is a folder holding `model.safetensors`, or
+    shards and `model.safetensors.index.json` when `max_shard_size` is given and x is larger;
+    any other name (`model.safetensor`, `out.pt`) is refused.
 
     Nothing is written if any x is non-finite (unless `allow_nonfinite`), and an
     existing output is kept unless `force`.
@@ -36,12 +38,16 @@ def save(
     Returns:
         The paths written.
     """
+    folder_named = os.fspath(out).endswith(("/", os.sep))  # Path() drops the trailing slash
     out = Path(out)
     src = recon.checkpoint.path
     if _same_file(out, src) or out.resolve() == src.resolve():
         raise OutputError(f"{out} is the input checkpoint", "write x to a new file")
     if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
         raise OutputError(f"{out} is inside the input folder {src}", "write x outside the checkpoint folder")
+    if not (folder_named or out.suffix in ("", ".safetensors") or out.is_dir()):
+        raise OutputError(f"{out}: an output name ends in .safetensors (one file) or names a folder",
+                          f"write {out.with_suffix('.safetensors')} for one file, or {out}/ for a folder")
     by_name = {t.name: t for t in recon.tensors}
     specs = [writer.Spec(t.name, t.dtype, t.shape) for t in recon.tensors]
 

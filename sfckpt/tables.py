@@ -8,6 +8,11 @@ from tabulate import tabulate
 from .tensors import format_shape
 
 
+def counted(n: int, noun: str) -> str:
+    """`1 tensor`, `2 tensors`."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -35,8 +40,15 @@ def inspect_tables(r: dict[str, Any]) -> str:
         ["optimizer family", f"{opt['family']} ({', '.join(opt['classes'])}; {opt['family_source']})"],
         ["parameters hold", r["params_hold"]],
         ["mapping", f"{r['mapping']['method']}: {r['mapping']['entries_with_z']} of {r['mapping']['optimizer_entries']} "
-                    f"optimizer entries have z; {r['mapping']['tensors_converted']} of {r['tensors']['count']} tensors change"],
+                    f"optimizer entries have z; {r['mapping']['tensors_converted']} of {r['tensors']['count']} tensors converted "
+                    "(x from y and z; `diff` shows which change)"],
     ]
+    untrained = r["mapping"].get("untrained_parameters") or []
+    if untrained:
+        shown = ", ".join(untrained[:4]) + (f", … ({len(untrained) - 4} more)" if len(untrained) > 4 else "")
+        head.append(["not trained", f"{len(untrained)} float parameters no optimizer trains, copied unchanged: {shown}"])
+    if len(r.get("optimizers", [])) > 1:
+        head.append(["optimizers", ", ".join(f"{o['key']} ({o['family']})" for o in r["optimizers"])])
     if opt["note"]:
         head.append(["note", opt["note"]])
     groups = tabulate(
@@ -54,7 +66,8 @@ def inspect_tables(r: dict[str, Any]) -> str:
     )
     parts = [tabulate(head, tablefmt="plain"), groups, dtypes]
     bn = r["batchnorm"]
-    parts.append(f"BatchNorm: {bn['layers']} layers ({len(bn['buffers'])} statistics buffers)" if bn["buffers"] else "BatchNorm: none")
+    parts.append(f"BatchNorm: {counted(bn['layers'], 'layer')} ({counted(len(bn['buffers']), 'statistics buffer')})"
+                 if bn["buffers"] else "BatchNorm: none")
     nf = r["nonfinite"]
     if nf is None:
         parts.append("NaN/Inf: not scanned (add --scan to read the data)")
@@ -95,9 +108,14 @@ def diff_table(report: dict[str, Any], top: int | None, sort: str) -> str:
     lines = [
         f"a: {s['a']}",
         f"b: {s['b']}",
-        f"{s['compared']} tensors compared: {s['differ']} differ, {s['identical']} identical; "
+        f"{counted(s['compared'], 'tensor')} compared: {s['differ']} differ, {s['identical']} identical; "
         f"total relative gap ‖a − b‖/‖b‖ = {_g(s['total_rel_l2'])}",
     ]
+    same = s.get("converted_but_identical")
+    if same:
+        lines.append(f"{len(same)} of the {s['converted']} converted tensors {'is' if len(same) == 1 else 'are'} identical: "
+                     f"z equals y there (no gradient reached it, e.g. a bias before BatchNorm), so x = y: {', '.join(same[:5])}"
+                     + (f" (+{len(same) - 5} more)" if len(same) > 5 else ""))
     for key, text in (("only_in_a", "only in a"), ("only_in_b", "only in b"), ("shape_differs", "shape differs"),
                       ("dtype_differs", "dtype differs")):
         if s[key]:

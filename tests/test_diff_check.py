@@ -61,7 +61,7 @@ def test_check_names_a_tampered_tensor(release, run, tmp_path):
     save_file(tampered, str(tmp_path / "t.safetensors"))
     result = run("check", tmp_path / "t.safetensors", "--ckpt", ckpt)
     assert result.exit_code == 1
-    assert "1 tensors differ from x (worst: conv.weight, max abs 0.5)" in result.stdout
+    assert "1 tensor differs from x (worst: conv.weight, max abs 0.5)" in result.stdout
 
 
 def test_check_missing_extra_nonfinite(release, run, tmp_path):
