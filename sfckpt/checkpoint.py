@@ -8,6 +8,7 @@ from typing import Any, Mapping
 from . import layout as layout_mod
 from .errors import InputError
 from .readers import hf_trainer, load_torch, sniff
+from .readers.accelerate_folder import is_accelerate_folder, load_object as load_accelerate_folder
 from .readers.dcp_folder import DcpFolder, is_dcp_folder
 from .tensors import TensorRef
 
@@ -67,6 +68,9 @@ def load(
         folder = DcpFolder(path)
         obj, unloaded = folder.load_object(), folder.opaque
         container = "torch.distributed.checkpoint"
+    elif kind == "folder" and is_accelerate_folder(path):
+        obj, unloaded = load_accelerate_folder(path)
+        container = "accelerate"
     elif kind == "torch":
         obj, unloaded = load_torch(path)
         container = None
