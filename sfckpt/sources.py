@@ -5,16 +5,22 @@ sharded index, a release folder, or a training checkpoint (whose x is used).
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Union
 
-from .readers import read_weights, sniff
+from .readers import LFS_POINTER, read_weights, sniff
 from .readers.accelerate_folder import is_accelerate_folder
 from .readers.dcp_folder import is_dcp_folder
+from .readers.deepspeed_folder import is_deepspeed_folder
 from .readers.hf_trainer import is_trainer_folder
+from .readers.safetensors_file import INDEX_NAME, SINGLE_NAME
 from .reconstruct import Reconstruction
 from .tensors import TensorRef
+
+PathLike = Union[str, "os.PathLike[str]"]
 
 
 @dataclass
@@ -32,26 +38,69 @@ def x_of(recon: Reconstruction) -> dict[str, TensorRef]:
     return {t.name: TensorRef(t.dtype, t.shape, t.compute, t.ref.storage_id, t.ref.view) for t in recon.tensors}
 
 
-def released_weights(path: Path) -> WeightSet:
+def _weight_files(path: Path) -> Iterator[Path]:
+    """The files a weight set is read from: the path itself, a folder's index or single file, an index's shards."""
+    index = None
+    if path.is_dir():
+        if (path / INDEX_NAME).is_file():
+            index = path / INDEX_NAME
+        elif (path / SINGLE_NAME).is_file():
+            yield path / SINGLE_NAME
+    elif path.name.endswith(".json"):
+        index = path
+    else:
+        yield path
+    if index is None:
+        return
+    yield index
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # the reader says what is wrong with the index
+    for shard in sorted(s for s in shards if isinstance(s, str)):
+        yield index.parent / shard
+
+
+def _refuse_lfs_pointers(path: Path) -> None:
+    """A Git LFS pointer anywhere in the set (a shard, a folder's model.safetensors) gets the LFS message,
+    not "truncated or damaged": a checkout without `lfs: true` is the common cause."""
+    for f in _weight_files(path):
+        try:
+            with open(f, "rb") as handle:
+                head = handle.read(len(LFS_POINTER))
+        except OSError:
+            continue  # missing or unreadable: the reader says so
+        if head == LFS_POINTER:
+            sniff(f)  # raises the LFS message, naming the file
+
+
+def released_weights(path: PathLike) -> WeightSet:
     """Weights exactly as they are on disk (safetensors, index, or a folder's model.safetensors),
     never reconstructed: what `check` judges."""
+    path = Path(path)
+    _refuse_lfs_pointers(path)
     tensors, metadata = read_weights(path)
     return WeightSet(str(path), tensors, metadata=metadata)
 
 
-def is_training_checkpoint(path: Path) -> bool:
+def is_training_checkpoint(path: PathLike) -> bool:
     """A torch.save file, a Hugging Face Trainer folder or a torch.distributed.checkpoint folder."""
+    path = Path(path)
     kind = sniff(path)
     return kind == "torch" or (kind == "folder" and (is_trainer_folder(path) or is_dcp_folder(path)
-                                                     or is_accelerate_folder(path)))
+                                                     or is_accelerate_folder(path) or is_deepspeed_folder(path)))
 
 
-def open_weights(path: Path, make_reconstruction: Callable[[Path], Reconstruction] | None = None) -> WeightSet:
+def open_weights(path: PathLike, make_reconstruction: Callable[[Path], Reconstruction] | None = None) -> WeightSet:
     """Released weights (safetensors, index, folder) as they are; a training checkpoint as its x.
 
     `make_reconstruction(path)` turns a training checkpoint into its plan (the
     CLI passes one that applies its options); by default, detection alone.
+
+    Example:
+        >>> sfckpt.compare.diff_sets(open_weights("model.safetensors"), open_weights("run/last.pt"))
     """
+    path = Path(path)
     if is_training_checkpoint(path):
         if make_reconstruction is None:
             from .checkpoint import load
