@@ -10,6 +10,7 @@ from .errors import InputError
 from .readers import hf_trainer, load_torch, sniff
 from .readers.accelerate_folder import is_accelerate_folder, load_object as load_accelerate_folder
 from .readers.dcp_folder import DcpFolder, is_dcp_folder
+from .readers.deepspeed_folder import DeepSpeedFolder, is_deepspeed_folder
 from .tensors import TensorRef
 
 
@@ -30,6 +31,8 @@ class Checkpoint:
     top_level_keys: list[str] = field(default_factory=list)
     param_order: list[str] | None = None  # optimizer order known from the container (Hugging Face Trainer)
     ties_visible: bool = True  # False where tied weights are saved as separate copies (DCP)
+    default_dtype: str | None = None  # output dtype when --dtype is not given (DeepSpeed: the module's 16-bit dtype)
+    notes: list[str] = field(default_factory=list)  # what inspect should say about the container
 
 
 def load(
@@ -55,6 +58,7 @@ def load(
     path = Path(path)
     kind = sniff(path)
     param_order = None
+    extra: dict[str, Any] = {}
     if kind == "folder" and hf_trainer.is_trainer_folder(path):
         weights, unloaded = hf_trainer.read_weights(path)
         optimizer, opt_unloaded = load_torch(path / hf_trainer.OPTIMIZER_NAME)
@@ -64,6 +68,10 @@ def load(
         container = "huggingface-trainer"
         if optimizer_key is None and model_key is None:
             param_order = hf_trainer.parameter_order(path)
+    elif kind == "folder" and is_deepspeed_folder(path):
+        folder = DeepSpeedFolder(path)
+        obj, unloaded, container = folder.load_object(), sorted(folder.opaque), "deepspeed"
+        extra = {"notes": folder.notes, "default_dtype": folder.module_dtype if folder.module_dtype != "float32" else None}
     elif kind == "folder" and is_dcp_folder(path):
         folder = DcpFolder(path)
         obj, unloaded = folder.load_object(), folder.opaque
@@ -103,4 +111,5 @@ def load(
         top_level_keys=[str(k) for k in obj] if isinstance(obj, Mapping) else [],
         param_order=param_order,
         ties_visible=container != "torch.distributed.checkpoint",
+        **extra,
     )
