@@ -117,7 +117,7 @@ def eval_x(modules, opts, rebuild=None) -> dict[str, torch.Tensor]:
 
 def changed(x: dict, y: dict) -> set[str]:
     """Names whose x differs from y: the tensors the optimizer really moved."""
-    return {k for k in x if not torch.equal(x[k], y[k])}
+    return {k for k in x if k in y and not torch.equal(x[k], y[k])}
 
 
 def tied_names(module: nn.Module) -> set[str]:

@@ -461,3 +461,105 @@ def test_lightning_gan_manual_optimization(run, tmp_path):
     out = tmp_path / "x.safetensors"
     result = run("convert", ckpt, out)
     assert_converts(result, out, expected)  # each half with its own optimizer
+
+
+# ---- 7. weight-decay grouping: the groups interleave, each in model order -------------------------
+
+WEIGHT_DECAY_RECIPES = {
+    "nanogpt-gpt2": ("gpt2", recipes.nanogpt_groups),
+    "timm-llama": ("llama", recipes.timm_param_groups_weight_decay),
+    "torchvision-resnet": ("resnet", recipes.torchvision_set_weight_decay),
+    "torchvision-vit": ("vit", recipes.torchvision_set_weight_decay),
+    "hf-trainer-rule-bert": ("bert", recipes.hf_trainer_groups),
+    "hf-trainer-rule-t5": ("t5", recipes.hf_trainer_groups),
+}
+
+
+def _trained_names(model, opt):
+    has_z = {id(p) for p, s in opt.state.items() if "z" in s}
+    return [n for n, p in model.named_parameters() if id(p) in has_z]
+
+
+@pytest.mark.parametrize("recipe", WEIGHT_DECAY_RECIPES)
+def test_weight_decay_grouping(recipe, run, tmp_path):
+    """nanoGPT / timm / torchvision / HF-Trainer decay-vs-no-decay groups on tiny transformers models, torch.save'd."""
+    pytest.importorskip("transformers")
+    kind, rule = WEIGHT_DECAY_RECIPES[recipe]
+    model, loss, batch = recipes.tiny_hf(kind)
+    groups = rule(model)
+    if recipe.startswith("torchvision"):
+        assert len(groups) == 3  # other / norm / bias
+    opt = fit(model, sfadamw(groups, lr=0.01), loss=loss, batch=batch)
+    y, expected = snapshot(model), eval_x(model, opt)
+    trained = _trained_names(model, opt)
+    assert len(trained) == sum(1 for p in model.parameters() if p.requires_grad)
+    assert_trained(expected, y, trained)
+    result, out = save_and_convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    assert_converts(result, out, expected, tied=recipes.tied_names(model))
+
+
+# ---- 8. a real Hugging Face Trainer run with a frozen embedding ----------------------------------
+
+def test_hf_trainer_folder_with_frozen_embedding(run, tmp_path):
+    """Fine-tuning with transformers.Trainer(optim="schedule_free_adamw") after embed_tokens.requires_grad_(False)."""
+    tf = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                            tie_word_embeddings=True)
+    model = tf.LlamaForCausalLM(config)
+    model.model.embed_tokens.requires_grad_(False)  # tied: the lm_head is frozen with it
+    data = [{"input_ids": torch.randint(0, 64, (8,)), "labels": torch.randint(0, 64, (8,))} for _ in range(12)]
+    args = tf.TrainingArguments(output_dir=str(tmp_path / "run"), optim="schedule_free_adamw", learning_rate=1e-2,
+                                weight_decay=0.1, per_device_train_batch_size=4, max_steps=3, save_steps=3,
+                                report_to=[], use_cpu=True, logging_steps=100, lr_scheduler_type="constant")
+    trainer = tf.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    trainer.optimizer.eval()
+    expected = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ckpt = tmp_path / "run" / "checkpoint-3"
+    y = load_file(str(ckpt / "model.safetensors"))
+    assert_trained(expected, y, [k for k in y if "embed_tokens" not in k])
+    assert torch.equal(y["model.embed_tokens.weight"], expected["model.embed_tokens.weight"])  # frozen: x = y
+    release = tmp_path / "release"
+    result = run("convert", ckpt, release)
+    assert result.exit_code == 0, result.stderr
+    loaded = tf.AutoModelForCausalLM.from_pretrained(str(release))
+    assert_equal_tensors(loaded.state_dict(), expected)
+
+
+# ---- 9. torch.distributed.checkpoint with a hard-copied target network ---------------------------
+
+class OnlineTarget(nn.Module):
+    """DQN / BYOL: an online network and a frozen target network of the same architecture."""
+
+    def __init__(self):
+        super().__init__()
+        self.online = Net()
+        self.target = Net()
+        self.target.requires_grad_(False)
+
+    def forward(self, x):
+        return self.online(x) - self.target(x).detach()
+
+
+def test_dcp_target_network_hard_copied_before_saving(run, tmp_path):
+    """DQN's hard target update (target.load_state_dict(online.state_dict())) just before dcp.save of get_state_dict."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    torch.manual_seed(0)
+    model = OnlineTarget()
+    opt = fit(model, sfadamw(model.online.parameters()))
+    model.target.load_state_dict(model.online.state_dict())  # byte-identical copies of y, not tracked by opt
+    y, expected = snapshot(model), eval_x(model, opt)
+    assert_trained(expected, y, [k for k in expected if k.startswith("online.")])
+    assert recipes.changed(expected, y) == {k for k in expected if k.startswith("online.")}
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp_path / "dcp", no_dist=True)
+    out = tmp_path / "x.safetensors"
+    result = run("convert", tmp_path / "dcp", out)
+    # the target's x is its y (never the online network's x); the file alone cannot tell a copy from a tie
+    assert_exact_or_refused(result, out, expected)
