@@ -46,8 +46,10 @@ def assert_exact_or_refused(result, out, expected, tied=()):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
         assert not Path(out).exists(), "a refusal must write nothing"
+        print(f"refused: {lines[0]}")  # shown by pytest -rP
         return "refused"
     assert_converts(result, out, expected, tied)
+    print("converted to the exact x")
     return "converted"
 
 
@@ -265,7 +267,7 @@ def test_projector_owned_by_the_loss_with_as_many_frozen_tensors(run, tmp_path):
 def test_param_names_relative_to_a_submodule(how, run, tmp_path):
     """Optimizer built from model[2].named_parameters(): names '0.weight'… that are the model's frozen layers."""
     torch.manual_seed(0)
-    model = nn.Sequential(lin(), lin(), nn.Sequential(lin(), nn.Tanh(), lin()))
+    model = nn.Sequential(lin(), lin(), nn.Sequential(lin(), lin()))  # every saved name exists in the model
     model[0].requires_grad_(False)
     model[1].requires_grad_(False)
     adapter = model[2]
@@ -275,9 +277,9 @@ def test_param_names_relative_to_a_submodule(how, run, tmp_path):
         names, params = zip(*adapter.named_parameters())
         opt = sfadamw([{"params": list(params), "param_names": list(names)}])
     fit(model, opt)
-    assert opt.state_dict()["param_groups"][0]["param_names"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert opt.state_dict()["param_groups"][0]["param_names"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
     y, expected = snapshot(model), eval_x(model, opt)
-    assert recipes.changed(expected, y) == {"2.0.weight", "2.0.bias", "2.2.weight", "2.2.bias"}
+    assert recipes.changed(expected, y) == {"2.0.weight", "2.0.bias", "2.1.weight", "2.1.bias"}
     result, out = save_and_convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
     assert_exact_or_refused(result, out, expected)
 
@@ -563,3 +565,130 @@ def test_dcp_target_network_hard_copied_before_saving(run, tmp_path):
     result = run("convert", tmp_path / "dcp", out)
     # the target's x is its y (never the online network's x); the file alone cannot tell a copy from a tie
     assert_exact_or_refused(result, out, expected)
+
+
+# ---- 10. more recipes from public training code -------------------------------------------------
+
+class LoRALinear(nn.Module):
+    """A frozen base layer with a LoRA adapter: A random, B zero-initialised (PEFT's default)."""
+
+    def __init__(self, r: int = 4):
+        super().__init__()
+        self.base = lin()
+        self.base.requires_grad_(False)
+        self.lora_A = nn.Linear(recipes.W, r, bias=False)
+        self.lora_B = nn.Linear(r, recipes.W, bias=False)
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(x))
+
+
+class LoRAStack(nn.Module):
+    def __init__(self, n: int = 3):
+        super().__init__()
+        self.layers = nn.ModuleList(LoRALinear() for _ in range(n))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def test_loraplus_groups_over_identical_adapters(run, tmp_path):
+    """LoRA+ (create_loraplus_optimizer): all lora_A in one group, all zero-initialised lora_B in another with 16x lr."""
+    torch.manual_seed(0)
+    model = LoRAStack()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if "lora_A" in n], "lr": 0.01},
+              {"params": [p for n, p in named if "lora_B" in n], "lr": 0.16}]
+    opt = fit(model, sfadamw(groups))
+    y, expected = snapshot(model), eval_x(model, opt)
+    lora = [k for k in expected if "lora_" in k]
+    assert_trained(expected, y, lora)
+    assert recipes.changed(expected, y) == set(lora)
+    result, out = save_and_convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    # each group in model order; the B matrices all start at zero, so within them only that order decides
+    assert_converts(result, out, expected)
+
+
+class WithEMA(nn.Module):
+    """A network and its EMA (torch.optim.swa_utils.AveragedModel) as a submodule, as Lightning/DINO-style code keeps it."""
+
+    def __init__(self, ema_first: bool):
+        super().__init__()
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        net = Net()
+        if ema_first:  # a teacher registered before the student
+            self.ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+            self.net = net
+        else:
+            self.net = net
+            self.ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+        self.ema.requires_grad_(False)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("ema_first", [False, True], ids=["ema-after", "ema-before"])
+def test_ema_copy_as_frozen_submodule(ema_first, run, tmp_path):
+    """Training with an in-model EMA: optimizer over model.net only; the EMA's tensors have the same shapes and lie close to y."""
+    torch.manual_seed(0)
+    model = WithEMA(ema_first)
+    opt = sfadamw(model.net.parameters())
+    torch.manual_seed(1)
+    opt.train()
+    for _ in range(4):
+        opt.zero_grad()
+        model(recipes.random_batch()).pow(2).mean().backward()
+        opt.step()
+        model.ema.update_parameters(model.net)
+    y, expected = snapshot(model), eval_x(model, opt)
+    assert recipes.changed(expected, y) == {k for k in expected if k.startswith("net.")}
+    result, out = save_and_convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    # the EMA is an average of the y's, so content alone may not tell it from the network: x or a refusal
+    assert_exact_or_refused(result, out, expected)
+
+
+class MixedMLP(nn.Module):
+    """Transformer-like MLP blocks: up (16, 8), down (8, 16) and a square mixer (8, 8) per block."""
+
+    def __init__(self, n: int = 3):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"mix": lin(), "up": nn.Linear(8, 16), "down": nn.Linear(16, 8)}) for _ in range(n))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b["down"](torch.relu(b["up"](torch.tanh(b["mix"](x)))))
+        return x
+
+
+def test_params_sorted_by_size(run, tmp_path):
+    """modded-nanogpt's Muon setup: params = sorted(params, key=lambda p: p.size(), reverse=True) in one group."""
+    torch.manual_seed(0)
+    model = MixedMLP()
+    opt = fit(model, sfadamw(sorted(model.parameters(), key=lambda p: p.size(), reverse=True)))
+    y, expected = snapshot(model), eval_x(model, opt)
+    assert_trained(expected, y, expected)
+    result, out = save_and_convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    assert_converts(result, out, expected)  # content decides
+
+
+def test_all_parameters_split_by_requires_grad(run, tmp_path):
+    """Every parameter handed over, frozen ones in a second lr=0 group, so unfreezing later needs no add_param_group."""
+    torch.manual_seed(0)
+    model = Stack(4)
+    model.embed.requires_grad_(False)
+    model.layers[0].requires_grad_(False)
+    model.layers[2].requires_grad_(False)
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]},
+              {"params": [p for p in model.parameters() if not p.requires_grad], "lr": 0.0}]
+    opt = fit(model, sfadamw(groups))
+    y, expected = snapshot(model), eval_x(model, opt)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert recipes.changed(expected, y) == trainable
+    result, out = save_and_convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    assert_converts(result, out, expected)  # content decides; frozen entries have no z and keep y
