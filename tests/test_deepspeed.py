@@ -1,0 +1,184 @@
+"""DeepSpeed ZeRO checkpoints (stages 1-3, float32 and bfloat16) against schedulefree's own eval().
+
+The checkpoints in fixtures/deepspeed/ were made by real DeepSpeed on CPU with two ranks
+(fixtures/make_deepspeed_fixtures.py); each case's expected.pt holds the truth the libraries
+computed in that run. `test_fixtures_regenerate` makes them again when deepspeed is installed.
+"""
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sfckpt
+from conftest import FIXTURES, read
+from sfckpt.reconstruct import reconstruct
+from sfckpt.sources import is_training_checkpoint
+from test_errors import assert_refused
+
+DS = FIXTURES / "deepspeed"
+CASES = sorted(p.name for p in DS.iterdir() if p.is_dir())
+TRAINED = {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "head.weight"}  # head.weight is tied to fc2.weight
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+
+
+def expected_output(case_dir: Path, dtype: str | None) -> dict[str, torch.Tensor]:
+    """What convert must write: x (float32 from the master) and the rest as the module holds it,
+    cast to `dtype`, or by default to the module's 16-bit dtype (ordinary rounding)."""
+    saved = torch.load(case_dir / "expected.pt", weights_only=True)
+    target = getattr(torch, dtype or saved["meta"]["dtype"])
+    return {key.split(".", 1)[1]: value.to(target) for key, value in saved.items() if key != "meta"}
+
+
+def assert_identical(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert torch.equal(got[name], tensor), name
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_x_is_what_eval_gives(case):
+    ckpt = sfckpt.load(DS / case)
+    assert ckpt.container == "deepspeed"
+    meta = torch.load(DS / case / "expected.pt", weights_only=True)["meta"]
+    assert ckpt.default_dtype == (None if meta["dtype"] == "float32" else meta["dtype"])
+    for dtype in (None, "float32"):
+        recon = reconstruct(ckpt, dtype=dtype)
+        assert_identical(recon.state_dict(), expected_output(DS / case, dtype))
+        assert [g.beta for g in recon.groups] == list(meta["betas"])
+    # Saved during training (or at ZeRO-3, where eval() cannot reach the partitions): x comes from y and z.
+    master_holds_x = meta["after_eval"] and meta["stage"] != 3
+    assert {t.name for t in recon.tensors if t.how == "lerp"} == (set() if master_holds_x else TRAINED)
+    if not master_holds_x:
+        y = ckpt.weights["fc1.weight"].load()
+        assert not torch.equal(recon.state_dict()["fc1.weight"], y)  # the test can tell x from y
+
+
+def test_inspect_notes_and_cli_convert(run, tmp_path):
+    ckpt = sfckpt.load(DS / "zero3-bf16")
+    notes = " ".join(ckpt.notes)
+    assert "ZeRO stage 3" in notes and "2 data-parallel ranks" in notes and "module bfloat16" in notes
+    assert "holds y even when train_mode is False" in notes and "zero_to_fp32.py" in notes
+    after = " ".join(sfckpt.load(DS / "zero3-fp32-after-eval").notes)
+    assert "eval() cannot reach ZeRO-3 partitions" in after
+    assert "BF16_Optimizer" in " ".join(sfckpt.load(DS / "bf16-optimizer").notes)
+    assert ckpt.unloaded_classes == []  # DeepSpeed's own objects are known, not reported as skipped
+
+    report = json.loads(run("inspect", DS / "zero2-bf16", "--json").stdout)
+    assert report["container"] == "deepspeed"
+    out = tmp_path / "x.safetensors"
+    result = run("convert", DS / "zero2-bf16", out)
+    assert result.exit_code == 0, result.stderr
+    assert_identical(read(out), expected_output(DS / "zero2-bf16", None))
+    assert run("convert", DS / "zero2-bf16", tmp_path / "x32.safetensors", "--dtype", "float32").exit_code == 0
+    assert_identical(read(tmp_path / "x32.safetensors"), expected_output(DS / "zero2-bf16", "float32"))
+    assert run("check", out, "--ckpt", DS / "zero2-bf16").exit_code == 0
+
+
+def _layouts(tmp_path: Path, case: str) -> dict[str, Path]:
+    """The same DeepSpeed save where each wrapper puts it."""
+    src = DS / case
+    hf = tmp_path / "checkpoint-3"  # Hugging Face Trainer: global_stepN/ and latest in checkpoint-N/
+    shutil.copytree(src / "global_step3", hf / "global_step3")
+    shutil.copy(src / "latest", hf / "latest")
+    accelerate = tmp_path / "accelerate_state"  # Accelerate save_state: tag pytorch_model
+    shutil.copytree(src / "global_step3", accelerate / "pytorch_model")
+    (accelerate / "latest").write_text("pytorch_model")
+    no_latest = tmp_path / "accelerate_no_latest"
+    shutil.copytree(src / "global_step3", no_latest / "pytorch_model")
+    lightning = tmp_path / "epoch=0-step=3.ckpt"  # Lightning's DeepSpeed strategy: a folder, tag checkpoint
+    shutil.copytree(src / "global_step3", lightning / "checkpoint")
+    (lightning / "latest").write_text("checkpoint")
+    return {"tag": src / "global_step3", "parent": src, "hf": hf, "accelerate": accelerate,
+            "accelerate without latest": no_latest, "lightning": lightning}
+
+
+def test_every_wrapper_folder_reads_the_same(tmp_path):
+    want = expected_output(DS / "zero3-bf16", None)
+    for label, path in _layouts(tmp_path, "zero3-bf16").items():
+        assert is_training_checkpoint(path), label
+        ckpt = sfckpt.load(path)
+        assert ckpt.container == "deepspeed", label
+        assert_identical(reconstruct(ckpt).state_dict(), want)
+
+
+def _copy(case: str, tmp_path: Path) -> Path:
+    dst = tmp_path / case
+    shutil.copytree(DS / case, dst)
+    return dst
+
+
+def test_bad_folders_are_refused(run, tmp_path):
+    out = tmp_path / "x.safetensors"
+    tag = "global_step3"
+
+    ckpt = _copy("zero2-fp32", tmp_path)
+    (ckpt / tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    assert_refused(run("convert", ckpt, out), out, "the run had 2 data-parallel ranks but 1 rank files")
+
+    ckpt = _copy("zero1-fp32", tmp_path)
+    (ckpt / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    assert_refused(run("convert", ckpt, out), out, "optimizer file of rank 0 is missing")
+
+    ckpt = _copy("zero2-bf16", tmp_path)  # rank 1 from a save made after eval(): another moment of the run
+    shutil.copy(DS / "zero2-bf16-after-eval" / tag / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", ckpt / tag)
+    assert_refused(run("convert", ckpt, out), out, "does not belong with", "train_mode")
+
+    ckpt = _copy("zero3-fp32", tmp_path)  # rank 1 of a ZeRO-1 run
+    shutil.copy(DS / "zero1-fp32" / tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt", ckpt / tag)
+    assert_refused(run("convert", ckpt, out), out, "is ZeRO stage 1 but rank 0 is stage 3")
+
+    ckpt = _copy("zero3-bf16", tmp_path)  # one rank too many
+    shutil.copy(ckpt / tag / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                ckpt / tag / "bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt")
+    assert_refused(run("convert", ckpt, out), out, "the run had 2 data-parallel ranks but 3 rank files")
+
+    ckpt = _copy("zero3-fp32-after-eval", tmp_path)
+    (ckpt / tag / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()
+    assert_refused(run("convert", ckpt, out), out, "zero_pp_rank_1_mp_rank_00_model_states.pt is missing")
+
+    ckpt = _copy("bf16-optimizer", tmp_path)
+    (ckpt / "latest").write_text("global_step9")
+    assert_refused(run("convert", ckpt, out), out, "names tag 'global_step9'")
+    assert_refused(run("inspect", ckpt), out, "names tag 'global_step9'")
+
+
+def test_parameters_are_read_one_at_a_time(monkeypatch):
+    """Loading one parameter touches only its slices, not the whole model."""
+    from sfckpt.readers import deepspeed_folder
+
+    loaded = []
+    original = deepspeed_folder._gather
+
+    def spy(parts, numel, shape):
+        loaded.append(shape)
+        return original(parts, numel, shape)
+
+    monkeypatch.setattr(deepspeed_folder, "_gather", spy)
+    ckpt = sfckpt.load(DS / "zero3-fp32")
+    assert loaded == []  # nothing read by load()
+    ckpt.weights["fc2.bias"].load()
+    assert loaded == [(5,)]
+
+
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
+def test_fixtures_regenerate(tmp_path):
+    """Real DeepSpeed, two CPU ranks: the committed fixtures are what the script makes today."""
+    result = subprocess.run([sys.executable, str(FIXTURES / "make_deepspeed_fixtures.py"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == CASES
+    for case in CASES:
+        fresh = torch.load(tmp_path / case / "expected.pt", weights_only=True)
+        committed = torch.load(DS / case / "expected.pt", weights_only=True)
+        assert fresh["meta"] == committed["meta"]
+        assert_identical({k: v for k, v in fresh.items() if k != "meta"},
+                         {k: v for k, v in committed.items() if k != "meta"})
+        for dtype in (None, "float32"):
+            assert_identical(reconstruct(sfckpt.load(tmp_path / case), dtype=dtype).state_dict(),
+                             expected_output(tmp_path / case, dtype))
