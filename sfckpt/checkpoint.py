@@ -10,6 +10,8 @@ from .errors import InputError
 from .readers import hf_trainer, load_torch, sniff
 from .readers.accelerate_folder import is_accelerate_folder, load_object as load_accelerate_folder
 from .readers.dcp_folder import DcpFolder, is_dcp_folder
+from .readers.peft_adapter import is_adapter_checkpoint, load_object as load_adapter_checkpoint
+from .readers.peft_adapter import parameter_order as adapter_parameter_order
 from .readers.deepspeed_folder import DeepSpeedFolder, is_deepspeed_folder
 from .tensors import TensorRef
 
@@ -59,7 +61,13 @@ def load(
     kind = sniff(path)
     param_order = None
     extra: dict[str, Any] = {}
-    if kind == "folder" and hf_trainer.is_trainer_folder(path):
+    if kind == "folder" and is_adapter_checkpoint(path):
+        obj, unloaded = load_adapter_checkpoint(path)
+        container = "peft-adapter"
+        if optimizer_key is None and model_key is None:
+            names, groups = adapter_parameter_order(path) or (None, None)
+            param_order = [n for g in groups for n in names if n in g] if names else None
+    elif kind == "folder" and hf_trainer.is_trainer_folder(path):
         weights, unloaded = hf_trainer.read_weights(path)
         optimizer, opt_unloaded = load_torch(path / hf_trainer.OPTIMIZER_NAME)
         state = hf_trainer.trainer_state(path)

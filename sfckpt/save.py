@@ -72,6 +72,14 @@ def save(
             raise OutputError("--max-shard-size needs a folder as output", f"write to {out.with_suffix('')}/ instead")
         return [writer.write_file(out, specs, produce, metadata, force, progress)]
     copies: list[Path] = []
+    if recon.checkpoint.container == "peft-adapter":
+        # adapter_model.safetensors + adapter_config.json: what PeftModel.from_pretrained(base, out) reads
+        from .readers import peft_adapter
+
+        if max_shard_size:
+            raise OutputError("PEFT loads an adapter from one file; --max-shard-size does not apply", "leave it out")
+        copies = [src / name for name in peft_adapter.RELEASE_FILES if (src / name).is_file()]
+        return writer.write_folder(out, specs, produce, metadata, force, progress, None, copies, peft_adapter.SAFE_NAME)
     if recon.checkpoint.container == "huggingface-trainer":
         # config.json, generation_config.json and tokenizer files, so `from_pretrained(out)` works
         from .readers.hf_trainer import RELEASE_FILES

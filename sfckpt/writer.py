@@ -231,13 +231,14 @@ def shard(specs: Sequence[Spec], max_bytes: int) -> list[list[Spec]]:
 
 
 def write_folder(folder: Path, specs: Iterable[Spec], produce, metadata=None, force=False, progress=None,
-                 max_shard_size: int | None = None, copies: Sequence[Path] = ()) -> list[Path]:
-    """Write `model.safetensors`, or shards and `model.safetensors.index.json`, into `folder`,
+                 max_shard_size: int | None = None, copies: Sequence[Path] = (),
+                 single_name: str = "model.safetensors") -> list[Path]:
+    """Write `single_name` (`model.safetensors`), or shards and `model.safetensors.index.json`, into `folder`,
     with `copies` (files such as config.json) beside them: all of it, or none of it."""
     specs = list(specs)
     groups = shard(specs, max_shard_size) if max_shard_size else [specs]
     if len(groups) == 1:
-        names = ["model.safetensors"]
+        names = [single_name]
     else:
         names = [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
     if folder.exists() and not folder.is_dir():

@@ -66,6 +66,8 @@ def read_weights(path: Path):
             return read_index(path / INDEX_NAME)
         if (path / SINGLE_NAME).is_file():
             return read_safetensors(path / SINGLE_NAME)
+        if (path / "adapter_model.safetensors").is_file():  # a PEFT adapter folder
+            return read_safetensors(path / "adapter_model.safetensors")
         raise InputError(f"{path}: the folder holds no {SINGLE_NAME} or {INDEX_NAME}", "point at the weights file itself")
     raise InputError(f"{path}: not a weights file", "expected safetensors")
 
