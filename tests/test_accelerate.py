@@ -147,3 +147,29 @@ def test_folder_without_model_weights_is_refused(run, tmp_path):
     result = run("convert", folder, tmp_path / "x.safetensors")
     assert result.exit_code == 2
     assert "Accelerate" in result.stderr and "model.safetensors" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_prodigy_plus_schedule_free_through_accelerate(dtype, run, tmp_path):
+    """What diffusion fine-tuning scripts (kohya's sd-scripts) save: Accelerate's save_state of a model trained
+    with ProdigyPlusScheduleFree, often in bfloat16."""
+    prodigyplus = pytest.importorskip("prodigyplus")
+    folder = tmp_path / "ckpt"
+    torch.manual_seed(0)
+    model = trainers.ConvBN().to(dtype)
+    opt = prodigyplus.ProdigyPlusScheduleFree(model.parameters(), lr=1.0, d0=1e-3)
+    acc = accelerate.Accelerator(cpu=True)
+    model, opt = acc.prepare(model, opt)
+    opt.train()
+    for _ in range(4):
+        opt.zero_grad()
+        acc.backward(model(trainers.example_input(model).to(dtype)).float().pow(2).mean())
+        opt.step()
+    acc.save_state(str(folder), safe_serialization=False)
+    opt.eval()
+    x = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    result = run("convert", folder, tmp_path / "x.safetensors")
+    assert result.exit_code == 0, result.stderr
+    assert_equal_tensors(read(tmp_path / "x.safetensors"), x)
+    report = json.loads(run("inspect", folder, "--json").stdout)
+    assert report["container"] == "accelerate" and report["optimizer"]["family"] == "prodigy-plus-sf"
