@@ -31,8 +31,14 @@ class Checkpoint:
     skipped: dict[str, str] = field(default_factory=dict)
     unloaded_classes: list[str] = field(default_factory=list)
     top_level_keys: list[str] = field(default_factory=list)
-    param_order: list[str] | None = None  # optimizer order known from the container (Hugging Face Trainer)
     ties_visible: bool = True  # False where tied weights are saved as separate copies (DCP)
+    optimizers: dict[str, Mapping[str, Any]] = field(default_factory=dict)  # every optimizer state found
+    models: list[str] = field(default_factory=list)  # the entries whose tensors make the output
+    # The model's parameter order and the groups' allowed names, where the container's own grouping
+    # rule says them and the weights file does not keep the order (Hugging Face Trainer).
+    model_order: list[str] | None = None
+    group_domains: list[set[str]] | None = None
+    order_source: str = ""
     default_dtype: str | None = None  # output dtype when --dtype is not given (DeepSpeed: the module's 16-bit dtype)
     notes: list[str] = field(default_factory=list)  # what inspect should say about the container
 
@@ -59,14 +65,13 @@ def load(
     """
     path = Path(path)
     kind = sniff(path)
-    param_order = None
+    model_order = group_domains = None
     extra: dict[str, Any] = {}
     if kind == "folder" and is_adapter_checkpoint(path):
         obj, unloaded = load_adapter_checkpoint(path)
         container = "peft-adapter"
         if optimizer_key is None and model_key is None:
-            names, groups = adapter_parameter_order(path) or (None, None)
-            param_order = [n for g in groups for n in names if n in g] if names else None
+            model_order, group_domains = adapter_parameter_order(path) or (None, None)
     elif kind == "folder" and hf_trainer.is_trainer_folder(path):
         weights, unloaded = hf_trainer.read_weights(path)
         optimizer, opt_unloaded = load_torch(path / hf_trainer.OPTIMIZER_NAME)
@@ -75,7 +80,7 @@ def load(
         unloaded = sorted(set(unloaded) | set(opt_unloaded))
         container = "huggingface-trainer"
         if optimizer_key is None and model_key is None:
-            param_order = hf_trainer.parameter_order(path)
+            model_order, group_domains = hf_trainer.parameter_order(path)
     elif kind == "folder" and is_deepspeed_folder(path):
         folder = DeepSpeedFolder(path)
         obj, unloaded, container = folder.load_object(), sorted(folder.opaque), "deepspeed"
@@ -117,7 +122,11 @@ def load(
         skipped=found.skipped,
         unloaded_classes=unloaded,
         top_level_keys=[str(k) for k in obj] if isinstance(obj, Mapping) else [],
-        param_order=param_order,
         ties_visible=container != "torch.distributed.checkpoint",
+        optimizers=found.optimizers,
+        models=found.models,
+        model_order=model_order,
+        group_domains=group_domains,
+        order_source="the Hugging Face Trainer's grouping (model rebuilt from config.json)" if model_order else "",
         **extra,
     )

@@ -41,6 +41,7 @@ def describe(recon: Reconstruction, scan: bool = False) -> dict[str, Any]:
         "keys": {
             "model": ckpt.model_key,
             "optimizer": ckpt.optimizer_key,
+            "models": list(ckpt.models),
             "model_candidates": ckpt.model_candidates,
             "optimizer_candidates": ckpt.optimizer_candidates,
             "top_level": ckpt.top_level_keys,
@@ -53,6 +54,10 @@ def describe(recon: Reconstruction, scan: bool = False) -> dict[str, Any]:
             "x_source": fam.x_source,
             "note": fam.note,
         },
+        "optimizers": [
+            {"key": o.key, "family": o.family.name, "family_source": o.family_source, "entries": o.n_entries}
+            for o in recon.optimizers
+        ],
         "params_hold": recon.source_held,
         "groups": [
             {
@@ -69,6 +74,7 @@ def describe(recon: Reconstruction, scan: bool = False) -> dict[str, Any]:
                 "params_hold_source": g.params_hold_source,
                 "params": g.n_params,
                 "params_with_z": g.n_with_z,
+                "optimizer": g.optimizer,
             }
             for g in recon.groups
         ],
@@ -79,9 +85,8 @@ def describe(recon: Reconstruction, scan: bool = False) -> dict[str, Any]:
             "by_dtype": dict(sorted(by_dtype.items())),
         },
         "mapping": {
-            "method": recon.mapping_method,
+            **recon.mapping.as_json(),
             "optimizer_entries": recon.n_entries,
-            "entries_with_z": sum(g.n_with_z for g in recon.groups),
             "tensors_converted": recon.n_converted,
             "tensors_unchanged": len(recon.tensors) - recon.n_converted,
         },

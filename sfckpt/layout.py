@@ -5,6 +5,10 @@ saves `{'state_dict': ..., 'optimizer_states': [...]}`. We look for values of
 the right *shape* (a name -> tensor mapping; a mapping with `state` and
 `param_groups`) and prefer the usual names, so that `inspect` can show every
 candidate and the user can pick another with --model-key / --optimizer-key.
+
+Every optimizer state found is kept: the mapping decides which one trains
+which tensor. Several model entries without a usual name (`netG`/`netD`) are
+all converted, each tensor named `<key>.<name>`.
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ class Layout:
     model_candidates: list[str] = field(default_factory=list)
     optimizer_candidates: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why it is not in the output
+    optimizers: dict[str, Mapping[str, Any]] = field(default_factory=dict)  # every optimizer state to consider
+    models: list[str] = field(default_factory=list)  # the entries whose tensors are the output
 
 
 def is_weights(value: Any) -> bool:
@@ -86,33 +92,42 @@ def find(obj: Any, model_key: str | None = None, optimizer_key: str | None = Non
     optimizer_candidates = _ranked(optimizer_candidates, OPTIMIZER_KEYS)
     container = "lightning" if "optimizer_states" in obj and "state_dict" in obj else "torch.save"
 
+    models: list[str]
     if model_key is None:
         if is_weights(obj) and not model_candidates:
             model_key = ""  # a bare state dict
         elif len(model_candidates) == 1 or (model_candidates and model_candidates[0].split(".")[0] in MODEL_KEYS):
             model_key = model_candidates[0]
-        elif model_candidates:
-            raise InputError(
-                f"several entries could be the model weights: {', '.join(model_candidates)}",
-                "pass --model-key to choose one",
-            )
-        else:
+        elif not model_candidates:
             raise InputError(
                 f"no model weights found (top-level keys: {', '.join(map(str, list(obj)[:12]))})",
                 "pass --model-key to name the entry holding the state dict",
             )
-    weights = obj if model_key == "" else _lookup(obj, model_key)
-    if not is_weights(weights):
-        raise InputError(f"entry '{model_key}' is not a name -> tensor mapping", "pass --model-key to choose another")
+    if model_key is None:
+        # Several models and none under a usual name (a GAN's netG/netD, a U-Net and a text encoder):
+        # all of them, each tensor named with its model's key.
+        models = list(model_candidates)
+        weights: Any = {}
+        for key in models:
+            for name, value in _lookup(obj, key).items():
+                weights[f"{key}.{name}"] = value
+    else:
+        models = [model_key]
+        weights = obj if model_key == "" else _lookup(obj, model_key)
+        if not is_weights(weights):
+            raise InputError(f"entry '{model_key}' is not a name -> tensor mapping", "pass --model-key to choose another")
 
-    if optimizer_key is None and optimizer_candidates:
-        optimizer_key = optimizer_candidates[0]
-    optimizer = _lookup(obj, optimizer_key) if optimizer_key is not None else None
-    if optimizer is not None and not is_optimizer_state(optimizer):
-        raise InputError(
-            f"entry '{optimizer_key}' is not an optimizer state_dict (no 'state' and 'param_groups')",
-            "pass --optimizer-key to choose another",
-        )
+    if optimizer_key is not None:
+        optimizer = _lookup(obj, optimizer_key)
+        if not is_optimizer_state(optimizer):
+            raise InputError(
+                f"entry '{optimizer_key}' is not an optimizer state_dict (no 'state' and 'param_groups')",
+                "pass --optimizer-key to choose another",
+            )
+        optimizers = {optimizer_key: optimizer}
+    else:
+        optimizers = {key: _lookup(obj, key) for key in optimizer_candidates}
+        optimizer = next(iter(optimizers.values()), None)
 
     clean: dict[str, TensorRef] = {}
     skipped: dict[str, str] = {}
@@ -122,7 +137,9 @@ def find(obj: Any, model_key: str | None = None, optimizer_key: str | None = Non
         else:
             kind = getattr(value, "qualname", None)
             skipped[name] = f"not loaded: object of class {kind}" if kind else f"not a tensor ({type(value).__name__})"
-    return Layout(container, model_key, optimizer_key, clean, optimizer, model_candidates, optimizer_candidates, skipped)
+    return Layout(container, model_key if model_key is not None else ", ".join(models),
+                  optimizer_key if optimizer_key is not None else next(iter(optimizers), None), clean, optimizer,
+                  model_candidates, optimizer_candidates, skipped, optimizers, models)
 
 
 def strip_prefix(weights: dict[str, TensorRef], prefix: str) -> dict[str, TensorRef]:

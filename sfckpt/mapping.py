@@ -1,39 +1,65 @@
-"""Which model parameter each optimizer state entry belongs to.
+"""Which model tensor each optimizer entry belongs to, and how we know.
 
 An optimizer `state_dict()` keys its state by position: entry i is the i-th
-parameter handed to the optimizer, group by group. Names are saved only by
-torch >= 2.6 named optimizers (`param_names`). Otherwise we align the entries
-with the model's parameters in order, leaving out what the optimizer never
-sees (BatchNorm statistics and other buffers, tied duplicates), and accept the
-alignment only if it is the one way the shapes fit. We never guess.
+parameter handed to the optimizer, group after group, usually without names.
+The order in which training code hands parameters over is often not the
+model's (weight-decay groups interleave, heads come first, groups are built
+per block), and real models are full of tensors with the same shape, so a
+wrong order fits the shapes just as well. This module decides the mapping
+from three kinds of evidence, in this order, and keeps the evidence:
+
+1. Names: `--param-order`, or `param_names` saved by torch >= 2.6 named
+   optimizers (and the names DCP and DeepSpeed store), or the order a
+   container's own grouping rule rebuilds (Hugging Face Trainer).
+2. Content (`content.py`): a parameter's own z lies next to its y. A pair told
+   apart from every alternative with a margin is *confirmed*.
+3. Order: tensors content cannot tell apart follow an order that every
+   confirmed pair agrees with: the model's order within each group (how
+   grouping code builds groups), the reverse of it, or name order. They are
+   placed only where the shapes leave exactly one way to do so.
+
+Names that content contradicts are not used. Where the evidence leaves more
+than one possibility, or none, the answer is an error that names the first
+tensors concerned and what to pass; never a plausible guess.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
+from . import content
 from .errors import InputError
 from .tensors import TensorRef, format_shape
 
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
-MAX_ALIGNMENT_CELLS = 20_000_000  # entries x candidates the shape alignment may tabulate
+SEARCH_BUDGET = 20_000  # search nodes when the order leaves choices open
+ORDER_HINT = ("pass --param-order FILE with the parameter names in optimizer order "
+              "(docs/mapping.md shows the two lines of Python that write it)")
 
 
 @dataclass
 class Entry:
-    """One optimizer entry: its position, its group, its state, and the parameter it belongs to."""
+    """One optimizer entry: where it sits in the optimizer, its state, and the tensor it belongs to."""
 
-    index: int
+    optimizer: str
+    index: Any
     group: int
+    position: int
     state: Mapping[str, Any]
+    saved_name: str | None = None
     name: str | None = None
+    evidence: str = ""  # "names", "content", "order", "--param-order"
 
-    def shape_from(self, key: str) -> tuple[int, ...] | None:
+    def z(self, key: str) -> TensorRef | None:
         ref = self.state.get(key)
-        return ref.shape if isinstance(ref, TensorRef) else None
+        return ref if isinstance(ref, TensorRef) else None
+
+    def label(self) -> str:
+        where = f"optimizer '{self.optimizer}' " if self.optimizer else "optimizer "
+        return f"{where}entry {self.index} (group {self.group})"
 
 
-def entries_of(optimizer: Mapping[str, Any]) -> list[Entry]:
+def entries_of(optimizer: Mapping[str, Any], key: str = "") -> list[Entry]:
     """The optimizer's entries in saved order, checked for consistency."""
     groups = optimizer.get("param_groups")
     state = optimizer.get("state")
@@ -48,17 +74,23 @@ def entries_of(optimizer: Mapping[str, Any]) -> list[Entry]:
         names = group.get("param_names")
         if names is None and params and all(isinstance(p, str) for p in params):
             names = params  # torch.distributed.checkpoint keys parameters by name
-        if names is not None and (not isinstance(names, (list, tuple)) or len(names) != len(params)):
+        if names is not None and (not isinstance(names, (list, tuple)) or len(names) != len(params)
+                                  or not all(isinstance(n, str) for n in names)):
             raise InputError(f"optimizer param_groups[{g}] has {len(names) if isinstance(names, (list, tuple)) else 'no'} "
                              f"param_names for {len(params)} params", "the checkpoint is damaged")
         for pos, index in enumerate(params):
-            if index in seen:
+            try:
+                duplicate = index in seen
+            except TypeError:
+                raise InputError(f"optimizer param_groups[{g}] lists a parameter id of type {type(index).__name__}",
+                                 "the checkpoint is damaged") from None
+            if duplicate:
                 raise InputError(f"optimizer entry {index} is listed twice in param_groups", "the checkpoint is damaged")
             seen.add(index)
             entry_state = state.get(index, {})
             if not isinstance(entry_state, Mapping):
                 raise InputError(f"optimizer state entry {index} is not a dict", "the checkpoint is damaged")
-            entries.append(Entry(index, g, entry_state, names[pos] if names is not None else None))
+            entries.append(Entry(key, index, g, pos, entry_state, names[pos] if names is not None else None))
     orphans = [k for k in state if k not in seen]
     if orphans:
         raise InputError(f"optimizer state entry {orphans[0]} belongs to no parameter group", "the checkpoint is damaged")
@@ -80,99 +112,447 @@ def candidate_parameters(weights: Mapping[str, TensorRef]) -> tuple[list[str], l
     return candidates, left_out
 
 
-def _count_embeddings(shapes: Sequence[tuple | None], cand_shapes: Sequence[tuple]) -> list[list[int]]:
-    """ways[i][j]: ways (capped at 2) to place entries i.. onto candidates j.., keeping order."""
-    n, m = len(shapes), len(cand_shapes)
-    ways = [[0] * (m + 1) for _ in range(n + 1)]
-    ways[n] = [1] * (m + 1)
-    for i in range(n - 1, -1, -1):
-        row, nxt = ways[i], ways[i + 1]
-        for j in range(m - 1, -1, -1):
-            fits = shapes[i] is None or shapes[i] == cand_shapes[j]
-            row[j] = min(2, row[j + 1] + (nxt[j + 1] if fits else 0))
-    return ways
+@dataclass
+class OptimizerEntries:
+    """One optimizer's entries, and what its family says about them."""
+
+    key: str
+    entries: list[Entry]
+    z_key: str = "z"
+    same_dtype: bool = True
+
+    def stateful(self) -> list[Entry]:
+        return [e for e in self.entries if e.z(self.z_key) is not None]
 
 
-def assign_names(
-    entries: list[Entry],
+@dataclass
+class ParameterMapping:
+    """The decision, and the evidence for it: what inspect, convert --json and errors print."""
+
+    method: str
+    entries: list[Entry]  # of the optimizers used
+    evidence: dict[str, int]  # kind of evidence -> entries with z decided by it
+    confirmed_by_content: int
+    with_z: int
+    untrained: list[str]  # float parameters no optimizer trains: copied unchanged
+    twins: dict[str, str] = field(default_factory=dict)  # untracked copy -> tensor whose x it gets
+    ignored_optimizers: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "entries_with_z": self.with_z,
+            "confirmed_by_content": self.confirmed_by_content,
+            "evidence": dict(self.evidence),
+            "untrained_parameters": list(self.untrained),
+            "tied_copies": dict(self.twins),
+            "ignored_optimizers": dict(self.ignored_optimizers),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# The decision
+
+
+def decide(
+    optimizers: Sequence[OptimizerEntries],
     weights: Mapping[str, TensorRef],
-    shape_key: str,
+    *,
     param_order: Sequence[str] | None = None,
-    same_dtype: bool = True,
-) -> str:
-    """Fill in `entry.name` for every entry; return how the names were found."""
-    shapes = [e.shape_from(shape_key) for e in entries]
+    model_order: Sequence[str] | None = None,
+    group_domains: Sequence[set[str]] | None = None,
+    container_order_name: str = "",
+    ties_visible: bool = True,
+    twins: str = "auto",
+) -> ParameterMapping:
+    """Name every optimizer entry that has a z; return the mapping and its evidence.
+
+    Args:
+        optimizers: the candidate optimizers' entries (several when a checkpoint holds several).
+        weights: the model tensors (the output).
+        param_order: names from the user, in optimizer order (one optimizer only).
+        model_order: the model's parameter order when the weights file does not keep it.
+        group_domains: per group, the names a container's grouping rule allows there.
+        container_order_name: how that order was obtained, for the report.
+        ties_visible: False where tied weights are saved as separate copies (DCP).
+        twins: "auto", "tied" or "frozen": how untracked byte-identical copies are treated.
+    """
+    candidates, _ = candidate_parameters(weights)
+    if model_order is not None:
+        rank = {n: i for i, n in enumerate(model_order)}
+        candidates = sorted(candidates, key=lambda n: (rank.get(n, len(rank)), candidates.index(n)))
+    cand_index = {n: i for i, n in enumerate(candidates)}
+    sampler = content.Sampler()
+
+    stateful: list[tuple[OptimizerEntries, Entry]] = [(o, e) for o in optimizers for e in o.stateful()]
+    for o, e in stateful:
+        z = e.z(o.z_key)
+        if not any(weights[c].shape == z.shape for c in candidates):
+            if len(optimizers) > 1:
+                continue  # decided below: this optimizer may belong to other weights
+            raise InputError(
+                f"{e.label()} has z of shape {format_shape(z.shape)} but the model has no parameter of that shape",
+                "the optimizer state does not belong to this model (choose other entries with --model-key / "
+                "--optimizer-key)",
+            )
+
+    anchors = _content_anchors(stateful, weights, candidates, sampler)
+
+    ignored: dict[str, str] = {}
+    used = list(optimizers)
+    if len(optimizers) > 1:
+        used = []
+        for o in optimizers:
+            n_z = len(o.stateful())
+            n_anchor = sum(1 for e in o.stateful() if id(e) in anchors)
+            if n_z and n_anchor == 0:
+                ignored[o.key] = f"content confirms none of its {n_z} entries in these weights"
+            else:
+                used.append(o)
+        if not used:
+            raise InputError(
+                f"none of the optimizer states ({', '.join(o.key for o in optimizers)}) belongs to these weights: "
+                "no z lies near any of the model's tensors",
+                "choose the matching pair with --model-key and --optimizer-key (see `sfckpt inspect`)",
+            )
+    stateful = [(o, e) for o in used for e in o.stateful()]
+    decided: dict[int, str] = {}  # id(entry) -> candidate name
+    kinds: dict[int, str] = {}
+
+    # 1. Names.
+    named_optimizers = []
     if param_order is not None:
-        if len(param_order) != len(entries):
-            raise InputError(
-                f"--param-order lists {len(param_order)} names but the optimizer has {len(entries)} entries",
-                "list one name per optimizer parameter, in the order they were given to the optimizer",
-            )
-        for entry, name in zip(entries, param_order):
-            entry.name = name
-        method = "--param-order"
-    elif entries and all(e.name is not None for e in entries):
-        method = "param_names"
+        if len(used) != 1:
+            raise InputError("--param-order gives one optimizer's order, but the checkpoint holds several optimizers",
+                             "choose one with --optimizer-key")
+        _apply_param_order(used[0], param_order, weights)
+        named_optimizers = [(used[0], "--param-order")]
     else:
-        candidates, _ = candidate_parameters(weights)
-        cand_shapes = [weights[c].shape for c in candidates]
-        if len(candidates) < len(entries):
-            raise InputError(
-                f"the optimizer has {len(entries)} entries but the model has only {len(candidates)} parameters",
-                "the optimizer state does not belong to these weights (or pass --param-order FILE)",
-            )
-        if len(candidates) == len(entries):
-            for entry, name in zip(entries, candidates):
-                entry.name = name
-            method = "position"
+        for o in used:
+            if o.entries and all(e.saved_name is not None for e in o.entries):
+                named_optimizers.append((o, "names"))
+    name_notes: list[str] = []
+    for o, kind in named_optimizers:
+        source = kind if kind == "--param-order" else "param_names"
+        names = {id(e): (e.name if kind == "--param-order" else e.saved_name) for e in o.stateful()}
+        conflict = _name_conflict(o, names, weights, anchors, candidates)
+        if conflict is None:
+            for e in o.stateful():
+                decided[id(e)], kinds[id(e)] = names[id(e)], kind
+        elif kind == "--param-order":
+            raise InputError(f"--param-order disagrees with the checkpoint: {conflict}",
+                             "check the order of the names in the file (docs/mapping.md)")
         else:
-            if len(entries) * len(candidates) > MAX_ALIGNMENT_CELLS:
-                raise InputError(
-                    f"the model has {len(candidates) - len(entries)} more parameter tensors than the optimizer has "
-                    f"entries, and {len(entries)} entries are too many to align by shape",
-                    "pass --param-order FILE with the parameter names in optimizer order",
-                )
-            ways = _count_embeddings(shapes, cand_shapes)
-            if ways[0][0] != 1:
-                why = "in more than one way" if ways[0][0] > 1 else "in no way"
-                raise InputError(
-                    f"cannot tell which of the model's {len(candidates)} parameter tensors the optimizer's "
-                    f"{len(entries)} entries belong to: shapes fit {why}",
-                    "pass --param-order FILE with the parameter names in optimizer order",
-                )
-            j = 0
-            for i, entry in enumerate(entries):
-                while not ((shapes[i] is None or shapes[i] == cand_shapes[j]) and ways[i + 1][j + 1] == 1):
-                    j += 1
-                entry.name = candidates[j]
-                j += 1
-            method = "position (skipping parameters the optimizer does not hold)"
-    _verify(entries, weights, shape_key, method, same_dtype)
-    return method
+            name_notes.append(f"saved {source} of optimizer '{o.key}' not used: {conflict}" if o.key
+                              else f"saved {source} not used: {conflict}")
+    for o, e in stateful:
+        if id(e) not in decided and id(e) in anchors:
+            decided[id(e)], kinds[id(e)] = anchors[id(e)], "content"
+
+    # 2. Order, for what names and content left open.
+    open_entries = [(o, e) for o, e in stateful if id(e) not in decided]
+    order_name = ""
+    if open_entries:
+        order_name = _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_index, anchors,
+                                     group_domains, container_order_name, name_notes)
+
+    # 3. Check every pair, name the entries.
+    used_names: dict[str, Entry] = {}
+    for o, e in stateful:
+        e.name, e.evidence = decided[id(e)], kinds[id(e)]
+        if e.name in used_names:
+            raise InputError(f"{used_names[e.name].label()} and {e.label()} are both mapped to '{e.name}'",
+                             "the optimizer states overlap; choose one with --optimizer-key")
+        used_names[e.name] = e
+        _verify_pair(e, o, weights, "--param-order" if kinds[id(e)] == "--param-order" else kinds[id(e)])
+    for o in used:
+        for e in o.entries:
+            if e.z(o.z_key) is None and e.name is None and e.saved_name in weights:
+                e.name = e.saved_name
+
+    trained = set(used_names)
+    twin_map, twin_warnings = _find_twins(weights, candidates, trained, ties_visible, twins, sampler)
+    untrained = [c for c in candidates if c not in trained and c not in twin_map]
+    counts: dict[str, int] = {}
+    for o, e in stateful:
+        counts[e.evidence] = counts.get(e.evidence, 0) + 1
+    confirmed = sum(1 for o, e in stateful if id(e) in anchors and anchors[id(e)] == e.name)
+    method = _describe(counts, confirmed, len(stateful), order_name, named_optimizers, container_order_name)
+    warnings = name_notes + twin_warnings
+    for key, why in ignored.items():
+        warnings.append(f"optimizer state '{key}' not used: {why}")
+    entries = [e for o in used for e in o.entries]
+    return ParameterMapping(method, entries, counts, confirmed, len(stateful), untrained, twin_map, ignored, warnings)
 
 
-def _verify(entries: list[Entry], weights: Mapping[str, TensorRef], shape_key: str, method: str, same_dtype: bool) -> None:
-    hint = "the optimizer state does not belong to this model (use --param-order to give the order explicitly)"
-    names_seen: set[str] = set()
-    for entry in entries:
-        if entry.name not in weights:
-            raise InputError(f"optimizer entry {entry.index} is named '{entry.name}' ({method}) but the model has no such tensor", hint)
-        if entry.name in names_seen:
-            raise InputError(f"two optimizer entries are named '{entry.name}'", hint)
-        names_seen.add(entry.name)
-        param = weights[entry.name]
-        for key in (shape_key, "x", "y"):
-            ref = entry.state.get(key)
-            if not isinstance(ref, TensorRef):
-                continue
-            if ref.shape != param.shape:
-                raise InputError(
-                    f"optimizer entry {entry.index} has {key} of shape {format_shape(ref.shape)} but parameter "
-                    f"'{entry.name}' is {format_shape(param.shape)}",
-                    hint,
-                )
-            if same_dtype and ref.dtype != param.dtype:
-                raise InputError(
-                    f"optimizer entry {entry.index} has {key} of dtype {ref.dtype} but parameter '{entry.name}' is {param.dtype}",
-                    "optimizer.eval() could not combine them either; the checkpoint is inconsistent",
-                )
+def _content_anchors(stateful, weights, candidates, sampler) -> dict[int, str]:
+    """Entries whose z content ties to one tensor with a margin: id(entry) -> name."""
+    by_shape: dict[tuple, list[str]] = {}
+    for c in candidates:
+        by_shape.setdefault(weights[c].shape, []).append(c)
+    rows: dict[tuple, list[tuple[Any, Entry]]] = {}
+    for o, e in stateful:
+        rows.setdefault(e.z(o.z_key).shape, []).append((o, e))
+    anchors: dict[int, str] = {}
+    for shape, items in rows.items():
+        cols = by_shape.get(shape, [])
+        if not cols:
+            continue
+        matches = content.evidence([e.z(o.z_key) for o, e in items], [weights[c] for c in cols], sampler)
+        for (o, e), m in zip(items, matches):
+            if m.confirmed:
+                anchors[id(e)] = cols[m.candidate]
+    return anchors
+
+
+def _apply_param_order(o: OptimizerEntries, order: Sequence[str], weights) -> None:
+    if len(order) != len(o.entries):
+        raise InputError(
+            f"--param-order lists {len(order)} names but the optimizer has {len(o.entries)} entries",
+            "list one name per optimizer parameter, in the order they were given to the optimizer",
+        )
+    for e, name in zip(o.entries, order):
+        if name not in weights and e.z(o.z_key) is not None:
+            raise InputError(f"--param-order names '{name}' for {e.label()}, but the model has no such tensor",
+                             "use the names of the model's state_dict")
+        e.name = name
+
+
+def _name_conflict(o, names, weights, anchors, candidates) -> str | None:
+    """Why these names cannot be right (a missing tensor, a wrong shape, content pointing elsewhere), or None."""
+    claimed = {name: ident for ident, name in anchors.items()}
+    seen: set[str] = set()
+    for e in o.stateful():
+        name = names[id(e)]
+        z = e.z(o.z_key)
+        if name not in weights:
+            return f"{e.label()} is named '{name}' but the model has no such tensor"
+        if name in seen:
+            return f"two entries are named '{name}'"
+        seen.add(name)
+        if weights[name].shape != z.shape:
+            return (f"{e.label()} is named '{name}' of shape {format_shape(weights[name].shape)} but its z is "
+                    f"{format_shape(z.shape)}")
+        if id(e) in anchors and anchors[id(e)] != name:
+            return f"{e.label()} is named '{name}' but its z lies next to '{anchors[id(e)]}'"
+        if name in claimed and claimed[name] != id(e):
+            return f"{e.label()} is named '{name}' but another entry's z lies next to '{name}'"
+    return None
+
+
+def _order_keys(candidates: list[str]) -> list[tuple[str, Callable[[int], Any]]]:
+    by_name = {n: i for i, n in enumerate(sorted(candidates))}
+    return [
+        ("the model's order", lambda i: i),
+        ("name order", lambda i: by_name[candidates[i]]),
+        ("the reverse of the model's order", lambda i: -i),
+    ]
+
+
+def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_index, anchors, group_domains,
+                    container_order_name, notes) -> str:
+    """Place the entries names and content left open; return the order that placed them."""
+    fixed = {}
+    for o, e in stateful:
+        if id(e) in decided and decided[id(e)] in cand_index:
+            fixed[id(e)] = cand_index[decided[id(e)]]
+    chains: list[list[int]] = []
+    entry_of: dict[int, tuple[OptimizerEntries, Entry]] = {}
+    domains0: dict[int, list[int]] = {}
+    taken = set(fixed.values())
+    by_shape: dict[tuple, list[int]] = {}
+    for i, c in enumerate(candidates):
+        by_shape.setdefault(weights[c].shape, []).append(i)
+    for o in used:
+        groups: dict[int, list[Entry]] = {}
+        for e in o.stateful():
+            groups.setdefault(e.group, []).append(e)
+        for g, members in groups.items():
+            chain = []
+            for e in members:
+                entry_of[id(e)] = (o, e)
+                if id(e) in fixed:
+                    domains0[id(e)] = [fixed[id(e)]]
+                else:
+                    dom = [i for i in by_shape.get(e.z(o.z_key).shape, []) if i not in taken]
+                    if group_domains is not None and g < len(group_domains):
+                        dom = [i for i in dom if candidates[i] in group_domains[g]]
+                    domains0[id(e)] = dom
+                chain.append(id(e))
+            chains.append(chain)
+    hypotheses = _order_keys(candidates)
+    if group_domains is not None:
+        hypotheses = hypotheses[:1]
+    results = [(label, *_solve(chains, domains0, key)) for label, key in hypotheses]
+    distinct: list[tuple[str, dict[int, int]]] = []
+    for label, solutions, _ in results:
+        for s in solutions:
+            if all(s != t for _, t in distinct):
+                distinct.append((label, s))
+    open_ids = [ident for ident in domains0 if ident not in fixed]
+    n_content = sum(1 for o, e in stateful if kinds.get(id(e)) == "content")
+    context = f"content confirms {n_content} of {len(stateful)} entries" + (f"; {notes[0]}" if notes else "")
+    exhausted = any(ex for _, _, ex in results)
+    if len(distinct) == 1 and not exhausted:
+        label, solution = distinct[0]
+        for ident in open_ids:
+            decided[ident], kinds[ident] = candidates[solution[ident]], "order"
+        return container_order_name or label
+    if exhausted:
+        raise InputError(f"too many ways to match the optimizer's entries to the model's tensors ({context})", ORDER_HINT)
+    if not distinct:
+        failed = _propagate(chains, {i: sorted(d, key=hypotheses[0][1]) for i, d in domains0.items()}, hypotheses[0][1])
+        o, e = entry_of[failed if failed is not None else open_ids[0]]
+        raise InputError(
+            f"{e.label()}, z of shape {format_shape(e.z(o.z_key).shape)}, fits no tensor of these weights in an order "
+            f"that the tensors told apart by content agree with ({context}): the optimizer trains tensors that are "
+            "not in these weights, or lists them in an order sfckpt cannot follow",
+            ORDER_HINT,
+        )
+    a, b = distinct[0][1], distinct[1][1]
+    ident = next(i for i in open_ids if a[i] != b[i])
+    o, e = entry_of[ident]
+    raise InputError(
+        f"cannot tell which tensor {e.label()} belongs to: '{candidates[a[ident]]}' and '{candidates[b[ident]]}' "
+        f"both fit, and content cannot tell them apart ({context})",
+        ORDER_HINT,
+    )
+
+
+def _solve(chains: list[list[int]], domains0: dict[int, list[int]], key: Callable[[int], Any]):
+    """Up to two assignments where each chain's keys strictly increase and no candidate is used twice.
+
+    Returns (solutions, budget_exhausted)."""
+    start = {ident: sorted(dom, key=key) for ident, dom in domains0.items()}
+    solutions: list[dict[int, int]] = []
+    stack = [start]
+    nodes = 0
+    while stack and len(solutions) < 2:
+        nodes += 1
+        if nodes > SEARCH_BUDGET:
+            return solutions, True
+        dom = stack.pop()
+        if _propagate(chains, dom, key) is not None:
+            continue
+        open_ids = [i for i, d in dom.items() if len(d) > 1]
+        if not open_ids:
+            solutions.append({i: d[0] for i, d in dom.items()})
+            continue
+        pick = min(open_ids, key=lambda i: len(dom[i]))
+        for c in reversed(dom[pick]):
+            child = dict(dom)
+            child[pick] = [c]
+            stack.append(child)
+    return solutions, False
+
+
+def _propagate(chains, dom, key) -> int | None:
+    """Narrow domains until stable: chain order, and a candidate held by one entry leaves the others.
+
+    Returns None, or the entry left with no candidate."""
+    changed = True
+    while changed:
+        changed = False
+        for chain in chains:
+            low = None
+            for ident in chain:
+                d = dom[ident]
+                if low is not None:
+                    kept = [c for c in d if key(c) > low]
+                    if len(kept) != len(d):
+                        dom[ident] = d = kept
+                        changed = True
+                if not d:
+                    return ident
+                low = key(d[0])
+            high = None
+            for ident in reversed(chain):
+                d = dom[ident]
+                if high is not None:
+                    kept = [c for c in d if key(c) < high]
+                    if len(kept) != len(d):
+                        dom[ident] = d = kept
+                        changed = True
+                if not d:
+                    return ident
+                high = key(d[-1])
+        holder: dict[int, int] = {}
+        for ident, d in dom.items():
+            if len(d) == 1:
+                if d[0] in holder:
+                    return ident
+                holder[d[0]] = ident
+        for ident, d in dom.items():
+            if len(d) > 1 and any(c in holder for c in d):
+                dom[ident] = [c for c in d if c not in holder]
+                changed = True
+                if not dom[ident]:
+                    return ident
+    return None
+
+
+def _verify_pair(e: Entry, o: OptimizerEntries, weights, method: str) -> None:
+    hint = "the optimizer state does not belong to this model" + (
+        " (check the names in --param-order)" if method == "--param-order" else "")
+    param = weights[e.name]
+    for key in (o.z_key, "x", "y"):
+        ref = e.state.get(key)
+        if not isinstance(ref, TensorRef):
+            continue
+        if ref.shape != param.shape:
+            raise InputError(
+                f"{e.label()} has {key} of shape {format_shape(ref.shape)} but parameter '{e.name}' is "
+                f"{format_shape(param.shape)}", hint)
+        if o.same_dtype and ref.dtype != param.dtype:
+            raise InputError(
+                f"{e.label()} has {key} of dtype {ref.dtype} but parameter '{e.name}' is {param.dtype}",
+                "optimizer.eval() could not combine them either; the checkpoint is inconsistent",
+            )
+
+
+def _find_twins(weights, candidates, trained, ties_visible, policy, sampler) -> tuple[dict[str, str], list[str]]:
+    """Untracked tensors that are byte-identical copies of trained ones, where ties are saved as copies."""
+    if ties_visible or policy == "frozen":
+        return {}, []
+    by_shape: dict[tuple, list[str]] = {}
+    for name in trained:
+        by_shape.setdefault((weights[name].shape, weights[name].dtype), []).append(name)
+    found: dict[str, str] = {}
+    for name in candidates:
+        if name in trained:
+            continue
+        ref = weights[name]
+        for other in by_shape.get((ref.shape, ref.dtype), []):
+            if content.identical(ref, weights[other]):
+                found[name] = other
+                break
+    if not found:
+        return {}, []
+    sources = sorted(set(found.values()))
+    if policy == "auto" and len(sources) > 1:
+        pairs = ", ".join(f"'{a}' = '{b}'" for a, b in list(found.items())[:3])
+        raise InputError(
+            f"{len(found)} tensors the optimizer does not train are byte-identical to {len(sources)} different "
+            f"tensors it trains ({pairs}): tied weights, or a frozen copy of the network (a target or EMA network "
+            "copied before saving)? The file cannot tell",
+            "pass --twins tied (they share the trained tensor's x) or --twins frozen (copy them as saved)",
+        )
+    warnings = [f"'{a}' is byte-identical to '{b}', which the optimizer trains, and is treated as a tied weight "
+                "(it gets the same x); pass --twins frozen if it is a separate frozen copy" for a, b in found.items()]
+    return found, warnings
+
+
+def _describe(counts, confirmed, total, order_name, named, container_order_name) -> str:
+    if total == 0:
+        return "no entry has z"
+    parts = []
+    if counts.get("--param-order"):
+        parts.append(f"--param-order ({counts['--param-order']})")
+    if counts.get("names"):
+        parts.append(f"saved names ({counts['names']})")
+    if counts.get("content"):
+        parts.append(f"content ({counts['content']})")
+    if counts.get("order"):
+        parts.append(f"{order_name} ({counts['order']})")
+    return f"{' + '.join(parts)}; confirmed by content on {confirmed} of {total}"

@@ -34,6 +34,17 @@ class GroupReport:
     weight_sum: Any
     n_params: int
     n_with_z: int
+    optimizer: str = ""
+
+
+@dataclass
+class OptimizerReport:
+    """One optimizer state used for x: where it was found and which family wrote it."""
+
+    key: str
+    family: families.Family
+    family_source: str
+    n_entries: int
 
 
 @dataclass
@@ -101,6 +112,8 @@ class Reconstruction:
     n_entries: int
     warnings: list[str] = field(default_factory=list)
     bn_calibrated: bool = False
+    mapping: mapping.ParameterMapping | None = None
+    optimizers: list[OptimizerReport] = field(default_factory=list)
 
     def replace(self, name: str, tensor) -> None:
         """Use `tensor` for `name` (same shape) instead of the checkpoint's value."""
@@ -144,7 +157,7 @@ class Reconstruction:
         return {
             "format": "pt",
             "sfckpt_version": __version__,
-            "sfckpt_optimizer_family": self.family.name,
+            "sfckpt_optimizer_family": ",".join(dict.fromkeys(o.family.name for o in self.optimizers)) or self.family.name,
             "sfckpt_beta": ",".join("none" if g.beta is None else repr(g.beta) for g in self.groups),
             "sfckpt_step": ",".join(steps) if steps else "unknown",
             "sfckpt_source_params": self.source_held,
@@ -162,20 +175,6 @@ class Reconstruction:
         return dict(self.iter_tensors())
 
 
-def _twin_by_content(ref: TensorRef, converted) -> OutputTensor | None:
-    """The converted parameter whose saved data equals `ref` bit for bit: a tied weight in a format
-    (torch.distributed.checkpoint) that saves each name separately. Reads only same-shape candidates."""
-    import torch
-
-    data = None
-    for out in converted:
-        if out.ref.shape == ref.shape and out.ref.dtype == ref.dtype:
-            data = ref.load() if data is None else data
-            if torch.equal(out.ref.load(), data):
-                return out
-    return None
-
-
 def _beta_for(family, group, g, beta_override):
     if beta_override is not None:
         return families.check_beta(beta_override, "--beta"), "--beta"
@@ -189,6 +188,31 @@ def _beta_for(family, group, g, beta_override):
     return families.check_beta(family.beta(group), f"optimizer param_groups[{g}] {key}"), "saved"
 
 
+def _families(ckpt: Checkpoint, optimizer: str | None):
+    """(key, family, source, standard-layout state) for each Schedule-Free optimizer state in the checkpoint.
+
+    With several optimizer states, one that holds no z (not Schedule-Free, or never stepped) is left
+    out with a warning: its parameters are copied as saved, which is their x."""
+    found, skipped = [], []
+    for key, raw in ckpt.optimizers.items():
+        layout, opt_state = optimizer_state.normalize(raw)
+        entries = mapping.entries_of(opt_state, key if len(ckpt.optimizers) > 1 else "")
+        groups_saved = list(opt_state["param_groups"])
+        state_keys = set().union(*(set(e.state) for e in entries)) if entries else set()
+        if len(ckpt.optimizers) > 1 and optimizer is None and "z" not in state_keys and layout != optimizer_state.HEAVYBALL:
+            skipped.append(f"optimizer state '{key}' holds no Schedule-Free z; its parameters are copied as saved")
+            continue
+        if optimizer is not None:
+            family, source = families.get(optimizer), "--optimizer"
+        else:
+            family, source = families.detect(groups_saved, state_keys, layout), "detected"
+        found.append((key, family, source, opt_state, entries))
+    if not found:
+        raise InputError(f"{ckpt.path}: none of the optimizer states ({', '.join(ckpt.optimizers)}) holds a Schedule-Free z",
+                         "this is not a Schedule-Free checkpoint, or no step was taken; there is no x to reconstruct")
+    return found, skipped
+
+
 def reconstruct(
     ckpt: Checkpoint,
     *,
@@ -197,6 +221,7 @@ def reconstruct(
     params_are: str | None = None,
     param_order: Sequence[str] | None = None,
     dtype: str | None = None,
+    twins: str = "auto",
 ) -> Reconstruction:
     """Plan how to obtain x for every tensor of the checkpoint's model state.
 
@@ -207,11 +232,13 @@ def reconstruct(
         params_are: "y" or "x": what the saved parameters hold, overriding the mode flag.
         param_order: parameter names in optimizer order, overriding the mapping.
         dtype: write every floating tensor in this dtype (default: keep dtypes).
+        twins: "auto", "tied" or "frozen": how tensors the optimizer does not train but that are
+            byte-identical to one it trains are treated where ties are saved as copies (DCP).
 
     Returns:
         A `Reconstruction`; call `.state_dict()` or `sfckpt.save()` to get x.
     """
-    if ckpt.optimizer is None:
+    if not ckpt.optimizers:
         raise InputError(
             f"{ckpt.path}: no optimizer state found (keys: {', '.join(ckpt.top_level_keys[:12])})",
             "x needs the optimizer's z; pass the training checkpoint that includes the optimizer state_dict, "
@@ -221,75 +248,82 @@ def reconstruct(
         raise InputError(f"--params-are must be 'y' or 'x', not {params_are!r}", "see `sfckpt convert --help`")
     if dtype is not None and dtype not in ("float32", "float16", "bfloat16", "float64"):
         raise InputError(f"--dtype {dtype} is not a floating dtype sfckpt writes", "use float32, bfloat16, float16 or float64")
+    if twins not in ("auto", "tied", "frozen"):
+        raise InputError(f"--twins must be 'auto', 'tied' or 'frozen', not {twins!r}", "see `sfckpt convert --help`")
+    dtype = dtype or getattr(ckpt, "default_dtype", None)
 
-    layout, opt_state = optimizer_state.normalize(ckpt.optimizer)
-    entries = mapping.entries_of(opt_state)
-    groups_saved = list(opt_state["param_groups"])
-    state_keys = set().union(*(set(e.state) for e in entries)) if entries else set()
-    if optimizer is not None:
-        family, family_source = families.get(optimizer), "--optimizer"
-    else:
-        family, family_source = families.detect(groups_saved, state_keys, layout), "detected"
-    order = param_order if param_order is not None else ckpt.param_order
-    method = mapping.assign_names(entries, ckpt.weights, family.z_key, order, same_dtype=not family.x_in_float32)
-    if param_order is None and ckpt.param_order is not None:
-        method = "Hugging Face Trainer grouping (from config.json)"
+    found, skipped = _families(ckpt, optimizer)
+    decision = mapping.decide(
+        [mapping.OptimizerEntries(key, entries, fam.z_key, not fam.x_in_float32) for key, fam, _, _, entries in found],
+        ckpt.weights,
+        param_order=param_order,
+        model_order=ckpt.model_order if param_order is None else None,
+        group_domains=ckpt.group_domains if param_order is None else None,
+        container_order_name=ckpt.order_source,
+        ties_visible=ckpt.ties_visible,
+        twins=twins,
+    )
+    used = [f for f in found if f[0] not in decision.ignored_optimizers]
 
     warnings: list[str] = []
     if ckpt.unloaded_classes:
         warnings.append("skipped objects of these classes (never imported or run): " + ", ".join(ckpt.unloaded_classes))
     groups: list[GroupReport] = []
+    reports: list[OptimizerReport] = []
     by_name: dict[str, OutputTensor] = {}
-    for g, group in enumerate(groups_saved):
-        members = [e for e in entries if e.group == g]
-        stepped = [e for e in members if isinstance(e.state.get(family.z_key), TensorRef)]
-        hold, hold_source = family.params_hold(group), "saved mode flag" if family.mode_key else "family"
-        if params_are is not None:
-            hold, hold_source = params_are, "--params-are"
-        elif hold == "unknown" and stepped:
-            if family.x_source != "state-x":
-                warnings.append(
-                    f"{family.classes[0]} does not save whether it was in train or eval mode; assuming the parameters "
-                    "hold y (saved during training). Pass --params-are x if the checkpoint was saved after optimizer.eval()"
-                )
-            hold, hold_source = "y", "assumed"
-        needs_beta = hold == "y" and stepped and family.x_source == "lerp"
-        if needs_beta:
-            group_beta, beta_source = _beta_for(family, group, g, beta)
-        else:
-            saved = family.beta(group) if beta is None else beta
-            group_beta = float(saved) if isinstance(saved, (int, float)) and not isinstance(saved, bool) else None
-            beta_source = "--beta" if beta is not None else ("saved" if group_beta is not None else "not saved")
-        groups.append(
-            GroupReport(
-                index=g,
-                beta=group_beta,
-                beta_source=beta_source,
-                train_mode=group.get(family.mode_key) if family.mode_key else None,
-                params_hold=hold,
-                params_hold_source=hold_source,
-                lr=group.get("lr"),
-                weight_decay=group.get("weight_decay"),
-                warmup_steps=group.get("warmup_steps"),
-                step=group.get(family.step_key),
-                weight_sum=group.get("weight_sum"),
-                n_params=len(members),
-                n_with_z=len(stepped),
-            )
-        )
-        if hold != "y":
-            continue
-        for e in stepped:
-            out = OutputTensor(e.name, ckpt.weights[e.name], group=g)
-            if family.x_source == "state-x":
-                x = e.state.get("x")
-                if not isinstance(x, TensorRef):
-                    raise InputError(f"optimizer entry {e.index} ('{e.name}') has z but no stored x", "the checkpoint is damaged")
-                out.how, out.x = "state-x", x
+    for key, family, family_source, opt_state, entries in used:
+        reports.append(OptimizerReport(key, family, family_source, len(entries)))
+        for g, group in enumerate(opt_state["param_groups"]):
+            members = [e for e in entries if e.group == g]
+            stepped = [e for e in members if isinstance(e.state.get(family.z_key), TensorRef)]
+            hold, hold_source = family.params_hold(group), "saved mode flag" if family.mode_key else "family"
+            if params_are is not None:
+                hold, hold_source = params_are, "--params-are"
+            elif hold == "unknown" and stepped:
+                if family.x_source != "state-x":
+                    warnings.append(
+                        f"{family.classes[0]} does not save whether it was in train or eval mode; assuming the parameters "
+                        "hold y (saved during training). Pass --params-are x if the checkpoint was saved after optimizer.eval()"
+                    )
+                hold, hold_source = "y", "assumed"
+            needs_beta = hold == "y" and stepped and family.x_source == "lerp"
+            if needs_beta:
+                group_beta, beta_source = _beta_for(family, group, g, beta)
             else:
-                out.how, out.z, out.beta = "lerp", e.state[family.z_key], group_beta
-                out.in_float32 = family.x_in_float32
-            by_name[e.name] = out
+                saved = family.beta(group) if beta is None else beta
+                group_beta = float(saved) if isinstance(saved, (int, float)) and not isinstance(saved, bool) else None
+                beta_source = "--beta" if beta is not None else ("saved" if group_beta is not None else "not saved")
+            groups.append(
+                GroupReport(
+                    index=g,
+                    beta=group_beta,
+                    beta_source=beta_source,
+                    train_mode=group.get(family.mode_key) if family.mode_key else None,
+                    params_hold=hold,
+                    params_hold_source=hold_source,
+                    lr=group.get("lr"),
+                    weight_decay=group.get("weight_decay"),
+                    warmup_steps=group.get("warmup_steps"),
+                    step=group.get(family.step_key),
+                    weight_sum=group.get("weight_sum"),
+                    n_params=len(members),
+                    n_with_z=len(stepped),
+                    optimizer=key if len(ckpt.optimizers) > 1 else "",
+                )
+            )
+            if hold != "y":
+                continue
+            for e in stepped:
+                out = OutputTensor(e.name, ckpt.weights[e.name], group=g)
+                if family.x_source == "state-x":
+                    x = e.state.get("x")
+                    if not isinstance(x, TensorRef):
+                        raise InputError(f"{e.label()} ('{e.name}') has z but no stored x", "the checkpoint is damaged")
+                    out.how, out.x = "state-x", x
+                else:
+                    out.how, out.z, out.beta = "lerp", e.state[family.z_key], group_beta
+                    out.in_float32 = family.x_in_float32
+                by_name[e.name] = out
 
     by_data = {o.ref.data_key: o for o in by_name.values() if o.ref.data_key is not None}
     tensors: list[OutputTensor] = []
@@ -300,12 +334,14 @@ def reconstruct(
         if out is None:
             # A tied duplicate gets the same x as the name the optimizer knows it by.
             twin = by_data.get(ref.data_key) if ref.data_key is not None else None
-            if twin is None and not ckpt.ties_visible and ref.is_float:
-                twin = _twin_by_content(ref, by_name.values())
+            if twin is None and name in decision.twins:
+                twin = by_name.get(decision.twins[name])
             out = OutputTensor(name, ref, twin.how, twin.z, twin.x, twin.beta, twin.group, in_float32=twin.in_float32) \
                 if twin else OutputTensor(name, ref)
         if dtype and ref.is_float:
             out.out_dtype = dtype
         tensors.append(out)
-    warnings = list(dict.fromkeys(warnings))  # one per kind, not one per group
-    return Reconstruction(ckpt, family, family_source, groups, tensors, method, len(entries), warnings)
+    warnings = list(dict.fromkeys(warnings + skipped + decision.warnings))  # one per kind, not one per group
+    first = reports[0]
+    return Reconstruction(ckpt, first.family, first.family_source, groups, tensors, decision.method,
+                          sum(r.n_entries for r in reports), warnings, mapping=decision, optimizers=reports)

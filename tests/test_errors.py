@@ -81,10 +81,10 @@ def test_z_shape_or_dtype_disagrees(run, tmp_path, ckpt_parts):
     torch.save({"model": sd, "optimizer": osd}, tmp_path / "c.pt")
     out = tmp_path / "x.safetensors"
     assert_refused(run("convert", tmp_path / "c.pt", out), out,
-                   "optimizer entry 2 has z of shape (3, 3) but parameter 'fc2.weight' is (4, 16)")
+                   "optimizer entry 2 (group 0) has z of shape (3, 3) but the model has no parameter of that shape")
     osd["state"][2]["z"] = torch.zeros(4, 16, dtype=torch.float64)
     torch.save({"model": sd, "optimizer": osd}, tmp_path / "c.pt")
-    assert_refused(run("convert", tmp_path / "c.pt", out), out, "entry 2 has z of dtype float64")
+    assert_refused(run("convert", tmp_path / "c.pt", out), out, "entry 2 (group 0) has z of dtype float64")
 
 
 def test_optimizer_of_another_model(run, tmp_path, ckpt_parts):

@@ -80,22 +80,35 @@ def test_several_groups_in_model_order(run, tmp_path):
     assert [g["beta"] for g in report["groups"]] == [0.9, 0.7]
 
 
-def test_groups_out_of_order_need_names(run, tmp_path):
+def test_groups_out_of_model_order_are_matched_by_content(run, tmp_path):
+    """Head-first groups: the optimizer's order is not the model's; z content says which tensor is which."""
     model = trainers.MLP()
     opt = trainers.train(model, "adamw", param_groups=_groups_out_of_model_order(model))
     save_checkpoint(tmp_path / "c.pt", model, opt)
     out = tmp_path / "x.safetensors"
     result = run("convert", tmp_path / "c.pt", out)
-    assert result.exit_code == 2
-    assert "optimizer entry 0 has z of shape (4, 16) but parameter 'fc1.weight' is (16, 8)" in result.stderr
-    assert "--param-order" in result.stderr
-    assert not out.exists()
+    assert result.exit_code == 0, result.stderr
+    assert_equal_tensors(read(out), trainers.eval_x(model, opt))
+    report = json.loads(run("inspect", tmp_path / "c.pt", "--json").stdout)
+    assert report["mapping"]["confirmed_by_content"] == 4
+    assert report["mapping"]["evidence"] == {"content": 4}
 
+
+def test_param_order_file_is_checked_against_content(run, tmp_path):
+    model = trainers.MLP()
+    opt = trainers.train(model, "adamw", param_groups=_groups_out_of_model_order(model))
+    save_checkpoint(tmp_path / "c.pt", model, opt)
+    out = tmp_path / "x.safetensors"
     order = tmp_path / "order.txt"
     order.write_text("fc2.weight\nfc2.bias\nfc1.weight\nfc1.bias\n")
     result = run("convert", tmp_path / "c.pt", out, "--param-order", order)
     assert result.exit_code == 0, result.stderr
     assert_equal_tensors(read(out), trainers.eval_x(model, opt))
+    out.unlink()
+    order.write_text("fc1.weight\nfc1.bias\nfc2.weight\nfc2.bias\n")
+    result = run("convert", tmp_path / "c.pt", out, "--param-order", order)
+    assert result.exit_code == 2 and "--param-order" in result.stderr
+    assert not out.exists()
 
 
 def test_named_optimizer_param_names_are_used(run, tmp_path):
@@ -110,7 +123,7 @@ def test_named_optimizer_param_names_are_used(run, tmp_path):
     save_checkpoint(tmp_path / "c.pt", model, opt)
     assert run("convert", tmp_path / "c.pt", tmp_path / "x.safetensors").exit_code == 0
     assert_equal_tensors(read(tmp_path / "x.safetensors"), trainers.eval_x(model, opt))
-    assert json.loads(run("inspect", tmp_path / "c.pt", "--json").stdout)["mapping"]["method"] == "param_names"
+    assert json.loads(run("inspect", tmp_path / "c.pt", "--json").stdout)["mapping"]["evidence"] == {"names": 4}
 
 
 def test_frozen_parameters_not_given_to_optimizer_are_skipped_when_unambiguous(run, tmp_path):
@@ -121,7 +134,8 @@ def test_frozen_parameters_not_given_to_optimizer_are_skipped_when_unambiguous(r
     assert_equal_tensors(read(tmp_path / "x.safetensors"), trainers.eval_x(model, opt))
 
 
-def test_ambiguous_alignment_is_refused(run, tmp_path):
+def test_frozen_layer_told_apart_by_content(run, tmp_path):
+    """Only the second of two same-shape layers is trained: its z lies next to its own weights."""
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
     opt = schedulefree.SGDScheduleFree(model[1].parameters(), lr=0.1)
     opt.train()
@@ -129,8 +143,34 @@ def test_ambiguous_alignment_is_refused(run, tmp_path):
     opt.step()
     save_checkpoint(tmp_path / "c.pt", model, opt)
     result = run("convert", tmp_path / "c.pt", tmp_path / "x.safetensors")
-    assert result.exit_code == 2
-    assert "shapes fit in more than one way" in result.stderr and "--param-order" in result.stderr
+    assert result.exit_code == 0, result.stderr
+    assert_equal_tensors(read(tmp_path / "x.safetensors"), trainers.eval_x(model, opt))
+    report = json.loads(run("convert", tmp_path / "c.pt", tmp_path / "x2.safetensors", "--json").stdout)
+    assert report["untrained_parameters"] == ["0.weight", "0.bias"]
+
+
+def test_ambiguous_alignment_is_refused(run, tmp_path):
+    """A frozen copy of the trained layer's starting weights: content cannot tell which one was trained."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    model[0].load_state_dict(model[1].state_dict())
+    model[0].requires_grad_(False)
+    opt = schedulefree.SGDScheduleFree(model[1].parameters(), lr=0.1)
+    opt.train()
+    for _ in range(5):
+        opt.zero_grad()
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+    save_checkpoint(tmp_path / "c.pt", model, opt)
+    result = run("convert", tmp_path / "c.pt", tmp_path / "x.safetensors")
+    assert result.exit_code == 2, result.stderr
+    assert "cannot tell which tensor" in result.stderr and "--param-order" in result.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+    order = tmp_path / "order.txt"
+    order.write_text("1.weight\n1.bias\n")
+    result = run("convert", tmp_path / "c.pt", tmp_path / "x.safetensors", "--param-order", order)
+    assert result.exit_code == 0, result.stderr
+    assert_equal_tensors(read(tmp_path / "x.safetensors"), trainers.eval_x(model, opt))
 
 
 def test_batchnorm_buffers_are_copied_and_flagged(trained, run, tmp_path):

@@ -53,8 +53,12 @@ def trainer_state(path: Path) -> dict[str, Any]:
         return {}
 
 
-def parameter_order(path: Path) -> list[str]:
-    """Parameter names in the order the Trainer gave them to the optimizer."""
+def parameter_order(path: Path) -> tuple[list[str], list[set[str]]]:
+    """The model's parameter names in `named_parameters()` order, and the names the Trainer's two
+    groups (weight decay, no weight decay) may hold.
+
+    Which parameters were frozen is not saved, so each group may hold any subset of its names,
+    in this order; the mapping confirms the subset by content."""
     try:
         import torch
         import transformers
@@ -80,5 +84,5 @@ def parameter_order(path: Path) -> list[str]:
     with torch.device("meta"):
         model = model_cls._from_config(config)
     decay = set(Trainer.get_decay_parameter_names(None, model))
-    named = [n for n, p in model.named_parameters() if p.requires_grad]
-    return [n for n in named if n in decay] + [n for n in named if n not in decay]
+    named = [n for n, _ in model.named_parameters()]
+    return named, [{n for n in named if n in decay}, {n for n in named if n not in decay}]
