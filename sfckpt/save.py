@@ -80,7 +80,7 @@ def save(
             raise OutputError("PEFT loads an adapter from one file; --max-shard-size does not apply", "leave it out")
         copies = [src / name for name in peft_adapter.RELEASE_FILES if (src / name).is_file()]
         return writer.write_folder(out, specs, produce, metadata, force, progress, None, copies, peft_adapter.SAFE_NAME)
-    if recon.checkpoint.container == "huggingface-trainer":
+    if recon.checkpoint.container in ("huggingface-trainer", "deepspeed"):
         # config.json, generation_config.json and tokenizer files, so `from_pretrained(out)` works
         from .readers.hf_trainer import RELEASE_FILES
 

@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,67 @@ def test_fixtures_regenerate(tmp_path):
         for dtype in (None, "float32"):
             assert_identical(reconstruct(sfckpt.load(tmp_path / case), dtype=dtype).state_dict(),
                              expected_output(tmp_path / case, dtype))
+
+
+HF_DEEPSPEED_TRAIN = textwrap.dedent(
+    """
+    import os, socket, sys, torch
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no JIT build of DeepSpeed's shm all-reduce
+    from deepspeed.utils import safe_get_full_fp32_param
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
+
+    out = Path(sys.argv[1])
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    vocab = {f"t{i}": i for i in range(64)}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), unk_token="t0",
+                                  pad_token="t1")
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    data = [{"input_ids": torch.randint(0, 64, (8,)), "labels": torch.randint(0, 64, (8,))} for _ in range(12)]
+    ds_config = {"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
+                 "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
+    args = TrainingArguments(output_dir=str(out), optim="schedule_free_adamw", learning_rate=1e-2, weight_decay=0.1,
+                             per_device_train_batch_size=4, max_steps=3, save_steps=3, report_to=[], logging_steps=100,
+                             lr_scheduler_type="constant", deepspeed=ds_config)
+    trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tok)
+    trainer.train()
+    engine = trainer.model_wrapped
+    engine.optimizer.optimizer.eval()  # schedulefree's own eval() on DeepSpeed's fp32 master partitions
+    x = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters(remove_duplicate=False)}
+    torch.save(x, out / "expected_x.pt")
+    """
+)
+
+
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
+def test_hf_trainer_deepspeed_zero2_to_release_folder(run, tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    result = subprocess.run([sys.executable, "-c", HF_DEEPSPEED_TRAIN, str(tmp_path)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt, expected = tmp_path / "checkpoint-3", torch.load(tmp_path / "expected_x.pt")
+    assert not (ckpt / "optimizer.pt").exists() and (ckpt / "global_step3").is_dir()
+    report = json.loads(run("inspect", ckpt, "--json").stdout)
+    assert report["container"] == "deepspeed" and [g["weight_decay"] for g in report["groups"]] == [0.1, 0.0]
+    release = tmp_path / "release"
+    result = run("convert", ckpt, release)
+    assert result.exit_code == 0, result.stderr
+    assert "lm_head.weight" not in read(release / "model.safetensors")  # named as save_pretrained names it
+    model = AutoModelForCausalLM.from_pretrained(str(release))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert_identical(model.state_dict(), expected)
+    assert run("check", release, "--ckpt", ckpt).exit_code == 0
+    assert run("check", ckpt / "model.safetensors", "--ckpt", ckpt).exit_code == 1  # the Trainer's own weights are y

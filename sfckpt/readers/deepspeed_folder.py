@@ -364,19 +364,28 @@ class DeepSpeedFolder:
                                                storage_id=key + ("z",))}
         frozen = self._frozen()
         shared = head.get("shared_params") or {}
+        # Beside a Hugging Face model (config.json: a Trainer's checkpoint-N/), name the release as
+        # save_pretrained does: without tied duplicates, which transformers re-ties on load.
+        hf_model = (self.tag.parent / "config.json").is_file()
         weights: dict[str, TensorRef] = {}
         names = list(module) + [n for n in list(trainable) + list(frozen) if n not in module]
+        dropped = []
         for name in names:
             if name in trainable:
                 weights[name] = trainable[name]
             elif name in frozen:
                 weights[name] = frozen[name]
             elif isinstance(shared, Mapping) and shared.get(name) in trainable:
-                weights[name] = trainable[shared[name]]  # a tied duplicate: the same data as its twin
+                if hf_model:
+                    dropped.append(name)
+                else:
+                    weights[name] = trainable[shared[name]]  # a tied duplicate: the same data as its twin
             elif isinstance(module.get(name), TensorRef) and (self.stage != 3 or name in (head.get("buffer_names") or ())):
                 weights[name] = module[name]  # buffers (and, at ZeRO-1/2, anything else the module holds as is)
         self.module_dtype = self._module_dtype(list(trainable))
         self._describe(groups, len(trainable), len(frozen))
+        if dropped:
+            self.notes.append(f"tied duplicates left out as save_pretrained does (transformers re-ties them): {', '.join(dropped)}")
         return {"model": weights, "optimizer": {"state": state, "param_groups": groups}}
 
     def _frozen(self) -> dict[str, TensorRef]:
