@@ -103,8 +103,13 @@ def parameter_order(path: Path) -> tuple[list[str], list[set[str]]] | None:
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation notes from building the model say nothing about the checkpoint
         model = peft.get_peft_model(model_cls._from_config(base_config), peft_config)
-    adapter = getattr(model, "active_adapter", "default")
-    saved = lambda n: n.replace(f".{adapter}.", ".")  # noqa: E731  PEFT saves names without the adapter name
+    # The names PEFT saves each trainable parameter under (adapter name removed, modules_to_save unwrapped), as
+    # PEFT itself computes them: its state dict of the parameters themselves, matched back by identity.
+    params = model.state_dict(keep_vars=True)
+    saved = {id(p): k for k, p in peft.get_peft_model_state_dict(model, state_dict=params).items()}
     decay = set(Trainer.get_decay_parameter_names(None, model))
-    named = [n for n, p in model.named_parameters() if p.requires_grad]
-    return [saved(n) for n in named], [{saved(n) for n in named if n in decay}, {saved(n) for n in named if n not in decay}]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if any(id(p) not in saved for _, p in named):
+        return None  # a trainable parameter PEFT does not save: the rebuilt model is not the trained one
+    names = [saved[id(p)] for _, p in named]
+    return names, [{saved[id(p)] for n, p in named if n in decay}, {saved[id(p)] for n, p in named if n not in decay}]
