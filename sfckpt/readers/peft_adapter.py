@@ -55,19 +55,18 @@ def _base_config(path: Path, name: str):
     neither. Nothing is downloaded."""
     import transformers
 
-    for where in [Path(name), path.parent / name, path.parent.parent / name]:
-        if (where / "config.json").is_file():
-            return transformers.AutoConfig.from_pretrained(str(where), local_files_only=True)
-    try:
-        return transformers.AutoConfig.from_pretrained(name, local_files_only=True)
+    local = [w for w in (Path(name), path.parent / name, path.parent.parent / name) if (w / "config.json").is_file()]
+    try:  # never trust_remote_code: a config that needs code from the hub gives no order
+        return transformers.AutoConfig.from_pretrained(str(local[0]) if local else name, local_files_only=True)
     except Exception:
         return None
 
 
 def parameter_order(path: Path) -> tuple[list[str], list[set[str]]] | None:
     """The adapter's names (as saved) in the PeftModel's `named_parameters()` order, and the names the
-    Trainer's two groups (weight decay, no weight decay) may hold; None when the base model's config is
-    not at hand (then shape and content decide, or --param-order).
+    Trainer's two groups (weight decay, no weight decay) may hold. None when that cannot be rebuilt here
+    (no peft or transformers, the base model's config not at hand, a model that does not build): then
+    shape and content decide, or --param-order, which `load` does not see and so must not be blocked.
 
     Built like the Trainer built it: the base model from its config on the meta device (no weights),
     wrapped by PEFT with the saved adapter config."""
@@ -86,23 +85,23 @@ def parameter_order(path: Path) -> tuple[list[str], list[set[str]]] | None:
         import transformers
         from transformers import Trainer
     except ImportError:
-        raise InputError(
-            f"{path} is a PEFT adapter checkpoint; matching its optimizer state to the adapter needs peft and transformers",
-            "pip install 'sfckpt[hf]' peft (or pass --param-order FILE)",
-        ) from None
+        return None
     base_config = _base_config(path, base_name)
     if base_config is None:
         return None
     class_name = (config.get("auto_mapping") or {}).get("base_model_class") or (base_config.architectures or [None])[0]
     model_cls = getattr(transformers, class_name, None) if class_name else None
     if model_cls is None:
-        raise InputError(f"{path}/{CONFIG_NAME}: base model class {class_name} is not in transformers",
-                         "pass --param-order FILE with the adapter's names in optimizer order")
-    peft_config = peft.PeftConfig.from_pretrained(str(path))
-    peft_config.inference_mode = False  # saved as True; the trained model had its adapter trainable
+        return None
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation notes from building the model say nothing about the checkpoint
-        model = peft.get_peft_model(model_cls._from_config(base_config), peft_config)
+        try:
+            peft_config = peft.PeftConfig.from_pretrained(str(path))
+            peft_config.inference_mode = False  # saved as True; the trained model had its adapter trainable
+            model = peft.get_peft_model(model_cls._from_config(base_config), peft_config)
+        except Exception:
+            return None
+
     # The names PEFT saves each trainable parameter under (adapter name removed, modules_to_save unwrapped), as
     # PEFT itself computes them: its state dict of the parameters themselves, matched back by identity.
     params = model.state_dict(keep_vars=True)
