@@ -38,7 +38,13 @@ _OPTIMIZER_FILE = re.compile(r"optimizer(?:_([1-9][0-9]*))?\.bin")
 
 
 def is_accelerate_folder(path: Path) -> bool:
-    return path.is_dir() and (path / OPTIMIZER_NAME).is_file()
+    return path.is_dir() and ((path / OPTIMIZER_NAME).is_file() or _fsdp_files(path) != [])
+
+
+def _fsdp_files(path: Path) -> list[str]:
+    """What Accelerate writes for FSDP models: `pytorch_model_fsdp.bin` (full state dict) or
+    `pytorch_model_fsdp_0/` and `optimizer_0/` (sharded, torch.distributed.checkpoint)."""
+    return sorted(p.name for p in path.glob("pytorch_model_fsdp*"))
 
 
 def _key(kind: str, index: str | None) -> str:
@@ -70,6 +76,13 @@ def load_object(path: Path) -> tuple[dict[str, Any], list[str]]:
     classes left unloaded. Tensor data is not read."""
     from . import load_torch
 
+    fsdp = _fsdp_files(path)
+    if fsdp:
+        raise InputError(
+            f"{path}: an Accelerate checkpoint of an FSDP model ({', '.join(fsdp)}), which sfckpt does not read yet",
+            "save the model and optimizer state dicts with torch.distributed.checkpoint (get_state_dict + dcp.save) "
+            "and convert that folder, or convert with the optimizer's own eval() in your training code",
+        )
     found = files(path)
     if not any(k.startswith("model") for k in found):
         raise InputError(
