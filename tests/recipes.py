@@ -232,8 +232,22 @@ def layerwise_lr_decay_groups(model: Stack, lr: float = 0.02, decay: float = 0.7
     return [{"params": list(b.parameters()), "lr": lr * decay**i} for i, b in enumerate(blocks)]
 
 
-def natural_key(name: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+def llrd_groups_by_name(model: nn.Module, n_layers: int, lr: float = 0.01, decay: float = 0.8):
+    """The layer-wise lr decay found in BERT/DeBERTa fine-tuning notebooks, by parameter name: embeddings
+    depth 0, block i depth i+1, everything else (final norm, pooler, heads) on top; deepest group first."""
+
+    def depth(name):
+        m = re.search(r"\.layers?\.(\d+)\.", name)
+        if m:
+            return int(m.group(1)) + 1
+        return 0 if "embed" in name else n_layers + 1
+
+    by_depth: dict[int, list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            by_depth.setdefault(depth(name), []).append(p)
+    top = n_layers + 1
+    return [{"params": by_depth[d], "lr": lr * decay ** (top - d)} for d in sorted(by_depth, reverse=True)]
 
 
 # ---- transformers models from tiny configs -------------------------------------------------------
@@ -253,12 +267,19 @@ def tiny_hf(kind: str):
         model = tf.BertForMaskedLM(tf.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
                                                  num_attention_heads=2, intermediate_size=32,
                                                  max_position_embeddings=32))
+    elif kind == "bert-cls":
+        model = tf.BertForSequenceClassification(tf.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                                                               num_attention_heads=2, intermediate_size=32,
+                                                               max_position_embeddings=32, num_labels=3))
     elif kind == "t5":
         model = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=2,
                                                           num_heads=2, decoder_start_token_id=0, pad_token_id=0))
     elif kind == "resnet":
         model = tf.ResNetForImageClassification(tf.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 8],
                                                                 depths=[1, 1], layer_type="basic", num_labels=3))
+    elif kind == "vitmodel":  # the bare ViTModel, with its pooler
+        model = tf.ViTModel(tf.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16,
+                                         num_hidden_layers=2, num_attention_heads=2, intermediate_size=32))
     elif kind == "vit":
         model = tf.ViTForImageClassification(tf.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16,
                                                           num_hidden_layers=2, num_attention_heads=2,
@@ -266,11 +287,23 @@ def tiny_hf(kind: str):
     else:
         raise ValueError(kind)
 
+    if kind == "vitmodel":
+        def batch():
+            return {"pixel_values": torch.randn(4, 3, 8, 8)}
+
+        def loss(m, b):  # no loss of its own: regress the pooled and token features to zero
+            out = m(**b)
+            return out.pooler_output.pow(2).mean() + out.last_hidden_state.pow(2).mean()
+
+        return model, loss, batch
     if kind in ("resnet", "vit"):
         size = 16 if kind == "resnet" else 8
 
         def batch():
             return {"pixel_values": torch.randn(4, 3, size, size), "labels": torch.randint(0, 3, (4,))}
+    elif kind == "bert-cls":
+        def batch():
+            return {"input_ids": torch.randint(2, 64, (4, 8)), "labels": torch.randint(0, 3, (4,))}
     else:
         def batch():
             ids = torch.randint(2, 64, (4, 8))

@@ -182,18 +182,34 @@ def test_lightning_configure_optimizers_head_first(run, tmp_path):
 
 # ---- 2. progressive unfreezing --------------------------------------------------------------------
 
-def test_progressive_unfreezing_add_param_group(run, tmp_path):
+@pytest.mark.parametrize("train_again", [True, False], ids=["train-called", "train-forgotten"])
+def test_progressive_unfreezing_add_param_group(train_again, run, tmp_path):
     """ULMFiT-style gradual unfreezing: train the head, then opt.add_param_group(backbone) and go on."""
     torch.manual_seed(0)
     model = HeadBackbone()
     model.backbone.requires_grad_(False)
-    opt = fit(model, sfadamw(model.head.parameters()), steps=2)
+    opt = sfadamw(model.head.parameters())
+    torch.manual_seed(1)
+    opt.train()
+    for _ in range(2):
+        opt.zero_grad()
+        model(recipes.random_batch()).pow(2).mean().backward()
+        opt.step()
     model.backbone.requires_grad_(True)
     opt.add_param_group({"params": model.backbone.parameters(), "lr": 0.005})
-    opt.train()  # the new group starts with train_mode=False; the library wants train() again
-    fit(model, opt, steps=3, seed=1)
+    # the new group starts with train_mode=False; the library wants train() again. Forgotten, step() still
+    # trains it (only group 0's flag is checked) and eval() leaves it alone: then its x is what it holds
+    if train_again:
+        opt.train()
+    assert opt.param_groups[1]["train_mode"] is train_again
+    for _ in range(3):
+        opt.zero_grad()
+        model(recipes.random_batch()).pow(2).mean().backward()
+        opt.step()
     y, expected = snapshot(model), eval_x(model, opt)
-    assert_trained(expected, y, expected)
+    assert_trained(expected, y, expected if train_again else [k for k in expected if k.startswith("head.")])
+    if not train_again:
+        assert not recipes.changed(expected, {k: v for k, v in y.items() if k.startswith("backbone.")})
     result, out = save_and_convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
     assert_converts(result, out, expected)  # content decides
 
@@ -309,7 +325,7 @@ def _train_gan(G, D, opt_g, opt_d, steps=4):
     """The DCGAN example's loop (least-squares loss): a D step on real and fake, then a G step."""
     torch.manual_seed(1)
     opt_g.train(), opt_d.train()
-    for _ in range(4):
+    for _ in range(steps):
         real, noise = recipes.random_batch(), recipes.random_batch()
         fake = G(noise)
         opt_d.zero_grad()
@@ -472,6 +488,7 @@ WEIGHT_DECAY_RECIPES = {
     "timm-llama": ("llama", recipes.timm_param_groups_weight_decay),
     "torchvision-resnet": ("resnet", recipes.torchvision_set_weight_decay),
     "torchvision-vit": ("vit", recipes.torchvision_set_weight_decay),
+    "torchvision-vitmodel": ("vitmodel", recipes.torchvision_set_weight_decay),
     "hf-trainer-rule-bert": ("bert", recipes.hf_trainer_groups),
     "hf-trainer-rule-t5": ("t5", recipes.hf_trainer_groups),
 }
@@ -502,8 +519,11 @@ def test_weight_decay_grouping(recipe, run, tmp_path):
 
 # ---- 8. a real Hugging Face Trainer run with a frozen embedding ----------------------------------
 
-def test_hf_trainer_folder_with_frozen_embedding(run, tmp_path):
-    """Fine-tuning with transformers.Trainer(optim="schedule_free_adamw") after embed_tokens.requires_grad_(False)."""
+def _hf_trainer_run(tmp_path, freeze=None, optimizer=None):
+    """transformers.Trainer(optim="schedule_free_adamw") on a tiny tied Llama, 3 steps, saving checkpoint-3/.
+
+    freeze(model) runs before the Trainer is built; optimizer(model) replaces the Trainer's own optimizer
+    (Trainer(optimizers=(opt, scheduler))). Returns (checkpoint folder, eval()'s x, y as saved)."""
     tf = pytest.importorskip("transformers")
     from safetensors.torch import load_file
 
@@ -512,24 +532,58 @@ def test_hf_trainer_folder_with_frozen_embedding(run, tmp_path):
                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
                             tie_word_embeddings=True)
     model = tf.LlamaForCausalLM(config)
-    model.model.embed_tokens.requires_grad_(False)  # tied: the lm_head is frozen with it
+    if freeze is not None:
+        freeze(model)
     data = [{"input_ids": torch.randint(0, 64, (8,)), "labels": torch.randint(0, 64, (8,))} for _ in range(12)]
-    args = tf.TrainingArguments(output_dir=str(tmp_path / "run"), optim="schedule_free_adamw", learning_rate=1e-2,
+    # a fine-tuning lr: weights move little against their init scale (0.02), as in real checkpoints
+    args = tf.TrainingArguments(output_dir=str(tmp_path / "run"), optim="schedule_free_adamw", learning_rate=1e-3,
                                 weight_decay=0.1, per_device_train_batch_size=4, max_steps=3, save_steps=3,
                                 report_to=[], use_cpu=True, logging_steps=100, lr_scheduler_type="constant")
-    trainer = tf.Trainer(model=model, args=args, train_dataset=data)
+    optimizers = (None, None)
+    if optimizer is not None:
+        opt = optimizer(model)
+        optimizers = (opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
+    trainer = tf.Trainer(model=model, args=args, train_dataset=data, optimizers=optimizers)
     trainer.train()
     trainer.optimizer.eval()
     expected = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ckpt = tmp_path / "run" / "checkpoint-3"
-    y = load_file(str(ckpt / "model.safetensors"))
-    assert_trained(expected, y, [k for k in y if "embed_tokens" not in k])
-    assert torch.equal(y["model.embed_tokens.weight"], expected["model.embed_tokens.weight"])  # frozen: x = y
+    return ckpt, expected, load_file(str(ckpt / "model.safetensors"))
+
+
+def _freeze_embedding(model):
+    model.model.embed_tokens.requires_grad_(False)  # tied: the lm_head is frozen with it
+
+
+def _freeze_first_layer(model):
+    model.model.layers[0].requires_grad_(False)
+
+
+@pytest.mark.parametrize("freeze", [_freeze_embedding, _freeze_first_layer], ids=["embedding", "first-layer"])
+def test_hf_trainer_folder_with_frozen_parameters(freeze, run, tmp_path):
+    """Fine-tuning with transformers.Trainer(optim="schedule_free_adamw") after requires_grad_(False) on a part."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt, expected, y = _hf_trainer_run(tmp_path, freeze)
+    frozen = {k for k in y if "embed_tokens" in k} if freeze is _freeze_embedding else {
+        k for k in y if k.startswith("model.layers.0.")}
+    assert_trained(expected, y, set(y) - frozen)
+    assert not recipes.changed(expected, {k: y[k] for k in frozen})  # frozen: x = y
     release = tmp_path / "release"
     result = run("convert", ckpt, release)
     assert result.exit_code == 0, result.stderr
-    loaded = tf.AutoModelForCausalLM.from_pretrained(str(release))
-    assert_equal_tensors(loaded.state_dict(), expected)
+    assert_equal_tensors(AutoModelForCausalLM.from_pretrained(str(release)).state_dict(), expected)
+
+
+def test_hf_trainer_with_custom_llrd_optimizer(run, tmp_path):
+    """Trainer(optimizers=(AdamWScheduleFree(layer-wise lr decay groups), scheduler)): not the Trainer's own grouping."""
+    ckpt, expected, y = _hf_trainer_run(
+        tmp_path, optimizer=lambda m: sfadamw(recipes.llrd_groups_by_name(m, n_layers=2, lr=1e-3), lr=1e-3))
+    assert_trained(expected, y, y)
+    out = tmp_path / "x.safetensors"
+    result = run("convert", ckpt, out)
+    # the weights are told apart by content; the RMSNorm gains (all near 1) can follow the blocks' order
+    assert_exact_or_refused(result, out, expected, tied={"lm_head.weight"})
 
 
 # ---- 9. torch.distributed.checkpoint with a hard-copied target network ---------------------------
@@ -547,8 +601,9 @@ class OnlineTarget(nn.Module):
         return self.online(x) - self.target(x).detach()
 
 
-def test_dcp_target_network_hard_copied_before_saving(run, tmp_path):
-    """DQN's hard target update (target.load_state_dict(online.state_dict())) just before dcp.save of get_state_dict."""
+@pytest.mark.parametrize("container", ["dcp", "torch.save"])
+def test_target_network_hard_copied_before_saving(container, run, tmp_path):
+    """DQN's hard target update (target.load_state_dict(online.state_dict())) just before saving (dcp.save or torch.save)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -559,12 +614,17 @@ def test_dcp_target_network_hard_copied_before_saving(run, tmp_path):
     y, expected = snapshot(model), eval_x(model, opt)
     assert_trained(expected, y, [k for k in expected if k.startswith("online.")])
     assert recipes.changed(expected, y) == {k for k in expected if k.startswith("online.")}
-    msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp_path / "dcp", no_dist=True)
     out = tmp_path / "x.safetensors"
-    result = run("convert", tmp_path / "dcp", out)
-    # the target's x is its y (never the online network's x); the file alone cannot tell a copy from a tie
-    assert_exact_or_refused(result, out, expected)
+    if container == "dcp":
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp_path / "dcp", no_dist=True)
+        result = run("convert", tmp_path / "dcp", out)
+        # the target's x is its y (never the online network's x); DCP cannot tell a copy from a tie
+        assert_exact_or_refused(result, out, expected)
+    else:
+        result, out = save_and_convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+        # separate storages, so not tied; but no names, and online and target hold the same bytes
+        assert_exact_or_refused(result, out, expected)
 
 
 # ---- 10. more recipes from public training code -------------------------------------------------
@@ -692,3 +752,29 @@ def test_all_parameters_split_by_requires_grad(run, tmp_path):
     assert recipes.changed(expected, y) == trainable
     result, out = save_and_convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
     assert_converts(result, out, expected)  # content decides; frozen entries have no z and keep y
+
+
+def test_depth_upscaled_layers_with_llrd(run, tmp_path):
+    """SOLAR-style depth up-scaling (new layers copied from old ones), then fine-tuned with deepest-first LLRD groups."""
+    torch.manual_seed(0)
+    model = Stack(4)
+    model.layers[2].load_state_dict(model.layers[0].state_dict())
+    model.layers[3].load_state_dict(model.layers[1].state_dict())
+    opt = fit(model, sfadamw(recipes.layerwise_lr_decay_groups(model)))
+    y, expected = snapshot(model), eval_x(model, opt)
+    assert_trained(expected, y, expected)
+    result, out = save_and_convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    # copies started from the same bytes: content separates them only by 4 steps of training
+    assert_exact_or_refused(result, out, expected)
+
+
+def test_bert_llrd_fine_tuning(run, tmp_path):
+    """The BERT fine-tuning notebooks' layer-wise lr decay (classifier, layer.1, layer.0, embeddings) on BertForSequenceClassification."""
+    pytest.importorskip("transformers")
+    model, loss, batch = recipes.tiny_hf("bert-cls")
+    opt = fit(model, sfadamw(recipes.llrd_groups_by_name(model, n_layers=2), lr=0.01), loss=loss, batch=batch)
+    y, expected = snapshot(model), eval_x(model, opt)
+    assert_trained(expected, y, _trained_names(model, opt))
+    result, out = save_and_convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    # weights are told apart by content; LayerNorm gains (near 1) and zero-initialised biases are not
+    assert_exact_or_refused(result, out, expected, tied=recipes.tied_names(model))
