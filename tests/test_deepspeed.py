@@ -149,6 +149,37 @@ def test_bad_folders_are_refused(run, tmp_path):
     assert_refused(run("inspect", ckpt), out, "names tag 'global_step9'")
 
 
+DAMAGE = {
+    "a short flat partition": ("zero3-bf16", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                               lambda o: o["optimizer_state_dict"]["fp32_flat_groups"].__setitem__(0, torch.zeros(3)),
+                               "sub-group 0 holds 3 elements but its parameters need 79"),
+    "z on one rank only": ("zero3-bf16", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                           lambda o: o["optimizer_state_dict"]["optimizer_state_dict"]["state"].pop(0),
+                           "has no z for flat group 0, but rank 0 has"),
+    "a frozen slice missing": ("zero3-fp32", "zero_pp_rank_1_mp_rank_00_model_states.pt",
+                               lambda o: o["frozen_param_fragments"].pop("frozen.weight"),
+                               "rank 1 holds no slice of frozen parameter 'frozen.weight'"),
+    "param_shapes of another model": ("zero2-fp32", "mp_rank_00_model_states.pt",
+                                      lambda o: o["param_shapes"][0].__setitem__("fc1.weight", (13, 8)),
+                                      "group 0's parameters take 169 elements but the ranks hold 156"),
+    "groups that are not dicts": ("bf16-optimizer", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                  lambda o: o["optimizer_state_dict"]["base_optimizer_state"].__setitem__("param_groups", [1, 2]),
+                                  "param_groups[0] has no 'params' list"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_rank_files_are_refused(damage, run, tmp_path):
+    case, file, change, message = DAMAGE[damage]
+    ckpt = _copy(case, tmp_path)
+    path = ckpt / "global_step3" / file
+    obj = torch.load(path, weights_only=False)  # written by this test suite's own fixtures script
+    change(obj)
+    torch.save(obj, path)
+    out = tmp_path / "x.safetensors"
+    assert_refused(run("convert", ckpt, out), out, message)
+
+
 def test_parameters_are_read_one_at_a_time(monkeypatch):
     """Loading one parameter touches only its slices, not the whole model."""
     from sfckpt.readers import deepspeed_folder

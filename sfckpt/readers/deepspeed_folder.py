@@ -26,6 +26,7 @@ with `param_names` in the groups.
 """
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from dataclasses import dataclass, field
@@ -82,6 +83,18 @@ def is_deepspeed_folder(path: Path) -> bool:
     """A DeepSpeed checkpoint: a tag folder, its parent with `latest`, or a wrapper's folder holding one."""
     return path.is_dir() and not (path / ".metadata").is_file() and (
         (path / LATEST).is_file() or _tag_folder(path) is not None)
+
+
+def _allow_open_files(needed: int) -> None:
+    """Raise the soft limit on open files when a run had many ranks (the hard limit permitting)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < needed:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else min(needed, hard), hard))
+    except (ImportError, ValueError, OSError):
+        pass  # not POSIX, or not allowed: opening a file will say so
 
 
 def _shape(value: Any, where: str) -> tuple[int, ...]:
@@ -159,6 +172,7 @@ class DeepSpeedFolder:
         if missing:
             raise InputError(f"{self.tag}: the optimizer file of rank {missing[0]} is missing "
                              f"(found ranks {', '.join(map(str, sorted(files)))})", "copy the whole tag folder")
+        _allow_open_files(2 * n + 64)  # every rank file stays open (memory-mapped) until the tensors are read
         self.ranks = [self._open_rank(files[r], r) for r in range(n)]
         first = self.ranks[0]
         self.stage = self._stage(first)
@@ -195,6 +209,9 @@ class DeepSpeedFolder:
         if not isinstance(opt, Mapping) or not isinstance(opt.get("param_groups"), list) or not isinstance(opt.get("state"), Mapping):
             raise InputError(f"{file} holds no client optimizer state (state and param_groups)",
                              "the file is damaged, or was saved without optimizer states")
+        for g, group in enumerate(opt["param_groups"]):
+            if not isinstance(group, Mapping) or not isinstance(group.get("params"), (list, tuple)):
+                raise InputError(f"{file}: optimizer param_groups[{g}] has no 'params' list", "the checkpoint is damaged")
         if not isinstance(flats, (list, tuple)) or not all(isinstance(t, TensorRef) and t.dtype == "float32" for t in flats):
             raise InputError(f"{file}: the fp32 master partitions are not float32 tensors", "the checkpoint is damaged")
         return _Rank(file, rank, sd, list(flats), opt)
@@ -254,12 +271,18 @@ class DeepSpeedFolder:
             raise InputError(f"{self.tag}: {len(shapes)} groups of param_shapes but {flats} flat groups in the rank files",
                              "the model-states file and the rank files come from different saves")
         z = [self._z_of(r) for r in self.ranks]
+        for k in range(flats):
+            have = [r for r in range(self.world) if z[r][k] is not None]
+            if have and len(have) != self.world:
+                lacking = next(r for r in range(self.world) if z[r][k] is None)
+                raise InputError(f"{self.ranks[lacking].path} has no z for flat group {k}, but rank {have[0]} has",
+                                 "the folder mixes files of different saves, or a rank file is damaged")
         out = []
         flat_group = self._flat_to_group()
         for k, group_shapes in enumerate(shapes):
             if not isinstance(group_shapes, Mapping):
                 raise InputError(f"{self.tag}: param_shapes[{k}] is not a name -> shape map", "the checkpoint is damaged")
-            named = [(str(n), _shape(s, f"param_shapes[{k}]['{n}']")) for n, s in group_shapes.items()]
+            named = [(str(n), _shape(s, f"{self.tag}: param_shapes[{k}]['{n}']")) for n, s in group_shapes.items()]
             if self.stage == 3:
                 placed = self._zero3_group(k, named, z)
             else:
@@ -298,7 +321,9 @@ class DeepSpeedFolder:
 
     def _zero12_group(self, k: int, named, z) -> list:
         sizes = [r.flats[k].numel for r in self.ranks]
-        starts = [sum(sizes[:r]) for r in range(len(sizes))]
+        starts = [0]
+        for size in sizes[:-1]:
+            starts.append(starts[-1] + size)
         paddings = self.ranks[0].sd.get("param_alignment_paddings")
         pads = paddings[k] if isinstance(paddings, (list, tuple)) and k < len(paddings) else None
         if pads is not None and (not isinstance(pads, (list, tuple)) or len(pads) != len(named)):
@@ -308,17 +333,22 @@ class DeepSpeedFolder:
         for j, (name, shape) in enumerate(named):
             numel = math.prod(shape)
             y_parts, z_parts = [], []
-            for r, (start, size) in enumerate(zip(starts, sizes)):
-                lo, hi = max(offset, start), min(offset + numel, start + size)
+            r = max(bisect.bisect_right(starts, offset) - 1, 0)  # the rank holding the first element
+            while r < len(starts) and starts[r] < offset + numel:
+                lo, hi = max(offset, starts[r]), min(offset + numel, starts[r] + sizes[r])
                 if lo < hi:
-                    y_parts.append(_part(self.ranks[r].flats[k], lo - start, hi - lo))
-                    z_parts.append(_part(z[r][k], lo - start, hi - lo) if z[r][k] is not None else None)
+                    y_parts.append(_part(self.ranks[r].flats[k], lo - starts[r], hi - lo))
+                    z_parts.append(_part(z[r][k], lo - starts[r], hi - lo) if z[r][k] is not None else None)
+                r += 1
             placed.append((name, shape, y_parts, z_parts))
             offset += numel + (int(pads[j]) if pads is not None else 0)
         total = sum(sizes)
         # ZeRO-1/2 strip the group's padding before saving; BF16_Optimizer keeps it on the last rank.
-        trailing = self.ranks[-1].sd.get("group_paddings", [0] * (k + 1))[k] if "zero_stage" not in self.ranks[0].sd else 0
-        if offset + (trailing if isinstance(trailing, int) else 0) != total:
+        trailing = 0
+        if "zero_stage" not in self.ranks[0].sd:
+            paddings = self.ranks[-1].sd.get("group_paddings")
+            trailing = paddings[k] if isinstance(paddings, (list, tuple)) and k < len(paddings) else 0
+        if offset + (trailing if type(trailing) is int else 0) != total:
             raise InputError(f"{self.tag}: group {k}'s parameters take {offset} elements but the ranks hold {total}",
                              "the model-states file and the rank files come from different saves")
         return placed
@@ -367,6 +397,7 @@ class DeepSpeedFolder:
         # Beside a Hugging Face model (config.json: a Trainer's checkpoint-N/), name the release as
         # save_pretrained does: without tied duplicates, which transformers re-ties on load.
         hf_model = (self.tag.parent / "config.json").is_file()
+        buffers = head.get("buffer_names") if isinstance(head.get("buffer_names"), (list, tuple)) else ()
         weights: dict[str, TensorRef] = {}
         names = list(module) + [n for n in list(trainable) + list(frozen) if n not in module]
         dropped = []
@@ -380,7 +411,7 @@ class DeepSpeedFolder:
                     dropped.append(name)
                 else:
                     weights[name] = trainable[shared[name]]  # a tied duplicate: the same data as its twin
-            elif isinstance(module.get(name), TensorRef) and (self.stage != 3 or name in (head.get("buffer_names") or ())):
+            elif isinstance(module.get(name), TensorRef) and (self.stage != 3 or name in buffers):
                 weights[name] = module[name]  # buffers (and, at ZeRO-1/2, anything else the module holds as is)
         self.module_dtype = self._module_dtype(list(trainable))
         self._describe(groups, len(trainable), len(frozen))
@@ -391,12 +422,14 @@ class DeepSpeedFolder:
     def _frozen(self) -> dict[str, TensorRef]:
         head = self.models[0]
         shapes = head.get("frozen_param_shapes") or {}
+        if not isinstance(shapes, Mapping):
+            raise InputError(f"{self.tag}: frozen_param_shapes is not a name -> shape map", "the checkpoint is damaged")
         if self.stage != 3:
             module = head["module"]
             return {n: module[n] for n in shapes if isinstance(module.get(n), TensorRef)}
         out = {}
         for name, raw in shapes.items():
-            shape = _shape(raw, f"frozen_param_shapes['{name}']")
+            shape = _shape(raw, f"{self.tag}: frozen_param_shapes['{name}']")
             numel, per_rank = math.prod(shape), math.ceil(math.prod(shape) / self.world)
             parts = []
             for r, model in enumerate(self.models):
