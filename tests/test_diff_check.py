@@ -175,18 +175,6 @@ def _sfckpt_on_path():
     return env
 
 
-def test_pre_commit_hook_entry_runs(release, tmp_path):
-    ckpt, x_file, y_file, _, _ = release
-    hook = yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text())[0]
-    assert re.search(hook["files"], "release/model.safetensors")
-    env = _sfckpt_on_path()
-    base = hook["entry"].split() + ["--ckpt", str(ckpt)]  # args as a user's config gives them
-    ok = subprocess.run(base + [str(x_file)], capture_output=True, text=True, env=env)
-    assert ok.returncode == 0, ok.stderr
-    bad = subprocess.run(base + [str(y_file)], capture_output=True, text=True, env=env)
-    assert bad.returncode == 1 and "training weights y" in bad.stdout
-
-
 def test_docs_ci_workflow_step_runs(release, run, tmp_path):
     ckpt, _, y_file, _, _ = release
     text = (ROOT / "docs" / "ci.md").read_text()
