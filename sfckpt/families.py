@@ -40,6 +40,8 @@ class Family:
     z_key: str = "z"
     step_key: str = "k"
     switch_key: str | None = None  # group flag turning Schedule-Free on; a group with it off has no y/x split
+    beta_first_key: str | None = None  # a group key that, when set, is β instead of beta_key (heavyball's 'beta')
+    refuse_when_set: tuple[tuple[str, str], ...] = ()  # (group key, why): a group with it set is not converted
     group_has: frozenset[str] = field(default_factory=frozenset)
     group_lacks: frozenset[str] = field(default_factory=frozenset)
     state_has: frozenset[str] = field(default_factory=frozenset)
@@ -58,10 +60,22 @@ class Family:
         """β as saved in the group, or None when this family does not save it."""
         if self.beta_key is None:
             return None
+        if self.beta_first_key is not None and group.get(self.beta_first_key) is not None:
+            return group[self.beta_first_key]
         value = group.get(self.beta_key)
         if self.beta_key == "betas" and isinstance(value, (tuple, list)) and value:
             return value[0]
         return value
+
+    def check_groups(self, groups: list[Mapping[str, Any]]) -> None:
+        """Refuse settings under which this family's eval() computes x from more than y, z and β."""
+        for key, why in self.refuse_when_set:
+            for g, group in enumerate(groups):
+                if group.get(key):
+                    raise InputError(
+                        f"{self.library} {self.classes[0]}: param_groups[{g}] has {key}={group[key]!r}; {why}",
+                        "sfckpt cannot reproduce its eval() here; call the optimizer's own eval() in your training code",
+                    )
 
     def params_hold(self, group: Mapping[str, Any]) -> str:
         """'y', 'x' or 'unknown': what the model's parameters hold for this group."""
@@ -220,6 +234,9 @@ FAMILIES: tuple[Family, ...] = (
         x_in_float32=True,
         mode_default=True,
         step_key="step_count",
+        beta_first_key="beta",  # heavyball's get_beta1 prefers a group's 'beta' to betas[0]
+        refuse_when_set=(("param_ecc", "the parameters are stored in low precision with an error-correction term "
+                          "kept in the optimizer state ('param::ecc'), and eval() works on their sum"),),
         group_has=_F({"betas"}),
         state_has=_F({"z"}),
         note="heavyball's eval() rounds bfloat16 parameters stochastically; for them sfckpt's x (rounded to nearest) "
@@ -302,6 +319,7 @@ def detect(groups: list[Mapping[str, Any]], state_keys: set[str], layout: str = 
     group_keys = set().union(*(set(g) for g in groups)) if groups else set()
     found = [f for f in FAMILIES if f.layout == layout and f.matches(group_keys, state_keys)]
     if len(found) == 1:
+        found[0].check_groups(groups)
         return found[0]
     seen = f"group keys {sorted(group_keys - {'params', 'param_names'})}, state keys {sorted(state_keys)}"
     if not found:

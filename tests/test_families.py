@@ -192,7 +192,7 @@ def _train_plain(make, model, closure_needed=False):
     torch.manual_seed(0)
     opt = make(list(model.parameters()))
     for _ in range(3):
-        inp = trainers.example_input(model)
+        inp = trainers.example_input(model).to(next(model.parameters()).dtype)  # heavyball's param_ecc makes them bf16
 
         def closure():
             opt.zero_grad()
@@ -258,3 +258,29 @@ def test_heavyball_split_opt_is_refused_by_name(run, tmp_path):
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "c.pt")
     result = run("convert", tmp_path / "c.pt", tmp_path / "x.safetensors")
     assert result.exit_code == 2 and "SplitOpt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_heavyball_param_ecc_is_refused(run, tmp_path):
+    """With param_ecc, heavyball keeps bfloat16 parameters plus a correction in its state, and eval() lerps their
+    sum: converting the parameters alone would be silently wrong."""
+    SFAdamW = _heavyball_class("SFAdamW")
+    model = trainers.MLP()
+    opt = _train_plain(lambda p: SFAdamW(p, lr=0.02, betas=(0.85, 0.99), param_ecc="bf16+16"), model)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "c.pt")
+    result = run("convert", tmp_path / "c.pt", tmp_path / "x.safetensors")
+    assert result.exit_code == 2 and "param_ecc" in result.stderr and "SFAdamW" in result.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_heavyball_state_ecc_and_group_beta_match_eval(run, tmp_path):
+    """ecc compresses exp_avg_sq only (z stays plain), and a group's own 'beta' is the β1 heavyball's eval() uses."""
+    SFAdamW = _heavyball_class("SFAdamW")
+    model = trainers.MLP()
+    groups = [{"params": model.fc1.parameters(), "beta": 0.7}, {"params": model.fc2.parameters()}]
+    opt = _train_plain(lambda p: SFAdamW(groups, lr=0.02, betas=(0.9, 0.99), ecc="bf16+8"), model)
+    sd = opt.state_dict()
+    torch.save({"model": model.state_dict(), "optimizer": sd}, tmp_path / "c.pt")
+    opt.eval()
+    result = run("convert", tmp_path / "c.pt", tmp_path / "x.safetensors")
+    assert result.exit_code == 0, result.stderr
+    assert_equal_tensors(read(tmp_path / "x.safetensors"), model.state_dict())
