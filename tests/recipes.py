@@ -213,6 +213,32 @@ def torchvision_set_weight_decay(model: nn.Module, weight_decay: float = 1e-4, n
     return param_groups
 
 
+def mingpt_groups(model: nn.Module, weight_decay: float = 0.1):
+    """minGPT `GPT.configure_optimizers` (and its many forks): decay / no-decay sets of names by module type,
+    each group listed in *sorted name* order ('h.10' before 'h.2'). transformers' Conv1D counts as Linear."""
+    from transformers.pytorch_utils import Conv1D
+
+    whitelist_weight_modules = (nn.Linear, Conv1D)
+    blacklist_weight_modules = (nn.LayerNorm, nn.Embedding)
+    decay, no_decay = set(), set()
+    for mn, m in model.named_modules():
+        for pn, p in m.named_parameters():
+            fpn = "%s.%s" % (mn, pn) if mn else pn
+            if pn.endswith("bias"):
+                no_decay.add(fpn)
+            elif pn.endswith("weight") and isinstance(m, whitelist_weight_modules):
+                decay.add(fpn)
+            elif pn.endswith("weight") and isinstance(m, blacklist_weight_modules):
+                no_decay.add(fpn)
+    param_dict = {pn: p for pn, p in model.named_parameters()}
+    decay &= set(param_dict)  # the tied lm_head.weight (nanoGPT's early `decay.remove('lm_head.weight')`)
+    assert not decay & no_decay and decay | no_decay == set(param_dict)
+    return [
+        {"params": [param_dict[pn] for pn in sorted(list(decay))], "weight_decay": weight_decay},
+        {"params": [param_dict[pn] for pn in sorted(list(no_decay))], "weight_decay": 0.0},
+    ]
+
+
 def hf_trainer_groups(model: nn.Module, weight_decay: float = 0.1):
     """transformers Trainer.create_optimizer's two groups, from Trainer.get_decay_parameter_names."""
     from transformers import Trainer
@@ -259,6 +285,8 @@ def tiny_hf(kind: str):
     torch.manual_seed(0)
     if kind == "gpt2":
         model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    elif kind == "gpt2-12":  # twelve blocks, so that sorted names put h.10 and h.11 before h.2
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=12, n_embd=16, n_head=2, vocab_size=64, n_positions=32))
     elif kind == "llama":
         model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                                    num_hidden_layers=2, num_attention_heads=2,
@@ -307,7 +335,7 @@ def tiny_hf(kind: str):
     else:
         def batch():
             ids = torch.randint(2, 64, (4, 8))
-            return {"input_ids": ids, "labels": ids}
+            return {"input_ids": ids, "labels": ids}  # noqa: E731
 
     def loss(m, b):
         return m(**b).loss

@@ -778,3 +778,75 @@ def test_bert_llrd_fine_tuning(run, tmp_path):
     result, out = save_and_convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
     # weights are told apart by content; LayerNorm gains (near 1) and zero-initialised biases are not
     assert_exact_or_refused(result, out, expected, tied=recipes.tied_names(model))
+
+
+def test_mingpt_name_sorted_groups(run, tmp_path):
+    """minGPT's configure_optimizers: decay/no-decay name sets, each group in sorted-name order, on a 12-block GPT-2."""
+    pytest.importorskip("transformers")
+    model, loss, batch = recipes.tiny_hf("gpt2-12")
+    opt = fit(model, sfadamw(recipes.mingpt_groups(model), lr=0.01), loss=loss, batch=batch)
+    y, expected = snapshot(model), eval_x(model, opt)
+    assert_trained(expected, y, _trained_names(model, opt))
+    result, out = save_and_convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    # the no-decay group holds every LayerNorm gain (near 1) and every zero-initialised bias, name-sorted
+    # (h.0.attn.c_proj.bias, h.0.ln_1.bias, …, h.10.…): content barely tells them apart, order is not the model's
+    assert_exact_or_refused(result, out, expected, tied=recipes.tied_names(model))
+
+
+def test_timm_checkpoint_with_state_dict_ema(run, tmp_path):
+    """timm's CheckpointSaver layout: {"epoch", "arch", "state_dict", "optimizer", "version", "state_dict_ema"} (ModelEmaV2)."""
+    torch.manual_seed(0)
+    model = Stack(2)
+    ema = copy.deepcopy(model).requires_grad_(False)  # timm ModelEmaV2: a deep copy, updated after each step
+    opt = sfadamw(model.parameters())
+    torch.manual_seed(1)
+    opt.train()
+    for _ in range(4):
+        opt.zero_grad()
+        model(recipes.random_batch()).pow(2).mean().backward()
+        opt.step()
+        with torch.no_grad():
+            for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
+                e.copy_(e * 0.9 + (1.0 - 0.9) * m)
+    y, expected = snapshot(model), eval_x(model, opt)
+    assert_trained(expected, y, expected)
+    ema_sd = snapshot(ema)
+    obj = {"epoch": 3, "arch": "stack", "state_dict": model.state_dict(), "optimizer": opt.state_dict(), "version": 2,
+           "state_dict_ema": ema.state_dict()}
+    result, out = save_and_convert(run, tmp_path, obj)
+    if result.exit_code == 0 and any(k.startswith("state_dict_ema.") for k in read(out)):
+        # every model converted: the EMA is trained by no optimizer, so it is written as it is
+        both = {**{f"state_dict.{k}": v for k, v in expected.items()}, **{f"state_dict_ema.{k}": v for k, v in ema_sd.items()}}
+        assert_converts(result, out, both)
+    else:
+        assert_exact_or_refused(result, out, expected)  # never the EMA lerped towards the optimizer's z
+
+
+class Wrapped(nn.Module):
+    """What DistributedDataParallel / DataParallel put around a model: the model under `module`."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return self.module(x)
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "compile"])
+def test_param_names_with_wrapper_prefix(wrap, run, tmp_path):
+    """Optimizer built from ddp_model / torch.compile(model) named_parameters() ('module.…', '_orig_mod.…'), model saved unwrapped."""
+    torch.manual_seed(0)
+    model = HeadBackbone()
+    wrapped = Wrapped(model) if wrap == "ddp" else torch.compile(model)  # compile is lazy: only names here
+    named = dict(wrapped.named_parameters())
+    prefix = "module." if wrap == "ddp" else "_orig_mod."
+    head = [(n, p) for n, p in named.items() if n.startswith(prefix + "head.")]
+    backbone = [(n, p) for n, p in named.items() if n.startswith(prefix + "backbone.")]
+    opt = fit(model, sfadamw([{"params": head, "lr": 0.01}, {"params": backbone}]))  # head first, as in fine-tuning
+    assert opt.state_dict()["param_groups"][0]["param_names"][0] == prefix + "head.0.weight"
+    y, expected = snapshot(model), eval_x(model, opt)
+    assert_trained(expected, y, expected)
+    result, out = save_and_convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    # the saved names are the model's names under one wrapper prefix: they determine x
+    assert_converts(result, out, expected)
