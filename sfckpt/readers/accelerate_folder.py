@@ -47,11 +47,7 @@ def _fsdp_files(path: Path) -> list[str]:
     return sorted(p.name for p in path.glob("pytorch_model_fsdp*"))
 
 
-def _key(kind: str, index: str | None) -> str:
-    return kind if index is None else f"{kind}_{index}"
-
-
-def files(path: Path) -> dict[str, Path]:
+def _entries(path: Path) -> dict[str, Path]:
     """Entry key ('model', 'model_1', 'optimizer', ...) -> the file it is read from, in index order."""
     models: dict[int, Path] = {}
     optimizers: dict[int, Path] = {}
@@ -66,8 +62,8 @@ def files(path: Path) -> dict[str, Path]:
         o = _OPTIMIZER_FILE.fullmatch(f.name)
         if o:
             optimizers[int(o.group(1) or 0)] = f
-    out = {_key("model", str(i) if i else None): models[i] for i in sorted(models)}
-    out.update({_key("optimizer", str(i) if i else None): optimizers[i] for i in sorted(optimizers)})
+    out = {(f"model_{i}" if i else "model"): models[i] for i in sorted(models)}
+    out.update({(f"optimizer_{i}" if i else "optimizer"): optimizers[i] for i in sorted(optimizers)})
     return out
 
 
@@ -83,7 +79,7 @@ def load_object(path: Path) -> tuple[dict[str, Any], list[str]]:
             "save the model and optimizer state dicts with torch.distributed.checkpoint (get_state_dict + dcp.save) "
             "and convert that folder, or convert with the optimizer's own eval() in your training code",
         )
-    found = files(path)
+    found = _entries(path)
     if not any(k.startswith("model") for k in found):
         raise InputError(
             f"{path}: an Accelerate save_state folder with optimizer.bin but no model.safetensors or pytorch_model.bin",

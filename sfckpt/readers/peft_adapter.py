@@ -9,9 +9,10 @@ the Trainer's weight-decay and no-decay groups. There is no base model and no
 
 PEFT saves names without the adapter name (`...q_proj.lora_A.weight` for the
 parameter `...q_proj.lora_A.default.weight`) and lists them sorted, so the
-model's parameter order is not in the folder; the optimizer's entries are
-matched to tensors by shape and content (or `--param-order`, with the names
-as saved in the adapter file).
+model's parameter order is not in the folder. `parameter_order` rebuilds it
+from the base model's config, when that is at hand; otherwise the optimizer's
+entries are matched to tensors by shape and content, or `--param-order` gives
+the order (with the names as saved in the adapter file).
 """
 from __future__ import annotations
 
