@@ -823,14 +823,16 @@ def test_timm_checkpoint_with_state_dict_ema(run, tmp_path):
 
 
 class Wrapped(nn.Module):
-    """What DistributedDataParallel / DataParallel put around a model: the model under `module`."""
+    """What DistributedDataParallel / DataParallel put around a model (under `module`), or torch.compile's
+    OptimizedModule (under `_orig_mod`): the same names, without a process group or torch._dynamo's import."""
 
-    def __init__(self, module):
+    def __init__(self, module, attr="module"):
         super().__init__()
-        self.module = module
+        setattr(self, attr, module)
+        self.attr = attr
 
     def forward(self, x):
-        return self.module(x)
+        return getattr(self, self.attr)(x)
 
 
 @pytest.mark.parametrize("wrap", ["ddp", "compile"])
@@ -838,7 +840,7 @@ def test_param_names_with_wrapper_prefix(wrap, run, tmp_path):
     """Optimizer built from ddp_model / torch.compile(model) named_parameters() ('module.…', '_orig_mod.…'), model saved unwrapped."""
     torch.manual_seed(0)
     model = HeadBackbone()
-    wrapped = Wrapped(model) if wrap == "ddp" else torch.compile(model)  # compile is lazy: only names here
+    wrapped = Wrapped(model, "module" if wrap == "ddp" else "_orig_mod")
     named = dict(wrapped.named_parameters())
     prefix = "module." if wrap == "ddp" else "_orig_mod."
     head = [(n, p) for n, p in named.items() if n.startswith(prefix + "head.")]
