@@ -147,6 +147,8 @@ def test_bad_folders_are_refused(run, tmp_path):
     (ckpt / "latest").write_text("global_step9")
     assert_refused(run("convert", ckpt, out), out, "names tag 'global_step9'")
     assert_refused(run("inspect", ckpt), out, "names tag 'global_step9'")
+    (ckpt / "global_step9").mkdir()
+    assert_refused(run("convert", ckpt, out), out, "global_step9: no DeepSpeed rank files")
 
 
 DAMAGE = {

@@ -167,6 +167,9 @@ class DeepSpeedFolder:
         if len(prefixes) > 1:
             raise InputError(f"{self.tag} mixes rank files of different precisions ({', '.join(sorted(p or 'fp32_' for p in prefixes))})",
                              "the folder holds files of two runs; keep only one run's files")
+        if not files:
+            raise InputError(f"{self.tag}: no DeepSpeed rank files (*zero_pp_rank_*_mp_rank_00_optim_states.pt)",
+                             "the tag folder is incomplete, or not a DeepSpeed checkpoint; copy the whole tag folder")
         n = max(files) + 1
         missing = [r for r in range(n) if r not in files]
         if missing:
