@@ -3,17 +3,21 @@
 click's progressbar estimates the ETA from the time per `update()` call
 averaged over its first calls, which on a streamed checkpoint (a few huge
 tensors after many small ones) gave "1d 18:48:24" for a job of seconds, and its
-line did not fit 80 columns. Here the ETA is the bytes left over the bytes per
-second so far, shown only once there is a rate to trust.
+line did not fit 80 columns. Here the ETA is the bytes left over the recent
+bytes per second, measured from the first update (so start-up time before any
+data moved does not count) over the last few seconds, and shown only once
+there is a rate to trust.
 """
 from __future__ import annotations
 
 import os
 import sys
 import time
+from collections import deque
 from typing import Callable, TextIO
 
-MIN_ELAPSED = 0.5  # seconds before a rate (and so an ETA) is shown
+MIN_ELAPSED = 0.5  # seconds of measurement before a rate (and so an ETA) is shown
+WINDOW = 5.0  # seconds of history the rate is measured over
 REFRESH = 0.1  # seconds between redraws
 
 
@@ -49,17 +53,17 @@ def _duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def render(label: str, done: float, total: float, elapsed: float, width: int, unit: str = "bytes") -> str:
+def render(label: str, done: float, total: float, elapsed: float, width: int, unit: str = "bytes",
+           per_second: float | None = None) -> str:
     """One progress line of at most `width - 1` characters (the last column is left free so that
-    no terminal wraps it)."""
+    no terminal wraps it). `per_second` is the measured rate, None while there is none to trust."""
     done = min(done, total)
     fraction = done / total if total else 1.0
-    trusted = elapsed >= MIN_ELAPSED and done > 0
-    rate = _rate(done / elapsed, unit) if trusted else ""
+    rate = _rate(per_second, unit) if per_second else ""
     if done >= total:
         eta = f"in {_duration(elapsed)}"
     else:
-        eta = f"ETA {_duration((total - done) * elapsed / done)}" if trusted else "ETA --:--"
+        eta = f"ETA {_duration((total - done) / per_second)}" if per_second else "ETA --:--"
     tail = "  ".join(p for p in (f"{fraction * 100:3.0f}%", _amount(done, total, unit), rate, eta) if p)
     room = width - 1 - len(label) - len(tail) - 4  # label, " [", "] ", tail
     if room >= 10:
@@ -89,16 +93,31 @@ class Progress:
         self.start = clock()
         self.done = 0.0
         self.drawn_at: float | None = None
+        self.samples: deque[tuple[float, float]] = deque()  # (time, done) since the first update
         self.width = terminal_width(self.stream)
 
     def update(self, n: float) -> None:
-        self.done += n
         now = self.clock()
+        if not self.samples:
+            self.samples.append((now, self.done))  # the clock starts when data starts moving
+        self.done += n
         if self.drawn_at is None or now - self.drawn_at >= REFRESH:
             self._draw(now)
 
+    def rate(self, now: float) -> float | None:
+        """Units per second over the last WINDOW seconds, or None before MIN_ELAPSED of measurement."""
+        while len(self.samples) > 1 and now - self.samples[1][0] >= WINDOW:
+            self.samples.popleft()
+        if not self.samples or now - self.samples[0][0] < MIN_ELAPSED:
+            return None
+        then, done_then = self.samples[0]
+        return (self.done - done_then) / (now - then) or None
+
     def _draw(self, now: float) -> None:
-        line = render(self.label, self.done, self.total, now - self.start, self.width, self.unit)
+        per_second = self.rate(now)
+        if self.samples:
+            self.samples.append((now, self.done))
+        line = render(self.label, self.done, self.total, now - self.start, self.width, self.unit, per_second)
         self.stream.write("\r" + line.ljust(self.width - 1))
         self.stream.flush()
         self.drawn_at = now

@@ -20,7 +20,7 @@ from .readers.safetensors_file import INDEX_NAME, SINGLE_NAME
 from .reconstruct import Reconstruction
 from .tensors import TensorRef
 
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = Union[str, os.PathLike]
 
 
 @dataclass

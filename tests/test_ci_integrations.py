@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import save_file
 
 import trainers
-from conftest import FIXTURES, read, save_checkpoint
+from conftest import read, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -1,7 +1,6 @@
 """fixtures/ is what `python fixtures/make_fixtures.py` writes (within the tolerance its docstring explains)."""
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 

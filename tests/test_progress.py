@@ -27,16 +27,30 @@ class Clock:
         return self.now
 
 
-def test_eta_is_bytes_left_over_the_rate():
+def test_eta_is_what_is_left_over_the_rate():
     total = 1.07e9
     assert "ETA --:--" in render("writing x", 0, total, 0.0, 80)  # no rate yet: no made-up ETA
-    assert "ETA --:--" in render("writing x", 1e6, total, 0.01, 80)
-    line = render("writing x", 0.5 * total, total, 2.0, 80)
+    line = render("writing x", 0.5 * total, total, 2.0, 80, per_second=268e6)
     assert "0.54/1.07 GB" in line and "268 MB/s" in line and "ETA 0:02" in line
-    line = render("writing x", 0.95 * total, total, 4.0, 80)
+    line = render("writing x", 0.95 * total, total, 4.0, 80, per_second=250e6)
     assert "95%" in line and "ETA 0:00" in line
     done = render("writing x", total, total, 4.2, 80)
     assert "100%" in done and "in 0:04" in done
+
+
+def test_start_up_time_does_not_make_the_eta_absurd():
+    """The 1 GB case of issue #12: seconds pass (imports, opening files) before the first bytes move."""
+    clock = Clock()
+    bar = Progress("writing x", 1.07e9, stream=open(os.devnull, "w"), clock=clock)
+    clock.now += 4.0  # start-up
+    bar.update(4096)  # a first small tensor
+    for _ in range(10):
+        clock.now += 0.1
+        bar.update(25e6)  # then 250 MB/s
+    rate = bar.rate(clock.now)
+    assert 200e6 < rate < 300e6
+    line = render("writing x", bar.done, bar.total, clock.now - bar.start, 80, per_second=rate)
+    assert re.search(r"ETA 0:0[2-4]$", line.strip()), line
 
 
 @pytest.mark.parametrize("width", [80, 60, 40])
@@ -44,8 +58,8 @@ def test_eta_is_bytes_left_over_the_rate():
                                               ("BatchNorm statistics", "batches", 500)])
 def test_every_line_fits(width, label, unit, total):
     for fraction in (0, 0.001, 0.37, 0.999, 1):
-        for elapsed in (0, 0.7, 95.0, 4000.0):
-            assert len(render(label, fraction * total, total, elapsed, width, unit)) <= width - 1
+        for elapsed, rate in ((0, None), (0.7, 1e3), (95.0, 1e6), (4000.0, 3e9)):
+            assert len(render(label, fraction * total, total, elapsed, width, unit, rate)) <= width - 1
 
 
 def test_redraws_are_throttled_and_end_with_a_newline():
@@ -92,9 +106,9 @@ def run_on_terminal(args, columns=80):
 
 @pytest.fixture(scope="module")
 def big_checkpoint(tmp_path_factory):
-    """A checkpoint of ~100 MB of weights, so that the line is drawn more than once."""
+    """A checkpoint of ~50 MB of weights, so that the line is drawn more than once."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 1024), *[torch.nn.Linear(1024, 1024) for _ in range(24)])
+    model = torch.nn.Sequential(torch.nn.Linear(8, 1024), *[torch.nn.Linear(1024, 1024) for _ in range(12)])
     opt = trainers.train(model, "sgd", steps=1)
     return save_checkpoint(tmp_path_factory.mktemp("big") / "big.pt", model, opt)
 
