@@ -29,17 +29,16 @@ from __future__ import annotations
 import bisect
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import InputError
-from ..tensors import TensorRef
+from ..tensors import TensorRef, torch_dtype
 from .torch_file import Opaque, TorchArchive
 
 LATEST = "latest"
 _OPTIM_FILE = re.compile(r"(bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
-_ZERO3_MODEL_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt")
 MODEL_FILE = "mp_rank_00_model_states.pt"
 # DeepSpeed bookkeeping objects pickled beside the tensors; none is needed for x (the ZeRO
 # stage is read from the enum's pickled value).
@@ -103,16 +102,14 @@ def _shape(value: Any, where: str) -> tuple[int, ...]:
     raise InputError(f"{where} is not a tensor shape ({value!r:.60})", "the checkpoint is damaged")
 
 
-def _part(ref: Any, start: int, length: int) -> tuple[TensorRef, int, int]:
-    return (ref, start, length)
-
-
 def _gather(parts: list[tuple[TensorRef, int, int]], numel: int, shape: tuple[int, ...]):
     """The slices of flat tensors that make one parameter, joined, cut to `numel` and shaped."""
     import torch
 
     pieces = [ref.load().reshape(-1).narrow(0, start, length) for ref, start, length in parts if length]
-    flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else torch.empty(0)
+    if not pieces:  # a parameter with no elements
+        return torch.empty(shape, dtype=torch_dtype(parts[0][0].dtype))
+    flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     return flat.narrow(0, 0, numel).view(shape)
 
 
@@ -121,11 +118,9 @@ class _Rank:
     """One data-parallel rank's optimizer file, and the pieces of it we use."""
 
     path: Path
-    rank: int
     sd: Mapping[str, Any]
     flats: list[TensorRef]
     opt: Mapping[str, Any]  # the client optimizer's state dict
-    opaque: set[str] = field(default_factory=set)
 
 
 class DeepSpeedFolder:
@@ -176,7 +171,7 @@ class DeepSpeedFolder:
             raise InputError(f"{self.tag}: the optimizer file of rank {missing[0]} is missing "
                              f"(found ranks {', '.join(map(str, sorted(files)))})", "copy the whole tag folder")
         _allow_open_files(2 * n + 64)  # every rank file stays open (memory-mapped) until the tensors are read
-        self.ranks = [self._open_rank(files[r], r) for r in range(n)]
+        self.ranks = [self._open_rank(files[r]) for r in range(n)]
         first = self.ranks[0]
         self.stage = self._stage(first)
         counts = first.sd.get("partition_count")
@@ -194,7 +189,7 @@ class DeepSpeedFolder:
         for other in self.ranks[1:]:
             self._same_run(first, other)
 
-    def _open_rank(self, file: Path, rank: int) -> _Rank:
+    def _open_rank(self, file: Path) -> _Rank:
         obj = self._load(file)
         sd = obj.get("optimizer_state_dict")
         if not isinstance(sd, Mapping):
@@ -217,7 +212,7 @@ class DeepSpeedFolder:
                 raise InputError(f"{file}: optimizer param_groups[{g}] has no 'params' list", "the checkpoint is damaged")
         if not isinstance(flats, (list, tuple)) or not all(isinstance(t, TensorRef) and t.dtype == "float32" for t in flats):
             raise InputError(f"{file}: the fp32 master partitions are not float32 tensors", "the checkpoint is damaged")
-        return _Rank(file, rank, sd, list(flats), opt)
+        return _Rank(file, sd, list(flats), opt)
 
     @staticmethod
     def _stage(rank: _Rank) -> int:
@@ -340,8 +335,8 @@ class DeepSpeedFolder:
             while r < len(starts) and starts[r] < offset + numel:
                 lo, hi = max(offset, starts[r]), min(offset + numel, starts[r] + sizes[r])
                 if lo < hi:
-                    y_parts.append(_part(self.ranks[r].flats[k], lo - starts[r], hi - lo))
-                    z_parts.append(_part(z[r][k], lo - starts[r], hi - lo) if z[r][k] is not None else None)
+                    y_parts.append((self.ranks[r].flats[k], lo - starts[r], hi - lo))
+                    z_parts.append((z[r][k], lo - starts[r], hi - lo) if z[r][k] is not None else None)
                 r += 1
             placed.append((name, shape, y_parts, z_parts))
             offset += numel + (int(pads[j]) if pads is not None else 0)
@@ -361,8 +356,8 @@ class DeepSpeedFolder:
         for name, shape in named:
             numel = math.prod(shape)
             per_rank = math.ceil(numel / self.world)
-            y_parts = [_part(r.flats[k], offset, per_rank) for r in self.ranks]
-            z_parts = [_part(z[i][k], offset, per_rank) if z[i][k] is not None else None for i in range(self.world)]
+            y_parts = [(r.flats[k], offset, per_rank) for r in self.ranks]
+            z_parts = [(z[i][k], offset, per_rank) if z[i][k] is not None else None for i in range(self.world)]
             placed.append((name, shape, y_parts, z_parts))
             offset += per_rank
         for r in self.ranks:
@@ -440,7 +435,7 @@ class DeepSpeedFolder:
                 if not isinstance(frag, TensorRef) or frag.numel < per_rank:
                     raise InputError(f"{self.tag}: rank {r} holds no slice of frozen parameter '{name}'",
                                      "the checkpoint was saved without frozen parameters, or is damaged")
-                parts.append(_part(frag, 0, per_rank))
+                parts.append((frag, 0, per_rank))
             out[name] = TensorRef(parts[0][0].dtype, shape, (lambda p=parts, n=numel, s=shape: _gather(p, n, s)),
                                   storage_id=(str(self.tag), name))
         return out
