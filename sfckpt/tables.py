@@ -53,7 +53,8 @@ def inspect_tables(r: dict[str, Any]) -> str:
         head.append(["note", opt["note"]])
     groups = tabulate(
         [
-            [g["index"], _fmt(g["beta"]) + ("" if g["beta_source"] == "saved" else f" ({g['beta_source']})"), _fmt(g["lr"]),
+            [g["index"], ("unknown" if g["beta"] is None else _fmt(g["beta"]))
+             + ("" if g["beta_source"] == "saved" else f" ({g['beta_source']})"), _fmt(g["lr"]),
              _fmt(g["weight_decay"]), _fmt(g["warmup_steps"]), _fmt(g["step"]), _fmt(g["weight_sum"]), _fmt(g["train_mode"]),
              g["params_hold"], f"{g['params_with_z']}/{g['params']}"]
             for g in r["groups"]
@@ -78,6 +79,7 @@ def inspect_tables(r: dict[str, Any]) -> str:
                               headers=["tensor with NaN/Inf", "weights", "z", "x"]))
     if r["skipped"]:
         parts.append(tabulate(list(r["skipped"].items()), headers=["skipped entry", "why"]))
+    parts.extend(f"note: {n}" for n in r.get("notes", []))
     parts.extend(f"hint: {h}" for h in r.get("hints", []))
     return "\n\n".join(parts)
 

@@ -215,7 +215,7 @@ def test_plurals(run, tmp_path):
     assert "1 layers" not in text and "BatchNorm: 1 layer " in text
 
 
-@pytest.mark.xfail(strict=False, reason="the error is raised in checkpoint.py (not this change's file): it lacks the path")
+@pytest.mark.xfail(strict=False, reason="the error is raised in layout.py (not this change's file): it lacks the path")
 def test_optimizer_only_file_error_starts_with_the_path(run, tmp_path):
     torch.save({"optimizer": torch.load(FIXTURES / "adamw_mlp.pt")["optimizer"]}, tmp_path / "opt.pt")
     result = run("inspect", tmp_path / "opt.pt")
