@@ -45,6 +45,7 @@ def assert_exact_or_refused(result, out, expected, tied=()):
     if result.exit_code == 2:
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        assert "internal error" not in lines[0], f"a crash, not a refusal: {lines[0]}"
         assert not Path(out).exists(), "a refusal must write nothing"
         print(f"refused: {lines[0]}")  # shown by pytest -rP
         return "refused"
@@ -344,7 +345,8 @@ def test_gan_dict_converts_every_model(run, tmp_path):
     opt_d = sfadamw(D.parameters(), lr=0.01, betas=(0.9, 0.999))
     _train_gan(G, D, opt_g, opt_d)
     models = {"netG": G, "netD": D}
-    y, expected = {f"{p}.{k}": v for p, m in models.items() for k, v in snapshot(m).items()}, eval_x(models, [opt_g, opt_d])
+    y = {f"{p}.{k}": v for p, m in models.items() for k, v in snapshot(m).items()}
+    expected = eval_x(models, [opt_g, opt_d])
     assert_trained(expected, y, expected)
     obj = {"netG": G.state_dict(), "netD": D.state_dict(), "optimizerG": opt_g.state_dict(),
            "optimizerD": opt_d.state_dict()}
@@ -372,7 +374,8 @@ def test_two_towers_model_key_picks_its_own_optimizer(run, tmp_path):
         opt_a.step(), opt_b.step()
     y_b, expected_b = snapshot(b), eval_x(b, opt_b)
     assert_trained(expected_b, y_b, expected_b)
-    obj = {"tower_a": a.state_dict(), "tower_b": b.state_dict(), "opt_a": opt_a.state_dict(), "opt_b": opt_b.state_dict()}
+    obj = {"tower_a": a.state_dict(), "tower_b": b.state_dict(),
+           "opt_a": opt_a.state_dict(), "opt_b": opt_b.state_dict()}
     result, out = save_and_convert(run, tmp_path, obj, "--model-key", "tower_b")
     assert_converts(result, out, expected_b)  # tower_b's x: opt_b's z and β, never opt_a's
     result, out = save_and_convert(run, tmp_path, obj, out_name="both.safetensors")
@@ -816,7 +819,8 @@ def test_timm_checkpoint_with_state_dict_ema(run, tmp_path):
     result, out = save_and_convert(run, tmp_path, obj)
     if result.exit_code == 0 and any(k.startswith("state_dict_ema.") for k in read(out)):
         # every model converted: the EMA is trained by no optimizer, so it is written as it is
-        both = {**{f"state_dict.{k}": v for k, v in expected.items()}, **{f"state_dict_ema.{k}": v for k, v in ema_sd.items()}}
+        both = {**{f"state_dict.{k}": v for k, v in expected.items()},
+                **{f"state_dict_ema.{k}": v for k, v in ema_sd.items()}}
         assert_converts(result, out, both)
     else:
         assert_exact_or_refused(result, out, expected)  # never the EMA lerped towards the optimizer's z
