@@ -248,33 +248,54 @@ def test_group_without_state_between_trained_groups(order, run, tmp_path):
 # ---- 4. counts that coincide ------------------------------------------------------------------------
 
 class FrozenStemEncoder(nn.Module):
-    """A frozen pretrained stem before a trainable encoder."""
+    """A frozen pretrained stem before (or after) a trainable encoder."""
 
-    def __init__(self):
+    def __init__(self, stem_first: bool = True):
         super().__init__()
-        self.stem = lin()
-        self.encoder = nn.Sequential(lin(), nn.Tanh(), lin())
+        if stem_first:
+            self.stem = lin()
+            self.encoder = nn.Sequential(lin(), nn.Tanh(), lin())
+        else:
+            self.encoder = nn.Sequential(lin(), nn.Tanh(), lin())
+            self.stem = lin()
         self.stem.requires_grad_(False)
+        self.stem_first = stem_first
 
     def forward(self, x):
-        return self.encoder(torch.tanh(self.stem(x)))
+        if self.stem_first:
+            return self.encoder(torch.tanh(self.stem(x)))
+        return self.stem(torch.tanh(self.encoder(x)))
 
 
-def test_projector_owned_by_the_loss_with_as_many_frozen_tensors(run, tmp_path):
-    """SimCLR/BYOL-style: the loss module owns a projector the optimizer trains; the model has a frozen stem."""
+COINCIDING = {
+    # SimCLR/BYOL: the loss module owns a projector; optimizer = model params + projector params
+    "projector-last": (True, False),
+    # the same with the projector listed first and the frozen layer at the end of the model
+    "projector-first-stem-after": (False, True),
+    # ArcFace/CosFace: the margin loss owns the class-centre matrix; the model keeps its old frozen classifier
+    "arcface-centres-stem-after": (False, False),
+}
+
+
+@pytest.mark.parametrize("recipe", COINCIDING)
+def test_loss_owned_parameters_with_as_many_frozen_tensors(recipe, run, tmp_path):
+    """The loss owns trained parameters (SimCLR projector, ArcFace centres) while the model has as many frozen same-shape tensors."""
+    stem_first, loss_params_first = COINCIDING[recipe]
     torch.manual_seed(0)
-    model = FrozenStemEncoder()
-    projector = lin()  # lives in the loss, not in the model's state dict; same shapes as the frozen stem
+    model = FrozenStemEncoder(stem_first)
+    outside = lin()  # lives in the loss, not in the model's state dict; same shapes as the frozen stem
 
     def loss(m, b):
-        return projector(m(b)).pow(2).mean()
+        return outside(nn.functional.normalize(m(b))).pow(2).mean()
 
-    opt = fit(model, sfadamw(list(model.encoder.parameters()) + list(projector.parameters())), loss=loss)
+    inside = [p for p in model.parameters() if p.requires_grad]
+    params = list(outside.parameters()) + inside if loss_params_first else inside + list(outside.parameters())
+    opt = fit(model, sfadamw(params), loss=loss)
     y, expected = snapshot(model), eval_x(model, opt)
     assert sum(1 for _ in model.parameters()) == sum("z" in s for s in opt.state.values())  # the counts coincide
-    assert_trained(expected, y, [k for k in expected if k.startswith("encoder.")])
     assert recipes.changed(expected, y) == {k for k in expected if k.startswith("encoder.")}
     result, out = save_and_convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    # the frozen stem's x is its y; it must never be lerped towards the loss's parameters' z
     assert_exact_or_refused(result, out, expected)
 
 
