@@ -33,7 +33,7 @@ from recipes import HeadBackbone, Net, Stack, eval_x, fit, lin, snapshot
 
 def assert_converts(result, out, expected, tied=()):
     """Exit 0 and every tensor equal to eval()'s x; only tied duplicates may be left out."""
-    assert result.exit_code == 0, f"refused a checkpoint that determines x: {result.stderr}"
+    assert result.exit_code == 0, f"exit {result.exit_code} where x is determined: {result.stderr}"
     got = read(out)
     missing = set(expected) - set(got)
     assert missing <= set(tied), f"tensors missing from the output: {sorted(missing - set(tied))}"
@@ -47,7 +47,7 @@ def assert_exact_or_refused(result, out, expected, tied=()):
         assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
         assert "internal error" not in lines[0], f"a crash, not a refusal: {lines[0]}"
         assert not Path(out).exists(), "a refusal must write nothing"
-        print(f"refused: {lines[0]}")  # shown by pytest -rP
+        print(f"refused: {lines[0]}")  # seen with pytest -s
         return "refused"
     assert_converts(result, out, expected, tied)
     print("converted to the exact x")
@@ -65,10 +65,6 @@ def save_and_convert(run, tmp_path, obj, *args, out_name="x.safetensors"):
     torch.save(obj, ckpt)
     out = tmp_path / out_name
     return run("convert", ckpt, out, *args), out
-
-
-def params_of(*modules):
-    return [p for m in modules for p in m.parameters()]
 
 
 def sfadamw(groups, **kw):
