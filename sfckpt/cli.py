@@ -212,7 +212,7 @@ def inspect(ckpt: Path, scan: bool, as_json: bool, **load_kw) -> None:
 @click.option("--bn-batch-size", type=int, default=32, show_default=True, help="Samples per batch for data files.")
 @click.option("--bn-batches", type=int, help="Use at most this many batches.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where to run --bn-calib.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors: no progress, BatchNorm table, summary or warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @handle_errors
 def convert(ckpt: Path, out: str, dtype, max_shard_size, force, allow_nonfinite, bn_calib, model_spec, bn_batch_size,
@@ -333,7 +333,9 @@ def check(weights: tuple[Path, ...], ckpt: Path, rtol: float, atol: float, as_js
 
     WEIGHTS: a safetensors file, a sharded index, a release folder, or several
     safetensors files that together hold the model. Comparison is exact; a
-    release in another dtype is compared with x cast to that dtype.
+    release in another dtype is compared with x cast to that dtype. BatchNorm
+    statistics that the release's metadata says `convert --bn-calib`
+    re-estimated are checked for shape and NaN/Inf only.
     """
     from .compare import check_release, union
     from .sources import released_weights
