@@ -10,27 +10,29 @@ torch-file reader instead of `torch.load(weights_only=False)`.
 """
 from __future__ import annotations
 
+import functools
 import io
+import math
 import pickle
 import warnings
 from pathlib import Path
 from typing import Any
 
+from .. import limits
 from ..errors import InputError
 from ..tensors import TensorRef
-from .torch_file import TorchArchive
+from . import pickle_guard
+from .paths import confined
+from .torch_file import _ORDERED_DICT, _SAFE_BUILTINS, TorchArchive
 
 _METADATA_CLASSES = {
     "torch.distributed.checkpoint.metadata": {
         "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+        "MetadataIndex", "StorageMeta",
     },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
     "torch": {"Size"},
-    "torch.serialization": {"_get_layout"},
-    "collections": {"OrderedDict"},
-    "builtins": {"set", "frozenset", "tuple", "list", "dict"},
 }
 
 
@@ -38,15 +40,80 @@ def is_dcp_folder(path: Path) -> bool:
     return path.is_dir() and (path / ".metadata").is_file()
 
 
-class _MetadataUnpickler(pickle._Unpickler):  # pure Python: see torch_file._Unpickler
+def _text_only(args: tuple) -> None:
+    if len(args) != 1 or type(args[0]) is not str:
+        raise pickle.UnpicklingError("refusing a layout that is not named by text")
+
+
+def _int_only(args: tuple) -> None:
+    if len(args) != 1 or type(args[0]) is not int:
+        raise pickle.UnpicklingError("refusing a memory format that is not a number")
+
+
+class _MetadataUnpickler(pickle_guard.GuardedUnpickler):
+    """Only DCP's metadata classes, a few builtins, torch dtypes, layouts and sizes.
+
+    BUILD reaches only instances of the metadata dataclasses made by this load, and sets only
+    their own fields; every callable handed out checks what it would hash.
+    """
+
     def find_class(self, module: str, name: str) -> Any:
         import torch
+        import torch.serialization
+        from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
 
         if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
             return getattr(torch, name)
+        if module == "builtins" and name in ("set", "frozenset", "tuple", "list", "dict"):
+            return _SAFE_BUILTINS[name]
+        if (module, name) == ("collections", "OrderedDict"):
+            return _ORDERED_DICT
+        if (module, name) == ("torch.serialization", "_get_layout"):
+            return pickle_guard.guarded_call(torch.serialization._get_layout, _text_only)
+        if (module, name) == ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"):
+            return pickle_guard.guarded_call(_MEM_FORMAT_ENCODING, _int_only)
         if name in _METADATA_CLASSES.get(module, ()):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"class {module}.{name} is not DCP metadata")
+
+    def build(self, inst: Any, state: Any) -> None:
+        from torch.distributed.checkpoint.metadata import TensorProperties
+
+        fields = _dataclass_fields().get(type(inst))
+        if fields is None:
+            super().build(inst, state)
+        elif type(inst) is TensorProperties:
+            if not (type(state) is tuple and len(state) == 5):
+                raise pickle.UnpicklingError("TensorProperties with a state that is not 5 values")
+            inst.__setstate__(state)
+        elif type(state) is dict and set(state) <= fields:
+            inst.__dict__.update(state)
+        else:
+            raise pickle.UnpicklingError(f"{type(inst).__name__} with a state that is not its own fields")
+
+    def key_fields(self, key: Any):
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        if type(key) is MetadataIndex:  # hashed by (fqn, offset); offset is a torch.Size
+            offset = getattr(key, "offset", None)
+            return (getattr(key, "fqn", None), tuple(offset) if isinstance(offset, tuple) else offset)
+        return None
+
+    def children(self, obj: Any):
+        if type(obj) in _dataclass_fields():
+            return list(vars(obj).values())
+        return None
+
+
+@functools.cache
+def _dataclass_fields() -> dict[type, set[str]]:
+    import dataclasses
+
+    from torch.distributed.checkpoint import filesystem, metadata
+
+    classes = [getattr(metadata, n) for n in _METADATA_CLASSES["torch.distributed.checkpoint.metadata"]]
+    classes.append(filesystem._StorageInfo)
+    return {c: {f.name for f in dataclasses.fields(c)} for c in classes}
 
 
 def _reader_classes():
@@ -65,7 +132,14 @@ def _reader_classes():
                 try:
                     # From memory, not the file: a damaged length field then reads short instead of
                     # making pickle allocate whatever the field claims.
-                    metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+                    data = path.read_bytes()
+                    metadata = _MetadataUnpickler(io.BytesIO(data), len(data)).load_checked()
+                except pickle_guard.GuardError as exc:
+                    if exc.limit is None:
+                        raise InputError(f"{path}: {exc}", "the folder is damaged or crafted") from None
+                    raise exc.limit.exceeded(f"{path}: {exc}") from None
+                except RecursionError:
+                    raise limits.NESTING_DEPTH.exceeded(f"{path}: the metadata is nested too deeply") from None
                 except Exception as exc:
                     raise InputError(f"{path}: cannot read DCP metadata ({type(exc).__name__}: {exc})"[:300],
                                      "the folder is damaged or not a torch.distributed.checkpoint") from None
@@ -155,29 +229,80 @@ class DcpFolder:
 
 
 def _validate(metadata: Any, path: Path) -> None:
-    """Check the unpickled metadata has the shape DCP's own classes promise (a flipped byte may not)."""
+    """Check the unpickled metadata has the shape DCP's own classes promise (a flipped byte may not),
+    names only files inside the folder, and describes no more data than the folder holds."""
     import torch
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                       MetadataIndex, StorageMeta, TensorStorageMetadata)
 
+    damaged = InputError(f"{path}/.metadata does not describe a checkpoint DCP can read", "the folder is damaged")
     if not isinstance(metadata, Metadata) or not isinstance(getattr(metadata, "storage_meta", None), (StorageMeta, type(None))):
         raise InputError(f"{path}/.metadata does not hold DCP metadata", "the folder is damaged")
     entries = getattr(metadata, "state_dict_metadata", None)
     paths = getattr(metadata, "planner_data", None)
-    ok = isinstance(entries, dict) and isinstance(getattr(metadata, "storage_data", None), dict)
-    ok = ok and (paths is None or (isinstance(paths, dict) and all(
-        isinstance(p, tuple) and p and all(type(part) in (str, int) for part in p) for p in paths.values())))
-    for key, md in (entries or {}).items():
-        if not ok:
-            break
-        if isinstance(md, TensorStorageMetadata):
-            dtype = getattr(getattr(md, "properties", None), "dtype", None)
-            size = getattr(md, "size", None)
-            ok = isinstance(key, str) and isinstance(dtype, torch.dtype) and isinstance(size, tuple) \
-                and all(type(n) is int and n >= 0 for n in size)
-        else:
-            ok = isinstance(key, str) and isinstance(md, BytesStorageMetadata)
-    if not ok:
-        raise InputError(f"{path}/.metadata does not describe a checkpoint DCP can read", "the folder is damaged")
+    storage = getattr(metadata, "storage_data", None)
+    if not (isinstance(entries, dict) and isinstance(storage, dict)):
+        raise damaged
+    if not (paths is None or (isinstance(paths, dict) and all(
+            type(p) is tuple and p and all(type(part) in (str, int) for part in p) for p in paths.values()))):
+        raise damaged
+
+    # Where each entry's bytes are: files confined to the folder, slices inside them.
+    stored: dict[str, int] = {}  # fqn -> bytes stored for it
+    files: dict[str, int] = {}  # relative path -> size
+    for index, info in storage.items():
+        if type(index) is not MetadataIndex or type(info) is not _StorageInfo or type(getattr(index, "fqn", None)) is not str:
+            raise damaged
+        rel, offset, length = (getattr(info, k, None) for k in ("relative_path", "offset", "length"))
+        if type(rel) is not str or type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
+            raise damaged
+        if getattr(info, "transform_descriptors", None):
+            raise InputError(f"{path}/.metadata: entry '{index.fqn}' is stored with transforms "
+                             f"{list(info.transform_descriptors)[:3]!r:.100}", "sfckpt reads only untransformed DCP shards")
+        if rel not in files:
+            files[rel] = _confined_size(path, rel)
+            if files[rel] < 0:
+                raise InputError(f"{path}: shard file '{rel}' named in .metadata is missing", "copy the whole folder")
+        if offset + length > files[rel]:
+            raise InputError(f"{path}/{rel}: entry '{index.fqn}' lies past the end of the file", "the folder is damaged")
+        stored[index.fqn] = stored.get(index.fqn, 0) + length
+
+    max_chunks = limits.DCP_CHUNKS.value
+    for key, md in entries.items():
+        if type(key) is not str:
+            raise damaged
+        if isinstance(md, BytesStorageMetadata):
+            continue
+        if not isinstance(md, TensorStorageMetadata):
+            raise damaged
+        dtype = getattr(getattr(md, "properties", None), "dtype", None)
+        size, chunks = getattr(md, "size", None), getattr(md, "chunks", None)
+        if not (isinstance(dtype, torch.dtype) and isinstance(size, tuple) and all(type(n) is int and 0 <= n < 1 << 62 for n in size)
+                and isinstance(chunks, list)):
+            raise damaged
+        if len(chunks) > max_chunks:
+            raise limits.DCP_CHUNKS.exceeded(f"{path}/.metadata: tensor '{key}' is split into {len(chunks)} chunks")
+        for chunk in chunks:
+            offsets, sizes = getattr(chunk, "offsets", None), getattr(chunk, "sizes", None)
+            if not (type(chunk) is ChunkStorageMetadata and isinstance(offsets, tuple) and isinstance(sizes, tuple)
+                    and len(offsets) == len(sizes) == len(size)
+                    and all(type(o) is int and type(n) is int and 0 <= o and 0 <= n and o + n <= d
+                            for o, n, d in zip(offsets, sizes, size))):
+                raise damaged
+        nbytes = math.prod(size) * torch.empty(0, dtype=dtype).element_size()
+        if nbytes > stored.get(key, 0):
+            raise InputError(f"{path}/.metadata: tensor '{key}' of shape {tuple(size)} needs {nbytes} bytes but its "
+                             f"shards hold {stored.get(key, 0)}", "the folder is damaged or incomplete")
+
+
+def _confined_size(folder: Path, rel: str) -> int:
+    """The size of `rel`, a file the metadata names, which must lie inside `folder` (-1: missing)."""
+    target = confined(folder, rel, f"{folder}/.metadata")
+    try:
+        return target.stat().st_size if target.is_file() else -1
+    except OSError:
+        return -1
 
 
 def _first_failure(exc: BaseException) -> BaseException:

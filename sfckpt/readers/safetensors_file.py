@@ -10,30 +10,66 @@ import math
 import struct
 from pathlib import Path
 
+from .. import limits
 from ..errors import InputError
+from .paths import confined
 from ..tensors import DTYPES, SAFETENSORS_TO_DTYPE, TensorRef
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
+def parse_json(text: bytes, what: str):
+    """JSON from bytes that must be UTF-8, as the safetensors library and transformers require."""
+    try:
+        return json.loads(text.decode("utf-8"))
+    except RecursionError:
+        raise limits.NESTING_DEPTH.exceeded(f"{what} is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{what} is not valid JSON ({str(exc)[:120]})", "the file is truncated or damaged") from None
+
+
+def read_json_file(path: Path, what: str):
+    """A JSON file read whole, refused past the JSON size limit."""
+    try:
+        size = path.stat().st_size
+        if size > limits.JSON_BYTES.value:
+            raise limits.JSON_BYTES.exceeded(f"{path}: {what} of {size} bytes")
+        text = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror})", "check the path and its permissions") from None
+    return parse_json(text, f"{path}")
+
+
 def read_header(path: Path) -> dict:
-    """The JSON header of a safetensors file, validated enough to trust its offsets."""
+    """The JSON header of a safetensors file, checked as the safetensors library checks it
+    (so whatever sfckpt accepts, `safe_open` opens): tensors packed from offset 0 to the end of
+    the file, sizes that match shapes, string metadata."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) != 8:
                 raise ValueError("shorter than a safetensors header")
             (n,) = struct.unpack("<Q", head)
-            if n > 100_000_000:
-                raise ValueError("header length is implausible")
-            header = json.loads(f.read(n))
             f.seek(0, 2)
             data_len = f.tell() - 8 - n
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+            if data_len < 0:
+                raise ValueError("header length is past the end of the file")
+            if n > limits.JSON_BYTES.value:
+                raise limits.JSON_BYTES.exceeded(f"{path}: safetensors header of {n} bytes")
+            f.seek(8)
+            raw = f.read(n)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror})", "check the path and its permissions") from None
+    except ValueError as exc:
         raise InputError(f"{path}: not a readable safetensors file ({exc})", "the file is truncated or damaged") from None
-    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
-        raise InputError(f"{path}: safetensors header is not a JSON object", "the file is damaged")
+    if not raw.startswith(b"{"):
+        raise InputError(f"{path}: not a readable safetensors file (the header is not a JSON object)", "the file is damaged")
+    header = parse_json(raw, f"{path}: the safetensors header")
+    metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InputError(f"{path}: safetensors header is not a JSON object with string metadata", "the file is damaged")
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -42,8 +78,9 @@ def read_header(path: Path) -> dict:
             shape = info["shape"]
             dtype = SAFETENSORS_TO_DTYPE[info["dtype"]]
             ok = (
-                all(type(v) is int for v in (begin, end, *shape))
-                and all(v >= 0 for v in shape)
+                isinstance(shape, list)
+                and all(type(v) is int for v in (begin, end, *shape))
+                and all(0 <= v < 1 << 62 for v in shape)
                 and 0 <= begin <= end <= data_len
                 and end - begin == math.prod(shape) * DTYPES[dtype][0]
             )
@@ -51,15 +88,27 @@ def read_header(path: Path) -> dict:
             ok = False
         if not ok:
             raise InputError(
-                f"{path}: tensor '{name}' has a bad entry in the safetensors header",
+                f"{path}: tensor '{name[:200]}' has a bad entry in the safetensors header",
                 "the file is truncated or damaged",
             )
+        spans.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise InputError(f"{path}: tensor '{name[:200]}' " + ("overlaps another" if begin < position else
+                             "starts after a gap") + " in the safetensors data", "the file is damaged")
+        position = end
+    if position != data_len:
+        raise InputError(f"{path}: the safetensors data is {data_len} bytes but its tensors cover {position}",
+                         "the file is truncated or damaged")
     return header
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
     """Tensors (lazily) and string metadata of one safetensors file."""
     header = read_header(path)
+    with open(path, "rb") as f:
+        data_start = 8 + struct.unpack("<Q", f.read(8))[0]
     handle = {}
 
     def opener():
@@ -81,23 +130,28 @@ def read_safetensors(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
             (lambda n=name: opener().get_tensor(n)),
             storage_id=(str(path), offsets),
             view=offsets,
+            location=(str(path), data_start + offsets[0]),
         )
     return refs, dict(header.get("__metadata__") or {})
 
 
 def read_index(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
-    """Tensors of a sharded checkpoint described by `model.safetensors.index.json`."""
-    try:
-        index = json.loads(path.read_text())
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{path}: not a readable safetensors index ({exc})", "the file is damaged") from None
+    """Tensors of a sharded checkpoint described by `model.safetensors.index.json`.
+
+    Every shard it names must be a file inside the index's own folder.
+    """
+    index = read_json_file(path, "safetensors index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise InputError(f"{path}: not a readable safetensors index (no weight_map object)", "the file is damaged")
+    shards = {}
+    for name, shard in weight_map.items():
+        if not (isinstance(shard, str) and shard in shards):  # confined() refuses what is not a name
+            shards[shard] = confined(path.parent, shard, f"{path}: weight_map entry '{name[:200]}'")
     refs: dict[str, TensorRef] = {}
     metadata: dict[str, str] = {}
-    for shard in sorted(set(weight_map.values())):
-        shard_path = path.parent / shard
+    for shard in sorted(shards):
+        shard_path = shards[shard]
         if not shard_path.is_file():
             raise InputError(f"{path}: shard '{shard}' named in the index is missing", "copy the whole folder")
         shard_refs, shard_meta = read_safetensors(shard_path)
@@ -107,5 +161,6 @@ def read_index(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
                 refs[name] = shard_refs[name]
     missing = sorted(set(weight_map) - set(refs))
     if missing:
-        raise InputError(f"{path}: tensor '{missing[0]}' is in the index but not in its shard", "the shards do not match the index")
+        raise InputError(f"{path}: tensor '{missing[0][:200]}' is in the index but not in its shard",
+                         "the shards do not match the index")
     return dict(sorted(refs.items())), metadata

@@ -14,14 +14,18 @@ from __future__ import annotations
 import _compat_pickle
 import collections
 import io
+import math
 import mmap
+import os
 import pickle
 import struct
 import zipfile
 from pathlib import Path
 from typing import Any
 
+from .. import limits
 from ..errors import InputError
+from . import pickle_guard
 from ..tensors import DTYPES, TensorRef, torch_dtype
 
 _STORAGE_DTYPES = {
@@ -87,8 +91,8 @@ def _opaque_class(module: str, name: str) -> type:
 
 def _codecs_encode(text, encoding="latin1", errors="strict"):
     # Protocol-2 pickles store bytes as _codecs.encode(str, 'latin1').
-    if encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("refusing _codecs.encode other than of text to latin1")
     return text.encode("latin1")
 
 
@@ -96,36 +100,109 @@ def _defaultdict(*_factory):
     return {}
 
 
+def _bytearray(*args):
+    # bytearray(b"...") (protocol 3+) or bytearray("...", "latin-1") (protocol 2); never
+    # bytearray(n), which allocates whatever n the file names.
+    if not args:
+        return bytearray()
+    if len(args) == 1 and isinstance(args[0], (bytes, bytearray)):
+        return bytearray(args[0])
+    if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
+        return bytearray(args[0], "latin-1")
+    raise pickle.UnpicklingError("refusing a bytearray call that is not a copy of bytes in the file")
+
+
+def _scalars(args: tuple) -> None:
+    # Calls that turn their argument into text or a number: scalars only, never a structure that a
+    # pickle can make exponentially large through shared references.
+    if not all(type(a) in (str, bytes, int, float, bool, complex) for a in args):
+        raise pickle.UnpicklingError("refusing a conversion of a container")
+
+
+def _keys_of(args: tuple) -> None:
+    # dict(...) and OrderedDict(...) from a mapping or a list of pairs: keys must be cheap to hash.
+    if not args:
+        return
+    if len(args) > 1 or not isinstance(args[0], (list, tuple, dict)):
+        raise pickle.UnpicklingError("refusing a dict built from something other than a dict or pairs")
+    items = args[0]
+    if isinstance(items, dict):
+        keys = list(items)
+    elif all(type(pair) in (tuple, list) and len(pair) == 2 for pair in items):
+        keys = [pair[0] for pair in items]
+    else:
+        raise pickle.UnpicklingError("refusing a dict built from something other than pairs")
+    for key in keys:
+        pickle_guard.check_key(key)
+
+
+def _members_of(args: tuple) -> None:
+    # set(...) and frozenset(...): members must be cheap to hash.
+    if len(args) > 1 or (args and not isinstance(args[0], (list, tuple, set, frozenset))):
+        raise pickle.UnpicklingError("refusing a set built from something other than a list")
+    for member in args[0] if args else ():
+        pickle_guard.check_key(member)
+
+
+def _device(*args):
+    if not all(type(a) in (str, int) for a in args):
+        raise pickle.UnpicklingError("refusing a torch.device of something other than text and numbers")
+    return ":".join(str(a) for a in args)
+
+
+def _identity(value):
+    return value
+
+
 _SAFE_BUILTINS = {
-    "set": set,
-    "frozenset": frozenset,
-    "complex": complex,
-    "bytearray": bytearray,
+    "set": pickle_guard.guarded_call(set, _members_of),
+    "frozenset": pickle_guard.guarded_call(frozenset, _members_of),
+    "complex": pickle_guard.guarded_call(complex, _scalars),
+    "bytearray": _bytearray,
     "slice": slice,
     "list": list,
-    "dict": dict,
+    "dict": pickle_guard.guarded_call(dict, _keys_of),
     "tuple": tuple,
-    "int": int,
-    "float": float,
-    "str": str,
-    "bool": bool,
+    "int": pickle_guard.guarded_call(int, _scalars),
+    "float": pickle_guard.guarded_call(float, _scalars),
+    "str": pickle_guard.guarded_call(str, _scalars),
+    "bool": pickle_guard.guarded_call(bool, _scalars),
 }
+_ORDERED_DICT = pickle_guard.guarded_call(collections.OrderedDict, _keys_of)
 
 
-class _Unpickler(pickle._Unpickler):
-    # The pure-Python unpickler: its memo is a dict, where the C one allocates a table as large
-    # as any index the file names (a damaged LONG_BINPUT could ask for tens of GB).
+class _Unpickler(pickle_guard.GuardedUnpickler):
+    """What a torch.save pickle may use: a handful of builtins, OrderedDict, torch's tensor and
+    storage rebuilders (here making `TensorRef`s), and placeholders for everything else.
+
+    Every callable it hands out checks its arguments (no allocation by number, no conversion of a
+    structure to text); BUILD reaches only placeholders and OrderedDicts made by this load.
+    """
+
     def __init__(self, data: bytes, archive: "TorchArchive"):
-        super().__init__(io.BytesIO(data))
+        super().__init__(io.BytesIO(data), len(data))
         self.archive = archive
         self.opaque: set[str] = set()
+
+    def build(self, inst: Any, state: Any) -> None:
+        if isinstance(inst, Opaque):  # an instance made for this load (classes are not instances)
+            inst.state = state
+        elif type(inst) is collections.OrderedDict and type(state) is dict and all(type(k) is str for k in state):
+            inst.__dict__.update(state)  # a state dict's `_metadata`
+        else:
+            super().build(inst, state)
+
+    def children(self, obj: Any):
+        if isinstance(obj, Opaque):
+            return (*obj.args, obj.state, *obj.items)
+        return None
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _compat_pickle.NAME_MAPPING:
             module, name = _compat_pickle.NAME_MAPPING[(module, name)]
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if module == "collections" and name == "OrderedDict":
-            return collections.OrderedDict
+            return _ORDERED_DICT
         if module == "collections" and name == "defaultdict":
             return _defaultdict
         if module == "builtins" and name in _SAFE_BUILTINS:
@@ -140,7 +217,7 @@ class _Unpickler(pickle._Unpickler):
             if name == "Size":
                 return tuple
             if name == "device":
-                return lambda *args: ":".join(str(a) for a in args)
+                return _device
         if module == "torch.storage" and name in ("UntypedStorage", "TypedStorage"):
             return _Marker("storage", "uint8")
         if module == "torch._utils":
@@ -153,17 +230,17 @@ class _Unpickler(pickle._Unpickler):
         if module == "torch.nn.parameter" and name == "Parameter":
             return _rebuild_parameter
         if module == "torch.serialization" and name == "_get_layout":
-            return lambda layout: layout
+            return _identity
         self.opaque.add(f"{module}.{name}")
         return _opaque_class(module, name)
 
     def persistent_load(self, pid: Any) -> Any:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
+        if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage" and type(pid[2]) is str):
+            raise pickle.UnpicklingError(f"unexpected persistent id (a {type(pid).__name__})")
         _, storage_type, key, _location, _numel = pid  # the record's size is read from the zip
         if not isinstance(storage_type, _Marker):
-            raise pickle.UnpicklingError(f"unknown storage type in persistent id {pid!r:.80}")
-        return self.archive.storage(str(key), storage_type.value)
+            raise pickle.UnpicklingError(f"unknown storage type in persistent id for record {key[:80]!r}")
+        return self.archive.storage(key, storage_type.value)
 
     def _rebuild_tensor(self, storage, offset, size, stride, *rest):
         if not isinstance(storage, _Storage):
@@ -172,7 +249,10 @@ class _Unpickler(pickle._Unpickler):
         # _rebuild_tensor_v3 passes the dtype explicitly (for dtypes without a storage class).
         if len(rest) >= 3 and isinstance(rest[2], _Marker):
             dtype = rest[2].value
-        return storage.tensor(dtype, int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+        if not (type(offset) is int and type(size) is tuple and type(stride) is tuple
+                and all(type(s) is int for s in (*size, *stride))):
+            raise pickle.UnpicklingError("tensor with a non-integer offset, shape or stride")
+        return storage.tensor(dtype, offset, size, stride)
 
 
 def _rebuild_parameter(data, *_args):
@@ -181,6 +261,9 @@ def _rebuild_parameter(data, *_args):
 
 def _rebuild_from_type_v2(func, _new_type, args, _state):
     return func(*args)
+
+
+_INT64_BOUND = 1 << 62
 
 
 class _Storage:
@@ -192,17 +275,23 @@ class _Storage:
     def tensor(self, dtype: str, offset: int, shape: tuple, stride: tuple) -> TensorRef:
         if dtype not in DTYPES:
             raise pickle.UnpicklingError(f"unsupported dtype {dtype}")
-        if len(shape) != len(stride) or any(s < 0 for s in shape) or offset < 0:
-            raise pickle.UnpicklingError("tensor with an invalid shape or stride")
+        itemsize = DTYPES[dtype][0]
+        if len(shape) != len(stride) or offset < 0 or any(s < 0 for s in (*shape, *stride)):
+            raise pickle.UnpicklingError("tensor with a negative or mismatched shape, stride or offset")
+        # torch indexes with int64: every size, and the bytes of the non-empty dimensions, must fit.
+        if any(s >= _INT64_BOUND for s in (offset, *shape, *stride)) \
+                or math.prod(n for n in shape if n) * itemsize >= _INT64_BOUND:
+            raise pickle.UnpicklingError("tensor with a shape or stride too large for torch")
         if all(shape):  # a view with elements (scalars included)
             # The highest element the view touches must lie inside the storage.
             last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
-            storage_elems = self.archive.storage_nbytes(self.key) // DTYPES[dtype][0]
+            storage_elems = self.archive.storage_nbytes(self.key) // itemsize
             if last >= storage_elems:
                 raise InputError(
                     f"{self.archive.path}: tensor data record '{self.key}' is shorter than the tensor it holds",
                     "the file is truncated or damaged; copy it again",
                 )
+        self.archive.describe(math.prod(shape) * itemsize)
         archive, key = self.archive, self.key
 
         def load():
@@ -211,7 +300,8 @@ class _Storage:
             base = archive.storage_tensor(key, dtype)
             return torch.as_strided(base, shape, stride, offset)
 
-        return TensorRef(dtype, shape, load, storage_id=(id(archive), key), view=(offset, stride, shape))
+        return TensorRef(dtype, shape, load, storage_id=(id(archive), key), view=(offset, stride, shape),
+                         location=self.archive.location(key, dtype, offset, shape, stride))
 
 
 class TorchArchive:
@@ -238,17 +328,41 @@ class TorchArchive:
         self._infos = {i.filename: i for i in self._zip.infolist()}
         self._mmap: mmap.mmap | None = None
         self.opaque: set[str] = set()
+        self.size = len(data) if data is not None else os.fstat(self._file.fileno()).st_size
+        self.described = 0  # bytes of all tensors so far; views with stride 0 can exceed the file
+
+    def describe(self, nbytes: int) -> None:
+        """Count a tensor's bytes against what the file can honestly hold (see limits.EXPANSION_BYTES)."""
+        self.described += nbytes
+        allowed = 2 * self.size + limits.EXPANSION_BYTES.value
+        if self.described > allowed:
+            raise limits.EXPANSION_BYTES.exceeded(
+                f"{self.path}: its tensors describe more than {allowed} bytes from a {self.size}-byte file "
+                "(views with overlapping strides)")
+
+    def read_member(self, info: zipfile.ZipInfo) -> bytes:
+        """A zip record's bytes; a compressed one only up to the inflation limit."""
+        if info.compress_type != zipfile.ZIP_STORED and info.file_size > limits.INFLATED_BYTES.value:
+            raise limits.INFLATED_BYTES.exceeded(
+                f"{self.path}: zip record '{info.filename}' inflates to {info.file_size} bytes")
+        return self._zip.read(info)
 
     def load_object(self) -> Any:
         try:
             byteorder = self._infos.get(self.prefix + "byteorder")
-            if byteorder is not None and self._zip.read(byteorder) != b"little":
+            if byteorder is not None and self.read_member(byteorder) != b"little":
                 raise InputError(f"{self.path}: big-endian checkpoint", "re-save it on a little-endian machine")
-            data = self._zip.read(self.prefix + "data.pkl")
+            data = self.read_member(self._infos[self.prefix + "data.pkl"])
             unpickler = _Unpickler(data, self)
-            obj = unpickler.load()
+            obj = unpickler.load_checked()
         except InputError:
             raise
+        except pickle_guard.GuardError as exc:
+            if exc.limit is None:
+                raise InputError(f"{self.path}: {exc}", "the file is damaged or crafted") from None
+            raise exc.limit.exceeded(f"{self.path}: {exc}") from None
+        except RecursionError:
+            raise limits.NESTING_DEPTH.exceeded(f"{self.path}: the object data is nested too deeply") from None
         except Exception as exc:  # any malformed pickle: the message is what matters
             raise InputError(
                 f"{self.path}: cannot read the checkpoint's object data ({type(exc).__name__}: {exc})"[:300],
@@ -264,6 +378,21 @@ class TorchArchive:
                 "the file is truncated or damaged; copy it again",
             )
         return _Storage(self, key, dtype)
+
+    def location(self, key: str, dtype: str, offset: int, shape: tuple, stride: tuple) -> tuple[str, int] | None:
+        """(file, byte offset) of a contiguous view whose record is stored uncompressed in a real file."""
+        info = self._infos.get(self.prefix + "data/" + key)
+        if info is None or info.compress_type != zipfile.ZIP_STORED or isinstance(self._file, io.BytesIO):
+            return None
+        expected = 1
+        for n, s in reversed(list(zip(shape, stride))):
+            if n != 1 and s != expected:
+                return None
+            expected *= n
+        try:
+            return str(self.path), self._data_offset(info) + offset * DTYPES[dtype][0]
+        except InputError:
+            return None
 
     def storage_nbytes(self, key: str) -> int:
         return self._infos[self.prefix + "data/" + key].file_size
@@ -286,7 +415,7 @@ class TorchArchive:
         if size == 0:
             return torch.empty(0, dtype=torch_dtype(dtype))
         if info.compress_type != zipfile.ZIP_STORED or isinstance(self._file, io.BytesIO):
-            buf = bytearray(self._zip.read(info))
+            buf = bytearray(self.read_member(info))
             return torch.frombuffer(buf, dtype=torch_dtype(dtype), count=size)
         start = self._data_offset(info)
         if self._mmap is None:

@@ -1,0 +1,61 @@
+"""Limits on everything an input controls, so that cost follows the input's honest size.
+
+A checkpoint of a few KB can describe gigabytes (a size field, a compressed
+record, a view with stride 0) or exponential work (shared references that
+turn into text, deep nesting that recursion cannot follow). Every such knob
+has a limit here; past it sfckpt refuses with exit 2 and says which
+environment variable raises it. docs/guarantees.md lists them all.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .errors import InputError
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Limit:
+    env: str
+    default: int
+    what: str
+
+    @property
+    def value(self) -> int:
+        text = os.environ.get(self.env)
+        if text is None or not text.strip():
+            return self.default
+        try:
+            value = int(text.replace("_", ""))
+        except ValueError:
+            raise InputError(f"{self.env}={text!r} is not a whole number", f"set it to a number ({self.what})") from None
+        if value < 0:
+            raise InputError(f"{self.env}={text!r} is negative", f"set it to a number ({self.what})")
+        return value
+
+    def exceeded(self, message: str) -> InputError:
+        """The error for an input past this limit."""
+        return InputError(message, f"if the input is trusted and really this large, raise the limit with {self.env}=N "
+                                   f"(now {self.value}; {self.what})")
+
+
+# Python objects a pickle (torch.save's data.pkl, DCP metadata) may expand to, counting shared
+# references each time they are reached: an honest pickle has at most a few per byte, a
+# billion-laughs structure has 2**depth.
+PICKLE_NODES = Limit("SFCKPT_MAX_PICKLE_NODES", 1_000_000, "objects a pickle may expand to, shared references counted each time")
+NESTING_DEPTH = Limit("SFCKPT_MAX_NESTING", 200, "containers nested inside each other in a pickle or JSON file")
+# Compressed zip members (torch never compresses, but a crafted file may): inflated size.
+INFLATED_BYTES = Limit("SFCKPT_MAX_INFLATED_BYTES", 256 * MiB, "bytes a compressed zip record may inflate to")
+# bytearray(n) and friends: a pickle may ask for an allocation by number.
+PICKLE_ALLOC_BYTES = Limit("SFCKPT_MAX_PICKLE_ALLOC", 64 * MiB, "bytes one bytearray call in a pickle may allocate")
+# Integers wider than this cannot be turned into a float or printed cheaply.
+INT_BITS = Limit("SFCKPT_MAX_INT_BITS", 1023, "bits in an integer stored in a pickle")
+# safetensors headers, model.safetensors.index.json, config.json: parsed whole into memory.
+JSON_BYTES = Limit("SFCKPT_MAX_JSON_BYTES", 32 * MiB, "bytes of a safetensors header, index or config.json")
+# Views whose strides overlap (stride 0) write more than their storage holds.
+EXPANSION_BYTES = Limit("SFCKPT_MAX_EXPANSION", 64 * MiB,
+                        "bytes that overlapping views (stride 0) may add beyond their storage, per checkpoint")
+DCP_CHUNKS = Limit("SFCKPT_MAX_DCP_CHUNKS", 16_384, "chunks one torch.distributed.checkpoint tensor may be split into")
+CONFIG_LAYERS = Limit("SFCKPT_MAX_LAYERS", 1_000, "layers or experts config.json may ask the parameter-order model for")
