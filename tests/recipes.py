@@ -13,7 +13,7 @@ import re
 import torch
 from torch import nn
 
-W = 8  # every Linear is W x W, every bias W: all interchangeable by shape
+W = 32  # every Linear is W x W, every bias W: all interchangeable by shape (and big enough to read content from)
 
 
 def lin(bias: bool = True):

@@ -733,12 +733,13 @@ def test_ema_copy_as_frozen_submodule(ema_first, run, tmp_path):
 
 
 class MixedMLP(nn.Module):
-    """Transformer-like MLP blocks: up (16, 8), down (8, 16) and a square mixer (8, 8) per block."""
+    """Transformer-like MLP blocks: up (2W, W), down (W, 2W) and a square mixer (W, W) per block."""
 
     def __init__(self, n: int = 3):
         super().__init__()
         self.blocks = nn.ModuleList(
-            nn.ModuleDict({"mix": lin(), "up": nn.Linear(8, 16), "down": nn.Linear(16, 8)}) for _ in range(n))
+            nn.ModuleDict({"mix": lin(), "up": nn.Linear(recipes.W, 2 * recipes.W),
+                           "down": nn.Linear(2 * recipes.W, recipes.W)}) for _ in range(n))
 
     def forward(self, x):
         for b in self.blocks:
