@@ -346,3 +346,56 @@ def test_honest_views_still_convert_exactly(run, tmp_path):
     torch.save({"model": sd, "optimizer": osd}, tmp_path / "c.pt")
     assert run("convert", tmp_path / "c.pt", tmp_path / "x.safetensors").exit_code == 0
     assert torch.equal(read(tmp_path / "x.safetensors")["band"], torch.arange(8.0).as_strided((3, 3), (1, 1), 1))
+
+
+# ---- Hugging Face Trainer folders: config.json never brings code, and stays cheap ------------------
+
+from test_containers import hf_run  # noqa: E402,F401  (the module-scoped Trainer run)
+
+
+def _trainer_copy(hf_run, tmp_path, edit):
+    import json
+    import shutil
+
+    ckpt, _ = hf_run()
+    folder = tmp_path / "checkpoint-4"
+    shutil.copytree(ckpt, folder)
+    config = json.loads((folder / "config.json").read_text())
+    new = edit(config, folder)
+    (folder / "config.json").write_text(new if isinstance(new, str) else json.dumps(config))
+    return folder
+
+
+def test_trainer_config_with_custom_code_is_refused_without_a_prompt(hf_run, run, tmp_path):
+    marker = tmp_path / "pwned"
+
+    def custom(config, folder):
+        config.update(model_type="evil_model", auto_map={"AutoConfig": "evil.EvilConfig"}, architectures=["EvilModel"])
+        (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                        "from transformers import PretrainedConfig\n"
+                                        "class EvilConfig(PretrainedConfig):\n    model_type = 'evil_model'\n")
+
+    folder = _trainer_copy(hf_run, tmp_path, custom)
+    for command in ("inspect", "convert"):
+        result = run(command, folder, tmp_path / "x.safetensors") if command == "convert" else run(command, folder)
+        assert_clean(result, tmp_path / "x.safetensors")
+        assert "--param-order" in result.stderr and "custom code" in result.stderr
+        assert "trust_remote_code" not in result.stdout and "[y/N]" not in result.stdout
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda c, f: c.update(architectures=[123]), "architectures"),
+    (lambda c, f: c.update(model_type="no_such_model"), "does not ship"),
+    (lambda c, f: c.update(n_layer=20000, num_hidden_layers=20000), "SFCKPT_MAX_LAYERS"),
+    (lambda c, f: "[1, 2]", "not an object"),
+    (lambda c, f: "[" * 100_000 + "]" * 100_000, "SFCKPT_MAX"),
+    (lambda c, f: '{"a": ' + "9" * 5000 + "}", "not valid JSON"),
+], ids=["architectures-int", "unknown-type", "huge-n_layer", "list", "deep", "5000-digits"])
+def test_trainer_config_nonsense_is_exit_2(edit, fragment, hf_run, tmp_path):
+    from sfckpt.readers.hf_trainer import load_config
+
+    folder = _trainer_copy(hf_run, tmp_path, edit)
+    with pytest.raises(sfckpt.InputError) as info:
+        load_config(folder)
+    assert fragment in str(info.value)

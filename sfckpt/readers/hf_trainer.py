@@ -53,6 +53,48 @@ def trainer_state(path: Path) -> dict[str, Any]:
         return {}
 
 
+def load_config(path: Path):
+    """The folder's config.json as a transformers config, never running code that comes with it.
+
+    Only architectures transformers itself ships are accepted: `trust_remote_code=False`, and
+    a config that asks for custom code (`auto_map`) or names an unknown `model_type` is refused
+    before transformers could prompt for it. Sizes that would make the meta-device model
+    expensive are bounded (limits.CONFIG_LAYERS).
+    """
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from .. import limits
+    from .safetensors_file import read_json_file
+
+    hint = "pass --param-order FILE with the parameter names in optimizer order"
+    raw = read_json_file(path / "config.json", "config.json")
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}/config.json holds a JSON {type(raw).__name__}, not an object", hint)
+    model_type = raw.get("model_type")
+    if "auto_map" in raw or not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise InputError(f"{path}/config.json names model_type {str(model_type)[:80]!r}"
+                         + (" with custom code (auto_map), which sfckpt never runs" if "auto_map" in raw
+                            else ", which transformers does not ship"), hint)
+    archs = raw.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise InputError(f"{path}/config.json has architectures {str(archs)[:80]}, not a list of class names", hint)
+    stack = [raw]
+    while stack:  # layer and expert counts, nested configs included (read_json_file bounded the nesting)
+        node = stack.pop()
+        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
+            if isinstance(value, (dict, list)):
+                stack.append(value)
+            elif type(value) is int and any(w in str(key) for w in ("layer", "expert", "block")) \
+                    and value > limits.CONFIG_LAYERS.value:
+                raise limits.CONFIG_LAYERS.exceeded(f"{path}/config.json asks for {key} = {value}")
+    try:
+        return transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:
+        raise InputError(f"{path}/config.json cannot be read by transformers ({type(exc).__name__}: {exc})"[:300],
+                         hint) from None
+
+
 def parameter_order(path: Path) -> tuple[list[str], list[set[str]]]:
     """The model's parameter names in `named_parameters()` order, and the names the Trainer's two
     groups (weight decay, no weight decay) may hold.
@@ -71,11 +113,7 @@ def parameter_order(path: Path) -> tuple[list[str], list[set[str]]]:
     if not (path / "config.json").is_file():
         raise InputError(f"{path} has optimizer.pt but no config.json to rebuild the parameter order from",
                          "copy config.json into the folder, or pass --param-order FILE")
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:
-        raise InputError(f"{path}/config.json cannot be read by transformers ({type(exc).__name__}: {exc})"[:300],
-                         "pass --param-order FILE") from None
+    config = load_config(path)
     archs = getattr(config, "architectures", None) or []
     model_cls = getattr(transformers, archs[0], None) if archs else None
     if model_cls is None:
