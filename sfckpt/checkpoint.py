@@ -34,6 +34,8 @@ class Checkpoint:
     ties_visible: bool = True  # False where tied weights are saved as separate copies (DCP)
     optimizers: dict[str, Mapping[str, Any]] = field(default_factory=dict)  # every optimizer state found
     models: list[str] = field(default_factory=list)  # the entries whose tensors make the output
+    # With other model entries in the file: every model's tensors in file order (others as `<key>.<name>`)
+    pool_weights: dict[str, TensorRef] = field(default_factory=dict)
     # The model's parameter order and the groups' allowed names, where the container's own grouping
     # rule says them and the weights file does not keep the order (Hugging Face Trainer).
     model_order: list[str] | None = None
@@ -41,6 +43,8 @@ class Checkpoint:
     order_source: str = ""
     default_dtype: str | None = None  # output dtype when --dtype is not given (DeepSpeed: the module's 16-bit dtype)
     notes: list[str] = field(default_factory=list)  # what inspect should say about the container
+    order_error: Exception | None = None  # why the container's parameter order could not be rebuilt
+    strip_prefix: str | None = None  # removed from weight names, and so from saved parameter names
 
 
 def load(
@@ -65,13 +69,15 @@ def load(
     """
     path = Path(path)
     kind = sniff(path)
-    model_order = group_domains = None
+    model_order = group_domains = order_error = None
+    order_source = ""
     extra: dict[str, Any] = {}
     if kind == "folder" and is_adapter_checkpoint(path):
         obj, unloaded = load_adapter_checkpoint(path)
         container = "peft-adapter"
         if optimizer_key is None and model_key is None:
             model_order, group_domains = adapter_parameter_order(path) or (None, None)
+            order_source = "the PEFT model rebuilt from the base model's config, grouped as the Trainer does"
     elif kind == "folder" and hf_trainer.is_trainer_folder(path):
         weights, unloaded = hf_trainer.read_weights(path)
         optimizer, opt_unloaded = load_torch(path / hf_trainer.OPTIMIZER_NAME)
@@ -80,7 +86,11 @@ def load(
         unloaded = sorted(set(unloaded) | set(opt_unloaded))
         container = "huggingface-trainer"
         if optimizer_key is None and model_key is None:
-            model_order, group_domains = hf_trainer.parameter_order(path)
+            try:
+                model_order, group_domains = hf_trainer.parameter_order(path)
+                order_source = "the Hugging Face Trainer's grouping (model rebuilt from config.json)"
+            except InputError as exc:
+                order_error = exc  # raised only if the mapping needs the order (see reconstruct)
     elif kind == "folder" and is_deepspeed_folder(path):
         folder = DeepSpeedFolder(path)
         obj, unloaded, container = folder.load_object(), sorted(folder.opaque), "deepspeed"
@@ -125,8 +135,11 @@ def load(
         ties_visible=container != "torch.distributed.checkpoint",
         optimizers=found.optimizers,
         models=found.models,
+        pool_weights=found.pool_weights,
+        strip_prefix=strip_prefix,
         model_order=model_order,
         group_domains=group_domains,
-        order_source="the Hugging Face Trainer's grouping (model rebuilt from config.json)" if model_order else "",
+        order_source=order_source if model_order else "",
+        order_error=order_error,
         **extra,
     )

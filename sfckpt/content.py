@@ -9,22 +9,27 @@ that start equal and barely move (LayerNorm gains, zero-initialised tensors)
 cannot be told apart, and are reported as such rather than guessed.
 
 A pair (entry, tensor) is *confirmed* only with a margin: the distance must be
-MARGIN times smaller than the distance from that z to every other candidate,
-from that y to every other entry's z, and from that y to its own mean (so that
-a lone candidate is confirmed only when z is really close to it, not merely
-because nothing else has its shape).
+MARGIN times smaller than the distance from that z to every other candidate
+and from that y to every other entry's z; with no other tensor of that shape,
+smaller than the y's own spread around its mean (so that a lone candidate is
+confirmed only when z really lies next to it, not merely because nothing
+else has its shape). The same margin rules pairs out: a candidate MARGIN
+times farther from z than the closest one is not z's parameter.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable, Sequence
+from typing import Sequence
 
 from .tensors import TensorRef
 
 MARGIN = 4.0
 SAMPLE_ELEMENTS = 4096  # per tensor: half from the start, half from the middle of the data
-WORK_BUDGET = 400_000_000  # entries x candidates x sample elements per shape class
+WORK_BUDGET = 100_000_000  # entries x candidates x sample elements per shape class
 MIN_SAMPLE = 64
+MIN_CONTENT_ELEMENTS = 8  # below this, distances are too noisy to confirm or rule out anything
+UNRELATED = 0.5  # d² / (‖y‖² + ‖z‖²) above this looks like two independent tensors...
+UNRELATED_FACTOR = 10.0  # ...when it is also this many times the ratio of the shape's confirmed pairs
 
 
 @dataclass(frozen=True)
@@ -33,105 +38,108 @@ class Match:
 
     candidate: int  # column index into the candidates given to `evidence`
     distance: float
-    runner_up: float  # the smallest competing distance (other candidate, other entry, or the spread)
+    runner_up: float  # the smallest competing distance (other candidate, other entry; else the spread)
 
     @property
     def confirmed(self) -> bool:
         return self.distance * MARGIN < self.runner_up
 
-    @property
-    def ratio(self) -> float:
-        return float("inf") if self.distance == 0 else self.runner_up / self.distance
+
+@dataclass
+class ClassEvidence:
+    """Distances between the z's and y's of one shape class, and what they rule in and out."""
+
+    matches: list[Match]
+    distance: object  # numpy array, entries x candidates
+    y_constant: object  # per candidate: every sampled value equal (still as a constant initialisation)
+    z_constant: object
+    unrelated: object  # entries x candidates: True where z and y look independent while confirmed pairs do not
+    informative: bool  # enough elements for distances to mean anything
+
+    def possible(self, i: int, j: int) -> bool:
+        """Could candidate j be entry i's parameter? No when y is one constant value everywhere but z
+        is not (y = (1-β)·z + β·x could then only be constant by an exact cancellation); no when another
+        candidate lies MARGIN times closer to its z; no when z and y are as far apart as independent
+        tensors while this shape's confirmed pairs are all far closer (UNRELATED)."""
+        if self.y_constant[j] and not self.z_constant[i]:
+            return False
+        if not self.informative:
+            return True
+        best = self.matches[i].distance
+        if best > 0 and self.distance[i, j] > MARGIN * best:
+            return False
+        return not self.unrelated[i, j]
 
 
 class Sampler:
-    """Samples of tensors, read once each (memory-mapped files read only the sampled pages)."""
+    """Samples of tensors as float64 numpy arrays, read once each (a few pages, not the tensor)."""
 
     def __init__(self) -> None:
-        self._cache: dict[int, object] = {}
+        self._cache: dict[tuple[int, int], object] = {}
 
     def sample(self, ref: TensorRef, n: int):
-        import torch
+        import numpy as np
 
         key = (id(ref), n)
-        cached = self._cache.get(key)
-        if cached is not None:
-            return cached
-        t = ref.load()
-        flat = t.reshape(-1)
-        if flat.numel() > n:
-            half = n // 2
-            mid = flat.numel() // 2
-            flat = torch.cat([flat[:half], flat[mid:mid + n - half]])
-        out = flat.to(torch.float64)
-        if not torch.isfinite(out).all():
-            out = torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
-        self._cache[key] = out
-        return out
+        if key not in self._cache:
+            out = ref.sample(n)
+            self._cache[key] = np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+        return self._cache[key]
 
 
-def evidence(zs: Sequence[TensorRef], ys: Sequence[TensorRef], sampler: Sampler) -> list[Match]:
+def evidence(zs: Sequence[TensorRef], ys: Sequence[TensorRef], sampler: Sampler) -> ClassEvidence:
     """For each z (same shape as every y), its closest y and the clearest competitor."""
-    import torch
+    import numpy as np
 
     n, m = len(zs), len(ys)
-    if n == 0 or m == 0:
-        return []
-    numel = max(1, zs[0].numel)
     size = max(MIN_SAMPLE, min(SAMPLE_ELEMENTS, WORK_BUDGET // max(1, n * m)))
-    size = min(size, numel)
-    z = torch.stack([sampler.sample(r, size) for r in zs])
-    y = torch.stack([sampler.sample(r, size) for r in ys])
-    spread = (y - y.mean(dim=1, keepdim=True)).norm(dim=1)
-    inf = float("inf")
-    row_best = torch.full((n,), inf, dtype=torch.float64)
-    row_arg = torch.zeros(n, dtype=torch.long)
-    row_second = torch.full((n,), inf, dtype=torch.float64)
-    col_best = torch.full((m,), inf, dtype=torch.float64)
-    col_arg = torch.full((m,), -1, dtype=torch.long)
-    col_second = torch.full((m,), inf, dtype=torch.float64)
-    block = max(1, 4_000_000 // max(1, m))
-    for start in range(0, n, block):
-        d = torch.cdist(z[start:start + block], y)  # rows: entries, columns: candidates
-        k = min(2, m)
-        vals, args = d.topk(k, dim=1, largest=False)
-        row_best[start:start + len(d)] = vals[:, 0]
-        row_arg[start:start + len(d)] = args[:, 0]
-        if k == 2:
-            row_second[start:start + len(d)] = vals[:, 1]
-        # Merge this block's two smallest per column with those seen so far.
-        kc = min(2, len(d))
-        cvals, cargs = d.topk(kc, dim=0, largest=False)
-        merged = torch.cat([torch.stack([col_best, col_second]), cvals])
-        merged_arg = torch.cat([torch.stack([col_arg, torch.full((m,), -1, dtype=torch.long)]), cargs + start])
-        order = merged.argsort(dim=0)[:2]
-        col_best = merged.gather(0, order[:1])[0]
-        col_arg = merged_arg.gather(0, order[:1])[0]
-        col_second = merged.gather(0, order[1:2])[0]
+    size = min(size, max(1, zs[0].numel if zs else 1))
+    z = np.stack([sampler.sample(r, size) for r in zs]) if n else np.zeros((0, size))
+    y = np.stack([sampler.sample(r, size) for r in ys]) if m else np.zeros((0, size))
+    spread = np.linalg.norm(y - y.mean(axis=1, keepdims=True), axis=1)
+    y_constant = (y == y[:, :1]).all(axis=1) & (y.shape[1] > 1)
+    z_constant = (z == z[:, :1]).all(axis=1) | (z.shape[1] <= 1)
+    d = np.empty((n, m))
+    for i in range(n):  # exact differences, not the Gram trick: distances of 0 must stay 0
+        d[i] = np.linalg.norm(y - z[i], axis=1)
+    # d² / (‖y‖² + ‖z‖²): about 1 for independent zero-mean tensors, near 0 for a parameter and its z.
+    norms = (np.linalg.norm(z, axis=1)[:, None] ** 2 + np.linalg.norm(y, axis=1)[None, :] ** 2)
+    ratio = np.divide(d ** 2, norms, out=np.zeros_like(d), where=norms > 0)
+    informative = size >= MIN_CONTENT_ELEMENTS
     matches = []
     for i in range(n):
-        j = int(row_arg[i])
-        # The competitor in the column: the best other entry for this candidate.
-        other_entry = float(col_second[j]) if int(col_arg[j]) == i else float(col_best[j])
-        runner = min(float(row_second[i]), other_entry, float(spread[j]))
-        matches.append(Match(j, float(row_best[i]), runner))
-    return matches
+        row = d[i]
+        j = int(row.argmin())
+        others = [float(np.partition(row, 1)[1])] if m > 1 else []
+        column = np.delete(d[:, j], i)
+        if column.size:
+            others.append(float(column.min()))
+        if not others:  # nothing else has this shape: z must be close next to the tensor's own size
+            others.append(float(spread[j]))
+        runner = min(others)
+        if y_constant[j] and not z_constant[i]:
+            runner = 0.0  # never confirmed: see ClassEvidence.possible
+        if not informative:
+            runner = 0.0  # a handful of numbers cannot tell tensors apart
+        matches.append(Match(j, float(row[j]), runner))
+    confirmed = [ratio[i, m.candidate] for i, m in enumerate(matches) if m.confirmed]
+    if confirmed:
+        unrelated = ratio > max(UNRELATED, UNRELATED_FACTOR * float(np.median(confirmed)))
+    else:
+        unrelated = np.zeros_like(d, dtype=bool)
+    return ClassEvidence(matches, d, y_constant, z_constant, unrelated, informative)
 
 
-def identical(a: TensorRef, b: TensorRef) -> bool:
-    """Bit-identical data (reads both tensors)."""
+def identical(a: TensorRef, b: TensorRef, sampler: Sampler) -> bool:
+    """Bit-identical data: compared on samples first, then on all bytes (reads both tensors)."""
+    import numpy as np
     import torch
 
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
-    ta, tb = a.load(), b.load()
-    return bool(torch.equal(ta.reshape(-1).view(torch.uint8) if ta.dtype.is_floating_point and ta.numel() else ta,
-                            tb.reshape(-1).view(torch.uint8) if tb.dtype.is_floating_point and tb.numel() else tb))
-
-
-def classes(items: Sequence[tuple[Hashable, TensorRef]]) -> dict[tuple, list[Hashable]]:
-    """Group items by (shape, dtype): the tensors that could be interchanged."""
-    out: dict[tuple, list[Hashable]] = {}
-    for key, ref in items:
-        out.setdefault((ref.shape, ref.dtype), []).append(key)
-    return out
+    if not np.array_equal(sampler.sample(a, SAMPLE_ELEMENTS), sampler.sample(b, SAMPLE_ELEMENTS)):
+        return False
+    ta, tb = a.load().reshape(-1), b.load().reshape(-1)
+    if ta.numel() == 0:
+        return True
+    return bool(torch.equal(ta.view(torch.uint8), tb.view(torch.uint8)))

@@ -91,6 +91,7 @@ def describe(recon: Reconstruction, scan: bool = False) -> dict[str, Any]:
             "tensors_unchanged": len(recon.tensors) - recon.n_converted,
         },
         "batchnorm": {"buffers": bn, "layers": len({n.rsplit(".", 1)[0] for n in bn})},
+        "notes": list(ckpt.notes),
         "skipped": ckpt.skipped,
         "unloaded_classes": ckpt.unloaded_classes,
         "nonfinite": scan_nonfinite(recon) if scan else None,

@@ -37,6 +37,8 @@ class Layout:
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why it is not in the output
     optimizers: dict[str, Mapping[str, Any]] = field(default_factory=dict)  # every optimizer state to consider
     models: list[str] = field(default_factory=list)  # the entries whose tensors are the output
+    # With other model entries in the file: all of them in file order, the others' names as `<key>.<name>`
+    pool_weights: dict[str, TensorRef] = field(default_factory=dict)
 
 
 def is_weights(value: Any) -> bool:
@@ -137,9 +139,18 @@ def find(obj: Any, model_key: str | None = None, optimizer_key: str | None = Non
         else:
             kind = getattr(value, "qualname", None)
             skipped[name] = f"not loaded: object of class {kind}" if kind else f"not a tensor ({type(value).__name__})"
+    # Every model entry in the file's order, the chosen ones under their output names: what an optimizer
+    # that also trains the file's other models is matched against.
+    others: dict[str, TensorRef] = {}
+    if len(model_candidates) > len(models):
+        for key in (k for k in obj if isinstance(k, str)):
+            if key in models:
+                others.update((n, v) for n, v in weights.items() if isinstance(v, TensorRef))
+            elif key in model_candidates:
+                others.update((f"{key}.{n}", v) for n, v in obj[key].items() if isinstance(v, TensorRef))
     return Layout(container, model_key if model_key is not None else ", ".join(models),
                   optimizer_key if optimizer_key is not None else next(iter(optimizers), None), clean, optimizer,
-                  model_candidates, optimizer_candidates, skipped, optimizers, models)
+                  model_candidates, optimizer_candidates, skipped, optimizers, models, others)
 
 
 def strip_prefix(weights: dict[str, TensorRef], prefix: str) -> dict[str, TensorRef]:

@@ -37,6 +37,10 @@ ORDER_HINT = ("pass --param-order FILE with the parameter names in optimizer ord
               "(docs/mapping.md shows the two lines of Python that write it)")
 
 
+class NotInWeights(InputError):
+    """Some optimizer entries belong to no tensor of these weights (they may be another model's)."""
+
+
 @dataclass
 class Entry:
     """One optimizer entry: where it sits in the optimizer, its state, and the tensor it belongs to."""
@@ -191,13 +195,13 @@ def decide(
         if not any(weights[c].shape == z.shape for c in candidates):
             if len(optimizers) > 1:
                 continue  # decided below: this optimizer may belong to other weights
-            raise InputError(
+            raise NotInWeights(
                 f"{e.label()} has z of shape {format_shape(z.shape)} but the model has no parameter of that shape",
                 "the optimizer state does not belong to this model (choose other entries with --model-key / "
                 "--optimizer-key)",
             )
 
-    anchors = _content_anchors(stateful, weights, candidates, sampler)
+    anchors, possible = _content_anchors(stateful, weights, candidates, sampler)
 
     ignored: dict[str, str] = {}
     used = list(optimizers)
@@ -211,7 +215,7 @@ def decide(
             else:
                 used.append(o)
         if not used:
-            raise InputError(
+            raise NotInWeights(
                 f"none of the optimizer states ({', '.join(o.key for o in optimizers)}) belongs to these weights: "
                 "no z lies near any of the model's tensors",
                 "choose the matching pair with --model-key and --optimizer-key (see `sfckpt inspect`)",
@@ -254,7 +258,7 @@ def decide(
     open_entries = [(o, e) for o, e in stateful if id(e) not in decided]
     order_name = ""
     if open_entries:
-        order_name = _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_index, anchors,
+        order_name = _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_index, possible,
                                      group_domains, container_order_name, name_notes)
 
     # 3. Check every pair, name the entries.
@@ -286,8 +290,9 @@ def decide(
     return ParameterMapping(method, entries, counts, confirmed, len(stateful), untrained, twin_map, ignored, warnings)
 
 
-def _content_anchors(stateful, weights, candidates, sampler) -> dict[int, str]:
-    """Entries whose z content ties to one tensor with a margin: id(entry) -> name."""
+def _content_anchors(stateful, weights, candidates, sampler) -> tuple[dict[int, str], dict[int, set[str]]]:
+    """Entries whose z content ties to one tensor with a margin (id(entry) -> name), and for every entry
+    the tensors content does not rule out (id(entry) -> names)."""
     by_shape: dict[tuple, list[str]] = {}
     for c in candidates:
         by_shape.setdefault(weights[c].shape, []).append(c)
@@ -295,15 +300,17 @@ def _content_anchors(stateful, weights, candidates, sampler) -> dict[int, str]:
     for o, e in stateful:
         rows.setdefault(e.z(o.z_key).shape, []).append((o, e))
     anchors: dict[int, str] = {}
+    possible: dict[int, set[str]] = {}
     for shape, items in rows.items():
         cols = by_shape.get(shape, [])
         if not cols:
             continue
-        matches = content.evidence([e.z(o.z_key) for o, e in items], [weights[c] for c in cols], sampler)
-        for (o, e), m in zip(items, matches):
+        ev = content.evidence([e.z(o.z_key) for o, e in items], [weights[c] for c in cols], sampler)
+        for i, ((o, e), m) in enumerate(zip(items, ev.matches)):
             if m.confirmed:
                 anchors[id(e)] = cols[m.candidate]
-    return anchors
+            possible[id(e)] = {c for j, c in enumerate(cols) if ev.possible(i, j)}
+    return anchors, possible
 
 
 def _apply_param_order(o: OptimizerEntries, order: Sequence[str], weights) -> None:
@@ -350,7 +357,7 @@ def _order_keys(candidates: list[str]) -> list[tuple[str, Callable[[int], Any]]]
     ]
 
 
-def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_index, anchors, group_domains,
+def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_index, possible, group_domains,
                     container_order_name, notes) -> str:
     """Place the entries names and content left open; return the order that placed them."""
     fixed = {}
@@ -375,21 +382,31 @@ def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_in
                 if id(e) in fixed:
                     domains0[id(e)] = [fixed[id(e)]]
                 else:
-                    dom = [i for i in by_shape.get(e.z(o.z_key).shape, []) if i not in taken]
+                    allowed = possible.get(id(e), set())
+                    dom = [i for i in by_shape.get(e.z(o.z_key).shape, []) if i not in taken and candidates[i] in allowed]
                     if group_domains is not None and g < len(group_domains):
                         dom = [i for i in dom if candidates[i] in group_domains[g]]
                     domains0[id(e)] = dom
                 chain.append(id(e))
             chains.append(chain)
+    # Shapes, content and the names already placed may leave one way on their own: no order needed.
+    alone, exhausted_alone = _solve([], domains0, lambda i: i)
+    if len(alone) == 1 and not exhausted_alone:
+        for ident in domains0:
+            if ident not in fixed:
+                decided[ident], kinds[ident] = candidates[alone[0][ident]], "order"
+        return "shapes (one way to fit)"
     hypotheses = _order_keys(candidates)
     if group_domains is not None:
         hypotheses = hypotheses[:1]
-    results = [(label, *_solve(chains, domains0, key)) for label, key in hypotheses]
-    distinct: list[tuple[str, dict[int, int]]] = []
-    for label, solutions, _ in results:
-        for s in solutions:
-            if all(s != t for _, t in distinct):
-                distinct.append((label, s))
+    # The model's order comes first: grouping code walks named_parameters(). Another order is used only
+    # where the confirmed pairs rule the model's order out.
+    results = []
+    for label, key in hypotheses:
+        results.append((label, *_solve(chains, domains0, key)))
+        if results[-1][1] or results[-1][2]:
+            break
+    distinct = [(label, s) for label, solutions, _ in results for s in solutions]
     open_ids = [ident for ident in domains0 if ident not in fixed]
     n_content = sum(1 for o, e in stateful if kinds.get(id(e)) == "content")
     context = f"content confirms {n_content} of {len(stateful)} entries" + (f"; {notes[0]}" if notes else "")
@@ -404,7 +421,7 @@ def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_in
     if not distinct:
         failed = _propagate(chains, {i: sorted(d, key=hypotheses[0][1]) for i, d in domains0.items()}, hypotheses[0][1])
         o, e = entry_of[failed if failed is not None else open_ids[0]]
-        raise InputError(
+        raise NotInWeights(
             f"{e.label()}, z of shape {format_shape(e.z(o.z_key).shape)}, fits no tensor of these weights in an order "
             f"that the tensors told apart by content agree with ({context}): the optimizer trains tensors that are "
             "not in these weights, or lists them in an order sfckpt cannot follow",
@@ -451,6 +468,9 @@ def _propagate(chains, dom, key) -> int | None:
     """Narrow domains until stable: chain order, and a candidate held by one entry leaves the others.
 
     Returns None, or the entry left with no candidate."""
+    for ident, d in dom.items():
+        if not d:
+            return ident
     changed = True
     while changed:
         changed = False
@@ -524,7 +544,7 @@ def _find_twins(weights, candidates, trained, ties_visible, policy, sampler) -> 
             continue
         ref = weights[name]
         for other in by_shape.get((ref.shape, ref.dtype), []):
-            if content.identical(ref, weights[other]):
+            if content.identical(ref, weights[other], sampler):
                 found[name] = other
                 break
     if not found:

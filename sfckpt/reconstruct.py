@@ -188,6 +188,11 @@ def _beta_for(family, group, g, beta_override):
     return families.check_beta(family.beta(group), f"optimizer param_groups[{g}] {key}"), "saved"
 
 
+def strip_prefix_used(ckpt: Checkpoint) -> bool:
+    """True when the weights were renamed (--strip-prefix), so the file's other models cannot be pooled."""
+    return any(name not in ckpt.pool_weights for name in ckpt.weights)
+
+
 def _families(ckpt: Checkpoint, optimizer: str | None):
     """(key, family, source, standard-layout state) for each Schedule-Free optimizer state in the checkpoint.
 
@@ -197,6 +202,10 @@ def _families(ckpt: Checkpoint, optimizer: str | None):
     for key, raw in ckpt.optimizers.items():
         layout, opt_state = optimizer_state.normalize(raw)
         entries = mapping.entries_of(opt_state, key if len(ckpt.optimizers) > 1 else "")
+        if ckpt.strip_prefix:
+            for e in entries:
+                if e.saved_name is not None and e.saved_name.startswith(ckpt.strip_prefix):
+                    e.saved_name = e.saved_name[len(ckpt.strip_prefix):]
         groups_saved = list(opt_state["param_groups"])
         state_keys = set().union(*(set(e.state) for e in entries)) if entries else set()
         if len(ckpt.optimizers) > 1 and optimizer is None and "z" not in state_keys and layout != optimizer_state.HEAVYBALL:
@@ -204,6 +213,7 @@ def _families(ckpt: Checkpoint, optimizer: str | None):
             continue
         if optimizer is not None:
             family, source = families.get(optimizer), "--optimizer"
+            family.check_groups(groups_saved)
         else:
             family, source = families.detect(groups_saved, state_keys, layout), "detected"
         found.append((key, family, source, opt_state, entries))
@@ -253,16 +263,37 @@ def reconstruct(
     dtype = dtype or getattr(ckpt, "default_dtype", None)
 
     found, skipped = _families(ckpt, optimizer)
-    decision = mapping.decide(
-        [mapping.OptimizerEntries(key, entries, fam.z_key, not fam.x_in_float32) for key, fam, _, _, entries in found],
-        ckpt.weights,
-        param_order=param_order,
-        model_order=ckpt.model_order if param_order is None else None,
-        group_domains=ckpt.group_domains if param_order is None else None,
-        container_order_name=ckpt.order_source,
-        ties_visible=ckpt.ties_visible,
-        twins=twins,
-    )
+
+    def decide(weights):
+        return mapping.decide(
+            [mapping.OptimizerEntries(key, entries, fam.z_key, not fam.x_in_float32) for key, fam, _, _, entries in found],
+            weights,
+            param_order=param_order,
+            model_order=ckpt.model_order if param_order is None else None,
+            group_domains=ckpt.group_domains if param_order is None else None,
+            container_order_name=ckpt.order_source,
+            ties_visible=ckpt.ties_visible,
+            twins=twins,
+        )
+
+    try:
+        try:
+            decision = decide(ckpt.weights)
+        except InputError:
+            if ckpt.order_error is not None and param_order is None:
+                raise ckpt.order_error from None  # the order that would have decided is what is missing
+            raise
+    except mapping.NotInWeights:
+        if not ckpt.pool_weights or strip_prefix_used(ckpt):
+            raise
+        # The optimizer also trains the file's other models (one optimizer over a U-Net and a text
+        # encoder, --model-key picking one): match against all of them, write the chosen one.
+        decision = decide(ckpt.pool_weights)
+        elsewhere = sorted({e.name.split(".", 1)[0] for e in decision.entries
+                            if e.name is not None and e.name not in ckpt.weights})
+        decision.untrained = [n for n in decision.untrained if n in ckpt.weights]
+        decision.warnings.append(f"the optimizer also trains tensors of {', '.join(elsewhere)} in this file, "
+                                 "which are not written (without --model-key every model is written)")
     used = [f for f in found if f[0] not in decision.ignored_optimizers]
 
     warnings: list[str] = []
@@ -314,6 +345,8 @@ def reconstruct(
             if hold != "y":
                 continue
             for e in stepped:
+                if e.name not in ckpt.weights:
+                    continue  # another model's tensor (see above)
                 out = OutputTensor(e.name, ckpt.weights[e.name], group=g)
                 if family.x_source == "state-x":
                     x = e.state.get("x")

@@ -7,6 +7,7 @@ tensors that x needs (y and z, never `exp_avg_sq`), one at a time.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -30,6 +31,10 @@ DTYPES: dict[str, tuple[int, str]] = {
 }
 SAFETENSORS_TO_DTYPE = {code: name for name, (_, code) in DTYPES.items()}
 FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
+
+
+# dtypes `TensorRef.sample` reads without torch: numpy code, bytes per element
+_NUMPY_READ = {"float64": ("<f8", 8), "float32": ("<f4", 4), "float16": ("<f2", 2), "bfloat16": ("<u2", 2)}
 
 
 def itemsize(dtype: str) -> int:
@@ -60,6 +65,9 @@ class TensorRef:
     loader: Callable[[], Any] = field(repr=False)
     storage_id: Any = None
     view: tuple = ()
+    # (file, byte offset) where the data lie contiguous in a plain file: lets `sample` read a few
+    # pages with numpy, without torch (inspect stays fast) and without reading the tensor.
+    location: tuple[str, int] | None = field(default=None, repr=False)
 
     @property
     def numel(self) -> int:
@@ -85,6 +93,32 @@ class TensorRef:
     def load(self):
         """The tensor, memory-mapped where the format allows it."""
         return self.loader()
+
+    def sample(self, n: int):
+        """Up to `n` elements as a float64 numpy array: half from the start of the data, half from the middle."""
+        import numpy as np
+
+        total = self.numel
+        spans = [(0, total)] if total <= n else [(0, n // 2), (total // 2, total // 2 + n - n // 2)]
+        if self.location is not None and self.dtype in _NUMPY_READ:
+            path, start = self.location
+            code, size = _NUMPY_READ[self.dtype]
+            parts = []
+            with open(path, "rb") as f:
+                for lo, hi in spans:
+                    data = os.pread(f.fileno(), (hi - lo) * size, start + lo * size)
+                    if len(data) != (hi - lo) * size:
+                        raise EOFError(f"{path} ends inside a tensor")
+                    parts.append(np.frombuffer(data, dtype=code))
+            raw = np.concatenate(parts)
+            if self.dtype == "bfloat16":  # the upper half of a float32
+                return (raw.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+            return raw.astype(np.float64)
+        import torch
+
+        flat = self.load().reshape(-1)
+        picked = torch.cat([flat[lo:hi] for lo, hi in spans]) if len(spans) > 1 else flat
+        return picked.to(torch.float64).numpy()
 
     def __str__(self) -> str:
         return f"tensor({self.dtype}, shape {format_shape(self.shape)})"

@@ -232,20 +232,34 @@ def _refused(run, tmp_path, obj, *fragments, extra=()):
 def test_more_entries_than_parameters(run, tmp_path):
     sd, osd = _parts()
     sd.pop("fc2.bias")
-    _refused(run, tmp_path, {"model": sd, "optimizer": osd}, "4 entries but the model has only 3")
+    _refused(run, tmp_path, {"model": sd, "optimizer": osd}, "entry 3 (group 0) has z of shape (4)",
+             "no parameter of that shape")
+
+
+def _converts_as_without_names(run, tmp_path, sd, osd, warning):
+    """Saved names that cannot be right are not used: the entries are matched by content, with a warning."""
+    torch.save({"model": sd, "optimizer": osd}, tmp_path / "named.pt")
+    result = run("convert", tmp_path / "named.pt", tmp_path / "named.safetensors")
+    assert result.exit_code == 0, result.stderr
+    assert warning in result.stderr and "not used" in result.stderr
+    for g in osd["param_groups"]:
+        g.pop("param_names", None)
+    torch.save({"model": sd, "optimizer": osd}, tmp_path / "plain.pt")
+    assert run("convert", tmp_path / "plain.pt", tmp_path / "plain.safetensors").exit_code == 0
+    got, want = read(tmp_path / "named.safetensors"), read(tmp_path / "plain.safetensors")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_param_names_naming_missing_tensors(run, tmp_path):
     sd, osd = _parts()
     osd["param_groups"][0]["param_names"] = ["fc1.weight", "fc1.bias", "fc2.weight", "nope.bias"]
-    _refused(run, tmp_path, {"model": sd, "optimizer": osd}, "named 'nope.bias'", "no such tensor")
+    _converts_as_without_names(run, tmp_path, sd, osd, "named 'nope.bias' but the model has no such tensor")
 
 
 def test_duplicate_names(run, tmp_path):
     sd, osd = _parts()
     osd["param_groups"][0]["param_names"] = ["fc1.weight", "fc1.bias", "fc2.weight", "fc1.bias"]
-    _refused(run, tmp_path, {"model": sd, "optimizer": osd}, "named 'fc1.bias'")
-    osd["param_groups"][0].pop("param_names")
+    _converts_as_without_names(run, tmp_path, sd, osd, "two entries are named 'fc1.bias'")
     osd["param_groups"][0]["params"] = [0, 1, 2, 2]
     _refused(run, tmp_path, {"model": sd, "optimizer": osd}, "entry 2 is listed twice")
 
