@@ -39,8 +39,17 @@ def _fail(message: str, hint: str | None = None, as_json: bool | None = None) ->
     sys.exit(EXIT_ERROR)
 
 
-def _on_sigterm(signum, frame):
-    raise KeyboardInterrupt
+class _Interrupts:
+    """SIGINT and SIGTERM raise KeyboardInterrupt once; later ones (a storm of them) are ignored,
+    so cleanup runs to the end and the exit is 130 with one line, never a traceback."""
+
+    def __init__(self):
+        self.seen = False
+
+    def __call__(self, signum, frame):
+        if not self.seen:
+            self.seen = True
+            raise KeyboardInterrupt
 
 
 def handle_errors(func: Callable) -> Callable:
@@ -48,7 +57,8 @@ def handle_errors(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)  # so SIGTERM cleans up like Ctrl-C
+        handler = _Interrupts()  # SIGTERM cleans up like Ctrl-C
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             return func(*args, **kwargs)
         except SfckptError as exc:
@@ -56,16 +66,23 @@ def handle_errors(func: Callable) -> Callable:
                 traceback.print_exc()
             _fail(exc.message, exc.hint)
         except KeyboardInterrupt:
+            handler.seen = True
             click.echo("error: interrupted; nothing was written", err=True)
             sys.exit(130)
         except MemoryError:
             _fail("out of memory", "see docs/performance.md")
+        except OSError as exc:  # the environment, not sfckpt: a path, a permission, a full disk
+            if os.environ.get("SFCKPT_DEBUG") == "1":
+                traceback.print_exc()
+            where = f"{exc.filename}: " if exc.filename else ""
+            _fail(f"{where}{exc.strerror or exc}"[:400], "check the path, its permissions and the free space")
         except Exception as exc:  # a bug: still one line, traceback on request
             if os.environ.get("SFCKPT_DEBUG") == "1":
                 traceback.print_exc()
             _fail(f"internal error: {type(exc).__name__}: {exc}"[:400], "set SFCKPT_DEBUG=1 for the traceback and report it")
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, before in previous.items():
+                signal.signal(sig, before)
 
     return wrapper
 
@@ -283,9 +300,10 @@ def _gha_escape(text: str) -> str:
 @click.option("--sort", type=click.Choice(["rel_l2", "max_abs", "mean_abs", "cosine", "name"]), default="rel_l2", show_default=True,
               help="Order of the table's rows: largest gap first, cosine smallest first, or by name.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a per-layer bar chart of rel_l2 to this PNG (needs sfckpt[plot]).")
+@click.option("--force", is_flag=True, help="Replace the --plot file if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @handle_errors
-def diff(a: Path, b: Path | None, top: int, sort: str, plot: Path | None, as_json: bool, **load_kw) -> None:
+def diff(a: Path, b: Path | None, top: int, sort: str, plot: Path | None, force: bool, as_json: bool, **load_kw) -> None:
     """Show the per-tensor gap between two weight sets.
 
     With one argument (a training checkpoint): its saved weights against its
@@ -298,6 +316,10 @@ def diff(a: Path, b: Path | None, top: int, sort: str, plot: Path | None, as_jso
     from .sources import open_weights
     from .tables import diff_table
 
+    if plot is not None:
+        from .plot import check_target
+
+        check_target(plot, force, [p for p in (a, b) if p is not None])
     if b is None:
         recon = _reconstruction(a, **load_kw)
         with _progress(sum(t.nbytes for t in recon.tensors), "comparing", not as_json) as update:
@@ -311,7 +333,7 @@ def diff(a: Path, b: Path | None, top: int, sort: str, plot: Path | None, as_jso
     if plot is not None:
         from .plot import plot_gap
 
-        plot_gap(report, plot)
+        plot_gap(report, plot, force=force, inputs=[p for p in (a, b) if p is not None])
     if as_json:
         _print_json(report)
     else:

@@ -2,16 +2,31 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from .errors import InputError
-from .writer import atomic_path
+from .errors import InputError, OutputError
+from .writer import atomic_path, refuse_inputs
 
 MAX_BARS = 60
 
 
-def plot_gap(report: dict[str, Any], out: Path, force: bool = True) -> Path:
-    """Horizontal bars of rel_l2 per module, in model order, on a log scale."""
+def check_target(out: Path, force: bool, inputs: Sequence[Path]) -> None:
+    """Refuse a plot path that is an input, or an existing file without `force` (before any work)."""
+    refuse_inputs(out, inputs)
+    if out.is_dir():
+        raise OutputError(f"{out} is a folder", "give a file name such as gap.png")
+    if out.exists() and not force:
+        raise OutputError(f"{out} already exists", "pass --force to replace it")
+
+
+def plot_gap(report: dict[str, Any], out: Path, force: bool = False, inputs: Sequence[Path] = ()) -> Path:
+    """Horizontal bars of rel_l2 per module, in model order, on a log scale.
+
+    Written like every other output: never onto one of `inputs`, an existing file only with
+    `force`, atomically.
+    """
+    out = Path(out)
+    check_target(out, force, inputs)
     try:
         import matplotlib
 

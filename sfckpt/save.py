@@ -11,13 +11,6 @@ from .reconstruct import Reconstruction
 from .tensors import count_nonfinite
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and a.samefile(b)
-    except OSError:
-        return False
-
-
 def save(
     recon: Reconstruction,
     out: str | Path,
@@ -41,10 +34,7 @@ def save(
     folder_named = os.fspath(out).endswith(("/", os.sep))  # Path() drops the trailing slash
     out = Path(out)
     src = recon.checkpoint.path
-    if _same_file(out, src) or out.resolve() == src.resolve():
-        raise OutputError(f"{out} is the input checkpoint", "write x to a new file")
-    if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
-        raise OutputError(f"{out} is inside the input folder {src}", "write x outside the checkpoint folder")
+    writer.refuse_inputs(out, [src])
     if not (folder_named or out.suffix in ("", ".safetensors") or out.is_dir()):
         raise OutputError(f"{out}: an output name ends in .safetensors (one file) or names a folder",
                           f"write {out.with_suffix('.safetensors')} for one file, or {out}/ for a folder")

@@ -72,6 +72,64 @@ def _tensor_bytes(tensor) -> memoryview:
     return memoryview((ctypes.c_ubyte * n).from_address(tensor.data_ptr())).cast("B")
 
 
+def refuse_inputs(out: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output that is one of the inputs, or lies inside an input folder."""
+    for src in inputs:
+        try:
+            same = out.exists() and src.exists() and out.samefile(src)
+        except OSError:
+            same = False
+        if same or out.resolve() == src.resolve():
+            raise OutputError(f"{out} is the input checkpoint", "write to a new file")
+        if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+            raise OutputError(f"{out} is inside the input folder {src}", "write outside the input folder")
+
+
+NAME_MAX = 255  # bytes in one file name on the file systems sfckpt writes to
+
+
+def _check_name(dest: Path) -> None:
+    size = len(os.fsencode(dest.name))
+    if size > NAME_MAX:
+        raise OutputError(f"the output name {dest.name[:40]}... is {size} bytes; file systems allow {NAME_MAX}",
+                          "choose a shorter name")
+
+
+def _new_tmp(dest: Path) -> Path:
+    """An empty temporary file beside `dest`, with a name that fits whatever fits `dest`."""
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name[:200]}.", suffix=".sfckpt-tmp", dir=dest.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write in {dest.parent} ({exc.strerror})", "choose a folder you can write to") from None
+    os.close(fd)
+    return Path(tmp_name)
+
+
+def _commit(tmp: Path, dest: Path, force: bool) -> None:
+    """Move a finished `tmp` onto `dest`; without `force`, never over a file that appeared meanwhile."""
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
+    if force:
+        os.replace(tmp, dest)
+        return
+    try:
+        os.link(tmp, dest)
+    except FileExistsError:
+        raise OutputError(f"{dest} appeared while sfckpt was writing", "pass --force to replace it") from None
+    except OSError:
+        if dest.exists():
+            raise OutputError(f"{dest} already exists", "pass --force to replace it") from None
+        os.replace(tmp, dest)  # file systems without hard links
+    tmp.unlink(missing_ok=True)
+
+
+def _check_target(dest: Path, force: bool) -> None:
+    _check_name(dest)
+    if dest.is_dir():
+        raise OutputError(f"{dest} is a folder", "give a file name, or a folder name without .safetensors for folder output")
+    if dest.exists() and not force:
+        raise OutputError(f"{dest} already exists", "pass --force to replace it")
+
+
 @contextmanager
 def atomic_path(dest: Path, force: bool) -> Iterator[Path]:
     """A temporary path beside `dest`, moved onto it only if the block completes.
@@ -79,8 +137,7 @@ def atomic_path(dest: Path, force: bool) -> Iterator[Path]:
     Without `force`, an existing `dest` is never replaced, even one created
     while we worked (the final step is a hard link, which refuses to clobber).
     """
-    if dest.exists() and not force:
-        raise OutputError(f"{dest} already exists", "pass --force to replace it")
+    _check_target(dest, force)
     parent = dest.parent
     if not parent.is_dir():
         raise OutputError(f"{parent}: the output folder does not exist", "create it first")
@@ -88,25 +145,9 @@ def atomic_path(dest: Path, force: bool) -> Iterator[Path]:
     try:
         # Signals wait until `tmp` is known, so a Ctrl-C cannot leave a file nobody removes.
         with _signals_deferred():
-            try:
-                fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".sfckpt-tmp", dir=parent)
-            except OSError as exc:
-                raise OutputError(f"cannot write in {parent} ({exc.strerror})", "choose a folder you can write to") from None
-            os.close(fd)
-            tmp = Path(tmp_name)
+            tmp = _new_tmp(dest)
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
-        if force:
-            os.replace(tmp, dest)
-        else:
-            try:
-                os.link(tmp, dest)
-            except FileExistsError:
-                raise OutputError(f"{dest} appeared while sfckpt was writing", "pass --force to replace it") from None
-            except OSError:
-                if dest.exists():
-                    raise OutputError(f"{dest} already exists", "pass --force to replace it") from None
-                os.replace(tmp, dest)  # file systems without hard links
+        _commit(tmp, dest, force)
         _fsync_dir(parent)
     finally:
         if tmp is not None:
@@ -230,17 +271,32 @@ def shard(specs: Sequence[Spec], max_bytes: int) -> list[list[Spec]]:
     return shards
 
 
+_OWNED = re.compile(r"model\.safetensors|model-\d{5}-of-\d{5}\.safetensors|" + re.escape(INDEX_NAME))
+
+
+def owned_by_sfckpt(name: str) -> bool:
+    """Files of a folder output that belong to its weights: a run replaces all of them together."""
+    return _OWNED.fullmatch(name) is not None
+
+
 def write_folder(folder: Path, specs: Iterable[Spec], produce, metadata=None, force=False, progress=None,
-                 max_shard_size: int | None = None, copies: Sequence[Path] = (),
-                 single_name: str = "model.safetensors") -> list[Path]:
-    """Write `single_name` (`model.safetensors`), or shards and `model.safetensors.index.json`, into `folder`,
-    with `copies` (files such as config.json) beside them: all of it, or none of it."""
+                 max_shard_size: int | None = None, copies: Sequence[Path] = ()) -> list[Path]:
+    """Write `model.safetensors`, or shards and `model.safetensors.index.json`, into `folder`,
+    with `copies` (files such as config.json) beside them: all of it, or none of it.
+
+    Everything is written to temporary files first and moved into place only when all of it
+    is complete, so a failed run leaves the folder exactly as it was. A run owns the weight
+    files (`model.safetensors`, `model-NNNNN-of-NNNNN.safetensors`, the index) and the files it
+    copies: with `force`, weight files of an earlier layout are removed once the new ones are in
+    place; any other file in the folder is left alone.
+    """
     specs = list(specs)
     groups = shard(specs, max_shard_size) if max_shard_size else [specs]
     if len(groups) == 1:
-        names = [single_name]
+        names = ["model.safetensors"]
     else:
         names = [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
+    _check_name(folder)
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{folder} exists and is not a folder", "choose a folder name for sharded output")
     if not folder.parent.is_dir():
@@ -248,30 +304,61 @@ def write_folder(folder: Path, specs: Iterable[Spec], produce, metadata=None, fo
     targets = [folder / n for n in names] + ([folder / INDEX_NAME] if len(groups) > 1 else []) \
         + [folder / c.name for c in copies]
     for t in targets:
+        if t.is_dir():
+            raise OutputError(f"{t} is a folder", "move it away, or choose another output folder")
         if t.exists() and not force:
             raise OutputError(f"{t} already exists", "pass --force to replace it")
     created = not folder.exists()
-    folder.mkdir(exist_ok=True)
-    written: list[Path] = []
     try:
+        folder.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {folder} ({exc.strerror})", "choose a folder you can write to") from None
+    staged: list[tuple[Path, Path]] = []  # (temporary file, final name)
+    committed: list[Path] = []
+    try:
+        def stage(dest: Path) -> Path:
+            with _signals_deferred():
+                tmp = _new_tmp(dest)
+                staged.append((tmp, dest))
+            return tmp
+
         for name, group in zip(names, groups):
-            written.append(write_file(folder / name, group, produce, metadata, force, progress))
+            _write_file(stage(folder / name), ordered(group), produce, metadata, progress)
         if len(groups) > 1:
             index = {
                 "metadata": {"total_size": sum(s.nbytes for s in specs), **(metadata or {})},
                 "weight_map": {s.name: n for n, g in zip(names, groups) for s in sorted(g, key=lambda s: s.name)},
             }
-            with atomic_path(folder / INDEX_NAME, force) as tmp:
-                tmp.write_text(json.dumps(index, indent=2, sort_keys=False) + "\n")
-            written.append(folder / INDEX_NAME)
+            stage(folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=False) + "\n")
         for source in copies:
-            with atomic_path(folder / source.name, force) as tmp:
-                shutil.copyfile(source, tmp)
-            written.append(folder / source.name)
+            shutil.copyfile(source, stage(folder / source.name))
+        with _signals_deferred():  # everything is written: put it in place as one step
+            for tmp, dest in staged:
+                _commit(tmp, dest, force)
+                committed.append(dest)
+            keep = {t.name for t in targets}
+            for old in folder.iterdir():
+                if owned_by_sfckpt(old.name) and old.name not in keep and old.is_file():
+                    old.unlink()
+            _fsync_dir(folder)
+    except OSError as exc:
+        _discard(staged, committed if not force else [], folder if created else None)
+        raise OutputError(f"writing {folder} failed ({exc.strerror})", "free some disk space or choose another folder") from None
     except BaseException:
-        for path in written:  # a partial set of shards is worse than none
-            path.unlink(missing_ok=True)
-        if created:  # and a folder made for them, left empty, says something was written
-            folder.rmdir()
+        _discard(staged, committed if not force else [], folder if created else None)
         raise
-    return written
+    return targets
+
+
+def _discard(staged: list[tuple[Path, Path]], committed: list[Path], created: Path | None) -> None:
+    """Undo a failed folder output: temporary files, files that did not exist before, a new folder."""
+    with _signals_deferred():
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        for path in committed:
+            path.unlink(missing_ok=True)
+        if created is not None:
+            try:
+                created.rmdir()
+            except OSError:
+                pass

@@ -353,11 +353,16 @@ def test_honest_views_still_convert_exactly(run, tmp_path):
 from test_containers import hf_run  # noqa: E402,F401  (the module-scoped Trainer run)
 
 
-def _trainer_copy(hf_run, tmp_path, edit):
+@pytest.fixture(scope="module")
+def trainer_folder(hf_run):
+    return hf_run()[0]  # one Trainer run for the module: it takes seconds
+
+
+def _trainer_copy(trainer_folder, tmp_path, edit):
     import json
     import shutil
 
-    ckpt, _ = hf_run()
+    ckpt = trainer_folder
     folder = tmp_path / "checkpoint-4"
     shutil.copytree(ckpt, folder)
     config = json.loads((folder / "config.json").read_text())
@@ -366,7 +371,7 @@ def _trainer_copy(hf_run, tmp_path, edit):
     return folder
 
 
-def test_trainer_config_with_custom_code_is_refused_without_a_prompt(hf_run, run, tmp_path):
+def test_trainer_config_with_custom_code_is_refused_without_a_prompt(trainer_folder, run, tmp_path):
     marker = tmp_path / "pwned"
 
     def custom(config, folder):
@@ -375,7 +380,7 @@ def test_trainer_config_with_custom_code_is_refused_without_a_prompt(hf_run, run
                                         "from transformers import PretrainedConfig\n"
                                         "class EvilConfig(PretrainedConfig):\n    model_type = 'evil_model'\n")
 
-    folder = _trainer_copy(hf_run, tmp_path, custom)
+    folder = _trainer_copy(trainer_folder, tmp_path, custom)
     for command in ("inspect", "convert"):
         result = run(command, folder, tmp_path / "x.safetensors") if command == "convert" else run(command, folder)
         assert_clean(result, tmp_path / "x.safetensors")
@@ -392,10 +397,87 @@ def test_trainer_config_with_custom_code_is_refused_without_a_prompt(hf_run, run
     (lambda c, f: "[" * 100_000 + "]" * 100_000, "SFCKPT_MAX"),
     (lambda c, f: '{"a": ' + "9" * 5000 + "}", "not valid JSON"),
 ], ids=["architectures-int", "unknown-type", "huge-n_layer", "list", "deep", "5000-digits"])
-def test_trainer_config_nonsense_is_exit_2(edit, fragment, hf_run, tmp_path):
+def test_trainer_config_nonsense_is_exit_2(edit, fragment, trainer_folder, tmp_path):
     from sfckpt.readers.hf_trainer import load_config
 
-    folder = _trainer_copy(hf_run, tmp_path, edit)
+    folder = _trainer_copy(trainer_folder, tmp_path, edit)
     with pytest.raises(sfckpt.InputError) as info:
         load_config(folder)
     assert fragment in str(info.value)
+
+
+# ---- 3. outputs never destroy files -----------------------------------------------------------------
+
+def test_plot_never_overwrites_an_input_or_an_existing_file(run, tmp_path, trained):
+    pytest.importorskip("matplotlib")
+    ckpt, _, _ = trained("adamw")
+    before = ckpt.read_bytes()
+    for args in (("diff", ckpt, "--plot", ckpt), ("diff", ckpt, "--plot", ckpt, "--force")):
+        result = run(*args)
+        assert_clean(result, tmp_path / "none")
+        assert "input" in result.stderr
+    assert ckpt.read_bytes() == before
+    picture = tmp_path / "gap.png"
+    picture.write_bytes(b"precious")
+    result = run("diff", ckpt, "--plot", picture)
+    assert result.exit_code == 2 and "--force" in result.stderr and picture.read_bytes() == b"precious"
+    assert run("diff", ckpt, "--plot", picture, "--force").exit_code == 0
+    assert picture.read_bytes().startswith(b"\x89PNG") and not list(tmp_path.glob("*sfckpt-tmp"))
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_failed_force_run_leaves_the_previous_release_as_it_was(run, tmp_path):
+    sd, osd = _parts()
+    torch.save({"model": sd, "optimizer": osd}, tmp_path / "good.pt")
+    sd["fc2.bias"][0] = float("nan")  # fails on the last shard, after others were written
+    torch.save({"model": sd, "optimizer": osd}, tmp_path / "bad.pt")
+    release = tmp_path / "release"
+    for layout in (("--max-shard-size", "200B"), ()):
+        assert run("convert", tmp_path / "good.pt", release, *layout, "--force").exit_code == 0
+        before = _snapshot(release)
+        for other in (("--max-shard-size", "200B"), ()):
+            result = run("convert", tmp_path / "bad.pt", release, *other, "--force")
+            assert result.exit_code == 2 and "NaN" in result.stderr
+            assert _snapshot(release) == before
+
+
+def test_successful_force_run_leaves_no_stale_layout(run, tmp_path):
+    sd, osd = _parts()
+    torch.save({"model": sd, "optimizer": osd}, tmp_path / "c.pt")
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "README.md").write_text("mine")
+    assert run("convert", tmp_path / "c.pt", release, "--force").exit_code == 0
+    assert run("convert", tmp_path / "c.pt", release, "--max-shard-size", "200B", "--force").exit_code == 0
+    names = sorted(p.name for p in release.iterdir())
+    assert "model.safetensors" not in names and "README.md" in names and "model.safetensors.index.json" in names
+    assert run("convert", tmp_path / "c.pt", release, "--force").exit_code == 0
+    assert sorted(p.name for p in release.iterdir()) == ["README.md", "model.safetensors"]
+
+
+def test_output_names_and_places_that_cannot_work_are_exit_2(run, tmp_path):
+    sd, osd = _parts()
+    torch.save({"model": sd, "optimizer": osd}, tmp_path / "c.pt")
+    ckpt = tmp_path / "c.pt"
+    long_ok = tmp_path / ("x" * 228 + ".safetensors")  # 240 characters: fits, even with a temporary suffix
+    assert run("convert", ckpt, long_ok).exit_code == 0 and long_ok.exists()
+    assert not list(tmp_path.glob("*sfckpt-tmp"))
+    for out in (tmp_path / ("y" * 300 + ".safetensors"), tmp_path / ("z" * 300)):
+        assert_clean(run("convert", ckpt, out), tmp_path / "none")
+    (tmp_path / "d.safetensors").mkdir()
+    assert_clean(run("convert", ckpt, tmp_path / "d.safetensors", "--force"), tmp_path / "none")
+    assert_clean(run("inspect", tmp_path / ("q" * 300 + ".pt")), tmp_path / "none")
+    assert_clean(run("convert", ckpt, pathlib.Path("/proc/sfckpt-release")), tmp_path / "none")  # no mkdir there
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        for out in (locked / "release", locked / "x.safetensors"):
+            assert_clean(run("convert", ckpt, out), out)
+    finally:
+        locked.chmod(0o700)
