@@ -467,3 +467,201 @@ def test_failed_folder_output_leaves_no_folder(run, tmp_path):
     result = run("convert", tmp_path / "c.pt", tmp_path / "no" / "release", "--allow-nonfinite")
     assert result.exit_code == 2 and "does not exist" in result.stderr
     assert not (tmp_path / "no").exists()
+
+
+# ---- structural fuzzing of the formats' own fields (issue #11) ----------------------------------------
+
+def _random_json(rng: random.Random, depth=0):
+    kind = rng.randrange(9 if depth < 3 else 5)
+    return [lambda: rng.randint(-2, 2**64), lambda: rng.choice(["", "../x", "/etc/passwd", "F32", "a" * 300]),
+            lambda: None, lambda: rng.random() * 1e300, lambda: 10 ** rng.randint(20, 400),
+            lambda: [_random_json(rng, depth + 1) for _ in range(rng.randint(0, 3))],
+            lambda: {str(rng.randint(0, 9)): _random_json(rng, depth + 1) for _ in range(rng.randint(0, 3))},
+            lambda: "[" * 5000, lambda: [[[]]] * rng.randint(0, 5)][kind]()
+
+
+@pytest.mark.parametrize("command", ["diff", "check"])
+def test_fuzz_safetensors_header_fields(command, good, run, tmp_path):
+    """Each header field replaced by nonsense: sfckpt refuses, or the safetensors library agrees it is valid."""
+    import json
+
+    from safetensors import safe_open
+
+    _, good_weights = good
+    data = good_weights.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header, body = json.loads(data[8:8 + n]), data[8 + n:]
+    rng = random.Random(f"st-fields-{command}")
+    bad = tmp_path / "bad.safetensors"
+    for case in range(FUZZ):
+        h = json.loads(json.dumps(header))
+        name = rng.choice(sorted(h))
+        if name == "__metadata__" or rng.random() < 0.2:
+            h["__metadata__"] = {"format": _random_json(rng)}
+        else:
+            h[name][rng.choice(["dtype", "shape", "data_offsets"])] = _random_json(rng)
+        text = json.dumps(h).encode()
+        bad.write_bytes(len(text).to_bytes(8, "little") + text + body[: rng.choice([len(body), len(body) - 1])])
+        result = invoke(run, command, bad, *good, tmp_path / "out.safetensors")
+        try:
+            assert_clean(result, tmp_path / "out.safetensors", allow_success=True)
+        except AssertionError as exc:
+            raise AssertionError(f"{command} on header case {case}: {exc}") from None
+        if result.exit_code in (0, 1):
+            with safe_open(str(bad), "pt") as f:  # what sfckpt accepted, the library opens
+                for key in f.keys():
+                    f.get_tensor(key)
+
+
+def test_fuzz_index_files(good, run, tmp_path):
+    import json
+
+    ckpt, _ = good
+    release = tmp_path / "release"
+    assert run("convert", ckpt, release, "--max-shard-size", "100B").exit_code == 0
+    index_path = release / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    rng = random.Random("index")
+    for case in range(FUZZ):
+        broken = json.loads(json.dumps(index))
+        target = rng.choice(["weight_map-value", "weight_map", "root", "metadata"])
+        if target == "weight_map-value":
+            broken["weight_map"][rng.choice(sorted(broken["weight_map"]))] = _random_json(rng)
+        elif target == "weight_map":
+            broken["weight_map"] = _random_json(rng)
+        elif target == "root":
+            broken = _random_json(rng)
+        else:
+            broken["metadata"] = _random_json(rng)
+        index_path.write_text(json.dumps(broken))
+        result = run("check", release, "--ckpt", ckpt)
+        try:
+            assert_clean(result, tmp_path / "none", allow_success=target == "metadata")
+        except AssertionError as exc:
+            raise AssertionError(f"index case {case} ({target}): {exc}") from None
+
+
+def test_fuzz_dcp_metadata_fields(run, tmp_path):
+    """DCP metadata with each field replaced by nonsense (paths, sizes, chunks): exit 2, or exactly x."""
+    import pickle
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = trainers.MLP()
+    opt = trainers.train(model, "adamw")
+    msd, osd = get_state_dict(model, opt)
+    good = tmp_path / "good"
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=good, no_dist=True)
+    assert run("convert", good, tmp_path / "good.safetensors").exit_code == 0
+    expected = read(tmp_path / "good.safetensors")
+    rng = random.Random("dcp-fields")
+    numbers = [0, 1, -1, 2**40, 10**30, 2**63]
+    for case in range(max(4, FUZZ // 2)):
+        md = pickle.loads((good / ".metadata").read_bytes())
+        kind = rng.choice(["path", "offset", "length", "size", "chunks", "chunk-offsets"])
+        tensors = [k for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)]
+        key = rng.choice(tensors)
+        entry = md.state_dict_metadata[key]
+        if kind in ("path", "offset", "length"):
+            index = rng.choice(sorted(md.storage_data, key=str))
+            info = md.storage_data[index]
+            fields = {"path": info.relative_path, "offset": info.offset, "length": info.length}
+            fields[kind] = rng.choice(["/etc/passwd", "../good/__0_0.distcp", "", ".metadata", "nope"]) \
+                if kind == "path" else rng.choice(numbers)
+            md.storage_data[index] = _StorageInfo(fields["path"], fields["offset"], fields["length"])
+        elif kind == "size":
+            entry.size = torch.Size([rng.choice(numbers[:4])] * len(entry.size))
+        elif kind == "chunks":
+            entry.chunks = entry.chunks * rng.choice([0, 2, 3])
+        else:
+            entry.chunks = [ChunkStorageMetadata(torch.Size([rng.choice(numbers[:4])] * len(entry.size)), c.sizes)
+                            for c in entry.chunks]
+        bad = tmp_path / "bad"
+        shutil.rmtree(bad, ignore_errors=True)
+        shutil.copytree(good, bad)
+        (bad / ".metadata").write_bytes(pickle.dumps(md))
+        out = tmp_path / "x.safetensors"
+        result = run("convert", bad, out)
+        try:
+            assert_clean(result, out, allow_success=True)
+            if result.exit_code == 0:
+                got = read(out)
+                assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got), \
+                    "damaged metadata gave a different x"
+        except AssertionError as exc:
+            raise AssertionError(f"dcp case {case} ({kind} of {key}): {exc}") from None
+        out.unlink(missing_ok=True)
+
+
+_ALLOWED_GLOBALS = [("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "dict"), ("builtins", "bytearray"),
+                    ("builtins", "str"), ("_codecs", "encode"), ("torch._utils", "_rebuild_tensor_v2"),
+                    ("torch._utils", "_rebuild_parameter"), ("torch", "device"), ("torch", "Size"),
+                    ("torch", "FloatStorage"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")]
+
+
+def test_fuzz_pickle_opcodes(good, run, tmp_path):
+    """Snippets (a GLOBAL of every allowed name, then BUILD, REDUCE, SETITEM...) spliced into a valid
+    data.pkl: always a clean answer, and sfckpt's own objects are unchanged afterwards."""
+    import pickletools
+
+    from sfckpt.readers import torch_file
+
+    good_ckpt, _ = good
+    with zipfile.ZipFile(good_ckpt) as src:
+        members = {info.filename: src.read(info) for info in src.infolist()}
+    pkl_name = next(n for n in members if n.endswith("data.pkl"))
+    data = members[pkl_name]
+    boundaries = [pos for _, _, pos in pickletools.genops(data)][1:-1]
+    rng = random.Random("opcodes")
+    before = {k: (getattr(v, "__dict__", {}).copy(), getattr(v, "__defaults__", None))
+              for k, v in vars(torch_file).items() if callable(v)}
+    bad = tmp_path / "bad.pt"
+    for case in range(FUZZ * 2):
+        module, name = rng.choice(_ALLOWED_GLOBALS)
+        arg = rng.choice([b"N", b"K\x05", b")", b"}", b"]", b"X\x01\x00\x00\x00a", b"\x8a\x05\x00\x00\x00\xc0\x00"])
+        tail = rng.choice([b"N}X\x01\x00\x00\x00aK\x01s\x86b", b"}b", arg + b"\x85R", arg + b"\x85Rb", arg + b"\x81",
+                           b"(" + arg + b"\x90", arg + b"Ns"])
+        snippet = b"c" + module.encode() + b"\n" + name.encode() + b"\n" + tail
+        if rng.random() < 0.5:
+            snippet += b"0"  # POP: keeps the rest of the pickle valid
+        at = rng.choice(boundaries)
+        blob = data[:at] + snippet + data[at:]
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as dst:
+            for member, content in members.items():
+                dst.writestr(member, blob if member == pkl_name else content)
+        bad.write_bytes(buf.getvalue())
+        result = run("inspect", bad)
+        try:
+            assert_clean(result, tmp_path / "none", allow_success=True)
+        except AssertionError as exc:
+            raise AssertionError(f"opcode case {case} ({module}.{name} {tail!r} at {at}): {exc}") from None
+    after = {k: (getattr(v, "__dict__", {}).copy(), getattr(v, "__defaults__", None))
+             for k, v in vars(torch_file).items() if callable(v)}
+    assert before == after
+
+
+def test_fuzz_trainer_config_fields(tmp_path):
+    """config.json fields replaced by nonsense: a config, or InputError; nothing else, no code."""
+    import json
+
+    pytest.importorskip("transformers")
+    from sfckpt.readers.hf_trainer import load_config
+
+    base = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 2, "n_embd": 8, "n_head": 2,
+            "vocab_size": 16, "n_positions": 8}
+    rng = random.Random("config")
+    for case in range(FUZZ):
+        config = dict(base)
+        config[rng.choice([*base, "auto_map", "num_hidden_layers", "text_config"])] = _random_json(rng)
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        try:
+            load_config(tmp_path)
+        except sfckpt.InputError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - anything else is the bug this test looks for
+            raise AssertionError(f"config case {case} {json.dumps(config)[:200]}: {type(exc).__name__}: {exc}") from None

@@ -290,6 +290,10 @@ def _validate(metadata: Any, path: Path) -> None:
                     and all(type(o) is int and type(n) is int and 0 <= o and 0 <= n and o + n <= d
                             for o, n, d in zip(offsets, sizes, size))):
                 raise damaged
+        # Chunks must tile the tensor: an element no chunk covers would be written uninitialised.
+        if sum(math.prod(chunk.sizes) for chunk in chunks) != math.prod(size):
+            raise InputError(f"{path}/.metadata: the chunks of tensor '{key}' do not cover its shape {tuple(size)} "
+                             "exactly once", "the folder is damaged or incomplete")
         nbytes = math.prod(size) * torch.empty(0, dtype=dtype).element_size()
         if nbytes > stored.get(key, 0):
             raise InputError(f"{path}/.metadata: tensor '{key}' of shape {tuple(size)} needs {nbytes} bytes but its "
