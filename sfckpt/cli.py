@@ -45,8 +45,10 @@ class _Interrupts:
 
     def __init__(self):
         self.seen = False
+        self.signalled = False
 
     def __call__(self, signum, frame):
+        self.signalled = True
         if not self.seen:
             self.seen = True
             raise KeyboardInterrupt
@@ -82,7 +84,9 @@ def handle_errors(func: Callable) -> Callable:
             _fail(f"internal error: {type(exc).__name__}: {exc}"[:400], "set SFCKPT_DEBUG=1 for the traceback and report it")
         finally:
             for sig, before in previous.items():
-                signal.signal(sig, before)
+                # After an interrupt the process is on its way out with 130: later signals of a
+                # storm must not kill it by signal on the way.
+                signal.signal(sig, signal.SIG_IGN if handler.signalled else before)
 
     return wrapper
 
