@@ -9,7 +9,8 @@
    - sfckpt:      `sfckpt convert CKPT OUT.safetensors --quiet`
    - plain:       torch.load, lerp every parameter, safetensors.torch.save_file
    - plain-mmap:  the same with torch.load(mmap=True)
-   - floor:       `python -c "import torch"; cat CKPT > /dev/null; head -c BYTES /dev/zero > OUT`
+   - floor:       `python -c "import torch"; cat CKPT > /dev/null; head -c BYTES /dev/zero > OUT && sync OUT`
+   - inspect:     `sfckpt inspect CKPT --json` (reads samples for the mapping)
    measuring wall time and peak anonymous memory (RssAnon of the process tree,
    sampled every 5 ms; page cache of memory-mapped files does not count).
 3. Prints a markdown table (medians) and the ratios the targets are about.
@@ -108,9 +109,11 @@ def main() -> None:
         "sfckpt": sfckpt,
         "plain": [sys.executable, "-c", PLAIN, str(ckpt), str(out), "load"],
         "plain-mmap": [sys.executable, "-c", PLAIN, str(ckpt), str(out), "mmap"],
+        # The floor makes x's bytes durable too (sfckpt's atomic write fsyncs before the rename).
         "floor": ["bash", "-c", f'{sys.executable} -c "import torch"; cat {ckpt} > /dev/null; '
-                                f"head -c {x_bytes} /dev/zero > {out}"],
+                                f"head -c {x_bytes} /dev/zero > {out} && sync {out}"],
     }
+    approaches["inspect"] = [sys.executable, "-m", "sfckpt", "inspect", str(ckpt), "--json"]
     if args.only:
         approaches = {k: v for k, v in approaches.items() if k in args.only}
     subprocess.run(["cat", str(ckpt)], stdout=subprocess.DEVNULL, check=True)  # same page-cache state for all
@@ -133,6 +136,8 @@ def main() -> None:
         print(f"| {k} | {w:.2f} | {p:.0f} |")
     if "sfckpt" in med and "floor" in med:
         print(f"\nsfckpt / floor: {med['sfckpt'][0] / med['floor'][0]:.2f}")
+    if "inspect" in med:
+        print(f"sfckpt inspect: {med['inspect'][0]:.2f} s (target < 0.5 s)")
     if "sfckpt" in med and "plain" in med:
         print(f"sfckpt / plain: {med['sfckpt'][0] / med['plain'][0]:.2f}")
     if "sfckpt" in med and "plain-mmap" in med:

@@ -99,35 +99,60 @@ def evidence(zs: Sequence[TensorRef], ys: Sequence[TensorRef], sampler: Sampler)
     spread = np.linalg.norm(y - y.mean(axis=1, keepdims=True), axis=1)
     y_constant = (y == y[:, :1]).all(axis=1) & (y.shape[1] > 1)
     z_constant = (z == z[:, :1]).all(axis=1) | (z.shape[1] <= 1)
-    d = np.empty((n, m))
-    for i in range(n):  # exact differences, not the Gram trick: distances of 0 must stay 0
-        d[i] = np.linalg.norm(y - z[i], axis=1)
+    d = _distances(z, y)
     # d² / (‖y‖² + ‖z‖²): about 1 for independent zero-mean tensors, near 0 for a parameter and its z.
-    norms = (np.linalg.norm(z, axis=1)[:, None] ** 2 + np.linalg.norm(y, axis=1)[None, :] ** 2)
+    norms = (z * z).sum(axis=1)[:, None] + (y * y).sum(axis=1)[None, :]
     ratio = np.divide(d ** 2, norms, out=np.zeros_like(d), where=norms > 0)
     informative = size >= MIN_CONTENT_ELEMENTS
+    rows = np.arange(n)
+    best_col = d.argmin(axis=1)
+    best = d[rows, best_col]
+    second = np.partition(d, 1, axis=1)[:, 1] if m > 1 else np.full(n, np.inf)
+    col_sorted = np.sort(d, axis=0)[:2] if n > 1 else None
     matches = []
     for i in range(n):
-        row = d[i]
-        j = int(row.argmin())
-        others = [float(np.partition(row, 1)[1])] if m > 1 else []
-        column = np.delete(d[:, j], i)
-        if column.size:
-            others.append(float(column.min()))
-        if not others:  # nothing else has this shape: z must be close next to the tensor's own size
+        j = int(best_col[i])
+        others = [float(second[i])] if m > 1 else []
+        if n > 1:  # the best other entry for this candidate
+            others.append(float(col_sorted[1, j] if col_sorted[0, j] == d[i, j] else col_sorted[0, j]))
+        if not others:  # nothing else has this shape: z must lie close next to the tensor's own size
             others.append(float(spread[j]))
         runner = min(others)
-        if y_constant[j] and not z_constant[i]:
-            runner = 0.0  # never confirmed: see ClassEvidence.possible
-        if not informative:
-            runner = 0.0  # a handful of numbers cannot tell tensors apart
-        matches.append(Match(j, float(row[j]), runner))
+        if (y_constant[j] and not z_constant[i]) or not informative:
+            runner = 0.0  # never confirmed: see ClassEvidence.possible; a handful of numbers tells nothing
+        matches.append(Match(j, float(best[i]), runner))
     confirmed = [ratio[i, m.candidate] for i, m in enumerate(matches) if m.confirmed]
     if confirmed:
         unrelated = ratio > max(UNRELATED, UNRELATED_FACTOR * float(np.median(confirmed)))
     else:
         unrelated = np.zeros_like(d, dtype=bool)
     return ClassEvidence(matches, d, y_constant, z_constant, unrelated, informative)
+
+
+def _distances(z, y):
+    """Euclidean distances, entries x candidates: by matrix products, then exactly (element by element)
+    for each row's and column's two closest, so that a distance of 0 is 0 and near-ties are not noise."""
+    import numpy as np
+
+    n, m = len(z), len(y)
+    # One matrix-vector product per entry: as fast as a matrix product here, and free of the thread
+    # start-up that makes small BLAS matrix products slow on some machines.
+    cross = np.stack([y @ row for row in z]) if n and m else np.zeros((n, m))
+    d2 = (z * z).sum(axis=1)[:, None] + (y * y).sum(axis=1)[None, :] - 2.0 * cross
+    np.maximum(d2, 0.0, out=d2)
+    pairs = set()
+    if m:
+        k = min(2, m)
+        for i, cols in enumerate(np.argpartition(d2, k - 1, axis=1)[:, :k]):
+            pairs.update((i, int(j)) for j in cols)
+    if n:
+        k = min(2, n)
+        for j, rows in enumerate(np.argpartition(d2, k - 1, axis=0)[:k].T):
+            pairs.update((int(i), j) for i in rows)
+    for i, j in pairs:
+        diff = z[i] - y[j]
+        d2[i, j] = float(diff @ diff)
+    return np.sqrt(d2)
 
 
 def identical(a: TensorRef, b: TensorRef, sampler: Sampler) -> bool:

@@ -260,7 +260,6 @@ def reconstruct(
         raise InputError(f"--dtype {dtype} is not a floating dtype sfckpt writes", "use float32, bfloat16, float16 or float64")
     if twins not in ("auto", "tied", "frozen"):
         raise InputError(f"--twins must be 'auto', 'tied' or 'frozen', not {twins!r}", "see `sfckpt convert --help`")
-    dtype = dtype or getattr(ckpt, "default_dtype", None)
 
     found, skipped = _families(ckpt, optimizer)
 
@@ -358,6 +357,9 @@ def reconstruct(
                     out.in_float32 = family.x_in_float32
                 by_name[e.name] = out
 
+    trained = {e.name for e in decision.entries if e.name is not None}
+    trained |= set(decision.twins) | {n for n, r in ckpt.weights.items() if r.data_key is not None and r.data_key in
+                                     {ckpt.weights[t].data_key for t in trained if t in ckpt.weights}}
     by_data = {o.ref.data_key: o for o in by_name.values() if o.ref.data_key is not None}
     tensors: list[OutputTensor] = []
     for name, ref in ckpt.weights.items():
@@ -373,6 +375,10 @@ def reconstruct(
                 if twin else OutputTensor(name, ref)
         if dtype and ref.is_float:
             out.out_dtype = dtype
+        elif ckpt.default_dtype and ref.is_float and name in trained:
+            # The container's own dtype for what it keeps in higher precision (DeepSpeed's fp32 master
+            # copy of 16-bit parameters); buffers keep theirs.
+            out.out_dtype = ckpt.default_dtype
         tensors.append(out)
     warnings = list(dict.fromkeys(warnings + skipped + decision.warnings))  # one per kind, not one per group
     first = reports[0]

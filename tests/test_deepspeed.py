@@ -29,10 +29,17 @@ HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
 def expected_output(case_dir: Path, dtype: str | None) -> dict[str, torch.Tensor]:
     """What convert must write: x (float32 from the master) and the rest as the module holds it,
-    cast to `dtype`, or by default to the module's 16-bit dtype (ordinary rounding)."""
+    all cast to `dtype`; by default x in the module's 16-bit dtype (ordinary rounding), buffers and
+    frozen parameters as the module saved them."""
     saved = torch.load(case_dir / "expected.pt", weights_only=True)
-    target = getattr(torch, dtype or saved["meta"]["dtype"])
-    return {key.split(".", 1)[1]: value.to(target) for key, value in saved.items() if key != "meta"}
+    out = {}
+    for key, value in saved.items():
+        if key == "meta":
+            continue
+        kind, name = key.split(".", 1)
+        target = dtype or (saved["meta"]["dtype"] if kind == "x" else None)
+        out[name] = value.to(getattr(torch, target)) if target else value
+    return out
 
 
 def assert_identical(got: dict, want: dict) -> None:
