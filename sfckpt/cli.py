@@ -284,7 +284,9 @@ def convert(ckpt: Path, out: str, dtype, max_shard_size, force, allow_nonfinite,
 
         click.echo(bn_table(summary["batchnorm"]))
     if not quiet:
-        what = "already held x: copied" if recon.source_held == "x" else f"{recon.n_converted} tensors converted from y to x"
+        from .tables import counted
+
+        what = "already held x: copied" if recon.source_held == "x" else f"{counted(recon.n_converted, 'tensor')} converted from y to x"
         n_untrained = len(recon.mapping.untrained)
         if n_untrained:
             what += f"; {n_untrained} untrained parameter{'s' if n_untrained != 1 else ''} copied as saved"

@@ -213,6 +213,12 @@ def test_inspect_and_diff_agree_on_what_changes(run):
 def test_plurals(run, tmp_path):
     text = run("inspect", FIXTURES / "sgd_convbn.pt").stdout
     assert "1 layers" not in text and "BatchNorm: 1 layer " in text
+    model = torch.nn.Linear(8, 4, bias=False)
+    ckpt = save_checkpoint(tmp_path / "one.pt", model, trainers.train(model, "adamw", steps=2))
+    result = run("convert", ckpt, tmp_path / "one.safetensors")
+    assert result.exit_code == 0 and "(adamw; 1 tensor converted from y to x" in result.stderr
+    diffed = run("diff", ckpt).stdout
+    assert "1 tensor compared" in diffed and "1 tensors" not in diffed
 
 
 @pytest.mark.xfail(strict=False, reason="the error is raised in layout.py (not this change's file): it lacks the path")
