@@ -35,19 +35,32 @@ class GuardError(pickle.UnpicklingError):
         self.limit = limit
 
 
-def _int_ok(value: int) -> None:
-    if value.bit_length() > limits.INT_BITS.value:
+def _int_ok(value: int, int_bits: int) -> None:
+    if value.bit_length() > int_bits:
         raise GuardError(f"an integer of {value.bit_length()} bits", limits.INT_BITS)
 
 
-def check_key(key: Any, expand: Callable[[Any], Iterable[Any] | None] = lambda k: None) -> None:
+_SCALARS = (str, bytes, float, bool, type(None))
+
+
+def check_key(key: Any, expand: Callable[[Any], Iterable[Any] | None] = lambda k: None,
+              max_depth: int | None = None, int_bits: int | None = None) -> None:
     """Refuse a dict key or set member that is not cheap to hash.
 
     Accepted: str, bytes, int, float, bool, None, and tuples or frozensets of
     them, small and shallow; `expand(obj)` may return the fields of other
     types the caller accepts as keys (DCP's MetadataIndex).
     """
-    max_depth = limits.NESTING_DEPTH.value
+    kind = type(key)
+    if kind in _SCALARS:  # nearly every key: no walk
+        return
+    if int_bits is None:
+        int_bits = limits.INT_BITS.value
+    if kind is int:
+        _int_ok(key, int_bits)
+        return
+    if max_depth is None:
+        max_depth = limits.NESTING_DEPTH.value
     stack = [(key, 0)]
     seen = 0
     while stack:
@@ -58,8 +71,8 @@ def check_key(key: Any, expand: Callable[[Any], Iterable[Any] | None] = lambda k
                              limits.NESTING_DEPTH)
         kind = type(obj)
         if kind is int:
-            _int_ok(obj)
-        elif kind in (str, bytes, float, bool, type(None)):
+            _int_ok(obj, int_bits)
+        elif kind in _SCALARS:
             pass
         elif kind in (tuple, frozenset):
             stack.extend((item, depth + 1) for item in obj)
@@ -93,14 +106,14 @@ def check_tree(obj: Any, budget: int, children: Callable[[Any], Iterable[Any] | 
     `children(o)` gives the objects inside the caller's own types (None for a leaf); dicts,
     lists, tuples, sets and frozensets are handled here.
     """
-    max_depth = limits.NESTING_DEPTH.value
+    max_depth, int_bits = limits.NESTING_DEPTH.value, limits.INT_BITS.value
     done: dict[int, tuple[int, int]] = {}  # id -> (objects in its tree, depth)
     active: set[int] = set()
     stack: list[tuple[Any, bool]] = [(obj, False)]
     while stack:
         node, finished = stack.pop()
         if type(node) is int:
-            _int_ok(node)
+            _int_ok(node, int_bits)
             continue
         if type(node) in _LEAVES:
             continue
@@ -139,6 +152,7 @@ class GuardedUnpickler(pickle._Unpickler):
     def __init__(self, file, data_len: int):
         super().__init__(file)
         self.data_len = data_len
+        self.max_depth, self.int_bits = limits.NESTING_DEPTH.value, limits.INT_BITS.value
 
     # -- what subclasses decide ---------------------------------------------------------------
     def build(self, inst: Any, state: Any) -> None:
@@ -157,7 +171,8 @@ class GuardedUnpickler(pickle._Unpickler):
     # `stack` holds exactly the items since the MARK: the rest waits in `metastack`) -----------
     def check_keys(self, keys: Iterable[Any]) -> None:
         for key in keys:
-            check_key(key, self.key_fields)
+            if type(key) not in _SCALARS:
+                check_key(key, self.key_fields, self.max_depth, self.int_bits)
 
     def _load_build(self):
         state = self.stack.pop()
@@ -189,7 +204,7 @@ class GuardedUnpickler(pickle._Unpickler):
 
     def _load_long(self, loader):
         loader(self)
-        _int_ok(self.stack[-1])
+        _int_ok(self.stack[-1], self.int_bits)
 
     dispatch[pickle.BUILD[0]] = _load_build
     dispatch[pickle.SETITEM[0]] = _load_setitem
