@@ -17,10 +17,13 @@ LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 def sniff(path: Path) -> str:
     """The container kind of `path`: 'torch', 'safetensors', 'safetensors-index' or 'folder'."""
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder", "check the path")
-    if path.is_dir():
-        return "folder"
+    try:
+        if not path.exists():
+            raise InputError(f"{path}: no such file or folder", "check the path")
+        if path.is_dir():
+            return "folder"
+    except OSError as exc:  # a name too long, a loop of links: the path, not the file, is wrong
+        raise InputError(f"{str(path)[:200]}: cannot be used ({exc.strerror})", "check the path") from None
     try:
         with open(path, "rb") as f:
             head = f.read(64)
