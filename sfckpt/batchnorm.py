@@ -152,8 +152,8 @@ def calibration_batches(data: str, batch_size: int) -> Iterator[_Args]:
             yield from (_as_args(b) for b in _split(_load_data_file(f), batch_size, str(f)))
     elif path.is_file():
         yield from (_as_args(b) for b in _split(_load_data_file(path), batch_size, str(path)))
-    elif ":" in data:
-        loader = resolve(data, "--bn-calib")
+    elif ":" in str(data):
+        loader = resolve(str(data), "--bn-calib")
         if callable(loader):
             loader = loader()
         if not isinstance(loader, Iterable):

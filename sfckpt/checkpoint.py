@@ -118,7 +118,12 @@ def load(
             "pass the training checkpoint (a torch.save file, Lightning .ckpt, Hugging Face Trainer checkpoint-N/ "
             "folder or torch.distributed.checkpoint folder)",
         )
-    found = layout_mod.find(obj, model_key, optimizer_key)
+    try:
+        found = layout_mod.find(obj, model_key, optimizer_key)
+    except InputError as exc:
+        if exc.message.startswith(str(path)):
+            raise
+        raise InputError(f"{path}: {exc.message}", exc.hint) from None
     weights = layout_mod.strip_prefix(found.weights, strip_prefix) if strip_prefix else found.weights
     return Checkpoint(
         path=path,

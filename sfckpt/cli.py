@@ -115,7 +115,7 @@ def load_options(func: Callable) -> Callable:
 
 
 def _reconstruction(ckpt_path: Path, model_key, optimizer_key, strip_prefix, family, beta, params_are, param_order,
-                    twins="auto", dtype=None):
+                    twins="auto", dtype=None, require_beta=True):
     from .checkpoint import load
     from .reconstruct import reconstruct
 
@@ -124,7 +124,7 @@ def _reconstruction(ckpt_path: Path, model_key, optimizer_key, strip_prefix, fam
         order = [line.strip() for line in param_order.read_text().splitlines() if line.strip()]
     ckpt = load(ckpt_path, model_key=model_key, optimizer_key=optimizer_key, strip_prefix=strip_prefix)
     return reconstruct(ckpt, optimizer=family, beta=beta, params_are=params_are, param_order=order, dtype=dtype,
-                       twins=twins)
+                       twins=twins, require_beta=require_beta)
 
 
 @contextlib.contextmanager
@@ -208,7 +208,7 @@ def inspect(ckpt: Path, scan: bool, as_json: bool, **load_kw) -> None:
     from .inspection import describe
     from .tables import inspect_tables
 
-    recon = _reconstruction(ckpt, **load_kw)
+    recon = _reconstruction(ckpt, require_beta=False, **load_kw)
     report = describe(recon, scan=scan)
     if as_json:
         _print_json(report)

@@ -103,12 +103,15 @@ def describe(recon: Reconstruction, scan: bool = False) -> dict[str, Any]:
 
 def _hints(recon: Reconstruction) -> list[str]:
     """Suggestions that make the output easier to use (nothing is wrong without them)."""
+    hints = []
+    if any(g.beta is None and g.params_hold == "y" and g.n_with_z for g in recon.groups):
+        hints.append(f"{recon.family.classes[0]} does not save β (the wrapper's momentum): pass --beta B to convert")
     names = list(recon.checkpoint.weights)
     first = names[0].split(".", 1)[0] + "." if names and "." in names[0] else None
     if first and all(n.startswith(first) for n in names):
-        return [f"every tensor name starts with '{first}' (the LightningModule attribute); add --strip-prefix {first} "
-                "to write the inner model's names"]
-    return []
+        hints.append(f"every tensor name starts with '{first}' (the LightningModule attribute); add --strip-prefix "
+                     f"{first} to write the inner model's names")
+    return hints
 
 
 def scan_nonfinite(recon: Reconstruction) -> dict[str, Any]:

@@ -395,7 +395,7 @@ def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_in
         for ident in domains0:
             if ident not in fixed:
                 decided[ident], kinds[ident] = candidates[alone[0][ident]], "order"
-        return "shapes (one way to fit)"
+        return "shape (the only way to fit)"
     hypotheses = _order_keys(candidates)
     if group_domains is not None:
         hypotheses = hypotheses[:1]
@@ -564,15 +564,13 @@ def _find_twins(weights, candidates, trained, ties_visible, policy, sampler) -> 
 
 
 def _describe(counts, confirmed, total, order_name, named, container_order_name) -> str:
+    """One line: how many entries each kind of evidence decided, and how many content confirms."""
     if total == 0:
         return "no entry has z"
     parts = []
-    if counts.get("--param-order"):
-        parts.append(f"--param-order ({counts['--param-order']})")
-    if counts.get("names"):
-        parts.append(f"saved names ({counts['names']})")
-    if counts.get("content"):
-        parts.append(f"content ({counts['content']})")
+    for kind, label in (("--param-order", "--param-order"), ("names", "saved names"), ("content", "content")):
+        if counts.get(kind):
+            parts.append(f"{counts[kind]} by {label}")
     if counts.get("order"):
-        parts.append(f"{order_name} ({counts['order']})")
-    return f"{' + '.join(parts)}; confirmed by content on {confirmed} of {total}"
+        parts.append(f"{counts['order']} by {order_name}")
+    return f"{', '.join(parts)}; content confirms {confirmed} of {total}"

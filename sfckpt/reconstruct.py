@@ -82,6 +82,8 @@ class OutputTensor:
         """x for this tensor, in its own dtype (or --dtype), contiguous."""
         import torch
 
+        if self.how == "lerp" and self.beta is None and self.value is None:
+            raise InputError(f"β for '{self.name}' is not saved in the checkpoint", "pass --beta")
         if self.value is not None:
             t = self.value
         elif self.how == "lerp" and self.in_float32:
@@ -213,6 +215,17 @@ def _families(ckpt: Checkpoint, optimizer: str | None):
             continue
         if optimizer is not None:
             family, source = families.get(optimizer), "--optimizer"
+            group_keys = set().union(*(set(g) for g in groups_saved)) if groups_saved else set()
+            if family.layout == layout and not family.matches(group_keys, state_keys):
+                try:
+                    detected = families.detect(groups_saved, state_keys, layout).name
+                except InputError:
+                    detected = "none of the known families"
+                raise InputError(
+                    f"--optimizer {optimizer} does not match the optimizer state (detected: {detected}; "
+                    f"group keys {sorted(group_keys - {'params', 'param_names'})[:8]})",
+                    "leave --optimizer out to use the detected family",
+                )
             family.check_groups(groups_saved)
         else:
             family, source = families.detect(groups_saved, state_keys, layout), "detected"
@@ -232,6 +245,7 @@ def reconstruct(
     param_order: Sequence[str] | None = None,
     dtype: str | None = None,
     twins: str = "auto",
+    require_beta: bool = True,
 ) -> Reconstruction:
     """Plan how to obtain x for every tensor of the checkpoint's model state.
 
@@ -244,6 +258,8 @@ def reconstruct(
         dtype: write every floating tensor in this dtype (default: keep dtypes).
         twins: "auto", "tied" or "frozen": how tensors the optimizer does not train but that are
             byte-identical to one it trains are treated where ties are saved as copies (DCP).
+        require_beta: False to plan without a β the checkpoint does not hold (inspect shows it as
+            unknown); computing x then raises.
 
     Returns:
         A `Reconstruction`; call `.state_dict()` or `sfckpt.save()` to get x.
@@ -317,7 +333,9 @@ def reconstruct(
                     )
                 hold, hold_source = "y", "assumed"
             needs_beta = hold == "y" and stepped and family.x_source == "lerp"
-            if needs_beta:
+            if needs_beta and not require_beta and beta is None and family.beta_key is None:
+                group_beta, beta_source = None, "unknown: pass --beta"
+            elif needs_beta:
                 group_beta, beta_source = _beta_for(family, group, g, beta)
             else:
                 saved = family.beta(group) if beta is None else beta

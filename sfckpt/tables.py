@@ -39,9 +39,10 @@ def inspect_tables(r: dict[str, Any]) -> str:
         ["optimizer key", f"{keys['optimizer']!s}  (candidates: {', '.join(keys['optimizer_candidates']) or '-'})"],
         ["optimizer family", f"{opt['family']} ({', '.join(opt['classes'])}; {opt['family_source']})"],
         ["parameters hold", r["params_hold"]],
-        ["mapping", f"{r['mapping']['method']}: {r['mapping']['entries_with_z']} of {r['mapping']['optimizer_entries']} "
-                    f"optimizer entries have z; {r['mapping']['tensors_converted']} of {r['tensors']['count']} tensors converted "
-                    "(x from y and z; `diff` shows which change)"],
+        ["mapping", f"{r['mapping']['entries_with_z']} of {r['mapping']['optimizer_entries']} optimizer entries have z: "
+                    f"{r['mapping']['method']} (docs/mapping.md)"],
+        ["converted", f"{r['mapping']['tensors_converted']} of {r['tensors']['count']} tensors converted (x from y "
+                      "and z; `diff` shows which change)"],
     ]
     untrained = r["mapping"].get("untrained_parameters") or []
     if untrained:
@@ -53,7 +54,7 @@ def inspect_tables(r: dict[str, Any]) -> str:
         head.append(["note", opt["note"]])
     groups = tabulate(
         [
-            [g["index"], ("unknown" if g["beta"] is None else _fmt(g["beta"]))
+            [f"{g['optimizer']}/{g['index']}" if g.get("optimizer") else g["index"], ("unknown" if g["beta"] is None else _fmt(g["beta"]))
              + ("" if g["beta_source"] == "saved" else f" ({g['beta_source']})"), _fmt(g["lr"]),
              _fmt(g["weight_decay"]), _fmt(g["warmup_steps"]), _fmt(g["step"]), _fmt(g["weight_sum"]), _fmt(g["train_mode"]),
              g["params_hold"], f"{g['params_with_z']}/{g['params']}"]

@@ -221,7 +221,6 @@ def test_plurals(run, tmp_path):
     assert "1 tensor compared" in diffed and "1 tensors" not in diffed
 
 
-@pytest.mark.xfail(strict=False, reason="the error is raised in layout.py (not this change's file): it lacks the path")
 def test_optimizer_only_file_error_starts_with_the_path(run, tmp_path):
     torch.save({"optimizer": torch.load(FIXTURES / "adamw_mlp.pt")["optimizer"]}, tmp_path / "opt.pt")
     result = run("inspect", tmp_path / "opt.pt")
@@ -229,14 +228,12 @@ def test_optimizer_only_file_error_starts_with_the_path(run, tmp_path):
     assert result.stderr.startswith(f"error: {tmp_path / 'opt.pt'}: ")
 
 
-@pytest.mark.xfail(strict=False, reason="reconstruct.py/families.py (another change) blame β instead of the family")
 def test_wrong_optimizer_family_says_the_family_does_not_match(run, tmp_path):
     result = run("convert", FIXTURES / "adamw_mlp.pt", tmp_path / "x.safetensors", "--optimizer", "sgd")
     one_error_line(result, "sgd")
     assert "--beta" not in result.stderr and "does not match" in result.stderr
 
 
-@pytest.mark.xfail(strict=False, reason="reconstruct.py (another change) refuses a wrapper without --beta before inspect can report")
 def test_inspect_wrapper_without_beta_shows_everything(run):
     result = run("inspect", FIXTURES / "wrapper_sgd_beta0.75.pt", "--json")
     assert result.exit_code == 0, result.stderr
