@@ -48,10 +48,13 @@ class _Interrupts:
         self.signalled = False
 
     def __call__(self, signum, frame):
+        from .writer import holding
+
         self.signalled = True
         if not self.seen:
             self.seen = True
-            raise KeyboardInterrupt
+            if not holding():  # inside a step that must not be cut (a temporary file being made or removed)
+                raise KeyboardInterrupt
 
 
 def handle_errors(func: Callable) -> Callable:

@@ -155,6 +155,27 @@ def atomic_path(dest: Path, force: bool) -> Iterator[Path]:
                 tmp.unlink(missing_ok=True)
 
 
+class _Deferral:
+    """Whether interrupts are being held, and whether one arrived meanwhile.
+
+    Blocking the signals is not enough on its own: a signal that arrived just before the block
+    has already been noted by the interpreter, and its Python handler would run inside it. The
+    CLI's handler asks `holding()` and, while it is true, records the interrupt instead of
+    raising it; the block raises it on the way out.
+    """
+
+    depth = 0
+    pending = False
+
+
+def holding() -> bool:
+    """True inside a `_signals_deferred` block (the interrupt is then recorded and raised after it)."""
+    if _Deferral.depth:
+        _Deferral.pending = True
+        return True
+    return False
+
+
 @contextmanager
 def _signals_deferred():
     """Hold SIGINT/SIGTERM until the block ends (they are delivered right after)."""
@@ -163,10 +184,15 @@ def _signals_deferred():
         return
     held = {signal.SIGINT, signal.SIGTERM}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    _Deferral.depth += 1
     try:
         yield
     finally:
+        _Deferral.depth -= 1
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if not _Deferral.depth and _Deferral.pending:
+            _Deferral.pending = False
+            raise KeyboardInterrupt
 
 
 def _load_sync_file_range():
