@@ -139,7 +139,7 @@ def _reader_classes():
                         raise InputError(f"{path}: {exc}", "the folder is damaged or crafted") from None
                     raise exc.limit.exceeded(f"{path}: {exc}") from None
                 except RecursionError:
-                    raise limits.NESTING_DEPTH.exceeded(f"{path}: the metadata is nested too deeply") from None
+                    raise InputError(f"{path}: the metadata is nested too deeply", "the file is damaged or crafted") from None
                 except Exception as exc:
                     raise InputError(f"{path}: cannot read DCP metadata ({type(exc).__name__}: {exc})"[:300],
                                      "the folder is damaged or not a torch.distributed.checkpoint") from None

@@ -24,7 +24,7 @@ def parse_json(text: bytes, what: str):
     try:
         return json.loads(text.decode("utf-8"))
     except RecursionError:
-        raise limits.NESTING_DEPTH.exceeded(f"{what} is nested too deeply") from None
+        raise InputError(f"{what} is nested too deeply for a JSON parser", "the file is damaged or crafted") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputError(f"{what} is not valid JSON ({str(exc)[:120]})", "the file is truncated or damaged") from None
 

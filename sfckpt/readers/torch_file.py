@@ -363,7 +363,7 @@ class TorchArchive:
                 raise InputError(f"{self.path}: {exc}", "the file is damaged or crafted") from None
             raise exc.limit.exceeded(f"{self.path}: {exc}") from None
         except RecursionError:
-            raise limits.NESTING_DEPTH.exceeded(f"{self.path}: the object data is nested too deeply") from None
+            raise InputError(f"{self.path}: the object data is nested too deeply", "the file is damaged or crafted") from None
         except Exception as exc:  # any malformed pickle: the message is what matters
             raise InputError(
                 f"{self.path}: cannot read the checkpoint's object data ({type(exc).__name__}: {exc})"[:300],
