@@ -515,28 +515,29 @@ def good_pair(tmp_path, run):
     return tmp_path / "c.pt", tmp_path / "x.safetensors"
 
 
-NEEDS_MAPPING = pytest.mark.xfail(strict=False, reason="needs mapping/reconstruct change")
-
-
 @pytest.mark.parametrize("edit", [
-    pytest.param(lambda sd, osd: osd["param_groups"][0].update({7: "x"}), id="int-key-in-group", marks=NEEDS_MAPPING),
-    pytest.param(lambda sd, osd: osd["param_groups"][0].update(params=[[0], [1], [2], [3]]), id="unhashable-params",
-                 marks=NEEDS_MAPPING),
+    pytest.param(lambda sd, osd: osd["param_groups"][0].update({7: "x"}), id="int-key-in-group"),
+    pytest.param(lambda sd, osd: osd["param_groups"][0].update(params=[[0], [1], [2], [3]]), id="unhashable-params"),
     pytest.param(lambda sd, osd: osd["param_groups"][0].update(param_names=[["a"], ["b"], ["c"], ["d"]]),
-                 id="unhashable-param-names", marks=NEEDS_MAPPING),
+                 id="unhashable-param-names"),
 ])
-def test_parameter_group_nonsense_is_exit_2(edit, run, tmp_path):
+def test_parameter_group_nonsense_is_clean(edit, run, tmp_path):
+    """An extra int key changes nothing (success is fine); unhashable params are exit 2; never an internal error."""
     sd, osd = _parts()
     edit(sd, osd)
     torch.save({"model": sd, "optimizer": osd}, tmp_path / "c.pt")
     for command in ("inspect", "convert"):
         result = run(command, tmp_path / "c.pt", tmp_path / "x.safetensors") if command == "convert" \
             else run(command, tmp_path / "c.pt")
-        assert_clean(result, tmp_path / "x.safetensors")
+        assert_clean(result, tmp_path / "x.safetensors", allow_success=True)
+        (tmp_path / "x.safetensors").unlink(missing_ok=True)
 
 
-@NEEDS_MAPPING
-@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.float8_e4m3fn])
+@pytest.mark.parametrize("dtype", [
+    torch.int64, torch.bool,
+    pytest.param(torch.float8_e4m3fn, marks=pytest.mark.xfail(strict=False, reason="needs mapping/reconstruct change: "
+                                                                "torch.lerp has no float8 kernel")),
+])
 def test_parameters_lerp_cannot_combine_are_copied_or_refused(dtype, run, tmp_path):
     sd, osd = _parts()
     sd["fc1.bias"] = sd["fc1.bias"].to(dtype)
