@@ -454,7 +454,7 @@ def test_memo_index_bomb_is_harmless(run, tmp_path):
             "from sfckpt.cli import main; main()")
     result = subprocess.run([sys.executable, "-c", code, "inspect", str(tmp_path / "bomb.pt")],
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and result.stderr.startswith("error: no model weights"), result.stderr
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "no model weights" in result.stderr, result.stderr
 
 
 def test_failed_folder_output_leaves_no_folder(run, tmp_path):
