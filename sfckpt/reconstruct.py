@@ -15,6 +15,7 @@ from .errors import InputError
 from .tensors import DTYPES, TensorRef, nbytes_of
 
 BN_SUFFIXES = ("running_mean", "running_var")
+LERP_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16"})
 
 
 @dataclass
@@ -216,7 +217,12 @@ def _families(ckpt: Checkpoint, optimizer: str | None):
         if optimizer is not None:
             family, source = families.get(optimizer), "--optimizer"
             group_keys = set().union(*(set(g) for g in groups_saved)) if groups_saved else set()
-            if family.layout == layout and not family.matches(group_keys, state_keys):
+            # A forced family must fit the state, but a missing β alone is a β problem (--beta), unless
+            # the groups hold another family's β key instead (AdamW's betas under --optimizer sgd).
+            beta_keys = {"betas", "momentum"} - {family.beta_key}
+            only_beta_missing = (family.group_has - group_keys) <= {family.beta_key} and not (beta_keys & group_keys) \
+                and family.matches(group_keys | {family.beta_key}, state_keys)
+            if family.layout == layout and not family.matches(group_keys, state_keys) and not only_beta_missing:
                 try:
                     detected = families.detect(groups_saved, state_keys, layout).name
                 except InputError:
@@ -364,6 +370,13 @@ def reconstruct(
             for e in stepped:
                 if e.name not in ckpt.weights:
                     continue  # another model's tensor (see above)
+                if family.x_source == "lerp" and ckpt.weights[e.name].dtype not in LERP_DTYPES and hold == "y":
+                    raise InputError(
+                        f"parameter '{e.name}' is {ckpt.weights[e.name].dtype} and has a z, but torch.lerp (what "
+                        "optimizer.eval() computes) has no kernel for that dtype",
+                        "Schedule-Free optimizers train float32/bfloat16/float16/float64 parameters; the checkpoint "
+                        "was altered after training",
+                    )
                 out = OutputTensor(e.name, ckpt.weights[e.name], group=g)
                 if family.x_source == "state-x":
                     x = e.state.get("x")

@@ -535,8 +535,7 @@ def test_parameter_group_nonsense_is_clean(edit, run, tmp_path):
 
 @pytest.mark.parametrize("dtype", [
     torch.int64, torch.bool,
-    pytest.param(torch.float8_e4m3fn, marks=pytest.mark.xfail(strict=False, reason="needs mapping/reconstruct change: "
-                                                                "torch.lerp has no float8 kernel")),
+    torch.float8_e4m3fn,
 ])
 def test_parameters_lerp_cannot_combine_are_copied_or_refused(dtype, run, tmp_path):
     sd, osd = _parts()
@@ -547,7 +546,6 @@ def test_parameters_lerp_cannot_combine_are_copied_or_refused(dtype, run, tmp_pa
     assert_clean(result, tmp_path / "x.safetensors", allow_success=True)
 
 
-@pytest.mark.xfail(strict=False, reason="needs hf_trainer.trainer_state change (not the config-loading lines)")
 def test_trainer_state_that_is_not_an_object(trainer_folder, run, tmp_path):
     folder = _trainer_copy(trainer_folder, tmp_path, lambda c, f: None)
     (folder / "trainer_state.json").write_text("[1, 2]")

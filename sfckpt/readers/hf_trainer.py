@@ -47,10 +47,12 @@ def read_weights(path: Path):
 
 
 def trainer_state(path: Path) -> dict[str, Any]:
+    """trainer_state.json if it is a JSON object (only `global_step` is used); otherwise nothing."""
     try:
-        return json.loads((path / STATE_NAME).read_text())
-    except (OSError, ValueError):
+        state = json.loads((path / STATE_NAME).read_text())
+    except (OSError, ValueError, RecursionError):
         return {}
+    return state if isinstance(state, dict) else {}
 
 
 def load_config(path: Path):
