@@ -306,7 +306,8 @@ def owned_by_sfckpt(name: str) -> bool:
 
 
 def write_folder(folder: Path, specs: Iterable[Spec], produce, metadata=None, force=False, progress=None,
-                 max_shard_size: int | None = None, copies: Sequence[Path] = ()) -> list[Path]:
+                 max_shard_size: int | None = None, copies: Sequence[Path] = (),
+                 single_name: str = "model.safetensors") -> list[Path]:
     """Write `model.safetensors`, or shards and `model.safetensors.index.json`, into `folder`,
     with `copies` (files such as config.json) beside them: all of it, or none of it.
 
@@ -319,7 +320,7 @@ def write_folder(folder: Path, specs: Iterable[Spec], produce, metadata=None, fo
     specs = list(specs)
     groups = shard(specs, max_shard_size) if max_shard_size else [specs]
     if len(groups) == 1:
-        names = ["model.safetensors"]
+        names = [single_name]  # adapter_model.safetensors for a PEFT adapter folder
     else:
         names = [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
     _check_name(folder)
