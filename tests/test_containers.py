@@ -167,6 +167,48 @@ def test_dcp_single_process(run, tmp_path):
     assert_equal_tensors(got, {k: v for k, v in expected.items() if k in got})
 
 
+def test_dcp_tied_copy_is_named_in_a_warning(run, tmp_path):
+    """DCP saves a tied weight as a copy: it gets the trained tensor's x, and a warning says so and how to undo it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = trainers.TiedLM()
+    opt = trainers.train(model, "adamw")
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp_path / "dcp", no_dist=True)
+    result = run("convert", tmp_path / "dcp", tmp_path / "x.safetensors")
+    assert result.exit_code == 0, result.stderr
+    assert "'head.weight' is byte-identical to 'embed.weight'" in result.stderr and "--twins frozen" in result.stderr
+    assert_equal_tensors(read(tmp_path / "x.safetensors"), trainers.eval_x(model, opt))
+
+
+def test_dcp_frozen_copy_of_a_network_needs_twins(run, tmp_path):
+    """A target network hard-copied before dcp.save: copies of several trained tensors are not taken for ties."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    class OnlineTarget(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.online, self.target = trainers.MLP(), trainers.MLP()
+            self.target.requires_grad_(False)
+
+        def forward(self, x):
+            return self.online(x)
+
+    model = OnlineTarget()
+    opt = trainers.train(model.online, "adamw", param_groups=model.online.parameters())
+    model.target.load_state_dict(model.online.state_dict())
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp_path / "dcp", no_dist=True)
+    out = tmp_path / "x.safetensors"
+    result = run("convert", tmp_path / "dcp", out)
+    assert result.exit_code == 2 and "--twins" in result.stderr and not out.exists()
+    result = run("convert", tmp_path / "dcp", out, "--twins", "frozen")
+    assert result.exit_code == 0, result.stderr
+    assert_equal_tensors(read(out), trainers.eval_x(model, opt))
+
+
 def test_dcp_bare_model_optimizer_pair(run, tmp_path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
