@@ -28,8 +28,9 @@ SAMPLE_ELEMENTS = 4096  # per tensor: half from the start, half from the middle 
 WORK_BUDGET = 100_000_000  # entries x candidates x sample elements per shape class
 MIN_SAMPLE = 64
 MIN_CONTENT_ELEMENTS = 8  # below this, distances are too noisy to confirm or rule out anything
-UNRELATED = 0.5  # d² / (‖y‖² + ‖z‖²) above this looks like two independent tensors...
+UNRELATED = 0.9  # d² / (‖y‖² + ‖z‖²) above this looks like two independent tensors...
 UNRELATED_FACTOR = 10.0  # ...when it is also this many times the ratio of the shape's confirmed pairs
+UNRELATED_MIN_ELEMENTS = 256  # and the sample is large enough for that ratio to be steady
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,9 @@ def evidence(zs: Sequence[TensorRef], ys: Sequence[TensorRef], sampler: Sampler)
     z = np.stack([sampler.sample(r, size) for r in zs]) if n else np.zeros((0, size))
     y = np.stack([sampler.sample(r, size) for r in ys]) if m else np.zeros((0, size))
     spread = np.linalg.norm(y - y.mean(axis=1, keepdims=True), axis=1)
-    y_constant = (y == y[:, :1]).all(axis=1) & (y.shape[1] > 1)
+    # Rounding can pin a 16-bit y to one value (bfloat16 gains at exactly 1.0) while z moves; not float32.
+    exact = np.array([r.dtype in ("float32", "float64") for r in ys], dtype=bool)
+    y_constant = (y == y[:, :1]).all(axis=1) & (y.shape[1] > 1) & exact
     z_constant = (z == z[:, :1]).all(axis=1) | (z.shape[1] <= 1)
     d = _distances(z, y)
     # d² / (‖y‖² + ‖z‖²): about 1 for independent zero-mean tensors, near 0 for a parameter and its z.
@@ -122,7 +125,7 @@ def evidence(zs: Sequence[TensorRef], ys: Sequence[TensorRef], sampler: Sampler)
             runner = 0.0  # never confirmed: see ClassEvidence.possible; a handful of numbers tells nothing
         matches.append(Match(j, float(best[i]), runner))
     confirmed = [ratio[i, m.candidate] for i, m in enumerate(matches) if m.confirmed]
-    if confirmed:
+    if confirmed and size >= UNRELATED_MIN_ELEMENTS:
         unrelated = ratio > max(UNRELATED, UNRELATED_FACTOR * float(np.median(confirmed)))
     else:
         unrelated = np.zeros_like(d, dtype=bool)

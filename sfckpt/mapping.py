@@ -209,9 +209,8 @@ def decide(
         used = []
         for o in optimizers:
             n_z = len(o.stateful())
-            n_anchor = sum(1 for e in o.stateful() if id(e) in anchors)
-            if n_z and n_anchor == 0:
-                ignored[o.key] = f"content confirms none of its {n_z} entries in these weights"
+            if n_z and not any(possible.get(id(e)) for e in o.stateful()):
+                ignored[o.key] = f"none of its {n_z} entries can belong to these weights (shapes or content rule them out)"
             else:
                 used.append(o)
         if not used:
@@ -390,11 +389,11 @@ def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_in
                 chain.append(id(e))
             chains.append(chain)
     # Shapes, content and the names already placed may leave one way on their own: no order needed.
-    alone, exhausted_alone = _solve([], domains0, lambda i: i)
-    if len(alone) == 1 and not exhausted_alone:
+    alone = {i: list(d) for i, d in domains0.items()}
+    if _propagate([], alone, lambda i: i) is None and all(len(d) == 1 for d in alone.values()):
         for ident in domains0:
             if ident not in fixed:
-                decided[ident], kinds[ident] = candidates[alone[0][ident]], "order"
+                decided[ident], kinds[ident] = candidates[alone[ident][0]], "order"
         return "shape (the only way to fit)"
     hypotheses = _order_keys(candidates)
     if group_domains is not None:
@@ -413,6 +412,8 @@ def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_in
     exhausted = any(ex for _, _, ex in results)
     if len(distinct) == 1 and not exhausted:
         label, solution = distinct[0]
+        if not container_order_name:
+            _check_order_witnessed(chains, solution, fixed, possible, candidates, entry_of, context)
         for ident in open_ids:
             decided[ident], kinds[ident] = candidates[solution[ident]], "order"
         return container_order_name or label
@@ -435,6 +436,43 @@ def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_in
         f"both fit, and content cannot tell them apart ({context})",
         ORDER_HINT,
     )
+
+
+def _check_order_witnessed(chains, solution, fixed, possible, candidates, entry_of, context) -> None:
+    """Refuse where only an unwitnessed order premise tells two placed tensors apart.
+
+    Two entries of one group placed by order whose tensors content cannot tell apart (each could
+    be the other's) are decided by the group's order alone. That order is trusted when the group
+    shows it — two or more entries fixed by content or names, or three or more shapes (a group in
+    another order would not match the model's sequence of shapes) — or when another group of the
+    same optimizer shows it (grouping code builds all groups in one pass over the model). A group
+    of look-alike tensors (norm gains, zero-initialised gates) with none of that could have been
+    built in any order."""
+    optimizer_of = {id(c): entry_of[c[0]][0].key for c in chains if c}
+    shown = {}
+    for c in chains:
+        if c:
+            shown[optimizer_of[id(c)]] = shown.get(optimizer_of[id(c)], 0) + (sum(1 for i in c if i in fixed) >= 2)
+    for chain in chains:
+        if not chain:
+            continue
+        placed = [i for i in chain if i not in fixed]
+        witnesses = sum(1 for i in chain if i in fixed)
+        shapes = {entry_of[i][1].z(entry_of[i][0].z_key).shape for i in chain}
+        if witnesses >= 2 or len(shapes) >= 3:
+            continue
+        if shown.get(optimizer_of[id(chain)], 0):
+            continue  # another group of this optimizer shows the model's order
+        for a_pos, a in enumerate(placed):
+            for b in placed[a_pos + 1:]:
+                ca, cb = candidates[solution[a]], candidates[solution[b]]
+                if ca in possible.get(b, ()) and cb in possible.get(a, ()):
+                    o, e = entry_of[a]
+                    raise InputError(
+                        f"cannot tell which tensor {e.label()} belongs to: '{ca}' or '{cb}' — content cannot tell "
+                        f"them apart, and nothing shows in which order its group lists its parameters ({context})",
+                        ORDER_HINT,
+                    )
 
 
 def _solve(chains: list[list[int]], domains0: dict[int, list[int]], key: Callable[[int], Any]):
