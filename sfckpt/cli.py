@@ -209,13 +209,14 @@ def inspect(ckpt: Path, scan: bool, as_json: bool, **load_kw) -> None:
     Reads only metadata (no tensor data) unless --scan is given.
     """
     from .inspection import describe
-    from .tables import inspect_tables
 
     recon = _reconstruction(ckpt, require_beta=False, **load_kw)
     report = describe(recon, scan=scan)
     if as_json:
         _print_json(report)
     else:
+        from .tables import inspect_tables  # tabulate only for people, not for --json
+
         click.echo(inspect_tables(report))
         _warn(report["warnings"])
 
