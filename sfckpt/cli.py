@@ -29,7 +29,12 @@ def error_document(message: str, hint: str | None, exit_code: int = EXIT_ERROR) 
     return {"version": 1, "error": {"message": message, "hint": hint, "exit_code": exit_code}}
 
 
+MAX_MESSAGE = 800  # characters of an error message (and of its hint): an input can put anything in one
+
+
 def _fail(message: str, hint: str | None = None, as_json: bool | None = None) -> None:
+    message = message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + "…"
+    hint = hint if hint is None or len(hint) <= MAX_MESSAGE else hint[:MAX_MESSAGE] + "…"
     if as_json is None:  # inside a command: its own --json decides
         ctx = click.get_current_context(silent=True)
         as_json = bool(ctx is not None and ctx.params.get("as_json"))

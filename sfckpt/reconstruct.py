@@ -164,7 +164,8 @@ class Reconstruction:
             "sfckpt_beta": ",".join("none" if g.beta is None else repr(g.beta) for g in self.groups),
             "sfckpt_step": ",".join(steps) if steps else "unknown",
             "sfckpt_source_params": self.source_held,
-            "sfckpt_source": self.checkpoint.path.name,
+            # A file name need not be UTF-8; metadata must be.
+            "sfckpt_source": self.checkpoint.path.name.encode("utf-8", "backslashreplace").decode("utf-8"),
             **bn,
         }
 

@@ -65,6 +65,12 @@ def read_weights(path: Path):
     if kind == "safetensors-index":
         return read_index(path)
     if kind == "folder":
+        if (path / INDEX_NAME).is_file() and (path / SINGLE_NAME).exists():
+            raise InputError(
+                f"{path}: the folder holds both {SINGLE_NAME} and {INDEX_NAME}; from_pretrained loads {SINGLE_NAME}, "
+                "so one of them is left over from an older release",
+                "remove the stale one (sfckpt convert --force replaces a whole release layout)",
+            )
         if (path / INDEX_NAME).is_file():
             return read_index(path / INDEX_NAME)
         if (path / SINGLE_NAME).is_file():

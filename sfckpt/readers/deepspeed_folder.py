@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import InputError
+from .paths import confined
 from ..tensors import TensorRef, torch_dtype
 from .torch_file import Opaque, TorchArchive
 
@@ -68,14 +69,14 @@ def _tag_folder(path: Path) -> Path | None:
         if not (path / tag).is_dir():
             raise InputError(f"{latest} names tag '{tag}' but {path / tag} does not exist",
                              "the checkpoint was not copied whole; copy the tag folder, or pass another tag folder")
-        return path / tag
+        return confined(path, tag, str(latest))
     candidates = [p for p in (path / "checkpoint", path / "pytorch_model") if p.is_dir()]  # Lightning, Accelerate
     candidates += sorted((p for p in path.glob("global_step*") if p.is_dir()), key=lambda p: p.name)
     found = [p for p in candidates if any(_OPTIM_FILE.fullmatch(f.name) for f in p.iterdir())]
     if len(found) > 1:
         raise InputError(f"{path} holds several DeepSpeed tags ({', '.join(p.name for p in found)}) and no 'latest' file",
                          "pass the tag folder to use")
-    return found[0] if found else None
+    return confined(path, found[0].name, f"{path}: the DeepSpeed tag") if found else None
 
 
 def is_deepspeed_folder(path: Path) -> bool:

@@ -106,6 +106,8 @@ def read_header(path: Path) -> dict:
 
 def read_safetensors(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
     """Tensors (lazily) and string metadata of one safetensors file."""
+    if not Path(path).is_file():  # a FIFO or device would block or never end
+        raise InputError(f"{path}: not a regular file", "point at a safetensors file")
     header = read_header(path)
     with open(path, "rb") as f:
         data_start = 8 + struct.unpack("<Q", f.read(8))[0]
