@@ -77,6 +77,9 @@ def handle_errors(func: Callable) -> Callable:
             _fail(exc.message, exc.hint)
         except KeyboardInterrupt:
             handler.seen = True
+            ctx = click.get_current_context(silent=True)
+            if ctx is not None and ctx.params.get("as_json"):
+                _print_json(error_document("interrupted; nothing was written", None, 130))
             click.echo("error: interrupted; nothing was written", err=True)
             sys.exit(130)
         except MemoryError:

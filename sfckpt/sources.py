@@ -65,6 +65,8 @@ def _refuse_lfs_pointers(path: Path) -> None:
     """A Git LFS pointer anywhere in the set (a shard, a folder's model.safetensors) gets the LFS message,
     not "truncated or damaged": a checkout without `lfs: true` is the common cause."""
     for f in _weight_files(path):
+        if not f.is_file():  # a FIFO would block here; the reader refuses what is not a regular file
+            continue
         try:
             with open(f, "rb") as handle:
                 head = handle.read(len(LFS_POINTER))

@@ -360,9 +360,28 @@ def write_folder(folder: Path, specs: Iterable[Spec], produce, metadata=None, fo
         for source in copies:
             shutil.copyfile(source, stage(folder / source.name))
         with _signals_deferred():  # everything is written: put it in place as one step
-            for tmp, dest in staged:
-                _commit(tmp, dest, force)
-                committed.append(dest)
+            backups: list[tuple[Path, Path]] = []  # (the previous file, moved aside; its name)
+            try:
+                for tmp, dest in staged:
+                    if force and dest.exists():
+                        backup = _new_tmp(dest)
+                        try:
+                            os.replace(dest, backup)  # kept until every new file is in place
+                        except BaseException:
+                            backup.unlink(missing_ok=True)
+                            raise
+                        backups.append((backup, dest))
+                    _commit(tmp, dest, force)
+                    committed.append(dest)
+            except BaseException:
+                for path in committed:
+                    path.unlink(missing_ok=True)
+                committed.clear()
+                for backup, dest in reversed(backups):
+                    os.replace(backup, dest)
+                raise
+            for backup, _ in backups:
+                backup.unlink(missing_ok=True)
             keep = {t.name for t in targets}
             for old in folder.iterdir():
                 if owned_by_sfckpt(old.name) and old.name not in keep and old.is_file():

@@ -81,8 +81,6 @@ def test_error_line_stays_short_for_a_huge_top_level_key(tmp_path):
     assert len(proc.stdout) < 10_000, f"--json error document is {len(proc.stdout)} bytes"
 
 
-@pytest.mark.xfail(strict=True, reason="a failed --force whose commit fails part-way (a shard that cannot be "
-                                       "replaced) leaves new shards beside old ones: the previous release is mixed")
 def test_force_failing_mid_commit_keeps_the_previous_release(run, tmp_path):
     """When replacing a sharded release fails while moving files into place, the old release is intact."""
     rel = tmp_path / "rel"
@@ -141,8 +139,6 @@ def test_check_does_not_pass_a_folder_whose_model_safetensors_is_stale(run, tmp_
     assert result.exit_code != 0, result.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="a shard named by the index that is a FIFO inside the folder makes check block "
-                                       "forever (time is not bounded; only regular files should be read)")
 def test_index_shard_that_is_a_fifo_is_refused_not_a_hang(run, tmp_path):
     """check on a release whose indexed shard is a named pipe is exit 2 within seconds, not a hang."""
     rel = tmp_path / "rel"
@@ -164,8 +160,6 @@ def test_index_shard_that_is_a_fifo_is_refused_not_a_hang(run, tmp_path):
 _INTERRUPT_AT_TORCH_IMPORT = _INTERRUPT_DURING_IMPORT.replace('name == "click"', 'name == "torch"')
 
 
-@pytest.mark.xfail(strict=True, reason="convert --json interrupted (exit 130) prints nothing on stdout: "
-                                       "a machine gets no JSON document for this failure")
 def test_json_document_on_stdout_when_interrupted(tmp_path):
     """Ctrl-C during `convert --json` (while it loads torch) still prints a JSON error document on stdout."""
     import json
