@@ -185,7 +185,8 @@ def decide(
     candidates, _ = candidate_parameters(weights)
     if model_order is not None:
         rank = {n: i for i, n in enumerate(model_order)}
-        candidates = sorted(candidates, key=lambda n: (rank.get(n, len(rank)), candidates.index(n)))
+        position = {n: i for i, n in enumerate(candidates)}
+        candidates = sorted(candidates, key=lambda n: (rank.get(n, len(rank)), position[n]))
     cand_index = {n: i for i, n in enumerate(candidates)}
     sampler = content.Sampler()
 
@@ -268,7 +269,7 @@ def decide(
             raise InputError(f"{used_names[e.name].label()} and {e.label()} are both mapped to '{e.name}'",
                              "the optimizer states overlap; choose one with --optimizer-key")
         used_names[e.name] = e
-        _verify_pair(e, o, weights, "--param-order" if kinds[id(e)] == "--param-order" else kinds[id(e)])
+        _verify_pair(e, o, weights, kinds[id(e)])
     for o in used:
         for e in o.entries:
             if e.z(o.z_key) is None and e.name is None and e.saved_name in weights:
@@ -281,7 +282,7 @@ def decide(
     for o, e in stateful:
         counts[e.evidence] = counts.get(e.evidence, 0) + 1
     confirmed = sum(1 for o, e in stateful if id(e) in anchors and anchors[id(e)] == e.name)
-    method = _describe(counts, confirmed, len(stateful), order_name, named_optimizers, container_order_name)
+    method = _describe(counts, confirmed, len(stateful), order_name)
     warnings = name_notes + twin_warnings
     for key, why in ignored.items():
         warnings.append(f"optimizer state '{key}' not used: {why}")
@@ -601,7 +602,7 @@ def _find_twins(weights, candidates, trained, ties_visible, policy, sampler) -> 
     return found, warnings
 
 
-def _describe(counts, confirmed, total, order_name, named, container_order_name) -> str:
+def _describe(counts, confirmed, total, order_name) -> str:
     """One line: how many entries each kind of evidence decided, and how many content confirms."""
     if total == 0:
         return "no entry has z"

@@ -390,8 +390,8 @@ def reconstruct(
                 by_name[e.name] = out
 
     trained = {e.name for e in decision.entries if e.name is not None}
-    trained |= set(decision.twins) | {n for n, r in ckpt.weights.items() if r.data_key is not None and r.data_key in
-                                     {ckpt.weights[t].data_key for t in trained if t in ckpt.weights}}
+    trained_keys = {ckpt.weights[t].data_key for t in trained if t in ckpt.weights} - {None}
+    trained |= set(decision.twins) | {n for n, r in ckpt.weights.items() if r.data_key in trained_keys}
     by_data = {o.ref.data_key: o for o in by_name.values() if o.ref.data_key is not None}
     tensors: list[OutputTensor] = []
     for name, ref in ckpt.weights.items():
