@@ -125,6 +125,7 @@ def load(
             raise
         raise InputError(f"{path}: {exc.message}", exc.hint) from None
     weights = layout_mod.strip_prefix(found.weights, strip_prefix) if strip_prefix else found.weights
+    extra["notes"] = [*found.notes, *extra.get("notes", [])]  # which entry of the file the weights are (WeightAveraging)
     return Checkpoint(
         path=path,
         container=container or found.container,

@@ -9,6 +9,11 @@ candidate and the user can pick another with --model-key / --optimizer-key.
 Every optimizer state found is kept: the mapping decides which one trains
 which tensor. Several model entries without a usual name (`netG`/`netD`) are
 all converted, each tensor named `<key>.<name>`.
+
+Lightning's `WeightAveraging` callback (SWA, `EMAWeightAveraging`) saves its
+averaged weights under `state_dict` and moves the model's own parameters to
+`current_model_state`: there y, the weights the optimizer's z belongs to, is
+`current_model_state`.
 """
 from __future__ import annotations
 
@@ -21,6 +26,14 @@ from .tensors import TensorRef
 
 MODEL_KEYS = ("model", "state_dict", "model_state_dict", "model_state", "module", "net", "network", "weights", "params")
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_state", "optim", "opt", "optimizer_states")
+
+# Lightning's WeightAveraging.on_save_checkpoint: the average in `state_dict`, the model's parameters
+# (y) in `current_model_state`, the AveragedModel's other state (`n_averaged`) in `averaging_state`.
+AVERAGED_KEY, CURRENT_KEY, AVERAGING_STATE_KEY = "state_dict", "current_model_state", "averaging_state"
+WEIGHT_AVERAGING_NOTE = (
+    "state_dict holds WeightAveraging's averaged weights (an average of y); x is built from current_model_state, "
+    "the parameters the optimizer state belongs to"
+)
 
 
 @dataclass
@@ -39,6 +52,7 @@ class Layout:
     models: list[str] = field(default_factory=list)  # the entries whose tensors are the output
     # With other model entries in the file: all of them in file order, the others' names as `<key>.<name>`
     pool_weights: dict[str, TensorRef] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what inspect should say about where the weights came from
 
 
 def is_weights(value: Any) -> bool:
@@ -70,6 +84,58 @@ def _ranked(candidates: list[str], preferred: tuple[str, ...]) -> list[str]:
     return sorted(candidates, key=lambda k: (order.get(k.split(".")[0], len(order)), candidates.index(k)))
 
 
+def is_weight_averaging(obj: Mapping[str, Any]) -> bool:
+    """True for a checkpoint saved during fit with Lightning's WeightAveraging callback."""
+    return AVERAGING_STATE_KEY in obj and is_weights(obj.get(AVERAGED_KEY)) and is_weights(obj.get(CURRENT_KEY))
+
+
+def _check_weight_averaging(obj: Mapping[str, Any], model_key: str) -> None:
+    """Refuse the weights of a WeightAveraging checkpoint that are not the y its optimizer state belongs to."""
+    if model_key == AVERAGED_KEY:
+        raise InputError(
+            "'state_dict' holds the weights Lightning's WeightAveraging callback averaged (an average of y), not the y "
+            "the optimizer state belongs to: x made from them and z would be wrong",
+            "leave out --model-key: x is built from current_model_state. The averaged weights are not Schedule-Free's "
+            "x; to release them, save checkpoint['state_dict'] as it is (docs/containers.md#lightning-weightaveraging)",
+        )
+    if model_key == CURRENT_KEY and _model_held_the_average(obj):
+        raise InputError(
+            "current_model_state holds the same weights as state_dict, WeightAveraging's average: the checkpoint was "
+            "saved after training ended, when the callback had copied the average into the model, so y, and with it "
+            "x, is not in the file",
+            "convert a checkpoint saved during fit (ModelCheckpoint's, such as last.ckpt); the averaged weights in "
+            "state_dict are not Schedule-Free's x (docs/containers.md#lightning-weightaveraging)",
+        )
+
+
+def _model_held_the_average(obj: Mapping[str, Any]) -> bool:
+    """True when `current_model_state` is a copy of the average rather than y.
+
+    WeightAveraging.on_train_end copies the average into the model; a checkpoint saved after fit then
+    holds the average twice. The one exception: an average of a single update taken at the saved step
+    is that step's y itself.
+    """
+    import numpy as np
+    import torch
+
+    current, averaged = obj[CURRENT_KEY], obj[AVERAGED_KEY]
+    pairs = [(ref, averaged.get(name)) for name, ref in current.items() if isinstance(ref, TensorRef) and ref.is_float]
+    if not pairs or not all(isinstance(b, TensorRef) and (b.dtype, b.shape) == (a.dtype, a.shape) for a, b in pairs):
+        return False
+    # A sample first: during fit the first tensor already differs, and nothing more is read.
+    if not all(np.array_equal(a.sample(64), b.sample(64)) for a, b in pairs):
+        return False
+    if not all(torch.equal(a.load(), b.load()) for a, b in pairs):
+        return False
+    n_averaged = obj[AVERAGING_STATE_KEY].get("n_averaged") if isinstance(obj[AVERAGING_STATE_KEY], Mapping) else None
+    callbacks = obj.get("callbacks")
+    update_steps = [state.get("latest_update_step") for state in callbacks.values()
+                    if isinstance(state, Mapping)] if isinstance(callbacks, Mapping) else []
+    single_update_now = (isinstance(n_averaged, TensorRef) and n_averaged.numel == 1 and int(n_averaged.load()) == 1
+                         and obj.get("global_step") in update_steps)
+    return not single_update_now
+
+
 def find(obj: Any, model_key: str | None = None, optimizer_key: str | None = None) -> Layout:
     """Locate weights and optimizer state in the object a `torch.save` file holds."""
     if not isinstance(obj, Mapping):
@@ -93,6 +159,15 @@ def find(obj: Any, model_key: str | None = None, optimizer_key: str | None = Non
     model_candidates = _ranked(model_candidates, MODEL_KEYS)
     optimizer_candidates = _ranked(optimizer_candidates, OPTIMIZER_KEYS)
     container = "lightning" if "optimizer_states" in obj and "state_dict" in obj else "torch.save"
+    averaging = is_weight_averaging(obj)
+    notes: list[str] = []
+    if averaging:
+        # y is the model's own parameters; the average is not another model trained by the optimizer
+        model_candidates = [CURRENT_KEY] + [k for k in model_candidates if k != CURRENT_KEY]
+        model_key = CURRENT_KEY if model_key is None else model_key
+        _check_weight_averaging(obj, model_key)
+        if model_key == CURRENT_KEY:
+            notes.append(WEIGHT_AVERAGING_NOTE)
 
     models: list[str]
     if model_key is None:
@@ -142,7 +217,7 @@ def find(obj: Any, model_key: str | None = None, optimizer_key: str | None = Non
     # Every model entry in the file's order, the chosen ones under their output names: what an optimizer
     # that also trains the file's other models is matched against.
     others: dict[str, TensorRef] = {}
-    if len(model_candidates) > len(models):
+    if len(model_candidates) > len(models) and not averaging:
         for key in (k for k in obj if isinstance(k, str)):
             if key in models:
                 others.update((n, v) for n, v in weights.items() if isinstance(v, TensorRef))
@@ -150,7 +225,7 @@ def find(obj: Any, model_key: str | None = None, optimizer_key: str | None = Non
                 others.update((f"{key}.{n}", v) for n, v in obj[key].items() if isinstance(v, TensorRef))
     return Layout(container, model_key if model_key is not None else ", ".join(models),
                   optimizer_key if optimizer_key is not None else next(iter(optimizers), None), clean, optimizer,
-                  model_candidates, optimizer_candidates, skipped, optimizers, models, others)
+                  model_candidates, optimizer_candidates, skipped, optimizers, models, others, notes)
 
 
 def strip_prefix(weights: dict[str, TensorRef], prefix: str) -> dict[str, TensorRef]:
