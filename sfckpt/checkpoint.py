@@ -10,6 +10,7 @@ from .errors import InputError
 from .readers import hf_trainer, load_torch, sniff
 from .readers.accelerate_folder import is_accelerate_folder, load_object as load_accelerate_folder
 from .readers.dcp_folder import DcpFolder, is_dcp_folder
+from .readers.lightning_folder import is_lightning_fsdp_folder, load_object as load_lightning_folder
 from .readers.peft_adapter import is_adapter_checkpoint, load_object as load_adapter_checkpoint
 from .readers.peft_adapter import parameter_order as adapter_parameter_order
 from .readers.deepspeed_folder import DeepSpeedFolder, is_deepspeed_folder
@@ -95,6 +96,9 @@ def load(
         folder = DeepSpeedFolder(path)
         obj, unloaded, container = folder.load_object(), sorted(folder.opaque), "deepspeed"
         extra = {"notes": folder.notes, "default_dtype": folder.module_dtype if folder.module_dtype != "float32" else None}
+    elif kind == "folder" and is_lightning_fsdp_folder(path):
+        obj, unloaded, notes = load_lightning_folder(path)
+        container, extra = "lightning-fsdp", {"notes": notes}
     elif kind == "folder" and is_dcp_folder(path):
         folder = DcpFolder(path)
         obj, unloaded = folder.load_object(), folder.opaque
@@ -138,7 +142,7 @@ def load(
         skipped=found.skipped,
         unloaded_classes=unloaded,
         top_level_keys=[str(k) for k in obj] if isinstance(obj, Mapping) else [],
-        ties_visible=container != "torch.distributed.checkpoint",
+        ties_visible=container not in ("torch.distributed.checkpoint", "lightning-fsdp"),
         optimizers=found.optimizers,
         models=found.models,
         pool_weights=found.pool_weights,

@@ -1,0 +1,53 @@
+"""Lightning's sharded FSDP checkpoints: a `NAME.ckpt/` folder, read on one CPU process.
+
+`FSDPStrategy(state_dict_type="sharded").save_checkpoint` (lightning/pytorch/strategies/fsdp.py)
+pops the module's sharded `state_dict` and the `optimizer_states` out of the checkpoint dict and
+writes them with `torch.distributed.checkpoint.save` as `{'model': state_dict, 'optimizer_0': ...,
+'optimizer_1': ...}` (each optimizer state from `FSDP.optim_state_dict`, keyed by parameter name);
+rank 0 then `torch.save`s the rest (`epoch`, `global_step`, `callbacks`, `hyper_parameters`, ...)
+as `meta.pt`. A folder holding `.metadata` and `meta.pt` is what Lightning itself takes for a
+sharded checkpoint (`_is_sharded_checkpoint`).
+
+The folder becomes one object, `meta.pt`'s entries beside `model` and `optimizer_N`, the shape of
+a Lightning `.ckpt` file: weight names keep the LightningModule's attribute prefix (`model.`),
+which `--strip-prefix` removes as it does for `.ckpt` files. The DCP part is read by `DcpFolder`
+(restricted unpickler for `.metadata`); `meta.pt` by sfckpt's own code-free torch reader, where
+Lightning's `load_checkpoint` would use `torch.load`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import InputError
+from .dcp_folder import DcpFolder, is_dcp_folder
+
+META_NAME = "meta.pt"
+
+
+def is_lightning_fsdp_folder(path: Path) -> bool:
+    return is_dcp_folder(path) and (path / META_NAME).is_file()
+
+
+def load_object(path: Path) -> tuple[dict[str, Any], list[str], list[str]]:
+    """The folder as `{'model': {name: TensorRef}, 'optimizer_0': state, ..., 'global_step': N, ...}`,
+    the classes left unloaded, and notes for `inspect`. Tensor data is not read."""
+    from . import load_torch, sniff
+
+    meta_path = path / META_NAME
+    if sniff(meta_path) != "torch":
+        raise InputError(f"{meta_path}: not a torch.save file", "the folder is damaged or not a Lightning checkpoint")
+    meta, meta_unloaded = load_torch(meta_path)
+    if not isinstance(meta, Mapping):
+        what = getattr(meta, "qualname", None) or type(meta).__name__
+        raise InputError(f"{meta_path} holds an object of class {what}, not the dict Lightning saves there "
+                         "(epoch, global_step, ...)", "the folder is damaged or crafted")
+    folder = DcpFolder(path)
+    obj = folder.load_object()
+    for key, value in meta.items():
+        obj.setdefault(key, value)  # the tensors are the DCP part's; meta.pt never holds them
+    shards = {info.relative_path for info in folder.metadata.storage_data.values()}
+    progress = ", ".join(f"{k} {meta[k]}" for k in ("epoch", "global_step") if type(meta.get(k)) is int)
+    notes = [f"Lightning FSDP sharded checkpoint: {len(shards)} shard file{'s' * (len(shards) != 1)}"
+             + (f"; {META_NAME}: {progress}" if progress else "")]
+    return obj, sorted(set(folder.opaque) | set(meta_unloaded)), notes

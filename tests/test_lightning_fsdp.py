@@ -1,0 +1,224 @@
+"""Lightning's sharded FSDP checkpoints (`NAME.ckpt/` folders), made by a real Lightning Trainer.
+
+Two CPU processes over gloo, launched by Lightning itself, train a tiny model with
+`FSDPStrategy(state_dict_type="sharded")` and save with `trainer.save_checkpoint`, which runs
+Lightning's own `FSDPStrategy.save_checkpoint` (lightning/pytorch/strategies/fsdp.py): DCP of
+`{'model', 'optimizer_0', ...}` plus `meta.pt`. Two things differ from a GPU run, both because
+Lightning and FSDP refuse CPU otherwise, neither touching what is saved:
+
+* the strategy is a subclass of `FSDPStrategy` with nothing overridden: the Trainer refuses
+  FSDP without a GPU only by `type(strategy) is FSDPStrategy`
+  (lightning/pytorch/trainer/connectors/accelerator_connector.py, `_check_strategy_and_fallback`);
+* the LightningModule wraps its model in `configure_model` with `device_id=cpu`: Lightning wraps
+  with `device_id=None`, which FSDP refuses on a machine without an accelerator, and leaves a
+  module already wrapped as it is (`FSDPStrategy._setup_model`).
+
+x is the optimizers' own `eval()` in the same run, after saving, gathered with
+`FSDP.summon_full_params` and saved from rank 0; compared by torch.equal.
+"""
+import json
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import assert_equal_tensors, read
+
+TRAIN = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+
+    import lightning as L
+    import schedulefree
+    import torch
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch import nn
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    out, two = Path(sys.argv[1]), sys.argv[2] == "two"
+    torch.set_num_threads(1)
+
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.save_hyperparameters({"width": 16})
+            self.automatic_optimization = not two  # several optimizers need manual optimization
+            self.model = None
+
+        def configure_model(self):
+            if self.model is None:
+                torch.manual_seed(0)
+                # one FSDP unit per layer, so that each optimizer holds whole units
+                self.model = FullyShardedDataParallel(MLP(), device_id=torch.device("cpu"), use_orig_params=True,
+                                                      auto_wrap_policy=ModuleWrapPolicy({nn.Linear}))
+
+        def training_step(self, batch, _):
+            loss = self.model(batch[0]).pow(2).mean()
+            if two:
+                opts = self.optimizers()
+                for opt in opts:
+                    opt.zero_grad()
+                self.manual_backward(loss)
+                for opt in opts:
+                    opt.step()
+            return loss
+
+        def configure_optimizers(self):
+            if two:
+                return [schedulefree.AdamWScheduleFree(self.model.fc1.parameters(), lr=0.02, betas=(0.85, 0.999)),
+                        schedulefree.SGDScheduleFree(self.model.fc2.parameters(), lr=0.5, momentum=0.8)]
+            return schedulefree.AdamWScheduleFree(self.parameters(), lr=0.02, betas=(0.85, 0.999), weight_decay=0.01)
+
+        def on_train_start(self):
+            for opt in self.trainer.optimizers:
+                opt.train()
+
+
+    class CPUFSDPStrategy(FSDPStrategy):
+        pass
+
+
+    torch.manual_seed(0)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 8)), batch_size=4)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=CPUFSDPStrategy(state_dict_type="sharded"), max_steps=3,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=out)
+    trainer.fit(Module(), data)
+    trainer.save_checkpoint(out / "last.ckpt")
+    for opt in trainer.optimizers:
+        opt.eval()
+    inner = trainer.lightning_module.model
+    with FullyShardedDataParallel.summon_full_params(inner, writeback=False):
+        x = {f"model.{k}": v.detach().clone() for k, v in inner.state_dict().items()}
+    if trainer.global_rank == 0:
+        torch.save(x, out / "expected_x.pt")
+    """
+)
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def lightning_runs(tmp_path_factory):
+    """{'one': (ckpt folder, x), 'two': ...}: one optimizer, and two (AdamW on fc1, SGD on fc2); run side by side."""
+    pytest.importorskip("lightning")
+    root = tmp_path_factory.mktemp("lightning-fsdp")
+    script = root / "train.py"
+    script.write_text(TRAIN)
+    procs = {}
+    for mode in ("one", "two"):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port(), "OMP_NUM_THREADS": "1"}
+        procs[mode] = subprocess.Popen([sys.executable, str(script), str(root / mode), mode], cwd=root, env=env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runs = {}
+    for mode, proc in procs.items():
+        try:
+            output, _ = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+        if proc.returncode != 0 and "gloo" in output.lower() and "not available" in output.lower():
+            pytest.skip("gloo backend unavailable")
+        assert proc.returncode == 0, output[-3000:]
+        runs[mode] = (root / mode / "last.ckpt", torch.load(root / mode / "expected_x.pt"))
+    return runs
+
+
+def test_one_optimizer(lightning_runs, run, tmp_path):
+    ckpt, expected = lightning_runs["one"]
+    assert sorted(p.name for p in ckpt.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    report = json.loads(run("inspect", ckpt, "--json").stdout)
+    assert report["container"] == "lightning-fsdp"
+    assert report["keys"]["model"] == "model" and report["keys"]["optimizer"] == "optimizer_0"
+    assert "global_step 3" in report["notes"][-1] and "2 shard files" in report["notes"][-1]
+    assert any("--strip-prefix model." in h for h in report["hints"])
+    assert [g["step"] for g in report["groups"]] == [3] and report["params_hold"] == "y"
+    result = run("convert", ckpt, tmp_path / "x.safetensors", "--strip-prefix", "model.")
+    assert result.exit_code == 0, result.stderr
+    assert_equal_tensors(read(tmp_path / "x.safetensors"), {k.removeprefix("model."): v for k, v in expected.items()})
+    assert run("convert", ckpt, tmp_path / "prefixed.safetensors").exit_code == 0  # names as saved, as for .ckpt
+    assert_equal_tensors(read(tmp_path / "prefixed.safetensors"), expected)
+    assert run("check", tmp_path / "prefixed.safetensors", "--ckpt", ckpt).exit_code == 0
+
+
+def test_two_optimizers(lightning_runs, run, tmp_path):
+    """optimizer_0 trains fc1, optimizer_1 fc2: each tensor converted with its own optimizer's z and β."""
+    ckpt, expected = lightning_runs["two"]
+    report = json.loads(run("inspect", ckpt, "--json").stdout)
+    assert report["container"] == "lightning-fsdp"
+    assert [(o["key"], o["family"], o["entries"]) for o in report["optimizers"]] == [
+        ("optimizer_0", "adamw", 2), ("optimizer_1", "sgd", 2)]
+    assert [g["beta"] for g in report["groups"]] == [0.85, 0.8]
+    result = run("convert", ckpt, tmp_path / "x.safetensors", "--strip-prefix", "model.")
+    assert result.exit_code == 0, result.stderr
+    assert_equal_tensors(read(tmp_path / "x.safetensors"), {k.removeprefix("model."): v for k, v in expected.items()})
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save"])
+def test_malicious_meta_is_refused(how, lightning_runs, run, tmp_path):
+    ckpt = tmp_path / "last.ckpt"
+    shutil.copytree(lightning_runs["one"][0], ckpt)
+    marker = tmp_path / "pwned"
+    if how == "pickle":
+        (ckpt / "meta.pt").write_bytes(pickle.dumps(_Evil(str(marker))))
+    else:
+        torch.save(_Evil(str(marker)), ckpt / "meta.pt")
+    for command in (["inspect", ckpt], ["convert", ckpt, tmp_path / "x.safetensors"]):
+        result = run(*command)
+        assert result.exit_code == 2 and "meta.pt" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not marker.exists() and not (tmp_path / "x.safetensors").exists()
+
+
+def test_foreign_object_inside_meta_stays_inert(lightning_runs, run, tmp_path):
+    """An object inside meta.pt's dict (as callbacks may save) becomes a placeholder; nothing runs."""
+    source, expected = lightning_runs["one"]
+    ckpt = tmp_path / "last.ckpt"
+    shutil.copytree(source, ckpt)
+    marker = tmp_path / "pwned"
+    torch.save({"epoch": 2, "global_step": 3, "callbacks": {"evil": _Evil(str(marker))}}, ckpt / "meta.pt")
+    report = json.loads(run("inspect", ckpt, "--json").stdout)
+    assert report["container"] == "lightning-fsdp" and "posix.system" in report["unloaded_classes"]
+    assert run("convert", ckpt, tmp_path / "x.safetensors").exit_code == 0
+    assert_equal_tensors(read(tmp_path / "x.safetensors"), expected)
+    assert not marker.exists()
+
+
+def test_missing_shard_is_refused(lightning_runs, run, tmp_path):
+    ckpt = tmp_path / "last.ckpt"
+    shutil.copytree(lightning_runs["one"][0], ckpt)
+    (ckpt / "__1_0.distcp").unlink()
+    result = run("convert", ckpt, tmp_path / "x.safetensors")
+    assert result.exit_code == 2 and "__1_0.distcp" in result.stderr and "missing" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "x.safetensors").exists()
