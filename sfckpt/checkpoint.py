@@ -9,12 +9,17 @@ from . import layout as layout_mod
 from .errors import InputError
 from .readers import hf_trainer, load_torch, sniff
 from .readers.accelerate_folder import is_accelerate_folder, load_object as load_accelerate_folder
+from .readers.accelerate_folder import is_fsdp as accelerate_fsdp
 from .readers.dcp_folder import DcpFolder, is_dcp_folder
 from .readers.lightning_folder import is_lightning_fsdp_folder, load_object as load_lightning_folder
 from .readers.peft_adapter import is_adapter_checkpoint, load_object as load_adapter_checkpoint
 from .readers.peft_adapter import parameter_order as adapter_parameter_order
 from .readers.deepspeed_folder import DeepSpeedFolder, is_deepspeed_folder
 from .tensors import TensorRef
+
+
+NO_CONFIG_NOTE = ("no config.json: the Trainer saves none with FSDP's SHARDED_STATE_DICT; copy your model's "
+                  "config.json (and tokenizer files) into the release folder to load it with from_pretrained")
 
 
 @dataclass
@@ -106,6 +111,14 @@ def load(
     elif kind == "folder" and is_accelerate_folder(path):
         obj, unloaded = load_accelerate_folder(path)
         container = "accelerate"
+        if accelerate_fsdp(path):
+            # The Trainer saves FSDP models through Accelerate's functions, beside its trainer_state.json
+            trainer = (path / hf_trainer.STATE_NAME).is_file()
+            container = "huggingface-trainer-fsdp" if trainer else "accelerate-fsdp"
+            if trainer:
+                obj["global_step"] = hf_trainer.trainer_state(path).get("global_step")
+                if not (path / "config.json").is_file():
+                    extra = {"notes": [NO_CONFIG_NOTE]}
     elif kind == "torch":
         obj, unloaded = load_torch(path)
         container = None
@@ -142,7 +155,9 @@ def load(
         skipped=found.skipped,
         unloaded_classes=unloaded,
         top_level_keys=[str(k) for k in obj] if isinstance(obj, Mapping) else [],
-        ties_visible=container not in ("torch.distributed.checkpoint", "lightning-fsdp"),
+        # DCP data and gathered FSDP state dicts hold tied weights as separate copies
+        ties_visible=container not in ("torch.distributed.checkpoint", "lightning-fsdp", "accelerate-fsdp",
+                                       "huggingface-trainer-fsdp"),
         optimizers=found.optimizers,
         models=found.models,
         pool_weights=found.pool_weights,

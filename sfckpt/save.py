@@ -70,11 +70,15 @@ def save(
             raise OutputError("PEFT loads an adapter from one file; --max-shard-size does not apply", "leave it out")
         copies = [src / name for name in peft_adapter.RELEASE_FILES if (src / name).is_file()]
         return writer.write_folder(out, specs, produce, metadata, force, progress, None, copies, peft_adapter.SAFE_NAME)
-    if recon.checkpoint.container in ("huggingface-trainer", "deepspeed"):
+    if recon.checkpoint.container in ("huggingface-trainer", "huggingface-trainer-fsdp", "deepspeed"):
         # config.json, generation_config.json and tokenizer files, so `from_pretrained(out)` works
         from .readers.hf_trainer import RELEASE_FILES
 
         copies = [src / name for name in RELEASE_FILES if (src / name).is_file()]
+        if recon.checkpoint.container == "huggingface-trainer-fsdp" and not (src / "config.json").is_file():
+            from .checkpoint import NO_CONFIG_NOTE
+
+            recon.warnings.append(NO_CONFIG_NOTE)
     return writer.write_folder(out, specs, produce, metadata, force, progress, max_shard_size, copies)
 
 

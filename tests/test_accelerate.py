@@ -175,18 +175,15 @@ def test_prodigy_plus_schedule_free_through_accelerate(dtype, run, tmp_path):
     assert report["container"] == "accelerate" and report["optimizer"]["family"] == "prodigy-plus-sf"
 
 
-@pytest.mark.parametrize("fsdp_name", ["pytorch_model_fsdp.bin", "pytorch_model_fsdp_0"])
-def test_fsdp_folders_are_refused_by_name(fsdp_name, run, tmp_path):
-    """Accelerate names FSDP model files pytorch_model_fsdp*.bin / pytorch_model_fsdp_0/ (with optimizer_0/ when
-    sharded); they are not read yet, and the refusal says so rather than calling the folder incomplete."""
+def test_empty_fsdp_folders_are_refused(run, tmp_path):
+    """An interrupted sharded save (pytorch_model_fsdp_0/ without DCP's .metadata) is named as incomplete.
+    Complete FSDP folders are tested in tests/test_fsdp_frameworks.py."""
     folder = tmp_path / "ckpt"
     _train_and_save(folder, [_adamw(trainers.MLP())], safe_serialization=False)
-    (folder / "pytorch_model.bin").rename(folder / "pytorch_model_fsdp.bin")
-    if fsdp_name.endswith("_0"):
-        (folder / "pytorch_model_fsdp.bin").unlink()
-        (folder / "optimizer.bin").unlink()
-        (folder / fsdp_name).mkdir()
-        (folder / "optimizer_0").mkdir()
+    for name in ("pytorch_model.bin", "optimizer.bin"):
+        (folder / name).unlink()
+    (folder / "pytorch_model_fsdp_0").mkdir()
+    (folder / "optimizer_0").mkdir()
     result = run("convert", folder, tmp_path / "x.safetensors")
-    assert result.exit_code == 2 and "FSDP" in result.stderr and fsdp_name in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.exit_code == 2 and "no .metadata, so not a complete" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "x.safetensors").exists()

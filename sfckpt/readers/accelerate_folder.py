@@ -22,6 +22,24 @@ optimizer's positions must be matched to names by shape and content.
 Like `load_state`, a `.safetensors` file is preferred to a `.bin` of the same index.
 Tied duplicates are absent from `model*.safetensors` (Accelerate drops all
 but the first name of each shared storage before saving).
+
+FSDP models (accelerate/utils/fsdp_utils.py, `save_fsdp_model` and
+`save_fsdp_optimizer`, called by `save_state` and by the Hugging Face Trainer's
+`_save_checkpoint`) are saved by parameter name, so their order never matters:
+
+* FULL_STATE_DICT: `pytorch_model_fsdp.bin` (`pytorch_model_fsdp_1.bin`, ...),
+  the gathered state dict, and `optimizer.bin` (`optimizer_1.bin`, ...), the
+  gathered `FSDP.optim_state_dict` / `get_optimizer_state_dict`, keyed by names;
+* SHARDED_STATE_DICT: `pytorch_model_fsdp_0/` (`_1/`, ...) and `optimizer_0/`
+  (`_1/`, ...), torch.distributed.checkpoint folders of `{"model": ...}` and
+  `{"optimizer": ...}`, read with sfckpt's DCP reader;
+* per-rank files (`*_rank<N>.bin`, written with `use_dcp=False` or
+  LOCAL_STATE_DICT) hold each rank's shard as DTensor/ShardedTensor objects,
+  which cannot be unpickled without running their classes: refused.
+
+A Trainer checkpoint with FULL_STATE_DICT also holds `model.safetensors`, the
+same weights as `pytorch_model_fsdp.bin`; the FSDP file, saved with the
+optimizer state, is the one used.
 """
 from __future__ import annotations
 
@@ -38,13 +56,37 @@ _OPTIMIZER_FILE = re.compile(r"optimizer(?:_([1-9][0-9]*))?\.bin")
 
 
 def is_accelerate_folder(path: Path) -> bool:
-    return path.is_dir() and ((path / OPTIMIZER_NAME).is_file() or _fsdp_files(path) != [])
+    return path.is_dir() and ((path / OPTIMIZER_NAME).is_file() or _fsdp_entries(path) != {}
+                               or _per_rank_files(path) != [])
 
 
-def _fsdp_files(path: Path) -> list[str]:
-    """What Accelerate writes for FSDP models: `pytorch_model_fsdp.bin` (full state dict) or
-    `pytorch_model_fsdp_0/` and `optimizer_0/` (sharded, torch.distributed.checkpoint)."""
-    return sorted(p.name for p in path.glob("pytorch_model_fsdp*"))
+_FSDP_MODEL = re.compile(r"pytorch_model_fsdp(?:_([1-9][0-9]*))?\.bin|pytorch_model_fsdp_(0|[1-9][0-9]*)")
+_FSDP_OPTIMIZER = re.compile(r"optimizer_(0|[1-9][0-9]*)")
+_PER_RANK = re.compile(r"(?:pytorch_model_fsdp|optimizer)(?:_[0-9]+)?_rank[0-9]+\.bin")
+
+
+def _fsdp_entries(path: Path) -> dict[str, Path]:
+    """Entry key -> file or DCP folder, for what save_fsdp_model / save_fsdp_optimizer write."""
+    out: dict[str, Path] = {}
+    for f in sorted(path.iterdir()):
+        m = _FSDP_MODEL.fullmatch(f.name)
+        if m and (f.is_file() if f.suffix == ".bin" else f.is_dir()):
+            i = int(m.group(1) or m.group(2) or 0)
+            out[f"model_{i}" if i else "model"] = f
+        o = _FSDP_OPTIMIZER.fullmatch(f.name)
+        if o and f.is_dir():
+            i = int(o.group(1))
+            out[f"optimizer_{i}" if i else "optimizer"] = f
+    return out if any(k.startswith("model") for k in out) else {}
+
+
+def _per_rank_files(path: Path) -> list[str]:
+    return sorted(f.name for f in path.iterdir() if _PER_RANK.fullmatch(f.name))
+
+
+def is_fsdp(path: Path) -> bool:
+    """Whether the folder holds an FSDP model as Accelerate saves it."""
+    return _fsdp_entries(path) != {}
 
 
 def _entries(path: Path) -> dict[str, Path]:
@@ -72,14 +114,18 @@ def load_object(path: Path) -> tuple[dict[str, Any], list[str]]:
     classes left unloaded. Tensor data is not read."""
     from . import load_torch
 
-    fsdp = _fsdp_files(path)
-    if fsdp:
+    per_rank = _per_rank_files(path)
+    if per_rank:
         raise InputError(
-            f"{path}: an Accelerate checkpoint of an FSDP model ({', '.join(fsdp)}), which sfckpt does not read yet",
-            "save the model and optimizer state dicts with torch.distributed.checkpoint (get_state_dict + dcp.save) "
-            "and convert that folder, or convert with the optimizer's own eval() in your training code",
+            f"{path}: per-rank FSDP files ({', '.join(per_rank[:3])}), written with use_dcp=False or LOCAL_STATE_DICT; "
+            "each holds one rank's shard as objects sfckpt does not unpickle",
+            "save with SHARDED_STATE_DICT and use_dcp=True (the default) or FULL_STATE_DICT, and convert that folder",
         )
     found = _entries(path)
+    fsdp = _fsdp_entries(path)
+    if fsdp:
+        # model.safetensors beside an FSDP model is the Trainer's copy of the same weights
+        found = {**{k: v for k, v in found.items() if k.startswith("optimizer")}, **fsdp}
     if not any(k.startswith("model") for k in found):
         raise InputError(
             f"{path}: an Accelerate save_state folder with optimizer.bin but no model.safetensors or pytorch_model.bin",
@@ -88,6 +134,10 @@ def load_object(path: Path) -> tuple[dict[str, Any], list[str]]:
     obj: dict[str, Any] = {}
     unloaded: set[str] = set()
     for key, f in found.items():
+        if f.is_dir():  # a DCP folder of {"model": state dict} or {"optimizer": state}
+            obj[key], classes = _dcp_entry(f, "model" if key.startswith("model") else "optimizer")
+            unloaded.update(classes)
+            continue
         if f.suffix == ".safetensors":
             obj[key] = read_safetensors(f)[0]
             continue
@@ -97,3 +147,19 @@ def load_object(path: Path) -> tuple[dict[str, Any], list[str]]:
             raise InputError(f"{f} holds a {type(value).__name__}, not a state dict", "the folder is damaged")
         obj[key] = value
     return obj, sorted(unloaded)
+
+
+def _dcp_entry(folder: Path, inner: str) -> tuple[Any, list[str]]:
+    """The `inner` entry of a DCP folder written by save_fsdp_model / save_fsdp_optimizer."""
+    from .dcp_folder import DcpFolder, is_dcp_folder
+
+    if not is_dcp_folder(folder):
+        raise InputError(f"{folder}: no .metadata, so not a complete torch.distributed.checkpoint folder",
+                         "the save did not complete; copy the whole folder or use an earlier checkpoint")
+    dcp = DcpFolder(folder)
+    value = dcp.load_object()
+    if not (isinstance(value, dict) and isinstance(value.get(inner), dict)):
+        keys = ", ".join(str(k) for k in value)[:200] if isinstance(value, dict) else type(value).__name__
+        raise InputError(f"{folder}: expected one '{inner}' entry as Accelerate saves it, found {keys}",
+                         "convert the folder itself (sfckpt convert FOLDER) if it was saved another way")
+    return value[inner], list(dcp.opaque)

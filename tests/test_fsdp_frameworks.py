@@ -1,0 +1,172 @@
+"""FSDP checkpoints saved by Accelerate (`save_state`) and the Hugging Face Trainer, on CPU with 2 processes.
+
+The folders are made by the frameworks' own saving code (tests/fsdp_runs.py says how,
+and the one thing changed to run FSDP without a GPU); x is compared with the optimizer's
+own eval() by torch.equal, tensor by tensor.
+"""
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_equal_tensors, read
+
+pytest.importorskip("accelerate")
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    result = subprocess.run([sys.executable, str(HERE / "fsdp_runs.py"), str(root)], capture_output=True, text=True,
+                            timeout=900)
+    if result.returncode != 0 and "gloo" in result.stderr.lower() and "not available" in result.stderr.lower():
+        pytest.skip("gloo backend unavailable")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return root
+
+
+def _convert(run, src, out, *args):
+    result = run("convert", src, out, *args)
+    assert result.exit_code == 0, result.stderr
+    return result
+
+
+def test_accelerate_sharded_with_two_models(runs, run, tmp_path):
+    """pytorch_model_fsdp_0/ + optimizer_0/ (and _1/): DCP folders keyed by parameter names; one pair per index."""
+    folder = runs / "accelerate-fsdp2-sharded-2pairs"
+    assert (folder / "pytorch_model_fsdp_1" / ".metadata").is_file() and (folder / "optimizer_1").is_dir()
+    report = json.loads(run("inspect", folder, "--json").stdout)
+    assert report["container"] == "accelerate-fsdp"
+    assert report["keys"]["model_candidates"] == ["model", "model_1"]
+    assert report["keys"]["optimizer_candidates"] == ["optimizer", "optimizer_1"]
+    assert report["mapping"]["evidence"]["names"] >= 6  # the first optimizer by its saved names
+    _convert(run, folder, tmp_path / "x0.safetensors")
+    assert_equal_tensors(read(tmp_path / "x0.safetensors"), torch.load(folder / "expected_0.pt"))
+    _convert(run, folder, tmp_path / "x1.safetensors", "--model-key", "model_1", "--optimizer-key", "optimizer_1")
+    assert_equal_tensors(read(tmp_path / "x1.safetensors"), torch.load(folder / "expected_1.pt"))
+
+
+def test_accelerate_full_state_dict_bf16(runs, run, tmp_path):
+    """pytorch_model_fsdp.bin + optimizer.bin, both gathered and keyed by names; bf16 parameters stay bf16."""
+    folder = runs / "accelerate-fsdp2-full-bf16"
+    assert (folder / "pytorch_model_fsdp.bin").is_file() and (folder / "optimizer.bin").is_file()
+    _convert(run, folder, tmp_path / "x.safetensors")
+    got, want = read(tmp_path / "x.safetensors"), torch.load(folder / "expected_0.pt")
+    assert {t.dtype for t in got.values()} == {torch.bfloat16}
+    assert_equal_tensors(got, want)
+
+
+def test_accelerate_fsdp1_sharded(runs, run, tmp_path):
+    """FSDP1 (use_orig_params) sharded state dicts: ShardedTensor shards in the same DCP layout."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    folder = runs / "accelerate-fsdp1-sharded"
+    dcp_to_torch_save(runs / "accelerate-fsdp1-sharded-expected_0", tmp_path / "expected.pt")
+    _convert(run, folder, tmp_path / "x.safetensors")
+    assert_equal_tensors(read(tmp_path / "x.safetensors"), torch.load(tmp_path / "expected.pt"))
+
+
+def test_trainer_sharded_release_loads_with_from_pretrained(runs, run, tmp_path):
+    """The Trainer saves no config.json with SHARDED_STATE_DICT: the release says so, and loads once it is copied.
+    The tied lm_head is a separate copy in the DCP data; it gets the embedding's x (and a warning)."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt = runs / "trainer-fsdp2-sharded" / "checkpoint-3"
+    assert (ckpt / "pytorch_model_fsdp_0").is_dir() and not (ckpt / "config.json").exists()
+    report = json.loads(run("inspect", ckpt, "--json").stdout)
+    assert report["container"] == "huggingface-trainer-fsdp" and report["groups"][0]["step"] == 3
+    assert any("no config.json" in n for n in report["notes"])
+    assert [g["weight_decay"] for g in report["groups"]] == [0.1, 0.0]
+    release = tmp_path / "release"
+    result = _convert(run, ckpt, release)
+    assert "copy your model's config.json" in result.stderr and "tied weight" in result.stderr
+    shutil.copy(runs / "trainer-fsdp2-sharded" / "config" / "config.json", release)
+    model = AutoModelForCausalLM.from_pretrained(str(release))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert_equal_tensors(model.state_dict(), torch.load(runs / "trainer-fsdp2-sharded" / "expected_0.pt"))
+    assert run("check", release, "--ckpt", ckpt).exit_code == 0
+
+
+def test_trainer_full_state_dict_release(runs, run, tmp_path):
+    """FULL_STATE_DICT: the Trainer also writes model.safetensors (y) and config.json; the release loads as is."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt = runs / "trainer-fsdp2-full" / "checkpoint-3"
+    assert (ckpt / "pytorch_model_fsdp.bin").is_file() and (ckpt / "model.safetensors").is_file()
+    release = tmp_path / "release"
+    result = _convert(run, ckpt, release)
+    assert "config.json" not in result.stderr.split("wrote")[0]
+    model = AutoModelForCausalLM.from_pretrained(str(release))
+    assert_equal_tensors(model.state_dict(), torch.load(runs / "trainer-fsdp2-full" / "expected_0.pt"))
+    assert run("check", release, "--ckpt", ckpt).exit_code == 0
+    assert run("check", ckpt / "model.safetensors", "--ckpt", ckpt).exit_code == 1  # the Trainer's own weights: y
+
+
+def _copy(runs, tmp_path, case="accelerate-fsdp2-sharded-2pairs"):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(runs / case, dst)
+    return dst
+
+
+def _one_line_error(result, *words):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_per_rank_files_are_refused(runs, run, tmp_path):
+    """use_dcp=False / LOCAL_STATE_DICT write one torch.save per rank of DTensor/ShardedTensor objects."""
+    folder = _copy(runs, tmp_path)
+    shutil.rmtree(folder / "pytorch_model_fsdp_0")
+    torch.save({"w": torch.zeros(2)}, folder / "pytorch_model_fsdp_0_rank0.bin")
+    _one_line_error(run("convert", folder, tmp_path / "x.safetensors"), "per-rank", "use_dcp=True")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_incomplete_optimizer_folder_is_refused(runs, run, tmp_path):
+    folder = _copy(runs, tmp_path)
+    (folder / "optimizer_0" / ".metadata").unlink()
+    _one_line_error(run("convert", folder, tmp_path / "x.safetensors"), "optimizer_0", "no .metadata")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_missing_shard_is_refused(runs, run, tmp_path):
+    folder = _copy(runs, tmp_path)
+    (folder / "pytorch_model_fsdp_0" / "__1_0.distcp").unlink()
+    _one_line_error(run("inspect", folder), "__1_0.distcp")
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_metadata_runs_nothing(runs, run, tmp_path):
+    folder = _copy(runs, tmp_path)
+    marker = tmp_path / "pwned"
+    (folder / "pytorch_model_fsdp_0" / ".metadata").write_bytes(pickle.dumps(_Evil(str(marker))))
+    _one_line_error(run("inspect", folder), "cannot read DCP metadata")
+    assert not marker.exists()
+
+
+def test_optimizer_folder_holding_something_else_is_refused(runs, run, tmp_path):
+    """optimizer_0/ must hold {'optimizer': ...} as save_fsdp_optimizer writes it."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = _copy(runs, tmp_path)
+    shutil.rmtree(folder / "optimizer_0")
+    dcp.save({"weights": {"a": torch.zeros(3)}}, checkpoint_id=folder / "optimizer_0", no_dist=True)
+    _one_line_error(run("inspect", folder), "expected one 'optimizer' entry")
