@@ -63,8 +63,10 @@ def load(
     """Open a training checkpoint without reading tensor data or running code from it.
 
     Args:
-        path: a `torch.save` file (plain dict or Lightning `.ckpt`), a Hugging Face
-            Trainer `checkpoint-N/` folder, or a torch.distributed.checkpoint folder.
+        path: a `torch.save` file (plain dict or Lightning `.ckpt`), or a folder: Hugging Face
+            Trainer `checkpoint-N/` (also with DeepSpeed, FSDP or a PEFT adapter), Accelerate
+            `save_state` (also FSDP), DeepSpeed, Lightning FSDP `NAME.ckpt/`, or any
+            torch.distributed.checkpoint folder (docs/containers.md).
         model_key / optimizer_key: which entries hold the weights and the
             optimizer state, when the defaults pick the wrong ones.
         strip_prefix: remove this prefix from weight names (e.g. ``model.``).
