@@ -115,8 +115,6 @@ runpy.run_module("sfckpt", run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.mark.xfail(strict=True, reason="Ctrl-C while sfckpt starts (importing its CLI) prints a KeyboardInterrupt "
-                                       "traceback and dies by the signal instead of exiting 130 with one line")
 def test_interrupt_during_startup_exits_130_without_a_traceback(tmp_path):
     """SIGINT arriving while `python -m sfckpt` imports its CLI gives exit 130 and no traceback."""
     out = tmp_path / "x.safetensors"
