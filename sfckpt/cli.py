@@ -317,7 +317,7 @@ def _gha_escape(text: str) -> str:
 @click.option("--top", type=int, default=20, show_default=True, help="Rows in the table (0: all).")
 @click.option("--sort", type=click.Choice(["rel_l2", "max_abs", "mean_abs", "cosine", "name"]), default="rel_l2", show_default=True,
               help="Order of the table's rows: largest gap first, cosine smallest first, or by name.")
-@click.option("--plot", type=click.Path(path_type=Path), help="Write a per-layer bar chart of rel_l2 to this PNG (needs sfckpt[plot]).")
+@click.option("--plot", type=click.Path(path_type=Path), help="Write a per-layer bar chart of rel_l2 to this .png, .svg or .pdf file (needs sfckpt[plot]).")
 @click.option("--force", is_flag=True, help="Replace the --plot file if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @handle_errors

@@ -8,6 +8,7 @@ from .errors import InputError, OutputError
 from .writer import atomic_path, refuse_inputs
 
 MAX_BARS = 60
+FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}  # chosen by the name, so the bytes match it
 
 
 def check_target(out: Path, force: bool, inputs: Sequence[Path]) -> None:
@@ -15,6 +16,9 @@ def check_target(out: Path, force: bool, inputs: Sequence[Path]) -> None:
     refuse_inputs(out, inputs)
     if out.is_dir():
         raise OutputError(f"{out} is a folder", "give a file name such as gap.png")
+    if out.suffix.lower() not in FORMATS:
+        raise OutputError(f"{out}: a plot is written as PNG, SVG or PDF, chosen by the name's ending",
+                          f"name it {out.with_suffix('.png').name} (or .svg, .pdf)")
     if out.exists() and not force:
         raise OutputError(f"{out} already exists", "pass --force to replace it")
 
@@ -56,6 +60,6 @@ def plot_gap(report: dict[str, Any], out: Path, force: bool = False, inputs: Seq
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     with atomic_path(out, force) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format=FORMATS[out.suffix.lower()], dpi=110)
     plt.close(fig)
     return out

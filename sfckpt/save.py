@@ -31,6 +31,9 @@ def save(
     Returns:
         The paths written.
     """
+    if os.fspath(out) == "-":
+        raise OutputError("sfckpt writes x to files, not to standard output",
+                          "name the output: x.safetensors for one file, or release/ for a folder")
     folder_named = os.fspath(out).endswith(("/", os.sep))  # Path() drops the trailing slash
     out = Path(out)
     src = recon.checkpoint.path

@@ -169,6 +169,16 @@ def test_diff_plot_writes_png(release, run, tmp_path):
     assert (tmp_path / "gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_diff_plot_format_follows_the_name(release, run, tmp_path):
+    """An .svg name gets SVG; a name matplotlib would not match (gap.txt) is refused before any work."""
+    pytest.importorskip("matplotlib")
+    ckpt = release[0]
+    assert run("diff", ckpt, "--plot", tmp_path / "gap.svg").exit_code == 0
+    assert b"<svg" in (tmp_path / "gap.svg").read_bytes()[:400]
+    result = run("diff", ckpt, "--plot", tmp_path / "gap.txt")
+    assert result.exit_code == 2 and "PNG, SVG or PDF" in result.stderr and not (tmp_path / "gap.txt").exists()
+
+
 def _sfckpt_on_path():
     exe = shutil.which("sfckpt") or str(Path(sys.executable).parent / "sfckpt")
     env = dict(os.environ, PATH=f"{Path(exe).parent}{os.pathsep}{os.environ['PATH']}")

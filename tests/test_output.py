@@ -118,3 +118,12 @@ def test_json_summary_on_stdout_only(trained, run, tmp_path):
     summary = json.loads(result.stdout)
     assert summary["tensors_converted"] == 4 and summary["source_params"] == "y"
     assert result.stderr == ""
+
+
+def test_dash_is_not_standard_output(trained, run, tmp_path, monkeypatch):
+    """`convert CKPT -` is refused (x is binary and may be sharded), not written to a folder named '-'."""
+    ckpt, _, _ = trained()
+    monkeypatch.chdir(tmp_path)
+    result = run("convert", ckpt, "-")
+    assert result.exit_code == 2 and "not to standard output" in result.stderr
+    assert not (tmp_path / "-").exists()
