@@ -113,6 +113,13 @@ def load(
     elif kind == "folder" and is_accelerate_folder(path):
         obj, unloaded = load_accelerate_folder(path)
         container = "accelerate"
+        pairs = sorted(k for k in obj if k.startswith("optimizer"))
+        if model_key is None and optimizer_key is None and len(pairs) > 1 and "model" in obj and "optimizer" in obj:
+            # The i-th optimizer given to prepare() is saved as optimizer_i: by default the first pair
+            model_key, optimizer_key = "model", "optimizer"
+            extra = {"notes": [f"{len(pairs)} optimizers ({', '.join(pairs)}) and models "
+                               f"({', '.join(sorted(k for k in obj if k.startswith('model')))}): converting model "
+                               "with optimizer; --model-key model_1 --optimizer-key optimizer_1 converts the next pair"]}
         if accelerate_fsdp(path):
             # The Trainer saves FSDP models through Accelerate's functions, beside its trainer_state.json
             trainer = (path / hf_trainer.STATE_NAME).is_file()
@@ -120,7 +127,7 @@ def load(
             if trainer:
                 obj["global_step"] = hf_trainer.trainer_state(path).get("global_step")
                 if not (path / "config.json").is_file():
-                    extra = {"notes": [NO_CONFIG_NOTE]}
+                    extra = {"notes": [*extra.get("notes", []), NO_CONFIG_NOTE]}
     elif kind == "torch":
         obj, unloaded = load_torch(path)
         container = None

@@ -315,7 +315,7 @@ def reconstruct(
                             if e.name is not None and e.name not in ckpt.weights})
         decision.untrained = [n for n in decision.untrained if n in ckpt.weights]
         decision.warnings.append(f"the optimizer also trains tensors of {', '.join(elsewhere)} in this file, "
-                                 "which are not written (without --model-key every model is written)")
+                                 f"which are not written (--model-key {elsewhere[0]} converts them)")
     used = [f for f in found if f[0] not in decision.ignored_optimizers]
 
     warnings: list[str] = []

@@ -45,7 +45,8 @@ def test_accelerate_sharded_with_two_models(runs, run, tmp_path):
     assert report["container"] == "accelerate-fsdp"
     assert report["keys"]["model_candidates"] == ["model", "model_1"]
     assert report["keys"]["optimizer_candidates"] == ["optimizer", "optimizer_1"]
-    assert report["mapping"]["evidence"]["names"] >= 6  # the first optimizer by its saved names
+    assert report["mapping"]["evidence"] == {"names": 6}  # the first pair only, by saved names
+    assert any("converting model with optimizer" in n for n in report["notes"])
     _convert(run, folder, tmp_path / "x0.safetensors")
     assert_equal_tensors(read(tmp_path / "x0.safetensors"), torch.load(folder / "expected_0.pt"))
     _convert(run, folder, tmp_path / "x1.safetensors", "--model-key", "model_1", "--optimizer-key", "optimizer_1")
