@@ -8,6 +8,12 @@ rank 0 then `torch.save`s the rest (`epoch`, `global_step`, `callbacks`, `hyper_
 as `meta.pt`. A folder holding `.metadata` and `meta.pt` is what Lightning itself takes for a
 sharded checkpoint (`_is_sharded_checkpoint`).
 
+The same folder shape comes from Lightning's `ModelParallelStrategy` (FSDP2; the model under
+`state_dict`, each optimizer from `get_optimizer_state_dict`) and from Fabric's `FSDPStrategy` and
+`ModelParallelStrategy` (`fabric.save(path, {'model': model, 'optimizer': optimizer, ...})`: each
+module and optimizer under the user's key, everything else in `meta.pt`). Key detection downstream
+finds the model and optimizer under any of these names.
+
 The folder becomes one object, `meta.pt`'s entries beside `model` and `optimizer_N`, the shape of
 a Lightning `.ckpt` file: weight names keep the LightningModule's attribute prefix (`model.`),
 which `--strip-prefix` removes as it does for `.ckpt` files. The DCP part is read by `DcpFolder`
@@ -47,7 +53,10 @@ def load_object(path: Path) -> tuple[dict[str, Any], list[str], list[str]]:
     for key, value in meta.items():
         obj.setdefault(key, value)  # the tensors are the DCP part's; meta.pt never holds them
     shards = {info.relative_path for info in folder.metadata.storage_data.values()}
-    progress = ", ".join(f"{k} {meta[k]}" for k in ("epoch", "global_step") if type(meta.get(k)) is int)
+    progress_keys = [k for k in ("epoch", "global_step") if type(meta.get(k)) is int]
+    if not progress_keys:  # Fabric: meta.pt holds the user's own entries (`step`, `iter_num`, ...)
+        progress_keys = [k for k, v in meta.items() if type(k) is str and type(v) is int][:4]
+    progress = ", ".join(f"{k} {meta[k]}" for k in progress_keys)
     notes = [f"Lightning FSDP sharded checkpoint: {len(shards)} shard file{'s' * (len(shards) != 1)}"
              + (f"; {META_NAME}: {progress}" if progress else "")]
     return obj, sorted(set(folder.opaque) | set(meta_unloaded)), notes
