@@ -171,3 +171,12 @@ def test_optimizer_folder_holding_something_else_is_refused(runs, run, tmp_path)
     shutil.rmtree(folder / "optimizer_0")
     dcp.save({"weights": {"a": torch.zeros(3)}}, checkpoint_id=folder / "optimizer_0", no_dist=True)
     _one_line_error(run("inspect", folder), "expected one 'optimizer' entry")
+
+
+def test_a_folder_holding_a_sharded_and_a_full_save_is_refused(runs, run, tmp_path):
+    """Two save_state calls into one folder, first sharded then full: which one is newer cannot be told."""
+    folder = _copy(runs, tmp_path)
+    shutil.copy(runs / "accelerate-fsdp2-full-bf16" / "pytorch_model_fsdp.bin", folder)
+    shutil.copy(runs / "accelerate-fsdp2-full-bf16" / "optimizer.bin", folder)
+    _one_line_error(run("convert", folder, tmp_path / "x.safetensors"), "two saves")
+    assert not (tmp_path / "x.safetensors").exists()

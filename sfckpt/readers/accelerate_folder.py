@@ -69,14 +69,21 @@ def _fsdp_entries(path: Path) -> dict[str, Path]:
     """Entry key -> file or DCP folder, for what save_fsdp_model / save_fsdp_optimizer write."""
     out: dict[str, Path] = {}
     for f in sorted(path.iterdir()):
+        key = None
         m = _FSDP_MODEL.fullmatch(f.name)
         if m and (f.is_file() if f.suffix == ".bin" else f.is_dir()):
             i = int(m.group(1) or m.group(2) or 0)
-            out[f"model_{i}" if i else "model"] = f
+            key = f"model_{i}" if i else "model"
         o = _FSDP_OPTIMIZER.fullmatch(f.name)
         if o and f.is_dir():
             i = int(o.group(1))
-            out[f"optimizer_{i}" if i else "optimizer"] = f
+            key = f"optimizer_{i}" if i else "optimizer"
+            if (path / (f"optimizer_{i}.bin" if i else OPTIMIZER_NAME)).is_file():
+                _two_saves(path, f, f"optimizer_{i}.bin" if i else OPTIMIZER_NAME)
+        if key is not None:
+            if key in out:  # a full save's .bin and a sharded save's folder of the same index
+                _two_saves(path, f, out[key].name)
+            out[key] = f
     return out if any(k.startswith("model") for k in out) else {}
 
 
@@ -163,3 +170,10 @@ def _dcp_entry(folder: Path, inner: str) -> tuple[Any, list[str]]:
         raise InputError(f"{folder}: expected one '{inner}' entry as Accelerate saves it, found {keys}",
                          "convert the folder itself (sfckpt convert FOLDER) if it was saved another way")
     return value[inner], list(dcp.opaque)
+
+
+def _two_saves(path: Path, one: Path, other: str) -> None:
+    """Two save_state calls with different state dict types left both forms of one model or optimizer."""
+    raise InputError(f"{path}: holds both {one.name} and {other}, from two saves of different kinds (sharded and "
+                     "full state dict) into one folder; which one is newer cannot be told",
+                     "move the older files out of the folder, or save each checkpoint into a folder of its own")
