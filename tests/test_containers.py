@@ -1,7 +1,6 @@
 """Checkpoints where they live: Hugging Face Trainer folders, Lightning .ckpt, torch.distributed.checkpoint."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 import trainers
-from conftest import assert_equal_tensors, read
+from conftest import assert_equal_tensors, Evil, free_port, read
 
 HERE = Path(__file__).resolve().parent
 
@@ -255,16 +254,11 @@ FSDP_TRAIN = textwrap.dedent(
 )
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
 
 def test_dcp_from_fsdp2_two_ranks(run, tmp_path):
     script = tmp_path / "fsdp_train.py"
     script.write_text(FSDP_TRAIN)
-    result = subprocess.run([sys.executable, str(script), str(tmp_path / "dcp"), _free_port(), str(HERE)],
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "dcp"), free_port(), str(HERE)],
                             capture_output=True, text=True, timeout=300)
     if result.returncode != 0 and "gloo" in result.stderr.lower() and "not available" in result.stderr.lower():
         pytest.skip("gloo backend unavailable")
@@ -284,18 +278,11 @@ def test_dcp_metadata_with_foreign_class_is_refused(run, tmp_path):
     opt = trainers.train(model, "sgd")
     dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=tmp_path / "dcp", no_dist=True)
     marker = tmp_path / "pwned"
-    (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(_Evil(str(marker))))
+    (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(Evil(str(marker))))
     result = run("inspect", tmp_path / "dcp")
     assert result.exit_code == 2 and "cannot read DCP metadata" in result.stderr
     assert not marker.exists()
 
-
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_unknown_schedule_free_state_names_what_was_found(run, tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_equal_tensors, read
+from conftest import assert_equal_tensors, Evil, read
 
 pytest.importorskip("accelerate")
 HERE = Path(__file__).parent
@@ -145,20 +145,11 @@ def test_missing_shard_is_refused(runs, run, tmp_path):
     _one_line_error(run("inspect", folder), "__1_0.distcp")
 
 
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return (os.system, (f"touch {self.marker}",))
-
 
 def test_crafted_metadata_runs_nothing(runs, run, tmp_path):
     folder = _copy(runs, tmp_path)
     marker = tmp_path / "pwned"
-    (folder / "pytorch_model_fsdp_0" / ".metadata").write_bytes(pickle.dumps(_Evil(str(marker))))
+    (folder / "pytorch_model_fsdp_0" / ".metadata").write_bytes(pickle.dumps(Evil(str(marker))))
     _one_line_error(run("inspect", folder), "cannot read DCP metadata")
     assert not marker.exists()
 

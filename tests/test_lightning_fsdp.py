@@ -20,7 +20,6 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -28,7 +27,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import assert_equal_tensors, read
+from conftest import assert_equal_tensors, Evil, free_port, read
 
 TRAIN = textwrap.dedent(
     """
@@ -114,11 +113,6 @@ TRAIN = textwrap.dedent(
 )
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
 
 @pytest.fixture(scope="module")
 def lightning_runs(tmp_path_factory):
@@ -129,7 +123,7 @@ def lightning_runs(tmp_path_factory):
     script.write_text(TRAIN)
     procs = {}
     for mode in ("one", "two"):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port(), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port(), "OMP_NUM_THREADS": "1"}
         procs[mode] = subprocess.Popen([sys.executable, str(script), str(root / mode), mode], cwd=root, env=env,
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     runs = {}
@@ -176,13 +170,6 @@ def test_two_optimizers(lightning_runs, run, tmp_path):
     assert_equal_tensors(read(tmp_path / "x.safetensors"), {k.removeprefix("model."): v for k, v in expected.items()})
 
 
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
 
 @pytest.mark.parametrize("how", ["pickle", "torch.save"])
 def test_malicious_meta_is_refused(how, lightning_runs, run, tmp_path):
@@ -190,9 +177,9 @@ def test_malicious_meta_is_refused(how, lightning_runs, run, tmp_path):
     shutil.copytree(lightning_runs["one"][0], ckpt)
     marker = tmp_path / "pwned"
     if how == "pickle":
-        (ckpt / "meta.pt").write_bytes(pickle.dumps(_Evil(str(marker))))
+        (ckpt / "meta.pt").write_bytes(pickle.dumps(Evil(str(marker))))
     else:
-        torch.save(_Evil(str(marker)), ckpt / "meta.pt")
+        torch.save(Evil(str(marker)), ckpt / "meta.pt")
     for command in (["inspect", ckpt], ["convert", ckpt, tmp_path / "x.safetensors"]):
         result = run(*command)
         assert result.exit_code == 2 and "meta.pt" in result.stderr
@@ -206,7 +193,7 @@ def test_foreign_object_inside_meta_stays_inert(lightning_runs, run, tmp_path):
     ckpt = tmp_path / "last.ckpt"
     shutil.copytree(source, ckpt)
     marker = tmp_path / "pwned"
-    torch.save({"epoch": 2, "global_step": 3, "callbacks": {"evil": _Evil(str(marker))}}, ckpt / "meta.pt")
+    torch.save({"epoch": 2, "global_step": 3, "callbacks": {"evil": Evil(str(marker))}}, ckpt / "meta.pt")
     report = json.loads(run("inspect", ckpt, "--json").stdout)
     assert report["container"] == "lightning-fsdp" and "posix.system" in report["unloaded_classes"]
     assert run("convert", ckpt, tmp_path / "x.safetensors").exit_code == 0

@@ -33,7 +33,6 @@ x is the optimizer's own `eval()` in the same run, after the save, gathered on r
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -41,7 +40,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import assert_equal_tensors, read
+from conftest import assert_equal_tensors, free_port, read
 
 WRITERS = ("trainer-model-parallel", "fabric-fsdp", "fabric-model-parallel")
 
@@ -166,11 +165,6 @@ TRAIN = textwrap.dedent(
 )
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
@@ -179,7 +173,7 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("lightning-more")
     script = root / "train.py"
     script.write_text(TRAIN)
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in (0, 1):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "NODE_RANK": "0",
