@@ -78,10 +78,10 @@ def save(
         from .readers.hf_trainer import RELEASE_FILES
 
         copies = [src / name for name in RELEASE_FILES if (src / name).is_file()]
-        if recon.checkpoint.container == "huggingface-trainer-fsdp" and not (src / "config.json").is_file():
-            from .checkpoint import NO_CONFIG_NOTE
+        from .checkpoint import NO_CONFIG_NOTE
 
-            recon.warnings.append(NO_CONFIG_NOTE)
+        if NO_CONFIG_NOTE in recon.checkpoint.notes and NO_CONFIG_NOTE not in recon.warnings:
+            recon.warnings.append(NO_CONFIG_NOTE)  # said once, however often the plan is saved
     return writer.write_folder(out, specs, produce, metadata, force, progress, max_shard_size, copies)
 
 
