@@ -12,6 +12,7 @@ from .readers.accelerate_folder import is_accelerate_folder, load_object as load
 from .readers.accelerate_folder import is_fsdp as accelerate_fsdp
 from .readers.dcp_folder import DcpFolder, is_dcp_folder
 from .readers.lightning_folder import is_lightning_fsdp_folder, load_object as load_lightning_folder
+from .readers import peft_adapter
 from .readers.peft_adapter import is_adapter_checkpoint, load_object as load_adapter_checkpoint
 from .readers.peft_adapter import parameter_order as adapter_parameter_order
 from .readers.deepspeed_folder import DeepSpeedFolder, is_deepspeed_folder
@@ -20,6 +21,8 @@ from .tensors import TensorRef
 
 NO_CONFIG_NOTE = ("no config.json: the Trainer saves none with FSDP's SHARDED_STATE_DICT; copy your model's "
                   "config.json (and tokenizer files) into the release folder to load it with from_pretrained")
+NO_CONFIG_FULL_NOTE = ("no config.json in the checkpoint folder; copy your model's config.json (and tokenizer "
+                       "files) into the release folder to load it with from_pretrained")
 
 
 @dataclass
@@ -51,6 +54,7 @@ class Checkpoint:
     notes: list[str] = field(default_factory=list)  # what inspect should say about the container
     order_error: Exception | None = None  # why the container's parameter order could not be rebuilt
     strip_prefix: str | None = None  # removed from weight names, and so from saved parameter names
+    release_note: str | None = None  # what the release folder lacks to load (said again when it is written)
 
 
 def load(
@@ -126,8 +130,15 @@ def load(
             container = "huggingface-trainer-fsdp" if trainer else "accelerate-fsdp"
             if trainer:
                 obj["global_step"] = hf_trainer.trainer_state(path).get("global_step")
-                if not (path / "config.json").is_file():
-                    extra = {"notes": [*extra.get("notes", []), NO_CONFIG_NOTE]}
+            adapter_notes = peft_adapter.from_fsdp_save(path, obj)
+            if adapter_notes is not None:  # the Trainer's adapter-only save of a PeftModel
+                container = "peft-adapter-fsdp"
+                extra = {"notes": [*extra.get("notes", []), *adapter_notes]}
+                if peft_adapter.FSDP_NO_CONFIG_NOTE in adapter_notes:
+                    extra["release_note"] = peft_adapter.FSDP_NO_CONFIG_NOTE
+            elif trainer and not (path / "config.json").is_file():
+                note = NO_CONFIG_NOTE if (path / "pytorch_model_fsdp_0").is_dir() else NO_CONFIG_FULL_NOTE
+                extra = {"notes": [*extra.get("notes", []), note], "release_note": note}
     elif kind == "torch":
         obj, unloaded = load_torch(path)
         container = None
@@ -166,7 +177,7 @@ def load(
         top_level_keys=[str(k) for k in obj] if isinstance(obj, Mapping) else [],
         # DCP data and gathered FSDP state dicts hold tied weights as separate copies
         ties_visible=container not in ("torch.distributed.checkpoint", "lightning-fsdp", "accelerate-fsdp",
-                                       "huggingface-trainer-fsdp"),
+                                       "huggingface-trainer-fsdp", "peft-adapter-fsdp"),
         optimizers=found.optimizers,
         models=found.models,
         pool_weights=found.pool_weights,

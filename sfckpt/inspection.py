@@ -108,7 +108,8 @@ def _hints(recon: Reconstruction) -> list[str]:
         hints.append(f"{recon.family.classes[0]} does not save β (the wrapper's momentum): pass --beta B to convert")
     names = list(recon.checkpoint.weights)
     first = names[0].split(".", 1)[0] + "." if names and "." in names[0] else None
-    if first and all(n.startswith(first) for n in names):
+    # PEFT saves adapters under the PeftModel's names (base_model.model....), which is what it loads
+    if first and all(n.startswith(first) for n in names) and not recon.checkpoint.container.startswith("peft-adapter"):
         hints.append(f"every tensor name starts with '{first}' (the LightningModule attribute); add --strip-prefix "
                      f"{first} to write the inner model's names")
     return hints

@@ -65,7 +65,9 @@ def save(
             raise OutputError("--max-shard-size needs a folder as output", f"write to {out.with_suffix('')}/ instead")
         return [writer.write_file(out, specs, produce, metadata, force, progress)]
     copies: list[Path] = []
-    if recon.checkpoint.container == "peft-adapter":
+    if recon.checkpoint.release_note and recon.checkpoint.release_note not in recon.warnings:
+        recon.warnings.append(recon.checkpoint.release_note)  # said once, however often the plan is saved
+    if recon.checkpoint.container in ("peft-adapter", "peft-adapter-fsdp"):
         # adapter_model.safetensors + adapter_config.json: what PeftModel.from_pretrained(base, out) reads
         from .readers import peft_adapter
 
@@ -78,10 +80,6 @@ def save(
         from .readers.hf_trainer import RELEASE_FILES
 
         copies = [src / name for name in RELEASE_FILES if (src / name).is_file()]
-        from .checkpoint import NO_CONFIG_NOTE
-
-        if NO_CONFIG_NOTE in recon.checkpoint.notes and NO_CONFIG_NOTE not in recon.warnings:
-            recon.warnings.append(NO_CONFIG_NOTE)  # said once, however often the plan is saved
     return writer.write_folder(out, specs, produce, metadata, force, progress, max_shard_size, copies)
 
 

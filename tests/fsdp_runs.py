@@ -89,7 +89,9 @@ def accelerate_case(out: Path, rank: int, *, version: int, state_dict_type: str,
             torch.save(full, out / f"expected_{i}.pt")
 
 
-def trainer_case(out: Path, rank: int, *, state_dict_type: str) -> None:
+def trainer_case(out: Path, rank: int, *, state_dict_type: str, lora: bool = False) -> None:
+    """`Trainer.train` with FSDP2; with `lora`, a PEFT LoRA model (and modules_to_save) as the Trainer's
+    `_save_checkpoint` saves it: `save_fsdp_model(..., adapter_only=True)` via `get_fsdp_ckpt_kwargs`."""
     from accelerate.utils import FullyShardedDataParallelPlugin
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
@@ -98,19 +100,33 @@ def trainer_case(out: Path, rank: int, *, state_dict_type: str) -> None:
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
                          tie_word_embeddings=True)
     model = LlamaForCausalLM(config)
+    fsdp_config = {"version": 2, "state_dict_type": state_dict_type, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        if rank == 0:
+            model.save_pretrained(out / "base")  # the base model a user loads the adapter onto
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 modules_to_save=["norm"], lora_dropout=0.0, init_lora_weights=False))
+        fsdp_config["use_orig_params"] = True
     data = [{"input_ids": torch.randint(0, 64, (8,)), "labels": torch.randint(0, 64, (8,))} for _ in range(12)]
     args = TrainingArguments(output_dir=str(out), optim="schedule_free_adamw", learning_rate=1e-2, weight_decay=0.1,
                              per_device_train_batch_size=2, max_steps=3, save_steps=3, report_to=[], logging_steps=100,
                              lr_scheduler_type="constant", use_cpu=True, ddp_backend="gloo", disable_tqdm=True,
-                             fsdp=True, fsdp_config={"version": 2, "state_dict_type": state_dict_type,
-                                                     "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+                             fsdp=True, fsdp_config=fsdp_config)
     _fsdp_state(FullyShardedDataParallelPlugin(**args.fsdp_plugin_args))
     trainer = Trainer(model=model, args=args, train_dataset=data)
     assert trainer.is_fsdp_enabled
     trainer.train()
     trainer.optimizer.eval()
     full = _full(trainer.model_wrapped)
-    if rank == 0:
+    if rank == 0 and lora:
+        from peft import get_peft_model_state_dict
+
+        # the adapter's x under the names PEFT saves, as PEFT itself selects and renames them
+        torch.save(get_peft_model_state_dict(model, state_dict=full), out / "expected_0.pt")
+        model.peft_config["default"].save_pretrained(out / "adapter_config")  # what a user copies (sharded)
+    elif rank == 0:
         config.save_pretrained(out / "config")  # what a user copies into a release of a sharded checkpoint
         torch.save(full, out / "expected_0.pt")
 
@@ -124,6 +140,9 @@ CASES = {
         out, rank, version=1, state_dict_type="SHARDED_STATE_DICT"),
     "trainer-fsdp2-sharded": lambda out, rank: trainer_case(out, rank, state_dict_type="SHARDED_STATE_DICT"),
     "trainer-fsdp2-full": lambda out, rank: trainer_case(out, rank, state_dict_type="FULL_STATE_DICT"),
+    "trainer-fsdp2-lora-sharded": lambda out, rank: trainer_case(out, rank, state_dict_type="SHARDED_STATE_DICT",
+                                                                 lora=True),
+    "trainer-fsdp2-lora-full": lambda out, rank: trainer_case(out, rank, state_dict_type="FULL_STATE_DICT", lora=True),
 }
 
 

@@ -171,3 +171,63 @@ def test_a_folder_holding_a_sharded_and_a_full_save_is_refused(runs, run, tmp_pa
     shutil.copy(runs / "accelerate-fsdp2-full-bf16" / "optimizer.bin", folder)
     _one_line_error(run("convert", folder, tmp_path / "x.safetensors"), "two saves")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def _lora_release_loads(runs, case, release, tmp_path):
+    """PeftModel.from_pretrained(base, release) holds exactly the adapter's x (get_peft_model_state_dict)."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from transformers import LlamaForCausalLM
+
+    expected = torch.load(runs / case / "expected_0.pt")
+    assert_equal_tensors(read(release / "adapter_model.safetensors"), expected)
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(runs / case / "base")), str(release))
+    assert_equal_tensors(get_peft_model_state_dict(model), expected)
+
+
+def test_trainer_lora_sharded_release_is_an_adapter_folder(runs, run, tmp_path):
+    """save_fsdp_model(adapter_only=True) writes PEFT's names in the DCP folder, the optimizer keeps the model's
+    (`lora_A.default.weight`, `norm.modules_to_save.default.weight`): matched by name, written as an adapter."""
+    pytest.importorskip("peft")
+    case = "trainer-fsdp2-lora-sharded"
+    ckpt = runs / case / "checkpoint-3"
+    assert not (ckpt / "adapter_config.json").exists()
+    report = json.loads(run("inspect", ckpt, "--json").stdout)
+    assert report["container"] == "peft-adapter-fsdp"
+    assert report["mapping"]["evidence"] == {"names": 13}
+    assert not any("strip-prefix" in h for h in report.get("hints", []))
+    release = tmp_path / "release"
+    result = _convert(run, ckpt, release)
+    assert "peft_config.save_pretrained" in result.stderr and "config.json (and tokenizer" not in result.stderr
+    assert {p.name for p in release.iterdir()} == {"adapter_model.safetensors"}
+    shutil.copy(runs / case / "adapter_config" / "adapter_config.json", release)
+    _lora_release_loads(runs, case, release, tmp_path)
+    assert run("check", release, "--ckpt", ckpt).exit_code == 0
+    assert run("diff", release, ckpt).exit_code == 0
+
+
+def test_trainer_lora_full_release_is_an_adapter_folder(runs, run, tmp_path):
+    """FULL_STATE_DICT: pytorch_model_fsdp.bin holds the model's names (and a frozen tied lm_head); the Trainer's
+    adapter_model.safetensors (y) says PEFT's names. The release is an adapter folder with its adapter_config.json."""
+    pytest.importorskip("peft")
+    case = "trainer-fsdp2-lora-full"
+    ckpt = runs / case / "checkpoint-3"
+    release = tmp_path / "release"
+    result = _convert(run, ckpt, release)
+    assert "config.json" not in result.stderr.split("wrote")[0]
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in release.iterdir()}
+    _lora_release_loads(runs, case, release, tmp_path)
+    assert run("check", release, "--ckpt", ckpt).exit_code == 0
+    assert run("check", ckpt / "adapter_model.safetensors", "--ckpt", ckpt).exit_code == 1  # the Trainer's: y
+
+
+def test_lora_names_that_do_not_match_are_refused(runs, run, tmp_path):
+    """An adapter file whose names the optimizer's cannot be turned into is refused, not matched by guess."""
+    pytest.importorskip("peft")
+    from safetensors.torch import save_file
+
+    folder = _copy(runs, tmp_path, "trainer-fsdp2-lora-full")
+    adapter = read(folder / "checkpoint-3" / "adapter_model.safetensors")
+    save_file({k.replace("lora_A", "lora_X"): v for k, v in adapter.items()},
+              str(folder / "checkpoint-3" / "adapter_model.safetensors"))
+    _one_line_error(run("convert", folder / "checkpoint-3", tmp_path / "out"), "do not match")
+    assert not (tmp_path / "out").exists()

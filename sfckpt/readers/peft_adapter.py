@@ -113,3 +113,87 @@ def parameter_order(path: Path) -> tuple[list[str], list[set[str]]] | None:
         return None  # a trainable parameter PEFT does not save: the rebuilt model is not the trained one
     names = [saved[id(p)] for _, p in named]
     return names, [{saved[id(p)] for n, p in named if n in decay}, {saved[id(p)] for n, p in named if n not in decay}]
+
+
+# Under FSDP the Trainer saves a PeftModel through Accelerate's save_fsdp_model(adapter_only=True)
+# (transformers' get_fsdp_ckpt_kwargs): with SHARDED_STATE_DICT the DCP model folder holds
+# get_peft_model_state_dict (PEFT's names), with FULL_STATE_DICT pytorch_model_fsdp.bin holds the
+# trainable parameters under the model's names (`...lora_A.default.weight`) and the Trainer also writes
+# adapter_model.safetensors + adapter_config.json. The optimizer state is keyed by the model's names.
+FSDP_NO_CONFIG_NOTE = (f"no {CONFIG_NAME}: the Trainer saves none with FSDP's SHARDED_STATE_DICT; write your "
+                       f"LoraConfig with peft_config.save_pretrained(RELEASE) (or copy {CONFIG_NAME} from a save of "
+                       "the same run) into the release folder to load it with PeftModel.from_pretrained")
+
+
+def without_adapter_name(name: str, adapter: str) -> str:
+    """The name PEFT saves a parameter under: the adapter name removed where PEFT puts it (after the
+    parameter, before `.weight`, or inside `modules_to_save`); peft/tuners/tuners_utils.py,
+    `_remove_adapter_name_from_state_dict_key`, and ModulesToSaveWrapper.adapter_state_dict."""
+    inside = f".modules_to_save.{adapter}."
+    if inside in name:
+        return name.replace(inside, ".", 1)
+    if name.endswith(f".{adapter}"):
+        return name[: -len(adapter) - 1]
+    head, _, last = name.rpartition(".")
+    return f"{head[: -len(adapter) - 1]}.{last}" if head.endswith(f".{adapter}") else name
+
+
+def _adapter_name(names: list[str], target) -> str | None:
+    """The one adapter name that turns every optimizer name into a name PEFT saved; None if none or several do."""
+    found: set[str] | None = None
+    for name in names:
+        parts = name.split(".")
+        here = set(parts[-2:]) | {parts[i + 1] for i, p in enumerate(parts[:-1]) if p == "modules_to_save"}
+        here = {a for a in here if without_adapter_name(name, a) in target}
+        found = here if found is None else found & here
+    return next(iter(found)) if found and len(found) == 1 else None
+
+
+def from_fsdp_save(path: Path, obj: dict[str, Any]) -> list[str] | None:
+    """Turn a Trainer FSDP save of a PeftModel into the adapter under PEFT's names, in place: `obj['model']`
+    becomes the adapter's tensors as adapter_model.safetensors names them, and the optimizer's parameter names
+    are renamed the same way, so every entry is matched by name. Returns the notes for inspect, or None when
+    the folder is not an adapter save (the optimizer's names are the model's own).
+
+    Refuses (never guesses) when the folder is an adapter save whose names cannot be matched one to one."""
+    weights, optimizer = obj.get("model"), obj.get("optimizer")
+    if not (isinstance(weights, dict) and isinstance(optimizer, dict) and isinstance(optimizer.get("param_groups"), list)):
+        return None
+    names = [p for g in optimizer["param_groups"] if isinstance(g, dict) for p in g.get("params") or []]
+    if not names or not all(isinstance(n, str) for n in names):
+        return None
+    saved_adapter = (path / SAFE_NAME).is_file()
+    target = read_safetensors(path / SAFE_NAME)[0] if saved_adapter else weights
+    if not saved_adapter and not (any(n not in weights for n in names)
+                                  and all(str(k).startswith("base_model.model.") for k in weights)):
+        return None  # a model saved whole: the optimizer's names are the weights' names
+    unmatched = [n for n in names if n not in target]
+    adapter = _adapter_name(unmatched, target) if unmatched else None
+    rename = {n: n if n in target else without_adapter_name(n, adapter) for n in names}
+    if (unmatched and adapter is None) or len(set(rename.values())) != len(rename):
+        raise InputError(
+            f"{path}: a PEFT adapter saved under FSDP, but the optimizer's parameter names "
+            f"({unmatched[0] if unmatched else names[0]}, ...) do not match the adapter's tensor names one to one",
+            "convert a checkpoint saved without FSDP, or report the PEFT method and version you trained with",
+        )
+    if saved_adapter:
+        # pytorch_model_fsdp.bin (saved with the optimizer) under PEFT's names; its other tensors are frozen
+        # base weights get_model_state_dict kept (a tied lm_head), which an adapter does not hold
+        by_peft: dict[str, list] = {}
+        for k, v in weights.items():
+            by_peft.setdefault(without_adapter_name(k, adapter) if adapter else k, []).append(v)
+        missing = [k for k in target if len(by_peft.get(k, ())) != 1 or
+                   tuple(by_peft[k][0].shape) != tuple(target[k].shape)]
+        if missing:
+            raise InputError(f"{path}: {SAFE_NAME} holds {missing[0]}, which the FSDP model file does not hold "
+                             "once with the same shape", "the folder mixes two saves; use a complete checkpoint folder")
+        obj["model"] = {k: by_peft[k][0] for k in target}
+    optimizer["state"] = {rename.get(k, k): v for k, v in (optimizer.get("state") or {}).items()}
+    for g in optimizer["param_groups"]:
+        if isinstance(g, dict) and g.get("params"):
+            g["params"] = [rename[p] for p in g["params"]]
+    notes = [f"a PEFT adapter saved under FSDP: written as {SAFE_NAME} under PEFT's names"
+             + (f" (adapter name '{adapter}' removed)" if adapter else "")]
+    if not (path / CONFIG_NAME).is_file():
+        notes.append(FSDP_NO_CONFIG_NOTE)
+    return notes
