@@ -201,6 +201,28 @@ def test_foreign_object_inside_meta_stays_inert(lightning_runs, run, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("plant", ["state_dict", "weight_averaging"])
+def test_weights_in_meta_are_never_the_weights(plant, lightning_runs, run, tmp_path):
+    """meta.pt never holds the model (FSDPStrategy pops it into the DCP part). A state_dict planted there is
+    ignored; WeightAveraging's keys there (its on_save_checkpoint runs first, so the DCP model would be the
+    average and y would sit in meta.pt) are refused, never converted from the average."""
+    source, expected = lightning_runs["one"]
+    ckpt = tmp_path / "last.ckpt"
+    shutil.copytree(source, ckpt)
+    fake = {k: torch.zeros_like(v) for k, v in expected.items()}
+    meta = {"epoch": 2, "global_step": 3, "state_dict": fake}
+    if plant == "weight_averaging":
+        meta.update(current_model_state=fake, averaging_state={"n_averaged": torch.tensor(3)})
+    torch.save(meta, ckpt / "meta.pt")
+    result = run("convert", ckpt, tmp_path / "x.safetensors")
+    if plant == "state_dict":
+        assert result.exit_code == 0, result.stderr
+        assert_equal_tensors(read(tmp_path / "x.safetensors"), expected)
+    else:
+        assert result.exit_code == 2 and "WeightAveraging" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.safetensors").exists()
+
+
 def test_missing_shard_is_refused(lightning_runs, run, tmp_path):
     ckpt = tmp_path / "last.ckpt"
     shutil.copytree(lightning_runs["one"][0], ckpt)

@@ -48,6 +48,13 @@ def load_object(path: Path) -> tuple[dict[str, Any], list[str], list[str]]:
         what = getattr(meta, "qualname", None) or type(meta).__name__
         raise InputError(f"{meta_path} holds an object of class {what}, not the dict Lightning saves there "
                          "(epoch, global_step, ...)", "the folder is damaged or crafted")
+    averaging = [k for k in ("current_model_state", "averaging_state") if k in meta]
+    if averaging:
+        # WeightAveraging's on_save_checkpoint runs before FSDPStrategy.save_checkpoint: the DCP part's
+        # `model` is then the average and the raw parameters (y) sit in meta.pt as per-rank shards
+        raise InputError(f"{meta_path} holds {' and '.join(averaging)}: Lightning's WeightAveraging under FSDP saves "
+                         "the averaged weights as the model and the trained parameters (y) outside the DCP data",
+                         "x cannot be built from this folder; save without WeightAveraging, or without a sharded strategy")
     folder = DcpFolder(path)
     obj = folder.load_object()
     for key, value in meta.items():
