@@ -231,3 +231,21 @@ def test_lora_names_that_do_not_match_are_refused(runs, run, tmp_path):
               str(folder / "checkpoint-3" / "adapter_model.safetensors"))
     _one_line_error(run("convert", folder / "checkpoint-3", tmp_path / "out"), "do not match")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("how", ["adapter-in-subfolder", "adapter-files-missing"])
+def test_lora_full_save_without_the_default_adapter_files_is_refused(how, runs, run, tmp_path):
+    """PEFT saves an adapter not named 'default' (or each of several) in a subfolder, none at the top: then
+    pytorch_model_fsdp.bin would pass for a whole model under PEFT's internal names. Refused, as is a FULL save
+    whose adapter files are gone. (A review reproduced both with real runs: adapter_name="mine", and two adapters.)"""
+    pytest.importorskip("peft")
+    ckpt = _copy(runs, tmp_path, "trainer-fsdp2-lora-full") / "checkpoint-3"
+    if how == "adapter-in-subfolder":
+        (ckpt / "mine").mkdir()
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            (ckpt / name).rename(ckpt / "mine" / name)
+    else:
+        (ckpt / "adapter_model.safetensors").unlink()
+        (ckpt / "adapter_config.json").unlink()
+    _one_line_error(run("convert", ckpt, tmp_path / "out"), "PEFT model saved under FSDP")
+    assert not (tmp_path / "out").exists()

@@ -149,6 +149,24 @@ def _adapter_name(names: list[str], target) -> str | None:
     return next(iter(found)) if found and len(found) == 1 else None
 
 
+def _refuse_unclear_full_save(path: Path, weights: dict, saved_adapter: bool) -> None:
+    """A Trainer FULL_STATE_DICT save of a PeftModel whose adapter files are not the one trained: the adapter
+    files missing, or in subfolders (a non-default adapter name, several adapters). Its pytorch_model_fsdp.bin
+    would otherwise pass for a whole model under PEFT's internal names."""
+    if not ((path / "pytorch_model_fsdp.bin").is_file() and (path / "trainer_state.json").is_file()
+            and weights and all(str(k).startswith("base_model.model.") for k in weights)):
+        return
+    subfolders = sorted(p.parent.name for p in path.glob(f"*/{CONFIG_NAME}"))
+    if subfolders:
+        raise InputError(f"{path}: a PEFT model saved under FSDP with adapters in subfolders ({', '.join(subfolders)}): "
+                         "an adapter not named 'default', or several adapters, which sfckpt cannot tell apart here",
+                         "convert a SHARDED_STATE_DICT save, or train one adapter under the name 'default'")
+    if not saved_adapter and any(".lora_" in str(k) or ".modules_to_save." in str(k) for k in weights):
+        raise InputError(f"{path}: a PEFT model saved under FSDP (FULL_STATE_DICT) without the {SAFE_NAME} and "
+                         f"{CONFIG_NAME} the Trainer writes beside pytorch_model_fsdp.bin",
+                         "the folder is incomplete: copy the whole checkpoint folder")
+
+
 def from_fsdp_save(path: Path, obj: dict[str, Any]) -> list[str] | None:
     """Turn a Trainer FSDP save of a PeftModel into the adapter under PEFT's names, in place: `obj['model']`
     becomes the adapter's tensors as adapter_model.safetensors names them, and the optimizer's parameter names
@@ -163,6 +181,7 @@ def from_fsdp_save(path: Path, obj: dict[str, Any]) -> list[str] | None:
     if not names or not all(isinstance(n, str) for n in names):
         return None
     saved_adapter = (path / SAFE_NAME).is_file()
+    _refuse_unclear_full_save(path, weights, saved_adapter)
     target = read_safetensors(path / SAFE_NAME)[0] if saved_adapter else weights
     if not saved_adapter and not (any(n not in weights for n in names)
                                   and all(str(k).startswith("base_model.model.") for k in weights)):
@@ -177,17 +196,25 @@ def from_fsdp_save(path: Path, obj: dict[str, Any]) -> list[str] | None:
             "convert a checkpoint saved without FSDP, or report the PEFT method and version you trained with",
         )
     if saved_adapter:
+        if adapter not in (None, "default"):
+            # save_pretrained writes the top-level files for the adapter 'default' only: they are another adapter's
+            raise InputError(f"{path}: the optimizer trains the adapter '{adapter}', but {SAFE_NAME} and {CONFIG_NAME} "
+                             "at the top of the folder are the adapter 'default' (PEFT saves others in subfolders)",
+                             "convert a SHARDED_STATE_DICT save, or train the adapter under the name 'default'")
         # pytorch_model_fsdp.bin (saved with the optimizer) under PEFT's names; its other tensors are frozen
         # base weights get_model_state_dict kept (a tied lm_head), which an adapter does not hold
         by_peft: dict[str, list] = {}
         for k, v in weights.items():
             by_peft.setdefault(without_adapter_name(k, adapter) if adapter else k, []).append(v)
-        missing = [k for k in target if len(by_peft.get(k, ())) != 1 or
-                   tuple(by_peft[k][0].shape) != tuple(target[k].shape)]
-        if missing:
-            raise InputError(f"{path}: {SAFE_NAME} holds {missing[0]}, which the FSDP model file does not hold "
+        trained = set(rename.values())
+        bad = [k for k in target if (k in trained and k not in by_peft) or (k in by_peft and (
+               len(by_peft[k]) != 1 or tuple(by_peft[k][0].shape) != tuple(target[k].shape)))]
+        if bad:
+            raise InputError(f"{path}: {SAFE_NAME} holds {bad[0]}, which the FSDP model file does not hold "
                              "once with the same shape", "the folder mixes two saves; use a complete checkpoint folder")
-        obj["model"] = {k: by_peft[k][0] for k in target}
+        # a frozen tensor PEFT adds to the adapter (the base_layer of a LoRA-wrapped embedding) is not in the
+        # adapter-only FSDP file: its value, untouched by the optimizer, is the Trainer's adapter file's
+        obj["model"] = {k: by_peft[k][0] if k in by_peft else target[k] for k in target}
     optimizer["state"] = {rename.get(k, k): v for k, v in (optimizer.get("state") or {}).items()}
     for g in optimizer["param_groups"]:
         if isinstance(g, dict) and g.get("params"):
