@@ -74,6 +74,8 @@ def save(
         if max_shard_size:
             raise OutputError("PEFT loads an adapter from one file; --max-shard-size does not apply", "leave it out")
         copies = [src / name for name in peft_adapter.RELEASE_FILES if (src / name).is_file()]
+        if recon.checkpoint.container == "peft-adapter-fsdp" and not (src / peft_adapter.SAFE_NAME).is_file():
+            copies = []  # a sharded save has no adapter config of its own: one found there may be another run's
         return writer.write_folder(out, specs, produce, metadata, force, progress, None, copies, peft_adapter.SAFE_NAME)
     if recon.checkpoint.container in ("huggingface-trainer", "huggingface-trainer-fsdp", "deepspeed"):
         # config.json, generation_config.json and tokenizer files, so `from_pretrained(out)` works

@@ -199,6 +199,12 @@ def test_trainer_lora_sharded_release_is_an_adapter_folder(runs, run, tmp_path):
     result = _convert(run, ckpt, release)
     assert "peft_config.save_pretrained" in result.stderr and "config.json (and tokenizer" not in result.stderr
     assert {p.name for p in release.iterdir()} == {"adapter_model.safetensors"}
+    # an adapter_config.json found in a sharded folder is not the save's own (the Trainer writes none): not copied
+    stale = _copy(runs, tmp_path, case) / "checkpoint-3"
+    shutil.copy(runs / "trainer-fsdp2-lora-full" / "checkpoint-3" / "adapter_config.json", stale)
+    result = _convert(run, stale, tmp_path / "from-stale")
+    assert "peft_config.save_pretrained" in result.stderr
+    assert {p.name for p in (tmp_path / "from-stale").iterdir()} == {"adapter_model.safetensors"}
     shutil.copy(runs / case / "adapter_config" / "adapter_config.json", release)
     _lora_release_loads(runs, case, release, tmp_path)
     assert run("check", release, "--ckpt", ckpt).exit_code == 0

@@ -221,6 +221,6 @@ def from_fsdp_save(path: Path, obj: dict[str, Any]) -> list[str] | None:
             g["params"] = [rename[p] for p in g["params"]]
     notes = [f"a PEFT adapter saved under FSDP: written as {SAFE_NAME} under PEFT's names"
              + (f" (adapter name '{adapter}' removed)" if adapter else "")]
-    if not (path / CONFIG_NAME).is_file():
+    if not saved_adapter:  # the sharded save writes none; one found in the folder is not copied (not its own)
         notes.append(FSDP_NO_CONFIG_NOTE)
     return notes
