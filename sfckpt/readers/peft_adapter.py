@@ -149,12 +149,11 @@ def _adapter_name(names: list[str], target) -> str | None:
     return next(iter(found)) if found and len(found) == 1 else None
 
 
-def _refuse_unclear_full_save(path: Path, weights: dict, saved_adapter: bool) -> None:
+def _refuse_unclear_full_save(path: Path, weights: dict, saved_adapter: bool, peft_names: bool) -> None:
     """A Trainer FULL_STATE_DICT save of a PeftModel whose adapter files are not the one trained: the adapter
     files missing, or in subfolders (a non-default adapter name, several adapters). Its pytorch_model_fsdp.bin
     would otherwise pass for a whole model under PEFT's internal names."""
-    if not ((path / "pytorch_model_fsdp.bin").is_file() and (path / "trainer_state.json").is_file()
-            and weights and all(str(k).startswith("base_model.model.") for k in weights)):
+    if not (peft_names and (path / "pytorch_model_fsdp.bin").is_file() and (path / "trainer_state.json").is_file()):
         return
     subfolders = sorted(p.parent.name for p in path.glob(f"*/{CONFIG_NAME}"))
     if subfolders:
@@ -181,10 +180,10 @@ def from_fsdp_save(path: Path, obj: dict[str, Any]) -> list[str] | None:
     if not names or not all(isinstance(n, str) for n in names):
         return None
     saved_adapter = (path / SAFE_NAME).is_file()
-    _refuse_unclear_full_save(path, weights, saved_adapter)
+    peft_names = bool(weights) and all(str(k).startswith("base_model.model.") for k in weights)  # a PeftModel's
+    _refuse_unclear_full_save(path, weights, saved_adapter, peft_names)
     target = read_safetensors(path / SAFE_NAME)[0] if saved_adapter else weights
-    if not saved_adapter and not (any(n not in weights for n in names)
-                                  and all(str(k).startswith("base_model.model.") for k in weights)):
+    if not saved_adapter and not (peft_names and any(n not in weights for n in names)):
         return None  # a model saved whole: the optimizer's names are the weights' names
     unmatched = [n for n in names if n not in target]
     adapter = _adapter_name(unmatched, target) if unmatched else None
