@@ -180,6 +180,10 @@ class OneLineErrors(click.Group):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         args = sys.argv[1:] if args is None else list(args)
+        if hasattr(sys.stdout, "reconfigure"):
+            # A name from an input may hold a lone surrogate, which UTF-8 cannot encode: print it as
+            # an escape (as Python's stderr already does) instead of failing halfway through a table.
+            sys.stdout.reconfigure(errors="backslashreplace")
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as exc:

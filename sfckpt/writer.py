@@ -6,25 +6,34 @@ they exist; memory holds one tensor at a time. The byte layout is the one
 `safetensors.torch.save_file` produces (tests compare the bytes), and outputs
 appear under their final name only when complete (temporary file in the
 destination folder, fsync, rename).
+
+Temporaries carry their owner: each is created under a recognisable name
+(`.<output name>.<8 hex digits>.sfckpt-tmp`) and its run holds an exclusive
+`flock` on it for as long as it exists. A run killed outright (SIGKILL, power
+loss of the process) cannot remove its temporaries, but its lock dies with it:
+the next run writing the same output removes the temporaries whose lock it can
+take without waiting, and never touches one a live run holds.
 """
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import sys
 import threading
-import tempfile
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from .errors import OutputError
+from .errors import InputError, OutputError
 from .tensors import DTYPES, nbytes_of
 
 # safetensors orders tensors by dtype (this rank, highest first), then name: keeps data aligned.
@@ -66,6 +75,30 @@ def header_bytes(specs: Sequence[Spec], metadata: dict[str, str] | None) -> byte
     return len(text).to_bytes(8, "little") + text
 
 
+HEADER_MAX = 100_000_000  # the safetensors library's MAX_HEADER_SIZE: it neither writes nor reads a larger header
+
+
+def check_storable(specs: Sequence[Spec], metadata: dict[str, str] | None) -> None:
+    """Refuse what the safetensors library would not write or could not open again, before
+    anything is written: the reserved name `__metadata__`, names that are not UTF-8 text (a lone
+    surrogate, which Python strings and pickles allow), and a header past the library's limit.
+    """
+    for s in specs:
+        if s.name == "__metadata__":
+            raise InputError("tensor '__metadata__' cannot be stored in safetensors: the format keeps its metadata "
+                             "under that name, and the library could not open the file", "rename the tensor in the checkpoint")
+        try:
+            s.name.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(f"tensor {s.name[:200]!a} has a name that is not UTF-8 text (a lone surrogate, "
+                             f"U+{ord(s.name[exc.start]):04X}); safetensors stores names as UTF-8",
+                             "rename the tensor in the checkpoint") from None
+    size = len(header_bytes(specs, metadata)) - 8
+    if size > HEADER_MAX:
+        raise InputError(f"the safetensors header for these {len(specs)} tensors would be {size} bytes; the "
+                         f"safetensors library opens at most {HEADER_MAX}", "shorten the tensor names, or split the output with --max-shard-size")
+
+
 def _tensor_bytes(tensor) -> memoryview:
     """A zero-copy view of a contiguous CPU tensor's bytes (no numpy needed)."""
     n = tensor.numel() * tensor.element_size()
@@ -85,29 +118,151 @@ def refuse_inputs(out: Path, inputs: Sequence[Path]) -> None:
             raise OutputError(f"{out} is inside the input folder {src}", "write outside the input folder")
 
 
-NAME_MAX = 255  # bytes in one file name on the file systems sfckpt writes to
+NAME_MAX = 255  # bytes in one file name, where the file system does not say
+
+
+def name_max(folder: Path) -> int:
+    """Bytes a file name may have in `folder` (what its file system says)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return NAME_MAX
 
 
 def _check_name(dest: Path) -> None:
-    size = len(os.fsencode(dest.name))
-    if size > NAME_MAX:
-        raise OutputError(f"the output name {dest.name[:40]}... is {size} bytes; file systems allow {NAME_MAX}",
+    size, limit = len(os.fsencode(dest.name)), name_max(dest.parent)
+    if size > limit:
+        raise OutputError(f"the output name {dest.name[:40]}... is {size} bytes; the file system allows {limit}",
                           "choose a shorter name")
 
 
-def _new_tmp(dest: Path) -> Path:
-    """An empty temporary file beside `dest`, with a name that fits whatever fits `dest`."""
+TMP_SUFFIX = ".sfckpt-tmp"  # a temporary: removed by its run, or by a later run once its owner died
+OLD_SUFFIX = ".sfckpt-old"  # files an unfinished commit moved aside: a later run puts them back
+_TEMPORARY = re.compile(r"\.(.*)\.[0-9a-f]{8}(" + re.escape(TMP_SUFFIX) + "|" + re.escape(OLD_SUFFIX) + ")", re.DOTALL)
+
+
+def _stem(name: str, folder: Path) -> str:
+    """The part of a temporary's name that says whose it is: `name`, cut by bytes (at a character
+    boundary) so that the whole temporary name fits in `folder`. Uniqueness comes from the
+    random part, so outputs whose long names share a beginning only share the stem."""
+    room = name_max(folder) - len(f"..00000000{TMP_SUFFIX}")
+    while len(os.fsencode(name)) > room:
+        name = name[:-1]
+    return name
+
+
+@dataclass
+class _Owned:
+    """A temporary file or folder of this run, and the descriptor whose `flock` marks it as a live run's."""
+
+    path: Path
+    fd: int
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
+def _lock(fd: int) -> bool | None:
+    """Take the exclusive lock without waiting: True, or False if another process holds it;
+    None where the file system has no locks (its temporaries then count as live, never removed)."""
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name[:200]}.", suffix=".sfckpt-tmp", dir=dest.parent)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
     except OSError as exc:
-        raise OutputError(f"cannot write in {dest.parent} ({exc.strerror})", "choose a folder you can write to") from None
-    os.close(fd)
-    return Path(tmp_name)
+        return False if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
+
+
+def _same(path: Path, fd: int) -> bool:
+    """Whether `path` still names the file open as `fd` (a cleanup may have removed it meanwhile)."""
+    try:
+        st, ft = os.stat(path, follow_symlinks=False), os.fstat(fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (ft.st_dev, ft.st_ino)
+
+
+def _claim(owner: str, where: Path, suffix: str = TMP_SUFFIX, folder: bool = False) -> _Owned:
+    """A new empty temporary file (or folder) in `where`, named after the output `owner`, locked.
+
+    Creating and locking are two steps; a cleanup by another run can fall between them. It can
+    only take a file nobody has locked yet and removes it, so: a lock we cannot take, or a name
+    that no longer leads to our file, means try another name.
+    """
+    stem = _stem(owner, where)
+    for _ in range(100):
+        path = where / f".{stem}.{secrets.token_hex(4)}{suffix}"
+        try:
+            if folder:
+                os.mkdir(path, 0o700)
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            else:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except (FileExistsError, FileNotFoundError):
+            if not where.is_dir():
+                break
+            continue
+        except OSError as exc:
+            raise OutputError(f"cannot write in {where} ({exc.strerror})", "choose a folder you can write to") from None
+        if _lock(fd) is not False and _same(path, fd):
+            return _Owned(path, fd)
+        os.close(fd)
+    raise OutputError(f"cannot make a temporary file in {where}", "check that the folder exists and is writable")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _drop(owned: _Owned) -> None:
+    """Remove a temporary of this run, then let its lock go (in that order: no other run may take it)."""
+    if _same(owned.path, owned.fd):
+        _remove(owned.path)
+    owned.release()
+
+
+def clean_dead(folder: Path, owner: str | None = None) -> None:
+    """Remove the temporaries in `folder` left by runs that died (killed before they could).
+
+    `owner` limits it to temporaries of that output name; None takes every sfckpt temporary (inside
+    a folder output, all of them belong to runs writing that output). A temporary whose lock is
+    held belongs to a live run and is left alone. Files an unfinished commit moved aside are put
+    back where they were (`_roll_back`): that run never finished, so its output is the previous one.
+    """
+    stem = None if owner is None else _stem(owner, folder)
+    try:
+        names = sorted(e.name for e in os.scandir(folder))
+    except OSError:
+        return
+    for name in names:
+        m = _TEMPORARY.fullmatch(name)
+        if m is None or (stem is not None and (m.group(1) != stem or m.group(2) != TMP_SUFFIX)):
+            continue
+        path = folder / name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            if _lock(fd) is True and _same(path, fd):
+                if m.group(2) == OLD_SUFFIX:
+                    _roll_back(folder, path)
+                else:
+                    _remove(path)
+        finally:
+            os.close(fd)
+
+
+def _new_tmp(dest: Path) -> _Owned:
+    """An empty, locked temporary file beside `dest`, with a name that fits whatever fits `dest`."""
+    return _claim(dest.name, dest.parent)
 
 
 def _commit(tmp: Path, dest: Path, force: bool) -> None:
     """Move a finished `tmp` onto `dest`; without `force`, never over a file that appeared meanwhile."""
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
+    os.chmod(tmp, 0o666 & ~_umask())  # temporaries are made 0600; outputs get the usual permissions
     if force:
         os.replace(tmp, dest)
         return
@@ -136,23 +291,25 @@ def atomic_path(dest: Path, force: bool) -> Iterator[Path]:
 
     Without `force`, an existing `dest` is never replaced, even one created
     while we worked (the final step is a hard link, which refuses to clobber).
+    Temporaries of `dest` left by runs that died are removed first.
     """
     _check_target(dest, force)
     parent = dest.parent
     if not parent.is_dir():
         raise OutputError(f"{parent}: the output folder does not exist", "create it first")
-    tmp: Path | None = None
+    tmp: _Owned | None = None
     try:
         # Signals wait until `tmp` is known, so a Ctrl-C cannot leave a file nobody removes.
         with _signals_deferred():
+            clean_dead(parent, dest.name)
             tmp = _new_tmp(dest)
-        yield tmp
-        _commit(tmp, dest, force)
+        yield tmp.path
+        _commit(tmp.path, dest, force)
         _fsync_dir(parent)
     finally:
         if tmp is not None:
             with _signals_deferred():
-                tmp.unlink(missing_ok=True)
+                _drop(tmp)
 
 
 class _Deferral:
@@ -238,7 +395,8 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, specs: list[Spec], produce: Callable[[Spec], object], metadata, progress) -> None:
+def _write_file(path: Path, specs: list[Spec], produce: Callable[[Spec], object], metadata, progress,
+                shown: Path | None = None) -> None:
     # The next tensor is computed on a worker thread while this one is written (both release
     # the GIL), so reading, computing and writing overlap; at most two tensors are in memory.
     pool = ThreadPoolExecutor(max_workers=1)
@@ -260,7 +418,8 @@ def _write_file(path: Path, specs: list[Spec], produce: Callable[[Spec], object]
             f.flush()
             os.fsync(f.fileno())
     except OSError as exc:
-        raise OutputError(f"writing {path.parent} failed ({exc.strerror})", "free some disk space or choose another folder") from None
+        raise OutputError(f"writing {shown or path.parent} failed ({exc.strerror})",
+                          "free some disk space or choose another folder") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -268,6 +427,7 @@ def _write_file(path: Path, specs: list[Spec], produce: Callable[[Spec], object]
 def write_file(dest: Path, specs: Iterable[Spec], produce, metadata=None, force=False, progress=None) -> Path:
     """Write one safetensors file, streaming each tensor from `produce(spec)`."""
     specs = ordered(specs)
+    check_storable(specs, metadata)
     with atomic_path(dest, force) as tmp:
         _write_file(tmp, specs, produce, metadata, progress)
     return dest
@@ -311,11 +471,14 @@ def write_folder(folder: Path, specs: Iterable[Spec], produce, metadata=None, fo
     """Write `model.safetensors`, or shards and `model.safetensors.index.json`, into `folder`,
     with `copies` (files such as config.json) beside them: all of it, or none of it.
 
-    Everything is written to temporary files first and moved into place only when all of it
-    is complete, so a failed run leaves the folder exactly as it was. A run owns the weight
-    files (`model.safetensors`, `model-NNNNN-of-NNNNN.safetensors`, the index) and the files it
-    copies: with `force`, weight files of an earlier layout are removed once the new ones are in
-    place; any other file in the folder is left alone.
+    Everything is written into a locked staging folder first and moved into place only when all
+    of it is complete, so a failed run leaves the folder exactly as it was. A new `folder` is the
+    staging folder renamed (a killed run leaves only a hidden `.<name>.<hex>.sfckpt-tmp` beside
+    it, never a half-made release); into an existing one the files move as one step that a later
+    run can undo (`_commit_into`). A run owns the weight files (`model.safetensors`,
+    `model-NNNNN-of-NNNNN.safetensors`, the index) and the files it copies: with `force`, weight
+    files of an earlier layout are removed once the new ones are in place; any other file in the
+    folder is left alone.
     """
     specs = list(specs)
     groups = shard(specs, max_shard_size) if max_shard_size else [specs]
@@ -323,11 +486,17 @@ def write_folder(folder: Path, specs: Iterable[Spec], produce, metadata=None, fo
         names = [single_name]  # adapter_model.safetensors for a PEFT adapter folder
     else:
         names = [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
+    for group in groups:
+        check_storable(group, metadata)
     _check_name(folder)
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{folder} exists and is not a folder", "choose a folder name for sharded output")
     if not folder.parent.is_dir():
         raise OutputError(f"{folder.parent}: the output folder does not exist", "create it first")
+    with _signals_deferred():  # what runs that died left: a staging folder beside, or inside
+        clean_dead(folder.parent, folder.name)
+        if folder.is_dir():
+            clean_dead(folder)
     targets = [folder / n for n in names] + ([folder / INDEX_NAME] if len(groups) > 1 else []) \
         + [folder / c.name for c in copies]
     for t in targets:
@@ -336,21 +505,16 @@ def write_folder(folder: Path, specs: Iterable[Spec], produce, metadata=None, fo
         if t.exists() and not force:
             raise OutputError(f"{t} already exists", "pass --force to replace it")
     created = not folder.exists()
+    staging: _Owned | None = None
     try:
-        folder.mkdir(exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {folder} ({exc.strerror})", "choose a folder you can write to") from None
-    staged: list[tuple[Path, Path]] = []  # (temporary file, final name)
-    committed: list[Path] = []
-    try:
+        with _signals_deferred():
+            staging = _claim(folder.name, folder.parent if created else folder, folder=True)
+
         def stage(dest: Path) -> Path:
-            with _signals_deferred():
-                tmp = _new_tmp(dest)
-                staged.append((tmp, dest))
-            return tmp
+            return staging.path / dest.name
 
         for name, group in zip(names, groups):
-            _write_file(stage(folder / name), ordered(group), produce, metadata, progress)
+            _write_file(stage(folder / name), ordered(group), produce, metadata, progress, folder)
         if len(groups) > 1:
             index = {
                 "metadata": {"total_size": sum(s.nbytes for s in specs), **(metadata or {})},
@@ -360,51 +524,79 @@ def write_folder(folder: Path, specs: Iterable[Spec], produce, metadata=None, fo
         for source in copies:
             shutil.copyfile(source, stage(folder / source.name))
         with _signals_deferred():  # everything is written: put it in place as one step
-            backups: list[tuple[Path, Path]] = []  # (the previous file, moved aside; its name)
-            try:
-                for tmp, dest in staged:
-                    if force and dest.exists():
-                        backup = _new_tmp(dest)
-                        try:
-                            os.replace(dest, backup)  # kept until every new file is in place
-                        except BaseException:
-                            backup.unlink(missing_ok=True)
-                            raise
-                        backups.append((backup, dest))
-                    _commit(tmp, dest, force)
-                    committed.append(dest)
-            except BaseException:
-                for path in committed:
-                    path.unlink(missing_ok=True)
-                committed.clear()
-                for backup, dest in reversed(backups):
-                    os.replace(backup, dest)
-                raise
-            for backup, _ in backups:
-                backup.unlink(missing_ok=True)
-            keep = {t.name for t in targets}
-            for old in folder.iterdir():
-                if owned_by_sfckpt(old.name) and old.name not in keep and old.is_file():
-                    old.unlink()
+            if created:
+                _move_into_place(staging, folder)
+                _fsync_dir(folder.parent)
+            else:
+                _commit_into(folder, staging.path, targets, force)
             _fsync_dir(folder)
     except OSError as exc:
-        _discard(staged, committed if not force else [], folder if created else None)
         raise OutputError(f"writing {folder} failed ({exc.strerror})", "free some disk space or choose another folder") from None
-    except BaseException:
-        _discard(staged, committed if not force else [], folder if created else None)
-        raise
+    finally:
+        if staging is not None:
+            with _signals_deferred():
+                _drop(staging)
     return targets
 
 
-def _discard(staged: list[tuple[Path, Path]], committed: list[Path], created: Path | None) -> None:
-    """Undo a failed folder output: temporary files, files that did not exist before, a new folder."""
-    with _signals_deferred():
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        for path in committed:
-            path.unlink(missing_ok=True)
-        if created is not None:
-            try:
-                created.rmdir()
-            except OSError:
-                pass
+def _move_into_place(staging: _Owned, folder: Path) -> None:
+    """Rename a finished staging folder to `folder`, which did not exist when the run began."""
+    os.chmod(staging.path, 0o777 & ~_umask())  # staging folders are made 0700
+    try:
+        os.rename(staging.path, folder)  # over at most an empty folder made meanwhile: nothing is lost
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise OutputError(f"{folder} appeared while sfckpt was writing", "run again to write into it") from None
+        raise
+
+
+def _commit_into(folder: Path, staged: Path, targets: Sequence[Path], force: bool) -> None:
+    """Move the files in `staged` onto `targets` in the existing `folder`, as one step a later run can undo.
+
+    Before anything moves, a locked `.sfckpt-old` folder is made that receives the files replaced
+    (with `force`) and the weight files of an earlier layout, and lists the names that did not
+    exist. Once every file is in place it is renamed to a temporary and removed. A run killed
+    in between leaves it behind, and the next run writing this folder rolls the folder back.
+    """
+    keep = {t.name for t in targets}
+    stale = [f for f in folder.iterdir() if owned_by_sfckpt(f.name) and f.name not in keep and f.is_file()]
+    old = _claim(folder.name, folder, OLD_SUFFIX, folder=True)
+    try:
+        previous = old.path / "previous"
+        previous.mkdir()
+        (old.path / "created.json").write_text(json.dumps([t.name for t in targets if not t.exists()]))
+        committed: list[str] = []
+        try:
+            for t in targets:
+                if force and t.exists():
+                    os.replace(t, previous / t.name)  # kept until every new file is in place
+                _commit(staged / t.name, t, force)
+                committed.append(t.name)
+            for f in stale:
+                os.replace(f, previous / f.name)
+        except BaseException:
+            _roll_back(folder, old.path, committed)
+            raise
+        finished = old.path.with_name(old.path.name.removesuffix(OLD_SUFFIX) + TMP_SUFFIX)
+        os.rename(old.path, finished)  # from here on the new files are the release; what was replaced is garbage
+        old.path = finished
+    finally:
+        _drop(old)
+
+
+def _roll_back(folder: Path, old: Path, committed: Sequence[str] | None = None) -> None:
+    """Undo an unfinished `_commit_into`: remove the files it added to `folder`, put back those it
+    moved into `old`, remove `old`. `committed` names the files this run put in place; None (for a
+    run that died) trusts the list that run wrote before it moved anything."""
+    try:
+        created = json.loads((old / "created.json").read_text())
+    except (OSError, ValueError):
+        created = []  # written before anything moved: without it, nothing did
+    for name in created if isinstance(created, list) else []:
+        if isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..") \
+                and (committed is None or name in committed):
+            (folder / name).unlink(missing_ok=True)
+    previous = old / "previous"
+    for f in sorted(previous.iterdir()) if previous.is_dir() else []:
+        os.replace(f, folder / f.name)
+    shutil.rmtree(old, ignore_errors=True)

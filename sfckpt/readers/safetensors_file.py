@@ -69,6 +69,7 @@ def read_header(path: Path) -> dict:
     metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise InputError(f"{path}: safetensors header is not a JSON object with string metadata", "the file is damaged")
+    _refuse_what_its_parser_refuses(path, header)
     spans = []
     for name, info in header.items():
         if name == "__metadata__":
@@ -102,6 +103,31 @@ def read_header(path: Path) -> dict:
         raise InputError(f"{path}: the safetensors data is {data_len} bytes but its tensors cover {position}",
                          "the file is truncated or damaged")
     return header
+
+
+LIBRARY_DEPTH = 128  # serde_json's recursion limit in the safetensors library: it refuses headers this deeply nested
+
+
+def _refuse_what_its_parser_refuses(path: Path, header: dict) -> None:
+    """Refuse headers that Python's JSON parser reads but the safetensors library's (serde_json)
+    does not: an escaped lone surrogate (`"\\ud800"`) anywhere, or containers nested 128 deep
+    (possible in fields the library otherwise ignores)."""
+    for name, info in header.items():
+        where = "its metadata" if name == "__metadata__" else f"tensor {name[:200]!a}"
+        stack, deepest = [(info, 2)], 1
+        while stack:
+            value, depth = stack.pop()
+            if isinstance(value, (dict, list)):
+                deepest = max(deepest, depth)
+                stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+        if deepest >= LIBRARY_DEPTH:
+            raise InputError(f"{path}: the safetensors header nests {deepest} levels deep in {where}; the safetensors "
+                             f"library refuses {LIBRARY_DEPTH} or more", "the file is damaged or crafted")
+        try:
+            json.dumps([name, info], ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"{path}: the safetensors header holds a lone surrogate escape (not UTF-8 text) in {where}, "
+                             "which the safetensors library refuses", "the file is damaged or crafted") from None
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
