@@ -1,0 +1,268 @@
+"""Output files on disk: temporaries after SIGKILL, several writers at once, long names, names
+that safetensors cannot store."""
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import trainers
+from conftest import assert_equal_tensors, read
+from sfckpt import writer
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """(checkpoint of a few hundred MB, x from the optimizer's own eval()): the write takes long
+    enough to catch a process in the middle of it."""
+    folder = tmp_path_factory.mktemp("big")
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(40)])
+    opt = trainers.OPTIMIZERS["sgd"][0](model.parameters())
+    opt.train()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1e-3)
+    opt.step()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, folder / "big.pt")
+    opt.eval()
+    return folder / "big.pt", {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _convert(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "sfckpt", "convert", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _temporaries(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*.sfckpt-tmp")) + sorted(folder.rglob("*.sfckpt-old"))
+
+
+def _written(path: Path) -> int:
+    """Bytes written so far into a temporary file, or into the files of a staging folder."""
+    try:
+        return sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _caught_mid_write(proc: subprocess.Popen, folder: Path) -> Path:
+    """Wait until `proc` has written part of its output; the temporary it is writing."""
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        found = [t for t in folder.glob(".*.sfckpt-tmp") if _written(t) > 0]
+        if found:
+            return found[0]
+        time.sleep(0.002)
+    proc.kill()
+    proc.communicate()
+    pytest.skip("the conversion finished before it could be caught writing")
+
+
+def _killed_mid_write(proc: subprocess.Popen, folder: Path) -> Path:
+    tmp = _caught_mid_write(proc, folder)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    return tmp
+
+
+def test_sigkill_mid_write_then_rerun_leaves_no_temporary(big, run, tmp_path):
+    ckpt, x = big
+    out = tmp_path / "x.safetensors"
+    stale = _killed_mid_write(_convert(ckpt, out), tmp_path)
+    assert stale.exists() and not out.exists()  # a killed process removes nothing: the next run does
+    result = run("convert", ckpt, out)
+    assert result.exit_code == 0, result.stderr
+    assert _temporaries(tmp_path) == []
+    assert_equal_tensors(read(out), x)
+
+
+def test_sigkill_of_a_new_folder_output_leaves_no_release_behind(big, run, tmp_path):
+    ckpt, x = big
+    release = tmp_path / "release"
+    stale = _killed_mid_write(_convert(ckpt, f"{release}/"), tmp_path)
+    # What the user sees meanwhile: no release folder, only a hidden staging folder beside it.
+    assert stale.is_dir() and stale.name.startswith(".release.") and not release.exists()
+    result = run("convert", ckpt, f"{release}/")
+    assert result.exit_code == 0, result.stderr
+    assert _temporaries(tmp_path) == []
+    assert sorted(p.name for p in release.iterdir()) == ["model.safetensors"]
+    assert_equal_tensors(read(release / "model.safetensors"), x)
+
+
+def test_sigkill_into_an_existing_release_keeps_it_until_the_rerun(big, trained, run, tmp_path):
+    ckpt, x = big
+    small, small_x, _ = trained("adamw")
+    release = tmp_path / "release"
+    assert run("convert", small, f"{release}/").exit_code == 0
+    previous = (release / "model.safetensors").read_bytes()
+    _killed_mid_write(_convert(ckpt, release, "--force"), release)
+    assert (release / "model.safetensors").read_bytes() == previous
+    assert_equal_tensors(read(release / "model.safetensors"), small_x)
+    result = run("convert", ckpt, release, "--force")
+    assert result.exit_code == 0, result.stderr
+    assert _temporaries(tmp_path) == []
+    assert_equal_tensors(read(release / "model.safetensors"), x)
+
+
+def test_a_live_writers_temporary_survives_another_runs_cleanup(big, trained, run, tmp_path):
+    ckpt, x = big
+    small, small_x, _ = trained("adamw")
+    out = tmp_path / "out"
+    out.mkdir()
+    first = _convert(ckpt, out / "x.safetensors")
+    live = _caught_mid_write(first, out)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        # A folder output into `out` removes every temporary there whose owner died: not this one.
+        result = run("convert", small, out)
+        assert result.exit_code == 0, result.stderr
+        assert live.exists()
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert _temporaries(tmp_path) == []
+    assert_equal_tensors(read(out / "x.safetensors"), x)
+    assert_equal_tensors(read(out / "model.safetensors"), small_x)
+
+
+def test_a_commit_cut_short_is_rolled_back_by_the_next_run(trained, tmp_path):
+    ckpt, old_x, _ = trained("adamw")
+    new_ckpt, _, _ = trained("sgd")
+    release = tmp_path / "release"
+    code = (
+        "import os, signal, sys; from pathlib import Path; import sfckpt; from sfckpt import writer\n"
+        "sfckpt.convert(sys.argv[1], Path(sys.argv[3]), max_shard_size='300B')\n"
+        "commit, done = writer._commit, []\n"
+        "def commit_then_die(tmp, dest, force):\n"
+        "    if len(done) == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    commit(tmp, dest, force); done.append(dest)\n"
+        "writer._commit = commit_then_die\n"
+        "sfckpt.convert(sys.argv[2], Path(sys.argv[3]), force=True, max_shard_size='600B')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, ckpt, new_ckpt, release], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    # Killed in the middle of putting files in place (3 shards and an index replaced by 2 and an
+    # index): two new shards are in place, the previous index is set aside, nothing is lost.
+    assert not (release / writer.INDEX_NAME).exists() and len(list(release.glob(".*.sfckpt-old"))) == 1
+    writer.clean_dead(release)
+    assert _temporaries(tmp_path) == []
+    index = json.loads((release / writer.INDEX_NAME).read_text())
+    assert sorted(p.name for p in release.iterdir()) == sorted({*index["weight_map"].values(), writer.INDEX_NAME})
+    got = {}
+    for shard in set(index["weight_map"].values()):
+        got.update(read(release / shard))
+    assert_equal_tensors(got, old_x)
+
+
+@pytest.mark.parametrize("name", [
+    "é" * 120 + ".safetensors",  # 252 bytes in 132 characters
+    "x" * 243 + ".safetensors",  # 255 bytes: no room for any suffix beside it
+    "é" * 121 + ".safetensors",  # 254 bytes: a cut inside 'é' would not be UTF-8
+])
+def test_names_up_to_the_file_systems_limit_work(name, trained, run, tmp_path):
+    ckpt, x, _ = trained("adamw")
+    out = tmp_path / name
+    assert len(os.fsencode(name)) <= writer.name_max(tmp_path)
+    result = run("convert", ckpt, out)
+    assert result.exit_code == 0, result.stderr
+    assert_equal_tensors(read(out), x)
+    assert _temporaries(tmp_path) == []
+
+
+def test_folder_names_up_to_the_file_systems_limit_work(trained, run, tmp_path):
+    ckpt, x, _ = trained("adamw")
+    release = tmp_path / ("é" * 127 + "x")  # 255 bytes
+    result = run("convert", ckpt, f"{release}/")
+    assert result.exit_code == 0, result.stderr
+    assert_equal_tensors(read(release / "model.safetensors"), x)
+    assert _temporaries(tmp_path) == []
+
+
+def test_name_one_byte_too_long_is_refused(trained, run, tmp_path):
+    ckpt, _, _ = trained("adamw")
+    result = run("convert", ckpt, tmp_path / ("é" * 122 + ".safetensors"))  # 256 bytes
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: the output name") and "256 bytes" in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["adamw.pt"]
+
+
+def _renamed(trained, tmp_path, new_name: str) -> Path:
+    """A real checkpoint whose 'fc1.bias' is saved under `new_name`."""
+    ckpt, _, _ = trained("adamw")
+    saved = torch.load(ckpt, weights_only=True)
+    saved["model"] = {(new_name if k == "fc1.bias" else k): v for k, v in saved["model"].items()}
+    path = tmp_path / "renamed.pt"
+    torch.save(saved, path)
+    return path
+
+
+@pytest.mark.parametrize("out", ["x.safetensors", "release/"])
+def test_weight_named_metadata_is_refused(out, trained, run, tmp_path):
+    ckpt = _renamed(trained, tmp_path, "__metadata__")
+    result = run("convert", ckpt, f"{tmp_path}/{out}")
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "'__metadata__'" in result.stderr and "rename" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adamw.pt", "renamed.pt"]
+
+
+@pytest.mark.parametrize("out", ["x.safetensors", "release/"])
+def test_lone_surrogate_name_is_refused_by_convert(out, trained, run, tmp_path):
+    ckpt = _renamed(trained, tmp_path, "fc1.\ud800bias")
+    result = run("convert", ckpt, f"{tmp_path}/{out}")
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: tensor 'fc1.\\ud800bias' has a name that is not UTF-8 text")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adamw.pt", "renamed.pt"]
+
+
+def test_lone_surrogate_name_is_printed_escaped_by_diff(trained, run, tmp_path):
+    ckpt = _renamed(trained, tmp_path, "fc1.\ud800bias")
+    result = run("diff", ckpt, "--top", "0")
+    assert result.exit_code == 0, result.stderr
+    assert "fc1.\\ud800bias" in result.stdout and "Traceback" not in result.stderr
+    result = run("diff", ckpt, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert "fc1.\ud800bias" in {t["name"] for t in json.loads(result.stdout)["tensors"]}
+
+
+def _safetensors(path: Path, header: str) -> Path:
+    raw = header.encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4))
+    return path
+
+
+@pytest.mark.parametrize("header, where", [
+    ('{"\\ud800":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', "in tensor '\\ud800'"),
+    ('{"__metadata__":{"note":"\\udfff"},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', "in its metadata"),
+    ('{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":"\\ud800"}}', "in tensor 'a'"),
+])
+def test_safetensors_header_with_a_lone_surrogate_is_refused(header, where, run, tmp_path):
+    path = _safetensors(tmp_path / "w.safetensors", header)
+    with pytest.raises(Exception):
+        safe_open(str(path), "pt")  # the library's parser refuses it: so must sfckpt
+    result = run("diff", path, path)
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "lone surrogate" in result.stderr and where in result.stderr
+
+
+def test_safetensors_header_nested_as_deep_as_the_library_refuses(run, tmp_path):
+    deep = "[" * 126 + "]" * 126  # with the header and the tensor's object: 128 levels
+    path = _safetensors(tmp_path / "w.safetensors",
+                        '{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":' + deep + "}}")
+    with pytest.raises(Exception):
+        safe_open(str(path), "pt")
+    result = run("diff", path, path)
+    assert result.exit_code == 2 and "128 levels" in result.stderr
+    shallower = _safetensors(tmp_path / "v.safetensors",
+                             '{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":' + deep[1:-1] + "}}")
+    safe_open(str(shallower), "pt")
+    assert run("diff", shallower, shallower).exit_code == 0
