@@ -561,6 +561,7 @@ def _commit_into(folder: Path, staged: Path, targets: Sequence[Path], force: boo
     keep = {t.name for t in targets}
     stale = [f for f in folder.iterdir() if owned_by_sfckpt(f.name) and f.name not in keep and f.is_file()]
     old = _claim(folder.name, folder, OLD_SUFFIX, folder=True)
+    keep = False  # the previous files could not all be put back: leave them for a later run to retry
     try:
         previous = old.path / "previous"
         previous.mkdir()
@@ -575,13 +576,18 @@ def _commit_into(folder: Path, staged: Path, targets: Sequence[Path], force: boo
             for f in stale:
                 os.replace(f, previous / f.name)
         except BaseException:
+            keep = True
             _roll_back(folder, old.path, committed)
+            keep = False
             raise
         finished = old.path.with_name(old.path.name.removesuffix(OLD_SUFFIX) + TMP_SUFFIX)
         os.rename(old.path, finished)  # from here on the new files are the release; what was replaced is garbage
         old.path = finished
     finally:
-        _drop(old)
+        if keep:
+            old.release()
+        else:
+            _drop(old)
 
 
 def _roll_back(folder: Path, old: Path, committed: Sequence[str] | None = None) -> None:
