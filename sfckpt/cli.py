@@ -399,7 +399,7 @@ def check(weights: tuple[Path, ...], ckpt: Path, rtol: float, atol: float, as_js
             click.echo(f"::error title=sfckpt check::{_gha_escape(report['verdict'])}", err=as_json)
         summary = os.environ.get("GITHUB_STEP_SUMMARY")
         if summary:
-            with open(summary, "a", encoding="utf-8") as f:
+            with open(summary, "a", encoding="utf-8", errors="backslashreplace") as f:  # a lone surrogate in a name
                 f.write(check_markdown(report))
     sys.exit(EXIT_OK if report["passed"] else EXIT_FINDINGS)
 

@@ -16,6 +16,7 @@ from safetensors import safe_open
 import trainers
 from conftest import assert_equal_tensors, read
 from sfckpt import writer
+from sfckpt.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -266,3 +267,22 @@ def test_safetensors_header_nested_as_deep_as_the_library_refuses(run, tmp_path)
                              '{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":' + deep[1:-1] + "}}")
     safe_open(str(shallower), "pt")
     assert run("diff", shallower, shallower).exit_code == 0
+
+
+def test_header_larger_than_the_library_opens_is_refused_before_writing(tmp_path):
+    specs = [writer.Spec("w" * writer.HEADER_MAX, "float32", (1,))]
+    with pytest.raises(InputError, match="safetensors library opens at most 100000000"):
+        writer.write_file(tmp_path / "x.safetensors", specs, lambda spec: torch.zeros(1))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lone_surrogate_name_in_check_and_its_step_summary(trained, run, tmp_path, monkeypatch):
+    ckpt = _renamed(trained, tmp_path, "fc1.\ud800bias")
+    release = tmp_path / "x.safetensors"
+    assert run("convert", trained("adamw")[0], release).exit_code == 0
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(tmp_path / "summary.md"))
+    result = run("check", release, "--ckpt", ckpt)
+    assert result.exit_code == 1, result.stderr  # the names differ: a finding, printed escaped
+    assert "first: fc1.\\ud800bias" in result.stdout
+    assert "`fc1.\\ud800bias` | missing" in (tmp_path / "summary.md").read_text()
