@@ -23,6 +23,12 @@ def check_target(out: Path, force: bool, inputs: Sequence[Path]) -> None:
         raise OutputError(f"{out} already exists", "pass --force to replace it")
 
 
+def _label(text: str) -> str:
+    """Input text as matplotlib draws it literally: a lone surrogate (its font code cannot take one)
+    as an escape, and `$`, which would start mathtext (a name like `a$\\q$` stopped the drawing)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("$", r"\$")
+
+
 def plot_gap(report: dict[str, Any], out: Path, force: bool = False, inputs: Sequence[Path] = ()) -> Path:
     """Horizontal bars of rel_l2 per module, in model order, on a log scale.
 
@@ -44,7 +50,7 @@ def plot_gap(report: dict[str, Any], out: Path, force: bool = False, inputs: Seq
         modules = [m for m in modules if id(m) in keep]
     height = 1.5 + 0.28 * max(1, len(modules))
     fig, ax = plt.subplots(figsize=(8, height))
-    names = [m["module"] for m in modules]
+    names = [_label(m["module"]) for m in modules]
     values = [m["rel_l2"] for m in modules]
     ax.barh(range(len(values)), values, color="#4c72b0")
     ax.set_yticks(range(len(values)), names, fontsize=8)
@@ -53,7 +59,7 @@ def plot_gap(report: dict[str, Any], out: Path, force: bool = False, inputs: Seq
         ax.set_xscale("log")
     ax.set_xlabel("relative L2 gap  ‖a − b‖ / ‖b‖")
     total = report["summary"]["total_rel_l2"]
-    title = f"{report['summary']['a']}\nvs {report['summary']['b']}"
+    title = f"{_label(report['summary']['a'])}\nvs {_label(report['summary']['b'])}"
     if total is not None:
         title += f"   (total {total:.3g})"
     ax.set_title(title, fontsize=9)

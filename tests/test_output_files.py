@@ -286,3 +286,12 @@ def test_lone_surrogate_name_in_check_and_its_step_summary(trained, run, tmp_pat
     assert result.exit_code == 1, result.stderr  # the names differ: a finding, printed escaped
     assert "first: fc1.\\ud800bias" in result.stdout
     assert "`fc1.\\ud800bias` | missing" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("new_name", ["fc\ud800.bias", "fc$\\q$.bias"])  # module names, drawn as labels
+def test_diff_plot_draws_names_from_the_input_literally(new_name, trained, run, tmp_path):
+    pytest.importorskip("matplotlib")
+    ckpt = _renamed(trained, tmp_path, new_name)
+    result = run("diff", ckpt, "--plot", tmp_path / "gap.png")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "gap.png").read_bytes().startswith(b"\x89PNG")
