@@ -9,8 +9,8 @@ destination folder, fsync, rename).
 
 Temporaries carry their owner: each is created under a recognisable name
 (`.<output name>.<8 hex digits>.sfckpt-tmp`) and its run holds an exclusive
-`flock` on it for as long as it exists. A run killed outright (SIGKILL, power
-loss of the process) cannot remove its temporaries, but its lock dies with it:
+`flock` on it for as long as it exists. A run killed outright (SIGKILL, the
+out-of-memory killer) cannot remove its temporaries, but its lock dies with it:
 the next run writing the same output removes the temporaries whose lock it can
 take without waiting, and never touches one a live run holds.
 """
@@ -96,7 +96,8 @@ def check_storable(specs: Sequence[Spec], metadata: dict[str, str] | None) -> No
     size = len(header_bytes(specs, metadata)) - 8
     if size > HEADER_MAX:
         raise InputError(f"the safetensors header for these {len(specs)} tensors would be {size} bytes; the "
-                         f"safetensors library opens at most {HEADER_MAX}", "shorten the tensor names, or split the output with --max-shard-size")
+                         f"safetensors library opens at most {HEADER_MAX}",
+                         "shorten the tensor names, or split the output with --max-shard-size")
 
 
 def _tensor_bytes(tensor) -> memoryview:
@@ -210,10 +211,14 @@ def _claim(owner: str, where: Path, suffix: str = TMP_SUFFIX, folder: bool = Fal
 
 
 def _remove(path: Path) -> None:
+    """Remove a temporary file or folder, as far as permissions allow (what stays is retried by the next run)."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
-    else:
+        return
+    try:
         path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _drop(owned: _Owned) -> None:
