@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import signal
 import sys
@@ -18,7 +17,7 @@ from typing import Any, Callable
 
 import click
 
-from . import __version__
+from . import __version__, textout
 from .errors import InputError, SfckptError
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
@@ -39,8 +38,11 @@ def _fail(message: str, hint: str | None = None, as_json: bool | None = None) ->
         ctx = click.get_current_context(silent=True)
         as_json = bool(ctx is not None and ctx.params.get("as_json"))
     if as_json:
-        _print_json(error_document(message, hint))
-    click.echo(f"error: {message}" + (f"; {hint}" if hint else ""), err=True)
+        textout.echo_json(error_document(message, hint))
+    line = message + (f"; {hint}" if hint else "")
+    textout.echo_line(f"error: {line}", err=True)
+    if textout.github_actions():  # on stderr: stdout may be a JSON document
+        textout.annotate_error("sfckpt", line, err=True)
     sys.exit(EXIT_ERROR)
 
 
@@ -79,8 +81,8 @@ def handle_errors(func: Callable) -> Callable:
             handler.seen = True
             ctx = click.get_current_context(silent=True)
             if ctx is not None and ctx.params.get("as_json"):
-                _print_json(error_document("interrupted; nothing was written", None, 130))
-            click.echo("error: interrupted; nothing was written", err=True)
+                textout.echo_json(error_document("interrupted; nothing was written", None, 130))
+            textout.echo("error: interrupted; nothing was written", err=True)
             sys.exit(130)
         except MemoryError:
             _fail("out of memory", "see docs/performance.md")
@@ -149,7 +151,7 @@ def _progress(total: int, label: str, enabled: bool, unit: str = "bytes"):
     show = enabled and sys.stderr.isatty()
     if not show or not total:
         if show:
-            click.echo(f"{label}...", err=True)
+            textout.echo(f"{label}...", err=True)
         yield lambda n: None
         return
     bar = Progress(label, total, unit)
@@ -163,14 +165,10 @@ def _reconstruction_at(load_kw: dict, path: Path):
     return _reconstruction(path, **load_kw)
 
 
-def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=False))
-
-
 def _warn(warnings: list[str], quiet: bool = False) -> None:
     if not quiet:
         for w in warnings:
-            click.echo(f"warning: {w}", err=True)
+            textout.echo_line(f"warning: {w}", err=True)
 
 
 class OneLineErrors(click.Group):
@@ -184,14 +182,14 @@ class OneLineErrors(click.Group):
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as exc:
             if type(exc).__name__ == "NoArgsIsHelpError":  # bare `sfckpt`: the help, as with --help
-                click.echo(exc.ctx.get_help())
+                textout.echo(exc.ctx.get_help())
                 sys.exit(EXIT_OK)
             command = exc.ctx.command_path if exc.ctx else (prog_name or "sfckpt")
             _fail(exc.format_message().rstrip("."), f"try '{command} --help'", as_json="--json" in args)
         except click.ClickException as exc:
             _fail(exc.format_message().rstrip("."), None, as_json="--json" in args)
         except click.Abort:
-            click.echo("error: interrupted; nothing was written", err=True)
+            textout.echo("error: interrupted; nothing was written", err=True)
             sys.exit(130)
         sys.exit(code if isinstance(code, int) else EXIT_OK)
 
@@ -221,11 +219,11 @@ def inspect(ckpt: Path, scan: bool, as_json: bool, **load_kw) -> None:
     recon = _reconstruction(ckpt, require_beta=False, **load_kw)
     report = describe(recon, scan=scan)
     if as_json:
-        _print_json(report)
+        textout.echo_json(report)
     else:
         from .tables import inspect_tables  # tabulate only for people, not for --json
 
-        click.echo(inspect_tables(report))
+        textout.echo(inspect_tables(report))
         _warn(report["warnings"])
 
 
@@ -289,12 +287,12 @@ def convert(ckpt: Path, out: str, dtype, max_shard_size, force, allow_nonfinite,
     if shifts is not None:
         summary["batchnorm"] = [s.as_json() for s in shifts]
     if as_json:
-        _print_json(summary)
+        textout.echo_json(summary)
         return
     if shifts is not None and not quiet:
         from .tables import bn_table
 
-        click.echo(bn_table(summary["batchnorm"]))
+        textout.echo(bn_table(summary["batchnorm"]))
     if not quiet:
         from .tables import counted
 
@@ -303,11 +301,7 @@ def convert(ckpt: Path, out: str, dtype, max_shard_size, force, allow_nonfinite,
         if n_untrained:
             what += f"; {n_untrained} untrained parameter{'s' if n_untrained != 1 else ''} copied as saved"
         families_used = ", ".join(dict.fromkeys(o.family.name for o in recon.optimizers))
-        click.echo(f"wrote {', '.join(map(str, paths))} ({families_used}; {what})", err=True)
-
-
-def _gha_escape(text: str) -> str:
-    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+        textout.echo_line(f"wrote {', '.join(map(str, paths))} ({families_used}; {what})", err=True)
 
 
 @main.command(short_help="Show the per-tensor gap between two weight sets (or y and x).")
@@ -353,11 +347,11 @@ def diff(a: Path, b: Path | None, top: int, sort: str, plot: Path | None, force:
 
         plot_gap(report, plot, force=force, inputs=[p for p in (a, b) if p is not None])
     if as_json:
-        _print_json(report)
+        textout.echo_json(report)
     else:
-        click.echo(diff_table(report, top or None, sort))
+        textout.echo(diff_table(report, top or None, sort))
         if plot is not None:
-            click.echo(f"wrote {plot}", err=True)
+            textout.echo_line(f"wrote {plot}", err=True)
 
 
 @main.command(short_help="CI gate: exit 0 if released weights are x, 1 if not, 2 if undecidable.")
@@ -386,13 +380,13 @@ def check(weights: tuple[Path, ...], ckpt: Path, rtol: float, atol: float, as_js
     with _progress(sum(t.nbytes for t in recon.tensors), "checking", not as_json) as update:
         report = check_release(released, recon, rtol=rtol, atol=atol, progress=update)
     if as_json:
-        _print_json(report)
+        textout.echo_json(report)
     else:
-        click.echo(check_table(report))
-    if os.environ.get("GITHUB_ACTIONS") == "true":
+        textout.echo(check_table(report))
+    if textout.github_actions():
         # Workflow commands are read from stdout; in --json mode stdout is the report, so use stderr.
         if not report["passed"]:
-            click.echo(f"::error title=sfckpt check::{_gha_escape(report['verdict'])}", err=as_json)
+            textout.annotate_error("sfckpt check", report["verdict"], err=as_json)
         summary = os.environ.get("GITHUB_STEP_SUMMARY")
         if summary:
             with open(summary, "a", encoding="utf-8") as f:
