@@ -136,7 +136,8 @@ def markdown_code(text: str, in_table: bool = False) -> str:
     at a bare `|` even within a code span).
 
     Example:
-        `markdown_code("conv.weight")` is `` `conv.weight` ``; ``a`b`` becomes ``` `` a`b `` ```.
+        `markdown_code("conv.weight")` is the name between single backticks; `markdown_code("a`b")` is fenced
+        by two, and a name that starts or ends with a backtick is also padded with one space each side.
     """
     text = terminal(text)
     if in_table:

@@ -8,6 +8,7 @@ summary whose markdown renders as sfckpt wrote it, and one `error:` line on exit
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -363,3 +364,12 @@ def test_strict_json_has_no_nan_or_infinity_and_keeps_escapable_text():
     assert json.loads(text, parse_constant=_no_constant) == {"a": "NaN", "b": ["Infinity", "-Infinity", 1.5],
                                                               "n\\ud800": "##[error]x"}
     assert "##[" not in text and text.isascii()
+
+
+def test_only_textout_prints():
+    """The one edge: no other module of sfckpt prints (the start-up interrupt message holds no input)."""
+    package = Path(textout.__file__).parent
+    printing = re.compile(r"\bclick\.(echo|secho)\(|\bprint\(|\bsys\.(stdout|stderr)\.write\(")
+    offenders = [str(p.relative_to(package)) for p in package.rglob("*.py")
+                 if p.name not in ("textout.py", "__main__.py") and printing.search(p.read_text())]
+    assert offenders == []
