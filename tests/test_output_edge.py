@@ -241,6 +241,19 @@ def test_missing_input_with_a_hostile_file_name(invoke, tmp_path, mode):
     assert textout.terminal(CKPT_NAME) in result.stderr
 
 
+def test_plot_of_hostile_names_is_drawn(run, tmp_path, monkeypatch):
+    """A picture is an output too: `$` in a name is text, not mathtext that fails to parse."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.delenv("GITHUB_ACTIONS", raising=False)
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    names = ["x$\\frac{$.weight", "b$^$.w", *HOSTILE]
+    save_file({n: torch.ones(3) for n in names}, str(a))
+    save_file({n: torch.full((3,), 2.0) for n in names}, str(b))
+    result = run("diff", a, b, "--plot", tmp_path / "gap.png")
+    assert result.exit_code == 0 and (tmp_path / "gap.png").stat().st_size > 0
+    assert_printed_safely(result, "terminal")
+
+
 # ---- GitHub Actions ------------------------------------------------------------------------------
 
 
