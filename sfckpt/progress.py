@@ -89,7 +89,8 @@ class Progress:
 
     def __init__(self, label: str, total: float, unit: str = "bytes", stream: TextIO | None = None,
                  clock: Callable[[], float] = time.monotonic):
-        self.label, self.total, self.unit = terminal(label), total, unit  # the line is drawn on the stream directly, not by textout.echo
+        # the line is drawn on the stream directly, not through textout.echo
+        self.label, self.total, self.unit = terminal(label), total, unit
         self.stream = stream or sys.stderr
         self.clock = clock
         self.start = clock()

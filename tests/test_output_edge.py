@@ -48,8 +48,8 @@ def _no_constant(token):
 
 
 class Net(nn.Module):
-    """Linear layers, and after them in the optimizer but first in the state dict, parameters that no
-    gradient reaches (x = y for them, and sfckpt lists them as untrained)."""
+    """Linear layers after parameters that no gradient reaches (first in the state dict and in the
+    optimizer's groups; x = y for them, and sfckpt lists them as untrained)."""
 
     def __init__(self, n_names):
         super().__init__()
@@ -373,7 +373,8 @@ def test_terminal_form(raw, shown):
 
 
 def test_log_form_defuses_workflow_commands_without_touching_sfckpt_words():
-    assert textout.log_text("  ::error::x\n\u00a0::warning::y\nok ::a::b") == "  \\x3a:error::x\n\u00a0\\x3a:warning::y\nok ::a::b"
+    shown = textout.log_text("  ::error::x\n\u00a0::warning::y\nok ::a::b")
+    assert shown == "  \\x3a:error::x\n\u00a0\\x3a:warning::y\nok ::a::b"
     assert textout.log_text("a ##[error]b ##vso[task.setvariable]c") == "a ##\\x5berror]b ##vso\\x5btask.setvariable]c"
 
 
