@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,6 +65,11 @@ class _Interrupts:
                 raise KeyboardInterrupt
 
 
+def _traceback() -> None:
+    """The traceback SFCKPT_DEBUG=1 asks for, in the log form: its messages may quote the input."""
+    textout.echo(traceback.format_exc().rstrip("\n"), err=True)
+
+
 def handle_errors(func: Callable) -> Callable:
     """Turn known errors into one `error:` line and exit 2; a traceback only with SFCKPT_DEBUG=1."""
 
@@ -72,10 +78,12 @@ def handle_errors(func: Callable) -> Callable:
         handler = _Interrupts()  # SIGTERM cleans up like Ctrl-C
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            return func(*args, **kwargs)
+            with warnings.catch_warnings():  # what the libraries warn may quote the input, too
+                warnings.showwarning = textout.show_warning
+                return func(*args, **kwargs)
         except SfckptError as exc:
             if os.environ.get("SFCKPT_DEBUG") == "1":
-                traceback.print_exc()
+                _traceback()
             _fail(exc.message, exc.hint)
         except KeyboardInterrupt:
             handler.seen = True
@@ -88,12 +96,12 @@ def handle_errors(func: Callable) -> Callable:
             _fail("out of memory", "see docs/performance.md")
         except OSError as exc:  # the environment, not sfckpt: a path, a permission, a full disk
             if os.environ.get("SFCKPT_DEBUG") == "1":
-                traceback.print_exc()
+                _traceback()
             where = f"{exc.filename}: " if exc.filename else ""
             _fail(f"{where}{exc.strerror or exc}"[:400], "check the path, its permissions and the free space")
         except Exception as exc:  # a bug: still one line, traceback on request
             if os.environ.get("SFCKPT_DEBUG") == "1":
-                traceback.print_exc()
+                _traceback()
             _fail(f"internal error: {type(exc).__name__}: {exc}"[:400], "set SFCKPT_DEBUG=1 for the traceback and report it")
         finally:
             for sig, before in previous.items():

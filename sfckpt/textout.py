@@ -100,6 +100,12 @@ def echo_line(text: str, err: bool = False) -> None:
     echo(terminal(text), err=err)
 
 
+def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                 line: str | None = None) -> None:
+    """`warnings.showwarning` while a command runs: a library's warning as one escaped line on stderr."""
+    echo_line(f"warning: {category.__name__}: {message}", err=True)
+
+
 def github_actions() -> bool:
     """Whether this runs in a GitHub Actions job (where workflow commands and the step summary apply)."""
     return os.environ.get("GITHUB_ACTIONS") == "true"

@@ -8,6 +8,7 @@ summary whose markdown renders as sfckpt wrote it, and one `error:` line on exit
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -252,6 +253,26 @@ def test_plot_of_hostile_names_is_drawn(run, tmp_path, monkeypatch):
     result = run("diff", a, b, "--plot", tmp_path / "gap.png")
     assert result.exit_code == 0 and (tmp_path / "gap.png").stat().st_size > 0
     assert_printed_safely(result, "terminal")
+
+
+def test_debug_traceback_is_printed_in_the_log_form(invoke, tmp_path, monkeypatch):
+    monkeypatch.setenv("SFCKPT_DEBUG", "1")
+    ckpt, _ = _train(tmp_path, HOSTILE, poison=HOSTILE[0])
+    result, _ = invoke("github", "convert", ckpt, tmp_path / "x.safetensors")  # invoke checks the output
+    assert result.exit_code == 2 and "Traceback" in result.stderr
+
+
+def test_library_warnings_print_as_one_escaped_line(capsys):
+    """A library's warning may quote the input (a key, a target module): while a command runs it goes
+    through the edge too."""
+    from sfckpt.cli import handle_errors
+
+    @handle_errors
+    def command():
+        warnings.warn("key 'a\x1b[2J\n::error::x' is not used", UserWarning)
+
+    command()
+    assert capsys.readouterr().err == "warning: UserWarning: key 'a\\x1b[2J\\n::error::x' is not used\n"
 
 
 # ---- GitHub Actions ------------------------------------------------------------------------------
