@@ -173,9 +173,9 @@ def _reconstruction_at(load_kw: dict, path: Path):
     return _reconstruction(path, **load_kw)
 
 
-def _warn(warnings: list[str], quiet: bool = False) -> None:
+def _warn(messages: list[str], quiet: bool = False) -> None:
     if not quiet:
-        for w in warnings:
+        for w in messages:
             textout.echo_line(f"warning: {w}", err=True)
 
 
