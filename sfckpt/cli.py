@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import signal
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from . import __version__
+from . import __version__, textout
 from .errors import InputError, SfckptError
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
@@ -39,8 +39,11 @@ def _fail(message: str, hint: str | None = None, as_json: bool | None = None) ->
         ctx = click.get_current_context(silent=True)
         as_json = bool(ctx is not None and ctx.params.get("as_json"))
     if as_json:
-        _print_json(error_document(message, hint))
-    click.echo(f"error: {message}" + (f"; {hint}" if hint else ""), err=True)
+        textout.echo_json(error_document(message, hint))
+    line = message + (f"; {hint}" if hint else "")
+    textout.echo_line(f"error: {line}", err=True)
+    if textout.github_actions():  # on stderr: stdout may be a JSON document
+        textout.annotate_error("sfckpt", line, err=True)
     sys.exit(EXIT_ERROR)
 
 
@@ -62,6 +65,11 @@ class _Interrupts:
                 raise KeyboardInterrupt
 
 
+def _traceback() -> None:
+    """The traceback SFCKPT_DEBUG=1 asks for, in the log form: its messages may quote the input."""
+    textout.echo(traceback.format_exc().rstrip("\n"), err=True)
+
+
 def handle_errors(func: Callable) -> Callable:
     """Turn known errors into one `error:` line and exit 2; a traceback only with SFCKPT_DEBUG=1."""
 
@@ -70,28 +78,30 @@ def handle_errors(func: Callable) -> Callable:
         handler = _Interrupts()  # SIGTERM cleans up like Ctrl-C
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            return func(*args, **kwargs)
+            with warnings.catch_warnings():  # what the libraries warn may quote the input, too
+                warnings.showwarning = textout.show_warning
+                return func(*args, **kwargs)
         except SfckptError as exc:
             if os.environ.get("SFCKPT_DEBUG") == "1":
-                traceback.print_exc()
+                _traceback()
             _fail(exc.message, exc.hint)
         except KeyboardInterrupt:
             handler.seen = True
             ctx = click.get_current_context(silent=True)
             if ctx is not None and ctx.params.get("as_json"):
-                _print_json(error_document("interrupted; nothing was written", None, 130))
-            click.echo("error: interrupted; nothing was written", err=True)
+                textout.echo_json(error_document("interrupted; nothing was written", None, 130))
+            textout.echo("error: interrupted; nothing was written", err=True)
             sys.exit(130)
         except MemoryError:
             _fail("out of memory", "see docs/performance.md")
         except OSError as exc:  # the environment, not sfckpt: a path, a permission, a full disk
             if os.environ.get("SFCKPT_DEBUG") == "1":
-                traceback.print_exc()
+                _traceback()
             where = f"{exc.filename}: " if exc.filename else ""
             _fail(f"{where}{exc.strerror or exc}"[:400], "check the path, its permissions and the free space")
         except Exception as exc:  # a bug: still one line, traceback on request
             if os.environ.get("SFCKPT_DEBUG") == "1":
-                traceback.print_exc()
+                _traceback()
             _fail(f"internal error: {type(exc).__name__}: {exc}"[:400], "set SFCKPT_DEBUG=1 for the traceback and report it")
         finally:
             for sig, before in previous.items():
@@ -149,7 +159,7 @@ def _progress(total: int, label: str, enabled: bool, unit: str = "bytes"):
     show = enabled and sys.stderr.isatty()
     if not show or not total:
         if show:
-            click.echo(f"{label}...", err=True)
+            textout.echo(f"{label}...", err=True)
         yield lambda n: None
         return
     bar = Progress(label, total, unit)
@@ -163,14 +173,10 @@ def _reconstruction_at(load_kw: dict, path: Path):
     return _reconstruction(path, **load_kw)
 
 
-def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=False))
-
-
-def _warn(warnings: list[str], quiet: bool = False) -> None:
+def _warn(messages: list[str], quiet: bool = False) -> None:
     if not quiet:
-        for w in warnings:
-            click.echo(f"warning: {w}", err=True)
+        for w in messages:
+            textout.echo_line(f"warning: {w}", err=True)
 
 
 class OneLineErrors(click.Group):
@@ -188,14 +194,14 @@ class OneLineErrors(click.Group):
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as exc:
             if type(exc).__name__ == "NoArgsIsHelpError":  # bare `sfckpt`: the help, as with --help
-                click.echo(exc.ctx.get_help())
+                textout.echo(exc.ctx.get_help())
                 sys.exit(EXIT_OK)
             command = exc.ctx.command_path if exc.ctx else (prog_name or "sfckpt")
             _fail(exc.format_message().rstrip("."), f"try '{command} --help'", as_json="--json" in args)
         except click.ClickException as exc:
             _fail(exc.format_message().rstrip("."), None, as_json="--json" in args)
         except click.Abort:
-            click.echo("error: interrupted; nothing was written", err=True)
+            textout.echo("error: interrupted; nothing was written", err=True)
             sys.exit(130)
         sys.exit(code if isinstance(code, int) else EXIT_OK)
 
@@ -225,11 +231,11 @@ def inspect(ckpt: Path, scan: bool, as_json: bool, **load_kw) -> None:
     recon = _reconstruction(ckpt, require_beta=False, **load_kw)
     report = describe(recon, scan=scan)
     if as_json:
-        _print_json(report)
+        textout.echo_json(report)
     else:
         from .tables import inspect_tables  # tabulate only for people, not for --json
 
-        click.echo(inspect_tables(report))
+        textout.echo(inspect_tables(report))
         _warn(report["warnings"])
 
 
@@ -293,12 +299,12 @@ def convert(ckpt: Path, out: str, dtype, max_shard_size, force, allow_nonfinite,
     if shifts is not None:
         summary["batchnorm"] = [s.as_json() for s in shifts]
     if as_json:
-        _print_json(summary)
+        textout.echo_json(summary)
         return
     if shifts is not None and not quiet:
         from .tables import bn_table
 
-        click.echo(bn_table(summary["batchnorm"]))
+        textout.echo(bn_table(summary["batchnorm"]))
     if not quiet:
         from .tables import counted
 
@@ -307,11 +313,7 @@ def convert(ckpt: Path, out: str, dtype, max_shard_size, force, allow_nonfinite,
         if n_untrained:
             what += f"; {n_untrained} untrained parameter{'s' if n_untrained != 1 else ''} copied as saved"
         families_used = ", ".join(dict.fromkeys(o.family.name for o in recon.optimizers))
-        click.echo(f"wrote {', '.join(map(str, paths))} ({families_used}; {what})", err=True)
-
-
-def _gha_escape(text: str) -> str:
-    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+        textout.echo_line(f"wrote {', '.join(map(str, paths))} ({families_used}; {what})", err=True)
 
 
 @main.command(short_help="Show the per-tensor gap between two weight sets (or y and x).")
@@ -357,11 +359,11 @@ def diff(a: Path, b: Path | None, top: int, sort: str, plot: Path | None, force:
 
         plot_gap(report, plot, force=force, inputs=[p for p in (a, b) if p is not None])
     if as_json:
-        _print_json(report)
+        textout.echo_json(report)
     else:
-        click.echo(diff_table(report, top or None, sort))
+        textout.echo(diff_table(report, top or None, sort))
         if plot is not None:
-            click.echo(f"wrote {plot}", err=True)
+            textout.echo_line(f"wrote {plot}", err=True)
 
 
 @main.command(short_help="CI gate: exit 0 if released weights are x, 1 if not, 2 if undecidable.")
@@ -390,13 +392,13 @@ def check(weights: tuple[Path, ...], ckpt: Path, rtol: float, atol: float, as_js
     with _progress(sum(t.nbytes for t in recon.tensors), "checking", not as_json) as update:
         report = check_release(released, recon, rtol=rtol, atol=atol, progress=update)
     if as_json:
-        _print_json(report)
+        textout.echo_json(report)
     else:
-        click.echo(check_table(report))
-    if os.environ.get("GITHUB_ACTIONS") == "true":
+        textout.echo(check_table(report))
+    if textout.github_actions():
         # Workflow commands are read from stdout; in --json mode stdout is the report, so use stderr.
         if not report["passed"]:
-            click.echo(f"::error title=sfckpt check::{_gha_escape(report['verdict'])}", err=as_json)
+            textout.annotate_error("sfckpt check", report["verdict"], err=as_json)
         summary = os.environ.get("GITHUB_STEP_SUMMARY")
         if summary:
             with open(summary, "a", encoding="utf-8", errors="backslashreplace") as f:  # a lone surrogate in a name

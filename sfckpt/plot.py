@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import InputError, OutputError
+from .textout import terminal
 from .writer import atomic_path, refuse_inputs
 
 MAX_BARS = 60
@@ -21,12 +22,6 @@ def check_target(out: Path, force: bool, inputs: Sequence[Path]) -> None:
                           f"name it {out.with_suffix('.png').name} (or .svg, .pdf)")
     if out.exists() and not force:
         raise OutputError(f"{out} already exists", "pass --force to replace it")
-
-
-def _label(text: str) -> str:
-    """Input text as matplotlib draws it literally: a lone surrogate (its font code cannot take one)
-    as an escape, and `$`, which would start mathtext (a name like `a$\\q$` stopped the drawing)."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("$", r"\$")
 
 
 def plot_gap(report: dict[str, Any], out: Path, force: bool = False, inputs: Sequence[Path] = ()) -> Path:
@@ -50,19 +45,20 @@ def plot_gap(report: dict[str, Any], out: Path, force: bool = False, inputs: Seq
         modules = [m for m in modules if id(m) in keep]
     height = 1.5 + 0.28 * max(1, len(modules))
     fig, ax = plt.subplots(figsize=(8, height))
-    names = [_label(m["module"]) for m in modules]
+    names = [terminal(m["module"]) for m in modules]
     values = [m["rel_l2"] for m in modules]
     ax.barh(range(len(values)), values, color="#4c72b0")
-    ax.set_yticks(range(len(values)), names, fontsize=8)
+    # parse_math=False: a `$` in a name is text, not mathtext (which could fail to parse)
+    ax.set_yticks(range(len(values)), names, fontsize=8, parse_math=False)
     ax.invert_yaxis()
     if values and max(values) / max(min(values), 1e-30) > 100:
         ax.set_xscale("log")
     ax.set_xlabel("relative L2 gap  ‖a − b‖ / ‖b‖")
     total = report["summary"]["total_rel_l2"]
-    title = f"{_label(report['summary']['a'])}\nvs {_label(report['summary']['b'])}"
+    title = f"{terminal(report['summary']['a'])}\nvs {terminal(report['summary']['b'])}"
     if total is not None:
         title += f"   (total {total:.3g})"
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=9, parse_math=False)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     with atomic_path(out, force) as tmp:

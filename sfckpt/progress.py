@@ -16,6 +16,8 @@ import time
 from collections import deque
 from typing import Callable, TextIO
 
+from .textout import terminal
+
 MIN_ELAPSED = 0.5  # seconds of measurement before a rate (and so an ETA) is shown
 WINDOW = 5.0  # seconds of history the rate is measured over
 REFRESH = 0.1  # seconds between redraws
@@ -87,7 +89,8 @@ class Progress:
 
     def __init__(self, label: str, total: float, unit: str = "bytes", stream: TextIO | None = None,
                  clock: Callable[[], float] = time.monotonic):
-        self.label, self.total, self.unit = label, total, unit
+        # the line is drawn on the stream directly, not through textout.echo
+        self.label, self.total, self.unit = terminal(label), total, unit
         self.stream = stream or sys.stderr
         self.clock = clock
         self.start = clock()

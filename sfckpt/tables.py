@@ -1,4 +1,8 @@
-"""Human-readable tables (tabulate) for the reports the commands produce as JSON."""
+"""Human-readable tables (tabulate) for the reports the commands produce as JSON.
+
+Each table is made from the report's terminal view (textout.terminal_view): a name from the input
+is one line with its control characters shown as escapes before it reaches a cell.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -6,6 +10,7 @@ from typing import Any
 from tabulate import tabulate
 
 from .tensors import format_shape
+from .textout import markdown_code, markdown_text, terminal_view
 
 
 def counted(n: int, noun: str) -> str:
@@ -30,6 +35,7 @@ def _fmt(v: Any) -> str:
 
 
 def inspect_tables(r: dict[str, Any]) -> str:
+    r = terminal_view(r)
     keys = r["keys"]
     opt = r["optimizer"]
     head = [
@@ -93,6 +99,7 @@ SORT_KEYS = ("rel_l2", "max_abs", "mean_abs", "cosine", "name")
 
 
 def diff_table(report: dict[str, Any], top: int | None, sort: str) -> str:
+    report = terminal_view(report)
     s = report["summary"]
     rows = list(report["tensors"])
     if sort == "name":
@@ -131,6 +138,7 @@ def diff_table(report: dict[str, Any], top: int | None, sort: str) -> str:
 
 
 def check_table(report: dict[str, Any]) -> str:
+    report = terminal_view(report)
     head = "PASS" if report["passed"] else "FAIL"
     lines = [f"{head}: {report['weights']}: {report['verdict']}"]
     if report["findings"]:
@@ -144,18 +152,21 @@ def check_table(report: dict[str, Any]) -> str:
 
 
 def check_markdown(report: dict[str, Any]) -> str:
-    """For $GITHUB_STEP_SUMMARY."""
+    """For $GITHUB_STEP_SUMMARY: each text from the report is one line of literal markdown (names as code
+    spans, prose escaped), so no name can add a heading, a table row, HTML or a link."""
     icon = "✅" if report["passed"] else "❌"
-    lines = [f"### {icon} sfckpt check: `{report['weights']}`", "", report["verdict"], ""]
+    lines = [f"### {icon} sfckpt check: {markdown_code(report['weights'])}", "", markdown_text(report["verdict"]), ""]
     if report["findings"]:
         lines += ["| tensor | finding | detail | max abs | is y |", "|---|---|---|---|---|"]
-        lines += [f"| `{f['name']}` | {f['kind']} | {f['detail']} | {_g(f['max_abs'])} | {'yes' if f['equals_y'] else ''} |"
+        lines += [f"| {markdown_code(f['name'], in_table=True)} | {markdown_text(f['kind'])} | {markdown_text(f['detail'])} "
+                  f"| {_g(f['max_abs'])} | {'yes' if f['equals_y'] else ''} |"
                   for f in report["findings"][:50]]
     return "\n".join(lines) + "\n"
 
 
 def bn_table(shifts: list[dict[str, Any]]) -> str:
     """How far each BatchNorm layer's statistics moved when re-estimated at x."""
+    shifts = terminal_view(shifts)
     return tabulate(
         [[s["layer"], _g(s["mean_max_abs"]), _g(s["mean_rel_l2"]), _g(s["var_max_abs"]), _g(s["var_rel_l2"])] for s in shifts],
         headers=["BatchNorm layer", "running_mean max_abs", "rel_l2", "running_var max_abs", "rel_l2"],

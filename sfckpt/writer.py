@@ -90,7 +90,7 @@ def check_storable(specs: Sequence[Spec], metadata: dict[str, str] | None) -> No
         try:
             s.name.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise InputError(f"tensor {s.name[:200]!a} has a name that is not UTF-8 text (a lone surrogate, "
+            raise InputError(f"tensor '{s.name[:200]}' has a name that is not UTF-8 text (a lone surrogate, "
                              f"U+{ord(s.name[exc.start]):04X}); safetensors stores names as UTF-8",
                              "rename the tensor in the checkpoint") from None
     size = len(header_bytes(specs, metadata)) - 8

@@ -113,7 +113,7 @@ def _refuse_what_its_parser_refuses(path: Path, header: dict) -> None:
     does not: an escaped lone surrogate (`"\\ud800"`) anywhere, or containers nested 128 deep
     (possible in fields the library otherwise ignores)."""
     for name, info in header.items():
-        where = "its metadata" if name == "__metadata__" else f"tensor {name[:200]!a}"
+        where = "its metadata" if name == "__metadata__" else f"tensor '{name[:200]}'"
         stack, deepest = [(info, 2)], 1
         while stack:
             value, depth = stack.pop()
