@@ -321,7 +321,7 @@ def detect(groups: list[Mapping[str, Any]], state_keys: set[str], layout: str = 
     if len(found) == 1:
         found[0].check_groups(groups)
         return found[0]
-    seen = f"group keys {sorted(group_keys - {'params', 'param_names'})}, state keys {sorted(state_keys)}"
+    seen = f"group keys {sorted(group_keys - {'params', 'param_names'}, key=str)}, state keys {sorted(state_keys, key=str)}"
     if not found:
         _refuse_if_not_schedule_free(groups, group_keys, state_keys, layout)
     if not found and "z" not in state_keys:

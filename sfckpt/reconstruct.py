@@ -230,7 +230,7 @@ def _families(ckpt: Checkpoint, optimizer: str | None):
                     detected = "none of the known families"
                 raise InputError(
                     f"--optimizer {optimizer} does not match the optimizer state (detected: {detected}; "
-                    f"group keys {sorted(group_keys - {'params', 'param_names'})[:8]})",
+                    f"group keys {sorted(group_keys - {'params', 'param_names'}, key=str)[:8]})",
                     "leave --optimizer out to use the detected family",
                 )
             family.check_groups(groups_saved)
