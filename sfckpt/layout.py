@@ -136,6 +136,16 @@ def _model_held_the_average(obj: Mapping[str, Any]) -> bool:
     return not single_update_now
 
 
+def check_text(name: str, what: str) -> None:
+    """Refuse a name that is not Unicode text (a lone surrogate, which pickle keeps): safetensors headers,
+    JSON and terminals are UTF-8, so nothing could carry it."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{what} {ascii(name)[:200]} is not valid Unicode text (it holds a lone surrogate, which "
+                         "UTF-8 cannot encode)", "rename it in the training code and save again") from None
+
+
 def find(obj: Any, model_key: str | None = None, optimizer_key: str | None = None) -> Layout:
     """Locate weights and optimizer state in the object a `torch.save` file holds."""
     if not isinstance(obj, Mapping):
@@ -209,6 +219,7 @@ def find(obj: Any, model_key: str | None = None, optimizer_key: str | None = Non
     clean: dict[str, TensorRef] = {}
     skipped: dict[str, str] = {}
     for name, value in weights.items():
+        check_text(name, "tensor name")
         if isinstance(value, TensorRef):
             clean[name] = value
         else:

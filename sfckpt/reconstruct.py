@@ -346,7 +346,7 @@ def reconstruct(
                 group_beta, beta_source = _beta_for(family, group, g, beta)
             else:
                 saved = family.beta(group) if beta is None else beta
-                group_beta = float(saved) if isinstance(saved, (int, float)) and not isinstance(saved, bool) else None
+                group_beta = families.as_float(saved)
                 beta_source = "--beta" if beta is not None else ("saved" if group_beta is not None else "not saved")
             groups.append(
                 GroupReport(

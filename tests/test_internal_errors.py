@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import sfckpt
 import trainers
@@ -331,22 +332,33 @@ def test_lone_surrogate_in_a_tensor_name_is_exit_2(command, run, tmp_path):
     model = trainers.MLP()
     opt = trainers.train(model, "adamw")
     sd = model.state_dict()
+    save_file(sd, tmp_path / "release.safetensors")
     sd["fc1.\ud800weight"] = sd.pop("fc1.weight")
     torch.save({"model": sd, "optimizer": opt.state_dict()}, tmp_path / "c.pt")
     out = tmp_path / "x.safetensors"
     args = {"inspect": ("inspect", tmp_path / "c.pt"), "convert": ("convert", tmp_path / "c.pt", out),
-            "diff": ("diff", tmp_path / "c.pt"), "check": ("check", tmp_path / "c.pt", "--ckpt", tmp_path / "c.pt")}
+            "diff": ("diff", tmp_path / "c.pt"), "check": ("check", tmp_path / "release.safetensors", "--ckpt", tmp_path / "c.pt")}
     result = run(*args[command])
     assert_clean(result, out)
     assert "\\ud800" in result.stderr
 
 
-def test_wide_integer_under_a_raised_limit_is_exit_2(run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("change,fragment", [
+    (lambda g: g.update(lr=1 << 150_000), "at most 14284"),
+    (lambda g: g.update(betas=(1 << 3000, 0.999)), "β is an integer of 3001 bits"),
+    (lambda g: g.update(lr=1 << 5000, weight_sum=1 << 4000), None),
+], ids=["wider-than-text", "beta-wider-than-a-float", "lr-wider-than-a-float"])
+def test_wide_integers_under_a_raised_limit(change, fragment, run, tmp_path, monkeypatch):
+    """SFCKPT_MAX_INT_BITS=200000 lets wide integers load: none may crash where it becomes a float or text."""
     monkeypatch.setenv("SFCKPT_MAX_INT_BITS", "200000")
-    path = _saved(tmp_path, lambda o: o["param_groups"][0].update(lr=1 << 150_000))
+    path = _saved(tmp_path, lambda o: [change(g) for g in o["param_groups"]])
     for command in ("inspect", "convert", "diff"):
         args = (command, path, tmp_path / "x") if command == "convert" else (command, path)
-        assert_clean(run(*args), tmp_path / "x", allow_success=True)
+        result = run(*args)
+        assert_clean(result, tmp_path / "x", allow_success=fragment is None)
+        assert fragment is None or fragment in result.stderr
+    if fragment is None:
+        assert json.loads(run("inspect", path, "--json").stdout)
 
 
 @pytest.mark.parametrize("value", ["1e30", "1_000_000_000_000_000_000_000"])
