@@ -39,6 +39,11 @@ MAX_QUANTIFIERS = 4
 MAX_PATTERN_CHARS = 1000
 
 
+def _one_line(exc: Exception) -> str:
+    """A library's exception as a short excerpt on one line (their messages span several)."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+
+
 def vet_config(raw: Any, where: str, hint: str) -> dict[str, Any]:
     """`raw` (a parsed config.json) if transformers can build it without code from the input, a
     prompt, other files or unbounded work; otherwise an InputError saying why, with `hint`."""
@@ -79,7 +84,7 @@ def config_from_dict(raw: Any, where: str, hint: str):
     try:
         return CONFIG_MAPPING[raw["model_type"]].from_dict(dict(raw))
     except Exception as exc:  # transformers validates the values its own way: any failure is the input's
-        raise InputError(f"{where} cannot be read by transformers ({type(exc).__name__}: {exc})"[:300], hint) from None
+        raise InputError(f"{where} cannot be read by transformers ({_one_line(exc)})", hint) from None
 
 
 def read_config(path: Path, where: str, hint: str):
@@ -114,8 +119,7 @@ def build_on_meta(cls: type, config: Any, where: str, hint: str):
         try:
             return cls._from_config(config)
         except Exception as exc:  # a config transformers accepted but cannot build (sizes that do not fit)
-            raise InputError(f"{where}: {cls.__name__} cannot be built from it ({type(exc).__name__}: {exc})"[:300],
-                             hint) from None
+            raise InputError(f"{where}: {cls.__name__} cannot be built from it ({_one_line(exc)})", hint) from None
 
 
 def _quantifiers(items, inside_loop: bool, where: str, hint: str) -> int:
@@ -213,7 +217,7 @@ def peft_model(model: Any, raw: Any, where: str, hint: str):
             config.inference_mode = False  # saved as True; the trained model had its adapter trainable
             return peft.get_peft_model(model, config)
         except Exception as exc:  # peft validates the values its own way: any failure is the input's
-            raise InputError(f"{where} cannot be applied by peft ({type(exc).__name__}: {exc})"[:300], hint) from None
+            raise InputError(f"{where} cannot be applied by peft ({_one_line(exc)})", hint) from None
 
 
 def saved_names(peft_model_: Any) -> dict[int, str]:

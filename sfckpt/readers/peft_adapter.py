@@ -90,7 +90,7 @@ def parameter_order(path: Path) -> tuple[list[str], list[set[str]]]:
                          "the adapter checkpoint is damaged")
     base_name = config.get("base_model_name_or_path")
     if not (isinstance(base_name, str) and base_name.strip() and "\x00" not in base_name):
-        raise InputError(f"{path}/{CONFIG_NAME} has base_model_name_or_path {str(base_name)[:60]!r}, not the name of "
+        raise InputError(f"{path}/{CONFIG_NAME} has base_model_name_or_path {base_name!r:.60}, not the name of "
                          "a model", ORDER_HINT)
     try:
         from transformers import Trainer
