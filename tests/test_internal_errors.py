@@ -83,6 +83,24 @@ def test_peft_base_config_with_custom_code_never_runs(where, lora_run, run, tmp_
     assert not marker.exists()
 
 
+def test_peft_base_config_from_the_hugging_face_cache(lora_run, tmp_path):
+    """A model id as the base: its config.json is read from the local cache (snapshots/<rev>/config.json,
+    a link into blobs/), nothing downloaded, and the order rebuilt from it converts exactly."""
+    out, expected = lora_run
+    repo = tmp_path / "hub" / "models--local--tiny-llama"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    shutil.copy(out / "base" / "config.json", repo / "blobs" / "0f1e2d")
+    (repo / "snapshots" / "abc123" / "config.json").symlink_to("../../blobs/0f1e2d")
+    folder = _adapter_copy(lora_run, tmp_path, lambda c, f: c.update(base_model_name_or_path="local/tiny-llama"))
+    release = tmp_path / "release"
+    proc = _cli("convert", folder, release, env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_equal_tensors(read(release / "adapter_model.safetensors"), expected)
+
+
 def test_peft_base_config_layer_count_is_bounded(lora_run, run, tmp_path):
     folder = _adapter_copy(lora_run, tmp_path, base_edit=lambda c, b: c.update(num_hidden_layers=200_000))
     start = time.monotonic()
@@ -132,7 +150,10 @@ def test_honest_target_module_patterns_pass_the_rule(pattern):
     (lambda c, f: c.update(peft_type="NO_SUCH"), "peft_type"),
     (lambda c, f: "[" * 100_000 + "]" * 100_000, "nested too deeply"),
     (lambda c, f: c.update(auto_mapping={"base_model_class": "pipeline"}), "not a model class"),
-], ids=["number", "list", "nul", "peft_type", "deep", "pipeline"])
+    (lambda c, f: c.update(modules_to_save=["norm"] * 10_001), "SFCKPT_MAX_PATTERNS"),
+    (lambda c, f: c.update(target_modules=["q_proj"] * 10_001), "SFCKPT_MAX_PATTERNS"),
+    (lambda c, f: c.update(target_modules=[1]), "not a list of names"),
+], ids=["number", "list", "nul", "peft_type", "deep", "pipeline", "many-patterns", "many-targets", "targets-int"])
 def test_peft_adapter_config_nonsense_is_exit_2(edit, fragment, lora_run, run, tmp_path):
     folder = _adapter_copy(lora_run, tmp_path, edit)
     for command in ("convert", "inspect", "diff"):

@@ -189,8 +189,10 @@ def vet_adapter_config(raw: Any, where: str, hint: str) -> dict[str, Any]:
             raise InputError(f"{where}: {field} is a {type(value).__name__}, not a list of names", hint)
         elif field in ("modules_to_save", "layers_pattern"):
             patterns += [(field, v) for v in value]
-        elif len(value) > limits.ADAPTER_PATTERNS.value or not all(isinstance(v, str) for v in value):
-            raise InputError(f"{where}: {field} is not a list of at most {limits.ADAPTER_PATTERNS.value} names", hint)
+        elif len(value) > limits.ADAPTER_PATTERNS.value:
+            raise limits.ADAPTER_PATTERNS.exceeded(f"{where} gives {len(value)} {field}")
+        elif not all(isinstance(v, str) for v in value):
+            raise InputError(f"{where}: {field} is not a list of names", hint)
     if len(patterns) > limits.ADAPTER_PATTERNS.value:
         raise limits.ADAPTER_PATTERNS.exceeded(f"{where} gives {len(patterns)} module patterns")
     for field, pattern in patterns:
