@@ -131,7 +131,9 @@ def _model_held_the_average(obj: Mapping[str, Any]) -> bool:
     callbacks = obj.get("callbacks")
     update_steps = [state.get("latest_update_step") for state in callbacks.values()
                     if isinstance(state, Mapping)] if isinstance(callbacks, Mapping) else []
-    single_update_now = (isinstance(n_averaged, TensorRef) and n_averaged.numel == 1 and int(n_averaged.load()) == 1
+    # n_averaged is a count (an int64 tensor): of any other dtype (a NaN float) it says nothing
+    single_update_now = (isinstance(n_averaged, TensorRef) and n_averaged.numel == 1
+                         and n_averaged.dtype.startswith(("int", "uint")) and int(n_averaged.load()) == 1
                          and obj.get("global_step") in update_steps)
     return not single_update_now
 
