@@ -153,7 +153,11 @@ def test_honest_target_module_patterns_pass_the_rule(pattern):
     (lambda c, f: c.update(modules_to_save=["norm"] * 10_001), "SFCKPT_MAX_PATTERNS"),
     (lambda c, f: c.update(target_modules=["q_proj"] * 10_001), "SFCKPT_MAX_PATTERNS"),
     (lambda c, f: c.update(target_modules=[1]), "not a list of names"),
-], ids=["number", "list", "nul", "peft_type", "deep", "pipeline", "many-patterns", "many-targets", "targets-int"])
+    (lambda c, f: c.update(layer_replication=[[0, 2]] * 600), "SFCKPT_MAX_LAYERS"),
+    (lambda c, f: c.update(layer_replication=[[0, 10**9]]), "SFCKPT_MAX_LAYERS"),
+    (lambda c, f: c.update(layer_replication=[[0]]), "layer_replication"),
+], ids=["number", "list", "nul", "peft_type", "deep", "pipeline", "many-patterns", "many-targets", "targets-int",
+        "replication-many", "replication-huge", "replication-odd"])
 def test_peft_adapter_config_nonsense_is_exit_2(edit, fragment, lora_run, run, tmp_path):
     folder = _adapter_copy(lora_run, tmp_path, edit)
     for command in ("convert", "inspect", "diff"):

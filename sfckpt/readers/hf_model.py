@@ -201,6 +201,15 @@ def vet_adapter_config(raw: Any, where: str, hint: str) -> dict[str, Any]:
         value = raw.get(field)
         if isinstance(value, (list, dict)) and len(value) > limits.ADAPTER_PATTERNS.value:
             raise limits.ADAPTER_PATTERNS.exceeded(f"{where} gives {len(value)} {field}")
+    replication = raw.get("layer_replication")  # peft copies base layers [start, end) into a deeper model
+    if replication is not None:
+        if not (isinstance(replication, list) and all(
+                isinstance(p, list) and len(p) == 2 and all(type(n) is int and n >= 0 for n in p) for p in replication)):
+            raise InputError(f"{where}: layer_replication {str(replication)[:60]} is not a list of [start, end] layers",
+                             hint)
+        layers = sum(max(end - start, 0) for start, end in replication)
+        if layers > limits.CONFIG_LAYERS.value:
+            raise limits.CONFIG_LAYERS.exceeded(f"{where} asks peft for {layers} layers (layer_replication)")
     return raw
 
 
