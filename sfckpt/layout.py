@@ -138,14 +138,14 @@ def _model_held_the_average(obj: Mapping[str, Any]) -> bool:
     return not single_update_now
 
 
-def check_text(name: str, what: str) -> None:
-    """Refuse a name that is not Unicode text (a lone surrogate, which pickle keeps): safetensors headers,
-    JSON and terminals are UTF-8, so nothing could carry it."""
+def check_text(name: str, what: str, hint: str = "rename it in the training code and save again") -> None:
+    """Refuse a name that is not Unicode text (a lone surrogate, which pickle and Python's JSON parser keep):
+    safetensors headers, JSON and terminals are UTF-8, so nothing could carry it."""
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
         raise InputError(f"{what} {ascii(name)[:200]} is not valid Unicode text (it holds a lone surrogate, which "
-                         "UTF-8 cannot encode)", "rename it in the training code and save again") from None
+                         "UTF-8 cannot encode)", hint) from None
 
 
 def find(obj: Any, model_key: str | None = None, optimizer_key: str | None = None) -> Layout:

@@ -376,6 +376,26 @@ def test_lone_surrogate_in_a_tensor_name_is_exit_2(command, run, tmp_path):
     assert "\\ud800" in result.stderr
 
 
+@pytest.mark.parametrize("header", [{"\ud800a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+                                    {"__metadata__": {"format": "\udfff"}, "a": {"dtype": "F32", "shape": [2],
+                                                                                 "data_offsets": [0, 8]}}],
+                         ids=["name", "metadata"])
+def test_lone_surrogate_escape_in_a_safetensors_header_is_exit_2(header, run, tmp_path):
+    """Python's JSON parser keeps "\\ud800"; the safetensors library refuses the header, and so does sfckpt."""
+    import struct
+
+    text = json.dumps(header).encode()
+    (tmp_path / "w.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + bytes(8))
+    model = trainers.MLP()
+    opt = trainers.train(model, "adamw")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "c.pt")
+    for args in (("check", tmp_path / "w.safetensors", "--ckpt", tmp_path / "c.pt"),
+                 ("diff", tmp_path / "w.safetensors", tmp_path / "c.pt")):
+        result = run(*args)
+        assert_clean(result, tmp_path / "x")
+        assert "lone surrogate" in result.stderr
+
+
 @pytest.mark.parametrize("change,fragment", [
     (lambda g: g.update(lr=1 << 150_000), "at most 14284"),
     (lambda g: g.update(betas=(1 << 3000, 0.999)), "β is an integer of 3001 bits"),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .. import limits
 from ..errors import InputError
+from ..layout import check_text
 from .paths import confined
 from ..tensors import DTYPES, SAFETENSORS_TO_DTYPE, TensorRef
 
@@ -69,6 +70,9 @@ def read_header(path: Path) -> dict:
     metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise InputError(f"{path}: safetensors header is not a JSON object with string metadata", "the file is damaged")
+    for text in (*header, *metadata, *metadata.values()):  # a "\ud800" escape: the library's JSON parser refuses it
+        check_text(text, f"{path}: the safetensors header string", "the file is damaged or crafted; the safetensors "
+                   "library refuses it too")
     spans = []
     for name, info in header.items():
         if name == "__metadata__":
