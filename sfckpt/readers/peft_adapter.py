@@ -93,6 +93,7 @@ def parameter_order(path: Path) -> tuple[list[str], list[set[str]]]:
         raise InputError(f"{path}/{CONFIG_NAME} has base_model_name_or_path {base_name!r:.60}, not the name of "
                          "a model", ORDER_HINT)
     try:
+        import peft  # noqa: F401  (hf_model wraps the model with it)
         from transformers import Trainer
 
         from . import hf_model
