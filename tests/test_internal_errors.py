@@ -176,6 +176,14 @@ def test_peft_base_model_not_at_hand_says_how_to_go_on(lora_run, run, tmp_path):
         assert fragment in result.stderr
 
 
+def test_peft_without_peft_installed_names_the_extra(lora_run, run, tmp_path, monkeypatch):
+    folder = _adapter_copy(lora_run, tmp_path)
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if it were not installed
+    result = run("convert", folder, tmp_path / "x")
+    assert_clean(result, tmp_path / "x")
+    assert "sfckpt[hf]" in result.stderr and "--param-order" in result.stderr
+
+
 # ---- Hugging Face Trainer: the model class config.json names must be a model built from that config ------
 
 from test_containers import hf_run  # noqa: E402,F401
