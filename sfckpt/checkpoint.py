@@ -88,8 +88,11 @@ def load(
         obj, unloaded = load_adapter_checkpoint(path)
         container = "peft-adapter"
         if optimizer_key is None and model_key is None:
-            model_order, group_domains = adapter_parameter_order(path) or (None, None)
-            order_source = "the PEFT model rebuilt from the base model's config, grouped as the Trainer does"
+            try:
+                model_order, group_domains = adapter_parameter_order(path)
+                order_source = "the PEFT model rebuilt from the base model's config, grouped as the Trainer does"
+            except InputError as exc:
+                order_error = exc  # raised only if the mapping needs the order (see reconstruct)
     elif kind == "folder" and hf_trainer.is_trainer_folder(path):
         weights, unloaded = hf_trainer.read_weights(path)
         optimizer, opt_unloaded = load_torch(path / hf_trainer.OPTIMIZER_NAME)

@@ -321,7 +321,7 @@ def detect(groups: list[Mapping[str, Any]], state_keys: set[str], layout: str = 
     if len(found) == 1:
         found[0].check_groups(groups)
         return found[0]
-    seen = f"group keys {sorted(group_keys - {'params', 'param_names'})}, state keys {sorted(state_keys)}"
+    seen = f"group keys {sorted(group_keys - {'params', 'param_names'}, key=str)}, state keys {sorted(state_keys, key=str)}"
     if not found:
         _refuse_if_not_schedule_free(groups, group_keys, state_keys, layout)
     if not found and "z" not in state_keys:
@@ -358,10 +358,24 @@ def _refuse_if_not_schedule_free(groups, group_keys: set[str], state_keys: set[s
             )
 
 
+def as_float(value: Any) -> float | None:
+    """A saved hyper-parameter as a float; None for what is not a number, or an integer no float holds
+    (SFCKPT_MAX_INT_BITS raised past 1023 lets wider ones load)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
 def check_beta(beta: Any, where: str) -> float:
     """β as a float in (0, 1), or an InputError naming where it came from."""
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
         raise InputError(f"{where}: β is {beta!r}, not a number", "pass --beta to give it")
+    if as_float(beta) is None:
+        raise InputError(f"{where}: β is an integer of {beta.bit_length()} bits, outside (0, 1)",
+                         "Schedule-Free needs 0 < β < 1; pass --beta if the saved value is wrong")
     beta = float(beta)
     if not math.isfinite(beta) or not 0.0 < beta < 1.0:
         raise InputError(f"{where}: β = {beta} is outside (0, 1)", "Schedule-Free needs 0 < β < 1; pass --beta if the saved value is wrong")

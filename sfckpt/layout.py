@@ -131,9 +131,21 @@ def _model_held_the_average(obj: Mapping[str, Any]) -> bool:
     callbacks = obj.get("callbacks")
     update_steps = [state.get("latest_update_step") for state in callbacks.values()
                     if isinstance(state, Mapping)] if isinstance(callbacks, Mapping) else []
-    single_update_now = (isinstance(n_averaged, TensorRef) and n_averaged.numel == 1 and int(n_averaged.load()) == 1
+    # n_averaged is a count (an int64 tensor): of any other dtype (a NaN float) it says nothing
+    single_update_now = (isinstance(n_averaged, TensorRef) and n_averaged.numel == 1
+                         and n_averaged.dtype.startswith(("int", "uint")) and int(n_averaged.load()) == 1
                          and obj.get("global_step") in update_steps)
     return not single_update_now
+
+
+def check_text(name: str, what: str, hint: str = "rename it in the training code and save again") -> None:
+    """Refuse a name that is not Unicode text (a lone surrogate, which pickle and Python's JSON parser keep):
+    safetensors headers, JSON and terminals are UTF-8, so nothing could carry it."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{what} '{name[:200]}' is not valid Unicode text (it holds a lone surrogate, which "
+                         "UTF-8 cannot encode)", hint) from None
 
 
 def find(obj: Any, model_key: str | None = None, optimizer_key: str | None = None) -> Layout:
@@ -209,6 +221,7 @@ def find(obj: Any, model_key: str | None = None, optimizer_key: str | None = Non
     clean: dict[str, TensorRef] = {}
     skipped: dict[str, str] = {}
     for name, value in weights.items():
+        check_text(name, "tensor name")
         if isinstance(value, TensorRef):
             clean[name] = value
         else:

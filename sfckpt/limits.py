@@ -8,12 +8,16 @@ environment variable raises it. docs/guarantees.md lists them all.
 """
 from __future__ import annotations
 
+import decimal
+import math
 import os
+import sys
 from dataclasses import dataclass
 
 from .errors import InputError
 
 MiB = 1 << 20
+UNLIMITED = 1 << 62
 
 
 @dataclass(frozen=True)
@@ -21,19 +25,24 @@ class Limit:
     env: str
     default: int
     what: str
+    ceiling: int = UNLIMITED  # what sfckpt itself can handle, whatever the environment asks
 
     @property
     def value(self) -> int:
         text = os.environ.get(self.env)
         if text is None or not text.strip():
             return self.default
-        try:
-            value = int(text.replace("_", ""))
-        except ValueError:
-            raise InputError(f"{self.env}={text!r} is not a whole number", f"set it to a number ({self.what})") from None
-        if value < 0:
-            raise InputError(f"{self.env}={text!r} is negative", f"set it to a number ({self.what})")
-        return value
+        try:  # 1e30 is a whole number too: people write "no limit" that way
+            number = decimal.Decimal(text.replace("_", "").strip())
+            whole = number.is_finite() and number == number.to_integral_value()
+        except (decimal.InvalidOperation, ValueError):
+            whole = False
+        if not whole:
+            raise InputError(f"{self.env}={text[:40]!r} is not a whole number", f"set it to a number ({self.what})")
+        if number < 0:
+            raise InputError(f"{self.env}={text[:40]!r} is negative", f"set it to a number ({self.what})")
+        # Past 2**62 no size, count or width an input can hold is larger: the limit is off
+        return int(min(number, self.ceiling))
 
     def exceeded(self, message: str) -> InputError:
         """The error for an input past this limit."""
@@ -50,8 +59,14 @@ NESTING_DEPTH = Limit("SFCKPT_MAX_NESTING", 200, "containers nested inside each 
 INFLATED_BYTES = Limit("SFCKPT_MAX_INFLATED_BYTES", 256 * MiB, "bytes a compressed zip record may inflate to")
 # bytearray(n) and friends: a pickle may ask for an allocation by number.
 PICKLE_ALLOC_BYTES = Limit("SFCKPT_MAX_PICKLE_ALLOC", 64 * MiB, "bytes one bytearray call in a pickle may allocate")
-# Integers wider than this cannot be turned into a float or printed cheaply.
-INT_BITS = Limit("SFCKPT_MAX_INT_BITS", 1023, "bits in an integer stored in a pickle")
+# Integers wider than this cannot be turned into a float or printed cheaply; wider than the ceiling,
+# Python refuses to turn them into text at all (sys.get_int_max_str_digits).
+_TEXT_BITS = int(sys.get_int_max_str_digits() / math.log10(2)) if sys.get_int_max_str_digits() else UNLIMITED
+INT_BITS = Limit("SFCKPT_MAX_INT_BITS", 1023, f"bits in an integer stored in a pickle; at most {_TEXT_BITS}, "
+                 "the widest Python turns into text", ceiling=_TEXT_BITS)
+# Module names and patterns an adapter_config.json gives peft: each is matched against every module.
+ADAPTER_PATTERNS = Limit("SFCKPT_MAX_PATTERNS", 10_000,
+                         "module names or patterns one field of adapter_config.json may list")
 # safetensors headers, model.safetensors.index.json, config.json: parsed whole into memory.
 JSON_BYTES = Limit("SFCKPT_MAX_JSON_BYTES", 32 * MiB, "bytes of a safetensors header, index or config.json")
 # Views whose strides overlap (stride 0) write more than their storage holds.

@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from . import content
 from .errors import InputError
+from .layout import check_text
 from .tensors import TensorRef, format_shape
 
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -82,6 +83,8 @@ def entries_of(optimizer: Mapping[str, Any], key: str = "") -> list[Entry]:
                                   or not all(isinstance(n, str) for n in names)):
             raise InputError(f"optimizer param_groups[{g}] has {len(names) if isinstance(names, (list, tuple)) else 'no'} "
                              f"param_names for {len(params)} params", "the checkpoint is damaged")
+        for name in names or ():
+            check_text(name, f"optimizer param_groups[{g}] parameter name")
         for pos, index in enumerate(params):
             try:
                 duplicate = index in seen

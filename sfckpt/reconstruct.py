@@ -230,7 +230,7 @@ def _families(ckpt: Checkpoint, optimizer: str | None):
                     detected = "none of the known families"
                 raise InputError(
                     f"--optimizer {optimizer} does not match the optimizer state (detected: {detected}; "
-                    f"group keys {sorted(group_keys - {'params', 'param_names'})[:8]})",
+                    f"group keys {sorted(group_keys - {'params', 'param_names'}, key=str)[:8]})",
                     "leave --optimizer out to use the detected family",
                 )
             family.check_groups(groups_saved)
@@ -346,7 +346,7 @@ def reconstruct(
                 group_beta, beta_source = _beta_for(family, group, g, beta)
             else:
                 saved = family.beta(group) if beta is None else beta
-                group_beta = float(saved) if isinstance(saved, (int, float)) and not isinstance(saved, bool) else None
+                group_beta = families.as_float(saved)
                 beta_source = "--beta" if beta is not None else ("saved" if group_beta is not None else "not saved")
             groups.append(
                 GroupReport(

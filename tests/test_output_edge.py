@@ -369,16 +369,18 @@ def test_json_gaps_at_the_float64_limit_are_strings(run, tmp_path, command, monk
 
 
 def test_lone_surrogate_names_print_in_every_mode(invoke, tmp_path):
+    """Such a name is refused where it is read (no safetensors file could hold it); the refusal still
+    prints it escaped, as valid UTF-8, in every mode."""
     names = ["bad\ud800name", "w\udfff"] + [f"t{i}" for i in range(12)]
     ckpt, _ = _train(tmp_path, names, poison=names[0], name="surrogate.pt")
     for mode in MODES:
         result, _ = invoke(mode, "inspect", ckpt, "--scan")
-        assert result.exit_code == 0
-        result.stdout.encode("utf-8")  # valid UTF-8: no lone surrogate left
+        assert result.exit_code == 2
+        result.stdout.encode("utf-8")
+        result.stderr.encode("utf-8")
+        assert "bad\\ud800name" in result.stderr.splitlines()[0]
         if mode == "json":
-            assert list(json.loads(result.stdout)["nonfinite"]["tensors"]) == ["bad\\ud800name"]
-        else:
-            assert "bad\\ud800name" in result.stdout
+            assert "bad\\ud800name" in json.loads(result.stdout)["error"]["message"]
 
 
 # ---- the forms themselves ------------------------------------------------------------------------

@@ -299,6 +299,25 @@ def _validate(metadata: Any, path: Path) -> None:
             raise InputError(f"{path}/.metadata: tensor '{key}' of shape {tuple(size)} needs {nbytes} bytes but its "
                              f"shards hold {stored.get(key, 0)}", "the folder is damaged or incomplete")
 
+    _check_nesting(entries, paths or {}, path)
+
+
+def _check_nesting(entries: dict, paths: dict, path: Path) -> None:
+    """planner_data (where each flat key sits in the nested state dict) must place every entry on its own
+    leaf: no path inside another's (a tensor would be asked to hold a key), none twice (one entry would
+    replace another), none deeper than the nesting limit (the rebuild recurses)."""
+    leaves = [paths.get(key, (key,)) for key in entries]
+    depth = limits.NESTING_DEPTH.value
+    deep = next((p for p in leaves if len(p) > depth), None)
+    if deep is not None:
+        raise limits.NESTING_DEPTH.exceeded(f"{path}/.metadata: planner_data nests an entry {len(deep)} levels deep")
+    seen: set[tuple] = set()
+    twice = [p for p in leaves if p in seen or seen.add(p)]
+    clash = twice[0] if twice else next((p for p in leaves if any(p[:i] in seen for i in range(1, len(p)))), None)
+    if clash is not None:
+        raise InputError(f"{path}/.metadata: planner_data places two entries at {'.'.join(map(str, clash))[:200]} "
+                         "(one inside or on top of the other)", "the folder is damaged or crafted")
+
 
 def _confined_size(folder: Path, rel: str) -> int:
     """The size of `rel`, a file the metadata names, which must lie inside `folder` (-1: missing)."""

@@ -177,7 +177,7 @@ class DeepSpeedFolder:
         self.stage = self._stage(first)
         counts = first.sd.get("partition_count")
         counts = counts if isinstance(counts, (list, tuple)) else [counts]
-        if not all(type(c) is int for c in counts):
+        if not counts or not all(type(c) is int and c > 0 for c in counts):
             raise InputError(f"{first.path}: partition_count {counts!r:.40} is not a number of ranks", "the checkpoint is damaged")
         self.world = max(counts)
         if self.world != n:
@@ -211,6 +211,9 @@ class DeepSpeedFolder:
         for g, group in enumerate(opt["param_groups"]):
             if not isinstance(group, Mapping) or not isinstance(group.get("params"), (list, tuple)):
                 raise InputError(f"{file}: optimizer param_groups[{g}] has no 'params' list", "the checkpoint is damaged")
+            if not all(type(i) is int for i in group["params"]):
+                raise InputError(f"{file}: optimizer param_groups[{g}] params {list(group['params'])!r:.60} are not "
+                                 "state indices", "the checkpoint is damaged")
         if not isinstance(flats, (list, tuple)) or not all(isinstance(t, TensorRef) and t.dtype == "float32" for t in flats):
             raise InputError(f"{file}: the fp32 master partitions are not float32 tensors", "the checkpoint is damaged")
         return _Rank(file, sd, list(flats), opt)
@@ -235,7 +238,7 @@ class DeepSpeedFolder:
         for g, (a, b) in enumerate(zip(first.opt["param_groups"], other.opt["param_groups"])):
             if not (isinstance(a, Mapping) and isinstance(b, Mapping)):
                 raise InputError(f"{other.path}: param_groups[{g}] is not a dict", "the checkpoint is damaged")
-            differ = sorted(k for k in set(a) | set(b) if k not in _PER_RANK_KEYS and a.get(k) != b.get(k))
+            differ = sorted((k for k in set(a) | set(b) if k not in _PER_RANK_KEYS and a.get(k) != b.get(k)), key=str)
             if differ:
                 k = differ[0]
                 raise InputError(f"{other.path} does not belong with {first.path.name}: param_groups[{g}] {k} is "
@@ -315,6 +318,9 @@ class DeepSpeedFolder:
             z = entry.get("z") if isinstance(entry, Mapping) else None
             if z is not None and not (isinstance(z, TensorRef) and z.numel >= rank.flats[k].numel):
                 raise InputError(f"{rank.path}: z of flat group {k} does not cover its fp32 partition", "the checkpoint is damaged")
+            if z is not None and z.dtype != "float32":  # the client optimizer steps the fp32 partitions: its z is float32
+                raise InputError(f"{rank.path}: z of flat group {k} is {z.dtype}, not float32 like the partition it "
+                                 "belongs to", "the checkpoint is damaged")
             out.append(z)
         return out
 
@@ -328,6 +334,9 @@ class DeepSpeedFolder:
         if pads is not None and (not isinstance(pads, (list, tuple)) or len(pads) != len(named)):
             raise InputError(f"{self.ranks[0].path}: {len(pads) if isinstance(pads, (list, tuple)) else 'no'} alignment "
                              f"paddings for the {len(named)} parameters of group {k}", "the checkpoint is damaged")
+        if pads is not None and not all(type(p) is int and p >= 0 for p in pads):
+            raise InputError(f"{self.ranks[0].path}: param_alignment_paddings[{k}] {list(pads)!r:.60} are not counts "
+                             "of elements", "the checkpoint is damaged")
         placed, offset = [], 0
         for j, (name, shape) in enumerate(named):
             numel = math.prod(shape)
@@ -340,14 +349,17 @@ class DeepSpeedFolder:
                     z_parts.append((z[r][k], lo - starts[r], hi - lo) if z[r][k] is not None else None)
                 r += 1
             placed.append((name, shape, y_parts, z_parts))
-            offset += numel + (int(pads[j]) if pads is not None else 0)
+            offset += numel + (pads[j] if pads is not None else 0)
         total = sum(sizes)
         # ZeRO-1/2 strip the group's padding before saving; BF16_Optimizer keeps it on the last rank.
         trailing = 0
         if "zero_stage" not in self.ranks[0].sd:
             paddings = self.ranks[-1].sd.get("group_paddings")
             trailing = paddings[k] if isinstance(paddings, (list, tuple)) and k < len(paddings) else 0
-        if offset + (trailing if type(trailing) is int else 0) != total:
+            if not (type(trailing) is int and trailing >= 0):
+                raise InputError(f"{self.ranks[-1].path}: group_paddings[{k}] {trailing!r:.30} is not a count of elements",
+                                 "the checkpoint is damaged")
+        if offset + trailing != total:
             raise InputError(f"{self.tag}: group {k}'s parameters take {offset} elements but the ranks hold {total}",
                              "the model-states file and the rank files come from different saves")
         return placed
@@ -405,7 +417,7 @@ class DeepSpeedFolder:
                 weights[name] = trainable[name]
             elif name in frozen:
                 weights[name] = frozen[name]
-            elif isinstance(shared, Mapping) and shared.get(name) in trainable:
+            elif isinstance(shared, Mapping) and isinstance(shared.get(name), str) and shared[name] in trainable:
                 if hf_model:
                     dropped.append(name)
                 else:
@@ -432,7 +444,8 @@ class DeepSpeedFolder:
             numel, per_rank = math.prod(shape), math.ceil(math.prod(shape) / self.world)
             parts = []
             for r, model in enumerate(self.models):
-                frag = (model.get("frozen_param_fragments") or {}).get(name)
+                fragments = model.get("frozen_param_fragments")
+                frag = fragments.get(name) if isinstance(fragments, Mapping) else None
                 if not isinstance(frag, TensorRef) or frag.numel < per_rank:
                     raise InputError(f"{self.tag}: rank {r} holds no slice of frozen parameter '{name}'",
                                      "the checkpoint was saved without frozen parameters, or is damaged")

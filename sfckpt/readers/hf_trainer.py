@@ -20,6 +20,7 @@ from .safetensors_file import INDEX_NAME, SINGLE_NAME
 OPTIMIZER_NAME = "optimizer.pt"
 STATE_NAME = "trainer_state.json"
 BIN_NAME = "pytorch_model.bin"
+ORDER_HINT = "pass --param-order FILE with the parameter names in optimizer order"
 # Files a release folder needs beside the weights (copied as they are).
 RELEASE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -56,45 +57,11 @@ def trainer_state(path: Path) -> dict[str, Any]:
 
 
 def load_config(path: Path):
-    """The folder's config.json as a transformers config, never running code that comes with it.
+    """The folder's config.json as a transformers config, through the one door to transformers
+    (hf_model): no code that comes with it, no prompt, bounded layer counts."""
+    from . import hf_model
 
-    Only architectures transformers itself ships are accepted: `trust_remote_code=False`, and
-    a config that asks for custom code (`auto_map`) or names an unknown `model_type` is refused
-    before transformers could prompt for it. Sizes that would make the meta-device model
-    expensive are bounded (limits.CONFIG_LAYERS).
-    """
-    import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    from .. import limits
-    from .safetensors_file import read_json_file
-
-    hint = "pass --param-order FILE with the parameter names in optimizer order"
-    raw = read_json_file(path / "config.json", "config.json")
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}/config.json holds a JSON {type(raw).__name__}, not an object", hint)
-    model_type = raw.get("model_type")
-    if "auto_map" in raw or not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        raise InputError(f"{path}/config.json names model_type {str(model_type)[:80]!r}"
-                         + (" with custom code (auto_map), which sfckpt never runs" if "auto_map" in raw
-                            else ", which transformers does not ship"), hint)
-    archs = raw.get("architectures")
-    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
-        raise InputError(f"{path}/config.json has architectures {str(archs)[:80]}, not a list of class names", hint)
-    stack = [raw]
-    while stack:  # layer and expert counts, nested configs included (read_json_file bounded the nesting)
-        node = stack.pop()
-        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
-            if isinstance(value, (dict, list)):
-                stack.append(value)
-            elif type(value) is int and any(w in str(key) for w in ("layer", "expert", "block")) \
-                    and value > limits.CONFIG_LAYERS.value:
-                raise limits.CONFIG_LAYERS.exceeded(f"{path}/config.json asks for {key} = {value}")
-    try:
-        return transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    except Exception as exc:
-        raise InputError(f"{path}/config.json cannot be read by transformers ({type(exc).__name__}: {exc})"[:300],
-                         hint) from None
+    return hf_model.read_config(path / "config.json", f"{path}/config.json", ORDER_HINT)
 
 
 def parameter_order(path: Path) -> tuple[list[str], list[set[str]]]:
@@ -104,9 +71,9 @@ def parameter_order(path: Path) -> tuple[list[str], list[set[str]]]:
     Which parameters were frozen is not saved, so each group may hold any subset of its names,
     in this order; the mapping confirms the subset by content."""
     try:
-        import torch
-        import transformers
         from transformers import Trainer
+
+        from . import hf_model
     except ImportError:
         raise InputError(
             f"{path} is a Hugging Face Trainer checkpoint; matching its optimizer state to the weights needs transformers",
@@ -116,13 +83,9 @@ def parameter_order(path: Path) -> tuple[list[str], list[set[str]]]:
         raise InputError(f"{path} has optimizer.pt but no config.json to rebuild the parameter order from",
                          "copy config.json into the folder, or pass --param-order FILE")
     config = load_config(path)
-    archs = getattr(config, "architectures", None) or []
-    model_cls = getattr(transformers, archs[0], None) if archs else None
-    if model_cls is None:
-        raise InputError(f"{path}/config.json names architecture {archs[0] if archs else 'none'}, which transformers does not have",
-                         "pass --param-order FILE with the parameter names in optimizer order")
-    with torch.device("meta"):
-        model = model_cls._from_config(config)
+    archs = getattr(config, "architectures", None) or [None]
+    model_cls = hf_model.model_class(archs[0], config, f"{path}/config.json", ORDER_HINT)
+    model = hf_model.build_on_meta(model_cls, config, f"{path}/config.json", ORDER_HINT)
     decay = set(Trainer.get_decay_parameter_names(None, model))
     named = [n for n, _ in model.named_parameters()]
     return named, [{n for n in named if n in decay}, {n for n in named if n not in decay}]

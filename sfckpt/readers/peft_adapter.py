@@ -10,18 +10,19 @@ the Trainer's weight-decay and no-decay groups. There is no base model and no
 PEFT saves names without the adapter name (`...q_proj.lora_A.weight` for the
 parameter `...q_proj.lora_A.default.weight`) and lists them sorted, so the
 model's parameter order is not in the folder. `parameter_order` rebuilds it
-from the base model's config, when that is at hand; otherwise the optimizer's
+from the base model's config.json (a folder or the local Hugging Face cache, read
+through hf_model, never downloaded) when that is at hand; otherwise the optimizer's
 entries are matched to tensors by shape and content, or `--param-order` gives
 the order (with the names as saved in the adapter file).
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .safetensors_file import read_safetensors
+from .paths import confined
+from .safetensors_file import read_json_file, read_safetensors
 
 OPTIMIZER_NAME = "optimizer.pt"
 CONFIG_NAME = "adapter_config.json"
@@ -29,6 +30,7 @@ SAFE_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 # What PeftModel.from_pretrained(base, folder) reads beside the weights.
 RELEASE_FILES = (CONFIG_NAME, "README.md")
+ORDER_HINT = "pass --param-order FILE with the adapter's parameter names in optimizer order"
 
 
 def is_adapter_checkpoint(path: Path) -> bool:
@@ -50,67 +52,72 @@ def load_object(path: Path) -> tuple[dict[str, Any], list[str]]:
     return {"model": weights, "optimizer": optimizer}, sorted(set(unloaded) | set(opt_unloaded))
 
 
-def _base_config(path: Path, name: str):
-    """The base model's config from `base_model_name_or_path`: a folder (as given, or relative to the run
-    folder the checkpoint sits in) or a model id already in the local Hugging Face cache; None when it is in
-    neither. Nothing is downloaded."""
-    import transformers
-
-    local = [w for w in (Path(name), path.parent / name, path.parent.parent / name) if (w / "config.json").is_file()]
-    try:  # never trust_remote_code: a config that needs code from the hub gives no order
-        return transformers.AutoConfig.from_pretrained(str(local[0]) if local else name, local_files_only=True)
-    except Exception:
-        return None
-
-
-def parameter_order(path: Path) -> tuple[list[str], list[set[str]]] | None:
-    """The adapter's names (as saved) in the PeftModel's `named_parameters()` order, and the names the
-    Trainer's two groups (weight decay, no weight decay) may hold. None when that cannot be rebuilt here
-    (no peft or transformers, the base model's config not at hand, a model that does not build): then
-    shape and content decide, or --param-order, which `load` does not see and so must not be blocked.
-
-    Built like the Trainer built it: the base model from its config on the meta device (no weights),
-    wrapped by PEFT with the saved adapter config."""
-    import json
-
-    try:
-        config = json.loads((path / CONFIG_NAME).read_text())
-    except (OSError, ValueError):
-        raise InputError(f"{path}/{CONFIG_NAME} is missing or not JSON", "the adapter checkpoint is incomplete") from None
-    base_name = config.get("base_model_name_or_path") if isinstance(config, dict) else None
-    if not base_name:
-        return None
-    try:
-        import peft
-        import torch
-        import transformers
-        from transformers import Trainer
-    except ImportError:
-        return None
-    base_config = _base_config(path, base_name)
-    if base_config is None:
-        return None
-    class_name = (config.get("auto_mapping") or {}).get("base_model_class") or (base_config.architectures or [None])[0]
-    model_cls = getattr(transformers, class_name, None) if class_name else None
-    if model_cls is None:
-        return None
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecation notes from building the model say nothing about the checkpoint
+def _base_config_file(path: Path, name: str) -> Path:
+    """The base model's config.json: in the folder `base_model_name_or_path` names (as given, or relative to
+    the run folder the checkpoint sits in) or, for a model id, in the local Hugging Face cache. Nothing is
+    downloaded. The base model is a second input: its config.json must lie inside its folder."""
+    for folder in (Path(name), path.parent / name, path.parent.parent / name):
         try:
-            peft_config = peft.PeftConfig.from_pretrained(str(path))
-            peft_config.inference_mode = False  # saved as True; the trained model had its adapter trainable
-            model = peft.get_peft_model(model_cls._from_config(base_config), peft_config)
-        except Exception:
-            return None
+            if (folder / "config.json").is_file():
+                return confined(folder, "config.json", f"the base model folder {folder}")
+        except (OSError, ValueError):  # a name no file system takes (a NUL byte, too long)
+            continue
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a model id either
+        cached = None
+    if isinstance(cached, str):  # snapshots/<rev>/config.json, a link to the cache's blobs
+        return confined(Path(cached).parent, "config.json", f"the cached base model {name[:100]}")
+    raise InputError(f"{path}/{CONFIG_NAME} names the base model {name[:100]!r}, whose config.json is neither in a "
+                     "folder of that name nor in the local Hugging Face cache (sfckpt downloads nothing)",
+                     f"download its config.json (huggingface-cli download {name[:100]} config.json), or {ORDER_HINT}")
+
+
+def parameter_order(path: Path) -> tuple[list[str], list[set[str]]]:
+    """The adapter's names (as saved) in the PeftModel's `named_parameters()` order, and the names the
+    Trainer's two groups (weight decay, no weight decay) may hold.
+
+    Built like the Trainer built it, through the one door to transformers and peft (hf_model): the base
+    model from its vetted config.json on the meta device (no weights), wrapped by peft with the vetted
+    adapter config. An InputError says why the order cannot be rebuilt here (no peft or transformers,
+    the base model's config not at hand or refused); `load` keeps it for when shapes and content do not
+    decide, since --param-order, which `load` does not see, may."""
+    config = read_json_file(path / CONFIG_NAME, CONFIG_NAME)
+    if not isinstance(config, dict):
+        raise InputError(f"{path}/{CONFIG_NAME} holds a JSON {type(config).__name__}, not an object",
+                         "the adapter checkpoint is damaged")
+    base_name = config.get("base_model_name_or_path")
+    if not (isinstance(base_name, str) and base_name.strip() and "\x00" not in base_name):
+        raise InputError(f"{path}/{CONFIG_NAME} has base_model_name_or_path {base_name!r:.60}, not the name of "
+                         "a model", ORDER_HINT)
+    try:
+        import peft  # noqa: F401  (hf_model wraps the model with it)
+        from transformers import Trainer
+
+        from . import hf_model
+    except ImportError:
+        raise InputError(f"{path} is a PEFT adapter checkpoint; rebuilding its parameter order needs peft and "
+                         "transformers", f"pip install 'sfckpt[hf]', or {ORDER_HINT}") from None
+    base_file = _base_config_file(path, base_name)
+    where = f"{base_file} (the base model of {path.name})"
+    base_config = hf_model.read_config(base_file, where, ORDER_HINT)
+    mapping = config.get("auto_mapping")
+    class_name = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    class_name = class_name or (getattr(base_config, "architectures", None) or [None])[0]
+    model_cls = hf_model.model_class(class_name, base_config, where, ORDER_HINT)
+    model = hf_model.peft_model(hf_model.build_on_meta(model_cls, base_config, where, ORDER_HINT), config,
+                                f"{path}/{CONFIG_NAME}", ORDER_HINT)
 
     # The names PEFT saves each trainable parameter under (adapter name removed, modules_to_save unwrapped), as
     # PEFT itself computes them: its state dict of the parameters themselves, matched back by identity.
-    params = model.state_dict(keep_vars=True)
-    saved = {id(p): k for k, p in peft.get_peft_model_state_dict(model, state_dict=params).items()}
+    saved = hf_model.saved_names(model)
     decay = set(Trainer.get_decay_parameter_names(None, model))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if any(id(p) not in saved for _, p in named):
-        return None  # a trainable parameter PEFT does not save: the rebuilt model is not the trained one
+        raise InputError(f"{path}: the PEFT model rebuilt from {base_file} trains a parameter PEFT does not save, "
+                         "so it is not the model trained", ORDER_HINT)
     names = [saved[id(p)] for _, p in named]
     return names, [{saved[id(p)] for n, p in named if n in decay}, {saved[id(p)] for n, p in named if n not in decay}]
 

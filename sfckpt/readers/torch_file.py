@@ -291,14 +291,27 @@ class _Storage:
                     f"{self.archive.path}: tensor data record '{self.key}' is shorter than the tensor it holds",
                     "the file is truncated or damaged; copy it again",
                 )
-        self.archive.describe(math.prod(shape) * itemsize)
+        nbytes = math.prod(shape) * itemsize
+        self.archive.describe(nbytes)
         archive, key = self.archive, self.key
+        overlapping = nbytes > self.archive.storage_nbytes(self.key)
 
         def load():
             import torch
 
             base = archive.storage_tensor(key, dtype)
-            return torch.as_strided(base, shape, stride, offset)
+            view = torch.as_strided(base, shape, stride, offset)
+            if not overlapping:
+                return view
+            # The one place a view asks for more memory than the file holds: what SFCKPT_MAX_EXPANSION
+            # allowed may still be more than this machine has.
+            try:
+                return view.contiguous()
+            except (RuntimeError, MemoryError):  # the allocation is all contiguous() can fail on here
+                raise InputError(f"{archive.path}: record '{key}' viewed with overlapping strides as {shape} needs "
+                                 f"{nbytes} bytes of memory, which cannot be allocated here",
+                                 "lower SFCKPT_MAX_EXPANSION to refuse it early, or convert where there is the "
+                                 "memory") from None
 
         return TensorRef(dtype, shape, load, storage_id=(id(archive), key), view=(offset, stride, shape),
                          location=self.archive.location(key, dtype, offset, shape, stride))
