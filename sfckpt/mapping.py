@@ -202,7 +202,7 @@ def decide(
                 "--optimizer-key)",
             )
 
-    anchors, possible = _content_anchors(stateful, weights, candidates, sampler)
+    anchors, possible, classes = _content_anchors(stateful, weights, candidates, sampler)
 
     ignored: dict[str, str] = {}
     used = list(optimizers)
@@ -270,6 +270,7 @@ def decide(
                              "the optimizer states overlap; choose one with --optimizer-key")
         used_names[e.name] = e
         _verify_pair(e, o, weights, kinds[id(e)])
+    _verify_content(stateful, classes, order_name)
     for o in used:
         for e in o.entries:
             if e.z(o.z_key) is None and e.name is None and e.saved_name in weights:
@@ -290,9 +291,10 @@ def decide(
     return ParameterMapping(method, entries, counts, confirmed, len(stateful), untrained, twin_map, ignored, warnings)
 
 
-def _content_anchors(stateful, weights, candidates, sampler) -> tuple[dict[int, str], dict[int, set[str]]]:
-    """Entries whose z content ties to one tensor with a margin (id(entry) -> name), and for every entry
-    the tensors content does not rule out (id(entry) -> names)."""
+def _content_anchors(stateful, weights, candidates, sampler) -> tuple[dict[int, str], dict[int, set[str]], dict]:
+    """Entries whose z content ties to one tensor with a margin (id(entry) -> name), for every entry
+    the tensors content does not rule out (id(entry) -> names), and the evidence of each shape class
+    (shape -> (evidence, id(entry) -> row, name -> column)) for checking the pairs finally used."""
     by_shape: dict[tuple, list[str]] = {}
     for c in candidates:
         by_shape.setdefault(weights[c].shape, []).append(c)
@@ -301,6 +303,7 @@ def _content_anchors(stateful, weights, candidates, sampler) -> tuple[dict[int, 
         rows.setdefault(e.z(o.z_key).shape, []).append((o, e))
     anchors: dict[int, str] = {}
     possible: dict[int, set[str]] = {}
+    classes: dict[tuple, tuple[content.ClassEvidence, dict[int, int], dict[str, int]]] = {}
     for shape, items in rows.items():
         cols = by_shape.get(shape, [])
         if not cols:
@@ -310,7 +313,8 @@ def _content_anchors(stateful, weights, candidates, sampler) -> tuple[dict[int, 
             if m.confirmed:
                 anchors[id(e)] = cols[m.candidate]
             possible[id(e)] = {c for j, c in enumerate(cols) if ev.possible(i, j)}
-    return anchors, possible
+        classes[shape] = (ev, {id(e): i for i, (o, e) in enumerate(items)}, {c: j for j, c in enumerate(cols)})
+    return anchors, possible, classes
 
 
 def _apply_param_order(o: OptimizerEntries, order: Sequence[str], weights) -> None:
@@ -568,6 +572,51 @@ def _verify_pair(e: Entry, o: OptimizerEntries, weights, method: str) -> None:
                 f"{e.label()} has {key} of dtype {ref.dtype} but parameter '{e.name}' is {param.dtype}",
                 "optimizer.eval() could not combine them either; the checkpoint is inconsistent",
             )
+
+
+def _verify_content(stateful, classes, order_name: str) -> None:
+    """Check every pair used against its samples, however it was found.
+
+    A pair whose z and tensor are as far apart as independent tensors, while the file's confirmed
+    pairs track closely, is refused: names, an order or the only way to fit cannot make a fresh tensor
+    (a head replaced after the optimizer was built, a re-initialised embedding) the owner of another
+    tensor's z. Where content alone decided a pair, a second tensor that also shares z's history
+    (a copy, a network trained along the same path) makes the decision ambiguous."""
+    import numpy as np
+
+    confirmed = [ev.ratio[i, m.candidate] for ev, _, _ in classes.values() for i, m in enumerate(ev.matches)
+                 if m.confirmed and ev.size >= content.VERIFY_MIN_ELEMENTS]
+    reference = float(np.median(confirmed)) if confirmed else 0.0
+    how = {"names": "its saved name", "--param-order": "--param-order", "content": "content",
+           "order": order_name or "order"}
+    for o, e in stateful:
+        found = classes.get(e.z(o.z_key).shape)
+        if found is None:
+            continue
+        ev, rows, cols = found
+        i, j = rows.get(id(e)), cols.get(e.name)
+        if i is None or j is None:
+            continue  # a tensor that is not a candidate (a tied duplicate's name): checked by _verify_pair
+        if ev.looks_unrelated(i, j, reference):
+            raise InputError(
+                f"{e.label()} is paired with '{e.name}' by {how.get(e.evidence, e.evidence)}, but its z is unrelated "
+                f"to that tensor (d²/(‖y‖²+‖z‖²) = {ev.ratio[i, j]:.2f}, as for independent tensors; "
+                f"{reference:.2g} for this file's confirmed pairs): the optimizer state belongs to a different "
+                f"tensor — '{e.name}' was replaced or re-initialised after the optimizer was built, or the names "
+                "or order are wrong",
+                "save the model together with the optimizer that trains it (build the optimizer after replacing "
+                "layers); if the pairing came from --param-order, check the names",
+            )
+        if e.evidence == "content":
+            by_column = {jj: c for c, jj in cols.items()}
+            others = [by_column[jj] for jj in ev.sharing_history(i) if by_column[jj] != e.name]
+            if others:
+                raise InputError(
+                    f"cannot tell which tensor {e.label()} belongs to: '{e.name}' lies nearest its z, but "
+                    f"'{others[0]}' also shares its history (a copy, or a tensor trained along the same path), "
+                    "so content cannot decide",
+                    ORDER_HINT,
+                )
 
 
 def _find_twins(weights, candidates, trained, ties_visible, policy, sampler) -> tuple[dict[str, str], list[str]]:
