@@ -32,11 +32,14 @@ UNRELATED = 0.9  # d² / (‖y‖² + ‖z‖²) above this looks like two indep
 UNRELATED_FACTOR = 10.0  # ...when it is also this many times the ratio of the shape's confirmed pairs
 UNRELATED_MIN_ELEMENTS = 256  # and the sample is large enough for that ratio to be steady
 # Every pair that is used, however it was found (names, order, shape), is checked on its samples:
-# unrelated when d² / (‖y‖² + ‖z‖²) exceeds both what independent tensors reach by chance
-# (1 - NOISE_SIGMAS/√n: their cosine is about N(0, 1/n)) and UNRELATED_FACTOR times the median of
-# the file's confirmed pairs (how closely y and z track in this run).
+# unrelated when d² / (‖y‖² + ‖z‖²) exceeds UNRELATED_FLOOR (a cosine under about 0.25; a
+# zero-initialised head at lr 2.0 reaches 0.56 in the tests, independent tensors about 1), what
+# independent tensors reach by chance (1 - NOISE_SIGMAS/√n: their cosine is about N(0, 1/n)), and
+# UNRELATED_FACTOR times the median of the confirmed pairs of the entry's group (how closely y and z
+# track in this run).
+UNRELATED_FLOOR = 0.75
 NOISE_SIGMAS = 3.0
-VERIFY_MIN_ELEMENTS = 64  # below this, chance alone brings independent tensors too close to tell
+VERIFY_MIN_ELEMENTS = 32  # below this, chance alone brings independent tensors too close to tell
 # A candidate shares z's history when their centred samples are as close as a parameter and its
 # own z (the centred ratio below SHARED, a cosine of about 0.75 or more) and beyond chance
 # (HISTORY_SIGMAS standard deviations). Tensors trained from independent initialisations reach
@@ -93,7 +96,8 @@ class ClassEvidence:
         tensors, shared means (norm gains) and small samples are "cannot tell": False."""
         if self.size < VERIFY_MIN_ELEMENTS:
             return False
-        return bool(self.ratio[i, j] > max(1.0 - NOISE_SIGMAS / self.size ** 0.5, UNRELATED_FACTOR * reference))
+        limit = max(UNRELATED_FLOOR, 1.0 - NOISE_SIGMAS / self.size ** 0.5, UNRELATED_FACTOR * reference)
+        return bool(self.ratio[i, j] > limit)
 
     def sharing_history(self, i: int) -> list[int]:
         """Candidates whose centred samples are aligned with entry i's z beyond chance: the pair's own

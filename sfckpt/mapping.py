@@ -584,9 +584,16 @@ def _verify_content(stateful, classes, order_name: str) -> None:
     (a copy, a network trained along the same path) makes the decision ambiguous."""
     import numpy as np
 
-    confirmed = [ev.ratio[i, m.candidate] for ev, _, _ in classes.values() for i, m in enumerate(ev.matches)
-                 if m.confirmed and ev.size >= content.VERIFY_MIN_ELEMENTS]
-    reference = float(np.median(confirmed)) if confirmed else 0.0
+    # How closely y and z track in this run: the confirmed pairs of the entry's own group (one lr, weight
+    # decay, β and step count: a new head at a hundred times the backbone's lr drifts far more), else
+    # of the whole file.
+    of_entry = {ident: ev.ratio[i, ev.matches[i].candidate] for ev, rows, _ in classes.values()
+                for ident, i in rows.items() if ev.matches[i].confirmed and ev.size >= content.VERIFY_MIN_ELEMENTS}
+    by_group: dict[tuple, list[float]] = {}
+    for o, e in stateful:
+        if id(e) in of_entry:
+            by_group.setdefault((o.key, e.group), []).append(of_entry[id(e)])
+    overall = float(np.median(list(of_entry.values()))) if of_entry else 0.0
     how = {"names": "its saved name", "--param-order": "--param-order", "content": "content",
            "order": order_name or "order"}
     for o, e in stateful:
@@ -597,6 +604,8 @@ def _verify_content(stateful, classes, order_name: str) -> None:
         i, j = rows.get(id(e)), cols.get(e.name)
         if i is None or j is None:
             continue  # a tensor that is not a candidate (a tied duplicate's name): checked by _verify_pair
+        group = by_group.get((o.key, e.group))
+        reference = float(np.median(group)) if group else overall
         if ev.looks_unrelated(i, j, reference):
             raise InputError(
                 f"{e.label()} is paired with '{e.name}' by {how.get(e.evidence, e.evidence)}, but its z is unrelated "
