@@ -108,7 +108,7 @@ def candidate_parameters(weights: Mapping[str, TensorRef]) -> tuple[list[str], l
     seen: set = set()
     for name, ref in weights.items():
         tied = ref.data_key is not None and ref.data_key in seen
-        if tied or not ref.is_float or name.rsplit(".", 1)[-1] in BUFFER_SUFFIXES:
+        if tied or not (ref.is_float or ref.is_complex) or name.rsplit(".", 1)[-1] in BUFFER_SUFFIXES:
             left_out.append(name)
         else:
             candidates.append(name)
@@ -277,7 +277,8 @@ def decide(
                 e.name = e.saved_name
 
     trained = set(used_names)
-    twin_map, twin_warnings = _find_twins(weights, candidates, trained, ties_visible, twins, sampler)
+    z_of = {e.name: e.z(o.z_key) for o, e in stateful}
+    twin_map, twin_warnings = _find_twins(weights, candidates, trained, ties_visible, twins, sampler, z_of)
     untrained = [c for c in candidates if c not in trained and c not in twin_map]
     counts: dict[str, int] = {}
     for o, e in stateful:
@@ -628,32 +629,51 @@ def _verify_content(stateful, classes, order_name: str) -> None:
                 )
 
 
-def _find_twins(weights, candidates, trained, ties_visible, policy, sampler) -> tuple[dict[str, str], list[str]]:
-    """Untracked tensors that are byte-identical copies of trained ones, where ties are saved as copies."""
-    if ties_visible or policy == "frozen":
+def _find_twins(weights, candidates, trained, ties_visible, policy, sampler, z_of) -> tuple[dict[str, str], list[str]]:
+    """Untracked tensors that are byte-identical copies of trained ones: tied weights saved apart, or
+    deliberate frozen copies. The bytes cannot tell which, so outside DCP (where every tie is saved
+    as copies) any such copy needs `--twins`; copies of a tensor whose x is its y need nothing."""
+    if policy == "frozen":
         return {}, []
-    by_shape: dict[tuple, list[str]] = {}
+    untracked = [c for c in candidates if c not in trained]
+    kinds = {(weights[c].shape, weights[c].dtype) for c in untracked}
+
+    def key(ref):
+        return ref.shape, ref.dtype, sampler.sample(ref, content.SAMPLE_ELEMENTS).tobytes()
+
+    by_sample: dict[tuple, list[str]] = {}
     for name in trained:
-        by_shape.setdefault((weights[name].shape, weights[name].dtype), []).append(name)
+        if (weights[name].shape, weights[name].dtype) in kinds:
+            by_sample.setdefault(key(weights[name]), []).append(name)
     found: dict[str, str] = {}
-    for name in candidates:
-        if name in trained:
-            continue
+    for name in untracked:
         ref = weights[name]
-        for other in by_shape.get((ref.shape, ref.dtype), []):
+        for other in by_sample.get(key(ref), []):
             if content.identical(ref, weights[other], sampler):
                 found[name] = other
                 break
-    if not found:
-        return {}, []
+    # Where the optimizer never moved the tensor (z equal to y), tied and frozen give the same bytes.
+    found = {a: b for a, b in found.items() if z_of.get(b) is None or not content.identical(z_of[b], weights[b], sampler)}
+    if not found or policy == "tied":
+        return found, []
     sources = sorted(set(found.values()))
-    if policy == "auto" and len(sources) > 1:
-        pairs = ", ".join(f"'{a}' = '{b}'" for a, b in list(found.items())[:3])
+    pairs = ", ".join(f"'{a}' = '{b}'" for a, b in list(found.items())[:3])
+    hint = ("pass --twins tied (they get the trained tensor's x) or --twins frozen (copied as saved; a target or "
+            "EMA network copied before saving)")
+    if ties_visible:
+        raise InputError(
+            f"{len(found)} tensor{'s' if len(found) > 1 else ''} the optimizer does not train "
+            f"{'are' if len(found) > 1 else 'is'} byte-identical to {'tensors' if len(sources) > 1 else 'a tensor'} "
+            f"it trains but saved apart ({pairs}): tied weights copied before saving ({{k: v.clone()}}, .cpu() per "
+            "tensor), or a deliberate frozen copy? The file cannot tell",
+            hint,
+        )
+    if len(sources) > 1:
         raise InputError(
             f"{len(found)} tensors the optimizer does not train are byte-identical to {len(sources)} different "
             f"tensors it trains ({pairs}): tied weights, or a frozen copy of the network (a target or EMA network "
             "copied before saving)? The file cannot tell",
-            "pass --twins tied (they share the trained tensor's x) or --twins frozen (copy them as saved)",
+            hint,
         )
     warnings = [f"'{a}' is byte-identical to '{b}', which the optimizer trains, and is treated as a tied weight "
                 "(it gets the same x); pass --twins frozen if it is a separate frozen copy" for a, b in found.items()]

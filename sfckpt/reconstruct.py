@@ -15,7 +15,7 @@ from .errors import InputError
 from .tensors import DTYPES, TensorRef, nbytes_of
 
 BN_SUFFIXES = ("running_mean", "running_var")
-LERP_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16"})
+LERP_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "complex64", "complex128"})
 
 
 @dataclass
@@ -375,7 +375,7 @@ def reconstruct(
                     raise InputError(
                         f"parameter '{e.name}' is {ckpt.weights[e.name].dtype} and has a z, but torch.lerp (what "
                         "optimizer.eval() computes) has no kernel for that dtype",
-                        "Schedule-Free optimizers train float32/bfloat16/float16/float64 parameters; the checkpoint "
+                        "Schedule-Free optimizers train float32/bfloat16/float16/float64/complex parameters; the checkpoint "
                         "was altered after training",
                     )
                 out = OutputTensor(e.name, ckpt.weights[e.name], group=g)
@@ -396,7 +396,9 @@ def reconstruct(
     tensors: list[OutputTensor] = []
     for name, ref in ckpt.weights.items():
         if ref.dtype not in DTYPES:
-            raise InputError(f"tensor '{name}' has dtype {ref.dtype}, which safetensors cannot hold", "")
+            raise InputError(f"tensor '{name}' has dtype {ref.dtype}, which safetensors cannot hold",
+                             "safetensors has no such type (it holds complex64, not complex128), so sfckpt cannot "
+                             "write this model")
         out = by_name.get(name)
         if out is None:
             # A tied duplicate gets the same x as the name the optimizer knows it by.

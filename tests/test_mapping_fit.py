@@ -290,3 +290,102 @@ def test_loss_owned_log_vars_without_a_look_alike_buffer_convert(run, tmp_path):
               steps=6, loss=lambda m, b: criterion(torch.cat([m(b), m(b)], 1), torch.ones_like(b)))
     result, out = convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
     assert_refused(result, out, "no parameter of that shape")
+
+
+# ---- tied weights saved apart: the bytes cannot tell a tie from a frozen copy ------------------------
+
+def _tied_lm_saved_apart():
+    import trainers
+
+    model = trainers.TiedLM()
+    opt = trainers.train(model, "adamw")
+    expected = trainers.eval_x(model, opt)
+    # what `{k: v.cpu() for k, v in sd.items()}` gives on a GPU run: one tensor per name, no shared storage
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    return {"model": weights, "optimizer": opt.state_dict()}, expected
+
+
+def test_tie_saved_as_separate_copies_needs_twins(run, tmp_path):
+    """A clone snapshot of a tied embedding/head: refused, naming both tensors and --twins."""
+    obj, _ = _tied_lm_saved_apart()
+    result, out = convert(run, tmp_path, obj)
+    assert_refused(result, out, "'head.weight' = 'embed.weight'", "--twins tied", "--twins frozen")
+
+
+def test_tie_saved_as_separate_copies_with_twins_tied(run, tmp_path):
+    """--twins tied: the copy gets the trained tensor's x, as eval() gives the tied model."""
+    obj, expected = _tied_lm_saved_apart()
+    result, out = convert(run, tmp_path, obj, "--twins", "tied")
+    assert_converts(result, out, expected)
+
+
+def test_gpt2_clone_snapshot_with_tied_lm_head(run, tmp_path):
+    """GPT-2 (tied lm_head) saved as `{k: v.clone() ...}`: refused without --twins; --twins tied gives eval()'s x."""
+    pytest.importorskip("transformers")
+    model, loss, batch = recipes.tiny_hf("gpt2")
+    opt = fit(model, schedulefree.AdamWScheduleFree(model.parameters(), lr=0.01), loss=loss, batch=batch)
+    expected = eval_x(model, opt)
+    obj = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "optimizer": opt.state_dict()}
+    result, out = convert(run, tmp_path, obj)
+    assert_refused(result, out, "'lm_head.weight' = 'transformer.wte.weight'", "--twins")
+    result, out = convert(run, tmp_path, obj, "--twins", "tied")
+    assert_converts(result, out, expected)
+
+
+def test_frozen_target_copy_needs_twins_frozen(run, tmp_path):
+    """A DQN target network hard-copied just before torch.save (optimizer built from named_parameters(), so the
+    trained tensors are known): refused; --twins frozen keeps the target as saved."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"online": recipes.Net(), "target": recipes.Net()})
+    model["target"].requires_grad_(False)
+    online = [(n, p) for n, p in model.named_parameters() if n.startswith("online.")]
+    opt = fit(model["online"], schedulefree.AdamWScheduleFree(online, lr=0.02))
+    model["target"].load_state_dict(model["online"].state_dict())
+    expected = eval_x(model, opt)
+    obj = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+    result, out = convert(run, tmp_path, obj)
+    assert_refused(result, out, "--twins frozen")
+    result, out = convert(run, tmp_path, obj, "--twins", "frozen")
+    assert_converts(result, out, expected)
+
+
+# ---- complex parameters --------------------------------------------------------------------------
+
+class Spectral(nn.Module):
+    """An FNO-style spectral layer: complex weights on the lowest Fourier modes, beside a real projection."""
+
+    def __init__(self, dtype=torch.complex64, modes: int = 9, width: int = 16):
+        super().__init__()
+        self.modes = modes
+        real = torch.float64 if dtype == torch.complex128 else torch.float32
+        self.spectral = nn.Parameter(0.1 * torch.randn(width, width, modes, dtype=dtype))
+        self.proj = nn.Linear(width, width).to(real)
+
+    def forward(self, x):  # x: (batch, width, 16)
+        f = torch.fft.rfft(x, dim=-1)[..., :self.modes]
+        g = torch.einsum("bim,iom->bom", f, self.spectral)
+        y = torch.fft.irfft(g, n=x.shape[-1], dim=-1)
+        return self.proj((x + y).transpose(1, 2))
+
+
+def test_complex64_spectral_weights_convert(run, tmp_path):
+    """complex64 parameters are ordinary parameters: x is eval()'s torch.lerp, bit for bit, written as C64."""
+    torch.manual_seed(0)
+    model = Spectral()
+    opt = fit(model, schedulefree.AdamWScheduleFree(model.parameters(), lr=0.01), steps=5,
+              batch=lambda: torch.randn(4, 16, 16))
+    y, expected = snapshot(model), eval_x(model, opt)
+    assert recipes.changed(expected, y) >= {"spectral"}
+    result, out = convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    assert_converts(result, out, expected)
+    assert read(out)["spectral"].dtype == torch.complex64
+
+
+def test_complex128_is_refused_naming_the_dtype(run, tmp_path):
+    """safetensors has no complex128: refused with the tensor and its dtype, not as a damaged file."""
+    torch.manual_seed(0)
+    model = Spectral(torch.complex128)
+    opt = fit(model, schedulefree.AdamWScheduleFree(model.parameters(), lr=0.01), steps=3,
+              batch=lambda: torch.randn(4, 16, 16, dtype=torch.float64))
+    result, out = convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    assert_refused(result, out, "'spectral'", "complex128")
