@@ -40,6 +40,7 @@ def assert_refused(result, out, *words):
     for word in words:
         assert word in lines[0], lines[0]
     assert not Path(out).exists()
+    print(lines[0])  # seen with pytest -s
 
 
 def convert(run, tmp_path, obj, *args):
@@ -389,3 +390,15 @@ def test_complex128_is_refused_naming_the_dtype(run, tmp_path):
               batch=lambda: torch.randn(4, 16, 16, dtype=torch.float64))
     result, out = convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
     assert_refused(result, out, "'spectral'", "complex128")
+
+
+def test_tie_saved_apart_after_eval_needs_no_twins(run, tmp_path):
+    """Saved after optimizer.eval() (parameters hold x, nothing is converted): tied and frozen give the same bytes."""
+    import trainers
+
+    model = trainers.TiedLM()
+    opt = trainers.train(model, "adamw")
+    opt.eval()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    result, out = convert(run, tmp_path, {"model": weights, "optimizer": opt.state_dict()})
+    assert_converts(result, out, weights)
