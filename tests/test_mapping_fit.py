@@ -402,3 +402,25 @@ def test_tie_saved_apart_after_eval_needs_no_twins(run, tmp_path):
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     result, out = convert(run, tmp_path, {"model": weights, "optimizer": opt.state_dict()})
     assert_converts(result, out, weights)
+
+
+def test_optimizer_state_of_another_run_is_refused(run, tmp_path):
+    """Weights of one run saved with the optimizer of another run of the same architecture (other seed)."""
+    runs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = Classifier()
+        runs.append((model, fit(model, schedulefree.AdamWScheduleFree(model.parameters(), lr=0.01), steps=6)))
+    result, out = convert(run, tmp_path, {"model": runs[0][0].state_dict(), "optimizer": runs[1][1].state_dict()})
+    assert_refused(result, out, STALE)
+
+
+def test_head_replaced_among_same_shape_tensors(run, tmp_path):
+    """A head layer replaced by a fresh nn.Linear of the shape every other layer has: never exit 0 with a wrong x
+    (content places every trained tensor, and no tensor is left for the stale entry)."""
+    torch.manual_seed(0)
+    model = recipes.HeadBackbone()
+    opt = fit(model, schedulefree.AdamWScheduleFree(model.parameters(), lr=0.01), steps=6)
+    model.head[2] = recipes.lin()
+    result, out = convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    assert_refused(result, out, "fits no tensor of these weights")
