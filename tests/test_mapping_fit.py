@@ -5,7 +5,9 @@ must not have a second candidate.
 Each checkpoint is trained with the real optimizer and saved as real code saves it. Two contracts:
 `assert_converts` (exit 0, every tensor `torch.equal` to the optimizer's own eval()) where the file
 determines x, and `assert_refused` (exit 2, one `error:` line, nothing written) where it does not.
-The refusals here were all exit 0 with a wrong tensor before.
+Before these checks, the fresh-tensor, stale-name, swapped --param-order, two-tower, another-run and
+tie-copy setups converted with exit 0 and a wrong tensor; a deliberate frozen copy converted right and
+now needs --twins frozen (the bytes cannot tell it from a tie); complex64 was refused as a damaged file.
 """
 from __future__ import annotations
 
@@ -281,16 +283,6 @@ def test_bf16_head_first_sgd_converts(run, tmp_path):
     expected = eval_x(model, opt)
     result, out = convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
     assert_converts(result, out, expected)
-
-
-def test_loss_owned_log_vars_without_a_look_alike_buffer_convert(run, tmp_path):
-    """The same uncertainty weighting with no model tensor of the log_vars' shape: their entry is left out."""
-    torch.manual_seed(0)
-    model, criterion = nn.Sequential(nn.Linear(W, 16), nn.Tanh(), nn.Linear(16, 16)), UncertaintyLoss()
-    opt = fit(model, schedulefree.AdamWScheduleFree([*model.parameters(), *criterion.parameters()], lr=0.02),
-              steps=6, loss=lambda m, b: criterion(torch.cat([m(b), m(b)], 1), torch.ones_like(b)))
-    result, out = convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
-    assert_refused(result, out, "no parameter of that shape")
 
 
 # ---- tied weights saved apart: the bytes cannot tell a tie from a frozen copy ------------------------
