@@ -416,3 +416,18 @@ def test_head_replaced_among_same_shape_tensors(run, tmp_path):
     model.head[2] = recipes.lin()
     result, out = convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
     assert_refused(result, out, "fits no tensor of these weights")
+
+
+def test_copy_of_a_tensor_the_optimizer_never_moved_needs_no_twins(run, tmp_path):
+    """A frozen copy of a parameter whose gradient was always zero (its z is its y): tied and frozen agree."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"net": recipes.Net(), "unused": recipes.lin(), "copy": recipes.lin()})
+    model["copy"].requires_grad_(False)
+    named = [(n, p) for n, p in model.named_parameters() if not n.startswith("copy.")]  # names tell unused from copy
+    opt = schedulefree.AdamWScheduleFree(named, lr=0.02)
+    fit(model["net"], opt, loss=lambda m, b: m(b).pow(2).mean() + 0.0 * model["unused"](b).sum())
+    model["copy"].load_state_dict(model["unused"].state_dict())
+    expected = eval_x(model, opt)
+    assert torch.equal(expected["unused.weight"], model["unused"].weight)
+    result, out = convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    assert_converts(result, out, expected)
