@@ -431,3 +431,13 @@ def test_copy_of_a_tensor_the_optimizer_never_moved_needs_no_twins(run, tmp_path
     assert torch.equal(expected["unused.weight"], model["unused"].weight)
     result, out = convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
     assert_converts(result, out, expected)
+
+
+def test_replaced_head_saved_after_eval_is_copied(run, tmp_path):
+    """Saved after optimizer.eval(): the parameters hold x and are copied, so a stale z changes nothing."""
+    model, opt = _trained_classifier(lr=0.01)
+    opt.eval()
+    model.head = nn.Linear(W, 10)
+    weights = snapshot(model)
+    result, out = convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    assert_converts(result, out, weights)
