@@ -127,8 +127,8 @@ def load_options(func: Callable) -> Callable:
             help="File with parameter names in optimizer order, one per line (docs/mapping.md).",
         ),
         click.option("--twins", type=click.Choice(["auto", "tied", "frozen"]), default="auto", show_default=True,
-                     help="Where ties are saved as copies (torch.distributed.checkpoint): untrained tensors byte-identical "
-                     "to a trained one are tied (get its x) or frozen copies (kept as saved)."),
+                     help="Untrained tensors byte-identical to a trained one (ties saved apart, frozen copies): tied "
+                     "(get its x) or frozen (kept as saved); auto refuses where the file cannot tell (docs/mapping.md)."),
     ]
     for option in reversed(options):
         func = option(func)

@@ -31,6 +31,22 @@ MIN_CONTENT_ELEMENTS = 8  # below this, distances are too noisy to confirm or ru
 UNRELATED = 0.9  # d² / (‖y‖² + ‖z‖²) above this looks like two independent tensors...
 UNRELATED_FACTOR = 10.0  # ...when it is also this many times the ratio of the shape's confirmed pairs
 UNRELATED_MIN_ELEMENTS = 256  # and the sample is large enough for that ratio to be steady
+# Every pair that is used, however it was found (names, order, shape), is checked on its samples:
+# unrelated when d² / (‖y‖² + ‖z‖²) exceeds UNRELATED_FLOOR (a cosine under about 0.25; a
+# zero-initialised head at lr 2.0 reaches 0.56 in the tests, independent tensors about 1), what
+# independent tensors reach by chance (1 - NOISE_SIGMAS/√n: their cosine is about N(0, 1/n)), and
+# UNRELATED_FACTOR times the median of the confirmed pairs of the entry's group (how closely y and z
+# track in this run).
+UNRELATED_FLOOR = 0.75
+NOISE_SIGMAS = 3.0
+VERIFY_MIN_ELEMENTS = 32  # below this, chance alone brings independent tensors too close to tell
+# A candidate shares z's history when their centred samples are as close as a parameter and its
+# own z (the centred ratio below SHARED, a cosine of about 0.75 or more) and beyond chance
+# (HISTORY_SIGMAS standard deviations). Tensors trained from independent initialisations reach
+# 0.5-1.3 (training gives same-shape layers a common structure, cosines up to ±0.4 in the tests);
+# a copy, or a tower trained from the same initialisation along z's path, stays below 0.01.
+SHARED = 0.25
+HISTORY_SIGMAS = 6.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +72,9 @@ class ClassEvidence:
     z_constant: object
     unrelated: object  # entries x candidates: True where z and y look independent while confirmed pairs do not
     informative: bool  # enough elements for distances to mean anything
+    size: int = 0  # sample elements per tensor
+    ratio: object = None  # entries x candidates: d² / (‖y‖² + ‖z‖²), 0 for identical, about 1 for independent
+    centred: object = None  # the same ratio with each sample's mean removed (look-alike gains differ only there)
 
     def possible(self, i: int, j: int) -> bool:
         """Could candidate j be entry i's parameter? No when y is one constant value everywhere but z
@@ -70,6 +89,23 @@ class ClassEvidence:
         if best > 0 and self.distance[i, j] > MARGIN * best:
             return False
         return not self.unrelated[i, j]
+
+    def looks_unrelated(self, i: int, j: int, reference: float) -> bool:
+        """Are entry i's z and candidate j as far apart as independent tensors, while pairs that
+        belong together in this file (`reference`: their median ratio) are far closer? Near-zero
+        tensors, shared means (norm gains) and small samples are "cannot tell": False."""
+        if self.size < VERIFY_MIN_ELEMENTS:
+            return False
+        limit = max(UNRELATED_FLOOR, 1.0 - NOISE_SIGMAS / self.size ** 0.5, UNRELATED_FACTOR * reference)
+        return bool(self.ratio[i, j] > limit)
+
+    def sharing_history(self, i: int) -> list[int]:
+        """Candidates whose centred samples are aligned with entry i's z beyond chance: the pair's own
+        tensor, and any copy of it or tensor trained along the same path. Empty for small samples."""
+        if self.size < UNRELATED_MIN_ELEMENTS:
+            return []
+        limit = min(SHARED, 1.0 - HISTORY_SIGMAS / self.size ** 0.5)
+        return [int(j) for j in (self.centred[i] < limit).nonzero()[0]]
 
 
 class Sampler:
@@ -129,7 +165,13 @@ def evidence(zs: Sequence[TensorRef], ys: Sequence[TensorRef], sampler: Sampler)
         unrelated = ratio > max(UNRELATED, UNRELATED_FACTOR * float(np.median(confirmed)))
     else:
         unrelated = np.zeros_like(d, dtype=bool)
-    return ClassEvidence(matches, d, y_constant, z_constant, unrelated, informative)
+    # The centred ratio from the same sums: ‖(y-ȳ) - (z-z̄)‖² = d² - n·(ȳ-z̄)², ‖y-ȳ‖² = ‖y‖² - n·ȳ².
+    n_el = z.shape[1]
+    zm, ym = z.mean(axis=1), y.mean(axis=1)
+    spread2 = ((z * z).sum(axis=1) - n_el * zm ** 2)[:, None] + ((y * y).sum(axis=1) - n_el * ym ** 2)[None, :]
+    dc2 = np.maximum(d ** 2 - n_el * (zm[:, None] - ym[None, :]) ** 2, 0.0)
+    centred = np.divide(dc2, spread2, out=np.ones_like(d), where=spread2 > 0)
+    return ClassEvidence(matches, d, y_constant, z_constant, unrelated, informative, n_el, ratio, centred)
 
 
 def _distances(z, y):

@@ -43,6 +43,7 @@ _API_TERMS = {
     "--model-key": "model_key=",
     "--optimizer-key": "optimizer_key=",
     "--dtype": "dtype=",
+    "--twins": "twins=",
 }
 
 

@@ -18,9 +18,14 @@ from three kinds of evidence, in this order, and keeps the evidence:
    grouping code builds groups), the reverse of it, or name order. They are
    placed only where the shapes leave exactly one way to do so.
 
-Names that content contradicts are not used. Where the evidence leaves more
-than one possibility, or none, the answer is an error that names the first
-tensors concerned and what to pass; never a plausible guess.
+Names that content contradicts are not used, and every pair finally used,
+however it was found, must fit by content (`_verify_content`): a z unrelated
+to its tensor, or content that finds two tensors sharing z's history, is
+refused. Byte-identical copies of trained tensors are ties or frozen copies
+only as `--twins` says, except where ties are saved as copies (DCP). Where
+the evidence leaves more than one possibility, or none, the answer is an
+error that names the first tensors concerned and what to pass; never a
+plausible guess.
 """
 from __future__ import annotations
 
@@ -111,7 +116,7 @@ def candidate_parameters(weights: Mapping[str, TensorRef]) -> tuple[list[str], l
     seen: set = set()
     for name, ref in weights.items():
         tied = ref.data_key is not None and ref.data_key in seen
-        if tied or not ref.is_float or name.rsplit(".", 1)[-1] in BUFFER_SUFFIXES:
+        if tied or not (ref.is_float or ref.is_complex) or name.rsplit(".", 1)[-1] in BUFFER_SUFFIXES:
             left_out.append(name)
         else:
             candidates.append(name)
@@ -145,6 +150,13 @@ class ParameterMapping:
     twins: dict[str, str] = field(default_factory=dict)  # untracked copy -> tensor whose x it gets
     ignored_optimizers: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # id(entry) -> why content refuses its pair: raised when the pair is used to compute x (not where
+    # the saved parameters already hold x and are copied, whatever z they are paired with)
+    misfits: dict[int, InputError] = field(default_factory=dict)
+    # why byte-identical copies of these trained tensors need --twins: raised when one of them is
+    # converted (where they already hold x, tied and frozen copies are the same bytes)
+    twin_refusal: InputError | None = None
+    twin_sources: set[str] = field(default_factory=set)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -183,7 +195,8 @@ def decide(
         group_domains: per group, the names a container's grouping rule allows there.
         container_order_name: how that order was obtained, for the report.
         ties_visible: False where tied weights are saved as separate copies (DCP).
-        twins: "auto", "tied" or "frozen": how untracked byte-identical copies are treated.
+        twins: "auto", "tied" or "frozen": how untracked byte-identical copies are treated (auto:
+            a copy of one tensor is its tie where ties are saved as copies; refused otherwise).
     """
     candidates, _ = candidate_parameters(weights)
     if model_order is not None:
@@ -205,7 +218,7 @@ def decide(
                 "--optimizer-key)",
             )
 
-    anchors, possible = _content_anchors(stateful, weights, candidates, sampler)
+    anchors, possible, classes = _content_anchors(stateful, weights, candidates, sampler)
 
     ignored: dict[str, str] = {}
     used = list(optimizers)
@@ -273,13 +286,18 @@ def decide(
                              "the optimizer states overlap; choose one with --optimizer-key")
         used_names[e.name] = e
         _verify_pair(e, o, weights, kinds[id(e)])
+    misfits = _verify_content(stateful, classes, order_name)
     for o in used:
         for e in o.entries:
             if e.z(o.z_key) is None and e.name is None and e.saved_name in weights:
                 e.name = e.saved_name
 
     trained = set(used_names)
-    twin_map, twin_warnings = _find_twins(weights, candidates, trained, ties_visible, twins, sampler)
+    z_of = {e.name: e.z(o.z_key) for o, e in stateful}
+    twin_map, twin_warnings, twin_refusal = _find_twins(weights, candidates, trained, ties_visible, twins, sampler, z_of)
+    twin_sources = set(twin_map.values()) if twin_refusal else set()
+    if twin_refusal:
+        twin_map = {}
     untrained = [c for c in candidates if c not in trained and c not in twin_map]
     counts: dict[str, int] = {}
     for o, e in stateful:
@@ -290,12 +308,15 @@ def decide(
     for key, why in ignored.items():
         warnings.append(f"optimizer state '{key}' not used: {why}")
     entries = [e for o in used for e in o.entries]
-    return ParameterMapping(method, entries, counts, confirmed, len(stateful), untrained, twin_map, ignored, warnings)
+    return ParameterMapping(method, entries, counts, confirmed, len(stateful), untrained, twin_map,
+                            ignored_optimizers=ignored, warnings=warnings, misfits=misfits,
+                            twin_refusal=twin_refusal, twin_sources=twin_sources)
 
 
-def _content_anchors(stateful, weights, candidates, sampler) -> tuple[dict[int, str], dict[int, set[str]]]:
-    """Entries whose z content ties to one tensor with a margin (id(entry) -> name), and for every entry
-    the tensors content does not rule out (id(entry) -> names)."""
+def _content_anchors(stateful, weights, candidates, sampler) -> tuple[dict[int, str], dict[int, set[str]], dict]:
+    """Entries whose z content ties to one tensor with a margin (id(entry) -> name), for every entry
+    the tensors content does not rule out (id(entry) -> names), and the evidence of each shape class
+    (shape -> (evidence, id(entry) -> row, name -> column)) for checking the pairs finally used."""
     by_shape: dict[tuple, list[str]] = {}
     for c in candidates:
         by_shape.setdefault(weights[c].shape, []).append(c)
@@ -304,6 +325,7 @@ def _content_anchors(stateful, weights, candidates, sampler) -> tuple[dict[int, 
         rows.setdefault(e.z(o.z_key).shape, []).append((o, e))
     anchors: dict[int, str] = {}
     possible: dict[int, set[str]] = {}
+    classes: dict[tuple, tuple[content.ClassEvidence, dict[int, int], dict[str, int]]] = {}
     for shape, items in rows.items():
         cols = by_shape.get(shape, [])
         if not cols:
@@ -313,7 +335,8 @@ def _content_anchors(stateful, weights, candidates, sampler) -> tuple[dict[int, 
             if m.confirmed:
                 anchors[id(e)] = cols[m.candidate]
             possible[id(e)] = {c for j, c in enumerate(cols) if ev.possible(i, j)}
-    return anchors, possible
+        classes[shape] = (ev, {id(e): i for i, (o, e) in enumerate(items)}, {c: j for j, c in enumerate(cols)})
+    return anchors, possible, classes
 
 
 def _apply_param_order(o: OptimizerEntries, order: Sequence[str], weights) -> None:
@@ -573,36 +596,114 @@ def _verify_pair(e: Entry, o: OptimizerEntries, weights, method: str) -> None:
             )
 
 
-def _find_twins(weights, candidates, trained, ties_visible, policy, sampler) -> tuple[dict[str, str], list[str]]:
-    """Untracked tensors that are byte-identical copies of trained ones, where ties are saved as copies."""
-    if ties_visible or policy == "frozen":
-        return {}, []
-    by_shape: dict[tuple, list[str]] = {}
-    for name in trained:
-        by_shape.setdefault((weights[name].shape, weights[name].dtype), []).append(name)
-    found: dict[str, str] = {}
-    for name in candidates:
-        if name in trained:
+def _verify_content(stateful, classes, order_name: str) -> dict[int, InputError]:
+    """Check every pair used against its samples, however it was found; return the refusals by entry.
+
+    A pair whose z and tensor are as far apart as independent tensors, while the file's confirmed
+    pairs track closely, is refused: names, an order or the only way to fit cannot make a fresh tensor
+    (a head replaced after the optimizer was built, a re-initialised embedding) the owner of another
+    tensor's z. Where content alone decided a pair, a second tensor that also shares z's history
+    (a copy, a network trained along the same path) makes the decision ambiguous."""
+    import numpy as np
+
+    # How closely y and z track in this run: the confirmed pairs of the entry's own group (one lr, weight
+    # decay, β and step count: a new head at a hundred times the backbone's lr drifts far more), else
+    # of the whole file.
+    of_entry = {ident: ev.ratio[i, ev.matches[i].candidate] for ev, rows, _ in classes.values()
+                for ident, i in rows.items() if ev.matches[i].confirmed and ev.size >= content.VERIFY_MIN_ELEMENTS}
+    in_group: dict[tuple, list[float]] = {}
+    for o, e in stateful:
+        if id(e) in of_entry:
+            in_group.setdefault((o.key, e.group), []).append(of_entry[id(e)])
+    by_group = {g: float(np.median(r)) for g, r in in_group.items()}
+    overall = float(np.median(list(of_entry.values()))) if of_entry else 0.0
+    names_of = {shape: list(cols) for shape, (_, _, cols) in classes.items()}
+    how = {"names": "its saved name", "--param-order": "--param-order", "content": "content",
+           "order": order_name or "order"}
+    misfits: dict[int, InputError] = {}
+    for o, e in stateful:
+        found = classes.get(e.z(o.z_key).shape)
+        if found is None:
             continue
+        ev, rows, cols = found
+        i, j = rows.get(id(e)), cols.get(e.name)
+        if i is None or j is None:
+            continue  # a tensor that is not a candidate (a tied duplicate's name): checked by _verify_pair
+        reference = by_group.get((o.key, e.group), overall)
+        if ev.looks_unrelated(i, j, reference):
+            misfits[id(e)] = InputError(
+                f"{e.label()} is paired with '{e.name}' by {how.get(e.evidence, e.evidence)}, but its z is unrelated "
+                f"to that tensor (d²/(‖y‖²+‖z‖²) = {ev.ratio[i, j]:.2f}, as for independent tensors, where the "
+                f"checkpoint's confirmed pairs give {reference:.2g}): the optimizer state belongs to a different "
+                f"tensor — '{e.name}' was replaced or re-initialised after the optimizer was built, or the names "
+                "or order are wrong",
+                "save the model together with the optimizer that trains it (build the optimizer after replacing "
+                "layers); if the pairing came from --param-order, check the names",
+            )
+        if e.evidence == "content":
+            column_names = names_of[e.z(o.z_key).shape]
+            others = [column_names[jj] for jj in ev.sharing_history(i) if column_names[jj] != e.name]
+            if others and id(e) not in misfits:
+                misfits[id(e)] = InputError(
+                    f"cannot tell which tensor {e.label()} belongs to: '{e.name}' lies nearest its z, but "
+                    f"'{others[0]}' also shares its history (a copy, or a tensor trained along the same path), "
+                    "so content cannot decide",
+                    ORDER_HINT,
+                )
+    return misfits
+
+
+def _find_twins(weights, candidates, trained, ties_visible, policy, sampler,
+                z_of) -> tuple[dict[str, str], list[str], InputError | None]:
+    """Untracked tensors that are byte-identical copies of trained ones (copy -> trained tensor), warnings,
+    and why `--twins` is needed if it is. They are tied weights saved apart or deliberate frozen copies;
+    the bytes cannot tell which, so outside DCP (where every tie is saved as copies) any such copy needs
+    `--twins`; copies of a tensor whose x is its y need nothing."""
+    if policy == "frozen":
+        return {}, [], None
+    untracked = [c for c in candidates if c not in trained]
+    kinds = {(weights[c].shape, weights[c].dtype) for c in untracked}
+
+    def key(ref):
+        return ref.shape, ref.dtype, sampler.sample(ref, content.SAMPLE_ELEMENTS).tobytes()
+
+    by_sample: dict[tuple, list[str]] = {}
+    for name in trained:
+        if (weights[name].shape, weights[name].dtype) in kinds:
+            by_sample.setdefault(key(weights[name]), []).append(name)
+    found: dict[str, str] = {}
+    for name in untracked:
         ref = weights[name]
-        for other in by_shape.get((ref.shape, ref.dtype), []):
+        for other in by_sample.get(key(ref), []):
             if content.identical(ref, weights[other], sampler):
                 found[name] = other
                 break
-    if not found:
-        return {}, []
+    # Where the optimizer never moved the tensor (z equal to y), tied and frozen give the same bytes.
+    found = {a: b for a, b in found.items() if z_of.get(b) is None or not content.identical(z_of[b], weights[b], sampler)}
+    if not found or policy == "tied":
+        return found, [], None
     sources = sorted(set(found.values()))
-    if policy == "auto" and len(sources) > 1:
-        pairs = ", ".join(f"'{a}' = '{b}'" for a, b in list(found.items())[:3])
-        raise InputError(
+    pairs = ", ".join(f"'{a}' = '{b}'" for a, b in list(found.items())[:3])
+    hint = ("pass --twins tied (they get the trained tensor's x) or --twins frozen (copied as saved; a target or "
+            "EMA network copied before saving)")
+    if ties_visible:
+        return found, [], InputError(
+            f"{len(found)} tensor{'s' if len(found) > 1 else ''} the optimizer does not train "
+            f"{'are' if len(found) > 1 else 'is'} byte-identical to {'tensors' if len(sources) > 1 else 'a tensor'} "
+            f"it trains but saved apart ({pairs}): tied weights copied before saving ({{k: v.clone()}}, .cpu() per "
+            "tensor), or a deliberate frozen copy? The file cannot tell",
+            hint,
+        )
+    if len(sources) > 1:
+        return found, [], InputError(
             f"{len(found)} tensors the optimizer does not train are byte-identical to {len(sources)} different "
             f"tensors it trains ({pairs}): tied weights, or a frozen copy of the network (a target or EMA network "
             "copied before saving)? The file cannot tell",
-            "pass --twins tied (they share the trained tensor's x) or --twins frozen (copy them as saved)",
+            hint,
         )
     warnings = [f"'{a}' is byte-identical to '{b}', which the optimizer trains, and is treated as a tied weight "
                 "(it gets the same x); pass --twins frozen if it is a separate frozen copy" for a, b in found.items()]
-    return found, warnings
+    return found, warnings, None
 
 
 def _describe(counts, confirmed, total, order_name) -> str:

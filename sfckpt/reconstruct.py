@@ -15,7 +15,7 @@ from .errors import InputError
 from .tensors import DTYPES, TensorRef, nbytes_of
 
 BN_SUFFIXES = ("running_mean", "running_var")
-LERP_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16"})
+LERP_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "complex64", "complex128"})
 
 
 @dataclass
@@ -264,7 +264,7 @@ def reconstruct(
         param_order: parameter names in optimizer order, overriding the mapping.
         dtype: write every floating tensor in this dtype (default: keep dtypes).
         twins: "auto", "tied" or "frozen": how tensors the optimizer does not train but that are
-            byte-identical to one it trains are treated where ties are saved as copies (DCP).
+            byte-identical to one it trains are treated (auto: refused where the file cannot tell).
         require_beta: False to plan without a β the checkpoint does not hold (inspect shows it as
             unknown); computing x then raises.
 
@@ -371,11 +371,13 @@ def reconstruct(
             for e in stepped:
                 if e.name not in ckpt.weights:
                     continue  # another model's tensor (see above)
+                if id(e) in decision.misfits:
+                    raise decision.misfits[id(e)]
                 if family.x_source == "lerp" and ckpt.weights[e.name].dtype not in LERP_DTYPES and hold == "y":
                     raise InputError(
                         f"parameter '{e.name}' is {ckpt.weights[e.name].dtype} and has a z, but torch.lerp (what "
                         "optimizer.eval() computes) has no kernel for that dtype",
-                        "Schedule-Free optimizers train float32/bfloat16/float16/float64 parameters; the checkpoint "
+                        "Schedule-Free optimizers train float32/bfloat16/float16/float64/complex parameters; the checkpoint "
                         "was altered after training",
                     )
                 out = OutputTensor(e.name, ckpt.weights[e.name], group=g)
@@ -389,6 +391,8 @@ def reconstruct(
                     out.in_float32 = family.x_in_float32
                 by_name[e.name] = out
 
+    if decision.twin_refusal is not None and decision.twin_sources & set(by_name):
+        raise decision.twin_refusal
     trained = {e.name for e in decision.entries if e.name is not None}
     trained_keys = {ckpt.weights[t].data_key for t in trained if t in ckpt.weights} - {None}
     trained |= set(decision.twins) | {n for n, r in ckpt.weights.items() if r.data_key in trained_keys}
@@ -396,7 +400,9 @@ def reconstruct(
     tensors: list[OutputTensor] = []
     for name, ref in ckpt.weights.items():
         if ref.dtype not in DTYPES:
-            raise InputError(f"tensor '{name}' has dtype {ref.dtype}, which safetensors cannot hold", "")
+            raise InputError(f"tensor '{name}' has dtype {ref.dtype}, which safetensors cannot hold",
+                             "safetensors has no such type (it holds complex64, not complex128), so sfckpt cannot "
+                             "write this model")
         out = by_name.get(name)
         if out is None:
             # A tied duplicate gets the same x as the name the optimizer knows it by.

@@ -28,13 +28,19 @@ DTYPES: dict[str, tuple[int, str]] = {
     "uint16": (2, "U16"),
     "uint8": (1, "U8"),
     "bool": (1, "BOOL"),
+    "complex64": (8, "C64"),
 }
 SAFETENSORS_TO_DTYPE = {code: name for name, (_, code) in DTYPES.items()}
+# Bytes per element of every dtype sfckpt reads: those it writes, and complex128, which safetensors
+# cannot hold (read so that the refusal can name the tensor).
+ITEMSIZES: dict[str, int] = {**{name: size for name, (size, _) in DTYPES.items()}, "complex128": 16}
 FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
+COMPLEX_DTYPES = frozenset({"complex64", "complex128"})
 
 
 # dtypes `TensorRef.sample` reads without torch: numpy code, bytes per element
-_NUMPY_READ = {"float64": ("<f8", 8), "float32": ("<f4", 4), "float16": ("<f2", 2), "bfloat16": ("<u2", 2)}
+_NUMPY_READ = {"float64": ("<f8", 8), "float32": ("<f4", 4), "float16": ("<f2", 2), "bfloat16": ("<u2", 2),
+               "complex64": ("<f4", 4), "complex128": ("<f8", 8)}  # complex: real and imaginary parts in turn
 
 
 def itemsize(dtype: str) -> int:
@@ -82,6 +88,10 @@ class TensorRef:
         return self.dtype in FLOAT_DTYPES
 
     @property
+    def is_complex(self) -> bool:
+        return self.dtype in COMPLEX_DTYPES
+
+    @property
     def data_key(self):
         """Equal for two refs to the same bytes (a tied weight); None when unknown."""
         return None if self.storage_id is None else (self.storage_id, self.view, self.dtype)
@@ -95,10 +105,13 @@ class TensorRef:
         return self.loader()
 
     def sample(self, n: int):
-        """Up to `n` elements as a float64 numpy array: half from the start of the data, half from the middle."""
+        """Up to `n` elements as a float64 numpy array: half from the start of the data, half from the middle.
+
+        A complex tensor is sampled as its real view (real and imaginary parts in turn), so that it gives
+        as many numbers as a real tensor of its shape."""
         import numpy as np
 
-        total = self.numel
+        total = self.numel * (2 if self.is_complex else 1)
         spans = [(0, total)] if total <= n else [(0, n // 2), (total // 2, total // 2 + n - n // 2)]
         if self.location is not None and self.dtype in _NUMPY_READ:
             path, start = self.location
@@ -116,7 +129,8 @@ class TensorRef:
             return raw.astype(np.float64)
         import torch
 
-        flat = self.load().reshape(-1)
+        t = self.load()
+        flat = (torch.view_as_real(t) if t.is_complex() else t).reshape(-1)
         picked = torch.cat([flat[lo:hi] for lo, hi in spans]) if len(spans) > 1 else flat
         return picked.to(torch.float64).numpy()
 

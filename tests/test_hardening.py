@@ -382,7 +382,9 @@ def test_property_reconstruction_is_eval(shape, dtype, beta, seed, tmp_path_fact
     tmp = tmp_path_factory.mktemp("prop")
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randn(shape, generator=g).to(dtype)
-    z = torch.randn(shape, generator=g).to(dtype)
+    # z a step away from x, as training leaves it (a z drawn independently of x is refused: it belongs
+    # to another tensor, docs/mapping.md)
+    z = (x0.float() + 0.5 * torch.randn(shape, generator=g)).to(dtype)
     p = torch.nn.Parameter(x0.clone())
     opt = schedulefree.SGDScheduleFree([p], momentum=beta)
     opt.state[p]["z"] = z.clone()

@@ -643,7 +643,7 @@ def test_target_network_hard_copied_before_saving(container, run, tmp_path):
         assert_exact_or_refused(result, out, expected)
     else:
         result, out = save_and_convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
-        # separate storages, so not tied; but no names, and online and target hold the same bytes
+        # separate storages, so not tied; online and target hold the same bytes: refused until --twins says
         assert_exact_or_refused(result, out, expected)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 from .. import limits
 from ..errors import InputError
 from . import pickle_guard
-from ..tensors import DTYPES, TensorRef, torch_dtype
+from ..tensors import ITEMSIZES, TensorRef, torch_dtype
 
 _STORAGE_DTYPES = {
     "DoubleStorage": "float64",
@@ -39,6 +39,8 @@ _STORAGE_DTYPES = {
     "CharStorage": "int8",
     "ByteStorage": "uint8",
     "BoolStorage": "bool",
+    "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128",
     "UntypedStorage": "uint8",
 }
 
@@ -212,7 +214,7 @@ class _Unpickler(pickle_guard.GuardedUnpickler):
         if module == "torch":
             if name in _STORAGE_DTYPES:
                 return _Marker("storage", _STORAGE_DTYPES[name])
-            if name in DTYPES:
+            if name in ITEMSIZES:
                 return _Marker("dtype", name)
             if name == "Size":
                 return tuple
@@ -273,9 +275,9 @@ class _Storage:
         self.archive, self.key, self.dtype = archive, key, dtype
 
     def tensor(self, dtype: str, offset: int, shape: tuple, stride: tuple) -> TensorRef:
-        if dtype not in DTYPES:
+        if dtype not in ITEMSIZES:
             raise pickle.UnpicklingError(f"unsupported dtype {dtype}")
-        itemsize = DTYPES[dtype][0]
+        itemsize = ITEMSIZES[dtype]
         if len(shape) != len(stride) or offset < 0 or any(s < 0 for s in (*shape, *stride)):
             raise pickle.UnpicklingError("tensor with a negative or mismatched shape, stride or offset")
         # torch indexes with int64: every size, and the bytes of the non-empty dimensions, must fit.
@@ -404,7 +406,7 @@ class TorchArchive:
                 return None
             expected *= n
         try:
-            return str(self.path), self._data_offset(info) + offset * DTYPES[dtype][0]
+            return str(self.path), self._data_offset(info) + offset * ITEMSIZES[dtype]
         except InputError:
             return None
 
@@ -425,7 +427,7 @@ class TorchArchive:
         import torch
 
         info = self._infos[self.prefix + "data/" + key]
-        size = info.file_size // DTYPES[dtype][0]
+        size = info.file_size // ITEMSIZES[dtype]
         if size == 0:
             return torch.empty(0, dtype=torch_dtype(dtype))
         if info.compress_type != zipfile.ZIP_STORED or isinstance(self._file, io.BytesIO):
