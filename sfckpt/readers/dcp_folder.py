@@ -22,7 +22,7 @@ from .. import limits
 from ..errors import InputError
 from ..tensors import TensorRef
 from . import pickle_guard
-from .paths import confined
+from ..inputs import confined
 from .torch_file import _ORDERED_DICT, _SAFE_BUILTINS, TorchArchive
 
 _METADATA_CLASSES = {

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import InputError
-from .paths import confined
+from ..inputs import confined
 from ..tensors import TensorRef, torch_dtype
 from .torch_file import Opaque, TorchArchive
 
@@ -107,7 +107,7 @@ def _gather(parts: list[tuple[TensorRef, int, int]], numel: int, shape: tuple[in
     """The slices of flat tensors that make one parameter, joined, cut to `numel` and shaped."""
     import torch
 
-    pieces = [ref.load().reshape(-1).narrow(0, start, length) for ref, start, length in parts if length]
+    pieces = [ref.load_flat(start, length) for ref, start, length in parts if length]
     if not pieces:  # a parameter with no elements
         return torch.empty(shape, dtype=torch_dtype(parts[0][0].dtype))
     flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
