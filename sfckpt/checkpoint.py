@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import layout as layout_mod
+from . import inputs, layout as layout_mod
 from .errors import InputError
 from .readers import hf_trainer, load_torch, sniff
 from .readers.accelerate_folder import is_accelerate_folder, load_object as load_accelerate_folder
@@ -80,6 +80,11 @@ def load(
         >>> sorted(ckpt.weights)[:2]
     """
     path = Path(path)
+    with inputs.scope(path):  # every file the checkpoint names is read from inside what was named
+        return _load(path, model_key, optimizer_key, strip_prefix)
+
+
+def _load(path: Path, model_key: str | None, optimizer_key: str | None, strip_prefix: str | None) -> Checkpoint:
     kind = sniff(path)
     model_order = group_domains = order_error = None
     order_source = ""

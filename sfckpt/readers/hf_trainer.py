@@ -11,9 +11,11 @@ That needs `transformers` (the `hf` extra).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
+from .. import inputs, limits
 from ..errors import InputError
 from .safetensors_file import INDEX_NAME, SINGLE_NAME
 
@@ -47,10 +49,15 @@ def read_weights(path: Path):
 
 
 def trainer_state(path: Path) -> dict[str, Any]:
-    """trainer_state.json if it is a JSON object (only `global_step` is used); otherwise nothing."""
+    """trainer_state.json if it is a JSON object (only `global_step` is used); otherwise nothing.
+
+    Read through the gate: a link out of the folder, a FIFO or a file past the JSON limit is refused."""
+    if not os.path.lexists(path / STATE_NAME):
+        return {}
+    data = inputs.read_bytes(path / STATE_NAME, limits.JSON_BYTES, STATE_NAME)
     try:
-        state = json.loads((path / STATE_NAME).read_text())
-    except (OSError, ValueError, RecursionError):
+        state = json.loads(data)
+    except (ValueError, RecursionError):
         return {}
     return state if isinstance(state, dict) else {}
 
@@ -66,11 +73,8 @@ def load_config(path: Path):
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from .. import limits
-    from .safetensors_file import read_json_file
-
     hint = "pass --param-order FILE with the parameter names in optimizer order"
-    raw = read_json_file(path / "config.json", "config.json")
+    raw = inputs.read_json(path / "config.json", "config.json")
     if not isinstance(raw, dict):
         raise InputError(f"{path}/config.json holds a JSON {type(raw).__name__}, not an object", hint)
     model_type = raw.get("model_type")
@@ -82,7 +86,7 @@ def load_config(path: Path):
     if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
         raise InputError(f"{path}/config.json has architectures {str(archs)[:80]}, not a list of class names", hint)
     stack = [raw]
-    while stack:  # layer and expert counts, nested configs included (read_json_file bounded the nesting)
+    while stack:  # layer and expert counts, nested configs included (read_json bounded the nesting)
         node = stack.pop()
         for key, value in node.items() if isinstance(node, dict) else enumerate(node):
             if isinstance(value, (dict, list)):
@@ -91,7 +95,8 @@ def load_config(path: Path):
                     and value > limits.CONFIG_LAYERS.value:
                 raise limits.CONFIG_LAYERS.exceeded(f"{path}/config.json asks for {key} = {value}")
     try:
-        return transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        # From the JSON already read through the gate: transformers would open config.json again by its path.
+        return CONFIG_MAPPING[model_type].from_dict(raw)
     except Exception as exc:
         raise InputError(f"{path}/config.json cannot be read by transformers ({type(exc).__name__}: {exc})"[:300],
                          hint) from None

@@ -16,10 +16,12 @@ the order (with the names as saved in the adapter file).
 """
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
+from .. import inputs
 from ..errors import InputError
 from .safetensors_file import read_safetensors
 
@@ -71,12 +73,9 @@ def parameter_order(path: Path) -> tuple[list[str], list[set[str]]] | None:
 
     Built like the Trainer built it: the base model from its config on the meta device (no weights),
     wrapped by PEFT with the saved adapter config."""
-    import json
-
-    try:
-        config = json.loads((path / CONFIG_NAME).read_text())
-    except (OSError, ValueError):
-        raise InputError(f"{path}/{CONFIG_NAME} is missing or not JSON", "the adapter checkpoint is incomplete") from None
+    if not os.path.lexists(path / CONFIG_NAME):
+        raise InputError(f"{path}/{CONFIG_NAME} is missing", "the adapter checkpoint is incomplete")
+    config = inputs.read_json(path / CONFIG_NAME, CONFIG_NAME)
     base_name = config.get("base_model_name_or_path") if isinstance(config, dict) else None
     if not base_name:
         return None
@@ -97,7 +96,9 @@ def parameter_order(path: Path) -> tuple[list[str], list[set[str]]] | None:
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation notes from building the model say nothing about the checkpoint
         try:
-            peft_config = peft.PeftConfig.from_pretrained(str(path))
+            # From the JSON read through the gate, as PeftConfig.from_pretrained builds it from the file
+            peft_config = peft.PeftConfig.from_peft_type(
+                **peft.PeftConfig.check_kwargs(**{k: v for k, v in config.items() if k != "runtime_config"}))
             peft_config.inference_mode = False  # saved as True; the trained model had its adapter trainable
             model = peft.get_peft_model(model_cls._from_config(base_config), peft_config)
         except Exception:
