@@ -64,7 +64,11 @@ def _tag_folder(path: Path) -> Path | None:
         tag = inputs.read_text(latest, limits.TEXT_BYTES, "DeepSpeed's latest tag").strip()
         if not tag or "/" in tag or "\0" in tag or tag in (".", ".."):
             raise InputError(f"{latest} names no valid tag ({inputs.excerpt(tag)})", "pass the tag folder itself (global_stepN/)")
-        if not (path / tag).is_dir():
+        try:
+            found = (path / tag).is_dir()
+        except OSError:  # a name too long for a file name
+            found = False
+        if not found:
             raise InputError(f"{latest} names tag {inputs.excerpt(tag)} but no such folder is in {path}",
                              "the checkpoint was not copied whole; copy the tag folder, or pass another tag folder")
         return confined(path, tag, str(latest))
