@@ -371,3 +371,72 @@ def test_param_order_file_is_the_users_own_and_may_lie_anywhere(trained, run, tm
     os.mkfifo(tmp_path / "fifo.txt")
     result = run("convert", ckpt, tmp_path / "y.safetensors", "--param-order", tmp_path / "fifo.txt")
     assert result.exit_code == 2 and "FIFO" in result.stderr, result.stderr
+
+
+# ---- real Trainer and PEFT folders ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_checkpoint(tmp_path_factory):
+    """A LoRA adapter checkpoint as the Trainer saves it (tests/test_peft.py's run)."""
+    pytest.importorskip("peft")
+    from test_peft import TRAIN
+
+    out = tmp_path_factory.mktemp("lora")
+    result = subprocess.run([sys.executable, "-c", TRAIN, str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "run" / "checkpoint-3"
+
+
+@pytest.fixture(scope="module")
+def trainer_checkpoint(tmp_path_factory):
+    """A Hugging Face Trainer checkpoint-N folder (tests/test_containers.py's run)."""
+    pytest.importorskip("transformers")
+    from test_containers import HF_TRAIN
+
+    out = tmp_path_factory.mktemp("hf")
+    result = subprocess.run([sys.executable, "-c", HF_TRAIN, str(out), "schedule_free_adamw", "train"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "checkpoint-3"
+
+
+@pytest.mark.parametrize("name", ["README.md", "adapter_config.json"])
+@pytest.mark.parametrize("target", ["secret", "environ"])
+def test_adapter_side_file_linked_outside_is_not_copied(name, target, lora_checkpoint, tmp_path):
+    ckpt = tmp_path / "checkpoint-3"
+    shutil.copytree(lora_checkpoint, ckpt)
+    (ckpt / name).unlink()
+    (ckpt / name).symlink_to(_secret(tmp_path) if target == "secret" else Path("/proc/self/environ"))
+    out = tmp_path / "release"
+    order = lora_checkpoint.parent.parent / "order.txt"  # the base model is not beside the copy
+    proc = _child("convert", ckpt, f"{out}/", "--param-order", order, env={"SFCKPT_TEST_TOKEN": SECRET}, memory_gb=8)
+    _one_error_line(proc, name)
+    assert SECRET not in proc.stderr + proc.stdout
+    assert not out.exists()
+
+
+def test_adapter_release_copies_its_own_side_files(lora_checkpoint, run, tmp_path):
+    out = tmp_path / "release"
+    assert run("convert", lora_checkpoint, f"{out}/", "-q").exit_code == 0
+    for name in ("README.md", "adapter_config.json"):
+        assert (out / name).read_bytes() == (lora_checkpoint / name).read_bytes()
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json", "config.json"])
+def test_trainer_file_linked_outside_is_refused(name, trainer_checkpoint, run, tmp_path):
+    ckpt = tmp_path / "checkpoint-3"
+    shutil.copytree(trainer_checkpoint, ckpt)
+    moved = _secret(tmp_path).parent / name
+    shutil.move(ckpt / name, moved)
+    (ckpt / name).symlink_to(moved)
+    out = tmp_path / "release"
+    result = run("convert", ckpt, f"{out}/")
+    assert result.exit_code == 2 and "outside" in result.stderr and name in result.stderr, result.stderr
+    assert not out.exists()
+
+
+def test_trainer_release_copies_its_side_files(trainer_checkpoint, run, tmp_path):
+    out = tmp_path / "release"
+    assert run("convert", trainer_checkpoint, f"{out}/", "-q").exit_code == 0
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (trainer_checkpoint / name).read_bytes()
