@@ -176,9 +176,10 @@ class InputFile:
                 raise truncated(self.path)
             done += got
 
-    def read_tensor(self, offset: int, dtype: str, shape: tuple[int, ...]):
-        """A new contiguous tensor read from `offset`: positioned reads into its own memory, never a
-        memory map (which turns a file shrinking under it into SIGBUS)."""
+    def read_tensor(self, offset: int, dtype: str, shape: tuple[int, ...], out=None):
+        """A contiguous tensor read from `offset` (into `out`, a flat tensor of its size, when given):
+        positioned reads into memory of its own, never a memory map (which turns a file shrinking
+        under it into SIGBUS)."""
         import math
 
         import torch
@@ -186,14 +187,15 @@ class InputFile:
         from .tensors import itemsize, torch_dtype
 
         nbytes = math.prod(shape) * itemsize(dtype)
-        try:
-            raw = torch.empty(nbytes, dtype=torch.uint8)
-        except (RuntimeError, MemoryError):
-            raise InputError(f"{self.path}: a tensor of {nbytes} bytes does not fit in memory",
-                             "the file is damaged or crafted, or this machine has too little memory for it") from None
+        if out is None:
+            try:
+                out = torch.empty(math.prod(shape), dtype=torch_dtype(dtype))
+            except (RuntimeError, MemoryError):
+                raise InputError(f"{self.path}: a tensor of {nbytes} bytes does not fit in memory",
+                                 "the file is damaged or crafted, or this machine has too little memory for it") from None
         if nbytes:
-            self.readinto(memoryview(raw.numpy()), offset)
-        return raw.view(torch_dtype(dtype)).reshape(shape)
+            self.readinto(memoryview(out.view(torch.uint8).numpy()), offset)
+        return out.view(shape)
 
     def read_all(self, limit: limits.Limit, what: str) -> bytes:
         """The whole file, refused past `limit` (by its size, and by what a read returns: /proc-like files grow)."""

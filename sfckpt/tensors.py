@@ -67,9 +67,9 @@ class TensorRef:
     # (opened input file, byte offset) where the data lie contiguous: lets `sample` read a few
     # pages with numpy, without torch (inspect stays fast) and without reading the tensor.
     location: tuple[Any, int] | None = field(default=None, repr=False)
-    # reader(start, count): elements [start, start + count) of a contiguous tensor, flat, read alone
-    # (a parameter's slice of a flat buffer without reading the buffer).
-    reader: Callable[[int, int], Any] | None = field(default=None, repr=False)
+    # reader(start, count, out): elements [start, start + count) of a contiguous tensor, flat, read
+    # alone (a parameter's slice of a flat buffer without reading the buffer), into `out` if given.
+    reader: Callable[[int, int, Any], Any] | None = field(default=None, repr=False)
 
     @property
     def numel(self) -> int:
@@ -96,11 +96,13 @@ class TensorRef:
         """The tensor, read into memory of its own."""
         return self.loader()
 
-    def load_flat(self, start: int, count: int):
-        """Elements [start, start + count) of the flattened tensor; only those are read where the format allows it."""
+    def load_flat(self, start: int, count: int, out=None):
+        """Elements [start, start + count) of the flattened tensor (into `out`, a flat tensor of `count`
+        elements, when given); only those are read where the format allows it."""
         if self.reader is not None:
-            return self.reader(start, count)
-        return self.load().reshape(-1).narrow(0, start, count)
+            return self.reader(start, count, out)
+        part = self.load().reshape(-1).narrow(0, start, count)
+        return part if out is None else out.copy_(part)
 
     def sample(self, n: int):
         """Up to `n` elements as a float64 numpy array: half from the start of the data, half from the middle."""

@@ -96,6 +96,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
             storage_id=(str(path), offsets),
             view=offsets,
             location=(file, data_start + offsets[0]),
+            reader=(lambda start, count, out, at=data_start + offsets[0], d=dtype:
+                    file.read_tensor(at + start * DTYPES[d][0], d, (count,), out)),
         )
     return refs, dict(header.get("__metadata__") or {})
 

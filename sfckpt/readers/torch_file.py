@@ -307,7 +307,7 @@ class _Storage:
         contiguous = _is_contiguous(shape, stride)
         return TensorRef(dtype, shape, load, storage_id=(id(archive), key), view=(offset, stride, shape),
                          location=self.archive.location(key, dtype, offset) if contiguous else None,
-                         reader=(lambda start, count: archive.read_elements(key, dtype, offset + start, count))
+                         reader=(lambda start, count, out: archive.read_elements(key, dtype, offset + start, count, out))
                          if contiguous else None)
 
 
@@ -413,17 +413,17 @@ class TorchArchive:
     def storage_nbytes(self, key: str) -> int:
         return self._infos[self.prefix + "data/" + key].file_size
 
-    def read_elements(self, key: str, dtype: str, first: int, count: int):
-        """Elements [first, first + count) of a storage, as a new flat tensor."""
+    def read_elements(self, key: str, dtype: str, first: int, count: int, out=None):
+        """Elements [first, first + count) of a storage, as a flat tensor (`out`, when given, or a new one)."""
         try:
-            return self._read_elements(key, dtype, first, count)
+            return self._read_elements(key, dtype, first, count, out)
         except InputError:
             raise
         except Exception as exc:
             raise InputError(f"{self.path}: cannot read tensor data record '{key}' ({type(exc).__name__}: {exc})"[:300],
                              "the file is truncated or damaged") from None
 
-    def _read_elements(self, key: str, dtype: str, first: int, count: int):
+    def _read_elements(self, key: str, dtype: str, first: int, count: int, out):
         import torch
 
         info = self._infos[self.prefix + "data/" + key]
@@ -433,12 +433,13 @@ class TorchArchive:
                              "the file is truncated or damaged; copy it again")
         if info.compress_type != zipfile.ZIP_STORED or self._input is None:
             buf = bytearray(self.read_member(info)[first * size:(first + count) * size])
-            return torch.frombuffer(buf, dtype=torch_dtype(dtype), count=count) if count else \
+            flat = torch.frombuffer(buf, dtype=torch_dtype(dtype), count=count) if count else \
                 torch.empty(0, dtype=torch_dtype(dtype))
+            return flat if out is None else out.copy_(flat)
         start = self._data_offset(info)
         if start + info.file_size > self.size:
             raise InputError(f"{self.path}: tensor data record '{key}' runs past the end of the file", "the file is truncated")
-        return self._input.read_tensor(start + first * size, dtype, (count,))
+        return self._input.read_tensor(start + first * size, dtype, (count,), out)
 
     def _data_offset(self, info: zipfile.ZipInfo) -> int:
         if info.filename not in self._offsets:
