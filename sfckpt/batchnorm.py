@@ -159,7 +159,7 @@ def calibration_batches(data: str, batch_size: int) -> Iterator[_Args]:
             raise InputError(f"calibration folder {path} holds no {', '.join(DATA_SUFFIXES)} files", "")
         for f in files:
             yield from (_as_args(b) for b in _split(_load_data_file(f), batch_size, str(f)))
-    elif path.is_file():
+    elif path.exists():  # a FIFO or device too: the opener refuses it, saying what it is
         yield from (_as_args(b) for b in _split(_load_data_file(path), batch_size, str(path)))
     elif ":" in str(data):
         loader = resolve(str(data), "--bn-calib")

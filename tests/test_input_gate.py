@@ -440,3 +440,32 @@ def test_trainer_release_copies_its_side_files(trainer_checkpoint, run, tmp_path
     assert run("convert", trainer_checkpoint, f"{out}/", "-q").exit_code == 0
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).read_bytes() == (trainer_checkpoint / name).read_bytes()
+
+
+def test_side_file_past_its_limit_is_refused(run, tmp_path, monkeypatch):
+    ckpt = _deepspeed(tmp_path)
+    (ckpt / "tokenizer.json").write_text("{}" + " " * 100)
+    monkeypatch.setenv("SFCKPT_MAX_SIDE_FILE_BYTES", "64")
+    result = run("convert", ckpt, f"{tmp_path / 'release'}/")
+    assert result.exit_code == 2 and "SFCKPT_MAX_SIDE_FILE_BYTES" in result.stderr, result.stderr
+    assert not (tmp_path / "release").exists()
+
+
+@pytest.mark.parametrize("kind", ["too large", "fifo"])
+def test_calibration_data_is_read_through_the_bounded_opener(kind, run, tmp_path, monkeypatch):
+    from test_batchnorm import MODEL_FILE
+
+    model = trainers.ConvBN()
+    ckpt = tmp_path / "c.pt"
+    torch.save({"model": model.state_dict(), "optimizer": trainers.train(model, "sgd").state_dict()}, ckpt)
+    (tmp_path / "model_def.py").write_text(MODEL_FILE.format(tests=str(Path(__file__).parent)))
+    calib = tmp_path / "calib.pt"
+    if kind == "fifo":
+        os.mkfifo(calib)
+    else:
+        torch.save(torch.randn(40, 3, 5, 5), calib)
+        monkeypatch.setenv("SFCKPT_MAX_CALIBRATION_BYTES", "1000")
+    result = run("convert", ckpt, tmp_path / "x.safetensors", "--bn-calib", calib,
+                 "--model", f"{tmp_path / 'model_def.py'}:build")
+    assert result.exit_code == 2, result.stderr
+    assert ("FIFO" if kind == "fifo" else "SFCKPT_MAX_CALIBRATION_BYTES") in result.stderr, result.stderr
