@@ -115,13 +115,20 @@ def _lerp(y: TensorRef, z: TensorRef, weight: float):
     if y.reader is None or z.reader is None or y.dtype != z.dtype or y.shape != z.shape:
         return torch.lerp(y.load(), z.load(), weight)
     dtype = torch_dtype(y.dtype)
+    # The slice buffers before x: x freed then leaves no hole below them that the allocator keeps
+    # (measured: a tensor's size more peak memory the other way round).
     y_part, z_part = torch.empty(min(_SLICE, y.numel), dtype=dtype), torch.empty(min(_SLICE, y.numel), dtype=dtype)
-    x = torch.empty(y.shape, dtype=dtype)
+    try:
+        x = torch.empty(y.shape, dtype=dtype)
+    except (RuntimeError, MemoryError):
+        raise InputError(f"a tensor of shape {y.shape} ({y.nbytes} bytes) does not fit in memory",
+                         "the checkpoint is damaged or crafted, or this machine has too little memory for it") from None
     flat = x.view(-1)
     for start in range(0, y.numel, _SLICE):
         n = min(_SLICE, y.numel - start)
         torch.lerp(y.load_flat(start, n, y_part[:n]), z.load_flat(start, n, z_part[:n]), weight, out=flat[start:start + n])
     return x
+
 
 @dataclass
 class Reconstruction:
