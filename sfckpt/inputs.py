@@ -10,8 +10,9 @@ out is the Hugging Face cache's own `snapshots/<rev>/f -> ../../blobs/<hash>`),
 and not larger than the limit of what it is read as. Reads are positioned
 (`pread`) from that descriptor; a read that comes back short means the file
 shrank while sfckpt read it, which is refused with exit 2, never a signal (a
-memory map would turn it into SIGBUS). Where a library insists on a path, it
-gets the verified descriptor's `/proc/self/fd/N`.
+memory map would turn it into SIGBUS). No library opens an input file by its
+path: DCP's reader gets file objects over checked descriptors, and transformers
+and peft get configs built from the JSON read here.
 
 Files the user names as options (`--param-order`, `--bn-calib` data, `--model`
 files) are the user's own and are not confined, but are opened the same way.
@@ -101,13 +102,16 @@ def current_root(path: str | os.PathLike) -> Root:
 
 
 def _pseudo_devices() -> set[int]:
-    """st_dev of /proc and /sys: their files claim to be regular but are not data."""
+    """st_dev of /proc and /sys where they are mounted: their files claim to be regular but are not data."""
     out = set()
-    for name in ("/proc", "/sys"):
-        try:
-            out.add(os.stat(name).st_dev)
-        except OSError:
-            pass
+    try:
+        root = os.stat("/").st_dev
+        for name in ("/proc", "/sys"):
+            dev = os.stat(name).st_dev
+            if dev != root:  # a plain folder (no procfs mounted) is not a pseudo file system
+                out.add(dev)
+    except OSError:
+        pass
     return out
 
 
@@ -132,8 +136,8 @@ def _where(fd: int, path: str | os.PathLike) -> str:
 class InputFile:
     """One input file, opened once and checked: a regular file, where it may be, of bounded size.
 
-    Read it only through this object (`pread`, `readinto`, `read_all`, or `proc_path` for a library
-    that insists on a path): every read comes from the descriptor that was checked.
+    Read it only through this object (`pread`, `readinto`, `read_tensor`, `read_all`, `fileobj`):
+    every read comes from the descriptor that was checked.
     """
 
     def __init__(self, path: str | os.PathLike, fd: int, size: int):
@@ -152,11 +156,6 @@ class InputFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    @property
-    def proc_path(self) -> str:
-        """A path to exactly this open file, for libraries that take only paths (keep this object alive meanwhile)."""
-        return f"/proc/self/fd/{self.fd}"
 
     def pread(self, n: int, offset: int) -> bytes:
         """Exactly `n` bytes at `offset`; a shorter file is refused (it shrank, or lied about its size)."""
