@@ -469,3 +469,18 @@ def test_calibration_data_is_read_through_the_bounded_opener(kind, run, tmp_path
                  "--model", f"{tmp_path / 'model_def.py'}:build")
     assert result.exit_code == 2, result.stderr
     assert ("FIFO" if kind == "fifo" else "SFCKPT_MAX_CALIBRATION_BYTES") in result.stderr, result.stderr
+
+
+def test_safetensors_weights_truncated_while_converting_is_exit_2(tmp_path):
+    """An Accelerate save_state folder: y in model.safetensors, which shrinks after it was opened."""
+    folder = tmp_path / "state"
+    folder.mkdir()
+    model = trainers.MLP()
+    opt = trainers.train(model, "adamw")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    torch.save(opt.state_dict(), folder / "optimizer.bin")
+    out = tmp_path / "x.safetensors"
+    proc = subprocess.run([sys.executable, "-c", TRUNCATE_AFTER_LOAD, str(folder / "model.safetensors"), "convert",
+                           str(folder), str(out)], capture_output=True, text=True, timeout=120)
+    _one_error_line(proc, "changed or is truncated")
+    assert not out.exists()
