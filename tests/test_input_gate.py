@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import sfckpt
 import trainers
-from conftest import FIXTURES, read
+from conftest import FIXTURES
 from sfckpt.errors import InputError
 
 DS = FIXTURES / "deepspeed"
@@ -54,12 +54,6 @@ def _deepspeed(tmp_path: Path, case: str = "zero2-fp32") -> Path:
     shutil.copytree(DS / case, dst)
     (dst / "expected.pt").unlink()
     return dst
-
-
-def _no_secret_in(folder: Path) -> None:
-    for f in folder.rglob("*") if folder.exists() else ():
-        if f.is_file():
-            assert SECRET.encode() not in f.read_bytes(), f
 
 
 # ---- side files copied into a release -------------------------------------------------------------
