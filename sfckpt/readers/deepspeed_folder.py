@@ -97,10 +97,20 @@ def _gather(parts: list[tuple[TensorRef, int, int]], numel: int, shape: tuple[in
     """The slices of flat tensors that make one parameter, joined, cut to `numel` and shaped."""
     import torch
 
-    pieces = [ref.load_flat(start, length) for ref, start, length in parts if length]
-    if not pieces:  # a parameter with no elements
-        return torch.empty(shape, dtype=torch_dtype(parts[0][0].dtype))
-    flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    dtype = parts[0][0].dtype
+    live = [(ref, start, length) for ref, start, length in parts if length]
+    if not live:  # a parameter with no elements
+        return torch.empty(shape, dtype=torch_dtype(dtype))
+    if len(live) == 1:
+        flat = live[0][0].load_flat(live[0][1], live[0][2])
+    elif any(ref.dtype != dtype for ref, _, _ in live):
+        flat = torch.cat([ref.load_flat(start, length) for ref, start, length in live])
+    else:  # each rank's slice read straight into its place: one copy of the parameter in memory
+        flat = torch.empty(sum(length for _, _, length in live), dtype=torch_dtype(dtype))
+        at = 0
+        for ref, start, length in live:
+            ref.load_flat(start, length, flat[at:at + length])
+            at += length
     return flat.narrow(0, 0, numel).view(shape)
 
 
