@@ -310,15 +310,12 @@ def confined(folder: Path, name: object, named_by: str) -> Path:
     return folder / name
 
 
-def side_files(folder: Path, names: tuple[str, ...] | list[str]) -> list[InputFile]:
-    """The files of `names` present in `folder`, opened through the gate: what a release copies
-    beside its weights. A name that is not a regular file inside the folder is refused, not skipped."""
-    found = []
-    for name in names:
-        path = folder / name
-        if os.path.lexists(path):
-            found.append(open_input(path, root=current_root(folder)))
-    return found
+def side_files(folder: Path, names: tuple[str, ...] | list[str], root: Root | None = None) -> list[InputFile]:
+    """The files of `names` present in `folder`, opened through the gate (copying is reading): what a
+    release copies beside its weights. A name that is not a regular file inside `root` (by default
+    the folder) is refused, not skipped."""
+    root = root or current_root(folder)
+    return [open_input(folder / name, root=root) for name in names if os.path.lexists(folder / name)]
 
 
 def copy_side_file(source: InputFile, dest: Path) -> None:

@@ -75,20 +75,14 @@ def save(
             raise OutputError("PEFT loads an adapter from one file; --max-shard-size does not apply", "leave it out")
         copies = []  # a sharded save has no adapter config of its own: one found there may be another run's
         if recon.checkpoint.container != "peft-adapter-fsdp" or (src / peft_adapter.SAFE_NAME).is_file():
-            copies = _side_files(src, peft_adapter.RELEASE_FILES)
+            copies = inputs.side_files(src, peft_adapter.RELEASE_FILES, recon.checkpoint.root)
         return writer.write_folder(out, specs, produce, metadata, force, progress, None, copies, peft_adapter.SAFE_NAME)
     if recon.checkpoint.container in ("huggingface-trainer", "huggingface-trainer-fsdp", "deepspeed"):
         # config.json, generation_config.json and tokenizer files, so `from_pretrained(out)` works
         from .readers.hf_trainer import RELEASE_FILES
 
-        copies = _side_files(src, RELEASE_FILES)
+        copies = inputs.side_files(src, RELEASE_FILES, recon.checkpoint.root)
     return writer.write_folder(out, specs, produce, metadata, force, progress, max_shard_size, copies)
-
-
-def _side_files(src: Path, names: tuple[str, ...]) -> list[inputs.InputFile]:
-    """The release files present in the checkpoint folder, opened through the gate (copying is reading)."""
-    with inputs.scope(src):
-        return inputs.side_files(src, names)
 
 
 def convert(src: str | Path, out: str | Path, **options) -> list[Path]:
