@@ -478,3 +478,20 @@ def test_safetensors_weights_truncated_while_converting_is_exit_2(tmp_path):
                            str(folder), str(out)], capture_output=True, text=True, timeout=120)
     _one_error_line(proc, "changed or is truncated")
     assert not out.exists()
+
+
+def test_dcp_shard_truncated_while_converting_is_exit_2(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = trainers.MLP()
+    opt = trainers.train(model, "adamw")
+    msd, osd = get_state_dict(model, opt)
+    folder = tmp_path / "dcp"
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=folder, no_dist=True)
+    (shard,) = folder.glob("*.distcp")
+    out = tmp_path / "x.safetensors"
+    proc = subprocess.run([sys.executable, "-c", TRUNCATE_AFTER_LOAD, str(shard), "convert", str(folder), str(out)],
+                          capture_output=True, text=True, timeout=120)
+    _one_error_line(proc, "changed or is truncated")
+    assert not out.exists()

@@ -217,6 +217,8 @@ class DcpFolder:
             cause = _first_failure(exc)
             if isinstance(cause, InputError):
                 raise cause from None
+            if isinstance(cause, EOFError):  # a shard ends inside an entry .metadata says it holds
+                raise inputs.truncated(self.path) from None
             raise InputError(f"{self.path}: reading {', '.join(list(request)[:2])} failed "
                              f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})"[:400],
                              "a shard file is missing or damaged") from None
