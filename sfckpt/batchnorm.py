@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from . import inputs, limits
 from .errors import InputError
 from .reconstruct import Reconstruction
 
@@ -36,12 +37,14 @@ def resolve(spec: str, what: str) -> Any:
             if not path.is_file():
                 raise InputError(f"{what} file '{target}' does not exist", "check the path")
             name = f"_sfckpt_user_{path.stem}"
-            module_spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(module_spec)
+            # The user's own file, read through the same non-blocking, bounded opener as every input
+            source = inputs.read_text(path, limits.TEXT_BYTES, f"{what} file", confined=False)
+            module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None, origin=str(path)))
+            module.__file__ = str(path)
             sys.modules[name] = module
             sys.path.insert(0, str(path.resolve().parent))  # so the file can import its neighbours
             try:
-                module_spec.loader.exec_module(module)
+                exec(compile(source, str(path), "exec"), module.__dict__)
             finally:
                 sys.path.remove(str(path.resolve().parent))
         else:
@@ -75,19 +78,25 @@ def _load_data_file(path: Path) -> Any:
 
     suffix = path.suffix
     try:
-        if suffix in (".pt", ".pth"):
-            return torch.load(path, map_location="cpu", weights_only=True)
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
+        # The user's own file, read through the same non-blocking, bounded opener as every input
+        with inputs.open_user_file(path) as file:
+            if file.size > limits.CALIBRATION_BYTES.value:
+                raise limits.CALIBRATION_BYTES.exceeded(f"calibration data {path} of {file.size} bytes")
+            if suffix in (".pt", ".pth"):
+                with file.fileobj() as f:
+                    return torch.load(f, map_location="cpu", weights_only=True)
+            if suffix == ".safetensors":
+                from safetensors.torch import load
 
-            data = load_file(str(path))
-            return next(iter(data.values())) if len(data) == 1 else data
-        if suffix == ".npy":
-            try:
-                import numpy as np
-            except ImportError:
-                raise InputError(".npy calibration data needs numpy", "pip install numpy") from None
-            return torch.from_numpy(np.load(path, allow_pickle=False))
+                data = load(file.read_all(limits.CALIBRATION_BYTES, "calibration data"))
+                return next(iter(data.values())) if len(data) == 1 else data
+            if suffix == ".npy":
+                try:
+                    import numpy as np
+                except ImportError:
+                    raise InputError(".npy calibration data needs numpy", "pip install numpy") from None
+                with file.fileobj() as f:
+                    return torch.from_numpy(np.load(f, allow_pickle=False))
     except InputError:
         raise
     except Exception as exc:
@@ -150,7 +159,7 @@ def calibration_batches(data: str, batch_size: int) -> Iterator[_Args]:
             raise InputError(f"calibration folder {path} holds no {', '.join(DATA_SUFFIXES)} files", "")
         for f in files:
             yield from (_as_args(b) for b in _split(_load_data_file(f), batch_size, str(f)))
-    elif path.is_file():
+    elif path.exists():  # a FIFO or device too: the opener refuses it, saying what it is
         yield from (_as_args(b) for b in _split(_load_data_file(path), batch_size, str(path)))
     elif ":" in str(data):
         loader = resolve(str(data), "--bn-calib")

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import layout as layout_mod
+from . import inputs, layout as layout_mod
 from .errors import InputError
 from .readers import hf_trainer, load_torch, sniff
 from .readers.accelerate_folder import is_accelerate_folder, load_object as load_accelerate_folder
@@ -55,6 +55,7 @@ class Checkpoint:
     order_error: Exception | None = None  # why the container's parameter order could not be rebuilt
     strip_prefix: str | None = None  # removed from weight names, and so from saved parameter names
     release_note: str | None = None  # what the release folder lacks to load (said again when it is written)
+    root: inputs.Root | None = None  # where its files may lie, fixed when it was loaded (side files are read from it)
 
 
 def load(
@@ -80,6 +81,13 @@ def load(
         >>> sorted(ckpt.weights)[:2]
     """
     path = Path(path)
+    with inputs.scope(path) as root:  # every file the checkpoint names is read from inside what was named
+        ckpt = _load(path, model_key, optimizer_key, strip_prefix)
+    ckpt.root = root
+    return ckpt
+
+
+def _load(path: Path, model_key: str | None, optimizer_key: str | None, strip_prefix: str | None) -> Checkpoint:
     kind = sniff(path)
     model_order = group_domains = order_error = None
     order_source = ""

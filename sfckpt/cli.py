@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import click
 
-from . import __version__, textout
+from . import __version__, inputs, limits, textout
 from .errors import InputError, SfckptError
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
@@ -142,7 +142,8 @@ def _reconstruction(ckpt_path: Path, model_key, optimizer_key, strip_prefix, fam
 
     order = None
     if param_order is not None:
-        order = [line.strip() for line in param_order.read_text().splitlines() if line.strip()]
+        text = inputs.read_text(param_order, limits.TEXT_BYTES, "--param-order", confined=False)
+        order = [line.strip() for line in text.splitlines() if line.strip()]
     ckpt = load(ckpt_path, model_key=model_key, optimizer_key=optimizer_key, strip_prefix=strip_prefix)
     return reconstruct(ckpt, optimizer=family, beta=beta, params_are=params_are, param_order=order, dtype=dtype,
                        twins=twins, require_beta=require_beta)

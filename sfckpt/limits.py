@@ -67,10 +67,19 @@ INT_BITS = Limit("SFCKPT_MAX_INT_BITS", 1023, f"bits in an integer stored in a p
 # Module names and patterns an adapter_config.json gives peft: each is matched against every module.
 ADAPTER_PATTERNS = Limit("SFCKPT_MAX_PATTERNS", 10_000,
                          "module names or patterns one field of adapter_config.json may list")
-# safetensors headers, model.safetensors.index.json, config.json: parsed whole into memory.
-JSON_BYTES = Limit("SFCKPT_MAX_JSON_BYTES", 32 * MiB, "bytes of a safetensors header, index or config.json")
+# safetensors headers, model.safetensors.index.json, config.json, adapter_config.json, trainer_state.json:
+# parsed whole into memory.
+JSON_BYTES = Limit("SFCKPT_MAX_JSON_BYTES", 32 * MiB, "bytes of a safetensors header or a JSON file of the checkpoint")
 # Views whose strides overlap (stride 0) write more than their storage holds.
 EXPANSION_BYTES = Limit("SFCKPT_MAX_EXPANSION", 64 * MiB,
                         "bytes that overlapping views (stride 0) may add beyond their storage, per checkpoint")
+# data.pkl of a torch.save file and a DCP .metadata: read whole into memory before unpickling.
+PICKLE_BYTES = Limit("SFCKPT_MAX_PICKLE_BYTES", 256 * MiB, "bytes of a pickle read whole (torch.save data.pkl, DCP .metadata)")
+# DeepSpeed's `latest`, --param-order: a few names.
+TEXT_BYTES = Limit("SFCKPT_MAX_TEXT_BYTES", 16 * MiB, "bytes of a text file (DeepSpeed latest, --param-order)")
+# config.json, tokenizer files, README.md: copied into a release beside the weights.
+SIDE_FILE_BYTES = Limit("SFCKPT_MAX_SIDE_FILE_BYTES", 1024 * MiB, "bytes of a file copied into a release (tokenizer, config)")
+# --bn-calib data files, loaded whole.
+CALIBRATION_BYTES = Limit("SFCKPT_MAX_CALIBRATION_BYTES", 16 * 1024 * MiB, "bytes of one --bn-calib data file")
 DCP_CHUNKS = Limit("SFCKPT_MAX_DCP_CHUNKS", 16_384, "chunks one torch.distributed.checkpoint tensor may be split into")
 CONFIG_LAYERS = Limit("SFCKPT_MAX_LAYERS", 1_000, "layers or experts config.json may ask the parameter-order model for")

@@ -12,7 +12,7 @@ from typing import Any, Iterator, Sequence
 from . import families, mapping, optimizer_state
 from .checkpoint import Checkpoint
 from .errors import InputError
-from .tensors import DTYPES, TensorRef, nbytes_of
+from .tensors import DTYPES, TensorRef, nbytes_of, torch_dtype
 
 BN_SUFFIXES = ("running_mean", "running_var")
 LERP_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "complex64", "complex128"})
@@ -92,7 +92,7 @@ class OutputTensor:
             t = torch.lerp(y.float(), self.z.load().float(), 1 - 1 / self.beta).to(y.dtype)
         elif self.how == "lerp":
             # Exactly what the optimizer's eval() does: p.lerp_(end=z, weight=1 - 1/β).
-            t = torch.lerp(self.ref.load(), self.z.load(), 1 - 1 / self.beta)
+            t = _lerp(self.ref, self.z, 1 - 1 / self.beta)
         elif self.how == "state-x":
             t = self.x.load()
         else:
@@ -100,6 +100,34 @@ class OutputTensor:
         if self.out_dtype and self.out_dtype != self.ref.dtype:
             t = t.to(getattr(torch, self.out_dtype))
         return t.contiguous()
+
+
+
+# Elements per slice: a multiple of every vector width, so that slices compute the bits one call would.
+_SLICE = 1 << 18
+
+
+def _lerp(y: TensorRef, z: TensorRef, weight: float):
+    """torch.lerp(y, z, weight), reading y and z a slice at a time where their files allow it: only x
+    is held whole (tensor data is read into memory, not mapped, so y and z would each be a copy)."""
+    import torch
+
+    if y.reader is None or z.reader is None or y.dtype != z.dtype or y.shape != z.shape:
+        return torch.lerp(y.load(), z.load(), weight)
+    dtype = torch_dtype(y.dtype)
+    # The slice buffers before x: x freed then leaves no hole below them that the allocator keeps
+    # (measured: a tensor's size more peak memory the other way round).
+    y_part, z_part = torch.empty(min(_SLICE, y.numel), dtype=dtype), torch.empty(min(_SLICE, y.numel), dtype=dtype)
+    try:
+        x = torch.empty(y.shape, dtype=dtype)
+    except (RuntimeError, MemoryError):
+        raise InputError(f"a tensor of shape {y.shape} ({y.nbytes} bytes) does not fit in memory",
+                         "the checkpoint is damaged or crafted, or this machine has too little memory for it") from None
+    flat = x.view(-1)
+    for start in range(0, y.numel, _SLICE):
+        n = min(_SLICE, y.numel - start)
+        torch.lerp(y.load_flat(start, n, y_part[:n]), z.load_flat(start, n, z_part[:n]), weight, out=flat[start:start + n])
+    return x
 
 
 @dataclass

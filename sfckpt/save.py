@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from . import writer
+from . import inputs, writer
 from .errors import InputError, OutputError
 from .reconstruct import Reconstruction
 from .tensors import count_nonfinite
@@ -73,15 +73,15 @@ def save(
 
         if max_shard_size:
             raise OutputError("PEFT loads an adapter from one file; --max-shard-size does not apply", "leave it out")
-        copies = [src / name for name in peft_adapter.RELEASE_FILES if (src / name).is_file()]
-        if recon.checkpoint.container == "peft-adapter-fsdp" and not (src / peft_adapter.SAFE_NAME).is_file():
-            copies = []  # a sharded save has no adapter config of its own: one found there may be another run's
+        copies = []  # a sharded save has no adapter config of its own: one found there may be another run's
+        if recon.checkpoint.container != "peft-adapter-fsdp" or (src / peft_adapter.SAFE_NAME).is_file():
+            copies = inputs.side_files(src, peft_adapter.RELEASE_FILES, recon.checkpoint.root)
         return writer.write_folder(out, specs, produce, metadata, force, progress, None, copies, peft_adapter.SAFE_NAME)
     if recon.checkpoint.container in ("huggingface-trainer", "huggingface-trainer-fsdp", "deepspeed"):
         # config.json, generation_config.json and tokenizer files, so `from_pretrained(out)` works
         from .readers.hf_trainer import RELEASE_FILES
 
-        copies = [src / name for name in RELEASE_FILES if (src / name).is_file()]
+        copies = inputs.side_files(src, RELEASE_FILES, recon.checkpoint.root)
     return writer.write_folder(out, specs, produce, metadata, force, progress, max_shard_size, copies)
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Union
 
+from . import inputs, limits
+from .errors import InputError
 from .readers import LFS_POINTER, read_weights, sniff
 from .readers.accelerate_folder import is_accelerate_folder
 from .readers.dcp_folder import is_dcp_folder
@@ -54,8 +56,8 @@ def _weight_files(path: Path) -> Iterator[Path]:
         return
     yield index
     try:
-        shards = set(json.loads(index.read_text())["weight_map"].values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        shards = set(json.loads(inputs.read_bytes(index, limits.JSON_BYTES, "safetensors index"))["weight_map"].values())
+    except (InputError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return  # the reader says what is wrong with the index
     for shard in sorted(s for s in shards if isinstance(s, str)):
         yield index.parent / shard
@@ -65,13 +67,11 @@ def _refuse_lfs_pointers(path: Path) -> None:
     """A Git LFS pointer anywhere in the set (a shard, a folder's model.safetensors) gets the LFS message,
     not "truncated or damaged": a checkout without `lfs: true` is the common cause."""
     for f in _weight_files(path):
-        if not f.is_file():  # a FIFO would block here; the reader refuses what is not a regular file
-            continue
         try:
-            with open(f, "rb") as handle:
-                head = handle.read(len(LFS_POINTER))
-        except OSError:
-            continue  # missing or unreadable: the reader says so
+            with inputs.open_input(f) as handle:
+                head = handle.pread(min(len(LFS_POINTER), handle.size), 0)
+        except InputError:
+            continue  # missing, unreadable, not a regular file, outside: the reader says so
         if head == LFS_POINTER:
             sniff(f)  # raises the LFS message, naming the file
 
@@ -80,17 +80,19 @@ def released_weights(path: PathLike) -> WeightSet:
     """Weights exactly as they are on disk (safetensors, index, or a folder's model.safetensors),
     never reconstructed: what `check` judges."""
     path = Path(path)
-    _refuse_lfs_pointers(path)
-    tensors, metadata = read_weights(path)
+    with inputs.scope(path):
+        _refuse_lfs_pointers(path)
+        tensors, metadata = read_weights(path)
     return WeightSet(str(path), tensors, metadata=metadata)
 
 
 def is_training_checkpoint(path: PathLike) -> bool:
     """A torch.save file, a Hugging Face Trainer folder or a torch.distributed.checkpoint folder."""
     path = Path(path)
-    kind = sniff(path)
-    return kind == "torch" or (kind == "folder" and (is_trainer_folder(path) or is_dcp_folder(path)
-                                                     or is_accelerate_folder(path) or is_deepspeed_folder(path)))
+    with inputs.scope(path):
+        kind = sniff(path)
+        return kind == "torch" or (kind == "folder" and (is_trainer_folder(path) or is_dcp_folder(path)
+                                                         or is_accelerate_folder(path) or is_deepspeed_folder(path)))
 
 
 def open_weights(path: PathLike, make_reconstruction: Callable[[Path], Reconstruction] | None = None) -> WeightSet:
@@ -103,6 +105,11 @@ def open_weights(path: PathLike, make_reconstruction: Callable[[Path], Reconstru
         >>> sfckpt.compare.diff_sets(open_weights("model.safetensors"), open_weights("run/last.pt"))
     """
     path = Path(path)
+    with inputs.scope(path):
+        return _open_weights(path, make_reconstruction)
+
+
+def _open_weights(path: Path, make_reconstruction: Callable[[Path], Reconstruction] | None) -> WeightSet:
     if is_training_checkpoint(path):
         if make_reconstruction is None:
             from .checkpoint import load

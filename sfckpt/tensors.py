@@ -7,7 +7,6 @@ tensors that x needs (y and z, never `exp_avg_sq`), one at a time.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -71,9 +70,12 @@ class TensorRef:
     loader: Callable[[], Any] = field(repr=False)
     storage_id: Any = None
     view: tuple = ()
-    # (file, byte offset) where the data lie contiguous in a plain file: lets `sample` read a few
+    # (opened input file, byte offset) where the data lie contiguous: lets `sample` read a few
     # pages with numpy, without torch (inspect stays fast) and without reading the tensor.
-    location: tuple[str, int] | None = field(default=None, repr=False)
+    location: tuple[Any, int] | None = field(default=None, repr=False)
+    # reader(start, count, out): elements [start, start + count) of a contiguous tensor, flat, read
+    # alone (a parameter's slice of a flat buffer without reading the buffer), into `out` if given.
+    reader: Callable[[int, int, Any], Any] | None = field(default=None, repr=False)
 
     @property
     def numel(self) -> int:
@@ -101,8 +103,16 @@ class TensorRef:
         return self.data_key is not None and self.data_key == other.data_key
 
     def load(self):
-        """The tensor, memory-mapped where the format allows it."""
+        """The tensor, read into memory of its own."""
         return self.loader()
+
+    def load_flat(self, start: int, count: int, out=None):
+        """Elements [start, start + count) of the flattened tensor (into `out`, a flat tensor of `count`
+        elements, when given); only those are read where the format allows it."""
+        if self.reader is not None:
+            return self.reader(start, count, out)
+        part = self.load().reshape(-1).narrow(0, start, count)
+        return part if out is None else out.copy_(part)
 
     def sample(self, n: int):
         """Up to `n` elements as a float64 numpy array: half from the start of the data, half from the middle.
@@ -114,15 +124,9 @@ class TensorRef:
         total = self.numel * (2 if self.is_complex else 1)
         spans = [(0, total)] if total <= n else [(0, n // 2), (total // 2, total // 2 + n - n // 2)]
         if self.location is not None and self.dtype in _NUMPY_READ:
-            path, start = self.location
+            file, start = self.location
             code, size = _NUMPY_READ[self.dtype]
-            parts = []
-            with open(path, "rb") as f:
-                for lo, hi in spans:
-                    data = os.pread(f.fileno(), (hi - lo) * size, start + lo * size)
-                    if len(data) != (hi - lo) * size:
-                        raise EOFError(f"{path} ends inside a tensor")
-                    parts.append(np.frombuffer(data, dtype=code))
+            parts = [np.frombuffer(file.pread((hi - lo) * size, start + lo * size), dtype=code) for lo, hi in spans]
             raw = np.concatenate(parts)
             if self.dtype == "bfloat16":  # the upper half of a float32
                 return (raw.astype(np.uint32) << 16).view(np.float32).astype(np.float64)

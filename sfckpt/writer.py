@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+from . import inputs
 from .errors import InputError, OutputError
 from .tensors import DTYPES, nbytes_of
 
@@ -471,10 +472,10 @@ def owned_by_sfckpt(name: str) -> bool:
 
 
 def write_folder(folder: Path, specs: Iterable[Spec], produce, metadata=None, force=False, progress=None,
-                 max_shard_size: int | None = None, copies: Sequence[Path] = (),
+                 max_shard_size: int | None = None, copies: Sequence[inputs.InputFile] = (),
                  single_name: str = "model.safetensors") -> list[Path]:
     """Write `model.safetensors`, or shards and `model.safetensors.index.json`, into `folder`,
-    with `copies` (files such as config.json) beside them: all of it, or none of it.
+    with `copies` (files such as config.json, opened through the input gate) beside them: all of it, or none of it.
 
     Everything is written into a locked staging folder first and moved into place only when all
     of it is complete, so a failed run leaves the folder exactly as it was. A new `folder` is the
@@ -527,7 +528,7 @@ def write_folder(folder: Path, specs: Iterable[Spec], produce, metadata=None, fo
             }
             stage(folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=False) + "\n")
         for source in copies:
-            shutil.copyfile(source, stage(folder / source.name))
+            inputs.copy_side_file(source, stage(folder / source.name))
         with _signals_deferred():  # everything is written: put it in place as one step
             if created:
                 _move_into_place(staging, folder)

@@ -31,7 +31,7 @@ def test_inspect_reads_no_tensor_data(trained, run, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("inspect read tensor data")
 
-    monkeypatch.setattr(TorchArchive, "storage_tensor", forbidden)
+    monkeypatch.setattr(TorchArchive, "read_elements", forbidden)
     result = run("inspect", ckpt)
     assert result.exit_code == 0, result.stderr
     assert "adamw" in result.stdout and "not scanned" in result.stdout

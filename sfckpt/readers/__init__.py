@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .. import inputs
 from ..errors import InputError
 from .safetensors_file import INDEX_NAME, SINGLE_NAME, read_index, read_safetensors
 from .torch_file import Opaque, TorchArchive
@@ -24,11 +25,8 @@ def sniff(path: Path) -> str:
             return "folder"
     except OSError as exc:  # a name too long, a loop of links: the path, not the file, is wrong
         raise InputError(f"{str(path)[:200]}: cannot be used ({exc.strerror})", "check the path") from None
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot be read ({exc.strerror})", "check the path and its permissions") from None
+    with inputs.open_input(path) as f:
+        head = f.pread(min(64, f.size), 0)
     if not head:
         raise InputError(f"{path}: the file is empty", "the copy or the save did not complete")
     if head.startswith(LFS_POINTER):
@@ -59,6 +57,11 @@ def load_torch(path: Path) -> tuple[Any, list[str]]:
 
 def read_weights(path: Path):
     """A flat name -> TensorRef map from a safetensors file, index or release folder."""
+    with inputs.scope(path):
+        return _read_weights(path)
+
+
+def _read_weights(path: Path):
     kind = sniff(path)
     if kind == "safetensors":
         return read_safetensors(path)

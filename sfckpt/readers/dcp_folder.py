@@ -10,19 +10,21 @@ torch-file reader instead of `torch.load(weights_only=False)`.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
+import os
 import pickle
 import warnings
 from pathlib import Path
 from typing import Any
 
-from .. import limits
+from .. import inputs, limits
 from ..errors import InputError
 from ..tensors import TensorRef
 from . import pickle_guard
-from .paths import confined
+from ..inputs import confined
 from .torch_file import _ORDERED_DICT, _SAFE_BUILTINS, TorchArchive
 
 _METADATA_CLASSES = {
@@ -121,18 +123,41 @@ def _reader_classes():
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.metadata import StorageMeta
 
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class GatedFileSystem(FileSystem):
+        """DCP's file access with every shard opened through the gate, confined to the input's root."""
+
+        def __init__(self, root: inputs.Root):
+            super().__init__()
+            self.root = root
+
+        @contextlib.contextmanager
+        def create_stream(self, path, mode: str):
+            if mode != "rb":
+                raise InputError(f"{path}: sfckpt only reads checkpoints", "this is a bug in sfckpt")
+            with inputs.open_input(path, root=self.root) as file, file.fileobj() as stream:
+                yield stream
+
     class SafeReader(dcp.FileSystemReader):
-        """DCP's file reader, with `.metadata` read by a restricted unpickler and cached."""
+        """DCP's file reader, with `.metadata` read by a restricted unpickler and cached, and every
+        file opened through the gate."""
 
         _cached = None
+
+        def __init__(self, path: str, root: inputs.Root):
+            super().__init__(path)
+            self.root = root
+            self.fs = GatedFileSystem(root)
 
         def read_metadata(self, *args, **kwargs):
             if self._cached is None:
                 path = Path(self.path) / ".metadata"
+                # From memory, not the file: a damaged length field then reads short instead of
+                # making pickle allocate whatever the field claims.
+                with inputs.open_input(path, root=self.root) as file:
+                    data = file.read_all(limits.PICKLE_BYTES, "DCP metadata")
                 try:
-                    # From memory, not the file: a damaged length field then reads short instead of
-                    # making pickle allocate whatever the field claims.
-                    data = path.read_bytes()
                     metadata = _MetadataUnpickler(io.BytesIO(data), len(data)).load_checked()
                 except pickle_guard.GuardError as exc:
                     if exc.limit is None:
@@ -143,7 +168,7 @@ def _reader_classes():
                 except Exception as exc:
                     raise InputError(f"{path}: cannot read DCP metadata ({type(exc).__name__}: {exc})"[:300],
                                      "the folder is damaged or not a torch.distributed.checkpoint") from None
-                _validate(metadata, Path(self.path))
+                _validate(metadata, Path(self.path), self.root)
                 if getattr(metadata, "storage_meta", None) is None:
                     metadata.storage_meta = StorageMeta()
                 metadata.storage_meta.load_id = self.load_id
@@ -174,7 +199,7 @@ class DcpFolder:
     def __init__(self, path: Path):
         self.path = path
         reader_cls, self._planner_cls = _reader_classes()
-        self.reader = reader_cls(str(path))
+        self.reader = reader_cls(str(path), inputs.current_root(path))
         self.metadata = self.reader.read_metadata()
 
     def _load(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -192,6 +217,8 @@ class DcpFolder:
             cause = _first_failure(exc)
             if isinstance(cause, InputError):
                 raise cause from None
+            if isinstance(cause, EOFError):  # a shard ends inside an entry .metadata says it holds
+                raise inputs.truncated(self.path) from None
             raise InputError(f"{self.path}: reading {', '.join(list(request)[:2])} failed "
                              f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})"[:400],
                              "a shard file is missing or damaged") from None
@@ -228,7 +255,7 @@ class DcpFolder:
         return _lists(root)
 
 
-def _validate(metadata: Any, path: Path) -> None:
+def _validate(metadata: Any, path: Path, root: inputs.Root) -> None:
     """Check the unpickled metadata has the shape DCP's own classes promise (a flipped byte may not),
     names only files inside the folder, and describes no more data than the folder holds."""
     import torch
@@ -261,7 +288,7 @@ def _validate(metadata: Any, path: Path) -> None:
             raise InputError(f"{path}/.metadata: entry '{index.fqn}' is stored with transforms "
                              f"{list(info.transform_descriptors)[:3]!r:.100}", "sfckpt reads only untransformed DCP shards")
         if rel not in files:
-            files[rel] = _confined_size(path, rel)
+            files[rel] = _confined_size(path, rel, root)
             if files[rel] < 0:
                 raise InputError(f"{path}: shard file '{rel}' named in .metadata is missing", "copy the whole folder")
         if offset + length > files[rel]:
@@ -319,13 +346,13 @@ def _check_nesting(entries: dict, paths: dict, path: Path) -> None:
                          "(one inside or on top of the other)", "the folder is damaged or crafted")
 
 
-def _confined_size(folder: Path, rel: str) -> int:
-    """The size of `rel`, a file the metadata names, which must lie inside `folder` (-1: missing)."""
+def _confined_size(folder: Path, rel: str, root: inputs.Root) -> int:
+    """The size of `rel`, a file the metadata names, which must be a file inside the input (-1: missing)."""
     target = confined(folder, rel, f"{folder}/.metadata")
-    try:
-        return target.stat().st_size if target.is_file() else -1
-    except OSError:
+    if not os.path.lexists(target):
         return -1
+    with inputs.open_input(target, root=root) as file:
+        return file.size
 
 
 def _first_failure(exc: BaseException) -> BaseException:

@@ -20,7 +20,7 @@ Hugging Face Trainer (`checkpoint-N/global_stepN`), Accelerate (`pytorch_model/`
 
 This is DeepSpeed's own `utils/zero_to_fp32.py` layout logic, applied to z as well as to the
 master y and done lazily: each parameter's `TensorRef` reads only its slices of the
-memory-mapped rank files. The result is the uniform view every reader gives:
+rank files, read with positioned reads. The result is the uniform view every reader gives:
 `{'model': {name: TensorRef}, 'optimizer': {'state': {i: {'z': ...}}, 'param_groups': [...]}}`,
 with `param_names` in the groups.
 """
@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from .. import inputs, limits
 from ..errors import InputError
-from .paths import confined
+from ..inputs import confined
 from ..tensors import TensorRef, torch_dtype
 from .torch_file import Opaque, TorchArchive
 
@@ -60,14 +61,15 @@ def _tag_folder(path: Path) -> Path | None:
         return path
     latest = path / LATEST
     if latest.is_file():
+        tag = inputs.read_text(latest, limits.TEXT_BYTES, "DeepSpeed's latest tag").strip()
+        if not tag or "/" in tag or "\0" in tag or tag in (".", ".."):
+            raise InputError(f"{latest} names no valid tag ({inputs.excerpt(tag)})", "pass the tag folder itself (global_stepN/)")
         try:
-            tag = latest.read_text().strip()
-        except (OSError, UnicodeDecodeError):
-            raise InputError(f"{latest} cannot be read as a tag name", "the checkpoint folder is damaged") from None
-        if not tag or "/" in tag or tag in (".", ".."):
-            raise InputError(f"{latest} names no valid tag ({tag!r})", "pass the tag folder itself (global_stepN/)")
-        if not (path / tag).is_dir():
-            raise InputError(f"{latest} names tag '{tag}' but {path / tag} does not exist",
+            found = (path / tag).is_dir()
+        except OSError:  # a name too long for a file name
+            found = False
+        if not found:
+            raise InputError(f"{latest} names tag {inputs.excerpt(tag)} but no such folder is in {path}",
                              "the checkpoint was not copied whole; copy the tag folder, or pass another tag folder")
         return confined(path, tag, str(latest))
     candidates = [p for p in (path / "checkpoint", path / "pytorch_model") if p.is_dir()]  # Lightning, Accelerate
@@ -85,18 +87,6 @@ def is_deepspeed_folder(path: Path) -> bool:
         (path / LATEST).is_file() or _tag_folder(path) is not None)
 
 
-def _allow_open_files(needed: int) -> None:
-    """Raise the soft limit on open files when a run had many ranks (the hard limit permitting)."""
-    try:
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != resource.RLIM_INFINITY and soft < needed:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else min(needed, hard), hard))
-    except (ImportError, ValueError, OSError):
-        pass  # not POSIX, or not allowed: opening a file will say so
-
-
 def _shape(value: Any, where: str) -> tuple[int, ...]:
     if isinstance(value, (tuple, list)) and all(type(n) is int and n >= 0 for n in value):
         return tuple(value)
@@ -107,10 +97,20 @@ def _gather(parts: list[tuple[TensorRef, int, int]], numel: int, shape: tuple[in
     """The slices of flat tensors that make one parameter, joined, cut to `numel` and shaped."""
     import torch
 
-    pieces = [ref.load().reshape(-1).narrow(0, start, length) for ref, start, length in parts if length]
-    if not pieces:  # a parameter with no elements
-        return torch.empty(shape, dtype=torch_dtype(parts[0][0].dtype))
-    flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    dtype = parts[0][0].dtype
+    live = [(ref, start, length) for ref, start, length in parts if length]
+    if not live:  # a parameter with no elements
+        return torch.empty(shape, dtype=torch_dtype(dtype))
+    if len(live) == 1:
+        flat = live[0][0].load_flat(live[0][1], live[0][2])
+    elif any(ref.dtype != dtype for ref, _, _ in live):
+        flat = torch.cat([ref.load_flat(start, length) for ref, start, length in live])
+    else:  # each rank's slice read straight into its place: one copy of the parameter in memory
+        flat = torch.empty(sum(length for _, _, length in live), dtype=torch_dtype(dtype))
+        at = 0
+        for ref, start, length in live:
+            ref.load_flat(start, length, flat[at:at + length])
+            at += length
     return flat.narrow(0, 0, numel).view(shape)
 
 
@@ -171,7 +171,7 @@ class DeepSpeedFolder:
         if missing:
             raise InputError(f"{self.tag}: the optimizer file of rank {missing[0]} is missing "
                              f"(found ranks {', '.join(map(str, sorted(files)))})", "copy the whole tag folder")
-        _allow_open_files(2 * n + 64)  # every rank file stays open (memory-mapped) until the tensors are read
+        inputs.allow_open_files(2 * n + 64)  # every rank file stays open until the tensors are read
         self.ranks = [self._open_rank(files[r]) for r in range(n)]
         first = self.ranks[0]
         self.stage = self._stage(first)

@@ -87,11 +87,12 @@ def config_from_dict(raw: Any, where: str, hint: str):
         raise InputError(f"{where} cannot be read by transformers ({_one_line(exc)})", hint) from None
 
 
-def read_config(path: Path, where: str, hint: str):
-    """The transformers config in the file `path` (confined and bounded by the caller's reader)."""
-    from .safetensors_file import read_json_file
+def read_config(path: Path, where: str, hint: str, root=None):
+    """The transformers config in the file `path`, read through the input gate (confined to the input,
+    or to `root` for a second input, and bounded)."""
+    from .. import inputs
 
-    return config_from_dict(read_json_file(path, "config.json"), where, hint)
+    return config_from_dict(inputs.read_json(path, "config.json", root=root), where, hint)
 
 
 def model_class(name: Any, config: Any, where: str, hint: str) -> type:

@@ -11,9 +11,11 @@ That needs `transformers` (the `hf` extra).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
+from .. import inputs, limits
 from ..errors import InputError
 from .safetensors_file import INDEX_NAME, SINGLE_NAME
 
@@ -48,10 +50,15 @@ def read_weights(path: Path):
 
 
 def trainer_state(path: Path) -> dict[str, Any]:
-    """trainer_state.json if it is a JSON object (only `global_step` is used); otherwise nothing."""
+    """trainer_state.json if it is a JSON object (only `global_step` is used); otherwise nothing.
+
+    Read through the gate: a link out of the folder, a FIFO or a file past the JSON limit is refused."""
+    if not os.path.lexists(path / STATE_NAME):
+        return {}
+    data = inputs.read_bytes(path / STATE_NAME, limits.JSON_BYTES, STATE_NAME)
     try:
-        state = json.loads((path / STATE_NAME).read_text())
-    except (OSError, ValueError, RecursionError):
+        state = json.loads(data)
+    except (ValueError, RecursionError):
         return {}
     return state if isinstance(state, dict) else {}
 

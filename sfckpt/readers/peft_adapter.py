@@ -20,9 +20,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .. import inputs
 from ..errors import InputError
-from .paths import confined
-from .safetensors_file import read_json_file, read_safetensors
+from .safetensors_file import read_safetensors
 
 OPTIMIZER_NAME = "optimizer.pt"
 CONFIG_NAME = "adapter_config.json"
@@ -52,14 +52,15 @@ def load_object(path: Path) -> tuple[dict[str, Any], list[str]]:
     return {"model": weights, "optimizer": optimizer}, sorted(set(unloaded) | set(opt_unloaded))
 
 
-def _base_config_file(path: Path, name: str) -> Path:
+def _base_config_file(path: Path, name: str) -> tuple[Path, inputs.Root]:
     """The base model's config.json: in the folder `base_model_name_or_path` names (as given, or relative to
     the run folder the checkpoint sits in) or, for a model id, in the local Hugging Face cache. Nothing is
-    downloaded. The base model is a second input: its config.json must lie inside its folder."""
+    downloaded. The base model is a second input: its config.json must lie inside its folder (the root returned,
+    which the gate confines the read to)."""
     for folder in (Path(name), path.parent / name, path.parent.parent / name):
         try:
             if (folder / "config.json").is_file():
-                return confined(folder, "config.json", f"the base model folder {folder}")
+                return folder / "config.json", inputs.Root.of(folder)
         except (OSError, ValueError):  # a name no file system takes (a NUL byte, too long)
             continue
     try:
@@ -69,7 +70,7 @@ def _base_config_file(path: Path, name: str) -> Path:
     except ValueError:  # not a model id either
         cached = None
     if isinstance(cached, str):  # snapshots/<rev>/config.json, a link to the cache's blobs
-        return confined(Path(cached).parent, "config.json", f"the cached base model {name[:100]}")
+        return Path(cached), inputs.Root.of(Path(cached).parent)  # the root includes that cache's blobs
     raise InputError(f"{path}/{CONFIG_NAME} names the base model {name[:100]!r}, whose config.json is neither in a "
                      "folder of that name nor in the local Hugging Face cache (sfckpt downloads nothing)",
                      f"download its config.json (huggingface-cli download {name[:100]} config.json), or {ORDER_HINT}")
@@ -84,7 +85,7 @@ def parameter_order(path: Path) -> tuple[list[str], list[set[str]]]:
     adapter config. An InputError says why the order cannot be rebuilt here (no peft or transformers,
     the base model's config not at hand or refused); `load` keeps it for when shapes and content do not
     decide, since --param-order, which `load` does not see, may."""
-    config = read_json_file(path / CONFIG_NAME, CONFIG_NAME)
+    config = inputs.read_json(path / CONFIG_NAME, CONFIG_NAME)
     if not isinstance(config, dict):
         raise InputError(f"{path}/{CONFIG_NAME} holds a JSON {type(config).__name__}, not an object",
                          "the adapter checkpoint is damaged")
@@ -100,9 +101,9 @@ def parameter_order(path: Path) -> tuple[list[str], list[set[str]]]:
     except ImportError:
         raise InputError(f"{path} is a PEFT adapter checkpoint; rebuilding its parameter order needs peft and "
                          "transformers", f"pip install 'sfckpt[hf]', or {ORDER_HINT}") from None
-    base_file = _base_config_file(path, base_name)
+    base_file, base_root = _base_config_file(path, base_name)
     where = f"{base_file} (the base model of {path.name})"
-    base_config = hf_model.read_config(base_file, where, ORDER_HINT)
+    base_config = hf_model.read_config(base_file, where, ORDER_HINT, root=base_root)
     mapping = config.get("auto_mapping")
     class_name = mapping.get("base_model_class") if isinstance(mapping, dict) else None
     class_name = class_name or (getattr(base_config, "architectures", None) or [None])[0]

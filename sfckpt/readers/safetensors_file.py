@@ -1,7 +1,9 @@
 """Read safetensors files, sharded indexes and release folders as `TensorRef`s.
 
-`safetensors.safe_open` already memory-maps and reads lazily; we only add the
-checks that turn damaged input into a clear message.
+Each file is opened once through the gate (sfckpt/inputs.py); a tensor is read on
+demand with positioned reads from that descriptor (not a memory map: a file that
+shrinks while it is read ends in exit 2, not SIGBUS). The header is checked as the
+safetensors library checks it, so damaged input gets a clear message.
 """
 from __future__ import annotations
 
@@ -10,57 +12,30 @@ import math
 import struct
 from pathlib import Path
 
-from .. import limits
+from .. import inputs, limits
 from ..errors import InputError
-from .paths import confined
+from ..inputs import InputFile, confined, parse_json
 from ..tensors import DTYPES, SAFETENSORS_TO_DTYPE, TensorRef
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
-def parse_json(text: bytes, what: str):
-    """JSON from bytes that must be UTF-8, as the safetensors library and transformers require."""
+def read_header(file: InputFile) -> tuple[dict, int]:
+    """The JSON header of an opened safetensors file and where its data start, checked as the
+    safetensors library checks it (so whatever sfckpt accepts, `safe_open` opens): tensors packed
+    from offset 0 to the end of the file, sizes that match shapes, string metadata."""
+    path = file.path
     try:
-        return json.loads(text.decode("utf-8"))
-    except RecursionError:
-        raise InputError(f"{what} is nested too deeply for a JSON parser", "the file is damaged or crafted") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{what} is not valid JSON ({str(exc)[:120]})", "the file is truncated or damaged") from None
-
-
-def read_json_file(path: Path, what: str):
-    """A JSON file read whole, refused past the JSON size limit."""
-    try:
-        size = path.stat().st_size
-        if size > limits.JSON_BYTES.value:
-            raise limits.JSON_BYTES.exceeded(f"{path}: {what} of {size} bytes")
-        text = path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"{path}: cannot be read ({exc.strerror})", "check the path and its permissions") from None
-    return parse_json(text, f"{path}")
-
-
-def read_header(path: Path) -> dict:
-    """The JSON header of a safetensors file, checked as the safetensors library checks it
-    (so whatever sfckpt accepts, `safe_open` opens): tensors packed from offset 0 to the end of
-    the file, sizes that match shapes, string metadata."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                raise ValueError("shorter than a safetensors header")
-            (n,) = struct.unpack("<Q", head)
-            f.seek(0, 2)
-            data_len = f.tell() - 8 - n
-            if data_len < 0:
-                raise ValueError("header length is past the end of the file")
-            if n > limits.JSON_BYTES.value:
-                raise limits.JSON_BYTES.exceeded(f"{path}: safetensors header of {n} bytes")
-            f.seek(8)
-            raw = f.read(n)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot be read ({exc.strerror})", "check the path and its permissions") from None
+        if file.size < 8:
+            raise ValueError("shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", file.pread(8, 0))
+        data_len = file.size - 8 - n
+        if data_len < 0:
+            raise ValueError("header length is past the end of the file")
+        if n > limits.JSON_BYTES.value:
+            raise limits.JSON_BYTES.exceeded(f"{path}: safetensors header of {n} bytes")
+        raw = file.pread(n, 8)
     except ValueError as exc:
         raise InputError(f"{path}: not a readable safetensors file ({exc})", "the file is truncated or damaged") from None
     if not raw.startswith(b"{"):
@@ -102,7 +77,7 @@ def read_header(path: Path) -> dict:
     if position != data_len:
         raise InputError(f"{path}: the safetensors data is {data_len} bytes but its tensors cover {position}",
                          "the file is truncated or damaged")
-    return header
+    return header, 8 + n
 
 
 LIBRARY_DEPTH = 128  # serde_json's recursion limit in the safetensors library: it refuses headers this deeply nested
@@ -132,33 +107,24 @@ def _refuse_what_its_parser_refuses(path: Path, header: dict) -> None:
 
 def read_safetensors(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
     """Tensors (lazily) and string metadata of one safetensors file."""
-    if not Path(path).is_file():  # a FIFO or device would block or never end
-        raise InputError(f"{path}: not a regular file", "point at a safetensors file")
-    header = read_header(path)
-    with open(path, "rb") as f:
-        data_start = 8 + struct.unpack("<Q", f.read(8))[0]
-    handle = {}
-
-    def opener():
-        if "f" not in handle:
-            from safetensors import safe_open
-
-            handle["f"] = safe_open(str(path), framework="pt")
-        return handle["f"]
-
+    file = inputs.open_input(path)
+    header, data_start = read_header(file)
     refs = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         dtype = SAFETENSORS_TO_DTYPE[info["dtype"]]
         offsets = tuple(info["data_offsets"])
+        shape = tuple(int(n) for n in info["shape"])
         refs[name] = TensorRef(
             dtype,
-            tuple(int(s) for s in info["shape"]),
-            (lambda n=name: opener().get_tensor(n)),
+            shape,
+            (lambda at=data_start + offsets[0], d=dtype, s=shape: file.read_tensor(at, d, s)),
             storage_id=(str(path), offsets),
             view=offsets,
-            location=(str(path), data_start + offsets[0]),
+            location=(file, data_start + offsets[0]),
+            reader=(lambda start, count, out, at=data_start + offsets[0], d=dtype:
+                    file.read_tensor(at + start * DTYPES[d][0], d, (count,), out)),
         )
     return refs, dict(header.get("__metadata__") or {})
 
@@ -168,7 +134,12 @@ def read_index(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
 
     Every shard it names must be a file inside the index's own folder.
     """
-    index = read_json_file(path, "safetensors index")
+    with inputs.scope(path):
+        return _read_index(path)
+
+
+def _read_index(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
+    index = inputs.read_json(path, "safetensors index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise InputError(f"{path}: not a readable safetensors index (no weight_map object)", "the file is damaged")
@@ -178,9 +149,10 @@ def read_index(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
             shards[shard] = confined(path.parent, shard, f"{path}: weight_map entry '{name[:200]}'")
     refs: dict[str, TensorRef] = {}
     metadata: dict[str, str] = {}
+    inputs.allow_open_files(len(shards) + 64)  # every shard stays open until its tensors are read
     for shard in sorted(shards):
         shard_path = shards[shard]
-        if not shard_path.is_file():
+        if not shard_path.exists():
             raise InputError(f"{path}: shard '{shard}' named in the index is missing", "copy the whole folder")
         shard_refs, shard_meta = read_safetensors(shard_path)
         metadata.update(shard_meta)

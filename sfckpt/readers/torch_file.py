@@ -3,11 +3,14 @@
 A `torch.save` file is a zip archive: `data.pkl` describes the object and
 `data/<key>` entries hold raw tensor bytes, stored uncompressed and aligned.
 We unpickle `data.pkl` with an unpickler that imports nothing: tensors become
-`TensorRef`s that memory-map their bytes when loaded, a short list of harmless
+`TensorRef`s that read their bytes when loaded, a short list of harmless
 types is rebuilt, and any other class becomes an inert `Opaque` placeholder
 that is never imported or called. This is both safer than
 `torch.load(weights_only=True)` (no class from the file is ever resolved) and
 cheaper (no tensor data is read until asked for, and torch is not imported).
+The file is opened once through the gate (sfckpt/inputs.py) and tensor data is
+read with positioned reads, only the bytes a view spans: never a memory map,
+which a file shrinking under it would turn into SIGBUS.
 """
 from __future__ import annotations
 
@@ -15,15 +18,13 @@ import _compat_pickle
 import collections
 import io
 import math
-import mmap
-import os
 import pickle
 import struct
 import zipfile
 from pathlib import Path
 from typing import Any
 
-from .. import limits
+from .. import inputs, limits
 from ..errors import InputError
 from . import pickle_guard
 from ..tensors import ITEMSIZES, TensorRef, torch_dtype
@@ -301,8 +302,11 @@ class _Storage:
         def load():
             import torch
 
-            base = archive.storage_tensor(key, dtype)
-            view = torch.as_strided(base, shape, stride, offset)
+            if not all(shape):
+                return torch.empty_strided(shape, stride, dtype=torch_dtype(dtype))
+            # Only the elements the view spans are read (a parameter of a flat buffer reads its own part).
+            span = 1 + sum((n - 1) * s for n, s in zip(shape, stride))
+            view = torch.as_strided(archive.read_elements(key, dtype, offset, span), shape, stride, 0)
             if not overlapping:
                 return view
             # The one place a view asks for more memory than the file holds: what SFCKPT_MAX_EXPANSION
@@ -315,17 +319,30 @@ class _Storage:
                                  "lower SFCKPT_MAX_EXPANSION to refuse it early, or convert where there is the "
                                  "memory") from None
 
+        contiguous = _is_contiguous(shape, stride)
         return TensorRef(dtype, shape, load, storage_id=(id(archive), key), view=(offset, stride, shape),
-                         location=self.archive.location(key, dtype, offset, shape, stride))
+                         location=self.archive.location(key, dtype, offset) if contiguous else None,
+                         reader=(lambda start, count, out: archive.read_elements(key, dtype, offset + start, count, out))
+                         if contiguous else None)
+
+
+def _is_contiguous(shape: tuple, stride: tuple) -> bool:
+    expected = 1
+    for n, s in reversed(list(zip(shape, stride))):
+        if n != 1 and s != expected:
+            return False
+        expected *= n
+    return True
 
 
 class TorchArchive:
-    """An open `torch.save` zip file, memory-mapped for reading tensor data."""
+    """An open `torch.save` zip file; tensor data is read on demand."""
 
     def __init__(self, path: Path | str, data: bytes | None = None):
-        """Open `path`, or, when `data` is given, an in-memory archive that `path` only names."""
+        """Open `path` through the gate, or, when `data` is given, an in-memory archive that `path` only names."""
         self.path = path
-        self._file = open(path, "rb") if data is None else io.BytesIO(data)
+        self._input = inputs.open_input(path) if data is None else None
+        self._file = self._input.fileobj() if self._input is not None else io.BytesIO(data)
         try:
             self._zip = zipfile.ZipFile(self._file)
             names = self._zip.namelist()
@@ -341,9 +358,9 @@ class TorchArchive:
             raise InputError(f"{path}: not a torch.save checkpoint", hint)
         self.prefix = pkl[0][: -len("data.pkl")]
         self._infos = {i.filename: i for i in self._zip.infolist()}
-        self._mmap: mmap.mmap | None = None
+        self._offsets: dict[str, int] = {}
         self.opaque: set[str] = set()
-        self.size = len(data) if data is not None else os.fstat(self._file.fileno()).st_size
+        self.size = len(data) if data is not None else self._input.size
         self.described = 0  # bytes of all tensors so far; views with stride 0 can exceed the file
 
     def describe(self, nbytes: int) -> None:
@@ -368,7 +385,10 @@ class TorchArchive:
             byteorder = self._infos.get(self.prefix + "byteorder")
             if byteorder is not None and self.read_member(byteorder) != b"little":
                 raise InputError(f"{self.path}: big-endian checkpoint", "re-save it on a little-endian machine")
-            data = self.read_member(self._infos[self.prefix + "data.pkl"])
+            pkl = self._infos[self.prefix + "data.pkl"]
+            if pkl.file_size > limits.PICKLE_BYTES.value:
+                raise limits.PICKLE_BYTES.exceeded(f"{self.path}: data.pkl of {pkl.file_size} bytes")
+            data = self.read_member(pkl)
             unpickler = _Unpickler(data, self)
             obj = unpickler.load_checked()
         except InputError:
@@ -395,56 +415,52 @@ class TorchArchive:
             )
         return _Storage(self, key, dtype)
 
-    def location(self, key: str, dtype: str, offset: int, shape: tuple, stride: tuple) -> tuple[str, int] | None:
-        """(file, byte offset) of a contiguous view whose record is stored uncompressed in a real file."""
+    def location(self, key: str, dtype: str, offset: int) -> tuple[inputs.InputFile, int] | None:
+        """(opened file, byte offset) of a contiguous view whose record is stored uncompressed in a real file."""
         info = self._infos.get(self.prefix + "data/" + key)
-        if info is None or info.compress_type != zipfile.ZIP_STORED or isinstance(self._file, io.BytesIO):
+        if info is None or info.compress_type != zipfile.ZIP_STORED or self._input is None:
             return None
-        expected = 1
-        for n, s in reversed(list(zip(shape, stride))):
-            if n != 1 and s != expected:
-                return None
-            expected *= n
         try:
-            return str(self.path), self._data_offset(info) + offset * ITEMSIZES[dtype]
+            return self._input, self._data_offset(info) + offset * ITEMSIZES[dtype]
         except InputError:
             return None
 
     def storage_nbytes(self, key: str) -> int:
         return self._infos[self.prefix + "data/" + key].file_size
 
-    def storage_tensor(self, key: str, dtype: str):
-        """The whole storage as a flat tensor over the memory-mapped file."""
+    def read_elements(self, key: str, dtype: str, first: int, count: int, out=None):
+        """Elements [first, first + count) of a storage, as a flat tensor (`out`, when given, or a new one)."""
         try:
-            return self._storage_tensor(key, dtype)
+            return self._read_elements(key, dtype, first, count, out)
         except InputError:
             raise
         except Exception as exc:
             raise InputError(f"{self.path}: cannot read tensor data record '{key}' ({type(exc).__name__}: {exc})"[:300],
                              "the file is truncated or damaged") from None
 
-    def _storage_tensor(self, key: str, dtype: str):
+    def _read_elements(self, key: str, dtype: str, first: int, count: int, out):
         import torch
 
         info = self._infos[self.prefix + "data/" + key]
-        size = info.file_size // ITEMSIZES[dtype]
-        if size == 0:
-            return torch.empty(0, dtype=torch_dtype(dtype))
-        if info.compress_type != zipfile.ZIP_STORED or isinstance(self._file, io.BytesIO):
-            buf = bytearray(self.read_member(info))
-            return torch.frombuffer(buf, dtype=torch_dtype(dtype), count=size)
+        size = ITEMSIZES[dtype]
+        if (first + count) * size > info.file_size:
+            raise InputError(f"{self.path}: tensor data record '{key}' is shorter than the tensor it holds",
+                             "the file is truncated or damaged; copy it again")
+        if info.compress_type != zipfile.ZIP_STORED or self._input is None:
+            buf = bytearray(self.read_member(info)[first * size:(first + count) * size])
+            flat = torch.frombuffer(buf, dtype=torch_dtype(dtype), count=count) if count else \
+                torch.empty(0, dtype=torch_dtype(dtype))
+            return flat if out is None else out.copy_(flat)
         start = self._data_offset(info)
-        if self._mmap is None:
-            # ACCESS_COPY: pages come from the file, and nothing can ever write back to it.
-            self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
-        if start + info.file_size > len(self._mmap):
+        if start + info.file_size > self.size:
             raise InputError(f"{self.path}: tensor data record '{key}' runs past the end of the file", "the file is truncated")
-        return torch.frombuffer(self._mmap, dtype=torch_dtype(dtype), count=size, offset=start)
+        return self._input.read_tensor(start + first * size, dtype, (count,), out)
 
     def _data_offset(self, info: zipfile.ZipInfo) -> int:
-        self._file.seek(info.header_offset)
-        header = self._file.read(30)
-        if len(header) != 30 or header[:4] != b"PK\x03\x04":
-            raise InputError(f"{self.path}: damaged zip entry '{info.filename}'", "the file is truncated or damaged")
-        name_len, extra_len = struct.unpack("<HH", header[26:30])
-        return info.header_offset + 30 + name_len + extra_len
+        if info.filename not in self._offsets:
+            header = self._input.pread(30, info.header_offset) if info.header_offset + 30 <= self.size else b""
+            if header[:4] != b"PK\x03\x04":
+                raise InputError(f"{self.path}: damaged zip entry '{info.filename}'", "the file is truncated or damaged")
+            name_len, extra_len = struct.unpack("<HH", header[26:30])
+            self._offsets[info.filename] = info.header_offset + 30 + name_len + extra_len
+        return self._offsets[info.filename]
