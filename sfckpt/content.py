@@ -18,7 +18,7 @@ times farther from z than the closest one is not z's parameter.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from .tensors import TensorRef
@@ -56,20 +56,27 @@ class ClassEvidence:
     z_constant: object
     unrelated: object  # entries x candidates: True where z and y look independent while confirmed pairs do not
     informative: bool  # enough elements for distances to mean anything
+    _possible: object = field(default=None, repr=False)
 
     def possible(self, i: int, j: int) -> bool:
-        """Could candidate j be entry i's parameter? No when y is one constant value everywhere but z
-        is not (y = (1-β)·z + β·x could then only be constant by an exact cancellation); no when another
-        candidate lies MARGIN times closer to its z; no when z and y are as far apart as independent
-        tensors while this shape's confirmed pairs are all far closer (UNRELATED)."""
-        if self.y_constant[j] and not self.z_constant[i]:
-            return False
-        if not self.informative:
-            return True
-        best = self.matches[i].distance
-        if best > 0 and self.distance[i, j] > MARGIN * best:
-            return False
-        return not self.unrelated[i, j]
+        """Could candidate j be entry i's parameter? (See `possible_matrix`.)"""
+        return bool(self.possible_matrix()[i, j])
+
+    def possible_matrix(self):
+        """Entries x candidates: could candidate j be entry i's parameter? No when y is one constant
+        value everywhere but z is not (y = (1-β)·z + β·x could then only be constant by an exact
+        cancellation); no when another candidate lies MARGIN times closer to its z; no when z and y
+        are as far apart as independent tensors while this shape's confirmed pairs are all far closer
+        (UNRELATED). Computed once, for the whole class at a time (a class can hold thousands)."""
+        import numpy as np
+
+        if self._possible is None:
+            ok = ~(np.asarray(self.y_constant, dtype=bool)[None, :] & ~np.asarray(self.z_constant, dtype=bool)[:, None])
+            if self.informative:
+                best = np.array([m.distance for m in self.matches], dtype=np.float64)[:, None]
+                ok &= ~((best > 0) & (self.distance > MARGIN * best)) & ~np.asarray(self.unrelated, dtype=bool)
+            self._possible = ok
+        return self._possible
 
 
 class Sampler:

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from . import content
+from . import content, order_search
 from .errors import InputError
 from .tensors import TensorRef, format_shape
 
@@ -306,10 +306,11 @@ def _content_anchors(stateful, weights, candidates, sampler) -> tuple[dict[int, 
         if not cols:
             continue
         ev = content.evidence([e.z(o.z_key) for o, e in items], [weights[c] for c in cols], sampler)
+        rows_possible = ev.possible_matrix()
         for i, ((o, e), m) in enumerate(zip(items, ev.matches)):
             if m.confirmed:
                 anchors[id(e)] = cols[m.candidate]
-            possible[id(e)] = {c for j, c in enumerate(cols) if ev.possible(i, j)}
+            possible[id(e)] = {cols[j] for j in rows_possible[i].nonzero()[0].tolist()}
     return anchors, possible
 
 
@@ -390,11 +391,11 @@ def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_in
                 chain.append(id(e))
             chains.append(chain)
     # Shapes, content and the names already placed may leave one way on their own: no order needed.
-    alone = {i: list(d) for i, d in domains0.items()}
-    if _propagate([], alone, lambda i: i) is None and all(len(d) == 1 for d in alone.values()):
+    failed, alone = order_search.propagate([], domains0, lambda i: i)
+    if failed is None and all(v is not None for v in alone.values()):
         for ident in domains0:
             if ident not in fixed:
-                decided[ident], kinds[ident] = candidates[alone[ident][0]], "order"
+                decided[ident], kinds[ident] = candidates[alone[ident]], "order"
         return "shape (the only way to fit)"
     hypotheses = _order_keys(candidates)
     if group_domains is not None:
@@ -403,7 +404,7 @@ def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_in
     # where the confirmed pairs rule the model's order out.
     results = []
     for label, key in hypotheses:
-        results.append((label, *_solve(chains, domains0, key)))
+        results.append((label, *order_search.solve(chains, domains0, key, SEARCH_BUDGET)))
         if results[-1][1] or results[-1][2]:
             break
     distinct = [(label, s) for label, solutions, _ in results for s in solutions]
@@ -421,7 +422,7 @@ def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_in
     if exhausted:
         raise InputError(f"too many ways to match the optimizer's entries to the model's tensors ({context})", ORDER_HINT)
     if not distinct:
-        failed = _propagate(chains, {i: sorted(d, key=hypotheses[0][1]) for i, d in domains0.items()}, hypotheses[0][1])
+        failed, _ = order_search.propagate(chains, domains0, hypotheses[0][1])
         o, e = entry_of[failed if failed is not None else open_ids[0]]
         raise NotInWeights(
             f"{e.label()}, z of shape {format_shape(e.z(o.z_key).shape)}, fits no tensor of these weights in an order "
@@ -474,81 +475,6 @@ def _check_order_witnessed(chains, solution, fixed, possible, candidates, entry_
                         f"them apart, and nothing shows in which order its group lists its parameters ({context})",
                         ORDER_HINT,
                     )
-
-
-def _solve(chains: list[list[int]], domains0: dict[int, list[int]], key: Callable[[int], Any]):
-    """Up to two assignments where each chain's keys strictly increase and no candidate is used twice.
-
-    Returns (solutions, budget_exhausted)."""
-    start = {ident: sorted(dom, key=key) for ident, dom in domains0.items()}
-    solutions: list[dict[int, int]] = []
-    stack = [start]
-    nodes = 0
-    while stack and len(solutions) < 2:
-        nodes += 1
-        if nodes > SEARCH_BUDGET:
-            return solutions, True
-        dom = stack.pop()
-        if _propagate(chains, dom, key) is not None:
-            continue
-        open_ids = [i for i, d in dom.items() if len(d) > 1]
-        if not open_ids:
-            solutions.append({i: d[0] for i, d in dom.items()})
-            continue
-        pick = min(open_ids, key=lambda i: len(dom[i]))
-        for c in reversed(dom[pick]):
-            child = dict(dom)
-            child[pick] = [c]
-            stack.append(child)
-    return solutions, False
-
-
-def _propagate(chains, dom, key) -> int | None:
-    """Narrow domains until stable: chain order, and a candidate held by one entry leaves the others.
-
-    Returns None, or the entry left with no candidate."""
-    for ident, d in dom.items():
-        if not d:
-            return ident
-    changed = True
-    while changed:
-        changed = False
-        for chain in chains:
-            low = None
-            for ident in chain:
-                d = dom[ident]
-                if low is not None:
-                    kept = [c for c in d if key(c) > low]
-                    if len(kept) != len(d):
-                        dom[ident] = d = kept
-                        changed = True
-                if not d:
-                    return ident
-                low = key(d[0])
-            high = None
-            for ident in reversed(chain):
-                d = dom[ident]
-                if high is not None:
-                    kept = [c for c in d if key(c) < high]
-                    if len(kept) != len(d):
-                        dom[ident] = d = kept
-                        changed = True
-                if not d:
-                    return ident
-                high = key(d[-1])
-        holder: dict[int, int] = {}
-        for ident, d in dom.items():
-            if len(d) == 1:
-                if d[0] in holder:
-                    return ident
-                holder[d[0]] = ident
-        for ident, d in dom.items():
-            if len(d) > 1 and any(c in holder for c in d):
-                dom[ident] = [c for c in d if c not in holder]
-                changed = True
-                if not dom[ident]:
-                    return ident
-    return None
 
 
 def _verify_pair(e: Entry, o: OptimizerEntries, weights, method: str) -> None:
