@@ -19,6 +19,7 @@ times farther from z than the closest one is not z's parameter.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Set as AbstractSet
 from typing import Sequence
 
 from .tensors import TensorRef
@@ -79,6 +80,32 @@ class ClassEvidence:
         return self._possible
 
 
+class PossibleRow(AbstractSet):
+    """The candidates one entry may belong to, as a read-only set of names backed by its row of
+    `ClassEvidence.possible_matrix()`: a shape class of n entries and m tensors costs one n x m
+    boolean mask, not n Python sets of up to m names."""
+
+    def __init__(self, mask, names: Sequence[str], column: Mapping[str, int], positions) -> None:
+        self.mask = mask  # numpy bool, one per column
+        self.names = names  # the class's tensor names, one per column
+        self.column = column  # name -> column
+        self.positions = positions  # numpy int, per column: the tensor's index among the mapping's candidates
+
+    @classmethod
+    def _from_iterable(cls, it) -> set:
+        return set(it)
+
+    def __contains__(self, name: object) -> bool:
+        j = self.column.get(name) if isinstance(name, str) else None
+        return j is not None and bool(self.mask[j])
+
+    def __iter__(self) -> Iterator[str]:
+        return (self.names[j] for j in self.mask.nonzero()[0].tolist())
+
+    def __len__(self) -> int:
+        return int(self.mask.sum())
+
+
 class Sampler:
     """Samples of tensors as float64 numpy arrays, read once each (a few pages, not the tensor)."""
 
@@ -91,7 +118,9 @@ class Sampler:
         key = (id(ref), n)
         if key not in self._cache:
             out = ref.sample(n)
-            self._cache[key] = np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+            if not np.isfinite(out).all():  # the check is cheap; nan_to_num's call is not, on thousands of samples
+                out = np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+            self._cache[key] = out
         return self._cache[key]
 
 
@@ -118,7 +147,7 @@ def evidence(zs: Sequence[TensorRef], ys: Sequence[TensorRef], sampler: Sampler)
     best_col = d.argmin(axis=1)
     best = d[rows, best_col]
     second = np.partition(d, 1, axis=1)[:, 1] if m > 1 else np.full(n, np.inf)
-    col_sorted = np.sort(d, axis=0)[:2] if n > 1 else None
+    col_sorted = np.partition(d, 1, axis=0)[:2] if n > 1 else None  # each column's two smallest, in order
     matches = []
     for i in range(n):
         j = int(best_col[i])

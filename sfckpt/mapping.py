@@ -25,6 +25,7 @@ tensors concerned and what to pass; never a plausible guess.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Set as AbstractSet
 from typing import Any, Callable, Mapping, Sequence
 
 from . import content, order_search
@@ -290,7 +291,7 @@ def decide(
     return ParameterMapping(method, entries, counts, confirmed, len(stateful), untrained, twin_map, ignored, warnings)
 
 
-def _content_anchors(stateful, weights, candidates, sampler) -> tuple[dict[int, str], dict[int, set[str]]]:
+def _content_anchors(stateful, weights, candidates, sampler) -> tuple[dict[int, str], dict[int, AbstractSet[str]]]:
     """Entries whose z content ties to one tensor with a margin (id(entry) -> name), and for every entry
     the tensors content does not rule out (id(entry) -> names)."""
     by_shape: dict[tuple, list[str]] = {}
@@ -299,18 +300,23 @@ def _content_anchors(stateful, weights, candidates, sampler) -> tuple[dict[int, 
     rows: dict[tuple, list[tuple[Any, Entry]]] = {}
     for o, e in stateful:
         rows.setdefault(e.z(o.z_key).shape, []).append((o, e))
+    import numpy as np
+
+    index = {c: i for i, c in enumerate(candidates)}
     anchors: dict[int, str] = {}
-    possible: dict[int, set[str]] = {}
+    possible: dict[int, AbstractSet[str]] = {}
     for shape, items in rows.items():
         cols = by_shape.get(shape, [])
         if not cols:
             continue
         ev = content.evidence([e.z(o.z_key) for o, e in items], [weights[c] for c in cols], sampler)
-        rows_possible = ev.possible_matrix()
+        mask = ev.possible_matrix()
+        column = {c: j for j, c in enumerate(cols)}
+        positions = np.array([index[c] for c in cols], dtype=np.int64)
         for i, ((o, e), m) in enumerate(zip(items, ev.matches)):
             if m.confirmed:
                 anchors[id(e)] = cols[m.candidate]
-            possible[id(e)] = {cols[j] for j in rows_possible[i].nonzero()[0].tolist()}
+            possible[id(e)] = content.PossibleRow(mask[i], cols, column, positions)
     return anchors, possible
 
 
@@ -369,6 +375,7 @@ def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_in
     entry_of: dict[int, tuple[OptimizerEntries, Entry]] = {}
     domains0: dict[int, list[int]] = {}
     taken = set(fixed.values())
+    taken_mask = _taken_mask(taken, len(candidates))
     by_shape: dict[tuple, list[int]] = {}
     for i, c in enumerate(candidates):
         by_shape.setdefault(weights[c].shape, []).append(i)
@@ -383,8 +390,8 @@ def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_in
                 if id(e) in fixed:
                     domains0[id(e)] = [fixed[id(e)]]
                 else:
-                    allowed = possible.get(id(e), set())
-                    dom = [i for i in by_shape.get(e.z(o.z_key).shape, []) if i not in taken and candidates[i] in allowed]
+                    dom = _open_domain(possible.get(id(e), set()), by_shape.get(e.z(o.z_key).shape, []), taken,
+                                       taken_mask, candidates)
                     if group_domains is not None and g < len(group_domains):
                         dom = [i for i in dom if candidates[i] in group_domains[g]]
                     domains0[id(e)] = dom
@@ -438,6 +445,22 @@ def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_in
         f"both fit, and content cannot tell them apart ({context})",
         ORDER_HINT,
     )
+
+
+def _taken_mask(taken: set[int], n: int):
+    import numpy as np
+
+    mask = np.zeros(n, dtype=bool)
+    mask[list(taken)] = True
+    return mask
+
+
+def _open_domain(allowed: AbstractSet[str], same_shape: list[int], taken: set[int], taken_mask, candidates) -> list[int]:
+    """The candidates (indices, in order) of an entry's shape that content allows and no fixed entry holds."""
+    if isinstance(allowed, content.PossibleRow) and len(allowed.positions) == len(same_shape):
+        # one numpy pass over the class instead of a set lookup per (entry, tensor)
+        return allowed.positions[allowed.mask & ~taken_mask[allowed.positions]].tolist()
+    return [i for i in same_shape if i not in taken and candidates[i] in allowed]
 
 
 def _check_order_witnessed(chains, solution, fixed, possible, candidates, entry_of, context) -> None:

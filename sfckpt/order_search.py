@@ -41,9 +41,10 @@ class _Problem:
         index = {ident: k for k, ident in enumerate(self.ids)}
         self.chains = [[index[i] for i in chain] for chain in chains]
         self.chain_of = [-1] * len(self.ids)
+        self.place = [-1] * len(self.ids)  # position within its chain
         for c, chain in enumerate(self.chains):
-            for k in chain:
-                self.chain_of[k] = c
+            for j, k in enumerate(chain):
+                self.chain_of[k], self.place[k] = c, j
         # Look-alike entries (norm gains) often share one domain: sort and index each distinct one once.
         top = max((max(d) for d in domains.values() if d), default=-1)
         rank = [key(c) for c in range(top + 1)]  # candidates are small integers: look keys up, don't call
@@ -85,19 +86,28 @@ class _Problem:
         held = st.holder
         return [c for c in self.base[k][st.lo[k]:st.hi[k]] if c not in held]
 
-    def propagate(self, st: _State, dirty: set[int], fresh: list[int]) -> int | None:
+    def everything(self) -> dict[int, tuple[int, int]]:
+        """Every chain, whole: what a first pass narrows."""
+        return {c: (0, len(chain) - 1) for c, chain in enumerate(self.chains) if chain}
+
+    def propagate(self, st: _State, dirty: dict[int, tuple[int, int]], fresh: list[int]) -> int | None:
         """Narrow `st` in place until stable; the entry index left with no candidate, or None.
 
-        `dirty`: chains whose domains changed since they were last narrowed; `fresh`: entries
-        decided since the last time decided entries were collected."""
+        `dirty`: per chain whose domains changed since it was last narrowed, the first and last
+        positions changed; `fresh`: entries decided since decided entries were last collected."""
         base, keys, chains = self.base, self.keys, self.chains
         lo, hi, single, holder = st.lo, st.hi, st.single, st.holder
         members = self.members
         while True:
             for c in sorted(dirty):
+                # Entries before the first changed one are as the last pass left them, and a pass that
+                # leaves an entry past the last changed one as it was leaves the rest of the chain too.
                 chain = chains[c]
-                low = None
-                for k in chain:
+                first, last = dirty[c]
+                low = keys[chain[first - 1]][lo[chain[first - 1]]] if first else None
+                for j in range(first, len(chain)):
+                    k = chain[j]
+                    moved = False
                     if low is not None:
                         if single[k] is not None:
                             if keys[k][lo[k]] <= low:
@@ -109,14 +119,19 @@ class _Problem:
                                 while new < h and b[new] in holder:
                                     new += 1
                                 lo[k] = new
+                                moved = True
                                 if new >= h:
                                     return k
                                 if new == h - 1:
                                     single[k] = b[new]
                                     fresh.append(k)
+                    if j > last and not moved:
+                        break
                     low = keys[k][lo[k]]
-                high = None
-                for k in reversed(chain):
+                high = keys[chain[last + 1]][hi[chain[last + 1]] - 1] if last + 1 < len(chain) else None
+                for j in range(last, -1, -1):
+                    k = chain[j]
+                    moved = False
                     if high is not None:
                         if single[k] is not None:
                             if keys[k][lo[k]] >= high:
@@ -128,11 +143,14 @@ class _Problem:
                                 while new > low_k and b[new - 1] in holder:
                                     new -= 1
                                 hi[k] = new
+                                moved = True
                                 if new <= low_k:
                                     return k
                                 if new == low_k + 1:
                                     single[k] = b[low_k]
                                     fresh.append(k)
+                    if j < first and not moved:
+                        break
                     high = keys[k][hi[k] - 1]
             # A candidate decided for two entries fails on the later of the two (in entry order).
             by_value: dict[int, list[int]] = {}
@@ -157,21 +175,26 @@ class _Problem:
                             affected.add(k)
             if not affected:
                 return None
-            dirty = set()
+            dirty = {}
             for k in sorted(affected):
                 b, new_lo, new_hi = base[k], lo[k], hi[k]
                 while new_lo < new_hi and b[new_lo] in holder:
                     new_lo += 1
                 while new_hi > new_lo and b[new_hi - 1] in holder:
                     new_hi -= 1
+                if (new_lo, new_hi) == (lo[k], hi[k]):
+                    continue  # a candidate left from inside the domain: its bounds, all a chain looks at, stay
                 lo[k], hi[k] = new_lo, new_hi
                 if new_lo >= new_hi:
                     return k
                 if new_lo == new_hi - 1:
                     single[k] = b[new_lo]
                     fresh.append(k)
-                if self.chain_of[k] >= 0:
-                    dirty.add(self.chain_of[k])
+                c = self.chain_of[k]
+                if c >= 0:
+                    j = self.place[k]
+                    first, last = dirty.get(c, (j, j))
+                    dirty[c] = (min(first, j), max(last, j))
 
 
 def propagate(chains: Sequence[Sequence[Hashable]], domains: Mapping[Hashable, Sequence[int]],
@@ -184,7 +207,7 @@ def propagate(chains: Sequence[Sequence[Hashable]], domains: Mapping[Hashable, S
     st, empty, fresh = problem.root()
     if empty is not None:
         return problem.ids[empty], {}
-    failed = problem.propagate(st, set(range(len(problem.chains))), fresh)
+    failed = problem.propagate(st, problem.everything(), fresh)
     if failed is not None:
         return problem.ids[failed], {}
     return None, dict(zip(problem.ids, st.single))
@@ -201,7 +224,7 @@ def solve(chains: Sequence[Sequence[Hashable]], domains: Mapping[Hashable, Seque
     if empty is not None:
         return [], False
     solutions: list[dict[Hashable, int]] = []
-    stack = [(st, set(range(len(problem.chains))), fresh)]
+    stack = [(st, problem.everything(), fresh)]
     nodes = 0
     while stack and len(solutions) < 2:
         nodes += 1
@@ -215,10 +238,10 @@ def solve(chains: Sequence[Sequence[Hashable]], domains: Mapping[Hashable, Seque
             solutions.append(dict(zip(problem.ids, st.single)))
             continue
         pick = min(open_ks, key=lambda k: problem.size(st, k))
-        chain = {problem.chain_of[pick]} if problem.chain_of[pick] >= 0 else set()
+        c, j = problem.chain_of[pick], problem.place[pick]
         for value in reversed(problem.values(st, pick)):
             child = st.copy()
             p = bisect_left(problem.keys[pick], key(value), st.lo[pick], st.hi[pick])
             child.lo[pick], child.hi[pick], child.single[pick] = p, p + 1, value
-            stack.append((child, set(chain), [pick]))
+            stack.append((child, {c: (j, j)} if c >= 0 else {}, [pick]))
     return solutions, False
