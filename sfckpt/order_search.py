@@ -1,18 +1,19 @@
 """The order search behind the mapping: place entries so that each chain's keys increase.
 
-Each entry has a domain (the candidate tensors it may belong to); each chain (an optimizer
-group) lists entries whose candidates' keys must strictly increase; no candidate may serve two
-entries. Propagation narrows the domains until stable — a chain's lower and upper bounds, and a
-candidate held by a decided entry leaves every other domain — and a depth-first search branches
-where propagation leaves choices open.
+Each entry has a domain (the candidate tensors it may belong to, small non-negative integers);
+each chain (an optimizer group) lists entries whose candidates' keys must strictly increase; no
+candidate may serve two entries. Propagation narrows the domains until stable — each chain's
+lower and upper bounds, then a candidate held by a decided entry leaves every other domain — and
+a depth-first search branches where propagation leaves choices open.
 
-The rules are those `mapping.py` has always applied, pass for pass (every chain, then the
-decided entries, then their removal from the others), so the fixpoint, the solutions, the
-search's node count and the entry a failure is reported on are the same. What changed is the
-cost: a domain is its initial sorted list with two bounds, narrowed by bisection, and the
-removed candidates are skipped at the bounds; a pass visits only the chains and entries the
-previous pass changed. Work grows with the size of the domains and the changes made, not with
-the number of passes times the number of entries.
+The rules and their order are those the mapping has always applied (every chain forward and
+back, then the decided entries, then their removal from the others), so the fixpoint, the
+solutions, the search's node count and the entry a failure is reported on stay the same. Only
+work that cannot change anything is skipped: a domain is its initial sorted list with two
+bounds, narrowed by bisection, with removed candidates skipped when they reach a bound; a chain
+is re-narrowed only from the first to past the last entry whose bounds moved; entries that share
+a domain (look-alikes) share its sorted list. The work then grows with the total size of the
+domains instead of the number of passes times the number of entries.
 """
 from __future__ import annotations
 
