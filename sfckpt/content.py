@@ -18,8 +18,8 @@ times farther from z than the closest one is not z's parameter.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Iterator, Mapping, Set as AbstractSet
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from .tensors import TensorRef

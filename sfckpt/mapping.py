@@ -294,14 +294,14 @@ def decide(
 def _content_anchors(stateful, weights, candidates, sampler) -> tuple[dict[int, str], dict[int, AbstractSet[str]]]:
     """Entries whose z content ties to one tensor with a margin (id(entry) -> name), and for every entry
     the tensors content does not rule out (id(entry) -> names)."""
+    import numpy as np
+
     by_shape: dict[tuple, list[str]] = {}
     for c in candidates:
         by_shape.setdefault(weights[c].shape, []).append(c)
     rows: dict[tuple, list[tuple[Any, Entry]]] = {}
     for o, e in stateful:
         rows.setdefault(e.z(o.z_key).shape, []).append((o, e))
-    import numpy as np
-
     index = {c: i for i, c in enumerate(candidates)}
     anchors: dict[int, str] = {}
     possible: dict[int, AbstractSet[str]] = {}
@@ -448,6 +448,7 @@ def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_in
 
 
 def _taken_mask(taken: set[int], n: int):
+    """Per candidate index: held by an entry that names or content fixed."""
     import numpy as np
 
     mask = np.zeros(n, dtype=bool)
@@ -458,7 +459,8 @@ def _taken_mask(taken: set[int], n: int):
 def _open_domain(allowed: AbstractSet[str], same_shape: list[int], taken: set[int], taken_mask, candidates) -> list[int]:
     """The candidates (indices, in order) of an entry's shape that content allows and no fixed entry holds."""
     if isinstance(allowed, content.PossibleRow) and len(allowed.positions) == len(same_shape):
-        # one numpy pass over the class instead of a set lookup per (entry, tensor)
+        # The row's columns are this shape's candidates in order (both built from one candidate list):
+        # one numpy pass over the class instead of a set lookup per (entry, tensor).
         return allowed.positions[allowed.mask & ~taken_mask[allowed.positions]].tolist()
     return [i for i in same_shape if i not in taken and candidates[i] in allowed]
 
