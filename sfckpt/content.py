@@ -18,7 +18,8 @@ times farther from z than the closest one is not z's parameter.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Set as AbstractSet
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from .tensors import TensorRef
@@ -75,20 +76,27 @@ class ClassEvidence:
     size: int = 0  # sample elements per tensor
     ratio: object = None  # entries x candidates: d² / (‖y‖² + ‖z‖²), 0 for identical, about 1 for independent
     centred: object = None  # the same ratio with each sample's mean removed (look-alike gains differ only there)
+    _possible: object = field(default=None, repr=False)
 
     def possible(self, i: int, j: int) -> bool:
-        """Could candidate j be entry i's parameter? No when y is one constant value everywhere but z
-        is not (y = (1-β)·z + β·x could then only be constant by an exact cancellation); no when another
-        candidate lies MARGIN times closer to its z; no when z and y are as far apart as independent
-        tensors while this shape's confirmed pairs are all far closer (UNRELATED)."""
-        if self.y_constant[j] and not self.z_constant[i]:
-            return False
-        if not self.informative:
-            return True
-        best = self.matches[i].distance
-        if best > 0 and self.distance[i, j] > MARGIN * best:
-            return False
-        return not self.unrelated[i, j]
+        """Could candidate j be entry i's parameter? (See `possible_matrix`.)"""
+        return bool(self.possible_matrix()[i, j])
+
+    def possible_matrix(self):
+        """Entries x candidates: could candidate j be entry i's parameter? No when y is one constant
+        value everywhere but z is not (y = (1-β)·z + β·x could then only be constant by an exact
+        cancellation); no when another candidate lies MARGIN times closer to its z; no when z and y
+        are as far apart as independent tensors while this shape's confirmed pairs are all far closer
+        (UNRELATED). Computed once, for the whole class at a time (a class can hold thousands)."""
+        import numpy as np
+
+        if self._possible is None:
+            ok = ~(np.asarray(self.y_constant, dtype=bool)[None, :] & ~np.asarray(self.z_constant, dtype=bool)[:, None])
+            if self.informative:
+                best = np.array([m.distance for m in self.matches], dtype=np.float64)[:, None]
+                ok &= ~((best > 0) & (self.distance > MARGIN * best)) & ~np.asarray(self.unrelated, dtype=bool)
+            self._possible = ok
+        return self._possible
 
     def looks_unrelated(self, i: int, j: int, reference: float) -> bool:
         """Are entry i's z and candidate j as far apart as independent tensors, while pairs that
@@ -108,6 +116,32 @@ class ClassEvidence:
         return [int(j) for j in (self.centred[i] < limit).nonzero()[0]]
 
 
+class PossibleRow(AbstractSet):
+    """The candidates one entry may belong to, as a read-only set of names backed by its row of
+    `ClassEvidence.possible_matrix()`: a shape class of n entries and m tensors costs one n x m
+    boolean mask, not n Python sets of up to m names."""
+
+    def __init__(self, mask, names: Sequence[str], column: Mapping[str, int], positions) -> None:
+        self.mask = mask  # numpy bool, one per column
+        self.names = names  # the class's tensor names, one per column
+        self.column = column  # name -> column
+        self.positions = positions  # numpy int, per column: the tensor's index among the mapping's candidates
+
+    @classmethod
+    def _from_iterable(cls, it) -> set:
+        return set(it)
+
+    def __contains__(self, name: object) -> bool:
+        j = self.column.get(name) if isinstance(name, str) else None
+        return j is not None and bool(self.mask[j])
+
+    def __iter__(self) -> Iterator[str]:
+        return (self.names[j] for j in self.mask.nonzero()[0].tolist())
+
+    def __len__(self) -> int:
+        return int(self.mask.sum())
+
+
 class Sampler:
     """Samples of tensors as float64 numpy arrays, read once each (a few pages, not the tensor)."""
 
@@ -120,7 +154,9 @@ class Sampler:
         key = (id(ref), n)
         if key not in self._cache:
             out = ref.sample(n)
-            self._cache[key] = np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+            if not np.isfinite(out).all():  # the check is cheap; nan_to_num's call is not, on thousands of samples
+                out = np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+            self._cache[key] = out
         return self._cache[key]
 
 
@@ -147,7 +183,7 @@ def evidence(zs: Sequence[TensorRef], ys: Sequence[TensorRef], sampler: Sampler)
     best_col = d.argmin(axis=1)
     best = d[rows, best_col]
     second = np.partition(d, 1, axis=1)[:, 1] if m > 1 else np.full(n, np.inf)
-    col_sorted = np.sort(d, axis=0)[:2] if n > 1 else None
+    col_sorted = np.partition(d, 1, axis=0)[:2] if n > 1 else None  # each column's two smallest, in order
     matches = []
     for i in range(n):
         j = int(best_col[i])

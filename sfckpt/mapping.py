@@ -30,9 +30,10 @@ plausible guess.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Set as AbstractSet
 from typing import Any, Callable, Mapping, Sequence
 
-from . import content
+from . import content, order_search
 from .errors import InputError
 from .layout import check_text
 from .tensors import TensorRef, format_shape
@@ -313,29 +314,35 @@ def decide(
                             twin_refusal=twin_refusal, twin_sources=twin_sources)
 
 
-def _content_anchors(stateful, weights, candidates, sampler) -> tuple[dict[int, str], dict[int, set[str]], dict]:
+def _content_anchors(stateful, weights, candidates, sampler) -> tuple[dict[int, str], dict[int, AbstractSet[str]], dict]:
     """Entries whose z content ties to one tensor with a margin (id(entry) -> name), for every entry
     the tensors content does not rule out (id(entry) -> names), and the evidence of each shape class
     (shape -> (evidence, id(entry) -> row, name -> column)) for checking the pairs finally used."""
+    import numpy as np
+
     by_shape: dict[tuple, list[str]] = {}
     for c in candidates:
         by_shape.setdefault(weights[c].shape, []).append(c)
     rows: dict[tuple, list[tuple[Any, Entry]]] = {}
     for o, e in stateful:
         rows.setdefault(e.z(o.z_key).shape, []).append((o, e))
+    index = {c: i for i, c in enumerate(candidates)}
     anchors: dict[int, str] = {}
-    possible: dict[int, set[str]] = {}
+    possible: dict[int, AbstractSet[str]] = {}
     classes: dict[tuple, tuple[content.ClassEvidence, dict[int, int], dict[str, int]]] = {}
     for shape, items in rows.items():
         cols = by_shape.get(shape, [])
         if not cols:
             continue
         ev = content.evidence([e.z(o.z_key) for o, e in items], [weights[c] for c in cols], sampler)
+        mask = ev.possible_matrix()
+        column = {c: j for j, c in enumerate(cols)}
+        positions = np.array([index[c] for c in cols], dtype=np.int64)
         for i, ((o, e), m) in enumerate(zip(items, ev.matches)):
             if m.confirmed:
                 anchors[id(e)] = cols[m.candidate]
-            possible[id(e)] = {c for j, c in enumerate(cols) if ev.possible(i, j)}
-        classes[shape] = (ev, {id(e): i for i, (o, e) in enumerate(items)}, {c: j for j, c in enumerate(cols)})
+            possible[id(e)] = content.PossibleRow(mask[i], cols, column, positions)
+        classes[shape] = (ev, {id(e): i for i, (o, e) in enumerate(items)}, column)
     return anchors, possible, classes
 
 
@@ -394,6 +401,7 @@ def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_in
     entry_of: dict[int, tuple[OptimizerEntries, Entry]] = {}
     domains0: dict[int, list[int]] = {}
     taken = set(fixed.values())
+    taken_mask = _taken_mask(taken, len(candidates))
     by_shape: dict[tuple, list[int]] = {}
     for i, c in enumerate(candidates):
         by_shape.setdefault(weights[c].shape, []).append(i)
@@ -408,19 +416,19 @@ def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_in
                 if id(e) in fixed:
                     domains0[id(e)] = [fixed[id(e)]]
                 else:
-                    allowed = possible.get(id(e), set())
-                    dom = [i for i in by_shape.get(e.z(o.z_key).shape, []) if i not in taken and candidates[i] in allowed]
+                    dom = _open_domain(possible.get(id(e), set()), by_shape.get(e.z(o.z_key).shape, []), taken,
+                                       taken_mask, candidates)
                     if group_domains is not None and g < len(group_domains):
                         dom = [i for i in dom if candidates[i] in group_domains[g]]
                     domains0[id(e)] = dom
                 chain.append(id(e))
             chains.append(chain)
     # Shapes, content and the names already placed may leave one way on their own: no order needed.
-    alone = {i: list(d) for i, d in domains0.items()}
-    if _propagate([], alone, lambda i: i) is None and all(len(d) == 1 for d in alone.values()):
+    failed, alone = order_search.propagate([], domains0, lambda i: i)
+    if failed is None and all(v is not None for v in alone.values()):
         for ident in domains0:
             if ident not in fixed:
-                decided[ident], kinds[ident] = candidates[alone[ident][0]], "order"
+                decided[ident], kinds[ident] = candidates[alone[ident]], "order"
         return "shape (the only way to fit)"
     hypotheses = _order_keys(candidates)
     if group_domains is not None:
@@ -429,7 +437,7 @@ def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_in
     # where the confirmed pairs rule the model's order out.
     results = []
     for label, key in hypotheses:
-        results.append((label, *_solve(chains, domains0, key)))
+        results.append((label, *order_search.solve(chains, domains0, key, SEARCH_BUDGET)))
         if results[-1][1] or results[-1][2]:
             break
     distinct = [(label, s) for label, solutions, _ in results for s in solutions]
@@ -447,7 +455,7 @@ def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_in
     if exhausted:
         raise InputError(f"too many ways to match the optimizer's entries to the model's tensors ({context})", ORDER_HINT)
     if not distinct:
-        failed = _propagate(chains, {i: sorted(d, key=hypotheses[0][1]) for i, d in domains0.items()}, hypotheses[0][1])
+        failed, _ = order_search.propagate(chains, domains0, hypotheses[0][1])
         o, e = entry_of[failed if failed is not None else open_ids[0]]
         raise NotInWeights(
             f"{e.label()}, z of shape {format_shape(e.z(o.z_key).shape)}, fits no tensor of these weights in an order "
@@ -463,6 +471,24 @@ def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_in
         f"both fit, and content cannot tell them apart ({context})",
         ORDER_HINT,
     )
+
+
+def _taken_mask(taken: set[int], n: int):
+    """Per candidate index: held by an entry that names or content fixed."""
+    import numpy as np
+
+    mask = np.zeros(n, dtype=bool)
+    mask[list(taken)] = True
+    return mask
+
+
+def _open_domain(allowed: AbstractSet[str], same_shape: list[int], taken: set[int], taken_mask, candidates) -> list[int]:
+    """The candidates (indices, in order) of an entry's shape that content allows and no fixed entry holds."""
+    if isinstance(allowed, content.PossibleRow) and len(allowed.positions) == len(same_shape):
+        # The row's columns are this shape's candidates in order (both built from one candidate list):
+        # one numpy pass over the class instead of a set lookup per (entry, tensor).
+        return allowed.positions[allowed.mask & ~taken_mask[allowed.positions]].tolist()
+    return [i for i in same_shape if i not in taken and candidates[i] in allowed]
 
 
 def _check_order_witnessed(chains, solution, fixed, possible, candidates, entry_of, context) -> None:
@@ -500,81 +526,6 @@ def _check_order_witnessed(chains, solution, fixed, possible, candidates, entry_
                         f"them apart, and nothing shows in which order its group lists its parameters ({context})",
                         ORDER_HINT,
                     )
-
-
-def _solve(chains: list[list[int]], domains0: dict[int, list[int]], key: Callable[[int], Any]):
-    """Up to two assignments where each chain's keys strictly increase and no candidate is used twice.
-
-    Returns (solutions, budget_exhausted)."""
-    start = {ident: sorted(dom, key=key) for ident, dom in domains0.items()}
-    solutions: list[dict[int, int]] = []
-    stack = [start]
-    nodes = 0
-    while stack and len(solutions) < 2:
-        nodes += 1
-        if nodes > SEARCH_BUDGET:
-            return solutions, True
-        dom = stack.pop()
-        if _propagate(chains, dom, key) is not None:
-            continue
-        open_ids = [i for i, d in dom.items() if len(d) > 1]
-        if not open_ids:
-            solutions.append({i: d[0] for i, d in dom.items()})
-            continue
-        pick = min(open_ids, key=lambda i: len(dom[i]))
-        for c in reversed(dom[pick]):
-            child = dict(dom)
-            child[pick] = [c]
-            stack.append(child)
-    return solutions, False
-
-
-def _propagate(chains, dom, key) -> int | None:
-    """Narrow domains until stable: chain order, and a candidate held by one entry leaves the others.
-
-    Returns None, or the entry left with no candidate."""
-    for ident, d in dom.items():
-        if not d:
-            return ident
-    changed = True
-    while changed:
-        changed = False
-        for chain in chains:
-            low = None
-            for ident in chain:
-                d = dom[ident]
-                if low is not None:
-                    kept = [c for c in d if key(c) > low]
-                    if len(kept) != len(d):
-                        dom[ident] = d = kept
-                        changed = True
-                if not d:
-                    return ident
-                low = key(d[0])
-            high = None
-            for ident in reversed(chain):
-                d = dom[ident]
-                if high is not None:
-                    kept = [c for c in d if key(c) < high]
-                    if len(kept) != len(d):
-                        dom[ident] = d = kept
-                        changed = True
-                if not d:
-                    return ident
-                high = key(d[-1])
-        holder: dict[int, int] = {}
-        for ident, d in dom.items():
-            if len(d) == 1:
-                if d[0] in holder:
-                    return ident
-                holder[d[0]] = ident
-        for ident, d in dom.items():
-            if len(d) > 1 and any(c in holder for c in d):
-                dom[ident] = [c for c in d if c not in holder]
-                changed = True
-                if not dom[ident]:
-                    return ident
-    return None
 
 
 def _verify_pair(e: Entry, o: OptimizerEntries, weights, method: str) -> None:

@@ -354,8 +354,11 @@ def reconstruct(
     by_name: dict[str, OutputTensor] = {}
     for key, family, family_source, opt_state, entries in used:
         reports.append(OptimizerReport(key, family, family_source, len(entries)))
+        by_group: dict[int, list[mapping.Entry]] = {}
+        for e in entries:
+            by_group.setdefault(e.group, []).append(e)
         for g, group in enumerate(opt_state["param_groups"]):
-            members = [e for e in entries if e.group == g]
+            members = by_group.get(g, [])
             stepped = [e for e in members if isinstance(e.state.get(family.z_key), TensorRef)]
             hold, hold_source = family.params_hold(group), "saved mode flag" if family.mode_key else "family"
             if params_are is not None:
