@@ -82,8 +82,25 @@ def released_weights(path: PathLike) -> WeightSet:
     path = Path(path)
     with inputs.scope(path):
         _refuse_lfs_pointers(path)
+        _refuse_unfinished_release(path)
         tensors, metadata = read_weights(path)
     return WeightSet(str(path), tensors, metadata=metadata)
+
+
+def _refuse_unfinished_release(path: Path) -> None:
+    """A release folder holding the files a `convert` set aside while moving the new ones into place
+    (`.<name>.<hex>.sfckpt-old`) is a mix of two releases until a run puts the old ones back: judging
+    it would judge neither."""
+    from .writer import OLD_SUFFIX
+
+    try:
+        unfinished = path.is_dir() and any(entry.name.endswith(OLD_SUFFIX) for entry in os.scandir(path))
+    except OSError:
+        return  # the reader says what is wrong with the folder
+    if unfinished:
+        raise InputError(f"{path}: a conversion into this folder was cut short while moving files into place "
+                         "(or is running now), so it holds parts of two releases",
+                         "run the same sfckpt convert again (it restores the previous release first), then check")
 
 
 def is_training_checkpoint(path: PathLike) -> bool:

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors import safe_open
 
 import trainers
 from conftest import assert_equal_tensors, read
 from sfckpt import writer
+from sfckpt.cli import main
 from sfckpt.errors import InputError
 
 
@@ -153,6 +155,9 @@ def test_a_commit_cut_short_is_rolled_back_by_the_next_run(trained, tmp_path):
     # Killed in the middle of putting files in place (3 shards and an index replaced by 2 and an
     # index): two new shards are in place, the previous index is set aside, nothing is lost.
     assert not (release / writer.INDEX_NAME).exists() and len(list(release.glob(".*.sfckpt-old"))) == 1
+    # Until a run puts the previous release back, check refuses to judge the mix
+    result = CliRunner().invoke(main, ["check", str(release), "--ckpt", str(ckpt)])
+    assert result.exit_code == 2 and "cut short" in result.stderr and result.stderr.count("\n") == 1
     writer.clean_dead(release)
     assert _temporaries(tmp_path) == []
     index = json.loads((release / writer.INDEX_NAME).read_text())
