@@ -169,6 +169,7 @@ def evidence(zs: Sequence[TensorRef], ys: Sequence[TensorRef], sampler: Sampler)
     size = min(size, max(1, zs[0].numel if zs else 1))
     z = np.stack([sampler.sample(r, size) for r in zs]) if n else np.zeros((0, size))
     y = np.stack([sampler.sample(r, size) for r in ys]) if m else np.zeros((0, size))
+    z, y = _without_overflow(z, y)
     spread = np.linalg.norm(y - y.mean(axis=1, keepdims=True), axis=1)
     # Rounding can pin a 16-bit y to one value (bfloat16 gains at exactly 1.0) while z moves; not float32.
     exact = np.array([r.dtype in ("float32", "float64") for r in ys], dtype=bool)
@@ -208,6 +209,22 @@ def evidence(zs: Sequence[TensorRef], ys: Sequence[TensorRef], sampler: Sampler)
     dc2 = np.maximum(d ** 2 - n_el * (zm[:, None] - ym[None, :]) ** 2, 0.0)
     centred = np.divide(dc2, spread2, out=np.ones_like(d), where=spread2 > 0)
     return ClassEvidence(matches, d, y_constant, z_constant, unrelated, informative, n_el, ratio, centred)
+
+
+SAFE_EXPONENT = 480  # |v| <= 2**480: sums of squares of SAMPLE_ELEMENTS such values stay finite in float64
+
+
+def _without_overflow(z, y):
+    """z and y scaled by one power of two (exact: ratios, ties and zeros stay what they were) when a
+    float64 tensor holds values so large (±1e308) that their squares would overflow to inf and every
+    distance and ratio would turn into NaN, which is no evidence at all."""
+    import numpy as np
+
+    peak = max(float(np.abs(z).max(initial=0.0)), float(np.abs(y).max(initial=0.0)))
+    if not peak > 2.0 ** SAFE_EXPONENT or not np.isfinite(peak):
+        return z, y
+    shift = int(np.frexp(peak)[1]) - SAFE_EXPONENT
+    return np.ldexp(z, -shift), np.ldexp(y, -shift)
 
 
 def _distances(z, y):

@@ -441,3 +441,36 @@ def test_replaced_head_saved_after_eval_is_copied(run, tmp_path):
     weights = snapshot(model)
     result, out = convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
     assert_converts(result, out, weights)
+
+
+# ---- float64 values near the top of the range: content still decides ----------------------------
+
+def _scaled_float64_classifier(scale: float):
+    """A float64 classifier trained with the real optimizer, then its y and z multiplied by `scale`
+    (loaded back into the same model and optimizer, so eval() gives the truth for the scaled file)."""
+    model, opt = _trained_classifier(torch.float64, lr=0.01)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+            opt.state[p]["z"].mul_(scale)
+    return model, opt
+
+
+def test_float64_near_the_range_limit_converts_exactly(run, tmp_path):
+    """Values of 1e300: squares overflow float64, so content's distances are taken on samples scaled by a
+    power of two (before, every ratio was NaN: no evidence, and numpy warned on stderr)."""
+    model, opt = _scaled_float64_classifier(1e300)
+    expected = eval_x(model, opt)
+    result, out = convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    assert_converts(result, out, expected)
+    assert "overflow" not in result.stderr and "warning" not in result.stderr
+
+
+def test_float64_near_the_range_limit_still_refuses_a_replaced_head(run, tmp_path):
+    model, opt = _scaled_float64_classifier(1e300)
+    model.head = nn.Linear(W, 10).to(torch.float64)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.mul_(1e300)
+    result, out = convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    assert_refused(result, out, "'head.weight'", STALE)
