@@ -64,13 +64,22 @@ class Root:
     def of(cls, path: str | os.PathLike) -> "Root":
         named = os.path.realpath(path)
         folder = named if os.path.isdir(named) else os.path.realpath(os.path.dirname(os.path.abspath(path)))
-        snapshots = os.path.dirname(folder)
-        blobs = os.path.join(os.path.dirname(snapshots), "blobs") if os.path.basename(snapshots) == "snapshots" else None
-        return cls(folder, named, blobs)
+        return cls(folder, named, _cache_blobs(folder))
 
     def holds(self, real: str) -> bool:
         """Whether the real path `real` lies inside this root."""
         return real == self.named or _inside(real, self.folder) or (self.blobs is not None and _inside(real, self.blobs))
+
+
+def _cache_blobs(folder: str) -> str | None:
+    """The `blobs` folder of the Hugging Face cache repository `folder` lies in: for
+    `…/models--org--name/snapshots/<rev>` or any folder below it (a checkpoint in a subfolder of a
+    repository), `…/models--org--name/blobs`; None elsewhere."""
+    parts = folder.rstrip("/").split("/")
+    for i in range(len(parts) - 2, 1, -1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith(("models--", "datasets--", "spaces--")):
+            return "/".join(parts[:i] + ["blobs"])
+    return None
 
 
 def _inside(real: str, folder: str) -> bool:
@@ -323,6 +332,12 @@ def side_files(folder: Path, names: tuple[str, ...] | list[str], root: Root | No
 def copy_side_file(source: InputFile, dest: Path) -> None:
     """Copy an opened input file into `dest` (a temporary file of the output), through the gate, bounded."""
     limit = limits.SIDE_FILE_BYTES
+    if os.fstat(source.fd).st_nlink > 1:
+        # Another name for the same bytes exists, maybe outside the input (a hard link made when the
+        # checkpoint was packed): what a release ships must be the folder's own file.
+        raise InputError(f"{source.path} is a hard link (the file has {os.fstat(source.fd).st_nlink} names), so its "
+                         "bytes may belong to a file outside the checkpoint", "refusing to copy it into the release; "
+                         "replace the link by a copy of the file (cp --remove-destination SOURCE DEST)")
     if source.size > limit.value:
         raise limit.exceeded(f"{source.path}: a file to copy into the release of {source.size} bytes")
     try:

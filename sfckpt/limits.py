@@ -83,3 +83,5 @@ SIDE_FILE_BYTES = Limit("SFCKPT_MAX_SIDE_FILE_BYTES", 1024 * MiB, "bytes of a fi
 CALIBRATION_BYTES = Limit("SFCKPT_MAX_CALIBRATION_BYTES", 16 * 1024 * MiB, "bytes of one --bn-calib data file")
 DCP_CHUNKS = Limit("SFCKPT_MAX_DCP_CHUNKS", 16_384, "chunks one torch.distributed.checkpoint tensor may be split into")
 CONFIG_LAYERS = Limit("SFCKPT_MAX_LAYERS", 1_000, "layers or experts config.json may ask the parameter-order model for")
+# transformers builds id2label/label2id with one Python entry per label (ImageNet-21k has 21,843).
+CONFIG_LABELS = Limit("SFCKPT_MAX_LABELS", 100_000, "labels (num_labels) config.json may ask the parameter-order model for")

@@ -16,11 +16,13 @@ where they leave the process:
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import re
-from typing import Any
+from typing import Any, Iterator
 
 import click
 
@@ -104,6 +106,36 @@ def show_warning(message: Warning | str, category: type[Warning], filename: str,
                  line: str | None = None) -> None:
     """`warnings.showwarning` while a command runs: a library's warning as one escaped line on stderr."""
     echo_line(f"warning: {category.__name__}: {message}", err=True)
+
+
+# Libraries sfckpt hands input to: their loggers write their own text (which may quote a config value).
+LIBRARY_LOGGERS = ("transformers", "peft", "huggingface_hub", "torch.distributed")
+
+
+class _EscapingHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            echo_line(f"warning: {record.name}: {record.getMessage()}", err=True)
+        except Exception:  # a handler must not raise into the library that logs
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def library_logs(names: tuple[str, ...] = LIBRARY_LOGGERS) -> Iterator[None]:
+    """While the block runs, records of these libraries' loggers are printed as one escaped `warning:`
+    line each instead of by their own handlers (which write raw text); the handlers come back after."""
+    handler = _EscapingHandler()
+    saved = []
+    for name in names:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.handlers[:], logger.propagate))
+        logger.handlers = [handler]
+        logger.propagate = False
+    try:
+        yield
+    finally:
+        for logger, handlers, propagate in saved:
+            logger.handlers, logger.propagate = handlers, propagate
 
 
 def github_actions() -> bool:

@@ -19,6 +19,7 @@ import sfckpt
 import trainers
 from conftest import FIXTURES
 from sfckpt.errors import InputError
+from sfckpt.sources import released_weights
 
 DS = FIXTURES / "deepspeed"
 SECRET = "sfckpt-secret-3f9a1c"
@@ -67,6 +68,17 @@ def test_side_file_linked_outside_is_not_copied(name, target, run, tmp_path):
     result = run("convert", ckpt, f"{out}/")
     assert result.exit_code == 2, result.stdout
     assert result.stderr.startswith("error: ") and name in result.stderr and SECRET not in result.stderr
+    assert not out.exists()
+
+
+def test_side_file_hard_linked_is_not_copied(run, tmp_path):
+    """A hard link has no outside path to see: its bytes may be a file elsewhere (a packed checkpoint's
+    link to a token file). A release copies only files that have no other name."""
+    ckpt = _deepspeed(tmp_path)
+    os.link(_secret(tmp_path), ckpt / "tokenizer.json")
+    out = tmp_path / "release"
+    result = run("convert", ckpt, f"{out}/")
+    assert result.exit_code == 2 and "hard link" in result.stderr and SECRET not in result.stderr, result.stderr
     assert not out.exists()
 
 
@@ -288,7 +300,7 @@ def test_shard_swapped_for_a_link_outside_is_never_read(tmp_path):
     try:
         for _ in range(200):
             try:
-                w = sfckpt.sources.released_weights(rel).tensors["w"].load()
+                w = released_weights(rel).tensors["w"].load()
             except InputError as exc:
                 assert "outside" in exc.message, exc.message
                 outcomes.add("refused")
@@ -355,10 +367,30 @@ def test_hugging_face_cache_snapshot_links_into_blobs_are_read(run, tmp_path):
     for name, blob in (("model-00001-of-00002.safetensors", "1111"), ("model-00002-of-00002.safetensors", "2222"),
                        ("model.safetensors.index.json", "3333")):
         (snapshot / name).symlink_to(Path("..", "..", "blobs", blob))
-    weights = sfckpt.sources.released_weights(snapshot)
+    weights = released_weights(snapshot)
     assert sorted(weights.tensors) == ["a", "b"] and torch.equal(weights.tensors["b"].load(), torch.arange(3.0))
     result = run("diff", snapshot, snapshot, "--json")
     assert result.exit_code == 0 and result.stderr == "", result.stderr
+
+
+def test_checkpoint_in_a_subfolder_of_a_cached_repository_reads_its_blobs(run, tmp_path):
+    """snapshot_download of a repository that keeps a checkpoint in a subfolder:
+    snapshots/<rev>/last-checkpoint/f -> ../../../blobs/<hash>, as the hub cache lays it out."""
+    repo = tmp_path / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    folder = repo / "snapshots" / "0123abcd" / "last-checkpoint"
+    folder.mkdir(parents=True)
+    save_file({"a": torch.arange(4.0)}, str(repo / "blobs" / "1111"))
+    (folder / "model.safetensors").symlink_to(Path("..", "..", "..", "blobs", "1111"))
+    assert sorted(released_weights(folder).tensors) == ["a"]
+    # the same links from a folder that is not a cached repository's are refused
+    other = tmp_path / "plain" / "snapshots" / "0123abcd" / "last-checkpoint"
+    other.mkdir(parents=True)
+    (tmp_path / "plain" / "blobs").mkdir()
+    save_file({"a": torch.arange(4.0)}, str(tmp_path / "plain" / "blobs" / "1111"))
+    (other / "model.safetensors").symlink_to(Path("..", "..", "..", "blobs", "1111"))
+    with pytest.raises(InputError, match="outside"):
+        released_weights(other)
 
 
 def test_param_order_file_is_the_users_own_and_may_lie_anywhere(trained, run, tmp_path):

@@ -156,8 +156,11 @@ def test_honest_target_module_patterns_pass_the_rule(pattern):
     (lambda c, f: c.update(layer_replication=[[0, 2]] * 600), "SFCKPT_MAX_LAYERS"),
     (lambda c, f: c.update(layer_replication=[[0, 10**9]]), "SFCKPT_MAX_LAYERS"),
     (lambda c, f: c.update(layer_replication=[[0]]), "layer_replication"),
+    # XLORA loads the adapters it names (paths or hub ids) with peft's own file access
+    (lambda c, f: c.update(peft_type="XLORA", hidden_size=16, adapters={"0": str(f)}), "rebuilds the order only for"),
+    (lambda c, f: c.update(megatron_config={"x": 1}, megatron_core="antigravity"), "megatron_config"),
 ], ids=["number", "list", "nul", "peft_type", "deep", "pipeline", "many-patterns", "many-targets", "targets-int",
-        "replication-many", "replication-huge", "replication-odd"])
+        "replication-many", "replication-huge", "replication-odd", "xlora", "megatron"])
 def test_peft_adapter_config_nonsense_is_exit_2(edit, fragment, lora_run, run, tmp_path):
     folder = _adapter_copy(lora_run, tmp_path, edit)
     for command in ("convert", "inspect", "diff"):
@@ -203,8 +206,12 @@ def trainer_folder(hf_run):
     (lambda c: c.update(configuration_files=["config.9.json"]), "configuration_files"),
     (lambda c: c.update(depths=[2, 200_000]), "depths = 200000"),
     (lambda c: c.update(model_type="llama", auto_map={"AutoConfig": "x.Y"}), "custom code"),
+    # a list's length is a count too: ResNet builds one stage per entry of depths
+    (lambda c: c.update(model_type="resnet", architectures=["ResNetForImageClassification"], depths=[1] * 1001,
+                        hidden_sizes=[8] * 1001, embedding_size=8), "list of 1001 entries"),
+    (lambda c: c.update(num_labels=200_000), "num_labels = 200000"),
 ], ids=["pipeline", "AutoModel", "BertModel", "dotted", "heads-do-not-divide", "configuration_files", "depths",
-        "auto_map"])
+        "auto_map", "depths-list", "labels"])
 def test_trainer_config_that_builds_no_model_is_exit_2(edit, fragment, trainer_folder, run, tmp_path):
     from sfckpt.readers import hf_trainer
 
@@ -216,8 +223,26 @@ def test_trainer_config_that_builds_no_model_is_exit_2(edit, fragment, trainer_f
     with pytest.raises(sfckpt.InputError) as info:
         hf_trainer.parameter_order(folder)
     assert fragment in str(info.value)
-    assert "--param-order" in str(info.value) or "SFCKPT_MAX_LAYERS" in str(info.value)
+    assert "--param-order" in str(info.value) or "SFCKPT_MAX_" in str(info.value)
     assert_clean(run("convert", folder, tmp_path / "x"), tmp_path / "x", allow_success=True)
+
+
+def test_library_logs_quoting_the_config_are_printed_escaped(trainer_folder, tmp_path):
+    """transformers logs warnings that quote config values with its own handler (raw text on stderr);
+    while sfckpt hands it a config, its records are printed through the escaping edge instead."""
+    folder = tmp_path / "checkpoint-3"
+    shutil.copytree(trainer_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    forged = "0\n::error file=README.md,title=sfckpt check::FORGED\n\x1b]0;pwned\x07"
+    config["rope_parameters"] = {"rope_theta": 10000.0, "rope_type": "linear", "factor": forged}
+    (folder / "config.json").write_text(json.dumps(config))
+    for args in (("inspect", folder), ("inspect", "--json", folder), ("convert", folder, tmp_path / "x")):
+        proc = _cli(*args, env={"GITHUB_ACTIONS": "true"})
+        for stream in (proc.stdout, proc.stderr):
+            assert "\x1b" not in stream and "\x07" not in stream
+            assert not [line for line in stream.splitlines() if line.lstrip().startswith("::")
+                        and not line.startswith("::error title=sfckpt")], stream
+        assert "FORGED" not in proc.stderr or "\\n\\x3a:error" in proc.stderr or "\\n::error" in proc.stderr
 
 
 # ---- DeepSpeed: fields of the rank files checked where they are read ----------------------------------------

@@ -33,6 +33,10 @@ _WRAPPED = {
     "rank_pattern": r"(.*\.)?({})$",  # the dict's keys
     "alpha_pattern": r"(.*\.)?({})$",
 }
+# Adapter types peft builds from their config alone. Others read further files or models the
+# config names (XLORA loads its adapters by path or hub id; prompt tuning a tokenizer).
+PEFT_TYPES = frozenset({"LORA", "LOHA", "LOKR", "ADALORA", "IA3", "OFT", "BOFT", "VERA", "LN_TUNING"})
+
 # Each quantifier may multiply the backtracking work by the length of a module name: with at most
 # this many, and module names bounded by SFCKPT_MAX_LAYERS, matching stays within seconds.
 MAX_QUANTIFIERS = 4
@@ -66,6 +70,9 @@ def vet_config(raw: Any, where: str, hint: str) -> dict[str, Any]:
     stack: list[tuple[str, Any]] = [("", raw)]
     while stack:  # layer and expert counts, nested configs included (the JSON reader bounded the nesting)
         parent, node = stack.pop()
+        if isinstance(node, list) and len(node) > limits.CONFIG_LAYERS.value:
+            # one entry per stage or layer (`depths`, `hidden_sizes`, `layer_types`): the list's length is a count too
+            raise limits.CONFIG_LAYERS.exceeded(f"{where} gives {parent[:80]} as a list of {len(node)} entries")
         items = node.items() if isinstance(node, dict) else ((parent, v) for v in node)  # a list counts as its key
         for key, value in items:
             if isinstance(value, (dict, list)):
@@ -73,6 +80,9 @@ def vet_config(raw: Any, where: str, hint: str) -> dict[str, Any]:
             elif type(value) is int and value > limits.CONFIG_LAYERS.value \
                     and any(w in str(key).lower() for w in _COUNT_WORDS):
                 raise limits.CONFIG_LAYERS.exceeded(f"{where} asks for {str(key)[:80]} = {value}")
+            elif type(value) is int and str(key) == "num_labels" and value > limits.CONFIG_LABELS.value:
+                # transformers builds id2label and label2id with one entry per label, in Python
+                raise limits.CONFIG_LABELS.exceeded(f"{where} asks for num_labels = {value}")
     return raw
 
 
@@ -80,9 +90,12 @@ def config_from_dict(raw: Any, where: str, hint: str):
     """A transformers config built from a parsed config.json after `vet_config`; never from a path."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    from .. import textout
+
     raw = vet_config(raw, where, hint)
     try:
-        return CONFIG_MAPPING[raw["model_type"]].from_dict(dict(raw))
+        with textout.library_logs():  # transformers logs warnings that quote config values
+            return CONFIG_MAPPING[raw["model_type"]].from_dict(dict(raw))
     except Exception as exc:  # transformers validates the values its own way: any failure is the input's
         raise InputError(f"{where} cannot be read by transformers ({_one_line(exc)})", hint) from None
 
@@ -115,7 +128,9 @@ def build_on_meta(cls: type, config: Any, where: str, hint: str):
     """`cls` built from `config` on the meta device: parameters without storage, nothing read."""
     import torch
 
-    with torch.device("meta"), warnings.catch_warnings():
+    from .. import textout
+
+    with torch.device("meta"), warnings.catch_warnings(), textout.library_logs():
         warnings.simplefilter("ignore")  # deprecation notes from building the model say nothing about the checkpoint
         try:
             return cls._from_config(config)
@@ -175,6 +190,11 @@ def vet_adapter_config(raw: Any, where: str, hint: str) -> dict[str, Any]:
     if not isinstance(raw.get("peft_type"), str) or raw["peft_type"] not in PEFT_TYPE_TO_CONFIG_MAPPING:
         raise InputError(f"{where} names peft_type {str(raw.get('peft_type'))[:60]!r}, which peft "
                          f"{peft.__version__} does not have", hint)
+    if raw["peft_type"] not in PEFT_TYPES:
+        raise InputError(f"{where} names peft_type {raw['peft_type']}; sfckpt rebuilds the order only for "
+                         f"{', '.join(sorted(PEFT_TYPES))}, whose configs name no other file or model", hint)
+    if raw.get("megatron_config") is not None:  # peft would import the module megatron_core names
+        raise InputError(f"{where} sets megatron_config, which makes peft import a module the file names", hint)
     patterns: list[tuple[str, Any]] = []
     for field in _WRAPPED:
         value = raw.get(field)
@@ -220,9 +240,16 @@ def peft_model(model: Any, raw: Any, where: str, hint: str):
     import peft
     import torch
 
+    from .. import textout
+
     raw = dict(vet_adapter_config(raw, where, hint))
     raw.pop("runtime_config", None)  # what PeftConfig.from_json_file drops
-    with torch.device("meta"), warnings.catch_warnings():
+    if "init_lora_weights" in raw:
+        # Only the names and order matter here: no initialisation computed from weights or data
+        # (PiSSA, LoftQ, EVA), which could reach for further files or libraries
+        raw["init_lora_weights"] = False
+        raw.pop("loftq_config", None)
+    with torch.device("meta"), warnings.catch_warnings(), textout.library_logs():
         warnings.simplefilter("ignore")
         try:
             config = peft.PeftConfig.from_peft_type(**peft.PeftConfig.check_kwargs(**raw))
@@ -237,6 +264,9 @@ def saved_names(peft_model_: Any) -> dict[int, str]:
     `save_embedding_layers=False`, whose "auto" would ask the hub about the base model)."""
     import peft
 
-    params = peft_model_.state_dict(keep_vars=True)
-    state = peft.get_peft_model_state_dict(peft_model_, state_dict=params, save_embedding_layers=False)
+    from .. import textout
+
+    with textout.library_logs():
+        params = peft_model_.state_dict(keep_vars=True)
+        state = peft.get_peft_model_state_dict(peft_model_, state_dict=params, save_embedding_layers=False)
     return {id(p): k for k, p in state.items()}
