@@ -109,8 +109,10 @@ class ClassEvidence:
 
     def sharing_history(self, i: int) -> list[int]:
         """Candidates whose centred samples are aligned with entry i's z beyond chance: the pair's own
-        tensor, and any copy of it or tensor trained along the same path. Empty for small samples."""
-        if self.size < UNRELATED_MIN_ELEMENTS:
+        tensor, and any copy of it or tensor trained along the same path. The limit follows the sample
+        size (HISTORY_SIGMAS standard deviations of chance), so samples the work budget shrank for a
+        class of thousands of tensors still count; none below VERIFY_MIN_ELEMENTS."""
+        if self.size < VERIFY_MIN_ELEMENTS:
             return []
         limit = min(SHARED, 1.0 - HISTORY_SIGMAS / self.size ** 0.5)
         return [int(j) for j in (self.centred[i] < limit).nonzero()[0]]

@@ -257,7 +257,7 @@ def decide(
     for o, kind in named_optimizers:
         source = kind if kind == "--param-order" else "param_names"
         names = {id(e): (e.name if kind == "--param-order" else e.saved_name) for e in o.stateful()}
-        conflict = _name_conflict(o, names, weights, anchors, candidates)
+        conflict = _name_conflict(o, names, weights, anchors, candidates, classes)
         if conflict is None:
             for e in o.stateful():
                 decided[id(e)], kinds[id(e)] = names[id(e)], kind
@@ -359,7 +359,7 @@ def _apply_param_order(o: OptimizerEntries, order: Sequence[str], weights) -> No
         e.name = name
 
 
-def _name_conflict(o, names, weights, anchors, candidates) -> str | None:
+def _name_conflict(o, names, weights, anchors, candidates, classes) -> str | None:
     """Why these names cannot be right (a missing tensor, a wrong shape, content pointing elsewhere), or None."""
     claimed = {name: ident for ident, name in anchors.items()}
     seen: set[str] = set()
@@ -378,6 +378,35 @@ def _name_conflict(o, names, weights, anchors, candidates) -> str | None:
             return f"{e.label()} is named '{name}' but its z lies next to '{anchors[id(e)]}'"
         if name in claimed and claimed[name] != id(e):
             return f"{e.label()} is named '{name}' but another entry's z lies next to '{name}'"
+    return _swapped_by_content(o, names, classes)
+
+
+SWAP_FACTOR = 2.0  # how much closer each z must lie to the other's tensor for two names to be swapped
+
+
+def _swapped_by_content(o, names, classes) -> str | None:
+    """Two entries whose names are each other's by content: each z lies SWAP_FACTOR times closer to
+    the tensor named for the other entry than to its own (look-alikes too close to confirm with
+    MARGIN are still told apart this way; a true pair's y is a lerp between its z and x, so its own
+    tensor is the nearer one). Needs samples of VERIFY_MIN_ELEMENTS."""
+    by_name = {names[id(e)]: e for e in o.stateful()}
+    for e in o.stateful():
+        known = classes.get(e.z(o.z_key).shape)
+        if known is None:
+            continue
+        ev, rows, column = known
+        i, a = rows.get(id(e)), column.get(names[id(e)])
+        if i is None or a is None or ev.size < content.VERIFY_MIN_ELEMENTS:
+            continue
+        b = ev.matches[i].candidate  # the tensor nearest this z
+        if b == a or not ev.distance[i, b] * SWAP_FACTOR < ev.distance[i, a]:
+            continue
+        other_name = next((n for n, j in column.items() if j == b), None)
+        other = by_name.get(other_name)
+        k = rows.get(id(other)) if other is not None else None
+        if k is not None and ev.distance[k, a] * SWAP_FACTOR < ev.distance[k, b]:
+            return (f"{e.label()} is named '{names[id(e)]}' and {other.label()} '{other_name}', but by content each "
+                    f"z lies at least {SWAP_FACTOR:g}x closer to the other's tensor (the two names are swapped)")
     return None
 
 

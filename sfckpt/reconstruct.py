@@ -271,6 +271,32 @@ def _families(ckpt: Checkpoint, optimizer: str | None):
     return found, skipped
 
 
+def _refuse_overlapping_views(trained: Mapping[str, TensorRef]) -> None:
+    """Two trained parameters that are different views of the same bytes (`nn.Parameter(w.t())` beside
+    `w`): eval() moves that storage once per parameter, in the optimizer's order, each time from what
+    the other left, which converting each tensor on its own does not reproduce. The same view twice
+    is a tie (one parameter); views over separate parts of one buffer (fused q/k/v) are independent."""
+    spans: dict[Any, list[tuple[int, int, str, tuple]]] = {}
+    for name, ref in trained.items():
+        if ref.storage_id is None or len(ref.view) != 3 or not all(ref.shape):
+            continue
+        offset, stride, shape = ref.view
+        last = offset + sum((n - 1) * st for n, st in zip(shape, stride))
+        spans.setdefault(ref.storage_id, []).append((offset, last, name, ref.view))
+    for items in spans.values():
+        items.sort()
+        reach = None  # the view seen so far that reaches furthest
+        for lo2, hi2, name2, view2 in items:
+            if reach is not None and lo2 <= reach[0] and view2 != reach[2]:
+                name = reach[1]
+                raise InputError(f"trained parameters '{name}' and '{name2}' are different views of the same data "
+                                 "(one is, for instance, a transpose of the other): eval() updates those bytes once "
+                                 "per parameter, in optimizer order, which sfckpt does not reproduce",
+                                 "save the model after optimizer.eval() and copy it, or make the tie one parameter")
+            if reach is None or hi2 > reach[0]:
+                reach = (hi2, name2, view2)
+
+
 def reconstruct(
     ckpt: Checkpoint,
     *,
@@ -424,6 +450,7 @@ def reconstruct(
 
     if decision.twin_refusal is not None and decision.twin_sources & set(by_name):
         raise decision.twin_refusal
+    _refuse_overlapping_views({n: ckpt.weights[n] for n, o in by_name.items() if o.how == "lerp" and n in ckpt.weights})
     trained = {e.name for e in decision.entries if e.name is not None}
     trained_keys = {ckpt.weights[t].data_key for t in trained if t in ckpt.weights} - {None}
     trained |= set(decision.twins) | {n for n, r in ckpt.weights.items() if r.data_key in trained_keys}

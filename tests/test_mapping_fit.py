@@ -474,3 +474,93 @@ def test_float64_near_the_range_limit_still_refuses_a_replaced_head(run, tmp_pat
             p.mul_(1e300)
     result, out = convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
     assert_refused(result, out, "'head.weight'", STALE)
+
+
+# ---- found by an independent attack: content evidence at scale, swapped look-alikes, shared storage ---
+
+def test_two_towers_at_expert_scale_are_refused(run, tmp_path):
+    """Two towers of 500 same-shape experts from one initialisation, A trained by SGDScheduleFree and B by
+    plain SGD: with 1,000 tensors of one shape the work budget shrinks the samples below 256 elements,
+    where the two-candidate rule used to switch off, and every tensor came out wrong with exit 0."""
+    experts = 500
+
+    class Tower(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = nn.ModuleList(nn.Linear(16, 16, bias=False) for _ in range(experts))
+
+        def forward(self, x):
+            return sum(torch.tanh(e(x)) for e in self.experts) / experts ** 0.5
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"a": Tower()})
+    model["b"] = copy.deepcopy(model["a"])
+    sf = schedulefree.SGDScheduleFree(model["a"].parameters(), lr=0.1, momentum=0.9)
+    plain = torch.optim.SGD(model["b"].parameters(), lr=0.1)
+    sf.train()
+    for _ in range(10):
+        b = torch.randn(8, 16)
+        for tower, opt in ((model["a"], sf), (model["b"], plain)):
+            opt.zero_grad()
+            (tower(b) - 1).pow(2).mean().backward()
+            opt.step()
+    obj = {"model": model.state_dict(), "optimizer": sf.state_dict(), "optimizer_b": plain.state_dict()}
+    result, out = convert(run, tmp_path, obj)
+    assert_refused(result, out, "also shares its history")
+
+
+class Gains(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(64), nn.Linear(64, 64)) for _ in range(6))
+        self.head = nn.Linear(64, 8)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + torch.tanh(b(x))
+        return self.head(x)
+
+
+def test_param_order_with_two_gains_swapped_is_refused(run, tmp_path):
+    """The docs' two lines wrote the order, then two LayerNorm gains were swapped: each z lies 2-4x closer
+    to its own gain, under the 4x that confirms a pair, and the swapped order converted with exit 0."""
+    torch.manual_seed(0)
+    model = Gains()
+    named = list(model.named_parameters())
+    opt = schedulefree.AdamWScheduleFree([{"params": [p for n, p in named if p.ndim >= 2], "weight_decay": 0.1},
+                                          {"params": [p for n, p in named if p.ndim < 2], "weight_decay": 0.0}],
+                                         lr=3e-3)
+    fit(model, opt, steps=100, loss=lambda m, b: (m(b) - b[:, :8].sign()).pow(2).mean(),
+        batch=lambda: torch.randn(16, 64))
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    (tmp_path / "right.txt").write_text("\n".join(order) + "\n")
+    i, j = order.index("blocks.1.0.weight"), order.index("blocks.4.0.weight")
+    order[i], order[j] = order[j], order[i]
+    (tmp_path / "swapped.txt").write_text("\n".join(order) + "\n")
+    obj = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+    result, out = convert(run, tmp_path, obj, "--param-order", tmp_path / "swapped.txt")
+    assert_refused(result, out, "swapped", "blocks.1.0.weight", "blocks.4.0.weight")
+    result, out = convert(run, tmp_path, obj, "--param-order", tmp_path / "right.txt")
+    assert_converts(result, out, eval_x(model, opt))
+
+
+def test_two_parameters_viewing_one_storage_transposed_are_refused(run, tmp_path):
+    """A tied autoencoder written as `dec_w = nn.Parameter(enc.weight.t())`: two entries, two z's, one
+    storage that eval() moves twice in optimizer order; converted one by one, both came out wrong."""
+
+    class TiedAE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(32, 16)
+            self.dec_w = nn.Parameter(self.enc.weight.t())
+
+        def forward(self, x):
+            return torch.tanh(self.enc(x)) @ self.dec_w.T
+
+    torch.manual_seed(0)
+    model = TiedAE()
+    opt = fit(model, schedulefree.AdamWScheduleFree(model.parameters(), lr=1e-2), steps=10,
+              loss=lambda m, b: (m(b) - b).pow(2).mean(), batch=lambda: torch.randn(16, 32))
+    result, out = convert(run, tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    assert_refused(result, out, "different views of the same data", "'dec_w'", "'enc.weight'")
