@@ -320,6 +320,26 @@ def test_dcp_chunk_count_and_sizes_are_bounded(run, tmp_path, monkeypatch):
         assert_clean(result, tmp_path / "x.safetensors")
 
 
+def test_dcp_chunks_that_overlap_are_refused(run, tmp_path):
+    """Two copies of a tensor's top half: the sizes add up to the whole, but the bottom half would be
+    written from uninitialised memory (a review converted such a folder with exit 0)."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    folder = _dcp(tmp_path)
+
+    def overlap(md):
+        entry = md.state_dict_metadata["model.fc1.weight"]
+        rows, cols = entry.size
+        half = ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([rows // 2, cols]))
+        entry.chunks = [half, half]
+
+    _edit_metadata(folder, overlap)
+    for command in ("inspect", "convert"):
+        result = run(command, folder, tmp_path / "x.safetensors") if command == "convert" else run(command, folder)
+        assert_clean(result, tmp_path / "x.safetensors")
+        assert "exactly once" in result.stderr
+
+
 # ---- 5. tensors no torch can make: exit 2, not an internal error -----------------------------------
 
 @pytest.mark.parametrize("offset,size,stride", [

@@ -2,6 +2,7 @@
 "internal error" (issue #19): each is built from a real saved checkpoint with one field tampered,
 and must now give exit 2 with one `error:` line (or, where the input is honest, the exact x)."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -159,8 +160,10 @@ def test_honest_target_module_patterns_pass_the_rule(pattern):
     # XLORA loads the adapters it names (paths or hub ids) with peft's own file access
     (lambda c, f: c.update(peft_type="XLORA", hidden_size=16, adapters={"0": str(f)}), "rebuilds the order only for"),
     (lambda c, f: c.update(megatron_config={"x": 1}, megatron_core="antigravity"), "megatron_config"),
+    # BOFT compiles a C++ extension when its layers are built
+    (lambda c, f: c.update(peft_type="BOFT", boft_block_size=4, boft_block_num=0), "rebuilds the order only for"),
 ], ids=["number", "list", "nul", "peft_type", "deep", "pipeline", "many-patterns", "many-targets", "targets-int",
-        "replication-many", "replication-huge", "replication-odd", "xlora", "megatron"])
+        "replication-many", "replication-huge", "replication-odd", "xlora", "megatron", "boft"])
 def test_peft_adapter_config_nonsense_is_exit_2(edit, fragment, lora_run, run, tmp_path):
     folder = _adapter_copy(lora_run, tmp_path, edit)
     for command in ("convert", "inspect", "diff"):
@@ -243,6 +246,26 @@ def test_library_logs_quoting_the_config_are_printed_escaped(trainer_folder, tmp
             assert not [line for line in stream.splitlines() if line.lstrip().startswith("::")
                         and not line.startswith("::error title=sfckpt")], stream
         assert "FORGED" not in proc.stderr or "\\n\\x3a:error" in proc.stderr or "\\n::error" in proc.stderr
+
+
+@pytest.mark.parametrize("key", ["attn_implementation", "experts_implementation"])
+def test_config_choosing_a_hub_kernel_reaches_no_hub(key, trainer_folder, tmp_path):
+    """`attn_implementation: "org/repo"` makes transformers fetch a kernel from the hub and import its code
+    (with the `kernels` package installed); sfckpt drops such keys, which change no parameter."""
+    folder = tmp_path / "checkpoint-3"
+    shutil.copytree(trainer_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config[key] = "kernels-community/flash-attn2"
+    (folder / "config.json").write_text(json.dumps(config))
+    # A spy on transformers' own door to the hub's kernels (it would download and import code)
+    code = ("import sys\nimport transformers.integrations.hub_kernels as hub\nasked = []\n"
+            "def spy(*args, **kwargs):\n    asked.append(args)\n    raise RuntimeError('no hub here')\n"
+            "hub.get_kernel = spy\nfrom sfckpt.cli import main\ntry:\n    main()\nfinally:\n"
+            "    sys.stderr.write('hub kernel asked\\n' if asked else '')\n")
+    proc = subprocess.run([sys.executable, "-c", code, "inspect", str(folder)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "hub kernel asked" not in proc.stderr
 
 
 # ---- DeepSpeed: fields of the rank files checked where they are read ----------------------------------------

@@ -318,7 +318,7 @@ def _validate(metadata: Any, path: Path, root: inputs.Root) -> None:
                             for o, n, d in zip(offsets, sizes, size))):
                 raise damaged
         # Chunks must tile the tensor: an element no chunk covers would be written uninitialised.
-        if sum(math.prod(chunk.sizes) for chunk in chunks) != math.prod(size):
+        if sum(math.prod(chunk.sizes) for chunk in chunks) != math.prod(size) or not _tile(size, chunks, path, key):
             raise InputError(f"{path}/.metadata: the chunks of tensor '{key}' do not cover its shape {tuple(size)} "
                              "exactly once", "the folder is damaged or incomplete")
         nbytes = math.prod(size) * torch.empty(0, dtype=dtype).element_size()
@@ -327,6 +327,28 @@ def _validate(metadata: Any, path: Path, root: inputs.Root) -> None:
                              f"shards hold {stored.get(key, 0)}", "the folder is damaged or incomplete")
 
     _check_nesting(entries, paths or {}, path)
+
+
+GRID_CELLS = 1 << 22  # cells of the grid a tensor's chunk boundaries make; honest saves split one or two dimensions
+
+
+def _tile(size: tuple, chunks: list, path: Path, key: str) -> bool:
+    """Whether the chunks cover every element of the tensor exactly once (sizes that add up are not
+    enough: two copies of the top half add up to the whole). Counted on the grid the chunks' own
+    boundaries cut the tensor into, so the cost is that grid's size, not the tensor's."""
+    import numpy as np
+
+    bounds = [sorted({0, n} | {c.offsets[d] for c in chunks} | {c.offsets[d] + c.sizes[d] for c in chunks})
+              for d, n in enumerate(size)]
+    cells = math.prod(len(b) - 1 for b in bounds)
+    if cells > GRID_CELLS:
+        raise InputError(f"{path}/.metadata: the chunks of tensor '{key}' cut it into {cells} pieces",
+                         "the folder is damaged or crafted; a save splits a tensor along one or two dimensions")
+    where = [{v: i for i, v in enumerate(b)} for b in bounds]
+    counts = np.zeros([len(b) - 1 for b in bounds], dtype=np.int64)
+    for c in chunks:
+        counts[tuple(slice(where[d][o], where[d][o + n]) for d, (o, n) in enumerate(zip(c.offsets, c.sizes)))] += 1
+    return bool((counts == 1).all())
 
 
 def _check_nesting(entries: dict, paths: dict, path: Path) -> None:

@@ -35,7 +35,8 @@ _WRAPPED = {
 }
 # Adapter types peft builds from their config alone. Others read further files or models the
 # config names (XLORA loads its adapters by path or hub id; prompt tuning a tokenizer).
-PEFT_TYPES = frozenset({"LORA", "LOHA", "LOKR", "ADALORA", "IA3", "OFT", "BOFT", "VERA", "LN_TUNING"})
+# BOFT builds a C++/CUDA extension (a compiler run that prints on stdout) when its layers are made.
+PEFT_TYPES = frozenset({"LORA", "LOHA", "LOKR", "ADALORA", "IA3", "OFT", "VERA", "LN_TUNING"})
 
 # Each quantifier may multiply the backtracking work by the length of a module name: with at most
 # this many, and module names bounded by SFCKPT_MAX_LAYERS, matching stays within seconds.
@@ -92,12 +93,26 @@ def config_from_dict(raw: Any, where: str, hint: str):
 
     from .. import textout
 
-    raw = vet_config(raw, where, hint)
+    raw = _without_implementation_choices(vet_config(raw, where, hint))
     try:
         with textout.library_logs():  # transformers logs warnings that quote config values
-            return CONFIG_MAPPING[raw["model_type"]].from_dict(dict(raw))
+            return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
     except Exception as exc:  # transformers validates the values its own way: any failure is the input's
         raise InputError(f"{where} cannot be read by transformers ({_one_line(exc)})", hint) from None
+
+
+def _without_implementation_choices(raw: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a config without the keys that choose how layers compute (`attn_implementation`,
+    `experts_implementation`, in sub-configs too): a value like `org/repo` makes transformers download
+    a kernel from the hub and import its code, and none of them changes a parameter's name or shape."""
+    def clean(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: clean(v) for k, v in node.items() if not (isinstance(k, str) and k.endswith("implementation"))}
+        if isinstance(node, list):
+            return [clean(v) for v in node]
+        return node
+
+    return clean(raw)
 
 
 def read_config(path: Path, where: str, hint: str, root=None):
