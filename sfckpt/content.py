@@ -29,6 +29,11 @@ SAMPLE_ELEMENTS = 4096  # per tensor: half from the start, half from the middle 
 WORK_BUDGET = 100_000_000  # entries x candidates x sample elements per shape class
 MIN_SAMPLE = 64
 MIN_CONTENT_ELEMENTS = 8  # below this, distances are too noisy to confirm or rule out anything
+# Below this, ruling a candidate out because another lies MARGIN times closer to the z is not proof:
+# among hundreds of look-alikes of 8 or 16 elements (LayerNorm biases after a few Adam steps move by
+# about ±lr per element, so their sign patterns repeat) one lands MARGIN times closer to a z than its
+# own y. Such rule-outs are dropped where keeping them leaves no placement at all.
+CLOSER_MIN_ELEMENTS = 32
 UNRELATED = 0.9  # d² / (‖y‖² + ‖z‖²) above this looks like two independent tensors...
 UNRELATED_FACTOR = 10.0  # ...when it is also this many times the ratio of the shape's confirmed pairs
 UNRELATED_MIN_ELEMENTS = 256  # and the sample is large enough for that ratio to be steady
@@ -82,21 +87,34 @@ class ClassEvidence:
         """Could candidate j be entry i's parameter? (See `possible_matrix`.)"""
         return bool(self.possible_matrix()[i, j])
 
-    def possible_matrix(self):
+    def possible_matrix(self, closer: bool = True):
         """Entries x candidates: could candidate j be entry i's parameter? No when y is one constant
         value everywhere but z is not (y = (1-β)·z + β·x could then only be constant by an exact
-        cancellation); no when another candidate lies MARGIN times closer to its z; no when z and y
-        are as far apart as independent tensors while this shape's confirmed pairs are all far closer
-        (UNRELATED). Computed once, for the whole class at a time (a class can hold thousands)."""
+        cancellation); no when another candidate lies MARGIN times closer to its z (with `closer`, or
+        on samples of CLOSER_MIN_ELEMENTS or more); no when z and y are as far apart as independent
+        tensors while this shape's confirmed pairs are all far closer (UNRELATED). Computed once, for
+        the whole class at a time (a class can hold thousands)."""
         import numpy as np
 
+        closer = closer or self.size >= CLOSER_MIN_ELEMENTS
         if self._possible is None:
+            self._possible = {}
+        if closer not in self._possible:
             ok = ~(np.asarray(self.y_constant, dtype=bool)[None, :] & ~np.asarray(self.z_constant, dtype=bool)[:, None])
             if self.informative:
-                best = np.array([m.distance for m in self.matches], dtype=np.float64)[:, None]
-                ok &= ~((best > 0) & (self.distance > MARGIN * best)) & ~np.asarray(self.unrelated, dtype=bool)
-            self._possible = ok
-        return self._possible
+                ok &= ~np.asarray(self.unrelated, dtype=bool)
+                if closer:
+                    best = np.array([m.distance for m in self.matches], dtype=np.float64)[:, None]
+                    ok &= ~((best > 0) & (self.distance > MARGIN * best))
+            self._possible[closer] = ok
+        return self._possible[closer]
+
+    def rules_out_by_closer(self) -> bool:
+        """Does the "another candidate lies MARGIN times closer" rule rule out anything on samples too
+        small to trust it among many look-alikes (see CLOSER_MIN_ELEMENTS)?"""
+        import numpy as np
+
+        return self.size < CLOSER_MIN_ELEMENTS and bool(np.any(self.possible_matrix(False) & ~self.possible_matrix()))
 
     def looks_unrelated(self, i: int, j: int, reference: float) -> bool:
         """Are entry i's z and candidate j as far apart as independent tensors, while pairs that

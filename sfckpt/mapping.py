@@ -275,8 +275,18 @@ def decide(
     open_entries = [(o, e) for o, e in stateful if id(e) not in decided]
     order_name = ""
     if open_entries:
-        order_name = _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_index, possible,
-                                     group_domains, container_order_name, name_notes)
+        try:
+            order_name = _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_index, possible,
+                                         group_domains, container_order_name, name_notes)
+        except NotInWeights:
+            # Among many look-alikes of few elements, "another tensor lies 4x closer" can rule out a
+            # true pair by chance. Where it leaves no placement at all, place without that rule:
+            # wider candidate sets only add solutions, so one placement found then is still the only one.
+            relaxed = _without_small_closer_rule(possible, classes)
+            if relaxed is None:
+                raise
+            order_name = _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_index, relaxed,
+                                         group_domains, container_order_name, name_notes)
 
     # 3. Check every pair, name the entries.
     used_names: dict[str, Entry] = {}
@@ -344,6 +354,22 @@ def _content_anchors(stateful, weights, candidates, sampler) -> tuple[dict[int, 
             possible[id(e)] = content.PossibleRow(mask[i], cols, column, positions)
         classes[shape] = (ev, {id(e): i for i, (o, e) in enumerate(items)}, column)
     return anchors, possible, classes
+
+
+def _without_small_closer_rule(possible, classes) -> dict[int, AbstractSet[str]] | None:
+    """`possible` without the rule-outs by a MARGIN times closer candidate on samples under
+    content.CLOSER_MIN_ELEMENTS elements, or None where that rule ruled nothing out there."""
+    relaxed = dict(possible)
+    changed = False
+    for ev, rows, _ in classes.values():
+        if not ev.rules_out_by_closer():
+            continue
+        changed = True
+        mask = ev.possible_matrix(closer=False)
+        for ident, i in rows.items():
+            row = possible[ident]
+            relaxed[ident] = content.PossibleRow(mask[i], row.names, row.column, row.positions)
+    return relaxed if changed else None
 
 
 def _apply_param_order(o: OptimizerEntries, order: Sequence[str], weights) -> None:
