@@ -280,9 +280,10 @@ def decide(
                                          group_domains, container_order_name, name_notes)
         except NotInWeights:
             # Among many look-alikes of few elements, "another tensor lies 4x closer" can rule out a
-            # true pair by chance. Where it leaves no placement at all, place without that rule:
-            # wider candidate sets only add solutions, so one placement found then is still the only one.
-            relaxed = _without_small_closer_rule(possible, classes)
+            # true pair by chance, and rounding can pin a float32 y at its constant initial value while
+            # z moved by an ulp. Where these rules leave no placement at all, place without them: wider
+            # candidate sets only add solutions, so one placement found then is still the only one.
+            relaxed = _relaxed(possible, classes)
             if relaxed is None:
                 raise
             order_name = _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_index, relaxed,
@@ -356,16 +357,16 @@ def _content_anchors(stateful, weights, candidates, sampler) -> tuple[dict[int, 
     return anchors, possible, classes
 
 
-def _without_small_closer_rule(possible, classes) -> dict[int, AbstractSet[str]] | None:
-    """`possible` without the rule-outs by a MARGIN times closer candidate on samples under
-    content.CLOSER_MIN_ELEMENTS elements, or None where that rule ruled nothing out there."""
+def _relaxed(possible, classes) -> dict[int, AbstractSet[str]] | None:
+    """`possible` from each class's relaxed matrix (content.ClassEvidence.possible_matrix), or None
+    where relaxing allows nothing more."""
     relaxed = dict(possible)
     changed = False
     for ev, rows, _ in classes.values():
-        if not ev.rules_out_by_closer():
+        if not ev.relaxing_adds():
             continue
         changed = True
-        mask = ev.possible_matrix(closer=False)
+        mask = ev.possible_matrix(relaxed=True)
         for ident, i in rows.items():
             row = possible[ident]
             relaxed[ident] = content.PossibleRow(mask[i], row.names, row.column, row.positions)
