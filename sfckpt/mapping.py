@@ -484,10 +484,11 @@ def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_in
     if not distinct:
         failed, _ = order_search.propagate(chains, domains0, hypotheses[0][1])
         o, e = entry_of[failed if failed is not None else open_ids[0]]
+        shape = e.z(o.z_key).shape
         raise NotInWeights(
-            f"{e.label()}, z of shape {format_shape(e.z(o.z_key).shape)}, fits no tensor of these weights in an order "
-            f"that the tensors told apart by content agree with ({context}): the optimizer trains tensors that are "
-            "not in these weights, or lists them in an order sfckpt cannot follow",
+            f"{e.label()}, z of shape {format_shape(shape)}, fits no tensor of these weights in an order "
+            f"that the tensors told apart by content agree with ({context}{_ruled_out(e, shape, by_shape, taken, possible, candidates)}): "
+            "the optimizer trains tensors that are not in these weights, or lists them in an order sfckpt cannot follow",
             ORDER_HINT,
         )
     a, b = distinct[0][1], distinct[1][1]
@@ -498,6 +499,18 @@ def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_in
         f"both fit, and content cannot tell them apart ({context})",
         ORDER_HINT,
     )
+
+
+def _ruled_out(e: Entry, shape, by_shape, taken: set[int], possible, candidates) -> str:
+    """Why the tensors of the entry's shape that no entry fixed by names or content holds are not its
+    own (content rules them out: a head replaced after the optimizer was built), for the error; or ""."""
+    free = [candidates[i] for i in by_shape.get(shape, []) if i not in taken]
+    out = [c for c in free if c not in possible.get(id(e), ())]
+    if not free or len(out) != len(free) or len(free) > 3:
+        return ""
+    names = " and ".join(f"'{c}'" for c in free)
+    return (f"; content rules out {names}, the only tensor{'s' if len(free) > 1 else ''} of that shape left for it "
+            "— replaced or re-initialised after the optimizer was built?")
 
 
 def _taken_mask(taken: set[int], n: int):

@@ -290,3 +290,15 @@ def test_1000_blocks_of_layernorm_and_linear_deepest_first(run, tmp_path):
 def test_300_blocks_of_linear_without_bias_deepest_first(run, tmp_path):
     obj, x = _per_block_groups(300, 8, norm=False)
     assert_converts(*convert(run, tmp_path, obj), x)
+
+
+def test_head_replaced_among_same_shape_tensors_after_the_optimizer_was_built_is_refused(run, tmp_path):
+    """The same swap with the head trained by the optimizer: its z belongs to the old head, so eval() would
+    lerp the fresh head towards another tensor's z. Content places every other entry; the head is refused."""
+    torch.manual_seed(0)
+    model = recipes.Stack(n=3)
+    opt = schedulefree.AdamWScheduleFree(model.parameters(), lr=0.01)
+    fit(model, opt, steps=6)
+    model.head = recipes.lin()
+    obj, _ = saved(model, opt)
+    assert_refused(*convert(run, tmp_path, obj), "'head.weight'", "content rules out")
