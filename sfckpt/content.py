@@ -29,6 +29,15 @@ SAMPLE_ELEMENTS = 4096  # per tensor: half from the start, half from the middle 
 WORK_BUDGET = 100_000_000  # entries x candidates x sample elements per shape class
 MIN_SAMPLE = 64
 MIN_CONTENT_ELEMENTS = 8  # below this, distances are too noisy to confirm or rule out anything
+# Below this, ruling a candidate out because another lies MARGIN times closer to the z is not proof:
+# among hundreds of look-alikes of 8 or 16 elements (LayerNorm biases after a few Adam steps move by
+# about ±lr per element, so their sign patterns repeat) one lands MARGIN times closer to a z than its
+# own y. Such rule-outs are dropped where keeping them leaves no placement at all.
+CLOSER_MIN_ELEMENTS = 32
+# A float32/float64 y that is one constant c while z is not rules the pair out, but y = (1-β)·z + β·x
+# rounds to x's value wherever (1-β)·|z - x| is under half a spacing: up to 500 spacings for β = 0.999.
+# Where the rule leaves no placement, it is dropped for z within this many spacings of c.
+ROUNDING_ULPS = 1024
 UNRELATED = 0.9  # d² / (‖y‖² + ‖z‖²) above this looks like two independent tensors...
 UNRELATED_FACTOR = 10.0  # ...when it is also this many times the ratio of the shape's confirmed pairs
 UNRELATED_MIN_ELEMENTS = 256  # and the sample is large enough for that ratio to be steady
@@ -76,27 +85,56 @@ class ClassEvidence:
     size: int = 0  # sample elements per tensor
     ratio: object = None  # entries x candidates: d² / (‖y‖² + ‖z‖²), 0 for identical, about 1 for independent
     centred: object = None  # the same ratio with each sample's mean removed (look-alike gains differ only there)
+    y_value: object = None  # per candidate: its first sampled value
+    z_range: object = None  # per entry: the smallest and largest sampled z value
+    y_ulp: object = None  # per candidate: the spacing of its dtype at its first sampled value
     _possible: object = field(default=None, repr=False)
 
     def possible(self, i: int, j: int) -> bool:
         """Could candidate j be entry i's parameter? (See `possible_matrix`.)"""
         return bool(self.possible_matrix()[i, j])
 
-    def possible_matrix(self):
+    def possible_matrix(self, relaxed: bool = False):
         """Entries x candidates: could candidate j be entry i's parameter? No when y is one constant
         value everywhere but z is not (y = (1-β)·z + β·x could then only be constant by an exact
         cancellation); no when another candidate lies MARGIN times closer to its z; no when z and y
         are as far apart as independent tensors while this shape's confirmed pairs are all far closer
-        (UNRELATED). Computed once, for the whole class at a time (a class can hold thousands)."""
+        (UNRELATED). `relaxed` drops the first rule where z lies within rounding of y's constant and
+        the second on samples under CLOSER_MIN_ELEMENTS elements, where chance and rounding can break
+        them. Computed once, for the whole class at a time (a class can hold thousands)."""
         import numpy as np
 
         if self._possible is None:
+            self._possible = {}
+        if relaxed not in self._possible:
+            closer = not relaxed or self.size >= CLOSER_MIN_ELEMENTS
             ok = ~(np.asarray(self.y_constant, dtype=bool)[None, :] & ~np.asarray(self.z_constant, dtype=bool)[:, None])
+            if relaxed and self.z_range is not None:
+                ok |= self._rounds_to_constant()
             if self.informative:
-                best = np.array([m.distance for m in self.matches], dtype=np.float64)[:, None]
-                ok &= ~((best > 0) & (self.distance > MARGIN * best)) & ~np.asarray(self.unrelated, dtype=bool)
-            self._possible = ok
-        return self._possible
+                ok &= ~np.asarray(self.unrelated, dtype=bool)
+                if closer:
+                    best = np.array([m.distance for m in self.matches], dtype=np.float64)[:, None]
+                    ok &= ~((best > 0) & (self.distance > MARGIN * best))
+            self._possible[relaxed] = ok
+        return self._possible[relaxed]
+
+    def _rounds_to_constant(self):
+        """Entries x candidates: y is one constant c and every sampled z lies within ROUNDING_ULPS
+        spacings of c, so y = (1-β)·z + β·x can round to c without any cancellation (a float32 gain
+        at 1.0 whose z moved by one ulp)."""
+        import numpy as np
+
+        lo, hi = np.asarray(self.z_range[0])[:, None], np.asarray(self.z_range[1])[:, None]
+        c = np.asarray(self.y_value)[None, :]
+        reach = np.maximum(hi - c, c - lo)
+        return np.asarray(self.y_constant, dtype=bool)[None, :] & (reach <= ROUNDING_ULPS * np.asarray(self.y_ulp)[None, :])
+
+    def relaxing_adds(self) -> bool:
+        """Does `possible_matrix(relaxed=True)` allow any pair the strict matrix rules out?"""
+        import numpy as np
+
+        return bool(np.any(self.possible_matrix(True) & ~self.possible_matrix()))
 
     def looks_unrelated(self, i: int, j: int, reference: float) -> bool:
         """Are entry i's z and candidate j as far apart as independent tensors, while pairs that
@@ -210,7 +248,11 @@ def evidence(zs: Sequence[TensorRef], ys: Sequence[TensorRef], sampler: Sampler)
     spread2 = ((z * z).sum(axis=1) - n_el * zm ** 2)[:, None] + ((y * y).sum(axis=1) - n_el * ym ** 2)[None, :]
     dc2 = np.maximum(d ** 2 - n_el * (zm[:, None] - ym[None, :]) ** 2, 0.0)
     centred = np.divide(dc2, spread2, out=np.ones_like(d), where=spread2 > 0)
-    return ClassEvidence(matches, d, y_constant, z_constant, unrelated, informative, n_el, ratio, centred)
+    spacing = [np.spacing(np.float32(v)) if r.dtype == "float32" else np.spacing(v) for r, v in zip(ys, y[:, 0])] if y.shape[1] else []
+    z_range = (z.min(axis=1, initial=np.inf), z.max(axis=1, initial=-np.inf))
+    return ClassEvidence(matches, d, y_constant, z_constant, unrelated, informative, n_el, ratio, centred,
+                         y_value=y[:, 0] if y.shape[1] else np.zeros(m), z_range=z_range,
+                         y_ulp=np.array(spacing, dtype=np.float64) if len(spacing) else np.zeros(m))
 
 
 SAFE_EXPONENT = 480  # |v| <= 2**480: sums of squares of SAMPLE_ELEMENTS such values stay finite in float64
