@@ -7,7 +7,7 @@ computes one tensor at a time, reading only y and z (or the stored x).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from . import families, mapping, optimizer_state
 from .checkpoint import Checkpoint
