@@ -123,8 +123,10 @@ def test_peft_base_config_layer_count_is_bounded(lora_run, run, tmp_path):
     ("target_modules", "(", "not a regular expression"),
     ("modules_to_save", "norm", "not a list"),
     ("rank_pattern", [1], "not a map"),
+    # any other field of module names peft matches as a regex (IA3's, or a future type's)
+    ("feedforward_modules", r"^(([a-z_.0-9])+)+Q$", "nests a quantifier"),
 ], ids=["nested", "five-repeats", "repeated-choice", "backreference", "optional-repeats", "modules_to_save",
-        "layers_pattern", "rank_pattern", "unparsable", "modules_to_save-str", "rank_pattern-list"])
+        "layers_pattern", "rank_pattern", "unparsable", "modules_to_save-str", "rank_pattern-list", "other-modules"])
 def test_peft_regexes_that_could_backtrack_are_refused(field, value, fragment, lora_run, run, tmp_path):
     folder = _adapter_copy(lora_run, tmp_path, lambda c, f: c.update({field: value}))
     start = time.monotonic()

@@ -186,7 +186,7 @@ def vet_pattern(pattern: Any, field: str, where: str, hint: str) -> None:
     if len(pattern) > MAX_PATTERN_CHARS:
         raise InputError(f"{where} is longer than {MAX_PATTERN_CHARS} characters", hint)
     try:
-        parsed = _parser.parse(_WRAPPED[field].format(pattern))
+        parsed = _parser.parse(_WRAPPED.get(field, "{}").format(pattern))
     except (re.error, OverflowError, RecursionError) as exc:
         raise InputError(f"{where} is not a regular expression ({exc})", hint) from None
     if _quantifiers(parsed.data, False, where, hint) > MAX_QUANTIFIERS:
@@ -211,7 +211,10 @@ def vet_adapter_config(raw: Any, where: str, hint: str) -> dict[str, Any]:
     if raw.get("megatron_config") is not None:  # peft would import the module megatron_core names
         raise InputError(f"{where} sets megatron_config, which makes peft import a module the file names", hint)
     patterns: list[tuple[str, Any]] = []
-    for field in _WRAPPED:
+    # Every other field of module names (IA3's feedforward_modules, ...) is a regex to peft when it is
+    # one string (re.fullmatch), as target_modules is: vetted the same way, whatever the field's name.
+    fields = [*_WRAPPED, *(k for k in raw if isinstance(k, str) and k.endswith("_modules") and k not in _WRAPPED)]
+    for field in fields:
         value = raw.get(field)
         if value is None:
             continue
