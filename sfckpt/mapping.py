@@ -417,6 +417,7 @@ def _swapped_by_content(o, names, classes) -> str | None:
     MARGIN are still told apart this way; a true pair's y is a lerp between its z and x, so its own
     tensor is the nearer one). Needs samples of VERIFY_MIN_ELEMENTS."""
     by_name = {names[id(e)]: e for e in o.stateful()}
+    column_names: dict[tuple, dict[int, str]] = {}  # per shape class, column -> tensor name (built once)
     for e in o.stateful():
         known = classes.get(e.z(o.z_key).shape)
         if known is None:
@@ -428,7 +429,10 @@ def _swapped_by_content(o, names, classes) -> str | None:
         b = ev.matches[i].candidate  # the tensor nearest this z
         if b == a or not ev.distance[i, b] * SWAP_FACTOR < ev.distance[i, a]:
             continue
-        other_name = next((n for n, j in column.items() if j == b), None)
+        shape = e.z(o.z_key).shape
+        if shape not in column_names:
+            column_names[shape] = {j: n for n, j in column.items()}
+        other_name = column_names[shape].get(b)
         other = by_name.get(other_name)
         k = rows.get(id(other)) if other is not None else None
         if k is not None and ev.distance[k, a] * SWAP_FACTOR < ev.distance[k, b]:
