@@ -193,7 +193,8 @@ def test_trainer_lora_sharded_release_is_an_adapter_folder(runs, run, tmp_path):
     assert not (ckpt / "adapter_config.json").exists()
     report = json.loads(run("inspect", ckpt, "--json").stdout)
     assert report["container"] == "peft-adapter-fsdp"
-    assert report["mapping"]["evidence"] == {"names": 13}
+    # every entry by name (how many the run trains depends on peft's version: 13 with 0.21, 9 with 0.22)
+    assert report["mapping"]["evidence"] == {"names": report["mapping"]["entries_with_z"]} != {"names": 0}
     assert not any("strip-prefix" in h for h in report.get("hints", []))
     release = tmp_path / "release"
     result = _convert(run, ckpt, release)
