@@ -332,10 +332,11 @@ def side_files(folder: Path, names: tuple[str, ...] | list[str], root: Root | No
 def copy_side_file(source: InputFile, dest: Path) -> None:
     """Copy an opened input file into `dest` (a temporary file of the output), through the gate, bounded."""
     limit = limits.SIDE_FILE_BYTES
-    if os.fstat(source.fd).st_nlink > 1:
+    names = os.fstat(source.fd).st_nlink
+    if names > 1:
         # Another name for the same bytes exists, maybe outside the input (a hard link made when the
         # checkpoint was packed): what a release ships must be the folder's own file.
-        raise InputError(f"{source.path} is a hard link (the file has {os.fstat(source.fd).st_nlink} names), so its "
+        raise InputError(f"{source.path} is a hard link (the file has {names} names), so its "
                          "bytes may belong to a file outside the checkpoint", "refusing to copy it into the release; "
                          "replace the link by a copy of the file (cp --remove-destination SOURCE DEST)")
     if source.size > limit.value:

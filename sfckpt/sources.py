@@ -5,13 +5,12 @@ sharded index, a release folder, or a training checkpoint (whose x is used).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Union
 
-from . import inputs, limits
+from . import inputs
 from .errors import InputError
 from .readers import LFS_POINTER, read_weights, sniff
 from .readers.accelerate_folder import is_accelerate_folder
@@ -56,8 +55,8 @@ def _weight_files(path: Path) -> Iterator[Path]:
         return
     yield index
     try:
-        shards = set(json.loads(inputs.read_bytes(index, limits.JSON_BYTES, "safetensors index"))["weight_map"].values())
-    except (InputError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        shards = set(inputs.read_json(index, "safetensors index")["weight_map"].values())
+    except (InputError, KeyError, TypeError, AttributeError):
         return  # the reader says what is wrong with the index
     for shard in sorted(s for s in shards if isinstance(s, str)):
         yield index.parent / shard
