@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
-from . import families, mapping, optimizer_state
+from . import families, mapping, optax_eval, optimizer_state
 from .checkpoint import Checkpoint
 from .errors import InputError
 from .tensors import DTYPES, TensorRef, nbytes_of, torch_dtype
@@ -66,6 +66,7 @@ class OutputTensor:
     out_dtype: str | None = None
     value: Any = None  # a tensor computed elsewhere (re-estimated BatchNorm statistics)
     in_float32: bool = False  # lerp in float32 and cast back, as heavyball's eval() does
+    beta_dtype: str | None = None  # set: optax's (y − (1 − β)·z)/β with β stored in this dtype, not a lerp
 
     @property
     def dtype(self) -> str:
@@ -87,6 +88,8 @@ class OutputTensor:
             raise InputError(f"β for '{self.name}' is not saved in the checkpoint", "pass --beta")
         if self.value is not None:
             t = self.value
+        elif self.how == "lerp" and self.beta_dtype is not None:
+            t = optax_eval.eval_params(self.ref.load(), self.z.load(), self.beta, self.beta_dtype)
         elif self.how == "lerp" and self.in_float32:
             y = self.ref.load()
             t = torch.lerp(y.float(), self.z.load().float(), 1 - 1 / self.beta).to(y.dtype)
@@ -446,6 +449,7 @@ def reconstruct(
                 else:
                     out.how, out.z, out.beta = "lerp", e.state[family.z_key], group_beta
                     out.in_float32 = family.x_in_float32
+                    out.beta_dtype = group.get(family.beta_dtype_key) if family.beta_dtype_key else None
                 by_name[e.name] = out
 
     if decision.twin_refusal is not None and decision.twin_sources & set(by_name):
@@ -467,7 +471,8 @@ def reconstruct(
             twin = by_data.get(ref.data_key) if ref.data_key is not None else None
             if twin is None and name in decision.twins:
                 twin = by_name.get(decision.twins[name])
-            out = OutputTensor(name, ref, twin.how, twin.z, twin.x, twin.beta, twin.group, in_float32=twin.in_float32) \
+            out = OutputTensor(name, ref, twin.how, twin.z, twin.x, twin.beta, twin.group, in_float32=twin.in_float32,
+                               beta_dtype=twin.beta_dtype) \
                 if twin else OutputTensor(name, ref)
         if dtype and ref.is_float:
             out.out_dtype = dtype
