@@ -62,6 +62,10 @@ def item_folder(path: Path) -> Path | None:
     if (path / METADATA).is_file():
         return path
     if not (path / STEP_METADATA).is_file():
+        steps = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / STEP_METADATA).is_file()))
+        if steps:
+            raise InputError(f"{path}: an Orbax CheckpointManager folder with steps {', '.join(map(str, steps[-5:]))}",
+                             f"pass one step folder, such as {path / str(steps[-1])}")
         return None
     items = sorted(p for p in path.iterdir() if p.is_dir() and (p / METADATA).is_file())
     if len(items) > 1:
@@ -93,7 +97,9 @@ def load_object(path: Path) -> tuple[dict[str, Any], list[str]]:
         groups.append(_group(where, params_at, leaves, state))
     weights = {_name(p): _ref(leaf) for p, leaf in leaves.items() if not any(p[:len(r)] == r for r in roots)}
     notes = [f"optax Schedule-Free state at {'/'.join(w)}" for w in states]
-    notes += [f"{n} copied as saved (not trained by the optimizer)" for n in _untrained_subtrees(weights, groups)]
+    notes += [f"{n} copied as saved (not trained by the optimizer"
+              + ("; statistics gathered at y, re-estimate them at x before trusting accuracy)" if "stats" in n else ")")
+              for n in _untrained_subtrees(weights, groups)]
     return {"model": weights, "optimizer": {"state": state, "param_groups": groups}}, notes
 
 
@@ -113,6 +119,10 @@ def _tree(meta: Any, folder: Path) -> dict[Path_, dict]:
         path = tuple(k["key"] for k in keys)
         for part in path:
             check_text(part, "Orbax tree key")
+            if not part or part in (".", "..") or any(c in part for c in "/\\\0"):
+                # tensorstore joins keys into file paths: these would name files outside the array's folder
+                raise InputError(f"{folder / METADATA}: tree key {inputs.excerpt(part)} is not a plain name",
+                                 "refusing to read it; the checkpoint is damaged or crafted")
         tree[path] = value
     return tree
 
@@ -120,8 +130,7 @@ def _tree(meta: Any, folder: Path) -> dict[Path_, dict]:
 def _open_arrays(folder: Path, meta: dict, tree: dict[Path_, dict]) -> dict[Path_, Leaf]:
     """Every array leaf, opened (metadata only) and checked against its size limit."""
     ts = _tensorstore()
-    base = {"driver": "file", "path": str(folder)}
-    kvstore = {"driver": "ocdbt", "base": base} if meta.get("use_ocdbt", True) else base
+    ocdbt = meta.get("use_ocdbt", True)
     driver = "zarr3" if meta.get("use_zarr3") else "zarr"
     context = ts.Context({"cache_pool": {"total_bytes_limit": 0}, "data_copy_concurrency": {"limit": 1},
                           "file_io_concurrency": {"limit": 1}})
@@ -135,7 +144,9 @@ def _open_arrays(folder: Path, meta: dict, tree: dict[Path_, dict]) -> dict[Path
             raise InputError(f"{folder}: Orbax stores {_name(keys[key])} and {_name(path)} under the same key {key!r}",
                              "rename the dict keys that hold dots and save again")
         keys[key] = path
-        spec = {"driver": driver, "kvstore": {**kvstore, "path": key + "/"}}
+        kvstore = {"driver": "ocdbt", "base": {"driver": "file", "path": str(folder) + "/"}, "path": key + "/"} if ocdbt \
+            else {"driver": "file", "path": f"{folder}/{key}/"}
+        spec = {"driver": driver, "kvstore": kvstore}
         pending.append((path, ts.open(spec, open=True, read=True, context=context)))
     leaves = {}
     for path, future in pending:
