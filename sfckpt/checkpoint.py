@@ -16,7 +16,7 @@ from .readers import peft_adapter
 from .readers.peft_adapter import is_adapter_checkpoint, load_object as load_adapter_checkpoint
 from .readers.peft_adapter import parameter_order as adapter_parameter_order
 from .readers.deepspeed_folder import DeepSpeedFolder, is_deepspeed_folder
-from .readers import orbax_folder
+from .readers import deepspeed_universal, orbax_folder
 from .tensors import TensorRef
 
 
@@ -119,6 +119,9 @@ def _load(path: Path, model_key: str | None, optimizer_key: str | None, strip_pr
         folder = DeepSpeedFolder(path)
         obj, unloaded, container = folder.load_object(), sorted(folder.opaque), "deepspeed"
         extra = {"notes": folder.notes, "default_dtype": folder.module_dtype if folder.module_dtype != "float32" else None}
+    elif kind == "folder" and deepspeed_universal.is_universal_folder(path):
+        obj, unloaded, notes, dtype = deepspeed_universal.load_object(path)
+        container, extra = "deepspeed-universal", {"notes": notes, "default_dtype": dtype if dtype != "float32" else None}
     elif kind == "folder" and orbax_folder.is_orbax_folder(path):
         obj, notes = orbax_folder.load_object(path)
         unloaded, container, extra = [], "orbax", {"notes": notes}
