@@ -12,7 +12,9 @@ and not larger than the limit of what it is read as. Reads are positioned
 shrank while sfckpt read it, which is refused with exit 2, never a signal (a
 memory map would turn it into SIGBUS). No library opens an input file by its
 path: DCP's reader gets file objects over checked descriptors, and transformers
-and peft get configs built from the JSON read here.
+and peft get configs built from the JSON read here. The one exception is tensorstore,
+which reads an Orbax folder's arrays itself: `check_tree` refuses the whole folder first
+if anything inside it is a link or not a regular file, and sfckpt writes every spec it gets.
 
 Files the user names as options (`--param-order`, `--bn-calib` data, `--model`
 files) are the user's own and are not confined, but are opened the same way.

@@ -37,10 +37,6 @@ METADATA = "_METADATA"
 STEP_METADATA = "_CHECKPOINT_METADATA"
 ARRAY_TYPES = ("jax.Array", "np.ndarray")
 EXTRA_HINT = "install the extra: pip install 'sfckpt[jax]' (tensorstore and ml_dtypes; JAX is not needed)"
-# Arrays are stored compressed and chunks equal to the fill value are not stored at all, so the
-# files do not bound what an array's metadata may ask to allocate.
-ARRAY_BYTES = limits.Limit("SFCKPT_MAX_ARRAY_BYTES", 64 * 1024 * limits.MiB,
-                           "bytes one Orbax array may hold once read (its files are compressed, so they do not bound it)")
 _DTYPES = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint64", "uint32",
            "uint16", "uint8", "bool", "complex64"}
 
@@ -165,8 +161,8 @@ def _checked(folder: Path, path: Path_, store: Any) -> Leaf:
         raise InputError(f"{folder}: array {_name(path)} has dtype {dtype}, which safetensors cannot hold",
                          "sfckpt cannot write this model")
     nbytes = math.prod(shape) * store.dtype.numpy_dtype.itemsize
-    if nbytes > ARRAY_BYTES.value:
-        raise ARRAY_BYTES.exceeded(f"{folder}: array {_name(path)} of shape {list(shape)} would take {nbytes} bytes")
+    if nbytes > limits.ARRAY_BYTES.value:
+        raise limits.ARRAY_BYTES.exceeded(f"{folder}: array {_name(path)} of shape {list(shape)} would take {nbytes} bytes")
     return Leaf(path, dtype, shape, store)
 
 
