@@ -249,7 +249,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         "optax-sf",
-        ("schedule_free", "schedule_free_adamw", "schedule_free_sgd"),
+        ("schedule_free", "schedule_free_adamw", "schedule_free_sgd", "rollfast schedule_free"),
         library="optax",
         beta_key="b1",
         beta_dtype_key="b1_dtype",
@@ -258,8 +258,9 @@ FAMILIES: tuple[Family, ...] = (
         step_key="step_count",
         group_has=_F({"b1", "b1_dtype", "schedule_free_state"}),
         state_has=_F({"z"}),
-        note="optax.contrib's ScheduleFreeState, read from an Orbax checkpoint: parameters always hold y, and x is "
-        "schedule_free_eval_params' (y - (1 - b1)·z)/b1 with the stored b1 (cast to the lowest parameter dtype)",
+        note="optax.contrib's (or rollfast's) ScheduleFreeState, read from an Orbax checkpoint: parameters always hold "
+        "y, and x is schedule_free_eval_params' (y - (1 - b1)·z)/b1 with the stored b1 (optax casts it to the lowest "
+        "parameter dtype; rollfast keeps its annealed b1 in float32)",
     ),
     Family(
         "prodigy-plus-sf",

@@ -1,4 +1,5 @@
-"""Orbax checkpoints of optax Schedule-Free runs: x equals optax's own schedule_free_eval_params.
+"""Orbax checkpoints of optax Schedule-Free runs: x equals optax's own schedule_free_eval_params
+(and rollfast's, for its Schedule-Free wrapper).
 
 The fixtures in fixtures/orbax/ were trained with the real optax 0.2.8 and saved with the real
 Orbax by fixtures/make_orbax_fixtures.py (JAX on CPU); each holds the x optax computed. JAX is
@@ -24,7 +25,8 @@ from conftest import FIXTURES
 
 ORBAX = FIXTURES / "orbax"
 # case -> the folder a user passes
-CASES = {"fp32": "ckpt", "bf16": "ckpt", "manager-fp32": "run/5", "legacy-bf16": "ckpt", "zarr3-fp32": "ckpt"}
+CASES = {"fp32": "ckpt", "bf16": "ckpt", "manager-fp32": "run/5", "legacy-bf16": "ckpt", "zarr3-fp32": "ckpt",
+         "rollfast-fp32": "ckpt", "rollfast-bf16": "ckpt"}
 FROZEN, STATS = "params/embed/table", "batch_stats/block.norm/mean"
 
 
