@@ -345,7 +345,9 @@ def reconstruct(
 
     def decide(weights):
         return mapping.decide(
-            [mapping.OptimizerEntries(key, entries, fam.z_key, not fam.x_in_float32) for key, fam, _, _, entries in found],
+            # z may differ in dtype where eval() converts it (heavyball's float32 lerp, JAX's promotion)
+            [mapping.OptimizerEntries(key, entries, fam.z_key, not (fam.x_in_float32 or fam.beta_dtype_key))
+             for key, fam, _, _, entries in found],
             weights,
             param_order=param_order,
             model_order=ckpt.model_order if param_order is None else None,

@@ -26,7 +26,7 @@ from conftest import FIXTURES
 ORBAX = FIXTURES / "orbax"
 # case -> the folder a user passes
 CASES = {"fp32": "ckpt", "bf16": "ckpt", "manager-fp32": "run/5", "legacy-bf16": "ckpt", "zarr3-fp32": "ckpt",
-         "rollfast-fp32": "ckpt", "rollfast-bf16": "ckpt"}
+         "rollfast-fp32": "ckpt", "rollfast-bf16": "ckpt", "state-dtype-bf16": "ckpt"}
 FROZEN, STATS = "params/embed/table", "batch_stats/block.norm/mean"
 
 
@@ -248,3 +248,12 @@ def test_regenerated_fixtures_convert_exactly(run, tmp_path):
         result = run("convert", tmp_path / case / folder, out)
         assert result.exit_code == 0, result.stderr
         assert_bits_equal(load_file(out), reference(tmp_path / case))
+
+
+def test_optimizer_state_without_its_parameters_is_refused(run, tmp_path):
+    ckpt = copy_case(tmp_path)
+    meta = json.loads((ckpt / "_METADATA").read_text())
+    meta["tree_metadata"] = {k: v for k, v in meta["tree_metadata"].items() if not k.startswith("('params'")}
+    (ckpt / "_METADATA").write_text(json.dumps(meta))
+    result = run("convert", ckpt, tmp_path / "x.safetensors")
+    assert result.exit_code == 2 and "match no parameters saved beside it" in result.stderr
