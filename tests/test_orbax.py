@@ -228,15 +228,14 @@ def test_orbax_tree_without_schedule_free_state_is_refused(run, tmp_path):
 def _jax_python() -> str | None:
     if os.environ.get("SFCKPT_JAX_PYTHON"):
         return os.environ["SFCKPT_JAX_PYTHON"]
-    try:
-        import jax, optax, orbax.checkpoint  # noqa: F401, E401
-    except ImportError:
-        return None
-    return sys.executable
+    import importlib.util
+
+    found = all(importlib.util.find_spec(m) is not None for m in ("jax", "optax", "orbax", "rollfast"))
+    return sys.executable if found else None
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_jax_python() is None, reason="needs jax, optax and orbax-checkpoint (or SFCKPT_JAX_PYTHON)")
+@pytest.mark.skipif(_jax_python() is None, reason="needs jax, optax, orbax-checkpoint and rollfast (or SFCKPT_JAX_PYTHON)")
 def test_regenerated_fixtures_convert_exactly(run, tmp_path):
     script = FIXTURES / "make_orbax_fixtures.py"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

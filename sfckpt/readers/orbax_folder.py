@@ -40,12 +40,12 @@ EXTRA_HINT = "install the extra: pip install 'sfckpt[jax]' (tensorstore and ml_d
 _DTYPES = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint64", "uint32",
            "uint16", "uint8", "bool", "complex64"}
 
-Path_ = tuple[str, ...]
+KeyPath = tuple[str, ...]
 
 
 @dataclass
 class Leaf:
-    path: Path_
+    path: KeyPath
     dtype: str
     shape: tuple[int, ...]
     store: Any  # an open tensorstore
@@ -81,7 +81,7 @@ def load_object(path: Path) -> tuple[dict[str, Any], list[str]]:
     meta = inputs.read_json(folder / METADATA, "Orbax _METADATA")
     tree = _tree(meta, folder)
     leaves = _open_arrays(folder, meta, tree)
-    states = _schedule_free_states(leaves, tree)
+    states = _schedule_free_states(leaves)
     if not states:
         raise InputError(f"{path}: an Orbax checkpoint without an optax Schedule-Free state (no node with 'b1' and 'z')",
                          "x needs the optimizer's z: save the optimizer state with the parameters "
@@ -99,7 +99,7 @@ def load_object(path: Path) -> tuple[dict[str, Any], list[str]]:
     return {"model": weights, "optimizer": {"state": state, "param_groups": groups}}, notes
 
 
-def _tree(meta: Any, folder: Path) -> dict[Path_, dict]:
+def _tree(meta: Any, folder: Path) -> dict[KeyPath, dict]:
     """Leaf path -> value metadata, from `_METADATA`'s tree_metadata."""
     entries = meta.get("tree_metadata") if isinstance(meta, dict) else None
     if not isinstance(entries, dict):
@@ -123,14 +123,14 @@ def _tree(meta: Any, folder: Path) -> dict[Path_, dict]:
     return tree
 
 
-def _open_arrays(folder: Path, meta: dict, tree: dict[Path_, dict]) -> dict[Path_, Leaf]:
+def _open_arrays(folder: Path, meta: dict, tree: dict[KeyPath, dict]) -> dict[KeyPath, Leaf]:
     """Every array leaf, opened (metadata only) and checked against its size limit."""
     ts = _tensorstore()
     ocdbt = meta.get("use_ocdbt", True)
     driver = "zarr3" if meta.get("use_zarr3") else "zarr"
     context = ts.Context({"cache_pool": {"total_bytes_limit": 0}, "data_copy_concurrency": {"limit": 1},
                           "file_io_concurrency": {"limit": 1}})
-    keys: dict[str, Path_] = {}
+    keys: dict[str, KeyPath] = {}
     pending = []
     for path, value in tree.items():
         if value.get("skip_deserialize") or value.get("value_type") not in ARRAY_TYPES:
@@ -155,7 +155,7 @@ def _open_arrays(folder: Path, meta: dict, tree: dict[Path_, dict]) -> dict[Path
     return leaves
 
 
-def _checked(folder: Path, path: Path_, store: Any) -> Leaf:
+def _checked(folder: Path, path: KeyPath, store: Any) -> Leaf:
     dtype, shape = store.dtype.name, tuple(int(n) for n in store.domain.shape)
     if dtype not in _DTYPES:
         raise InputError(f"{folder}: array {_name(path)} has dtype {dtype}, which safetensors cannot hold",
@@ -174,7 +174,7 @@ def _tensorstore():
     return tensorstore
 
 
-def _name(path: Path_) -> str:
+def _name(path: KeyPath) -> str:
     return "/".join(path)
 
 
@@ -201,7 +201,7 @@ def _scalar(leaf: Leaf) -> float:
     return float(leaf.store.read().result().astype("float64"))
 
 
-def _schedule_free_states(leaves: dict[Path_, Leaf], tree: dict[Path_, dict]) -> list[Path_]:
+def _schedule_free_states(leaves: dict[KeyPath, Leaf]) -> list[KeyPath]:
     """Paths of the nodes that hold a scalar `b1` and a subtree `z` of arrays: optax's ScheduleFreeState."""
     found = []
     for path, leaf in leaves.items():
@@ -213,13 +213,13 @@ def _schedule_free_states(leaves: dict[Path_, Leaf], tree: dict[Path_, dict]) ->
     return found
 
 
-def _z_leaves(where: Path_, leaves: dict[Path_, Leaf]) -> dict[Path_, Leaf]:
+def _z_leaves(where: KeyPath, leaves: dict[KeyPath, Leaf]) -> dict[KeyPath, Leaf]:
     """z's array leaves by their path relative to z."""
     z = where + ("z",)
     return {p[len(z):]: leaf for p, leaf in leaves.items() if p[:len(z)] == z}
 
 
-def _parameter_tree(where: Path_, leaves: dict[Path_, Leaf]) -> tuple[Path_, Path_]:
+def _parameter_tree(where: KeyPath, leaves: dict[KeyPath, Leaf]) -> tuple[KeyPath, KeyPath]:
     """(where the parameters z mirrors are, the root of the optimizer state holding `where`)."""
     z = _z_leaves(where, leaves)
     first = next(iter(z))
@@ -244,7 +244,7 @@ def _parameter_tree(where: Path_, leaves: dict[Path_, Leaf]) -> tuple[Path_, Pat
     return best[0], where[:nearest + 1]
 
 
-def _group(where: Path_, params_at: Path_, leaves: dict[Path_, Leaf], state: dict) -> dict[str, Any]:
+def _group(where: KeyPath, params_at: KeyPath, leaves: dict[KeyPath, Leaf], state: dict) -> dict[str, Any]:
     """One parameter group for the Schedule-Free state at `where`, its z entries added to `state`."""
     b1 = leaves[where + ("b1",)]
     group: dict[str, Any] = {"params": [], "param_names": [], "b1": _scalar(b1), "b1_dtype": b1.dtype,
