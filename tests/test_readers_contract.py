@@ -178,3 +178,25 @@ def test_a_damaged_save_is_refused_in_one_line(case, built, tmp_path, run):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "internal error" not in lines[0], result.stderr
     assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_load_enters_each_reader_at_most_once(case, built, monkeypatch):
+    calls: list[tuple[str, str]] = []
+
+    class Counting(Reader):
+        def __init__(self, inner: Reader):
+            self.inner, self.name = inner, inner.name
+
+        def recognise(self, path, kind):
+            calls.append((self.name, "recognise"))
+            return self.inner.recognise(path, kind)
+
+        def open(self, path, request):
+            calls.append((self.name, "open"))
+            return self.inner.open(path, request)
+
+    monkeypatch.setattr(registry, "READERS", tuple(Counting(r) for r in registry.READERS))
+    load(built[case])
+    assert len(calls) == len(set(calls))
+    assert [name for name, what in calls if what == "open"] == [CASES[case][1]]
