@@ -24,6 +24,7 @@ from ..errors import InputError
 from ..inputs import confined
 from ..tensors import TensorRef
 from . import load_torch
+from .base import LoadRequest, Opened, Reader
 from .deepspeed_folder import MODEL_FILE, _KNOWN_OBJECTS, _shape
 
 ZERO = "zero"
@@ -117,3 +118,20 @@ def _weights(model: Mapping, module: Mapping, trained: dict[str, TensorRef]) -> 
         elif isinstance(module.get(name), TensorRef):
             weights[name] = module[name]
     return weights
+
+
+class DeepSpeedUniversalReader(Reader):
+    """A folder written by DeepSpeed's `ds_to_universal.py`."""
+
+    name = "deepspeed-universal"
+
+    def recognise(self, path: Path, kind: str) -> bool:
+        return kind == "folder" and is_universal_folder(path)
+
+    def open(self, path: Path, request: LoadRequest) -> Opened:
+        obj, unloaded, notes, dtype = load_object(path)
+        return Opened(obj, unloaded, self.name, notes=notes, default_dtype=dtype if dtype != "float32" else None)
+
+    def save_complete(self, path: Path) -> bool:
+        # The converter copies the model states file last, after every zero/<name>/ folder.
+        return is_universal_folder(path) and (path / MODEL_FILE).is_file()

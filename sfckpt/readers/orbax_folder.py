@@ -32,6 +32,7 @@ from .. import inputs, limits
 from ..errors import InputError
 from ..layout import check_text
 from ..tensors import TensorRef
+from .base import LoadRequest, Opened, Reader
 
 METADATA = "_METADATA"
 STEP_METADATA = "_CHECKPOINT_METADATA"
@@ -273,3 +274,20 @@ def _untrained_subtrees(weights: dict[str, TensorRef], groups: list[dict]) -> li
         if head not in out and not any(t.startswith(head + "/") for t in trained):
             out.append(head)
     return out
+
+
+class OrbaxReader(Reader):
+    """An Orbax item folder or `CheckpointManager` step folder holding an optax Schedule-Free state."""
+
+    name = "orbax"
+
+    def recognise(self, path: Path, kind: str) -> bool:
+        return kind == "folder" and is_orbax_folder(path)
+
+    def open(self, path: Path, request: LoadRequest) -> Opened:
+        obj, notes = load_object(path)
+        return Opened(obj, [], self.name, notes=notes)
+
+    def save_complete(self, path: Path) -> bool:
+        # Orbax writes into `<name>.orbax-checkpoint-tmp-*` and renames the folder when the save is finalised.
+        return ".orbax-checkpoint-tmp" not in path.name and is_orbax_folder(path)
