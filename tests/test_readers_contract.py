@@ -176,8 +176,8 @@ def _optimizer_file(path: Path) -> Path:
     if path.is_file():
         return path
     files = [f for f in path.rglob("*") if f.is_file() and ("optim" in f.name or f.suffix == ".distcp")]
-    # Orbax keeps every array in hashed OCDBT data files (d/<hash>): the largest holds z's bytes too
-    files = files or [f for f in path.rglob("*") if f.is_file() and f.parent.name == "d"]
+    # Orbax keeps its arrays in the OCDBT data files the root manifest reads (d/<hash>), z's among them
+    files = files or [f for f in path.glob("d/*") if f.is_file()]
     return max(files, key=lambda f: f.stat().st_size)
 
 
