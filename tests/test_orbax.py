@@ -256,3 +256,21 @@ def test_optimizer_state_without_its_parameters_is_refused(run, tmp_path):
     (ckpt / "_METADATA").write_text(json.dumps(meta))
     result = run("convert", ckpt, tmp_path / "x.safetensors")
     assert result.exit_code == 2 and "match no parameters saved beside it" in result.stderr
+
+
+def test_single_ocdbt_database_without_process_folders_converts(run, tmp_path):
+    """The layout of Orbax saves before per-process databases: one OCDBT database at the folder's root."""
+    import tensorstore as ts
+
+    source, ckpt = ORBAX / "bf16" / "ckpt", tmp_path / "ckpt"
+    ckpt.mkdir()
+    for name in ("_METADATA", "_CHECKPOINT_METADATA", "_sharding"):
+        shutil.copy(source / name, ckpt / name)
+    old, new = (ts.KvStore.open({"driver": "ocdbt", "base": {"driver": "file", "path": f"{p}/"}}).result()
+                for p in (source, ckpt))
+    for key in old.list().result():
+        new.write(key, old.read(key).result().value).result()
+    assert not list(ckpt.glob("ocdbt.process_*"))
+    out = tmp_path / "x.safetensors"
+    assert run("convert", ckpt, out).exit_code == 0
+    assert_bits_equal(load_file(out), reference(ORBAX / "bf16"))

@@ -256,6 +256,9 @@ def _group(where: KeyPath, params_at: KeyPath, leaves: dict[KeyPath, Leaf], stat
             value = _scalar(leaf)
             group[field] = int(value) if field == "step_count" else value
     for rel, leaf in _z_leaves(where, leaves).items():
+        if not leaf.dtype.startswith(("float", "bfloat")):
+            raise InputError(f"z leaf {_name(where + ('z',) + rel)} is {leaf.dtype}, not a floating dtype",
+                             "the checkpoint is damaged, or this is not a Schedule-Free state")
         index = len(state)
         state[index] = {"z": _ref(leaf)}
         group["params"].append(index)
