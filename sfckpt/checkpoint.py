@@ -16,6 +16,7 @@ from .readers import peft_adapter
 from .readers.peft_adapter import is_adapter_checkpoint, load_object as load_adapter_checkpoint
 from .readers.peft_adapter import parameter_order as adapter_parameter_order
 from .readers.deepspeed_folder import DeepSpeedFolder, is_deepspeed_folder
+from .readers import keras_file
 from .tensors import TensorRef
 
 
@@ -56,6 +57,7 @@ class Checkpoint:
     strip_prefix: str | None = None  # removed from weight names, and so from saved parameter names
     release_note: str | None = None  # what the release folder lacks to load (said again when it is written)
     root: inputs.Root | None = None  # where its files may lie, fixed when it was loaded (side files are read from it)
+    accumulated: list[str] = field(default_factory=list)  # statistics gathered at y by name (Keras BatchNorm)
 
 
 def load(
@@ -153,6 +155,12 @@ def _load(path: Path, model_key: str | None, optimizer_key: str | None, strip_pr
     elif kind == "torch":
         obj, unloaded = load_torch(path)
         container = None
+    elif kind in keras_file.KINDS:
+        opened = keras_file.open_checkpoint(path, kind)
+        obj, unloaded, container = opened.obj, [], opened.container
+        model_order, order_source = opened.model_order, "Keras' layer order (trainable variables first in each layer)"
+        group_domains = [set(opened.model_order)] if opened.order_is_rule else None
+        extra = {"notes": opened.notes, "accumulated": opened.accumulated}
     elif kind == "folder":
         raise InputError(
             f"{path}: a folder without optimizer state (no optimizer.pt as Hugging Face Trainer saves it, "
