@@ -66,6 +66,7 @@ def write(recon: Reconstruction, out: Path, produce: Callable, force: bool,
 def _write_h5(h5py, fileobj, opened: keras_file.Opened, by_name, produce, progress) -> None:
     """The input's HDF5 tree without the optimizer, each variable holding x."""
     import numpy as np
+    import torch
 
     tree = opened.tree
     with h5py.File(fileobj, "w", track_order=False) as h5:
@@ -80,7 +81,7 @@ def _write_h5(h5py, fileobj, opened: keras_file.Opened, by_name, produce, progre
                 continue
             item = by_name[path]
             x = produce(writer.Spec(item.name, item.dtype, item.shape)).contiguous()
-            raw = x.view(-1).view(__import__("torch").uint8).numpy() if x.numel() else np.empty(0, np.uint8)
+            raw = x.view(-1).view(torch.uint8).numpy() if x.numel() else np.empty(0, np.uint8)
             if item.dtype == "bfloat16":
                 data = raw.view(d.h5dtype if d.dtype == "bfloat16" else np.dtype("V2")).reshape(item.shape)
                 h5.create_dataset(path, data=data).attrs["dtype"] = "bfloat16"

@@ -207,6 +207,7 @@ def test_keras_file_named_pt_is_read_as_keras(tmp_path, run):
     assert run("convert", tmp_path / "renamed.pt", tmp_path / "x.safetensors").exit_code == 0
 
 
+@pytest.mark.slow
 def test_reading_never_imports_keras(tmp_path):
     train(tmp_path)
     code = (

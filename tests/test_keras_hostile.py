@@ -124,3 +124,14 @@ def test_truncated_weights_file_is_refused(saved, tmp_path, run):
     data = (saved / "model.weights.h5").read_bytes()
     (tmp_path / "cut.weights.h5").write_bytes(data[: len(data) // 2])
     refused(run, tmp_path / "cut.weights.h5", tmp_path, ["cut.weights.h5"], "--beta", "0.9")
+
+
+def test_zip_member_count_is_bounded(saved, tmp_path, run, monkeypatch):
+    bad = repack(saved / "model.keras", tmp_path / "bad.keras", extra=[("assets/a", b"x")])
+    monkeypatch.setenv("SFCKPT_MAX_ZIP_MEMBERS", "3")
+    refused(run, bad, tmp_path, ["SFCKPT_MAX_ZIP_MEMBERS"])
+
+
+def test_hdf5_object_count_is_bounded(saved, tmp_path, run, monkeypatch):
+    monkeypatch.setenv("SFCKPT_MAX_H5_OBJECTS", "5")
+    refused(run, saved / "model.keras", tmp_path, ["SFCKPT_MAX_H5_OBJECTS"])

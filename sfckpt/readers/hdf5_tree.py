@@ -143,6 +143,9 @@ def _walk(h5py, group, prefix: str, tree: Tree, file: InputFile, start: int, siz
             raise OBJECTS.exceeded(f"{where}: more than {OBJECTS.value} HDF5 objects")
         if isinstance(obj, h5py.Dataset):
             tree.datasets[path] = _dataset(h5py, obj, path, file, start, size, where)
+        elif not isinstance(obj, h5py.Group):
+            raise InputError(f"{where}: '{path[:200]}' is a {type(obj).__name__}, which Keras never writes",
+                             "the file is damaged or crafted")
         else:
             tree.groups[path] = _attrs(obj, where)
             tree.written[path] = key

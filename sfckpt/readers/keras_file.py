@@ -15,6 +15,7 @@ name each variable exactly where `model.load_weights` looks for it.
 """
 from __future__ import annotations
 
+import re
 import struct
 import zipfile
 from dataclasses import dataclass, field
@@ -304,8 +305,6 @@ def _prefix_fits(items: list[Dataset], k: int, trained: list[tuple[int, ...]], e
 
 def _natural(text: str) -> list:
     """Numbers in paths compared as numbers (vars/10 after vars/9)."""
-    import re
-
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
@@ -353,6 +352,10 @@ def _optimizer_state(path: Path, tree: Tree, opt_cfg: Mapping | None) -> tuple[d
 def _check_optimizer_config(path: Path, opt_cfg: Mapping, group: dict[str, Any]) -> tuple[bool, int]:
     """Refuse optimizers that are not ScheduleFreeAdamW or whose variables do not hold y; fill the group."""
     cls = opt_cfg.get("class_name")
+    inner = opt_cfg.get("config", {}).get("inner_optimizer") if isinstance(opt_cfg.get("config"), dict) else None
+    if cls == "LossScaleOptimizer" and isinstance(inner, dict) and inner.get("class_name") == SF_CLASS:
+        raise InputError(f"{path}: {SF_CLASS} is wrapped in a LossScaleOptimizer (mixed_float16), whose variables "
+                         "sfckpt does not read yet", "train with mixed_bfloat16 (no loss scaling) to convert with sfckpt")
     if cls != SF_CLASS:
         raise InputError(f"{path}: the model was compiled with the Keras optimizer {excerpt(cls)}, not {SF_CLASS}, "
                          "so there is no Schedule-Free x to reconstruct", "its variables already are the trained weights")
