@@ -106,6 +106,24 @@ def test_keras_gradient_accumulation_layout(tmp_path, run):
     assert_x(tmp_path / "x.safetensors", tmp_path / "expected.weights.h5")
 
 
+def test_nested_model_bit_for_bit(tmp_path, run):
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential([keras.layers.Dense(6, name="in1"), keras.layers.BatchNormalization(name="ibn")], name="sub")
+    inputs = keras.Input((8,))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(keras.layers.Dense(5, name="mid")(inner(inputs))))
+    model.get_layer("mid").trainable = False
+    model.compile(optimizer=keras.optimizers.ScheduleFreeAdamW(learning_rate=0.01), loss="mse")
+    rng = np.random.default_rng(0)
+    model.fit(rng.random((32, 8), dtype=np.float32), rng.random((32, 3), dtype=np.float32), batch_size=8, verbose=0)
+    model.save(tmp_path / "model.keras")
+    for v in model.trainable_variables:
+        v.assign(keras_x(model.optimizer, v))
+    model.save_weights(tmp_path / "expected.weights.h5")
+    result = run("convert", tmp_path / "model.keras", tmp_path / "x.safetensors")
+    assert result.exit_code == 0, result.stderr
+    assert_x(tmp_path / "x.safetensors", tmp_path / "expected.weights.h5")
+
+
 def test_weights_h5_needs_beta(tmp_path, run):
     train(tmp_path, bn=False)
     result = run("convert", tmp_path / "model.weights.h5", tmp_path / "x.safetensors")

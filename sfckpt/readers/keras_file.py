@@ -249,7 +249,15 @@ def _layer_variables(tree: Tree, model_cfg: Mapping | None,
     weights: dict[str, TensorRef] = {}
     accumulated: list[str] = []
     spans: list[tuple[list[Dataset], int]] = []  # per layer: its variables, and how many of them may be trained
-    for group in sorted(by_group, key=lambda g: (rank.get(owner_of(g), len(rank)), tree.written.get(g, 0), _natural(g))):
+    def place(group: str) -> tuple:
+        # A layer's inner layers (attention projections, RNN cells) are not in the config: they follow
+        # the nearest enclosing layer that is, in the order Keras wrote them
+        anchor = group
+        while anchor and owner_of(anchor) not in rank:
+            anchor = anchor.rsplit("/", 1)[0] if "/" in anchor else ""
+        return rank.get(owner_of(anchor), len(rank)), tree.written.get(group, 0), _natural(group)
+
+    for group in sorted(by_group, key=place):
         trainable, cls = layers.get(owner_of(group), (True, ""))
         items = sorted(by_group[group], key=lambda d: _natural(d.path))
         stats = len(BN_STATS) if cls == "BatchNormalization" else 0
