@@ -219,6 +219,34 @@ def test_optimizer_that_is_not_schedule_free_is_refused(tmp_path, run):
     assert result.exit_code == 2 and "'Adam'" in result.stderr and "not ScheduleFreeAdamW" in result.stderr
 
 
+def test_use_ema_is_refused(tmp_path, run):
+    train(tmp_path, use_ema=True)
+    result = run("convert", tmp_path / "model.keras", tmp_path / "x.safetensors")
+    assert result.exit_code == 2 and "use_ema=True" in result.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_loss_scale_optimizer_is_refused_by_name(tmp_path, run):
+    keras.utils.set_random_seed(0)
+    model = build(bn=False)
+    model.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.ScheduleFreeAdamW()), loss="mse")
+    model.fit(np.ones((16, 8), np.float32), np.ones((16, 3), np.float32), verbose=0)
+    model.save(tmp_path / "scaled.keras")
+    result = run("convert", tmp_path / "scaled.keras", tmp_path / "x.safetensors")
+    assert result.exit_code == 2 and "LossScaleOptimizer" in result.stderr
+
+
+def test_save_complete_only_for_a_whole_file(tmp_path):
+    from sfckpt.readers import keras_file
+
+    train(tmp_path)
+    assert keras_file.save_complete(tmp_path / "model.keras")
+    assert keras_file.save_complete(tmp_path / "model.weights.h5")
+    data = (tmp_path / "model.keras").read_bytes()
+    (tmp_path / "partial.keras").write_bytes(data[: len(data) - 200])
+    assert not keras_file.save_complete(tmp_path / "partial.keras")
+
+
 def test_keras_file_named_pt_is_read_as_keras(tmp_path, run):
     train(tmp_path)
     (tmp_path / "model.keras").rename(tmp_path / "renamed.pt")

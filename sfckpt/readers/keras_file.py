@@ -96,6 +96,27 @@ def open_checkpoint(path: Path, kind: str) -> Opened:
                   order, accumulated, notes, config, metadata, tree, only_way)
 
 
+def recognise(path: Path, kind: str) -> bool:
+    """Whether `readers.sniff` classed `path` as one of Keras' files."""
+    return kind in KINDS
+
+
+def save_complete(path: Path) -> bool:
+    """Whether Keras has finished saving `path` (for `sfckpt watch`): the zip's directory, every shard and
+    the HDF5 superblock read back whole. Keras writes a `.keras` file's zip directory last."""
+    from . import sniff
+
+    try:
+        with inputs.scope(path):
+            kind = sniff(path)
+            if kind not in KINDS:
+                return False
+            read_weights(path, kind)
+    except InputError:
+        return False
+    return True
+
+
 def read_weights(path: Path, kind: str) -> dict[str, TensorRef]:
     """The layer variables of a Keras file (a `.keras` or `.weights.h5` release, say), without the optimizer's."""
     if kind == "keras":
