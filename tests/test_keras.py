@@ -138,6 +138,14 @@ def test_weights_h5_with_beta_bit_for_bit(tmp_path, run):
     assert_x(tmp_path / "x.safetensors", tmp_path / "expected.weights.h5")
 
 
+def test_weights_h5_with_batchnorm_after_a_same_shaped_bias_is_refused_not_guessed(tmp_path, run):
+    # Without config.json, Dense(16)'s bias could be frozen and BatchNorm's moving_mean trained: two cuts fit
+    train(tmp_path)
+    result = run("convert", tmp_path / "model.weights.h5", tmp_path / "x.safetensors", "--beta", "0.9")
+    assert result.exit_code == 2 and "--param-order" in result.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_sharded_weights_json_bit_for_bit(tmp_path, run):
     model = train(tmp_path, bn=False)
     model_y = build(bn=False)

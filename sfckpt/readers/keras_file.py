@@ -298,38 +298,32 @@ def _prefix_order(spans: list[tuple[list[Dataset], int]], trained: list[tuple[in
     A layer saves its trainable variables first (`Layer.save_own_variables`: trainable, then
     non-trainable), and `model.trainable_variables` lists layer after layer: so the entries are a
     prefix of each layer's variables in turn. Each way of cutting the entries' shapes into such
-    prefixes is counted; only a single one is used (content then checks every pair)."""
-    memo: dict[tuple[int, int], int] = {}
+    prefixes is counted (up to two, over the entry positions reachable at each layer); only a single
+    one is used, and content then checks every pair."""
+    def cuts(layer: int, entry: int) -> list[int]:
+        items, most = spans[layer]
+        k, out = 0, [0]
+        while k < most and entry + k < len(trained) and items[k].ref.is_float and items[k].shape == trained[entry + k]:
+            k += 1
+            out.append(k)
+        return out
 
-    def ways(layer: int, entry: int) -> int:
-        if layer == len(spans):
-            return int(entry == len(trained))
-        if (layer, entry) not in memo:
-            items, most = spans[layer]
-            total, k = ways(layer + 1, entry), 0
-            while k < most and entry + k < len(trained) and items[k].ref.is_float \
-                    and items[k].shape == trained[entry + k] and total < 2:
-                k += 1
-                total += ways(layer + 1, entry + k)
-            memo[layer, entry] = min(total, 2)
-        return memo[layer, entry]
-
-    if ways(0, 0) != 1:
+    reach = [{0}]
+    for layer in range(len(spans)):
+        reach.append({entry + k for entry in reach[-1] for k in cuts(layer, entry)})
+    ways = [dict.fromkeys(r, 0) for r in reach]
+    ways[-1] = {entry: int(entry == len(trained)) for entry in reach[-1]}
+    for layer in reversed(range(len(spans))):
+        for entry in reach[layer]:
+            ways[layer][entry] = min(2, sum(ways[layer + 1][entry + k] for k in cuts(layer, entry)))
+    if ways[0][0] != 1:
         return None
     order, entry = [], 0
-    for layer, (items, most) in enumerate(spans):
-        k = 0  # the one cut of this layer that leaves a way for the rest
-        while not (_prefix_fits(items[:most], k, trained, entry) and ways(layer + 1, entry + k) == 1):
-            k += 1
+    for layer, (items, _) in enumerate(spans):
+        k = next(k for k in cuts(layer, entry) if ways[layer + 1][entry + k] == 1)  # the one cut leaving a way on
         order += [d.path for d in items[:k]]
         entry += k
     return order
-
-
-def _prefix_fits(items: list[Dataset], k: int, trained: list[tuple[int, ...]], entry: int) -> bool:
-    """Whether the first k variables can be the trained entries from `entry` on."""
-    return k <= len(items) and entry + k <= len(trained) and \
-        all(items[i].ref.is_float and items[i].shape == trained[entry + i] for i in range(k))
 
 
 def _natural(text: str) -> list:
