@@ -44,6 +44,10 @@ def write(recon: Reconstruction, out: Path, produce: Callable, force: bool,
         raise OutputError(f"{out}: {ckpt.path.name} is a save_weights file, without the model config a .keras "
                           "archive needs", f"write {out.name.removesuffix('.keras')}.weights.h5 and load it with "
                           "model.load_weights")
+    if out.name.endswith(".keras") and opened.other_members:
+        raise OutputError(f"{out}: {ckpt.path.name} also holds {', '.join(opened.other_members[:3])} (a layer's assets), "
+                          "which sfckpt does not copy into an archive", f"write {out.name.removesuffix('.keras')}"
+                          ".weights.h5 and load it with model.load_weights into the model built from the original")
     by_name = {t.name: t for t in recon.tensors}
     h5py = need_h5py()
     with writer.atomic_path(out, force) as tmp:

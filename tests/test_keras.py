@@ -282,3 +282,15 @@ def test_missing_h5py_names_the_extra(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: reading Keras files needs h5py, which is not installed; "
                                                   "pip install 'sfckpt[keras]'"]
+
+
+def test_keras_output_refuses_an_archive_with_assets(tmp_path, run):
+    train(tmp_path)
+    with zipfile.ZipFile(tmp_path / "model.keras") as src, zipfile.ZipFile(tmp_path / "assets.keras", "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, src.read(info.filename))
+        dst.writestr("assets/layer/vocab.txt", b"a\nb\n")
+    result = run("convert", tmp_path / "assets.keras", tmp_path / "out.keras")
+    assert result.exit_code == 2 and "assets/layer/vocab.txt" in result.stderr and ".weights.h5" in result.stderr
+    assert not (tmp_path / "out.keras").exists()
+    assert run("convert", tmp_path / "assets.keras", tmp_path / "out.weights.h5").exit_code == 0

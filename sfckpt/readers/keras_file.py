@@ -52,6 +52,7 @@ class Opened:
     metadata: bytes | None = None
     tree: Tree | None = None
     order_is_rule: bool = False  # model_order is the one cut Keras' saving rule allows: the mapping's domain
+    other_members: list[str] = field(default_factory=list)  # what else the archive holds (assets/)
 
 
 def sniff_zip(file: inputs.InputFile) -> str | None:
@@ -78,8 +79,9 @@ def sniff_file(path: Path, head: bytes) -> str | None:
 def open_checkpoint(path: Path, kind: str) -> Opened:
     """A Keras checkpoint as weights + optimizer state (nothing of its tensors read but the step count)."""
     config = metadata = None
+    others: list[str] = []
     if kind == "keras":
-        tree, config, metadata = _open_archive(path)
+        tree, config, metadata, others = _open_archive(path)
     elif kind == "keras-sharded":
         tree = _open_sharded(path)
     else:
@@ -93,7 +95,7 @@ def open_checkpoint(path: Path, kind: str) -> Opened:
         raise InputError(f"{path}: no layer variables found (no layers/<name>/vars/<i> in the HDF5 tree)",
                          "pass a Keras model saved with model.save() or model.save_weights()")
     return Opened({"model": weights, "optimizer": optimizer}, "keras" if kind == "keras" else "keras-weights",
-                  order, accumulated, notes, config, metadata, tree, only_way)
+                  order, accumulated, notes, config, metadata, tree, only_way, others)
 
 
 def recognise(path: Path, kind: str) -> bool:
@@ -129,8 +131,9 @@ def read_weights(path: Path, kind: str) -> dict[str, TensorRef]:
     return {p: d.ref for p, d in tree.datasets.items() if not p.startswith("optimizer/")}
 
 
-def _open_archive(path: Path) -> tuple[Tree, bytes, bytes | None]:
-    """The HDF5 tree of a `.keras` zip's weights member (read in place) and its config and metadata bytes."""
+def _open_archive(path: Path) -> tuple[Tree, bytes, bytes | None, list[str]]:
+    """The HDF5 tree of a `.keras` zip's weights member (read in place), its config and metadata bytes,
+    and the names of its other members."""
     file = inputs.open_input(path)
     try:
         zf = zipfile.ZipFile(file.fileobj())
@@ -153,7 +156,8 @@ def _open_archive(path: Path) -> tuple[Tree, bytes, bytes | None]:
         config = _member_bytes(zf, members, CONFIG_NAME, path)
         metadata = _member_bytes(zf, members, METADATA_NAME, path) if METADATA_NAME in members else None
         start, size = _stored_member(file, members[WEIGHTS_NAME], path)
-    return read_tree(file, start, size, f"{path}:{WEIGHTS_NAME}"), config, metadata
+    others = sorted(set(members) - {CONFIG_NAME, METADATA_NAME, WEIGHTS_NAME})
+    return read_tree(file, start, size, f"{path}:{WEIGHTS_NAME}"), config, metadata, others
 
 
 def _member_bytes(zf: zipfile.ZipFile, members: Mapping[str, zipfile.ZipInfo], name: str, path: Path) -> bytes:
