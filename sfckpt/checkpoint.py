@@ -73,7 +73,8 @@ def load(
         path: a `torch.save` file (plain dict or Lightning `.ckpt`), or a folder: Hugging Face
             Trainer `checkpoint-N/` (also with DeepSpeed, FSDP or a PEFT adapter), Accelerate
             `save_state` (also FSDP), DeepSpeed, Lightning FSDP `NAME.ckpt/`, or any
-            torch.distributed.checkpoint folder (docs/containers.md).
+            torch.distributed.checkpoint folder; or a Keras 3 `.keras`, `.weights.h5` or
+            `.weights.json` file (docs/containers.md).
         model_key / optimizer_key: which entries hold the weights and the
             optimizer state, when the defaults pick the wrong ones.
         strip_prefix: remove this prefix from weight names (e.g. ``model.``).
