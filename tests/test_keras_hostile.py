@@ -135,3 +135,13 @@ def test_zip_member_count_is_bounded(saved, tmp_path, run, monkeypatch):
 def test_hdf5_object_count_is_bounded(saved, tmp_path, run, monkeypatch):
     monkeypatch.setenv("SFCKPT_MAX_H5_OBJECTS", "5")
     refused(run, saved / "model.keras", tmp_path, ["SFCKPT_MAX_H5_OBJECTS"])
+
+
+def test_optimizer_variables_that_do_not_fit_the_config_are_refused(saved, tmp_path, run):
+    with zipfile.ZipFile(saved / "model.keras") as zf:
+        (tmp_path / "inner.h5").write_bytes(zf.read("model.weights.h5"))
+    with h5py.File(tmp_path / "inner.h5", "a") as f:
+        del f["optimizer/vars/1"]
+        f["optimizer/vars/1"] = np.zeros(3, np.float32)
+    bad = repack(saved / "model.keras", tmp_path / "bad.keras", {"model.weights.h5": (tmp_path / "inner.h5").read_bytes()})
+    refused(run, bad, tmp_path, ["optimizer/vars/1", "learning rate"])

@@ -363,6 +363,9 @@ def _optimizer_state(path: Path, tree: Tree, opt_cfg: Mapping | None) -> tuple[d
         raise InputError(f"{path}: optimizer/vars/0 is not the iteration counter", "the file is damaged")
     group["iterations"] = int(iterations.ref.load())
     if has_lr:
+        if variables[1].shape != () or not variables[1].ref.is_float:
+            raise InputError(f"{path}: optimizer/vars/1 is not the learning rate the optimizer config says it is",
+                             "the optimizer config does not match its variables; the file is damaged")
         group["lr"] = float(variables[1].ref.load())
     state: dict[int, dict[str, TensorRef]] = {}
     for k in range(count // width):
