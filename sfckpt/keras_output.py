@@ -35,11 +35,12 @@ def write(recon: Reconstruction, out: Path, produce: Callable, force: bool,
           progress: Callable[[int], None] | None = None) -> Path:
     """Write x to `out` (`.weights.h5` or `.keras`), atomically; `produce(spec)` gives each tensor's x."""
     ckpt = recon.checkpoint
-    if ckpt.container not in ("keras", "keras-weights") or ckpt.strip_prefix:
+    kind = sniff(ckpt.path)
+    if kind not in keras_file.KINDS or ckpt.strip_prefix:
         raise OutputError(f"{out}: a Keras output needs a Keras checkpoint (.keras, .weights.h5), read without "
                           "--strip-prefix, whose HDF5 tree it repeats", "write safetensors (x.safetensors) instead")
     with inputs.scope(ckpt.path):
-        opened = keras_file.open_checkpoint(ckpt.path, sniff(ckpt.path))
+        opened = keras_file.open_checkpoint(ckpt.path, kind)
     if out.name.endswith(".keras") and opened.config is None:
         raise OutputError(f"{out}: {ckpt.path.name} is a save_weights file, without the model config a .keras "
                           "archive needs", f"write {out.name.removesuffix('.keras')}.weights.h5 and load it with "
@@ -67,7 +68,7 @@ def write(recon: Reconstruction, out: Path, produce: Callable, force: bool,
     return out
 
 
-def _write_h5(h5py, fileobj, opened: keras_file.Opened, by_name, produce, progress) -> None:
+def _write_h5(h5py, fileobj, opened: keras_file.KerasFile, by_name, produce, progress) -> None:
     """The input's HDF5 tree without the optimizer, each variable holding x."""
     import numpy as np
     import torch
@@ -95,7 +96,7 @@ def _write_h5(h5py, fileobj, opened: keras_file.Opened, by_name, produce, progre
                 progress(item.nbytes)
 
 
-def _write_archive(f, opened: keras_file.Opened, h5tmp) -> None:
+def _write_archive(f, opened: keras_file.KerasFile, h5tmp) -> None:
     """A `.keras` zip: the input's metadata.json and config.json, then the new weights, stored uncompressed."""
     with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
         for name, data in ((keras_file.METADATA_NAME, opened.metadata), (keras_file.CONFIG_NAME, opened.config)):

@@ -26,6 +26,7 @@ from .. import inputs, limits
 from ..errors import InputError
 from ..inputs import excerpt
 from ..tensors import TensorRef
+from .base import LoadRequest, Opened, ParameterOrder, Reader
 from .hdf5_tree import HDF5_MAGIC, Dataset, Tree, read_tree
 
 CONFIG_NAME, METADATA_NAME, WEIGHTS_NAME = "config.json", "metadata.json", "model.weights.h5"
@@ -40,7 +41,7 @@ WEIGHTS_ONLY_NOTE = ("a save_weights file keeps no optimizer config: assumed Sch
 
 
 @dataclass
-class Opened:
+class KerasFile:
     """What a Keras file holds, in the shape `layout.find` reads, and what inspect should say about it."""
 
     obj: dict[str, Any]
@@ -60,8 +61,8 @@ def sniff_zip(file: inputs.InputFile) -> str | None:
     try:
         with zipfile.ZipFile(file.fileobj()) as zf:
             names = zf.namelist()
-    except Exception:  # whatever zipfile trips on is the torch reader's to explain, with its own checks
-        return None
+    except Exception:  # whatever zipfile trips on is the torch reader's to explain, unless the name says Keras
+        return "keras" if str(file.path).endswith(".keras") else None
     if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
         return None
     return "keras" if CONFIG_NAME in names and (WEIGHTS_NAME in names or "model.weights.npz" in names) else None
@@ -76,7 +77,7 @@ def sniff_file(path: Path, head: bytes) -> str | None:
     return None
 
 
-def open_checkpoint(path: Path, kind: str) -> Opened:
+def open_checkpoint(path: Path, kind: str) -> KerasFile:
     """A Keras checkpoint as weights + optimizer state (nothing of its tensors read but the step count)."""
     config = metadata = None
     others: list[str] = []
@@ -85,8 +86,7 @@ def open_checkpoint(path: Path, kind: str) -> Opened:
     elif kind == "keras-sharded":
         tree = _open_sharded(path)
     else:
-        file = inputs.open_input(path)
-        tree = read_tree(file, 0, file.size, str(path))
+        tree = _open_h5(path)
     model_cfg, opt_cfg = _configs(path, config)
     optimizer, notes = _optimizer_state(path, tree, opt_cfg)
     trained = [s["z"].shape for s in optimizer["state"].values()]
@@ -94,29 +94,65 @@ def open_checkpoint(path: Path, kind: str) -> Opened:
     if not weights:
         raise InputError(f"{path}: no layer variables found (no layers/<name>/vars/<i> in the HDF5 tree)",
                          "pass a Keras model saved with model.save() or model.save_weights()")
-    return Opened({"model": weights, "optimizer": optimizer}, "keras" if kind == "keras" else "keras-weights",
+    return KerasFile({"model": weights, "optimizer": optimizer}, "keras" if kind == "keras" else "keras-weights",
                   order, accumulated, notes, config, metadata, tree, only_way, others)
 
 
-def recognise(path: Path, kind: str) -> bool:
-    """Whether `readers.sniff` classed `path` as one of Keras' files."""
-    return kind in KINDS
+class KerasReader(Reader):
+    """Keras 3 `.keras`, `.weights.h5` and `.weights.json` files (`readers.sniff` tells them by their bytes)."""
+
+    name = "keras"
+
+    def recognise(self, path: Path, kind: str) -> bool:
+        """A Keras file that holds optimizer variables; one without them is released weights."""
+        return kind in KINDS and has_optimizer(path, kind)
+
+    def open(self, path: Path, request: LoadRequest) -> Opened:
+        from . import sniff
+
+        keras = open_checkpoint(path, sniff(path))
+        order = ParameterOrder(tuple(keras.model_order),
+                               (frozenset(keras.model_order),) if keras.order_is_rule else None,
+                               "Keras' layer order (trainable variables first in each layer)")
+        return Opened(keras.obj, container=keras.container, notes=keras.notes, order=order,
+                      accumulated=keras.accumulated)
+
+    def save_complete(self, path: Path) -> bool:
+        """Whether Keras has finished saving `path` (for `sfckpt watch`): the zip's directory, every
+        shard and the HDF5 superblock read back whole (Keras writes a `.keras` zip's directory last)."""
+        from . import sniff
+
+        try:
+            with inputs.scope(path):
+                kind = sniff(path)
+                if kind not in KINDS:
+                    return False
+                read_weights(path, kind)
+        except InputError:
+            return False
+        return True
 
 
-def save_complete(path: Path) -> bool:
-    """Whether Keras has finished saving `path` (for `sfckpt watch`): the zip's directory, every shard and
-    the HDF5 superblock read back whole. Keras writes a `.keras` file's zip directory last."""
-    from . import sniff
+def has_optimizer(path: Path, kind: str) -> bool:
+    """Whether a Keras file holds optimizer variables (a training save) rather than weights only."""
+    if kind == "keras-sharded":
+        index = inputs.read_json(path, "Keras shard map")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        return isinstance(weight_map, dict) and any(str(k).startswith("/optimizer/") for k in weight_map)
+    tree = _open_archive(path)[0] if kind == "keras" else _open_h5(path)
+    return any(p.startswith("optimizer/vars/") for p in tree.datasets)
 
-    try:
-        with inputs.scope(path):
-            kind = sniff(path)
-            if kind not in KINDS:
-                return False
-            read_weights(path, kind)
-    except InputError:
-        return False
-    return True
+
+def weights_only(path: Path) -> InputError:
+    """The refusal for a Keras file without optimizer variables given where a training checkpoint is needed."""
+    return InputError(f"{path}: a Keras file without optimizer variables (no optimizer/vars) holds weights only, "
+                      "not the momentum that x needs", "pass the file Keras saved during training with "
+                      "ScheduleFreeAdamW compiled (model.save or save_weights after fit)")
+
+
+def _open_h5(path: Path) -> Tree:
+    file = inputs.open_input(path)
+    return read_tree(file, 0, file.size, str(path))
 
 
 def read_weights(path: Path, kind: str) -> dict[str, TensorRef]:
@@ -126,8 +162,7 @@ def read_weights(path: Path, kind: str) -> dict[str, TensorRef]:
     elif kind == "keras-sharded":
         tree = _open_sharded(path)
     else:
-        file = inputs.open_input(path)
-        tree = read_tree(file, 0, file.size, str(path))
+        tree = _open_h5(path)
     return {p: d.ref for p, d in tree.datasets.items() if not p.startswith("optimizer/")}
 
 
