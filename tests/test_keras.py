@@ -245,14 +245,15 @@ def test_loss_scale_optimizer_is_refused_by_name(tmp_path, run):
 
 
 def test_save_complete_only_for_a_whole_file(tmp_path):
-    from sfckpt.readers import keras_file
+    from sfckpt.readers.keras_file import KerasReader
 
     train(tmp_path)
-    assert keras_file.save_complete(tmp_path / "model.keras")
-    assert keras_file.save_complete(tmp_path / "model.weights.h5")
+    reader = KerasReader()
+    assert reader.save_complete(tmp_path / "model.keras")
+    assert reader.save_complete(tmp_path / "model.weights.h5")
     data = (tmp_path / "model.keras").read_bytes()
     (tmp_path / "partial.keras").write_bytes(data[: len(data) - 200])
-    assert not keras_file.save_complete(tmp_path / "partial.keras")
+    assert not reader.save_complete(tmp_path / "partial.keras")
 
 
 def test_keras_file_named_pt_is_read_as_keras(tmp_path, run):
