@@ -295,3 +295,18 @@ def test_keras_output_refuses_an_archive_with_assets(tmp_path, run):
     assert result.exit_code == 2 and "assets/layer/vocab.txt" in result.stderr and ".weights.h5" in result.stderr
     assert not (tmp_path / "out.keras").exists()
     assert run("convert", tmp_path / "assets.keras", tmp_path / "out.weights.h5").exit_code == 0
+
+
+def test_inner_layers_whose_order_the_file_does_not_keep_are_refused_not_guessed(tmp_path, run):
+    # MultiHeadAttention makes query, key and value (equal shapes) in that order; the file keeps no order
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 8))
+    hidden = keras.layers.MultiHeadAttention(2, 3, name="mha")(inputs, inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(keras.layers.Flatten()(hidden)))
+    model.compile(optimizer=keras.optimizers.ScheduleFreeAdamW(learning_rate=0.01), loss="mse")
+    rng = np.random.default_rng(0)
+    model.fit(rng.random((16, 4, 8), dtype=np.float32), rng.random((16, 3), dtype=np.float32), batch_size=8, verbose=0)
+    model.save(tmp_path / "mha.keras")
+    result = run("convert", tmp_path / "mha.keras", tmp_path / "x.safetensors")
+    assert result.exit_code == 2 and "--param-order" in result.stderr
+    assert not (tmp_path / "x.safetensors").exists()
