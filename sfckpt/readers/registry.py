@@ -16,6 +16,8 @@ from .dcp_folder import DcpReader
 from .deepspeed_folder import DeepSpeedReader
 from .deepspeed_universal import DeepSpeedUniversalReader
 from .hf_trainer import TrainerReader
+from . import keras_file
+from .keras_file import KerasReader
 from .lightning_folder import LightningFsdpReader
 from .orbax_folder import OrbaxReader
 from .peft_adapter import PeftAdapterReader
@@ -31,6 +33,7 @@ READERS: tuple[Reader, ...] = (
     DcpReader(),
     AccelerateReader(),
     TorchFileReader(),
+    KerasReader(),
 )
 
 
@@ -49,6 +52,8 @@ def reader_for(path: Path) -> Reader:
     if reader is not None:
         return reader
     kind = sniff(path)
+    if kind in keras_file.KINDS:
+        raise keras_file.weights_only(path)
     if kind == "folder":
         raise InputError(
             f"{path}: a folder without optimizer state (no optimizer.pt as Hugging Face Trainer saves it, "
