@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from . import inputs, limits
+from .conventions import BN_BUFFERS
 from .errors import InputError
 from .reconstruct import Reconstruction
 
-BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 DATA_SUFFIXES = (".pt", ".pth", ".safetensors", ".npy")
 
 

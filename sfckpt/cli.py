@@ -19,14 +19,10 @@ from typing import Any, Callable
 import click
 
 from . import __version__, inputs, limits, textout
+from .conventions import EXIT_INTERRUPTED, INTERRUPTED, JSON_VERSION, OUTPUT_DTYPES, error_document
 from .errors import InputError, SfckptError
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
-
-
-def error_document(message: str, hint: str | None, exit_code: int = EXIT_ERROR) -> dict[str, Any]:
-    """What --json prints on stdout when a command fails, so that machines get a document either way."""
-    return {"version": 1, "error": {"message": message, "hint": hint, "exit_code": exit_code}}
 
 
 MAX_MESSAGE = 800  # characters of an error message (and of its hint): an input can put anything in one
@@ -39,7 +35,7 @@ def _fail(message: str, hint: str | None = None, as_json: bool | None = None) ->
         ctx = click.get_current_context(silent=True)
         as_json = bool(ctx is not None and ctx.params.get("as_json"))
     if as_json:
-        textout.echo_json(error_document(message, hint))
+        textout.echo_json(error_document(message, hint, EXIT_ERROR))
     line = message + (f"; {hint}" if hint else "")
     textout.echo_line(f"error: {line}", err=True)
     if textout.github_actions():  # on stderr: stdout may be a JSON document
@@ -89,9 +85,9 @@ def handle_errors(func: Callable) -> Callable:
             handler.seen = True
             ctx = click.get_current_context(silent=True)
             if ctx is not None and ctx.params.get("as_json"):
-                textout.echo_json(error_document("interrupted; nothing was written", None, 130))
-            textout.echo("error: interrupted; nothing was written", err=True)
-            sys.exit(130)
+                textout.echo_json(error_document(INTERRUPTED, None, EXIT_INTERRUPTED))
+            textout.echo(f"error: {INTERRUPTED}", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         except MemoryError:
             _fail("out of memory", "see docs/performance.md")
         except OSError as exc:  # the environment, not sfckpt: a path, a permission, a full disk
@@ -202,8 +198,8 @@ class OneLineErrors(click.Group):
         except click.ClickException as exc:
             _fail(exc.format_message().rstrip("."), None, as_json="--json" in args)
         except click.Abort:
-            textout.echo("error: interrupted; nothing was written", err=True)
-            sys.exit(130)
+            textout.echo(f"error: {INTERRUPTED}", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 
@@ -244,7 +240,7 @@ def inspect(ckpt: Path, scan: bool, as_json: bool, **load_kw) -> None:
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path())  # a str: a trailing "/" (a folder) must reach save()
 @load_options
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "float64"]), help="Cast floating tensors to this dtype after computing x.")
+@click.option("--dtype", type=click.Choice(OUTPUT_DTYPES), help="Cast floating tensors to this dtype after computing x.")
 @click.option("--max-shard-size", metavar="SIZE", help="In the folder OUT, shards of at most SIZE (e.g. 5GB) and model.safetensors.index.json; "
               "x smaller than SIZE stays one model.safetensors, as with Hugging Face.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -283,7 +279,7 @@ def convert(ckpt: Path, out: str, dtype, max_shard_size, force, allow_nonfinite,
         paths = save(recon, out, force=force, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size, progress=update)
     _warn(recon.all_warnings(), quiet)  # after success, so that a failure is one line on stderr
     summary = {
-        "version": 1,
+        "version": JSON_VERSION,
         "source": str(ckpt),
         "outputs": [str(p) for p in paths],
         "optimizer_family": recon.family.name,

@@ -9,6 +9,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
+from .conventions import BN_BUFFERS, JSON_VERSION
 from .errors import InputError
 from .reconstruct import Reconstruction
 from .sources import WeightSet, x_of
@@ -160,7 +161,7 @@ def diff_sets(a: WeightSet, b: WeightSet, progress: Callable[[int], None] | None
             {"module": m, "tensors": v[2], "rel_l2": _rel(v[0], v[1])} for m, v in modules.items()
         ],
     }
-    return {"version": 1, "summary": summary, "tensors": [r.as_json() for r in rows]}
+    return {"version": JSON_VERSION, "summary": summary, "tensors": [r.as_json() for r in rows]}
 
 
 def diff_checkpoint(recon: Reconstruction, progress=None) -> dict[str, Any]:
@@ -202,7 +203,7 @@ def reestimated_batchnorm(released: WeightSet, recon: Reconstruction) -> set[str
         return set()
     layers = {n.rsplit(".", 1)[0] if "." in n else "" for n in recon.batchnorm_buffers}
     buffers = {f"{layer}.{b}" if layer else b for layer in layers
-               for b in ("running_mean", "running_var", "num_batches_tracked")}
+               for b in BN_BUFFERS}
     return buffers & {t.name for t in recon.tensors}
 
 
@@ -287,7 +288,7 @@ def check_release(released: WeightSet, recon: Reconstruction, rtol: float = 0.0,
         verdict = "; ".join(messages + ([f"{counted(len(bn_calibrated), 'BatchNorm statistics buffer')} re-estimated "
                                          "at x (release metadata) not compared"] if bn_calibrated else []))
     return {
-        "version": 1,
+        "version": JSON_VERSION,
         "passed": passed,
         "verdict": verdict,
         "weights": released.label,

@@ -4,10 +4,9 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from .conventions import JSON_VERSION
 from .reconstruct import Reconstruction
 from .tensors import count_nonfinite
-
-REPORT_VERSION = 1
 
 
 def _plain(value: Any) -> Any:
@@ -35,7 +34,7 @@ def describe(recon: Reconstruction, scan: bool = False) -> dict[str, Any]:
     fam = recon.family
     bn = recon.batchnorm_buffers
     report: dict[str, Any] = {
-        "version": REPORT_VERSION,
+        "version": JSON_VERSION,
         "path": str(ckpt.path),
         "container": ckpt.container,
         "keys": {

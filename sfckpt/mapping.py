@@ -34,11 +34,11 @@ from collections.abc import Set as AbstractSet
 from typing import Any, Callable, Mapping, Sequence
 
 from . import content, order_search
+from .conventions import BN_BUFFERS
 from .errors import InputError
 from .layout import check_text
 from .tensors import TensorRef, format_shape
 
-BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 SEARCH_BUDGET = 20_000  # search nodes when the order leaves choices open
 ORDER_HINT = ("pass --param-order FILE with the parameter names in optimizer order "
               "(docs/mapping.md shows the two lines of Python that write it)")
@@ -117,7 +117,7 @@ def candidate_parameters(weights: Mapping[str, TensorRef]) -> tuple[list[str], l
     seen: set = set()
     for name, ref in weights.items():
         tied = ref.data_key is not None and ref.data_key in seen
-        if tied or not (ref.is_float or ref.is_complex) or name.rsplit(".", 1)[-1] in BUFFER_SUFFIXES:
+        if tied or not (ref.is_float or ref.is_complex) or name.rsplit(".", 1)[-1] in BN_BUFFERS:
             left_out.append(name)
         else:
             candidates.append(name)

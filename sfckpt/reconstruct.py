@@ -11,10 +11,10 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from . import families, mapping, optimizer_state
 from .checkpoint import Checkpoint
+from .conventions import BN_STATISTICS, OUTPUT_DTYPES
 from .errors import InputError
 from .tensors import DTYPES, TensorRef, nbytes_of, torch_dtype
 
-BN_SUFFIXES = ("running_mean", "running_var")
 LERP_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "complex64", "complex128"})
 
 
@@ -176,7 +176,7 @@ class Reconstruction:
 
     @property
     def batchnorm_buffers(self) -> list[str]:
-        return [t.name for t in self.tensors if t.name.rsplit(".", 1)[-1] in BN_SUFFIXES]
+        return [t.name for t in self.tensors if t.name.rsplit(".", 1)[-1] in BN_STATISTICS]
 
     def metadata(self) -> dict[str, str]:
         """safetensors metadata: strings only, no timestamps (same input, same bytes)."""
@@ -333,8 +333,8 @@ def reconstruct(
         )
     if params_are not in (None, "x", "y"):
         raise InputError(f"--params-are must be 'y' or 'x', not {params_are!r}", "see `sfckpt convert --help`")
-    if dtype is not None and dtype not in ("float32", "float16", "bfloat16", "float64"):
-        raise InputError(f"--dtype {dtype} is not a floating dtype sfckpt writes", "use float32, bfloat16, float16 or float64")
+    if dtype is not None and dtype not in OUTPUT_DTYPES:
+        raise InputError(f"--dtype {dtype} is not a floating dtype sfckpt writes", f"use {', '.join(OUTPUT_DTYPES[:-1])} or {OUTPUT_DTYPES[-1]}")
     if twins not in ("auto", "tied", "frozen"):
         raise InputError(f"--twins must be 'auto', 'tied' or 'frozen', not {twins!r}", "see `sfckpt convert --help`")
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from . import inputs
+from .conventions import INDEX_NAME, SINGLE_NAME
 from .errors import InputError, OutputError
 from .tensors import DTYPES, nbytes_of
 
@@ -42,7 +43,6 @@ _DTYPE_RANK = [
     "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
     "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64",
 ]
-INDEX_NAME = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -473,7 +473,7 @@ def owned_by_sfckpt(name: str) -> bool:
 
 def write_folder(folder: Path, specs: Iterable[Spec], produce, metadata=None, force=False, progress=None,
                  max_shard_size: int | None = None, copies: Sequence[inputs.InputFile] = (),
-                 single_name: str = "model.safetensors") -> list[Path]:
+                 single_name: str = SINGLE_NAME) -> list[Path]:
     """Write `model.safetensors`, or shards and `model.safetensors.index.json`, into `folder`,
     with `copies` (files such as config.json, opened through the input gate) beside them: all of it, or none of it.
 

@@ -13,12 +13,11 @@ import struct
 from pathlib import Path
 
 from .. import inputs, limits
+from ..conventions import INDEX_NAME, SINGLE_NAME
 from ..errors import InputError
 from ..inputs import InputFile, confined, parse_json
 from ..tensors import DTYPES, SAFETENSORS_TO_DTYPE, TensorRef
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 
 
 def read_header(file: InputFile) -> tuple[dict, int]:
