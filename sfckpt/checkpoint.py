@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 from . import inputs, layout as layout_mod
 from .errors import InputError
+from .options import Options, resolve
 from .readers import hf_trainer, load_torch, sniff
 from .readers.accelerate_folder import is_accelerate_folder, load_object as load_accelerate_folder
 from .readers.accelerate_folder import is_fsdp as accelerate_fsdp
@@ -64,6 +65,7 @@ def load(
     model_key: str | None = None,
     optimizer_key: str | None = None,
     strip_prefix: str | None = None,
+    options: Options | None = None,
 ) -> Checkpoint:
     """Open a training checkpoint without reading tensor data or running code from it.
 
@@ -75,14 +77,16 @@ def load(
         model_key / optimizer_key: which entries hold the weights and the
             optimizer state, when the defaults pick the wrong ones.
         strip_prefix: remove this prefix from weight names (e.g. ``model.``).
+        options: an `sfckpt.Options` instead of the three keywords (its other fields are not used here).
 
     Example:
         >>> ckpt = sfckpt.load("run/step_1000.pt")
         >>> sorted(ckpt.weights)[:2]
     """
     path = Path(path)
+    opts = resolve(options, model_key=model_key, optimizer_key=optimizer_key, strip_prefix=strip_prefix)
     with inputs.scope(path) as root:  # every file the checkpoint names is read from inside what was named
-        ckpt = _load(path, model_key, optimizer_key, strip_prefix)
+        ckpt = _load(path, opts.model_key, opts.optimizer_key, opts.strip_prefix)
     ckpt.root = root
     return ckpt
 
@@ -171,7 +175,7 @@ def _load(path: Path, model_key: str | None, optimizer_key: str | None, strip_pr
     except InputError as exc:
         if exc.message.startswith(str(path)):
             raise
-        raise InputError(f"{path}: {exc.message}", exc.hint) from None
+        raise exc.about(str(path))
     weights = layout_mod.strip_prefix(found.weights, strip_prefix) if strip_prefix else found.weights
     extra["notes"] = [*found.notes, *extra.get("notes", [])]  # which entry of the file the weights are (WeightAveraging)
     return Checkpoint(

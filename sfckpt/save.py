@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from . import inputs, writer
-from .errors import InputError, OutputError
+from .conventions import SINGLE_NAME
+from .errors import InputError, Opt, OptionConflict, OutputError
+from .options import Options, resolve, wants_calibration
 from .reconstruct import Reconstruction
 from .tensors import count_nonfinite
 
@@ -19,6 +21,7 @@ def save(
     allow_nonfinite: bool = False,
     max_shard_size: int | str | None = None,
     progress: Callable[[int], None] | None = None,
+    options: Options | None = None,
 ) -> list[Path]:
     """Write x. A path ending in `.safetensors` gets one file; a path ending in `/`, an
     existing folder or a name without a suffix is a folder holding `model.safetensors`, or
@@ -26,75 +29,98 @@ def save(
     any other name (`model.safetensor`, `out.pt`) is refused.
 
     Nothing is written if any x is non-finite (unless `allow_nonfinite`), and an
-    existing output is kept unless `force`.
+    existing output is kept unless `force`. `options` (an `sfckpt.Options`) may stand for
+    the three keywords.
 
     Returns:
         The paths written.
     """
-    if os.fspath(out) == "-":
-        raise OutputError("sfckpt writes x to files, not to standard output",
-                          "name the output: x.safetensors for one file, or release/ for a folder")
-    folder_named = os.fspath(out).endswith(("/", os.sep))  # Path() drops the trailing slash
-    out = Path(out)
-    src = recon.checkpoint.path
-    writer.refuse_inputs(out, [src])
-    if not (folder_named or out.suffix in ("", ".safetensors") or out.is_dir()):
-        raise OutputError(f"{out}: an output name ends in .safetensors (one file) or names a folder",
-                          f"write {out.with_suffix('.safetensors')} for one file, or {out}/ for a folder")
+    opts = resolve(options, force=force, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size)
+    out = _output_path(out, recon.checkpoint.path)
     by_name = {t.name: t for t in recon.tensors}
     specs = [writer.Spec(t.name, t.dtype, t.shape) for t in recon.tensors]
 
     def produce(spec: writer.Spec):
         item = by_name[spec.name]
         x = item.compute()
-        if not allow_nonfinite:
+        if not opts.allow_nonfinite:
             bad = count_nonfinite(x)
             if bad:
                 source = "y or z" if item.how == "lerp" else "the checkpoint"
                 raise InputError(
                     f"x of '{spec.name}' has {bad} NaN/Inf values (they come from {source})",
-                    "nothing was written; pass --allow-nonfinite to write anyway",
+                    "nothing was written; pass " + Opt("allow_nonfinite") + " to write anyway",
+                    where=spec.name,
                 )
         return x
 
     metadata = recon.metadata()
-    if isinstance(max_shard_size, str):
-        max_shard_size = writer.parse_size(max_shard_size)
+    shard_size = writer.parse_size(opts.max_shard_size) if isinstance(opts.max_shard_size, str) else opts.max_shard_size
     if out.suffix == ".safetensors":
-        if max_shard_size:
-            raise OutputError("--max-shard-size needs a folder as output", f"write to {out.with_suffix('')}/ instead")
-        return [writer.write_file(out, specs, produce, metadata, force, progress)]
-    copies: list[Path] = []
+        if shard_size:
+            raise OptionConflict(Opt("max_shard_size") + " needs a folder as output",
+                                 f"write to {out.with_suffix('')}/ instead", option="max_shard_size")
+        return [writer.write_file(out, specs, produce, metadata, opts.force, progress)]
     if recon.checkpoint.release_note and recon.checkpoint.release_note not in recon.warnings:
         recon.warnings.append(recon.checkpoint.release_note)  # said once, however often the plan is saved
-    if recon.checkpoint.container in ("peft-adapter", "peft-adapter-fsdp"):
+    copies, single_name = _release_files(recon, shard_size)
+    return writer.write_folder(out, specs, produce, metadata, opts.force, progress, shard_size, copies, single_name)
+
+
+def _output_path(out: str | Path, src: Path) -> Path:
+    """`out` as a Path; refused when it is an input, or names neither a safetensors file nor a folder."""
+    if os.fspath(out) == "-":
+        raise OutputError("sfckpt writes x to files, not to standard output",
+                          "name the output: x.safetensors for one file, or release/ for a folder")
+    folder_named = os.fspath(out).endswith(("/", os.sep))  # Path() drops the trailing slash
+    out = Path(out)
+    writer.refuse_inputs(out, [src])
+    if not (folder_named or out.suffix in ("", ".safetensors") or out.is_dir()):
+        raise OutputError(f"{out}: an output name ends in .safetensors (one file) or names a folder",
+                          f"write {out.with_suffix('.safetensors')} for one file, or {out}/ for a folder")
+    return out
+
+
+def _release_files(recon: Reconstruction, shard_size: int | None) -> tuple[list, str]:
+    """The side files a release folder gets from the checkpoint, and the name of its weights file."""
+    ckpt = recon.checkpoint
+    src = ckpt.path
+    if ckpt.container in ("peft-adapter", "peft-adapter-fsdp"):
         # adapter_model.safetensors + adapter_config.json: what PeftModel.from_pretrained(base, out) reads
         from .readers import peft_adapter
 
-        if max_shard_size:
-            raise OutputError("PEFT loads an adapter from one file; --max-shard-size does not apply", "leave it out")
-        copies = []  # a sharded save has no adapter config of its own: one found there may be another run's
-        if recon.checkpoint.container != "peft-adapter-fsdp" or (src / peft_adapter.SAFE_NAME).is_file():
-            copies = inputs.side_files(src, peft_adapter.RELEASE_FILES, recon.checkpoint.root)
-        return writer.write_folder(out, specs, produce, metadata, force, progress, None, copies, peft_adapter.SAFE_NAME)
-    if recon.checkpoint.container in ("huggingface-trainer", "huggingface-trainer-fsdp", "deepspeed"):
+        if shard_size:
+            raise OptionConflict("PEFT loads an adapter from one file; " + Opt("max_shard_size") + " does not apply",
+                                 "leave it out", option="max_shard_size")
+        # a sharded save has no adapter config of its own: one found there may be another run's
+        if ckpt.container != "peft-adapter-fsdp" or (src / peft_adapter.SAFE_NAME).is_file():
+            return inputs.side_files(src, peft_adapter.RELEASE_FILES, ckpt.root), peft_adapter.SAFE_NAME
+        return [], peft_adapter.SAFE_NAME
+    if ckpt.container in ("huggingface-trainer", "huggingface-trainer-fsdp", "deepspeed"):
         # config.json, generation_config.json and tokenizer files, so `from_pretrained(out)` works
         from .readers.hf_trainer import RELEASE_FILES
 
-        copies = inputs.side_files(src, RELEASE_FILES, recon.checkpoint.root)
-    return writer.write_folder(out, specs, produce, metadata, force, progress, max_shard_size, copies)
+        return inputs.side_files(src, RELEASE_FILES, ckpt.root), SINGLE_NAME
+    return [], SINGLE_NAME
 
 
-def convert(src: str | Path, out: str | Path, **options) -> list[Path]:
-    """`sfckpt convert` as a function: load, reconstruct, save.
+def convert(src: str | Path, out: str | Path, *, options: Options | None = None,
+            progress: Callable[[int], None] | None = None, **keywords: Any) -> list[Path]:
+    """`sfckpt convert` as a function: load, reconstruct (and re-estimate BatchNorm statistics when
+    `bn_calib` and `bn_model` are given), save.
 
-    Options are those of `load`, `reconstruct` and `save`.
+    Args:
+        options: an `sfckpt.Options`; or give its fields as keywords (`beta=0.75, force=True`).
+        progress: called with the bytes written so far.
     """
     from .checkpoint import load
     from .reconstruct import reconstruct
 
-    load_keys = {"model_key", "optimizer_key", "strip_prefix"}
-    save_keys = {"force", "allow_nonfinite", "max_shard_size", "progress"}
-    ckpt = load(src, **{k: v for k, v in options.items() if k in load_keys})
-    recon = reconstruct(ckpt, **{k: v for k, v in options.items() if k not in load_keys | save_keys})
-    return save(recon, out, **{k: v for k, v in options.items() if k in save_keys})
+    opts = resolve(options, **keywords)
+    calibrating = wants_calibration(opts)
+    recon = reconstruct(load(src, options=opts), options=opts)
+    if calibrating:
+        from .batchnorm import calibrate_with
+
+        calibrate_with(recon, opts)
+    return save(recon, out, options=opts, progress=progress)

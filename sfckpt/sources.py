@@ -17,7 +17,7 @@ from .readers.accelerate_folder import is_accelerate_folder
 from .readers.dcp_folder import is_dcp_folder
 from .readers.deepspeed_folder import is_deepspeed_folder
 from .readers.hf_trainer import is_trainer_folder
-from .readers.safetensors_file import INDEX_NAME, SINGLE_NAME
+from .conventions import INDEX_NAME, SINGLE_NAME
 from .reconstruct import Reconstruction
 from .tensors import TensorRef
 
