@@ -1,6 +1,5 @@
 """Typed errors: what, where and which option as attributes; the CLI and the API each in their own words;
-the original exception kept as the cause; options as one object (`sfckpt.Options`)."""
-import os
+the original exception kept as the cause."""
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ from click.testing import CliRunner
 
 import sfckpt
 import trainers
-from conftest import FIXTURES, assert_equal_tensors, read
+from conftest import FIXTURES
 from sfckpt.cli import main
 from sfckpt.errors import (DamagedInput, LimitExceeded, MappingUndecided, NotScheduleFree, Opt, OptionConflict,
                            OutputExists)
@@ -115,19 +114,6 @@ def test_a_bug_while_reading_tensor_data_is_an_internal_error(run, tmp_path, mon
 def test_an_option_is_never_formatted_into_text():
     with pytest.raises(TypeError):
         f"pass {Opt('force')}"
-
-
-def test_options_object_converts_as_the_keywords_do(tmp_path):
-    by_keywords = sfckpt.convert(FIXTURES / "wrapper_sgd_beta0.75.pt", tmp_path / "a.safetensors", beta=0.75)
-    by_object = sfckpt.convert(FIXTURES / "wrapper_sgd_beta0.75.pt", tmp_path / "b.safetensors",
-                               options=sfckpt.Options(beta=0.75))
-    assert_equal_tensors(read(by_object[0]), read(by_keywords[0]))
-
-
-def test_options_and_keywords_together_are_refused(tmp_path):
-    with pytest.raises(TypeError, match="either options= or keyword arguments"):
-        sfckpt.convert(FIXTURES / "adamw_mlp.pt", tmp_path / "x.safetensors", options=sfckpt.Options(), force=True)
-    assert not os.listdir(tmp_path)
 
 
 def test_calibration_data_without_a_model_is_an_option_conflict(run, tmp_path):
