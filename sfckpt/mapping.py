@@ -276,9 +276,11 @@ def decide(
     open_entries = [(o, e) for o, e in stateful if id(e) not in decided]
     order_name = ""
     if open_entries:
+        problem = OrderProblem(used=used, stateful=stateful, decided=decided, kinds=kinds, weights=weights,
+                               candidates=candidates, cand_index=cand_index, group_domains=group_domains,
+                               container_order_name=container_order_name, notes=name_notes)
         try:
-            order_name = _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_index, possible,
-                                         group_domains, container_order_name, name_notes)
+            order_name = _place_by_order(problem, possible)
         except NotInWeights:
             # Among many look-alikes of few elements, "another tensor lies 4x closer" can rule out a
             # true pair by chance, and rounding can pin a float32 y at its constant initial value while
@@ -287,8 +289,7 @@ def decide(
             relaxed = _relaxed(possible, classes)
             if relaxed is None:
                 raise
-            order_name = _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_index, relaxed,
-                                         group_domains, container_order_name, name_notes)
+            order_name = _place_by_order(problem, relaxed)
 
     # 3. Check every pair, name the entries.
     used_names: dict[str, Entry] = {}
@@ -452,9 +453,30 @@ def _order_keys(candidates: list[str]) -> list[tuple[str, Callable[[int], Any]]]
     ]
 
 
-def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_index, possible, group_domains,
-                    container_order_name, notes) -> str:
-    """Place the entries names and content left open; return the order that placed them."""
+@dataclass
+class OrderProblem:
+    """What placing entries by order works from; `decided` and `kinds` (id(entry) -> tensor name, and the
+    evidence for it) are filled in place."""
+
+    used: list[OptimizerEntries]
+    stateful: list[tuple[OptimizerEntries, Entry]]
+    decided: dict[int, str]
+    kinds: dict[int, str]
+    weights: Mapping[str, TensorRef]
+    candidates: list[str]
+    cand_index: dict[str, int]
+    group_domains: Sequence[set[str]] | None  # per group, the names a container's grouping rule allows there
+    container_order_name: str  # the container's own order, when it gave one
+    notes: list[str]  # why saved names were not used, for the errors
+
+
+# Longer than most: the domains, the search and its three outcomes read as one argument.
+def _place_by_order(p: OrderProblem, possible) -> str:
+    """Place the entries names and content left open (`possible`: what content allows each); return the
+    order that placed them."""
+    used, stateful, decided, kinds, weights = p.used, p.stateful, p.decided, p.kinds, p.weights
+    candidates, cand_index, group_domains, notes = p.candidates, p.cand_index, p.group_domains, p.notes
+    container_order_name = p.container_order_name
     fixed = {}
     for o, e in stateful:
         if id(e) in decided and decided[id(e)] in cand_index:
