@@ -12,8 +12,9 @@ from typing import Any, Iterator, Mapping, Sequence
 from . import families, mapping, optimizer_state
 from .checkpoint import Checkpoint
 from .conventions import BN_STATISTICS, OUTPUT_DTYPES
-from .errors import DamagedInput, InputError, NotScheduleFree, Opt, OptionConflict
+from .errors import DamagedInput, InputError, MappingUndecided, NotScheduleFree, Opt, OptionConflict
 from .options import Options, resolve
+from .readers.base import ParameterOrder
 from .tensors import DTYPES, TensorRef, nbytes_of, torch_dtype
 
 LERP_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "complex64", "complex128"})
@@ -326,14 +327,16 @@ def _decide_mapping(ckpt: Checkpoint, found: list[FoundOptimizer], opts: Options
     """Which tensor each optimizer entry trains (mapping.decide), falling back to the file's other
     models when the optimizer also trains them."""
 
+    order = ckpt.order or ParameterOrder()
+
     def decide(weights: Mapping[str, TensorRef]) -> mapping.ParameterMapping:
         return mapping.decide(
             [mapping.OptimizerEntries(f.key, f.entries, f.family.z_key, not f.family.x_in_float32) for f in found],
             weights,
             param_order=opts.param_order,
-            model_order=ckpt.model_order if opts.param_order is None else None,
-            group_domains=ckpt.group_domains if opts.param_order is None else None,
-            container_order_name=ckpt.order_source,
+            model_order=order.names if opts.param_order is None else None,
+            group_domains=order.group_domains if opts.param_order is None else None,
+            container_order_name=order.source if order.names else "",
             ties_visible=ckpt.ties_visible,
             twins=opts.twins,
         )
@@ -342,8 +345,9 @@ def _decide_mapping(ckpt: Checkpoint, found: list[FoundOptimizer], opts: Options
         try:
             return decide(ckpt.weights)
         except InputError as exc:
-            if ckpt.order_error is not None and opts.param_order is None:
-                raise ckpt.order_error from exc  # the order that would have decided is what is missing
+            if order.missing is not None and opts.param_order is None:
+                # the order that would have decided is what is missing
+                raise MappingUndecided(order.missing, order.missing_hint) from exc
             raise
     except mapping.NotInWeights:
         if not ckpt.pool_weights or strip_prefix_used(ckpt):

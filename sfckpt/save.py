@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from . import inputs, writer
 from .conventions import SINGLE_NAME
-from .errors import InputError, Opt, OptionConflict, OutputError
+from .errors import InputError, Opt, OutputError
 from .options import Options, resolve, wants_calibration
 from .reconstruct import Reconstruction
 from .tensors import count_nonfinite
@@ -58,13 +58,19 @@ def save(
     shard_size = writer.parse_size(opts.max_shard_size) if isinstance(opts.max_shard_size, str) else opts.max_shard_size
     if out.suffix == ".safetensors":
         if shard_size:
-            raise OptionConflict(Opt("max_shard_size") + " needs a folder as output",
-                                 f"write to {out.with_suffix('')}/ instead", option="max_shard_size")
+            raise OutputError(Opt("max_shard_size") + " needs a folder as output",
+                              f"write to {out.with_suffix('')}/ instead", option="max_shard_size")
         return [writer.write_file(out, specs, produce, metadata, opts.force, progress)]
-    if recon.checkpoint.release_note and recon.checkpoint.release_note not in recon.warnings:
-        recon.warnings.append(recon.checkpoint.release_note)  # said once, however often the plan is saved
-    copies, single_name = _release_files(recon, shard_size)
-    return writer.write_folder(out, specs, produce, metadata, opts.force, progress, shard_size, copies, single_name)
+    release = recon.checkpoint.release
+    if release.note and release.note not in recon.warnings:
+        recon.warnings.append(release.note)  # said once, however often the plan is saved
+    if shard_size and not release.shardable:
+        raise OutputError(f"{release.weights_name} is loaded from one file; " + Opt("max_shard_size") + " does not apply",
+                          "leave it out", option="max_shard_size")
+    # config.json, tokenizer files, adapter_config.json: what `from_pretrained(out)` reads beside the weights
+    copies = inputs.side_files(recon.checkpoint.path, release.side_files, recon.checkpoint.root) if release.side_files else []
+    return writer.write_folder(out, specs, produce, metadata, opts.force, progress, shard_size, copies,
+                               single_name=release.weights_name or SINGLE_NAME)
 
 
 def _output_path(out: str | Path, src: Path) -> Path:
@@ -79,29 +85,6 @@ def _output_path(out: str | Path, src: Path) -> Path:
         raise OutputError(f"{out}: an output name ends in .safetensors (one file) or names a folder",
                           f"write {out.with_suffix('.safetensors')} for one file, or {out}/ for a folder")
     return out
-
-
-def _release_files(recon: Reconstruction, shard_size: int | None) -> tuple[list, str]:
-    """The side files a release folder gets from the checkpoint, and the name of its weights file."""
-    ckpt = recon.checkpoint
-    src = ckpt.path
-    if ckpt.container in ("peft-adapter", "peft-adapter-fsdp"):
-        # adapter_model.safetensors + adapter_config.json: what PeftModel.from_pretrained(base, out) reads
-        from .readers import peft_adapter
-
-        if shard_size:
-            raise OptionConflict("PEFT loads an adapter from one file; " + Opt("max_shard_size") + " does not apply",
-                                 "leave it out", option="max_shard_size")
-        # a sharded save has no adapter config of its own: one found there may be another run's
-        if ckpt.container != "peft-adapter-fsdp" or (src / peft_adapter.SAFE_NAME).is_file():
-            return inputs.side_files(src, peft_adapter.RELEASE_FILES, ckpt.root), peft_adapter.SAFE_NAME
-        return [], peft_adapter.SAFE_NAME
-    if ckpt.container in ("huggingface-trainer", "huggingface-trainer-fsdp", "deepspeed"):
-        # config.json, generation_config.json and tokenizer files, so `from_pretrained(out)` works
-        from .readers.hf_trainer import RELEASE_FILES
-
-        return inputs.side_files(src, RELEASE_FILES, ckpt.root), SINGLE_NAME
-    return [], SINGLE_NAME
 
 
 def convert(src: str | Path, out: str | Path, *, options: Options | None = None,

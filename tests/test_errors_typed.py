@@ -122,3 +122,17 @@ def test_calibration_data_without_a_model_is_an_option_conflict(run, tmp_path):
     assert info.value.option == "bn_model" and info.value.message == "bn_calib and bn_model go together"
     line = one_error_line(run("convert", FIXTURES / "sgd_convbn.pt", tmp_path / "x.safetensors", "--bn-calib", "data.pt"))
     assert line.startswith("error: --bn-calib and --model go together")
+
+
+def test_every_option_an_error_names_has_a_flag_and_a_keyword():
+    import re
+    from dataclasses import fields
+    from pathlib import Path
+
+    from sfckpt.cli_words import FLAGS
+
+    keywords = {f.name for f in fields(sfckpt.Options)}
+    assert set(FLAGS) == keywords - {"require_beta"}  # inspect's own choice, not a flag
+    source = "".join(p.read_text() for p in (Path(sfckpt.__file__).parent).rglob("*.py"))
+    named = set(re.findall(r"""\bOpt\(\s*["']([a-z_]+)["']""", source))
+    assert named and named <= set(FLAGS), named - set(FLAGS)
