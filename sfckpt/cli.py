@@ -276,6 +276,8 @@ def convert(ckpt: Path, out: str, quiet: bool, as_json: bool, options: Options) 
     OUT ending in .safetensors is one file; OUT ending in /, an existing
     folder or a name without a suffix is a folder with model.safetensors
     (or, with --max-shard-size and x larger than SIZE, shards and an index).
+    From a Keras checkpoint, OUT ending in .weights.h5 or .keras is a file
+    Keras loads (model.load_weights, keras.models.load_model).
     """
     from .options import wants_calibration
     from .save import save

@@ -55,7 +55,8 @@ class OutputTensor:
     """One tensor of the output and how to get its x.
 
     how: "lerp" (x = torch.lerp(y, z, 1 - 1/β), as the optimizer's eval()),
-    "state-x" (x stored in the optimizer state), or "copy" (unchanged).
+    "keras" (Keras' recovery formula, `families.keras_x`), "state-x" (x stored in the
+    optimizer state), or "copy" (unchanged).
     """
 
     name: str
@@ -85,7 +86,7 @@ class OutputTensor:
         """x for this tensor, in its own dtype (or --dtype), contiguous."""
         import torch
 
-        if self.how == "lerp" and self.beta is None and self.value is None:
+        if self.how in ("lerp", "keras") and self.beta is None and self.value is None:
             raise InputError(f"β for '{self.name}' is not saved in the checkpoint", "pass " + Opt("beta", usage=True),
                              where=self.name)
         if self.value is not None:
@@ -96,6 +97,8 @@ class OutputTensor:
         elif self.how == "lerp":
             # Exactly what the optimizer's eval() does: p.lerp_(end=z, weight=1 - 1/β).
             t = _lerp(self.ref, self.z, 1 - 1 / self.beta)
+        elif self.how == "keras":
+            t = families.keras_x(self.ref.load(), self.z.load(), self.beta)
         elif self.how == "state-x":
             t = self.x.load()
         else:
@@ -167,19 +170,21 @@ class Reconstruction:
         bn = self.batchnorm_buffers
         if not bn or self.source_held == "x" or self.bn_calibrated:
             return None
-        return (f"{len(bn)} BatchNorm statistics buffers were gathered at y, not x; re-estimate them on data "
-                "(convert --bn-calib DATA --model SPEC) before trusting accuracy")
+        how = ("in Keras after loading x (call the model with training=True on a few batches, optimizer untouched)"
+               if self.checkpoint.accumulated else "(convert --bn-calib DATA --model SPEC)")
+        return f"{len(bn)} BatchNorm statistics buffers were gathered at y, not x; re-estimate them on data {how} before trusting accuracy"
 
     def all_warnings(self) -> list[str]:
         return self.warnings + ([self.batchnorm_warning] if self.batchnorm_warning else [])
 
     @property
     def n_converted(self) -> int:
-        return sum(t.how in ("lerp", "state-x") for t in self.tensors)
+        return sum(t.how in ("lerp", "keras", "state-x") for t in self.tensors)
 
     @property
     def batchnorm_buffers(self) -> list[str]:
-        return [t.name for t in self.tensors if t.name.rsplit(".", 1)[-1] in BN_STATISTICS]
+        return [t.name for t in self.tensors
+                if t.name.rsplit(".", 1)[-1] in BN_STATISTICS or t.name in self.checkpoint.accumulated]
 
     def metadata(self) -> dict[str, str]:
         """safetensors metadata: strings only, no timestamps (same input, same bytes)."""
@@ -382,7 +387,7 @@ def _params_hold(family: families.Family, group: Mapping[str, Any], stepped: lis
 def _group_beta(family: families.Family, group: Mapping[str, Any], g: int, hold: str, stepped: list,
                 opts: Options) -> tuple[float | None, str]:
     """A group's β and where it came from; required only where x is a lerp of y."""
-    needs_beta = hold == "y" and stepped and family.x_source == "lerp"
+    needs_beta = hold == "y" and stepped and family.x_source in ("lerp", "keras")
     if needs_beta and not opts.require_beta and opts.beta is None and family.beta_key is None:
         return None, "unknown: pass --beta"
     if needs_beta:
@@ -439,7 +444,7 @@ def _converted_tensor(ckpt: Checkpoint, family: families.Family, e: mapping.Entr
                                where=e.name)
         out.how, out.x = "state-x", x
     else:
-        out.how, out.z, out.beta = "lerp", e.state[family.z_key], group.beta
+        out.how, out.z, out.beta = family.x_source, e.state[family.z_key], group.beta
         out.in_float32 = family.x_in_float32
     return out
 
@@ -566,7 +571,7 @@ def reconstruct(
     if decision.twin_refusal is not None and decision.twin_sources & set(plan.converted):
         raise decision.twin_refusal
     _refuse_overlapping_views({n: ckpt.weights[n] for n, o in plan.converted.items()
-                               if o.how == "lerp" and n in ckpt.weights})
+                               if o.how in ("lerp", "keras") and n in ckpt.weights})
     tensors = _output_tensors(ckpt, decision, plan.converted, opts.dtype)
     warnings = list(dict.fromkeys(plan.warnings + skipped + decision.warnings))  # one per kind, not one per group
     first = plan.optimizers[0]

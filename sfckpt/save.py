@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from . import inputs, writer
+from . import inputs, keras_output, writer
 from .conventions import SINGLE_NAME
 from .errors import InputError, Opt, OutputError
 from .options import Options, resolve, wants_calibration
@@ -23,7 +23,8 @@ def save(
     progress: Callable[[int], None] | None = None,
     options: Options | None = None,
 ) -> list[Path]:
-    """Write x. A path ending in `.safetensors` gets one file; a path ending in `/`, an
+    """Write x. A path ending in `.safetensors` gets one file, one ending in `.weights.h5` or `.keras`
+    a file Keras loads (from a Keras checkpoint: sfckpt/keras_output.py); a path ending in `/`, an
     existing folder or a name without a suffix is a folder holding `model.safetensors`, or
     shards and `model.safetensors.index.json` when `max_shard_size` is given and x is larger;
     any other name (`model.safetensor`, `out.pt`) is refused.
@@ -46,7 +47,7 @@ def save(
         if not opts.allow_nonfinite:
             bad = count_nonfinite(x)
             if bad:
-                source = "y or z" if item.how == "lerp" else "the checkpoint"
+                source = "y or z" if item.how in ("lerp", "keras") else "the checkpoint"
                 raise InputError(
                     f"x of '{spec.name}' has {bad} NaN/Inf values (they come from {source})",
                     "nothing was written; pass " + Opt("allow_nonfinite") + " to write anyway",
@@ -56,6 +57,11 @@ def save(
 
     metadata = recon.metadata()
     shard_size = writer.parse_size(opts.max_shard_size) if isinstance(opts.max_shard_size, str) else opts.max_shard_size
+    if keras_output.is_keras_name(out):
+        if shard_size:
+            raise OutputError(Opt("max_shard_size") + " splits safetensors; a Keras output is one file", "leave it out",
+                              option="max_shard_size")
+        return [keras_output.write(recon, out, produce, opts.force, progress)]
     if out.suffix == ".safetensors":
         if shard_size:
             raise OutputError(Opt("max_shard_size") + " needs a folder as output",
@@ -81,7 +87,7 @@ def _output_path(out: str | Path, src: Path) -> Path:
     folder_named = os.fspath(out).endswith(("/", os.sep))  # Path() drops the trailing slash
     out = Path(out)
     writer.refuse_inputs(out, [src])
-    if not (folder_named or out.suffix in ("", ".safetensors") or out.is_dir()):
+    if not (folder_named or keras_output.is_keras_name(out) or out.suffix in ("", ".safetensors") or out.is_dir()):
         raise OutputError(f"{out}: an output name ends in .safetensors (one file) or names a folder",
                           f"write {out.with_suffix('.safetensors')} for one file, or {out}/ for a folder")
     return out
