@@ -21,11 +21,11 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
     from .errors import InputError, OutputError, SfckptError
+    from .options import Options
     from .reconstruct import Reconstruction
 
 _CLASSES = {"Checkpoint": "checkpoint", "Reconstruction": "reconstruct", "InputError": "errors",
-            "OutputError": "errors", "SfckptError": "errors"}
-# The API's errors say force=True, not --force (the CLI calls the modules directly).
+            "OutputError": "errors", "SfckptError": "errors", "Options": "options"}
 _FUNCTIONS = {"load": ("checkpoint", "load"), "reconstruct": ("reconstruct", "reconstruct"),
               "save": ("save", "save"), "convert": ("save", "convert")}
 
@@ -49,10 +49,8 @@ def __getattr__(name: str) -> Any:
     if name in _CLASSES:
         value = getattr(importlib.import_module(f".{_CLASSES[name]}", __name__), name)
     elif name in _FUNCTIONS:
-        from .errors import speaks_api
-
         module, attr = _FUNCTIONS[name]
-        value = speaks_api(getattr(importlib.import_module(f".{module}", __name__), attr))
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
     else:
         raise AttributeError(f"module 'sfckpt' has no attribute {name!r}")
     globals()[name] = value
@@ -62,6 +60,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "Checkpoint",
     "InputError",
+    "Options",
     "OutputError",
     "Reconstruction",
     "SfckptError",

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 from . import inputs, layout as layout_mod
 from .errors import InputError
+from .options import Options, resolve
 from .readers import registry
 from .readers.base import LoadRequest, Opened, ParameterOrder, Release
 from .tensors import TensorRef
@@ -48,6 +49,7 @@ def load(
     model_key: str | None = None,
     optimizer_key: str | None = None,
     strip_prefix: str | None = None,
+    options: Options | None = None,
 ) -> Checkpoint:
     """Open a training checkpoint without reading tensor data or running code from it.
 
@@ -60,14 +62,16 @@ def load(
         model_key / optimizer_key: which entries hold the weights and the
             optimizer state, when the defaults pick the wrong ones.
         strip_prefix: remove this prefix from weight names (e.g. ``model.``).
+        options: an `sfckpt.Options` instead of the three keywords (its other fields are not used here).
 
     Example:
         >>> ckpt = sfckpt.load("run/step_1000.pt")
         >>> sorted(ckpt.weights)[:2]
     """
     path = Path(path)
+    opts = resolve(options, model_key=model_key, optimizer_key=optimizer_key, strip_prefix=strip_prefix)
     with inputs.scope(path) as root:  # every file the checkpoint names is read from inside what was named
-        ckpt = _load(path, model_key, optimizer_key, strip_prefix)
+        ckpt = _load(path, opts.model_key, opts.optimizer_key, opts.strip_prefix)
     ckpt.root = root
     return ckpt
 
@@ -113,4 +117,4 @@ def _find(path: Path, opened: Opened, model_key: str | None, optimizer_key: str 
     except InputError as exc:
         if exc.message.startswith(str(path)):
             raise
-        raise InputError(f"{path}: {exc.message}", exc.hint) from exc
+        raise exc.about(str(path))

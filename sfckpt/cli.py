@@ -7,6 +7,7 @@ usage. torch is imported only when a command runs, so --help is instant.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import signal
@@ -14,37 +15,35 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import click
 
 from . import __version__, inputs, limits, textout
-from .errors import InputError, SfckptError
+from .conventions import EXIT_INTERRUPTED, INTERRUPTED, JSON_VERSION, OUTPUT_DTYPES, error_document
+from .cli_words import in_cli_words
+from .errors import SfckptError
+from .options import Options
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
-
-
-def error_document(message: str, hint: str | None, exit_code: int = EXIT_ERROR) -> dict[str, Any]:
-    """What --json prints on stdout when a command fails, so that machines get a document either way."""
-    return {"version": 1, "error": {"message": message, "hint": hint, "exit_code": exit_code}}
 
 
 MAX_MESSAGE = 800  # characters of an error message (and of its hint): an input can put anything in one
 
 
-def _fail(message: str, hint: str | None = None, as_json: bool | None = None) -> None:
+def _fail(message: str, hint: str | None = None, as_json: bool | None = None, exit_code: int = EXIT_ERROR) -> None:
     message = message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + "…"
     hint = hint if hint is None or len(hint) <= MAX_MESSAGE else hint[:MAX_MESSAGE] + "…"
     if as_json is None:  # inside a command: its own --json decides
         ctx = click.get_current_context(silent=True)
         as_json = bool(ctx is not None and ctx.params.get("as_json"))
     if as_json:
-        textout.echo_json(error_document(message, hint))
+        textout.echo_json(error_document(message, hint, exit_code))
     line = message + (f"; {hint}" if hint else "")
     textout.echo_line(f"error: {line}", err=True)
     if textout.github_actions():  # on stderr: stdout may be a JSON document
         textout.annotate_error("sfckpt", line, err=True)
-    sys.exit(EXIT_ERROR)
+    sys.exit(exit_code)
 
 
 class _Interrupts:
@@ -84,14 +83,15 @@ def handle_errors(func: Callable) -> Callable:
         except SfckptError as exc:
             if os.environ.get("SFCKPT_DEBUG") == "1":
                 _traceback()
-            _fail(exc.message, exc.hint)
+            message, hint = in_cli_words(exc)
+            _fail(message, hint, exit_code=exc.exit_code)
         except KeyboardInterrupt:
             handler.seen = True
             ctx = click.get_current_context(silent=True)
             if ctx is not None and ctx.params.get("as_json"):
-                textout.echo_json(error_document("interrupted; nothing was written", None, 130))
-            textout.echo("error: interrupted; nothing was written", err=True)
-            sys.exit(130)
+                textout.echo_json(error_document(INTERRUPTED, None, EXIT_INTERRUPTED))
+            textout.echo(f"error: {INTERRUPTED}", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         except MemoryError:
             _fail("out of memory", "see docs/performance.md")
         except OSError as exc:  # the environment, not sfckpt: a path, a permission, a full disk
@@ -135,18 +135,31 @@ def load_options(func: Callable) -> Callable:
     return func
 
 
-def _reconstruction(ckpt_path: Path, model_key, optimizer_key, strip_prefix, family, beta, params_are, param_order,
-                    twins="auto", dtype=None, require_beta=True):
+# click's name of a parameter -> the `Options` field it sets, where the two differ
+_FIELDS = {"family": "optimizer", "model_spec": "bn_model", "device": "bn_device"}
+_OPTION_FIELDS = frozenset(Options.__dataclass_fields__)
+
+
+def takes_options(func: Callable) -> Callable:
+    """Gather a command's parameters that are `Options` fields into one `options` argument (inside
+    handle_errors: reading the --param-order file may fail)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **params):
+        chosen = {_FIELDS.get(k, k): params.pop(k) for k in list(params) if _FIELDS.get(k, k) in _OPTION_FIELDS}
+        if chosen.get("param_order") is not None:
+            text = inputs.read_text(chosen["param_order"], limits.TEXT_BYTES, "--param-order", confined=False)
+            chosen["param_order"] = [line.strip() for line in text.splitlines() if line.strip()]
+        return func(*args, options=Options(**chosen), **params)
+
+    return wrapper
+
+
+def _reconstruction(ckpt_path: Path, options: Options):
     from .checkpoint import load
     from .reconstruct import reconstruct
 
-    order = None
-    if param_order is not None:
-        text = inputs.read_text(param_order, limits.TEXT_BYTES, "--param-order", confined=False)
-        order = [line.strip() for line in text.splitlines() if line.strip()]
-    ckpt = load(ckpt_path, model_key=model_key, optimizer_key=optimizer_key, strip_prefix=strip_prefix)
-    return reconstruct(ckpt, optimizer=family, beta=beta, params_are=params_are, param_order=order, dtype=dtype,
-                       twins=twins, require_beta=require_beta)
+    return reconstruct(load(ckpt_path, options=options), options=options)
 
 
 @contextlib.contextmanager
@@ -168,10 +181,6 @@ def _progress(total: int, label: str, enabled: bool, unit: str = "bytes"):
         yield bar.update
     finally:
         bar.close()
-
-
-def _reconstruction_at(load_kw: dict, path: Path):
-    return _reconstruction(path, **load_kw)
 
 
 def _warn(messages: list[str], quiet: bool = False) -> None:
@@ -202,8 +211,8 @@ class OneLineErrors(click.Group):
         except click.ClickException as exc:
             _fail(exc.format_message().rstrip("."), None, as_json="--json" in args)
         except click.Abort:
-            textout.echo("error: interrupted; nothing was written", err=True)
-            sys.exit(130)
+            textout.echo(f"error: {INTERRUPTED}", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 
@@ -222,14 +231,15 @@ def main() -> None:
 @click.option("--scan", is_flag=True, help="Also read tensor data to count NaN/Inf in y, z and x.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @handle_errors
-def inspect(ckpt: Path, scan: bool, as_json: bool, **load_kw) -> None:
+@takes_options
+def inspect(ckpt: Path, scan: bool, as_json: bool, options: Options) -> None:
     """Show what a training checkpoint holds and how x would be made from it.
 
     Reads only metadata (no tensor data) unless --scan is given.
     """
     from .inspection import describe
 
-    recon = _reconstruction(ckpt, require_beta=False, **load_kw)
+    recon = _reconstruction(ckpt, dataclasses.replace(options, require_beta=False))
     report = describe(recon, scan=scan)
     if as_json:
         textout.echo_json(report)
@@ -244,7 +254,7 @@ def inspect(ckpt: Path, scan: bool, as_json: bool, **load_kw) -> None:
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path())  # a str: a trailing "/" (a folder) must reach save()
 @load_options
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "float64"]), help="Cast floating tensors to this dtype after computing x.")
+@click.option("--dtype", type=click.Choice(OUTPUT_DTYPES), help="Cast floating tensors to this dtype after computing x.")
 @click.option("--max-shard-size", metavar="SIZE", help="In the folder OUT, shards of at most SIZE (e.g. 5GB) and model.safetensors.index.json; "
               "x smaller than SIZE stays one model.safetensors, as with Hugging Face.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -259,8 +269,8 @@ def inspect(ckpt: Path, scan: bool, as_json: bool, **load_kw) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors: no progress, BatchNorm table, summary or warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @handle_errors
-def convert(ckpt: Path, out: str, dtype, max_shard_size, force, allow_nonfinite, bn_calib, model_spec, bn_batch_size,
-            bn_batches, device, quiet, as_json, **load_kw) -> None:
+@takes_options
+def convert(ckpt: Path, out: str, quiet: bool, as_json: bool, options: Options) -> None:
     """Reconstruct x from CKPT and write it to OUT.
 
     OUT ending in .safetensors is one file; OUT ending in /, an existing
@@ -269,23 +279,23 @@ def convert(ckpt: Path, out: str, dtype, max_shard_size, force, allow_nonfinite,
     From a Keras checkpoint, OUT ending in .weights.h5 or .keras is a file
     Keras loads (model.load_weights, keras.models.load_model).
     """
+    from .options import wants_calibration
     from .save import save
 
-    if bool(bn_calib) != bool(model_spec):
-        raise InputError("--bn-calib and --model go together", "give both: the data, and the code that builds the model")
-    recon = _reconstruction(ckpt, dtype=dtype, **load_kw)
+    calibrating = wants_calibration(options)
+    recon = _reconstruction(ckpt, options)
     shifts = None
-    if bn_calib:
-        from .batchnorm import calibrate
+    if calibrating:
+        from .batchnorm import calibrate_with
 
-        with _progress(bn_batches or 0, "BatchNorm statistics", not (quiet or as_json), "batches") as update:
-            shifts = calibrate(recon, model_spec, bn_calib, bn_batch_size, bn_batches, device, update)
+        with _progress(options.bn_batches or 0, "BatchNorm statistics", not (quiet or as_json), "batches") as update:
+            shifts = calibrate_with(recon, options, update)
     total = sum(t.nbytes for t in recon.tensors)
     with _progress(total, "writing x", not (quiet or as_json)) as update:
-        paths = save(recon, out, force=force, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size, progress=update)
+        paths = save(recon, out, options=options, progress=update)
     _warn(recon.all_warnings(), quiet)  # after success, so that a failure is one line on stderr
     summary = {
-        "version": 1,
+        "version": JSON_VERSION,
         "source": str(ckpt),
         "outputs": [str(p) for p in paths],
         "optimizer_family": recon.family.name,
@@ -330,7 +340,8 @@ def convert(ckpt: Path, out: str, dtype, max_shard_size, force, allow_nonfinite,
 @click.option("--force", is_flag=True, help="Replace the --plot file if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @handle_errors
-def diff(a: Path, b: Path | None, top: int, sort: str, plot: Path | None, force: bool, as_json: bool, **load_kw) -> None:
+@takes_options
+def diff(a: Path, b: Path | None, top: int, sort: str, plot: Path | None, as_json: bool, options: Options) -> None:
     """Show the per-tensor gap between two weight sets.
 
     With one argument (a training checkpoint): its saved weights against its
@@ -346,13 +357,13 @@ def diff(a: Path, b: Path | None, top: int, sort: str, plot: Path | None, force:
     if plot is not None:
         from .plot import check_target
 
-        check_target(plot, force, [p for p in (a, b) if p is not None])
+        check_target(plot, options.force, [p for p in (a, b) if p is not None])
     if b is None:
-        recon = _reconstruction(a, **load_kw)
+        recon = _reconstruction(a, options)
         with _progress(sum(t.nbytes for t in recon.tensors), "comparing", not as_json) as update:
             report = diff_checkpoint(recon, update)
     else:
-        make = functools.partial(_reconstruction_at, load_kw)
+        make = functools.partial(_reconstruction, options=options)
         set_a, set_b = open_weights(a, make), open_weights(b, make)
         total = sum(r.nbytes for r in {**set_b.tensors, **set_a.tensors}.values())
         with _progress(total, "comparing", not as_json) as update:
@@ -360,7 +371,7 @@ def diff(a: Path, b: Path | None, top: int, sort: str, plot: Path | None, force:
     if plot is not None:
         from .plot import plot_gap
 
-        plot_gap(report, plot, force=force, inputs=[p for p in (a, b) if p is not None])
+        plot_gap(report, plot, force=options.force, inputs=[p for p in (a, b) if p is not None])
     if as_json:
         textout.echo_json(report)
     else:
@@ -377,7 +388,8 @@ def diff(a: Path, b: Path | None, top: int, sort: str, plot: Path | None, force:
 @click.option("--atol", type=float, default=0.0, help="Absolute tolerance (see --rtol).  [default: 0, exact]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report on stdout.")
 @handle_errors
-def check(weights: tuple[Path, ...], ckpt: Path, rtol: float, atol: float, as_json: bool, **load_kw) -> None:
+@takes_options
+def check(weights: tuple[Path, ...], ckpt: Path, rtol: float, atol: float, as_json: bool, options: Options) -> None:
     """Exit 0 if WEIGHTS are the checkpoint's x, 1 if not (e.g. they are y), 2 if undecidable.
 
     WEIGHTS: a safetensors file, a sharded index, a release folder, or several
@@ -391,7 +403,7 @@ def check(weights: tuple[Path, ...], ckpt: Path, rtol: float, atol: float, as_js
     from .tables import check_markdown, check_table
 
     released = union(released_weights(w) for w in weights)
-    recon = _reconstruction(ckpt, **load_kw)
+    recon = _reconstruction(ckpt, options)
     with _progress(sum(t.nbytes for t in recon.tensors), "checking", not as_json) as update:
         report = check_release(released, recon, rtol=rtol, atol=atol, progress=update)
     if as_json:

@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .errors import InputError
+from .errors import InputError, NotScheduleFree, Opt, OptionConflict, Words
 
 
 @dataclass(frozen=True)
@@ -348,7 +348,8 @@ def get(name: str) -> Family:
     try:
         return BY_NAME[name]
     except KeyError:
-        raise InputError(f"unknown optimizer family '{name}'", f"choose one of: {', '.join(BY_NAME)}") from None
+        raise OptionConflict(f"unknown optimizer family '{name}'", f"choose one of: {', '.join(BY_NAME)}",
+                             option="optimizer") from None
 
 
 def detect(groups: list[Mapping[str, Any]], state_keys: set[str], layout: str = "standard") -> Family:
@@ -362,18 +363,19 @@ def detect(groups: list[Mapping[str, Any]], state_keys: set[str], layout: str = 
     if not found:
         _refuse_if_not_schedule_free(groups, group_keys, state_keys, layout)
     if not found and "z" not in state_keys:
-        raise InputError(
+        raise NotScheduleFree(
             f"the optimizer state holds no Schedule-Free z ({seen})",
             "this is not a Schedule-Free checkpoint, or no step was taken; there is no x to reconstruct",
         )
     if not found:
         raise InputError(
             f"the optimizer state has a z but matches no known Schedule-Free family ({seen})",
-            "pass --optimizer FAMILY, --beta and --params-are y|x to say how it was trained",
+            "pass " + Opt("optimizer", usage=True) + ", " + Opt("beta") + " and " + Opt("params_are", usage=True)
+            + " to say how it was trained",
         )
     raise InputError(
         f"the optimizer state matches several families ({', '.join(f.name for f in found)})",
-        "pass --optimizer FAMILY",
+        "pass " + Opt("optimizer", usage=True),
     )
 
 
@@ -382,14 +384,14 @@ def _refuse_if_not_schedule_free(groups, group_keys: set[str], state_keys: set[s
     for f in FAMILIES:
         if (f.switch_key and f.layout == layout and groups and f.group_has <= group_keys
                 and not any(g.get(f.switch_key) for g in groups)):
-            raise InputError(
+            raise NotScheduleFree(
                 f"{f.classes[0]} ({f.library}) was run with {f.switch_key}=False: that is not Schedule-Free, "
                 "so there is no x to reconstruct",
                 "its parameters already are the trained weights: release them as saved",
             )
     for look in LOOKALIKES:
         if look.matches(layout, group_keys, state_keys):
-            raise InputError(
+            raise NotScheduleFree(
                 f"this looks like {look.library} {', '.join(look.classes)}, which is not Schedule-Free: {look.why}",
                 "sfckpt only reconstructs Schedule-Free x; release the weights the way that optimizer's documentation says",
             )
@@ -417,14 +419,15 @@ def as_float(value: Any) -> float | None:
         return None
 
 
-def check_beta(beta: Any, where: str) -> float:
-    """β as a float in (0, 1), or an InputError naming where it came from."""
+def check_beta(beta: Any, where: Words) -> float:
+    """β as a float in (0, 1), or an InputError naming where it came from (a saved key, or the option)."""
+    at = where if isinstance(where, str) else None
+    wrong = "Schedule-Free needs 0 < β < 1; pass " + Opt("beta") + " if the saved value is wrong"
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise InputError(f"{where}: β is {beta!r}, not a number", "pass --beta to give it")
+        raise InputError(where + f": β is {beta!r}, not a number", "pass " + Opt("beta") + " to give it", where=at)
     if as_float(beta) is None:
-        raise InputError(f"{where}: β is an integer of {beta.bit_length()} bits, outside (0, 1)",
-                         "Schedule-Free needs 0 < β < 1; pass --beta if the saved value is wrong")
+        raise InputError(where + f": β is an integer of {beta.bit_length()} bits, outside (0, 1)", wrong, where=at)
     beta = float(beta)
     if not math.isfinite(beta) or not 0.0 < beta < 1.0:
-        raise InputError(f"{where}: β = {beta} is outside (0, 1)", "Schedule-Free needs 0 < β < 1; pass --beta if the saved value is wrong")
+        raise InputError(where + f": β = {beta} is outside (0, 1)", wrong, where=at)
     return beta

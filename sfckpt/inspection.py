@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from typing import Any, Iterable
 
-from .reconstruct import Reconstruction
-from .tensors import count_nonfinite
-
-REPORT_VERSION = 1
+from .conventions import JSON_VERSION
+from .reconstruct import GroupReport, Reconstruction
+from .tensors import TensorRef, count_nonfinite
 
 
 def _plain(value: Any) -> Any:
@@ -26,16 +25,10 @@ def describe(recon: Reconstruction, scan: bool = False) -> dict[str, Any]:
     nothing but metadata is read.
     """
     ckpt = recon.checkpoint
-    by_dtype: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "elements": 0, "bytes": 0})
-    for ref in ckpt.weights.values():
-        d = by_dtype[ref.dtype]
-        d["tensors"] += 1
-        d["elements"] += ref.numel
-        d["bytes"] += ref.nbytes
     fam = recon.family
     bn = recon.batchnorm_buffers
     report: dict[str, Any] = {
-        "version": REPORT_VERSION,
+        "version": JSON_VERSION,
         "path": str(ckpt.path),
         "container": ckpt.container,
         "keys": {
@@ -59,31 +52,8 @@ def describe(recon: Reconstruction, scan: bool = False) -> dict[str, Any]:
             for o in recon.optimizers
         ],
         "params_hold": recon.source_held,
-        "groups": [
-            {
-                "index": g.index,
-                "beta": g.beta,
-                "beta_source": g.beta_source,
-                "lr": _plain(g.lr),
-                "weight_decay": _plain(g.weight_decay),
-                "warmup_steps": _plain(g.warmup_steps),
-                "step": _plain(g.step),
-                "weight_sum": _plain(g.weight_sum),
-                "train_mode": _plain(g.train_mode),
-                "params_hold": g.params_hold,
-                "params_hold_source": g.params_hold_source,
-                "params": g.n_params,
-                "params_with_z": g.n_with_z,
-                "optimizer": g.optimizer,
-            }
-            for g in recon.groups
-        ],
-        "tensors": {
-            "count": len(ckpt.weights),
-            "elements": sum(d["elements"] for d in by_dtype.values()),
-            "bytes": sum(d["bytes"] for d in by_dtype.values()),
-            "by_dtype": dict(sorted(by_dtype.items())),
-        },
+        "groups": [_group_json(g) for g in recon.groups],
+        "tensors": _tensor_totals(ckpt.weights.values()),
         "mapping": {
             **recon.mapping.as_json(),
             "optimizer_entries": recon.n_entries,
@@ -99,6 +69,42 @@ def describe(recon: Reconstruction, scan: bool = False) -> dict[str, Any]:
         "hints": _hints(recon),
     }
     return report
+
+
+def _group_json(g: GroupReport) -> dict[str, Any]:
+    """One parameter group of the report."""
+    return {
+        "index": g.index,
+        "beta": g.beta,
+        "beta_source": g.beta_source,
+        "lr": _plain(g.lr),
+        "weight_decay": _plain(g.weight_decay),
+        "warmup_steps": _plain(g.warmup_steps),
+        "step": _plain(g.step),
+        "weight_sum": _plain(g.weight_sum),
+        "train_mode": _plain(g.train_mode),
+        "params_hold": g.params_hold,
+        "params_hold_source": g.params_hold_source,
+        "params": g.n_params,
+        "params_with_z": g.n_with_z,
+        "optimizer": g.optimizer,
+    }
+
+
+def _tensor_totals(refs: Iterable[TensorRef]) -> dict[str, Any]:
+    """How many tensors, elements and bytes the weights hold, in all and per dtype."""
+    by_dtype: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "elements": 0, "bytes": 0})
+    for ref in refs:
+        d = by_dtype[ref.dtype]
+        d["tensors"] += 1
+        d["elements"] += ref.numel
+        d["bytes"] += ref.nbytes
+    return {
+        "count": sum(d["tensors"] for d in by_dtype.values()),
+        "elements": sum(d["elements"] for d in by_dtype.values()),
+        "bytes": sum(d["bytes"] for d in by_dtype.values()),
+        "by_dtype": dict(sorted(by_dtype.items())),
+    }
 
 
 def _hints(recon: Reconstruction) -> list[str]:

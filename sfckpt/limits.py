@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .errors import InputError
+from .errors import InputError, LimitExceeded
 
 MiB = 1 << 20
 UNLIMITED = 1 << 62
@@ -44,10 +44,10 @@ class Limit:
         # Past 2**62 no size, count or width an input can hold is larger: the limit is off
         return int(min(number, self.ceiling))
 
-    def exceeded(self, message: str) -> InputError:
+    def exceeded(self, message: str) -> LimitExceeded:
         """The error for an input past this limit."""
-        return InputError(message, f"if the input is trusted and really this large, raise the limit with {self.env}=N "
-                                   f"(now {self.value}; {self.what})")
+        return LimitExceeded(message, f"if the input is trusted and really this large, raise the limit with {self.env}=N "
+                                      f"(now {self.value}; {self.what})", env=self.env)
 
 
 # Python objects a pickle (torch.save's data.pkl, DCP metadata) may expand to, counting shared

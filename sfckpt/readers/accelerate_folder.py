@@ -47,7 +47,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import DamagedInput, InputError
 from .base import LoadRequest, Opened, Reader, Release
 from .safetensors_file import read_safetensors
 
@@ -152,7 +152,7 @@ def load_object(path: Path) -> tuple[dict[str, Any], list[str]]:
         value, classes = load_torch(f)
         unloaded.update(classes)
         if not isinstance(value, dict):
-            raise InputError(f"{f} holds a {type(value).__name__}, not a state dict", "the folder is damaged")
+            raise DamagedInput(f"{f} holds a {type(value).__name__}, not a state dict", "the folder is damaged")
         obj[key] = value
     return obj, sorted(unloaded)
 

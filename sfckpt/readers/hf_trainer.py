@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import inputs, limits
-from ..errors import InputError
+from ..conventions import INDEX_NAME, SINGLE_NAME
+from ..errors import DamagedInput, InputError, Opt
 from .base import LoadRequest, Opened, ParameterOrder, Reader, Release
-from .safetensors_file import INDEX_NAME, SINGLE_NAME
 
 OPTIMIZER_NAME = "optimizer.pt"
 STATE_NAME = "trainer_state.json"
 BIN_NAME = "pytorch_model.bin"
-ORDER_HINT = "pass --param-order FILE with the parameter names in optimizer order"
+ORDER_HINT = "pass " + Opt("param_order", usage=True) + " with the parameter names in optimizer order"
 # Files a release folder needs beside the weights (copied as they are).
 RELEASE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -45,7 +45,7 @@ def read_weights(path: Path):
     if (path / BIN_NAME).is_file():
         weights, unloaded = load_torch(path / BIN_NAME)
         if not isinstance(weights, dict):
-            raise InputError(f"{path / BIN_NAME} holds a {type(weights).__name__}, not a state dict", "the checkpoint folder is damaged")
+            raise DamagedInput(f"{path / BIN_NAME} holds a {type(weights).__name__}, not a state dict", "the checkpoint folder is damaged")
         return weights, unloaded
     raise InputError(f"{path}: no {SINGLE_NAME}, {INDEX_NAME} or {BIN_NAME}", "the checkpoint folder is incomplete")
 
@@ -85,11 +85,11 @@ def parameter_order(path: Path) -> tuple[list[str], list[set[str]]]:
     except ImportError:
         raise InputError(
             f"{path} is a Hugging Face Trainer checkpoint; matching its optimizer state to the weights needs transformers",
-            "pip install 'sfckpt[hf]' (or pass --param-order FILE)",
+            "pip install 'sfckpt[hf]' (or pass " + Opt("param_order", usage=True) + ")",
         ) from None
     if not (path / "config.json").is_file():
         raise InputError(f"{path} has optimizer.pt but no config.json to rebuild the parameter order from",
-                         "copy config.json into the folder, or pass --param-order FILE")
+                         "copy config.json into the folder, or pass " + Opt("param_order", usage=True))
     config = load_config(path)
     archs = getattr(config, "architectures", None) or [None]
     model_cls = hf_model.model_class(archs[0], config, f"{path}/config.json", ORDER_HINT)
@@ -120,6 +120,6 @@ class TrainerReader(Reader):
                 order = ParameterOrder(tuple(names), tuple(frozenset(d) for d in domains),
                                        "the Hugging Face Trainer's grouping (model rebuilt from config.json)")
             except InputError as exc:  # said only if the mapping needs the order (see reconstruct)
-                order = ParameterOrder(missing=exc.message, missing_hint=exc.hint)
+                order = ParameterOrder(missing=exc.text, missing_hint=exc.fix)
         return Opened(obj, sorted(set(unloaded) | set(opt_unloaded)), self.name, order=order,
                       release=Release(RELEASE_FILES))
