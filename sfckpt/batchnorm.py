@@ -165,20 +165,28 @@ def calibration_batches(data: str, batch_size: int) -> Iterator[_Args]:
         loader = resolve(str(data), "--bn-calib")
         if callable(loader):
             loader = loader()
-        if not isinstance(loader, Iterable):
-            raise InputError(f"--bn-calib '{data}' gave a {type(loader).__name__}, not an iterable of batches",
-                             "return a DataLoader or another iterable")
-        for batch in loader:
-            if isinstance(batch, (list, tuple)):
-                batch = batch[0]
-            if isinstance(batch, dict):
-                yield _Args(kwargs=batch)
-            elif isinstance(batch, torch.Tensor):
-                yield _Args((batch,))
-            else:
-                raise InputError(f"--bn-calib '{data}' yielded a {type(batch).__name__}", "batches must be tensors, tuples or dicts")
+        yield from loader_batches(loader, f"--bn-calib '{data}'")
     else:
         raise InputError(f"calibration data '{data}' does not exist", "give a .pt/.safetensors/.npy file, a folder, or module:callable")
+
+
+def loader_batches(loader: Any, what: str) -> Iterator[_Args]:
+    """The batches of a DataLoader (or any iterable) as update_bn reads them: a list/tuple batch's first
+    element is the input (the usual (inputs, labels) pair); a dict batch is passed as keyword inputs."""
+    import torch
+
+    if not isinstance(loader, Iterable):
+        raise InputError(f"{what} gave a {type(loader).__name__}, not an iterable of batches",
+                         "return a DataLoader or another iterable")
+    for batch in loader:
+        if isinstance(batch, (list, tuple)):
+            batch = batch[0]
+        if isinstance(batch, dict):
+            yield _Args(kwargs=batch)
+        elif isinstance(batch, torch.Tensor):
+            yield _Args((batch,))
+        else:
+            raise InputError(f"{what} yielded a {type(batch).__name__}", "batches must be tensors, tuples or dicts")
 
 
 def _as_args(batch: Any) -> _Args:
@@ -228,27 +236,36 @@ def calibrate(recon: Reconstruction, model_spec: str, data: str, batch_size: int
               device: str = "cpu", progress: Callable[[int], None] | None = None) -> list[LayerShift]:
     """Re-estimate the BatchNorm statistics of x on `data`; the new buffers replace the old in `recon`."""
     import torch
-    from torch.optim.swa_utils import update_bn
 
     if batch_size < 1:
         raise InputError("--bn-batch-size must be at least 1", "")
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available", "use --device cpu")
-    model = build_model(model_spec)
+    batches = calibration_batches(data, batch_size)
+    if max_batches is not None:
+        batches = itertools.islice(batches, max_batches)
+    return calibrate_model(recon, build_model(model_spec), batches, f"--model '{model_spec}'", f"calibration data '{data}'",
+                           device, progress)
+
+
+def calibrate_model(recon: Reconstruction, model, batches: Iterable[_Args], model_name: str, data_name: str,
+                    device: str = "cpu", progress: Callable[[int], None] | None = None) -> list[LayerShift]:
+    """Load x into `model` (changed in place: pass a copy), run `batches` through it with update_bn, and
+    put the re-estimated BatchNorm statistics into `recon`."""
+    import torch
+    from torch.optim.swa_utils import update_bn
+
     x = recon.state_dict()
     try:
         model.load_state_dict(x, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()
-        raise InputError(f"--model '{model_spec}' does not match the checkpoint: {' '.join(first[1:3]).strip() or first[0]}"[:500],
+        raise InputError(f"{model_name} does not match the checkpoint: {' '.join(first[1:3]).strip() or first[0]}"[:500],
                          "point --model at the architecture the checkpoint was trained with (and --strip-prefix if names differ)") from None
     bn_layers = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
     if not bn_layers:
-        raise InputError(f"--model '{model_spec}' has no BatchNorm layers", "--bn-calib is only needed for models with BatchNorm")
+        raise InputError(f"{model_name} has no BatchNorm layers", "--bn-calib is only needed for models with BatchNorm")
     model.to(device)
-    batches = calibration_batches(data, batch_size)
-    if max_batches is not None:
-        batches = itertools.islice(batches, max_batches)
 
     def counted() -> Iterator[_Args]:
         seen = 0
@@ -258,7 +275,7 @@ def calibrate(recon: Reconstruction, model_spec: str, data: str, batch_size: int
                 progress(1)
             yield batch.to(device)
         if not seen:
-            raise InputError(f"calibration data '{data}' holds no samples", "")
+            raise InputError(f"{data_name} holds no samples", "")
 
     try:
         with torch.no_grad():

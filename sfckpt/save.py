@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 from . import inputs, writer
 from .errors import InputError, OutputError
@@ -19,6 +19,8 @@ def save(
     allow_nonfinite: bool = False,
     max_shard_size: int | str | None = None,
     progress: Callable[[int], None] | None = None,
+    metadata: Mapping[str, str] | None = None,
+    extra_files: Sequence[inputs.InputFile] = (),
 ) -> list[Path]:
     """Write x. A path ending in `.safetensors` gets one file; a path ending in `/`, an
     existing folder or a name without a suffix is a folder holding `model.safetensors`, or
@@ -26,7 +28,8 @@ def save(
     any other name (`model.safetensor`, `out.pt`) is refused.
 
     Nothing is written if any x is non-finite (unless `allow_nonfinite`), and an
-    existing output is kept unless `force`.
+    existing output is kept unless `force`. `metadata` is added to the file's own (provenance), and
+    `extra_files` (opened through the input gate) are copied into a folder release.
 
     Returns:
         The paths written.
@@ -46,7 +49,7 @@ def save(
 
     def produce(spec: writer.Spec):
         item = by_name[spec.name]
-        x = item.compute()
+        x = item.compute().cpu()  # computed where the tensors live (a model in memory may be on a GPU)
         if not allow_nonfinite:
             bad = count_nonfinite(x)
             if bad:
@@ -57,14 +60,14 @@ def save(
                 )
         return x
 
-    metadata = recon.metadata()
+    metadata = {**recon.metadata(), **(metadata or {})}
     if isinstance(max_shard_size, str):
         max_shard_size = writer.parse_size(max_shard_size)
     if out.suffix == ".safetensors":
         if max_shard_size:
             raise OutputError("--max-shard-size needs a folder as output", f"write to {out.with_suffix('')}/ instead")
         return [writer.write_file(out, specs, produce, metadata, force, progress)]
-    copies: list[Path] = []
+    copies = list(extra_files)
     if recon.checkpoint.release_note and recon.checkpoint.release_note not in recon.warnings:
         recon.warnings.append(recon.checkpoint.release_note)  # said once, however often the plan is saved
     if recon.checkpoint.container in ("peft-adapter", "peft-adapter-fsdp"):
@@ -73,15 +76,15 @@ def save(
 
         if max_shard_size:
             raise OutputError("PEFT loads an adapter from one file; --max-shard-size does not apply", "leave it out")
-        copies = []  # a sharded save has no adapter config of its own: one found there may be another run's
+        copies = list(extra_files)  # a sharded save has no adapter config of its own: one found there may be another run's
         if recon.checkpoint.container != "peft-adapter-fsdp" or (src / peft_adapter.SAFE_NAME).is_file():
-            copies = inputs.side_files(src, peft_adapter.RELEASE_FILES, recon.checkpoint.root)
+            copies += inputs.side_files(src, peft_adapter.RELEASE_FILES, recon.checkpoint.root)
         return writer.write_folder(out, specs, produce, metadata, force, progress, None, copies, peft_adapter.SAFE_NAME)
     if recon.checkpoint.container in ("huggingface-trainer", "huggingface-trainer-fsdp", "deepspeed"):
         # config.json, generation_config.json and tokenizer files, so `from_pretrained(out)` works
         from .readers.hf_trainer import RELEASE_FILES
 
-        copies = inputs.side_files(src, RELEASE_FILES, recon.checkpoint.root)
+        copies += inputs.side_files(src, RELEASE_FILES, recon.checkpoint.root)
     return writer.write_folder(out, specs, produce, metadata, force, progress, max_shard_size, copies)
 
 
@@ -94,7 +97,7 @@ def convert(src: str | Path, out: str | Path, **options) -> list[Path]:
     from .reconstruct import reconstruct
 
     load_keys = {"model_key", "optimizer_key", "strip_prefix"}
-    save_keys = {"force", "allow_nonfinite", "max_shard_size", "progress"}
+    save_keys = {"force", "allow_nonfinite", "max_shard_size", "progress", "metadata", "extra_files"}
     ckpt = load(src, **{k: v for k, v in options.items() if k in load_keys})
     recon = reconstruct(ckpt, **{k: v for k, v in options.items() if k not in load_keys | save_keys})
     return save(recon, out, **{k: v for k, v in options.items() if k in save_keys})
