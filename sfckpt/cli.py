@@ -317,6 +317,33 @@ def convert(ckpt: Path, out: str, dtype, max_shard_size, force, allow_nonfinite,
         textout.echo_line(f"wrote {', '.join(map(str, paths))} ({families_used}; {what})", err=True)
 
 
+@main.command(short_help="Convert each checkpoint a training run writes, once its save is complete.")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the releases (one per checkpoint, "
+              "named after it).")
+@click.option("--interval", type=float, default=10.0, show_default=True, help="Seconds between two looks at RUN_DIR.")
+@click.option("--once", is_flag=True, help="Convert what is complete now (two looks --interval apart) and stop.")
+@click.option("--strip-prefix", metavar="PREFIX", help="Remove PREFIX from weight names (Lightning: model.).")
+@click.option("--bn-calib", metavar="DATA", help="Re-estimate BatchNorm statistics at x on DATA, as convert does.")
+@click.option("--model", "model_spec", metavar="SPEC", help="With --bn-calib: file.py:callable returning the nn.Module.")
+@handle_errors
+def watch(run_dir: Path, out: Path, interval: float, once: bool, strip_prefix, bn_calib, model_spec) -> None:
+    """Convert every checkpoint written into RUN_DIR, exactly once, when its save is complete.
+
+    Runs until Ctrl-C (exit 130), or with --once until what is there now is converted.
+    Releases already in --out are skipped, so a watch can be restarted.
+    """
+    from .watch import start
+
+    if bool(bn_calib) != bool(model_spec):
+        raise InputError("--bn-calib and --model go together", "give both: the data, and the code that builds the model")
+    failures = start(run_dir, out, interval, once, strip_prefix, bn_calib, model_spec,
+                     lambda line: textout.echo_line(line, err=True))
+    if failures:
+        raise InputError(f"{failures} checkpoint{'s' if failures != 1 else ''} in {run_dir} could not be converted "
+                         "(see the warnings above)", "fix them and run the watch again: what was written is kept")
+
+
 @main.command(short_help="Show the per-tensor gap between two weight sets (or y and x).")
 @click.argument("a", type=click.Path(path_type=Path))
 @click.argument("b", type=click.Path(path_type=Path), required=False)

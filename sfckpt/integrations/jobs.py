@@ -39,13 +39,13 @@ class ConversionFailed(RuntimeError):
 
 
 def convert_folder(src: Path, out: Path, metadata: Mapping[str, str], force: bool = True,
-                   recalibrate: Callable[[Any], None] | None = None) -> None:
+                   recalibrate: Callable[[Any], None] | None = None, strip_prefix: str | None = None) -> None:
     """`sfckpt convert src out` with provenance metadata, and BatchNorm re-estimation when given."""
     from ..checkpoint import load
     from ..reconstruct import reconstruct
     from ..save import save
 
-    recon = reconstruct(load(src))
+    recon = reconstruct(load(src, strip_prefix=strip_prefix))
     if recalibrate is not None:
         recalibrate(recon)
     save(recon, out, force=force, metadata=dict(metadata))

@@ -177,3 +177,15 @@ def _two_saves(path: Path, one: Path, other: str) -> None:
     raise InputError(f"{path}: holds both {one.name} and {other}, from two saves of different kinds (sharded and "
                      "full state dict) into one folder; which one is newer cannot be told",
                      "move the older files out of the folder, or save each checkpoint into a folder of its own")
+
+
+def save_complete(path: Path) -> bool:
+    """Whether `Accelerator.save_state` is finished: it writes each process's `random_states_N.pkl`
+    after the models and optimizers (main process: `random_states_0.pkl`), and every file and
+    sharded (DCP) sub-folder is whole."""
+    from .completeness import files_complete
+    from .dcp_folder import save_complete as dcp_complete
+
+    if not (path / "random_states_0.pkl").is_file() or not files_complete(path):
+        return False
+    return all(dcp_complete(p) for p in path.iterdir() if p.is_dir() and any(p.glob("*.distcp")))

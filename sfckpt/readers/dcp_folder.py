@@ -398,3 +398,12 @@ def _lists(node: Any, key: Any = None) -> Any:
     if key != "state" and node and all(isinstance(k, int) for k in node) and sorted(node) == list(range(len(node))):
         return [node[i] for i in range(len(node))]
     return node
+
+
+def save_complete(path: Path) -> bool:
+    """Whether a torch.distributed.checkpoint save is finished: the coordinator writes `.metadata`
+    once every rank's `.distcp` files are written."""
+    try:
+        return (path / ".metadata").is_file() and (path / ".metadata").stat().st_size > 0
+    except OSError:
+        return False

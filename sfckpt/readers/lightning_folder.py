@@ -67,3 +67,11 @@ def load_object(path: Path) -> tuple[dict[str, Any], list[str], list[str]]:
     notes = [f"Lightning FSDP sharded checkpoint: {len(shards)} shard file{'s' * (len(shards) != 1)}"
              + (f"; {META_NAME}: {progress}" if progress else "")]
     return obj, sorted(set(folder.opaque) | set(meta_unloaded)), notes
+
+
+def save_complete(path: Path) -> bool:
+    """Whether Lightning's sharded save is finished: rank 0 writes `meta.pt` after the DCP save."""
+    from .completeness import zip_complete
+    from .dcp_folder import save_complete as dcp_complete
+
+    return dcp_complete(path) and zip_complete(path / META_NAME)

@@ -464,3 +464,10 @@ class TorchArchive:
             name_len, extra_len = struct.unpack("<HH", header[26:30])
             self._offsets[info.filename] = info.header_offset + 30 + name_len + extra_len
         return self._offsets[info.filename]
+
+
+def save_complete(path: Path) -> bool:
+    """Whether a torch.save file is finished: torch writes the zip's central directory last."""
+    from .completeness import zip_complete
+
+    return zip_complete(path)
