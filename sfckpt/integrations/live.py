@@ -14,7 +14,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from .. import inputs, layout
 from ..checkpoint import Checkpoint
@@ -84,27 +84,35 @@ def _refuse_sharded(tensors: Iterable[Any]) -> None:
                              "save a checkpoint with the framework and convert it: sfckpt.convert(checkpoint, out)")
 
 
-def live_checkpoint(model: Any, optimizer: Any) -> tuple[Checkpoint, list[str]]:
-    """A `Checkpoint` over the live objects, and the optimizer's parameters by name, in its order."""
-    model, optimizer = unwrap_model(model), unwrap_optimizer(optimizer)
-    weights = model.state_dict()
-    _refuse_sharded(weights.values())
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = []
-    for g, group in enumerate(optimizer.param_groups):
+def _named_state(optimizer: Any, names: Mapping[int, str], model: Any) -> dict[str, Any]:
+    """The optimizer's state_dict over references, each group with the names of its parameters in the model."""
+    saved = optimizer.state_dict()
+    groups = []
+    for g, (group, saved_group) in enumerate(zip(optimizer.param_groups, saved["param_groups"])):
         for i, p in enumerate(group["params"]):
             if id(p) not in names:
                 raise InputError(f"parameter {i} of optimizer group {g} (shape {tuple(p.shape)}) is not a "
                                  f"parameter of the {type(model).__name__} given",
                                  "pass the model the optimizer trains (release one model per optimizer)")
-            order.append(names[id(p)])
-    obj = {"model": {k: _ref(v) for k, v in weights.items()}, "optimizer": _refs(optimizer.state_dict())}
-    found = layout.find(obj, "model", "optimizer")
-    ckpt = Checkpoint(path=Path(LIVE_SOURCE), container="in memory", weights=found.weights,
-                      optimizer=found.optimizer, model_key="model", optimizer_key="optimizer",
+        groups.append({**saved_group, "param_names": [names[id(p)] for p in group["params"]]})
+    return {"state": _refs(saved["state"]), "param_groups": groups}
+
+
+def live_checkpoint(model: Any, optimizers: Sequence[Any]) -> Checkpoint:
+    """A `Checkpoint` over the live objects: the model's state dict, and each optimizer's state with the
+    names of its parameters (known here by identity, so the mapping needs no order)."""
+    model = unwrap_model(model)
+    weights = model.state_dict()
+    _refuse_sharded(weights.values())
+    names = {id(p): n for n, p in model.named_parameters()}
+    obj: dict[str, Any] = {"model": {k: _ref(v) for k, v in weights.items()}}
+    for k, optimizer in enumerate(optimizers):
+        obj["optimizer" if k == 0 else f"optimizer_{k}"] = _named_state(unwrap_optimizer(optimizer), names, model)
+    found = layout.find(obj, "model", "optimizer" if len(optimizers) == 1 else None)
+    return Checkpoint(path=Path(LIVE_SOURCE), container="in memory", weights=found.weights,
+                      optimizer=found.optimizer, model_key="model", optimizer_key=found.optimizer_key,
                       model_candidates=found.model_candidates, optimizer_candidates=found.optimizer_candidates,
                       top_level_keys=list(obj), optimizers=found.optimizers, models=found.models)
-    return ckpt, order
 
 
 def _config_copy(model: Any, folder: Path) -> list[inputs.InputFile]:
@@ -142,8 +150,7 @@ def release(model: Any, optimizer: Any, path: str | Path, *, force: bool = False
     from ..reconstruct import reconstruct
     from ..save import save
 
-    ckpt, order = live_checkpoint(model, optimizer)
-    recon = reconstruct(ckpt, beta=beta, param_order=order)
+    recon = reconstruct(live_checkpoint(model, [optimizer]), beta=beta)
     if bn_loader is not None:
         from . import calibration
 
