@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .. import inputs, layout
 from ..checkpoint import Checkpoint
-from ..errors import InputError
+from ..errors import InputError, speaks_api
 from ..tensors import TensorRef
 
 LIVE_SOURCE = "<model in memory>"  # what the release's sfckpt_source says: no file was read
@@ -125,6 +125,7 @@ def _config_copy(model: Any, folder: Path) -> list[inputs.InputFile]:
     return [inputs.open_user_file(path)]
 
 
+@speaks_api
 def release(model: Any, optimizer: Any, path: str | Path, *, force: bool = False, beta: float | None = None,
             bn_loader: Iterable[Any] | None = None, max_shard_size: int | str | None = None,
             metadata: Mapping[str, str] | None = None) -> list[Path]:
