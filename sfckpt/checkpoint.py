@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import inputs, layout as layout_mod
+from . import inputs, layout as layout_mod, provenance
 from .errors import InputError
 from .readers import hf_trainer, load_torch, sniff
 from .readers.accelerate_folder import is_accelerate_folder, load_object as load_accelerate_folder
@@ -55,6 +55,7 @@ class Checkpoint:
     order_error: Exception | None = None  # why the container's parameter order could not be rebuilt
     strip_prefix: str | None = None  # removed from weight names, and so from saved parameter names
     release_note: str | None = None  # what the release folder lacks to load (said again when it is written)
+    callbacks: list[str] = field(default_factory=list)  # a Lightning checkpoint's callback state keys (see provenance.py)
     root: inputs.Root | None = None  # where its files may lie, fixed when it was loaded (side files are read from it)
 
 
@@ -186,6 +187,7 @@ def _load(path: Path, model_key: str | None, optimizer_key: str | None, strip_pr
         skipped=found.skipped,
         unloaded_classes=unloaded,
         top_level_keys=[str(k) for k in obj] if isinstance(obj, Mapping) else [],
+        callbacks=provenance.callback_names(obj),
         # DCP data and gathered FSDP state dicts hold tied weights as separate copies
         ties_visible=container not in ("torch.distributed.checkpoint", "lightning-fsdp", "accelerate-fsdp",
                                        "huggingface-trainer-fsdp", "peft-adapter-fsdp"),
