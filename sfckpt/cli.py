@@ -337,8 +337,13 @@ def watch(run_dir: Path, out: Path, interval: float, once: bool, strip_prefix, b
 
     if bool(bn_calib) != bool(model_spec):
         raise InputError("--bn-calib and --model go together", "give both: the data, and the code that builds the model")
-    failures = start(run_dir, out, interval, once, strip_prefix, bn_calib, model_spec,
-                     lambda line: textout.echo_line(line, err=True))
+    try:
+        failures = start(run_dir, out, interval, once, strip_prefix, bn_calib, model_spec,
+                         lambda line: textout.echo_line(line, err=True))
+    except KeyboardInterrupt:
+        # Releases are written whole or not at all: those finished stay, one being written does not appear
+        textout.echo("stopped: the releases written so far are complete", err=True)
+        sys.exit(130)
     if failures:
         raise InputError(f"{failures} checkpoint{'s' if failures != 1 else ''} in {run_dir} could not be converted "
                          "(see the warnings above)", "fix them and run the watch again: what was written is kept")
