@@ -150,8 +150,6 @@ def calibration_batches(data: str, batch_size: int) -> Iterator[_Args]:
     keyword inputs. Loaders follow update_bn: a list/tuple batch's first element is the input
     (the usual (inputs, labels) pair); a dict batch is passed as keyword inputs.
     """
-    import torch
-
     path = Path(data)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES)

@@ -1,4 +1,8 @@
-"""Checkpoints whose mode flag may not describe their weights: what community callbacks leave behind.
+"""Where a release came from, and checkpoints whose mode flag may not describe their weights.
+
+Releases written by the integrations and `sfckpt watch` say in their safetensors metadata which
+checkpoint and training step they came from: the checkpoint's name, never a path (releases get
+uploaded, and a path tells where and by whom they were made).
 
 Schedule-Free callbacks written for Lightning and the Trainer switch the optimizer's mode around a
 save, and get the order wrong in known ways: one calls `eval()` inside `on_save_checkpoint`, after
@@ -8,7 +12,9 @@ flag, so `inspect` warns when a checkpoint shows such a callback's traces.
 """
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Any, Mapping
 
 # The top-level entry a community callback adds beside Lightning's own optimizer_states
@@ -16,6 +22,11 @@ COMMUNITY_KEY = "schedulefree_optimizer_state_dict"
 _SCHEDULE_FREE = re.compile(r"schedule[-_ ]?free|\bsf[-_]?callback", re.IGNORECASE)
 ADVICE = ("check which weights it holds (sfckpt diff, or sfckpt check against a trusted release) and pass "
           "--params-are y or --params-are x to say so")
+
+
+def release_metadata(checkpoint_name: str, step: Any) -> dict[str, str]:
+    """Metadata naming the checkpoint (its file or folder name only) and the training step of a release."""
+    return {"sfckpt_checkpoint": Path(checkpoint_name).name, "sfckpt_training_step": json.dumps(step)}
 
 
 def callback_names(obj: Any) -> list[str]:

@@ -147,11 +147,11 @@ class Watcher:
             self._convert(checkpoint, release, sig)
 
     def _convert(self, checkpoint: Path, release: Path, sig: Signature) -> None:
-        from .integrations.live import provenance
+        from .provenance import release_metadata
 
         release.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.convert(checkpoint, release, provenance(checkpoint.name, training_step(checkpoint)))
+            self.convert(checkpoint, release, release_metadata(checkpoint.name, training_step(checkpoint)))
         except SfckptError as exc:
             self.failed[checkpoint] = sig
             self.report(f"warning: {checkpoint.relative_to(self.run_dir)}: no release: {exc}")

@@ -2,8 +2,6 @@
 train_mode may not describe the saved weights, and names --params-are."""
 import json
 
-import torch
-
 import trainers
 from conftest import save_checkpoint
 

@@ -124,3 +124,35 @@ def test_a_failed_conversion_is_reported_not_fatal_unless_strict(tmp_path):
     with pytest.raises(Exception, match="Schedule-Free z") as failure:
         _train(tmp_path / "strict", [SfckptCallback(strict=True)], max_steps=2, optim="adamw_torch")
     assert type(failure.value).__name__ == "ConversionFailed"
+
+
+@pytest.mark.slow
+def test_a_background_conversion_killed_midway_leaves_no_release(tmp_path):
+    """The child is killed while it writes (its staging folder exists): nothing appears under the final name."""
+    import os
+    import signal
+    import time
+
+    import schedulefree
+
+    from sfckpt.integrations.jobs import Converter
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2048, 2048)
+    opt = schedulefree.AdamWScheduleFree(model.parameters(), lr=0.01)
+    opt.train()
+    model(torch.randn(2, 2048)).sum().backward()
+    opt.step()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "step_1.pt")
+    releases = tmp_path / "releases"
+    releases.mkdir()
+    converter = Converter(background=True)
+    converter.submit(tmp_path / "step_1.pt", releases / "step_1", {})
+    deadline = time.monotonic() + 60
+    while not any(p.name.endswith(".sfckpt-tmp") for p in releases.iterdir()):
+        assert time.monotonic() < deadline and converter._child.poll() is None, "the child finished before it was killed"
+        time.sleep(0.002)
+    os.kill(converter._child.pid, signal.SIGKILL)
+    with pytest.warns(RuntimeWarning, match="no x release for step_1.pt"):
+        converter.wait()
+    assert not (releases / "step_1").exists()

@@ -98,7 +98,9 @@ def _watch(run_dir, out, *extra):
                              *map(str, extra)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
 
 
-def _run_and_watch(tmp_path, script):
+def _run_and_watch(tmp_path, script, releases):
+    """Run the writer beside a watch; once the releases are there (on a loaded machine the watch may lag),
+    a few more polls to see that nothing is converted twice, then Ctrl-C."""
     run, expected, out = tmp_path / "run", tmp_path / "expected", tmp_path / "releases"
     run.mkdir()
     expected.mkdir()
@@ -106,7 +108,11 @@ def _run_and_watch(tmp_path, script):
     writer = subprocess.run([sys.executable, "-c", script, str(run), str(expected), str(HERE)], capture_output=True,
                             text=True, env=_env())
     assert writer.returncode == 0, writer.stderr[-3000:]
-    time.sleep(3)  # a few polls after the last save
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and watcher.poll() is None and \
+            not all((out / name / "model.safetensors").is_file() for name in releases):
+        time.sleep(0.2)
+    time.sleep(2)
     watcher.send_signal(signal.SIGINT)
     stdout, stderr = watcher.communicate(timeout=60)
     assert watcher.returncode == 130, stderr
@@ -116,7 +122,7 @@ def _run_and_watch(tmp_path, script):
 
 @pytest.mark.slow
 def test_watch_releases_each_slowly_written_torch_save_once(tmp_path):
-    expected, out, stderr = _run_and_watch(tmp_path, PLAIN_RUN)
+    expected, out, stderr = _run_and_watch(tmp_path, PLAIN_RUN, ["step_2", "step_4", "step_6"])
     assert sorted(p.name for p in out.iterdir()) == ["step_2", "step_4", "step_6"]
     for step in (2, 4, 6):
         assert stderr.count(f"(from step_{step}.pt)") == 1, stderr
@@ -126,7 +132,7 @@ def test_watch_releases_each_slowly_written_torch_save_once(tmp_path):
 @pytest.mark.slow
 def test_watch_releases_each_checkpoint_of_a_live_trainer_run_once(tmp_path):
     pytest.importorskip("transformers")
-    expected, out, stderr = _run_and_watch(tmp_path, TRAINER_RUN)
+    expected, out, stderr = _run_and_watch(tmp_path, TRAINER_RUN, ["checkpoint-2", "checkpoint-4", "checkpoint-6"])
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     for step in (2, 4, 6):
         assert stderr.count(f"(from checkpoint-{step})") == 1, stderr

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import speaks_api
-from .live import provenance, unwrap_model, unwrap_optimizer
+from ..provenance import release_metadata
+from .live import unwrap_model, unwrap_optimizer
 
 SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 
@@ -57,6 +58,6 @@ def save_and_release(accelerator: Any, folder: str | os.PathLike, out: str | os.
         keys = {"model_key": "model" if pair == 0 else f"model_{pair}",
                 "optimizer_key": "optimizer" if pair == 0 else f"optimizer_{pair}"}
         written = convert(folder, out, param_order=_parameter_order(accelerator, pair), force=force,
-                          metadata=provenance(Path(folder).name, step), **keys)
+                          metadata=release_metadata(Path(folder).name, step), **keys)
     accelerator.wait_for_everyone()
     return written

@@ -23,7 +23,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from .jobs import Converter, logger
-from .live import live_checkpoint, provenance
+from ..provenance import release_metadata
+from .live import live_checkpoint
 
 SUFFIX = ".x.safetensors"
 SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
@@ -87,7 +88,7 @@ class SfckptModelCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             out.parent.mkdir(parents=True, exist_ok=True)
             name = Path(saved).name if saved is not None else out.name
-            metadata = provenance(name, step)
+            metadata = release_metadata(name, step)
             if _sharded(trainer):
                 self.converter.submit(Path(saved), out, metadata)
             else:

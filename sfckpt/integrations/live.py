@@ -10,7 +10,6 @@ mode flag before or after such a switch.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,9 +160,3 @@ def release(model: Any, optimizer: Any, path: str | Path, *, force: bool = False
         copies = _config_copy(unwrap_model(model), Path(tmp)) if folder_named else []
         return save(recon, path, force=force, max_shard_size=max_shard_size, metadata=dict(metadata or {}),
                     extra_files=copies)
-
-
-def provenance(folder_name: str, step: Any) -> dict[str, str]:
-    """What a release says about where it came from: the checkpoint's folder name and training step,
-    never a path (releases get uploaded)."""
-    return {"sfckpt_checkpoint": Path(folder_name).name, "sfckpt_training_step": json.dumps(step)}

@@ -20,7 +20,8 @@ from typing import Any, Iterable
 import transformers
 
 from .jobs import Converter, logger
-from .live import provenance, release
+from ..provenance import release_metadata
+from .live import release
 
 RELEASES = "sfckpt-x"
 FINAL = "final"
@@ -100,7 +101,7 @@ class SfckptCallback(transformers.TrainerCallback):
                          state.global_step, state.global_step)
             return
         self.converter.submit(checkpoint, self._out(checkpoint) / checkpoint.name,
-                              provenance(checkpoint.name, state.global_step), self._recalibrate(model))
+                              release_metadata(checkpoint.name, state.global_step), self._recalibrate(model))
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.converter.wait()
@@ -118,13 +119,13 @@ class SfckptCallback(transformers.TrainerCallback):
                              "last step (save at the end, e.g. save_strategy='steps' with save_steps dividing max_steps)")
                 return
             self.converter.submit(source, self._out(source) / FINAL,
-                                  provenance(source.name, _step_of(source)), self._recalibrate(model))
+                                  release_metadata(source.name, _step_of(source)), self._recalibrate(model))
             self.converter.wait()
             return
         out = (self.releases_dir or Path(last.parent if last else args.output_dir) / RELEASES)
         out.mkdir(parents=True, exist_ok=True)
         self.converter.submit_live(lambda: release(model, optimizer, out / FINAL, force=True, bn_loader=self.bn_loader,
-                                                   metadata=provenance(FINAL, state.global_step)), out / FINAL)
+                                                   metadata=release_metadata(FINAL, state.global_step)), out / FINAL)
 
 
 def _step_of(checkpoint: Path) -> int | None:

@@ -1,0 +1,42 @@
+"""The Trainer callback under FSDP2 (2 CPU processes) and DeepSpeed ZeRO-2: the release of the checkpoint
+the Trainer saved equals the x the optimizer's own eval() gives, gathered from the shards (tests/integration_runs.py)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_equal_tensors, read
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+HERE = Path(__file__).resolve().parent
+
+
+def _run(tmp_path, case):
+    result = subprocess.run([sys.executable, str(HERE / "integration_runs.py"), str(tmp_path), case],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return torch.load(tmp_path / "expected.pt")
+
+
+@pytest.mark.slow
+def test_trainer_callback_under_fsdp2_on_two_processes(tmp_path):
+    expected = _run(tmp_path, "fsdp")
+    releases = tmp_path / "sfckpt-x"
+    assert sorted(p.name for p in releases.iterdir()) == ["checkpoint-3", "final"]
+    for name in ("checkpoint-3", "final"):
+        # the sharded save holds the tied head as its own copy, which the release keeps
+        assert_equal_tensors(read(releases / name / "model.safetensors"), expected)
+
+
+@pytest.mark.slow
+def test_trainer_callback_under_deepspeed_zero2(tmp_path):
+    pytest.importorskip("deepspeed")
+    expected = _run(tmp_path, "deepspeed")
+    from transformers import AutoModelForCausalLM
+
+    for name in ("checkpoint-3", "final"):
+        model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "sfckpt-x" / name))
+        assert_equal_tensors(model.state_dict(), expected)
