@@ -64,18 +64,18 @@ class Converter:
     written: list[Path] = field(default_factory=list)
 
     def submit(self, src: Path, out: Path, metadata: Mapping[str, str],
-               recalibrate: Callable[[Any], None] | None = None) -> None:
+               recalibrate: Callable[[Any], None] | None = None, strip_prefix: str | None = None) -> None:
         """Convert `src` into the release folder `out` now, or start a child that does (not with `recalibrate`)."""
         self.wait()
         if not self.background or recalibrate is not None:
             try:
-                convert_folder(src, out, metadata, recalibrate=recalibrate)
+                convert_folder(src, out, metadata, recalibrate=recalibrate, strip_prefix=strip_prefix)
             except SfckptError as exc:
                 self._failed(src, str(exc))
                 return
             self._done(out)
             return
-        spec = json.dumps({"src": str(src), "out": str(out), "metadata": dict(metadata)})
+        spec = json.dumps({"src": str(src), "out": str(out), "metadata": dict(metadata), "strip_prefix": strip_prefix})
         self._child_log = tempfile.TemporaryFile()
         # One thread for the child: converting is disk-bound, and training keeps the cores.
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -133,7 +133,7 @@ def _child_main(argv: list[str]) -> int:
     """The child: convert one folder, say why on one `error:` line if it cannot."""
     spec = json.loads(argv[0])
     try:
-        convert_folder(Path(spec["src"]), Path(spec["out"]), spec["metadata"])
+        convert_folder(Path(spec["src"]), Path(spec["out"]), spec["metadata"], strip_prefix=spec["strip_prefix"])
     except SfckptError as exc:
         textout.echo(f"error: {textout.terminal(str(exc))}", err=True)
         return 2

@@ -37,7 +37,7 @@ def release_path(checkpoint: str | os.PathLike) -> Path:
 
 
 def _sharded(trainer: pl.Trainer) -> bool:
-    return type(trainer.strategy).__name__ in SHARDED_STRATEGIES
+    return any(c.__name__ in SHARDED_STRATEGIES for c in type(trainer.strategy).__mro__)
 
 
 class SfckptModelCheckpoint(ModelCheckpoint):
@@ -90,7 +90,7 @@ class SfckptModelCheckpoint(ModelCheckpoint):
             name = Path(saved).name if saved is not None else out.name
             metadata = release_metadata(name, step)
             if _sharded(trainer):
-                self.converter.submit(Path(saved), out, metadata)
+                self.converter.submit(Path(saved), out, metadata, strip_prefix=self.strip_prefix)
             else:
                 self.converter.submit_live(lambda: self._write_live(trainer, out, metadata), out)
         trainer.strategy.barrier("sfckpt")
