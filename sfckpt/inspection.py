@@ -121,7 +121,7 @@ def _hints(recon: Reconstruction) -> list[str]:
     names = list(recon.checkpoint.weights)
     first = names[0].split(".", 1)[0] + "." if names and "." in names[0] else None
     # PEFT saves adapters under the PeftModel's names (base_model.model....), which is what it loads
-    if first and all(n.startswith(first) for n in names) and not recon.checkpoint.container.startswith("peft-adapter"):
+    if first and all(n.startswith(first) for n in names) and not recon.checkpoint.names_are_final:
         hints.append(f"every tensor name starts with '{first}' (the LightningModule attribute); add --strip-prefix "
                      f"{first} to write the inner model's names")
     return hints

@@ -11,6 +11,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from . import families, mapping, optimizer_state
 from .checkpoint import Checkpoint
+from .readers.base import ParameterOrder
 from .errors import InputError
 from .tensors import DTYPES, TensorRef, nbytes_of, torch_dtype
 
@@ -339,15 +340,16 @@ def reconstruct(
         raise InputError(f"--twins must be 'auto', 'tied' or 'frozen', not {twins!r}", "see `sfckpt convert --help`")
 
     found, skipped = _families(ckpt, optimizer)
+    order = ckpt.order or ParameterOrder()
 
     def decide(weights):
         return mapping.decide(
             [mapping.OptimizerEntries(key, entries, fam.z_key, not fam.x_in_float32) for key, fam, _, _, entries in found],
             weights,
             param_order=param_order,
-            model_order=ckpt.model_order if param_order is None else None,
-            group_domains=ckpt.group_domains if param_order is None else None,
-            container_order_name=ckpt.order_source,
+            model_order=order.names if param_order is None else None,
+            group_domains=order.group_domains if param_order is None else None,
+            container_order_name=order.source if order.names else "",
             ties_visible=ckpt.ties_visible,
             twins=twins,
         )
@@ -356,8 +358,9 @@ def reconstruct(
         try:
             decision = decide(ckpt.weights)
         except InputError:
-            if ckpt.order_error is not None and param_order is None:
-                raise ckpt.order_error from None  # the order that would have decided is what is missing
+            if order.missing is not None and param_order is None:
+                # the order that would have decided is what is missing
+                raise InputError(order.missing, order.missing_hint) from None
             raise
     except mapping.NotInWeights:
         if not ckpt.pool_weights or strip_prefix_used(ckpt):

@@ -7,6 +7,7 @@ from typing import Callable, Mapping, Sequence
 
 from . import inputs, writer
 from .errors import InputError, OutputError
+from .readers.safetensors_file import SINGLE_NAME
 from .reconstruct import Reconstruction
 from .tensors import count_nonfinite
 
@@ -67,25 +68,17 @@ def save(
         if max_shard_size:
             raise OutputError("--max-shard-size needs a folder as output", f"write to {out.with_suffix('')}/ instead")
         return [writer.write_file(out, specs, produce, metadata, force, progress)]
+    release = recon.checkpoint.release
+    if release.note and release.note not in recon.warnings:
+        recon.warnings.append(release.note)  # said once, however often the plan is saved
+    if max_shard_size and not release.shardable:
+        raise OutputError(f"{release.weights_name} is loaded from one file; --max-shard-size does not apply", "leave it out")
+    # config.json, tokenizer files, adapter_config.json: what `from_pretrained(out)` reads beside the weights
     copies = list(extra_files)
-    if recon.checkpoint.release_note and recon.checkpoint.release_note not in recon.warnings:
-        recon.warnings.append(recon.checkpoint.release_note)  # said once, however often the plan is saved
-    if recon.checkpoint.container in ("peft-adapter", "peft-adapter-fsdp"):
-        # adapter_model.safetensors + adapter_config.json: what PeftModel.from_pretrained(base, out) reads
-        from .readers import peft_adapter
-
-        if max_shard_size:
-            raise OutputError("PEFT loads an adapter from one file; --max-shard-size does not apply", "leave it out")
-        copies = list(extra_files)  # a sharded save has no adapter config of its own: one found there may be another run's
-        if recon.checkpoint.container != "peft-adapter-fsdp" or (src / peft_adapter.SAFE_NAME).is_file():
-            copies += inputs.side_files(src, peft_adapter.RELEASE_FILES, recon.checkpoint.root)
-        return writer.write_folder(out, specs, produce, metadata, force, progress, None, copies, peft_adapter.SAFE_NAME)
-    if recon.checkpoint.container in ("huggingface-trainer", "huggingface-trainer-fsdp", "deepspeed"):
-        # config.json, generation_config.json and tokenizer files, so `from_pretrained(out)` works
-        from .readers.hf_trainer import RELEASE_FILES
-
-        copies += inputs.side_files(src, RELEASE_FILES, recon.checkpoint.root)
-    return writer.write_folder(out, specs, produce, metadata, force, progress, max_shard_size, copies)
+    if release.side_files:
+        copies += inputs.side_files(src, release.side_files, recon.checkpoint.root)
+    return writer.write_folder(out, specs, produce, metadata, force, progress, max_shard_size, copies,
+                               single_name=release.weights_name or SINGLE_NAME)
 
 
 def convert(src: str | Path, out: str | Path, **options) -> list[Path]:

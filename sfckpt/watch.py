@@ -3,9 +3,9 @@
 For trainers one cannot add a callback to. Each poll lists the checkpoints in the run folder (and
 one level below, for `run-*/` or `checkpoints/` folders), and converts a checkpoint when
 
-- its container's own rule says the save is finished (`save_complete` of its reader: the
-  Trainer's trainer_state.json, DeepSpeed's `latest`, DCP's `.metadata`, a zip's central
-  directory; see docs/integrations.md), and
+- its container's own rule says the save is finished (`Reader.save_complete` of the registered
+  reader: the Trainer's trainer_state.json, DeepSpeed's `latest`, DCP's `.metadata`, a zip's
+  central directory; see docs/integrations.md), and
 - nothing in it changed since the previous poll (size and modification time of every file),
 
 so a half-written save is never read. Each release is written atomically under the checkpoint's
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import InputError, SfckptError
-from .readers import accelerate_folder, dcp_folder, deepspeed_folder, hf_trainer, lightning_folder, torch_file
+from .readers import deepspeed_folder, hf_trainer, registry
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar")
 # Files that belong to a checkpoint folder: a folder holding one is a save (maybe in progress), not a folder of runs.
@@ -33,24 +33,19 @@ Signature = tuple[tuple[str, int, int], ...]
 
 
 def save_complete(path: Path) -> bool | None:
-    """Whether the save at `path` is finished by its container's rule; None when `path` is no checkpoint."""
+    """Whether the save at `path` is finished by its container's rule (the registered reader's
+    `save_complete`); None when no reader recognises it (yet: a Trainer folder before its optimizer.pt)."""
     try:
-        if path.is_file():
-            return torch_file.save_complete(path) if path.suffix in CHECKPOINT_SUFFIXES else None
-        if (path / hf_trainer.STATE_NAME).exists():
-            return hf_trainer.save_complete(path)
-        if (path / deepspeed_folder.LATEST).exists() or (
-                path.name.startswith("global_step") and (path.parent / deepspeed_folder.LATEST).exists()):
-            return deepspeed_folder.save_complete(path)
-        if (path / lightning_folder.META_NAME).exists():
-            return lightning_folder.save_complete(path)
-        if any(path.glob("*.distcp")):
-            return dcp_folder.save_complete(path)
-        if accelerate_folder.is_accelerate_folder(path) or (path / "random_states_0.pkl").exists():
-            return accelerate_folder.save_complete(path)
+        if path.is_file() and path.suffix not in CHECKPOINT_SUFFIXES:
+            return None
+        reader = registry.find(path)
+        if reader is None:
+            return None
+        if path.is_dir() and (path / hf_trainer.STATE_NAME).exists():
+            return hf_trainer.save_complete(path)  # the Trainer writes it last, whatever it saved the model with
+        return reader.save_complete(path)
     except (InputError, OSError):
         return False
-    return None  # a save whose container is not recognisable yet (a Trainer folder before its optimizer.pt)
 
 
 def _is_part(path: Path) -> bool:

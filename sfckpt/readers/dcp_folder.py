@@ -24,6 +24,7 @@ from .. import inputs, limits
 from ..errors import InputError
 from ..tensors import TensorRef
 from . import pickle_guard
+from .base import LoadRequest, Opened, Reader
 from ..inputs import confined
 from .torch_file import _ORDERED_DICT, _SAFE_BUILTINS, TorchArchive
 
@@ -407,3 +408,20 @@ def save_complete(path: Path) -> bool:
         return (path / ".metadata").is_file() and (path / ".metadata").stat().st_size > 0
     except OSError:
         return False
+
+
+class DcpReader(Reader):
+    """Any torch.distributed.checkpoint folder (`.metadata` + `.distcp` shards)."""
+
+    name = "torch.distributed.checkpoint"
+
+    def recognise(self, path: Path, kind: str) -> bool:
+        return kind == "folder" and is_dcp_folder(path)
+
+    def open(self, path: Path, request: LoadRequest) -> Opened:
+        folder = DcpFolder(path)
+        obj = folder.load_object()
+        return Opened(obj, folder.opaque, self.name, ties_visible=False)  # DCP saves tied weights as copies
+
+    def save_complete(self, path: Path) -> bool:
+        return save_complete(path)

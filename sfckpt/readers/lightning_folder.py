@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import InputError
+from .base import LoadRequest, Opened, Reader
 from .dcp_folder import DcpFolder, is_dcp_folder
 
 META_NAME = "meta.pt"
@@ -75,3 +76,19 @@ def save_complete(path: Path) -> bool:
     from .dcp_folder import save_complete as dcp_complete
 
     return dcp_complete(path) and zip_complete(path / META_NAME)
+
+
+class LightningFsdpReader(Reader):
+    """Lightning's sharded `NAME.ckpt/` (DCP data + meta.pt); recognised before plain DCP folders."""
+
+    name = "lightning-fsdp"
+
+    def recognise(self, path: Path, kind: str) -> bool:
+        return kind == "folder" and is_lightning_fsdp_folder(path)
+
+    def open(self, path: Path, request: LoadRequest) -> Opened:
+        obj, unloaded, notes = load_object(path)
+        return Opened(obj, unloaded, self.name, notes=notes, ties_visible=False)
+
+    def save_complete(self, path: Path) -> bool:
+        return save_complete(path)

@@ -27,6 +27,7 @@ from typing import Any
 from .. import inputs, limits
 from ..errors import InputError
 from . import pickle_guard
+from .base import LoadRequest, Opened, Reader
 from ..tensors import ITEMSIZES, TensorRef, torch_dtype
 
 _STORAGE_DTYPES = {
@@ -471,3 +472,20 @@ def save_complete(path: Path) -> bool:
     from .completeness import zip_complete
 
     return zip_complete(path)
+
+
+class TorchFileReader(Reader):
+    """A `torch.save` zip file: a plain state dict, a training dict, a Lightning `.ckpt`."""
+
+    name = "torch.save"
+
+    def recognise(self, path: Path, kind: str) -> bool:
+        return kind == "torch"
+
+    def open(self, path: Path, request: LoadRequest) -> Opened:
+        archive = TorchArchive(path)
+        obj = archive.load_object()
+        return Opened(obj, sorted(archive.opaque))  # layout.find tells a Lightning .ckpt from a plain file
+
+    def save_complete(self, path: Path) -> bool:
+        return save_complete(path)
