@@ -209,3 +209,32 @@ def test_watch_refuses_a_checkpoint_as_the_run_folder(tmp_path, run):
     result = run("watch", checkpoint, "--out", tmp_path / "out", "--once")
     assert result.exit_code == 2 and "is itself a checkpoint" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_watch_a_deepspeed_save_folder_converts_its_tags(tmp_path, run):
+    """`engine.save_checkpoint(dir)` writes dir/latest and dir/global_stepN/: the folder is the run, its tags the saves."""
+    import shutil
+
+    from test_deepspeed import DS, expected_output
+
+    shutil.copytree(DS / "zero2-fp32", tmp_path / "ds", ignore=shutil.ignore_patterns("expected.pt"))
+    result = run("watch", tmp_path / "ds", "--out", tmp_path / "out", "--once", "--interval", "0.05")
+    assert result.exit_code == 0, result.stderr
+    assert_equal_tensors(read(tmp_path / "out" / "global_step3" / "model.safetensors"),
+                         expected_output(DS / "zero2-fp32", None))
+
+
+def test_watch_waits_for_a_deepspeed_tag_that_latest_does_not_name_yet(tmp_path, run):
+    """A tag written after `latest` was (a save in progress, whose `latest` comes last) is not read."""
+    import shutil
+
+    from test_deepspeed import DS
+
+    shutil.copytree(DS / "zero2-fp32", tmp_path / "ds", ignore=shutil.ignore_patterns("expected.pt"))
+    (tmp_path / "ds" / "latest").write_text("global_step1")
+    time.sleep(0.02)
+    for f in (tmp_path / "ds" / "global_step3").iterdir():
+        os.utime(f)  # written after latest
+    result = run("watch", tmp_path / "ds", "--out", tmp_path / "out", "--once", "--interval", "0.05")
+    assert result.exit_code == 0, result.stderr
+    assert not (tmp_path / "out" / "global_step3").exists()
