@@ -38,7 +38,7 @@ def save_and_release(accelerator: Any, folder: str | os.PathLike, out: str | os.
     Args:
         accelerator: the `Accelerator` that prepared the model and the Schedule-Free optimizer.
         folder: where `save_state` writes the training state.
-        out: the release: `x.safetensors`, or a folder (not inside `folder`).
+        out: the release: `x.safetensors`, or a folder (not inside `folder`); its parent is created.
         pair: which prepared model and optimizer (the i-th given to `prepare()`).
         step: the training step, recorded in the release's metadata.
         force: replace an existing release.
@@ -55,6 +55,7 @@ def save_and_release(accelerator: Any, folder: str | os.PathLike, out: str | os.
     accelerator.wait_for_everyone()  # every process's part of the save is written
     written: list[Path] = []
     if accelerator.is_main_process:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         keys = {"model_key": "model" if pair == 0 else f"model_{pair}",
                 "optimizer_key": "optimizer" if pair == 0 else f"optimizer_{pair}"}
         written = convert(folder, out, param_order=_parameter_order(accelerator, pair), force=force,

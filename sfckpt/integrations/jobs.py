@@ -58,10 +58,10 @@ class Converter:
     background: bool = False
     strict: bool = False
     keep_last: int | None = None
-    _child: subprocess.Popen | None = None
-    _child_job: tuple[Path, Path] | None = None
-    _child_log: Any = None
     written: list[Path] = field(default_factory=list)
+    _child: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    _child_job: tuple[Path, Path] | None = field(default=None, init=False, repr=False)
+    _child_log: Any = field(default=None, init=False, repr=False)
 
     def submit(self, src: Path, out: Path, metadata: Mapping[str, str],
                recalibrate: Callable[[Any], None] | None = None, strip_prefix: str | None = None) -> None:
