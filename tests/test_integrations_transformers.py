@@ -156,3 +156,32 @@ def test_a_background_conversion_killed_midway_leaves_no_release(tmp_path):
     with pytest.warns(RuntimeWarning, match="no x release for step_1.pt"):
         converter.wait()
     assert not (releases / "step_1").exists()
+
+
+def test_bn_loader_re_estimates_batchnorm_statistics_at_x(tmp_path):
+    """A ResNet (BatchNorm) under the Trainer: the release's statistics are torch's update_bn at x on the loader."""
+    from torch.optim.swa_utils import update_bn
+
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8], depths=[1], num_labels=2)
+    data = [{"pixel_values": torch.randn(3, 16, 16), "labels": i % 2} for i in range(8)]
+    calib = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 3, 16, 16)), batch_size=4)
+    captured = {}
+
+    class CaptureBN(transformers.TrainerCallback):
+        def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
+            twin, twin_opt = copy.deepcopy((model, optimizer.optimizer))
+            twin_opt.eval()
+            update_bn(calib, twin)
+            captured[state.global_step] = {k: v.detach().clone() for k, v in twin.state_dict().items()}
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), optim="schedule_free_adamw",
+                                          learning_rate=1e-2, per_device_train_batch_size=4, max_steps=2, save_steps=2,
+                                          report_to=[], use_cpu=True, logging_steps=100, seed=0)
+    trainer = transformers.Trainer(model=transformers.ResNetForImageClassification(config), args=args,
+                                   train_dataset=data, callbacks=[CaptureBN(), SfckptCallback(bn_loader=calib)])
+    trainer.train()
+    got = read(tmp_path / "run" / "sfckpt-x" / "checkpoint-2" / "model.safetensors")
+    expected = captured[2]
+    assert any(k.endswith("running_mean") for k in got)
+    assert_equal_tensors(got, expected)
