@@ -40,6 +40,7 @@ class Checkpoint:
     names_are_final: bool = False  # names are what the framework loads (PEFT): no --strip-prefix hint
     callbacks: list[str] = field(default_factory=list)  # a Lightning checkpoint's callback state keys (see provenance.py)
     root: inputs.Root | None = None  # where its files may lie, fixed when it was loaded (side files are read from it)
+    accumulated: list[str] = field(default_factory=list)  # statistics gathered at y by name (Keras BatchNorm)
 
 
 def load(
@@ -55,7 +56,8 @@ def load(
         path: a `torch.save` file (plain dict or Lightning `.ckpt`), or a folder: Hugging Face
             Trainer `checkpoint-N/` (also with DeepSpeed, FSDP or a PEFT adapter), Accelerate
             `save_state` (also FSDP), DeepSpeed, Lightning FSDP `NAME.ckpt/`, or any
-            torch.distributed.checkpoint folder (docs/containers.md).
+            torch.distributed.checkpoint folder; or a Keras 3 `.keras`, `.weights.h5` or
+            `.weights.json` file (docs/containers.md).
         model_key / optimizer_key: which entries hold the weights and the
             optimizer state, when the defaults pick the wrong ones.
         strip_prefix: remove this prefix from weight names (e.g. ``model.``).
@@ -102,6 +104,7 @@ def _load(path: Path, model_key: str | None, optimizer_key: str | None, strip_pr
         notes=[*found.notes, *opened.notes],  # which entry of the file the weights are (WeightAveraging)
         release=opened.release,
         names_are_final=opened.names_are_final,
+        accumulated=opened.accumulated,
     )
 
 

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from . import inputs, writer
+from . import inputs, keras_output, writer
 from .errors import InputError, OutputError
 from .readers.safetensors_file import SINGLE_NAME
 from .reconstruct import Reconstruction
@@ -23,7 +23,8 @@ def save(
     metadata: Mapping[str, str] | None = None,
     extra_files: Sequence[inputs.InputFile] = (),
 ) -> list[Path]:
-    """Write x. A path ending in `.safetensors` gets one file; a path ending in `/`, an
+    """Write x. A path ending in `.safetensors` gets one file, one ending in `.weights.h5` or `.keras`
+    a file Keras loads (from a Keras checkpoint: sfckpt/keras_output.py); a path ending in `/`, an
     existing folder or a name without a suffix is a folder holding `model.safetensors`, or
     shards and `model.safetensors.index.json` when `max_shard_size` is given and x is larger;
     any other name (`model.safetensor`, `out.pt`) is refused.
@@ -42,7 +43,8 @@ def save(
     out = Path(out)
     src = recon.checkpoint.path
     writer.refuse_inputs(out, [src])
-    if not (folder_named or out.suffix in ("", ".safetensors") or out.is_dir()):
+    keras_named = keras_output.is_keras_name(out)
+    if not (folder_named or keras_named or out.suffix in ("", ".safetensors") or out.is_dir()):
         raise OutputError(f"{out}: an output name ends in .safetensors (one file) or names a folder",
                           f"write {out.with_suffix('.safetensors')} for one file, or {out}/ for a folder")
     by_name = {t.name: t for t in recon.tensors}
@@ -54,7 +56,7 @@ def save(
         if not allow_nonfinite:
             bad = count_nonfinite(x)
             if bad:
-                source = "y or z" if item.how == "lerp" else "the checkpoint"
+                source = "y or z" if item.how in ("lerp", "keras") else "the checkpoint"
                 raise InputError(
                     f"x of '{spec.name}' has {bad} NaN/Inf values (they come from {source})",
                     "nothing was written; pass --allow-nonfinite to write anyway",
@@ -64,6 +66,10 @@ def save(
     metadata = {**recon.metadata(), **(metadata or {})}
     if isinstance(max_shard_size, str):
         max_shard_size = writer.parse_size(max_shard_size)
+    if keras_named:
+        if max_shard_size:
+            raise OutputError("--max-shard-size splits safetensors; a Keras output is one file", "leave it out")
+        return [keras_output.write(recon, out, produce, force, progress)]
     if out.suffix == ".safetensors":
         if max_shard_size:
             raise OutputError("--max-shard-size needs a folder as output", f"write to {out.with_suffix('')}/ instead")

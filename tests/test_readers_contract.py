@@ -107,6 +107,21 @@ def build_peft(tmp: Path) -> Path:
     return folder
 
 
+def build_keras(tmp: Path) -> Path:
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "torch")  # before keras is imported: no TensorFlow or JAX
+    import keras
+    import numpy as np
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.ScheduleFreeAdamW(learning_rate=0.01), loss="mse")
+    model.fit(np.ones((6, 4), np.float32), np.ones((6, 2), np.float32), batch_size=2, verbose=0)
+    model.save(tmp / "model.keras")
+    return tmp / "model.keras"
+
+
 # builder, the reader that must own it, the container name `load` reports
 CASES = {
     "torch.save": (build_torch, "torch.save", "torch.save"),
@@ -116,6 +131,7 @@ CASES = {
     "accelerate": (build_accelerate, "accelerate", "accelerate"),
     "huggingface-trainer": (build_trainer, "huggingface-trainer", "huggingface-trainer"),
     "peft-adapter": (build_peft, "peft-adapter", "peft-adapter"),
+    "keras": (build_keras, "keras", "keras"),
 }
 # Shapes that contain another: the later reader would also claim them, so order decides (registry.py).
 CONTAINS = {("huggingface-trainer", "peft-adapter"), ("torch.distributed.checkpoint", "lightning-fsdp")}

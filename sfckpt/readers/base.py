@@ -74,6 +74,7 @@ class Opened:
     names_are_final: bool = False  # names are what the framework loads (PEFT): no --strip-prefix hint
     model_key: str | None = None  # the container's default entries where it holds several pairs
     optimizer_key: str | None = None
+    accumulated: list[str] = field(default_factory=list)  # statistics gathered at y, by name (Keras BatchNorm)
 
 
 class Reader:

@@ -15,6 +15,8 @@ from .base import Reader
 from .dcp_folder import DcpReader
 from .deepspeed_folder import DeepSpeedReader
 from .hf_trainer import TrainerReader
+from . import keras_file
+from .keras_file import KerasReader
 from .lightning_folder import LightningFsdpReader
 from .peft_adapter import PeftAdapterReader
 from .torch_file import TorchFileReader
@@ -27,6 +29,7 @@ READERS: tuple[Reader, ...] = (
     DcpReader(),
     AccelerateReader(),
     TorchFileReader(),
+    KerasReader(),
 )
 
 
@@ -45,6 +48,8 @@ def reader_for(path: Path) -> Reader:
     if reader is not None:
         return reader
     kind = sniff(path)
+    if kind in keras_file.KINDS:
+        raise keras_file.weights_only(path)
     if kind == "folder":
         raise InputError(
             f"{path}: a folder without optimizer state (no optimizer.pt as Hugging Face Trainer saves it, "
