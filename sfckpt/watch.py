@@ -24,7 +24,7 @@ from typing import Callable
 from .errors import InputError, SfckptError
 from .readers import deepspeed_folder, hf_trainer, registry
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar", ".keras", ".h5")
 # Files that belong to a checkpoint folder: a folder holding one is a save (maybe in progress), not a folder of runs.
 _PART = re.compile(r"optimizer.*\.(pt|bin)|trainer_state\.json|.*\.distcp|\.metadata|latest|mp_rank_\d+.*\.pt|"
                    r"random_states_\d+\.pkl|(pytorch_)?model.*\.(safetensors|bin)|adapter_model\.safetensors|meta\.pt")

@@ -238,3 +238,20 @@ def test_watch_waits_for_a_deepspeed_tag_that_latest_does_not_name_yet(tmp_path,
     result = run("watch", tmp_path / "ds", "--out", tmp_path / "out", "--once", "--interval", "0.05")
     assert result.exit_code == 0, result.stderr
     assert not (tmp_path / "out" / "global_step3").exists()
+
+
+def test_watch_converts_a_keras_file(tmp_path, run):
+    """Keras' reader says when a `.keras` save is whole."""
+    pytest.importorskip("keras")
+    import shutil
+
+    import test_keras
+
+    test_keras.train(tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(tmp_path / "model.keras", run_dir / "model.keras")
+    result = run("watch", run_dir, "--out", tmp_path / "out", "--once", "--interval", "0.05")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model"]
+    test_keras.assert_x(tmp_path / "out" / "model" / "model.safetensors", tmp_path / "expected.weights.h5")
