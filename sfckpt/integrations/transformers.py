@@ -88,7 +88,13 @@ class SfckptCallback(transformers.TrainerCallback):
             self.converter.wait()  # the save about to start may delete the folder being converted
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if control.should_save:
+        # After the last step, the Trainer may delete checkpoints (save_total_limit=1 with a best one)
+        # before on_train_end: the conversion must be done by then
+        if control.should_save or control.should_training_stop:
+            self.converter.wait()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if args.save_strategy == "best":  # a save decided by this evaluation comes next, without on_step_end
             self.converter.wait()
 
     def on_save(self, args, state, control, model=None, **kwargs):
