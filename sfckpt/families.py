@@ -11,6 +11,8 @@ for bit):
 * ``lerp``: ``p.lerp_(end=z, weight=1 - 1/β)`` when the group is in train
   mode (params hold y); nothing when it is in eval mode (params hold x).
 * ``state-x``: ``p.copy_(state['x'])`` (the *Reference* variants keep x).
+* optax (JAX) has no eval(): ``optax.contrib.schedule_free_eval_params`` maps
+  ``(y - (1 - b1) * z) / b1`` over the tree with the stored ``b1`` (`sfckpt/optax_eval.py`).
 * ``keras``: Keras 3's ScheduleFreeAdamW has no eval(); its variables always
   hold y, and x is its own recovery formula (`keras_x`).
 
@@ -44,6 +46,9 @@ class Family:
     switch_key: str | None = None  # group flag turning Schedule-Free on; a group with it off has no y/x split
     beta_first_key: str | None = None  # a group key that, when set, is β instead of beta_key (heavyball's 'beta')
     refuse_when_set: tuple[tuple[str, str], ...] = ()  # (group key, why): a group with it set is not converted
+    # A group key naming the dtype β is stored in. When set, x is optax's (y − (1 − β)·z)/β with β in
+    # that dtype (sfckpt/optax_eval.py), not a lerp.
+    beta_dtype_key: str | None = None
     group_has: frozenset[str] = field(default_factory=frozenset)
     group_lacks: frozenset[str] = field(default_factory=frozenset)
     state_has: frozenset[str] = field(default_factory=frozenset)
@@ -243,6 +248,21 @@ FAMILIES: tuple[Family, ...] = (
         state_has=_F({"z"}),
         note="heavyball's eval() rounds bfloat16 parameters stochastically; for them sfckpt's x (rounded to nearest) "
         "matches only up to that rounding. float32 parameters match bit for bit",
+    ),
+    Family(
+        "optax-sf",
+        ("schedule_free", "schedule_free_adamw", "schedule_free_sgd", "rollfast schedule_free"),
+        library="optax",
+        beta_key="b1",
+        beta_dtype_key="b1_dtype",
+        mode_key=None,
+        params_without_mode="y",
+        step_key="step_count",
+        group_has=_F({"b1", "b1_dtype", "schedule_free_state"}),
+        state_has=_F({"z"}),
+        note="optax.contrib's (or rollfast's) ScheduleFreeState, read from an Orbax checkpoint: parameters always hold "
+        "y, and x is schedule_free_eval_params' (y - (1 - b1)·z)/b1 with the stored b1 (optax casts it to the lowest "
+        "parameter dtype; rollfast keeps its annealed b1 in float32)",
     ),
     Family(
         "prodigy-plus-sf",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
-from . import families, mapping, optimizer_state
+from . import families, mapping, optax_eval, optimizer_state
 from .checkpoint import Checkpoint
 from .readers.base import ParameterOrder
 from .errors import InputError
@@ -68,6 +68,7 @@ class OutputTensor:
     out_dtype: str | None = None
     value: Any = None  # a tensor computed elsewhere (re-estimated BatchNorm statistics)
     in_float32: bool = False  # lerp in float32 and cast back, as heavyball's eval() does
+    beta_dtype: str | None = None  # set: optax's (y − (1 − β)·z)/β with β stored in this dtype, not a lerp
 
     @property
     def dtype(self) -> str:
@@ -89,6 +90,8 @@ class OutputTensor:
             raise InputError(f"β for '{self.name}' is not saved in the checkpoint", "pass --beta")
         if self.value is not None:
             t = self.value
+        elif self.how == "lerp" and self.beta_dtype is not None:
+            t = optax_eval.eval_params(self.ref.load(), self.z.load(), self.beta, self.beta_dtype)
         elif self.how == "lerp" and self.in_float32:
             y = self.ref.load()
             t = torch.lerp(y.float(), self.z.load().float(), 1 - 1 / self.beta).to(y.dtype)
@@ -349,7 +352,9 @@ def reconstruct(
 
     def decide(weights):
         return mapping.decide(
-            [mapping.OptimizerEntries(key, entries, fam.z_key, not fam.x_in_float32) for key, fam, _, _, entries in found],
+            # z may differ in dtype where eval() converts it (heavyball's float32 lerp, JAX's promotion)
+            [mapping.OptimizerEntries(key, entries, fam.z_key, not (fam.x_in_float32 or fam.beta_dtype_key))
+             for key, fam, _, _, entries in found],
             weights,
             param_order=param_order,
             model_order=order.names if param_order is None else None,
@@ -454,6 +459,7 @@ def reconstruct(
                 else:
                     out.how, out.z, out.beta = family.x_source, e.state[family.z_key], group_beta
                     out.in_float32 = family.x_in_float32
+                    out.beta_dtype = group.get(family.beta_dtype_key) if family.beta_dtype_key else None
                 by_name[e.name] = out
 
     if decision.twin_refusal is not None and decision.twin_sources & set(by_name):
@@ -476,7 +482,8 @@ def reconstruct(
             twin = by_data.get(ref.data_key) if ref.data_key is not None else None
             if twin is None and name in decision.twins:
                 twin = by_name.get(decision.twins[name])
-            out = OutputTensor(name, ref, twin.how, twin.z, twin.x, twin.beta, twin.group, in_float32=twin.in_float32) \
+            out = OutputTensor(name, ref, twin.how, twin.z, twin.x, twin.beta, twin.group, in_float32=twin.in_float32,
+                               beta_dtype=twin.beta_dtype) \
                 if twin else OutputTensor(name, ref)
         if dtype and ref.is_float:
             out.out_dtype = dtype
