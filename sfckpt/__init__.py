@@ -5,6 +5,7 @@ Library API (the CLI is a thin layer over it):
     ckpt = sfckpt.load("step_1000.pt")          # lazy, safe: no code from the file runs
     recon = sfckpt.reconstruct(ckpt)             # which tensors hold y, and how to get x
     sfckpt.save(recon, "model.safetensors")      # streamed, atomic
+    sfckpt.release(model, optimizer, "release/") # x of a model being trained, in memory
     x = recon.state_dict()                       # or all of x in memory
 
 The names are imported on first use, so that `import sfckpt` (and the command's start,
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 _CLASSES = {"Checkpoint": "checkpoint", "Reconstruction": "reconstruct", "InputError": "errors",
             "OutputError": "errors", "SfckptError": "errors", "Options": "options"}
 _FUNCTIONS = {"load": ("checkpoint", "load"), "reconstruct": ("reconstruct", "reconstruct"),
-              "save": ("save", "save"), "convert": ("save", "convert")}
+              "save": ("save", "save"), "convert": ("save", "convert"), "release": ("integrations.live", "release")}
 
 
 class _Package(types.ModuleType):
@@ -68,5 +69,6 @@ __all__ = [
     "convert",
     "load",
     "reconstruct",
+    "release",
     "save",
 ]

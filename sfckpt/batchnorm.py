@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from . import inputs, limits
 from .conventions import BN_BUFFERS
-from .errors import InputError, Opt, OptionConflict
+from .errors import InputError, Opt, OptionConflict, Words
 from .options import Options
 from .reconstruct import Reconstruction
 
@@ -155,8 +155,6 @@ def calibration_batches(data: str, batch_size: int) -> Iterator[_Args]:
     keyword inputs. Loaders follow update_bn: a list/tuple batch's first element is the input
     (the usual (inputs, labels) pair); a dict batch is passed as keyword inputs.
     """
-    import torch
-
     path = Path(data)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES)
@@ -170,21 +168,28 @@ def calibration_batches(data: str, batch_size: int) -> Iterator[_Args]:
         loader = resolve(str(data), Opt("bn_calib"))
         if callable(loader):
             loader = loader()
-        if not isinstance(loader, Iterable):
-            raise InputError(Opt("bn_calib") + f" '{data}' gave a {type(loader).__name__}, not an iterable of batches",
-                             "return a DataLoader or another iterable")
-        for batch in loader:
-            if isinstance(batch, (list, tuple)):
-                batch = batch[0]
-            if isinstance(batch, dict):
-                yield _Args(kwargs=batch)
-            elif isinstance(batch, torch.Tensor):
-                yield _Args((batch,))
-            else:
-                raise InputError(Opt("bn_calib") + f" '{data}' yielded a {type(batch).__name__}",
-                                 "batches must be tensors, tuples or dicts")
+        yield from loader_batches(loader, Opt("bn_calib") + f" '{data}'")
     else:
         raise InputError(f"calibration data '{data}' does not exist", "give a .pt/.safetensors/.npy file, a folder, or module:callable")
+
+
+def loader_batches(loader: Any, what: Words) -> Iterator[_Args]:
+    """The batches of a DataLoader (or any iterable) as update_bn reads them: a list/tuple batch's first
+    element is the input (the usual (inputs, labels) pair); a dict batch is passed as keyword inputs."""
+    import torch
+
+    if not isinstance(loader, Iterable):
+        raise InputError(what + f" gave a {type(loader).__name__}, not an iterable of batches",
+                         "return a DataLoader or another iterable")
+    for batch in loader:
+        if isinstance(batch, (list, tuple)):
+            batch = batch[0]
+        if isinstance(batch, dict):
+            yield _Args(kwargs=batch)
+        elif isinstance(batch, torch.Tensor):
+            yield _Args((batch,))
+        else:
+            raise InputError(what + f" yielded a {type(batch).__name__}", "batches must be tensors, tuples or dicts")
 
 
 def _as_args(batch: Any) -> _Args:
@@ -241,30 +246,37 @@ def calibrate(recon: Reconstruction, model_spec: str, data: str, batch_size: int
               device: str = "cpu", progress: Callable[[int], None] | None = None) -> list[LayerShift]:
     """Re-estimate the BatchNorm statistics of x on `data`; the new buffers replace the old in `recon`."""
     import torch
-    from torch.optim.swa_utils import update_bn
 
     if batch_size < 1:
         raise OptionConflict(Opt("bn_batch_size") + " must be at least 1", "", option="bn_batch_size")
     if device == "cuda" and not torch.cuda.is_available():
         raise OptionConflict(Opt("bn_device", "cuda") + ": no CUDA device is available", "use " + Opt("bn_device", "cpu"))
-    model = build_model(model_spec)
+    batches = calibration_batches(data, batch_size)
+    if max_batches is not None:
+        batches = itertools.islice(batches, max_batches)
+    return calibrate_model(recon, build_model(model_spec), batches, Opt("bn_model") + f" '{model_spec}'",
+                           f"calibration data '{data}'", device, progress)
+
+
+def calibrate_model(recon: Reconstruction, model, batches: Iterable[_Args], model_name: Words, data_name: str,
+                    device: str = "cpu", progress: Callable[[int], None] | None = None) -> list[LayerShift]:
+    """Load x into `model` (changed in place: pass a copy), run `batches` through it with update_bn, and
+    put the re-estimated BatchNorm statistics into `recon`."""
+    import torch
+    from torch.optim.swa_utils import update_bn
+
     x = recon.state_dict()
     try:
         model.load_state_dict(x, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()
-        raise InputError(Opt("bn_model") + f" '{model_spec}' does not match the checkpoint: "
-                         f"{' '.join(first[1:3]).strip() or first[0]}"[:500],
+        raise InputError(model_name + f" does not match the checkpoint: {' '.join(first[1:3]).strip() or first[0]}"[:500],
                          "point " + Opt("bn_model") + " at the architecture the checkpoint was trained with (and "
                          + Opt("strip_prefix") + " if names differ)") from exc
     bn_layers = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
     if not bn_layers:
-        raise InputError(Opt("bn_model") + f" '{model_spec}' has no BatchNorm layers",
-                         Opt("bn_calib") + " is only needed for models with BatchNorm")
+        raise InputError(model_name + " has no BatchNorm layers", Opt("bn_calib") + " is only needed for models with BatchNorm")
     model.to(device)
-    batches = calibration_batches(data, batch_size)
-    if max_batches is not None:
-        batches = itertools.islice(batches, max_batches)
 
     def counted() -> Iterator[_Args]:
         seen = 0
@@ -274,7 +286,7 @@ def calibrate(recon: Reconstruction, model_spec: str, data: str, batch_size: int
                 progress(1)
             yield batch.to(device)
         if not seen:
-            raise InputError(f"calibration data '{data}' holds no samples", "")
+            raise InputError(f"{data_name} holds no samples", "")
 
     try:
         with torch.no_grad():

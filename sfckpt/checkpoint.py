@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import inputs, layout as layout_mod
+from . import inputs, layout as layout_mod, provenance
 from .errors import InputError
 from .options import Options, resolve
 from .readers import registry
@@ -39,6 +39,7 @@ class Checkpoint:
     strip_prefix: str | None = None  # removed from weight names, and so from saved parameter names
     release: Release = field(default_factory=Release)  # what a release folder from it holds beside the weights
     names_are_final: bool = False  # names are what the framework loads (PEFT): no --strip-prefix hint
+    callbacks: list[str] = field(default_factory=list)  # a Lightning checkpoint's callback state keys (see provenance.py)
     root: inputs.Root | None = None  # where its files may lie, fixed when it was loaded (side files are read from it)
     accumulated: list[str] = field(default_factory=list)  # statistics gathered at y by name (Keras BatchNorm)
 
@@ -96,6 +97,7 @@ def _load(path: Path, model_key: str | None, optimizer_key: str | None, strip_pr
         skipped=found.skipped,
         unloaded_classes=opened.unloaded,
         top_level_keys=[str(k) for k in obj] if isinstance(obj, Mapping) else [],
+        callbacks=provenance.callback_names(obj),
         ties_visible=opened.ties_visible,
         optimizers=found.optimizers,
         models=found.models,

@@ -22,7 +22,7 @@ import click
 from . import __version__, inputs, limits, textout
 from .conventions import EXIT_INTERRUPTED, INTERRUPTED, JSON_VERSION, OUTPUT_DTYPES, error_document
 from .cli_words import in_cli_words
-from .errors import SfckptError
+from .errors import InputError, Opt, OptionConflict, SfckptError
 from .options import Options
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
@@ -327,6 +327,39 @@ def convert(ckpt: Path, out: str, quiet: bool, as_json: bool, options: Options) 
             what += f"; {n_untrained} untrained parameter{'s' if n_untrained != 1 else ''} copied as saved"
         families_used = ", ".join(dict.fromkeys(o.family.name for o in recon.optimizers))
         textout.echo_line(f"wrote {', '.join(map(str, paths))} ({families_used}; {what})", err=True)
+
+
+@main.command(short_help="Convert each checkpoint a training run writes, once its save is complete.")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the releases (one per checkpoint, "
+              "named after it).")
+@click.option("--interval", type=float, default=10.0, show_default=True, help="Seconds between two looks at RUN_DIR.")
+@click.option("--once", is_flag=True, help="Convert what is complete now (two looks --interval apart) and stop.")
+@click.option("--strip-prefix", metavar="PREFIX", help="Remove PREFIX from weight names (Lightning: model.).")
+@click.option("--bn-calib", metavar="DATA", help="Re-estimate BatchNorm statistics at x on DATA, as convert does.")
+@click.option("--model", "model_spec", metavar="SPEC", help="With --bn-calib: file.py:callable returning the nn.Module.")
+@handle_errors
+def watch(run_dir: Path, out: Path, interval: float, once: bool, strip_prefix, bn_calib, model_spec) -> None:
+    """Convert every checkpoint written into RUN_DIR, exactly once, when its save is complete.
+
+    Runs until Ctrl-C (exit 130), or with --once until what is there now is converted.
+    Releases already in --out are skipped, so a watch can be restarted.
+    """
+    from .watch import start
+
+    if bool(bn_calib) != bool(model_spec):
+        raise OptionConflict(Opt("bn_calib") + " and " + Opt("bn_model") + " go together",
+                             "give both: the data, and the code that builds the model", option="bn_model")
+    try:
+        failures = start(run_dir, out, interval, once, strip_prefix, bn_calib, model_spec,
+                         lambda line: textout.echo_line(line, err=True))
+    except KeyboardInterrupt:
+        # Releases are written whole or not at all: those finished stay, one being written does not appear
+        textout.echo("stopped: the releases written so far are complete", err=True)
+        sys.exit(130)
+    if failures:
+        raise InputError(f"{failures} checkpoint{'s' if failures != 1 else ''} in {run_dir} could not be converted "
+                         "(see the warnings above)", "fix them and run the watch again: what was written is kept")
 
 
 @main.command(short_help="Show the per-tensor gap between two weight sets (or y and x).")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Iterable
 
+from . import provenance
 from .conventions import JSON_VERSION
 from .reconstruct import GroupReport, Reconstruction
 from .tensors import TensorRef, count_nonfinite
@@ -65,7 +66,7 @@ def describe(recon: Reconstruction, scan: bool = False) -> dict[str, Any]:
         "skipped": ckpt.skipped,
         "unloaded_classes": ckpt.unloaded_classes,
         "nonfinite": scan_nonfinite(recon) if scan else None,
-        "warnings": recon.all_warnings(),
+        "warnings": recon.all_warnings() + _mode_doubts(recon),
         "hints": _hints(recon),
     }
     return report
@@ -105,6 +106,17 @@ def _tensor_totals(refs: Iterable[TensorRef]) -> dict[str, Any]:
         "bytes": sum(d["bytes"] for d in by_dtype.values()),
         "by_dtype": dict(sorted(by_dtype.items())),
     }
+
+
+def _mode_doubts(recon: Reconstruction) -> list[str]:
+    """Warnings that the saved train_mode may not describe the weights (not when --params-are says)."""
+    if recon.groups and all(g.params_hold_source == "--params-are" for g in recon.groups):
+        return []
+    modes: dict[str, list] = defaultdict(list)
+    for g in recon.groups:
+        modes[g.optimizer].append(g.train_mode)
+    ckpt = recon.checkpoint
+    return provenance.warnings_for(ckpt.top_level_keys, ckpt.callbacks, modes)
 
 
 def _hints(recon: Reconstruction) -> list[str]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 from . import inputs, keras_output, writer
 from .conventions import SINGLE_NAME
@@ -22,6 +22,8 @@ def save(
     max_shard_size: int | str | None = None,
     progress: Callable[[int], None] | None = None,
     options: Options | None = None,
+    metadata: Mapping[str, str] | None = None,
+    extra_files: Sequence[inputs.InputFile] = (),
 ) -> list[Path]:
     """Write x. A path ending in `.safetensors` gets one file, one ending in `.weights.h5` or `.keras`
     a file Keras loads (from a Keras checkpoint: sfckpt/keras_output.py); a path ending in `/`, an
@@ -31,7 +33,8 @@ def save(
 
     Nothing is written if any x is non-finite (unless `allow_nonfinite`), and an
     existing output is kept unless `force`. `options` (an `sfckpt.Options`) may stand for
-    the three keywords.
+    the three keywords. `metadata` is added to the file's own (provenance), and `extra_files`
+    (opened through the input gate) are copied into a folder release.
 
     Returns:
         The paths written.
@@ -43,7 +46,7 @@ def save(
 
     def produce(spec: writer.Spec):
         item = by_name[spec.name]
-        x = item.compute()
+        x = item.compute().cpu()  # computed where the tensors live (a model in memory may be on a GPU)
         if not opts.allow_nonfinite:
             bad = count_nonfinite(x)
             if bad:
@@ -55,7 +58,7 @@ def save(
                 )
         return x
 
-    metadata = recon.metadata()
+    metadata = {**recon.metadata(), **(metadata or {})}
     shard_size = writer.parse_size(opts.max_shard_size) if isinstance(opts.max_shard_size, str) else opts.max_shard_size
     if keras_output.is_keras_name(out):
         if shard_size:
@@ -74,7 +77,9 @@ def save(
         raise OutputError(f"{release.weights_name} is loaded from one file; " + Opt("max_shard_size") + " does not apply",
                           "leave it out", option="max_shard_size")
     # config.json, tokenizer files, adapter_config.json: what `from_pretrained(out)` reads beside the weights
-    copies = inputs.side_files(recon.checkpoint.path, release.side_files, recon.checkpoint.root) if release.side_files else []
+    copies = list(extra_files)
+    if release.side_files:
+        copies += inputs.side_files(recon.checkpoint.path, release.side_files, recon.checkpoint.root)
     return writer.write_folder(out, specs, produce, metadata, opts.force, progress, shard_size, copies,
                                single_name=release.weights_name or SINGLE_NAME)
 
@@ -94,13 +99,16 @@ def _output_path(out: str | Path, src: Path) -> Path:
 
 
 def convert(src: str | Path, out: str | Path, *, options: Options | None = None,
-            progress: Callable[[int], None] | None = None, **keywords: Any) -> list[Path]:
+            progress: Callable[[int], None] | None = None, metadata: Mapping[str, str] | None = None,
+            extra_files: Sequence[inputs.InputFile] = (), **keywords: Any) -> list[Path]:
     """`sfckpt convert` as a function: load, reconstruct (and re-estimate BatchNorm statistics when
     `bn_calib` and `bn_model` are given), save.
 
     Args:
         options: an `sfckpt.Options`; or give its fields as keywords (`beta=0.75, force=True`).
         progress: called with the bytes written so far.
+        metadata / extra_files: as for `save` (the integrations record provenance with them).
+        metadata / extra_files: as for `save` (the integrations record provenance with them).
     """
     from .checkpoint import load
     from .reconstruct import reconstruct
@@ -112,4 +120,4 @@ def convert(src: str | Path, out: str | Path, *, options: Options | None = None,
         from .batchnorm import calibrate_with
 
         calibrate_with(recon, opts)
-    return save(recon, out, options=opts, progress=progress)
+    return save(recon, out, options=opts, progress=progress, metadata=metadata, extra_files=extra_files)

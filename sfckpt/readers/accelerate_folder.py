@@ -180,6 +180,18 @@ def _two_saves(path: Path, one: Path, other: str) -> None:
                      "move the older files out of the folder, or save each checkpoint into a folder of its own")
 
 
+def save_complete(path: Path) -> bool:
+    """Whether `Accelerator.save_state` is finished: it writes each process's `random_states_N.pkl`
+    after the models and optimizers (main process: `random_states_0.pkl`), and every file and
+    sharded (DCP) sub-folder is whole."""
+    from .completeness import files_complete
+    from .dcp_folder import save_complete as dcp_complete
+
+    if not (path / "random_states_0.pkl").is_file() or not files_complete(path):
+        return False
+    return all(dcp_complete(p) for p in path.iterdir() if p.is_dir() and any(p.glob("*.distcp")))
+
+
 NO_CONFIG_NOTE = ("no config.json: the Trainer saves none with FSDP's SHARDED_STATE_DICT; copy your model's "
                   "config.json (and tokenizer files) into the release folder to load it with from_pretrained")
 NO_CONFIG_FULL_NOTE = ("no config.json in the checkpoint folder; copy your model's config.json (and tokenizer "
@@ -211,6 +223,9 @@ class AccelerateReader(Reader):
         if is_fsdp(path):
             _fsdp_traits(path, opened)
         return opened
+
+    def save_complete(self, path: Path) -> bool:
+        return save_complete(path)
 
 
 def _fsdp_traits(path: Path, opened: Opened) -> None:

@@ -406,6 +406,15 @@ def _lists(node: Any, key: Any = None) -> Any:
     return node
 
 
+def save_complete(path: Path) -> bool:
+    """Whether a torch.distributed.checkpoint save is finished: the coordinator writes `.metadata`
+    once every rank's `.distcp` files are written."""
+    try:
+        return (path / ".metadata").is_file() and (path / ".metadata").stat().st_size > 0
+    except OSError:
+        return False
+
+
 class DcpReader(Reader):
     """Any torch.distributed.checkpoint folder (`.metadata` + `.distcp` shards)."""
 
@@ -418,3 +427,6 @@ class DcpReader(Reader):
         folder = DcpFolder(path)
         obj = folder.load_object()
         return Opened(obj, folder.opaque, self.name, ties_visible=False)  # DCP saves tied weights as copies
+
+    def save_complete(self, path: Path) -> bool:
+        return save_complete(path)

@@ -475,6 +475,31 @@ class DeepSpeedFolder:
         self.opaque = set(unknown)
 
 
+def save_complete(path: Path) -> bool:
+    """Whether a DeepSpeed save is finished. `engine.save_checkpoint` writes `latest` after every rank's
+    files: a save folder is complete when `latest` names a tag whose files are whole; a tag folder when
+    its parent's `latest` names it or was written after the tag's last file (a later save finished)."""
+    from .completeness import files_complete
+
+    try:
+        if (path / LATEST).is_file():
+            tag = _latest_tag(path)
+            return bool(tag) and "/" not in tag and (path / tag).is_dir() and files_complete(path / tag)
+        latest = path.parent / LATEST
+        if not latest.is_file():
+            return False
+        newest = max((p.stat().st_mtime_ns for p in path.iterdir()), default=0)
+        named = _latest_tag(path.parent)
+        return (named == path.name or latest.stat().st_mtime_ns >= newest) and files_complete(path)
+    except (InputError, OSError, UnicodeDecodeError):
+        return False
+
+
+def _latest_tag(folder: Path) -> str:
+    data = inputs.read_bytes(folder / LATEST, limits.TEXT_BYTES, "DeepSpeed's latest tag", root=inputs.Root.of(folder))
+    return data.decode("utf-8").strip()
+
+
 class DeepSpeedReader(Reader):
     """A DeepSpeed ZeRO checkpoint: a tag folder, its parent with `latest`, or a wrapper's folder.
 
@@ -493,3 +518,6 @@ class DeepSpeedReader(Reader):
         return Opened(obj, sorted(folder.opaque), self.name, notes=folder.notes,
                       default_dtype=folder.module_dtype if folder.module_dtype != "float32" else None,
                       release=Release(RELEASE_FILES))
+
+    def save_complete(self, path: Path) -> bool:
+        return save_complete(path)

@@ -99,6 +99,23 @@ def parameter_order(path: Path) -> tuple[list[str], list[set[str]]]:
     return named, [{n for n in named if n in decay}, {n for n in named if n not in decay}]
 
 
+def save_complete(path: Path) -> bool:
+    """Whether the Trainer has finished saving `checkpoint-N/`: it writes trainer_state.json after the
+    weights and the optimizer state (after every rank's part: DeepSpeed and FSDP saves are collective),
+    and every file and sub-save in the folder is whole."""
+    from .completeness import files_complete
+    from .deepspeed_folder import LATEST, save_complete as deepspeed_complete
+
+    try:
+        json.loads(inputs.read_bytes(path / STATE_NAME, limits.JSON_BYTES, STATE_NAME, root=inputs.Root.of(path)))
+    except (InputError, OSError, ValueError, RecursionError):
+        return False
+    if (path / LATEST).is_file() and not deepspeed_complete(path):
+        return False
+    subfolders = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith("global_step")]
+    return files_complete(path) and all((p / ".metadata").is_file() for p in subfolders if any(p.glob("*.distcp")))
+
+
 class TrainerReader(Reader):
     """A Trainer `checkpoint-N/`: weights files beside optimizer.pt and trainer_state.json."""
 
@@ -123,3 +140,6 @@ class TrainerReader(Reader):
                 order = ParameterOrder(missing=exc.text, missing_hint=exc.fix)
         return Opened(obj, sorted(set(unloaded) | set(opt_unloaded)), self.name, order=order,
                       release=Release(RELEASE_FILES))
+
+    def save_complete(self, path: Path) -> bool:
+        return save_complete(path)

@@ -70,6 +70,14 @@ def load_object(path: Path) -> tuple[dict[str, Any], list[str], list[str]]:
     return obj, sorted(set(folder.opaque) | set(meta_unloaded)), notes
 
 
+def save_complete(path: Path) -> bool:
+    """Whether Lightning's sharded save is finished: rank 0 writes `meta.pt` after the DCP save."""
+    from .completeness import zip_complete
+    from .dcp_folder import save_complete as dcp_complete
+
+    return dcp_complete(path) and zip_complete(path / META_NAME)
+
+
 class LightningFsdpReader(Reader):
     """Lightning's sharded `NAME.ckpt/` (DCP data + meta.pt); recognised before plain DCP folders."""
 
@@ -81,3 +89,6 @@ class LightningFsdpReader(Reader):
     def open(self, path: Path, request: LoadRequest) -> Opened:
         obj, unloaded, notes = load_object(path)
         return Opened(obj, unloaded, self.name, notes=notes, ties_visible=False)
+
+    def save_complete(self, path: Path) -> bool:
+        return save_complete(path)

@@ -256,3 +256,8 @@ class PeftAdapterReader(Reader):
                 order = ParameterOrder(missing=exc.text, missing_hint=exc.fix)
         return Opened(obj, unloaded, self.name, order=order, names_are_final=True,
                       release=Release(RELEASE_FILES, SAFE_NAME, shardable=False))
+
+    def save_complete(self, path: Path) -> bool:
+        from .hf_trainer import save_complete
+
+        return save_complete(path)  # the Trainer saves an adapter folder as any checkpoint-N/

@@ -162,3 +162,16 @@ def _read_index(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
         raise InputError(f"{path}: tensor '{missing[0][:200]}' is in the index but not in its shard",
                          "the shards do not match the index")
     return dict(sorted(refs.items())), metadata
+
+
+def save_complete(path: Path) -> bool:
+    """Whether a safetensors file (or every shard an index names) holds all the data its header lists."""
+    from .completeness import safetensors_complete
+
+    if path.name.endswith(".json"):
+        try:
+            weight_map = inputs.read_json(path, "the safetensors index", root=inputs.Root.of(path)).get("weight_map", {})
+        except (InputError, AttributeError, OSError):
+            return False
+        return all(safetensors_complete(path.parent / Path(str(name)).name) for name in set(weight_map.values()))
+    return safetensors_complete(path)

@@ -473,6 +473,13 @@ class TorchArchive:
         return self._offsets[info.filename]
 
 
+def save_complete(path: Path) -> bool:
+    """Whether a torch.save file is finished: torch writes the zip's central directory last."""
+    from .completeness import zip_complete
+
+    return zip_complete(path)
+
+
 class TorchFileReader(Reader):
     """A `torch.save` zip file: a plain state dict, a training dict, a Lightning `.ckpt`."""
 
@@ -485,3 +492,6 @@ class TorchFileReader(Reader):
         archive = TorchArchive(path)
         obj = archive.load_object()
         return Opened(obj, sorted(archive.opaque))  # layout.find tells a Lightning .ckpt from a plain file
+
+    def save_complete(self, path: Path) -> bool:
+        return save_complete(path)
