@@ -67,6 +67,40 @@ def assert_equal_tensors(got: dict, expected: dict):
         assert torch.equal(got[name], expected[name]), f"{name} differs from optimizer.eval()"
 
 
+def assert_one_error_line(result, *fragments: str, github: bool = False) -> str:
+    """Exit 2 and one `error:` line on stderr holding every fragment; no traceback, no "internal error".
+
+    `result` is click's Result or a finished subprocess (text or bytes). With `github`, stderr also
+    holds that error's one `::error` annotation. Returns the error line."""
+    code = result.exit_code if hasattr(result, "exit_code") else result.returncode
+    err = result.stderr if isinstance(result.stderr, str) else result.stderr.decode(errors="replace")
+    assert code == 2, (code, err[-2000:])
+    assert "Traceback" not in err and "internal error" not in err, err[-2000:]
+    lines = err.strip().splitlines()
+    if github:
+        annotations = [line for line in lines if line.startswith("::error")]
+        assert len(annotations) == 1 and annotations[0].startswith("::error title=sfckpt::"), err
+        lines = [line for line in lines if not line.startswith("::error")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def assert_nothing_written(out: Path) -> None:
+    """Neither the output nor a temporary beside it exists."""
+    assert not out.exists(), f"{out} was written"
+    assert not [p.name for p in out.parent.iterdir() if "sfckpt-tmp" in p.name]
+
+
+def assert_refused(result, out: Path, *fragments: str) -> str:
+    """A clean refusal: one `error:` line holding `fragments`, nothing on stdout, nothing written."""
+    line = assert_one_error_line(result, *fragments)
+    assert result.stdout == "", result.stdout
+    assert_nothing_written(out)
+    return line
+
+
 def read(path):
     return load_file(str(path))
 

@@ -5,18 +5,7 @@ import pytest
 import torch
 
 import trainers
-from conftest import save_checkpoint
-
-
-def assert_refused(result, out, *fragments):
-    assert result.exit_code == 2, (result.exit_code, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for f in fragments:
-        assert f in result.stderr, result.stderr
-    assert result.stdout == ""
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if "sfckpt-tmp" in p.name]
+from conftest import assert_refused, save_checkpoint
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 import sfckpt
 import trainers
-from conftest import read, save_checkpoint
+from conftest import assert_nothing_written, assert_one_error_line, read, save_checkpoint
 
 FUZZ = int(os.environ.get("SFCKPT_FUZZ", "12"))
 COMMANDS = ("inspect", "convert", "diff", "check")
@@ -52,11 +52,8 @@ def assert_clean(result, out, allow_success=False):
     assert "Traceback" not in result.stderr and "internal error" not in result.stderr, result.stderr
     if allow_success and result.exit_code in (0, 1):
         return
-    assert result.exit_code == 2, (result.exit_code, result.stdout[-300:], result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert not out.exists()
-    assert not list(out.parent.glob("*sfckpt-tmp"))
+    assert_one_error_line(result)
+    assert_nothing_written(out)
 
 
 def run_cases(run, command, cases, bad: Path, good) -> None:
@@ -341,7 +338,7 @@ def test_disk_full_leaves_nothing(good, tmp_path):
 def test_unwritable_destination(good, run):
     ckpt, _ = good
     result = run("convert", ckpt, "/proc/x.safetensors")
-    assert result.exit_code == 2 and result.stderr.startswith("error: ")
+    assert_one_error_line(result)
 
 
 def test_inputs_are_never_modified(good, run, tmp_path):
@@ -456,7 +453,7 @@ def test_memo_index_bomb_is_harmless(run, tmp_path):
             "from sfckpt.cli import main; main()")
     result = subprocess.run([sys.executable, "-c", code, "inspect", str(tmp_path / "bomb.pt")],
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and result.stderr.startswith("error: ") and "no model weights" in result.stderr, result.stderr
+    assert_one_error_line(result, "no model weights")
 
 
 def test_failed_folder_output_leaves_no_folder(run, tmp_path):

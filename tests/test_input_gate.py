@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import sfckpt
 import trainers
-from conftest import FIXTURES
+from conftest import FIXTURES, assert_one_error_line
 from sfckpt.errors import InputError
 from sfckpt.sources import released_weights
 
@@ -31,14 +31,6 @@ def _child(*args, code="from sfckpt.cli import main; main()", env=None, memory_g
     prefix = f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({memory_gb} << 30, {memory_gb} << 30)); "
     return subprocess.run([sys.executable, "-c", prefix + code, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def _one_error_line(proc, *fragments):
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "internal error" not in lines[0], proc.stderr
-    for fragment in fragments:
-        assert fragment in proc.stderr, proc.stderr
 
 
 def _secret(tmp_path: Path) -> Path:
@@ -66,8 +58,8 @@ def test_side_file_linked_outside_is_not_copied(name, target, run, tmp_path):
     (ckpt / name).symlink_to(_secret(tmp_path) if target == "secret" else Path("/proc/self/environ"))
     out = tmp_path / "release"
     result = run("convert", ckpt, f"{out}/")
-    assert result.exit_code == 2, result.stdout
-    assert result.stderr.startswith("error: ") and name in result.stderr and SECRET not in result.stderr
+    assert_one_error_line(result, name)
+    assert SECRET not in result.stderr
     assert not out.exists()
 
 
@@ -121,7 +113,7 @@ def test_deepspeed_latest_linked_to_proc_environ_echoes_nothing(tmp_path):
     (ckpt / "latest").unlink()
     (ckpt / "latest").symlink_to("/proc/self/environ")
     proc = _child("inspect", ckpt, env={"SFCKPT_TEST_TOKEN": SECRET})
-    _one_error_line(proc, "latest")
+    assert_one_error_line(proc, "latest")
     assert SECRET not in proc.stderr + proc.stdout
 
 
@@ -201,7 +193,7 @@ def _sparse(path: Path, head: bytes = b"{") -> None:
 
 
 def _bounded(proc, started: float, limit_env: str) -> None:
-    _one_error_line(proc, limit_env)
+    assert_one_error_line(proc, limit_env)
     assert time.monotonic() - started < 60
 
 
@@ -266,7 +258,7 @@ def test_diff_of_a_terabyte_sparse_safetensors_file_is_exit_2(tmp_path):
         f.write(len(header).to_bytes(8, "little") + header)
         f.truncate(8 + len(header) + (1 << 40))
     proc = _child("diff", big, big)
-    _one_error_line(proc, "memory")
+    assert_one_error_line(proc, "memory")
 
 
 # ---- races and files that change while read ------------------------------------------------------------
@@ -339,7 +331,7 @@ def test_torch_file_truncated_while_converting_is_exit_2(trained, tmp_path):
     out = tmp_path / "x.safetensors"
     proc = subprocess.run([sys.executable, "-c", TRUNCATE_AFTER_LOAD, str(ckpt), "convert", str(ckpt), str(out)],
                           capture_output=True, text=True, timeout=120)
-    _one_error_line(proc, "changed or is truncated")
+    assert_one_error_line(proc, "changed or is truncated")
     assert not out.exists()
 
 
@@ -350,7 +342,7 @@ def test_safetensors_file_truncated_while_read_is_exit_2(tmp_path):
     shutil.copyfile(weights, other)
     proc = subprocess.run([sys.executable, "-c", TRUNCATE_AFTER_LOAD, str(weights), "diff", str(weights), str(other)],
                           capture_output=True, text=True, timeout=120)
-    _one_error_line(proc, "changed or is truncated")
+    assert_one_error_line(proc, "changed or is truncated")
 
 
 # ---- the Hugging Face cache layout still reads ------------------------------------------------------
@@ -443,7 +435,7 @@ def test_adapter_side_file_linked_outside_is_not_copied(name, target, lora_check
     out = tmp_path / "release"
     order = lora_checkpoint.parent.parent / "order.txt"  # the base model is not beside the copy
     proc = _child("convert", ckpt, f"{out}/", "--param-order", order, env={"SFCKPT_TEST_TOKEN": SECRET}, memory_gb=8)
-    _one_error_line(proc, name)
+    assert_one_error_line(proc, name)
     assert SECRET not in proc.stderr + proc.stdout
     assert not out.exists()
 
@@ -515,7 +507,7 @@ def test_safetensors_weights_truncated_while_converting_is_exit_2(tmp_path):
     out = tmp_path / "x.safetensors"
     proc = subprocess.run([sys.executable, "-c", TRUNCATE_AFTER_LOAD, str(folder / "model.safetensors"), "convert",
                            str(folder), str(out)], capture_output=True, text=True, timeout=120)
-    _one_error_line(proc, "changed or is truncated")
+    assert_one_error_line(proc, "changed or is truncated")
     assert not out.exists()
 
 
@@ -532,5 +524,5 @@ def test_dcp_shard_truncated_while_converting_is_exit_2(tmp_path):
     out = tmp_path / "x.safetensors"
     proc = subprocess.run([sys.executable, "-c", TRUNCATE_AFTER_LOAD, str(shard), "convert", str(folder), str(out)],
                           capture_output=True, text=True, timeout=120)
-    _one_error_line(proc, "changed or is truncated")
+    assert_one_error_line(proc, "changed or is truncated")
     assert not out.exists()
