@@ -13,7 +13,7 @@ import sfckpt
 import trainers
 from conftest import FIXTURES, assert_one_error_line, read, save_checkpoint
 from sfckpt.cli import main
-from test_batchnorm import MODEL_FILE
+from test_reconstruct_batchnorm import MODEL_FILE
 
 LFS_TEXT = "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1234\n"
 

@@ -478,7 +478,7 @@ def test_side_file_past_its_limit_is_refused(run, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["too large", "fifo"])
 def test_calibration_data_is_read_through_the_bounded_opener(kind, run, tmp_path, monkeypatch):
-    from test_batchnorm import MODEL_FILE
+    from test_reconstruct_batchnorm import MODEL_FILE
 
     model = trainers.ConvBN()
     ckpt = tmp_path / "c.pt"
