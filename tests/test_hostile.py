@@ -361,7 +361,7 @@ def test_honest_views_still_convert_exactly(run, tmp_path):
 
 # ---- Hugging Face Trainer folders: config.json never brings code, and stays cheap ------------------
 
-from test_containers import hf_run  # noqa: E402,F401  (the module-scoped Trainer run)
+from test_readers_hf_trainer import hf_run  # noqa: E402,F401  (the module-scoped Trainer run)
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,16 @@ from safetensors.torch import save_file
 
 import sfckpt
 import trainers
-from conftest import FIXTURES, assert_equal_tensors, read
+from conftest import FIXTURES, assert_equal_tensors, assert_one_error_line, read
 from test_hardening import assert_clean
-from test_hostile import Crafted, _clean_exit, _cli
+from test_hostile import Crafted, _cli
 
 DS = FIXTURES / "deepspeed"
 
 
 # ---- PEFT: the base model's config and the adapter config reach transformers and peft only vetted --------
 
-from test_peft import lora_run  # noqa: E402,F401  (the module-scoped LoRA Trainer run)
+from test_readers_peft import lora_run  # noqa: E402,F401  (the module-scoped LoRA Trainer run)
 
 
 def _adapter_copy(lora_run, tmp_path, edit=None, base_edit=None):
@@ -74,7 +74,7 @@ def test_peft_base_config_with_custom_code_never_runs(where, lora_run, run, tmp_
     if report.returncode == 0:
         json.loads(report.stdout)
     else:
-        _clean_exit(report, "custom code", "--param-order")
+        assert_one_error_line(report, "custom code", "--param-order")
     release = tmp_path / "release"
     result = run("convert", folder, release)
     assert_clean(result, release)
@@ -194,7 +194,7 @@ def test_peft_without_peft_installed_names_the_extra(lora_run, run, tmp_path, mo
 
 # ---- Hugging Face Trainer: the model class config.json names must be a model built from that config ------
 
-from test_containers import hf_run  # noqa: E402,F401
+from test_readers_hf_trainer import hf_run  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")
@@ -484,7 +484,7 @@ def test_expansion_limit_raised_to_1e30_still_bounds_stride_zero_views(value, tm
         proc = _cli(*args, env={"SFCKPT_MAX_EXPANSION": value}, memory_gb=3)
         assert "internal error" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         if command == "convert":
-            _clean_exit(proc)
+            assert_one_error_line(proc)
 
 
 def test_limits_read_whole_numbers_written_as_powers_of_ten(monkeypatch):

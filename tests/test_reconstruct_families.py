@@ -284,3 +284,16 @@ def test_heavyball_state_ecc_and_group_beta_match_eval(run, tmp_path):
     result = run("convert", tmp_path / "c.pt", tmp_path / "x.safetensors")
     assert result.exit_code == 0, result.stderr
     assert_equal_tensors(read(tmp_path / "x.safetensors"), model.state_dict())
+
+
+def test_unknown_schedule_free_state_names_what_was_found(run, tmp_path):
+    model = trainers.MLP()
+    opt = trainers.train(model, "sgd")
+    osd = opt.state_dict()
+    for g in osd["param_groups"]:
+        g.pop("train_mode"), g.pop("weight_lr_power"), g.pop("weight_sum")
+    torch.save({"model": model.state_dict(), "optimizer": osd}, tmp_path / "c.pt")
+    result = run("convert", tmp_path / "c.pt", tmp_path / "x.safetensors")
+    assert result.exit_code == 2
+    assert "has a z but matches no known Schedule-Free family" in result.stderr
+    assert "--optimizer" in result.stderr and "--beta" in result.stderr and "--params-are" in result.stderr

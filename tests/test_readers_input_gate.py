@@ -402,9 +402,9 @@ def test_param_order_file_is_the_users_own_and_may_lie_anywhere(trained, run, tm
 
 @pytest.fixture(scope="module")
 def lora_checkpoint(tmp_path_factory):
-    """A LoRA adapter checkpoint as the Trainer saves it (tests/test_peft.py's run)."""
+    """A LoRA adapter checkpoint as the Trainer saves it (tests/test_readers_peft.py's run)."""
     pytest.importorskip("peft")
-    from test_peft import TRAIN
+    from test_readers_peft import TRAIN
 
     out = tmp_path_factory.mktemp("lora")
     result = subprocess.run([sys.executable, "-c", TRAIN, str(out)], capture_output=True, text=True)
@@ -414,9 +414,9 @@ def lora_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trainer_checkpoint(tmp_path_factory):
-    """A Hugging Face Trainer checkpoint-N folder (tests/test_containers.py's run)."""
+    """A Hugging Face Trainer checkpoint-N folder (tests/test_readers_hf_trainer.py's run)."""
     pytest.importorskip("transformers")
-    from test_containers import HF_TRAIN
+    from test_readers_hf_trainer import HF_TRAIN
 
     out = tmp_path_factory.mktemp("hf")
     result = subprocess.run([sys.executable, "-c", HF_TRAIN, str(out), "schedule_free_adamw", "train"],

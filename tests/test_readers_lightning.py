@@ -1,4 +1,5 @@
-"""Lightning's WeightAveraging callback: x is built from current_model_state, never from the average.
+"""Lightning `.ckpt` files from ModelCheckpoint, and with the WeightAveraging callback, where x is built
+from current_model_state, never from the average.
 
 The callback saves the average of the y's the model held under `state_dict` and the model's own
 parameters (y, which the optimizer's z belongs to) under `current_model_state`. The truth is the
@@ -119,3 +120,39 @@ def test_single_update_at_the_saved_step_is_y(run, tmp_path):
         result = run("convert", path, out, "--strip-prefix", "model.")
         assert result.exit_code == 0, result.stderr
         assert_equal_tensors(read(out), expected)
+
+
+def test_lightning_model_checkpoint(run, tmp_path):
+    L = pytest.importorskip("lightning")
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    import schedulefree
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.save_hyperparameters({"width": 16, "lr": 0.02})
+            self.model = trainers.ConvBN()
+
+        def training_step(self, batch, _):
+            return self.model(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return schedulefree.AdamWScheduleFree(self.parameters(), lr=0.02)
+
+        def on_train_epoch_start(self):
+            self.optimizers().optimizer.train()
+
+    torch.manual_seed(0)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 3, 5, 5)), batch_size=4)
+    module = Module()
+    trainer = L.Trainer(max_steps=3, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True)],
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                        default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    ckpt = tmp_path / "ckpts" / "last.ckpt"
+    expected = trainers.eval_x(module.model, trainer.optimizers[0])
+    report = json.loads(run("inspect", ckpt, "--json").stdout)
+    assert report["container"] == "lightning" and report["keys"]["optimizer"] == "optimizer_states.0"
+    result = run("convert", ckpt, tmp_path / "x.safetensors", "--strip-prefix", "model.")
+    assert result.exit_code == 0, result.stderr
+    assert_equal_tensors(read(tmp_path / "x.safetensors"), expected)
