@@ -279,3 +279,10 @@ def test_public_functions_accept_str_and_pathlike(tmp_path):
     report = diff_sets(open_weights(str(out)), open_weights(str(FIXTURES / "adamw_mlp.pt")))
     assert report["summary"]["differ"] == 0
     assert check_release(open_weights(str(out)), sfckpt.reconstruct(sfckpt.load(str(FIXTURES / "adamw_mlp.pt"))))["passed"]
+
+
+def test_debug_env_shows_traceback(run, tmp_path, monkeypatch):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    monkeypatch.setenv("SFCKPT_DEBUG", "1")
+    result = run("inspect", tmp_path / "empty.pt")
+    assert result.exit_code == 2 and "Traceback" in result.stderr

@@ -2,16 +2,13 @@
 import json
 import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 import trainers
-from conftest import assert_equal_tensors, Evil, free_port, read
+from conftest import assert_clean, assert_equal_tensors, Evil, free_port, read, SCRIPTS
 
-HERE = Path(__file__).resolve().parent
 
 
 def test_dcp_single_process(run, tmp_path):
@@ -84,44 +81,8 @@ def test_dcp_bare_model_optimizer_pair(run, tmp_path):
     assert_equal_tensors(read(tmp_path / "x.safetensors"), trainers.eval_x(model, opt))
 
 
-FSDP_TRAIN = textwrap.dedent(
-    """
-    import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
-    sys.path.insert(0, sys.argv[3])
-
-    def work(rank, world, out, port):
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        import schedulefree, trainers
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-        from torch.distributed.fsdp import fully_shard
-        torch.manual_seed(0)
-        model = trainers.MLP(width=16)
-        fully_shard(model.fc1); fully_shard(model.fc2); fully_shard(model)
-        opt = schedulefree.AdamWScheduleFree(model.parameters(), lr=0.02)
-        opt.train()
-        for _ in range(3):
-            torch.manual_seed(rank)
-            opt.zero_grad(); model(torch.randn(4, 8)).pow(2).mean().backward(); opt.step()
-        msd, osd = get_state_dict(model, opt)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=out)
-        opt.eval()
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank == 0:
-            torch.save(full, os.path.join(out, "..", "expected.pt"))
-        dist.destroy_process_group()
-
-    if __name__ == "__main__":
-        mp.spawn(work, args=(2, sys.argv[1], sys.argv[2]), nprocs=2)
-    """
-)
-
-
 def test_dcp_from_fsdp2_two_ranks(run, tmp_path):
-    script = tmp_path / "fsdp_train.py"
-    script.write_text(FSDP_TRAIN)
-    result = subprocess.run([sys.executable, str(script), str(tmp_path / "dcp"), free_port(), str(HERE)],
+    result = subprocess.run([sys.executable, SCRIPTS / "fsdp2_dcp.py", tmp_path / "dcp", free_port()],
                             capture_output=True, text=True, timeout=300)
     if result.returncode != 0 and "gloo" in result.stderr.lower() and "not available" in result.stderr.lower():
         pytest.skip("gloo backend unavailable")
@@ -145,3 +106,45 @@ def test_dcp_metadata_with_foreign_class_is_refused(run, tmp_path):
     result = run("inspect", tmp_path / "dcp")
     assert result.exit_code == 2 and "cannot read DCP metadata" in result.stderr
     assert not marker.exists()
+
+
+# ---- torch.distributed.checkpoint: planner_data is checked before it builds the nested state ----------------
+
+def _dcp(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = trainers.MLP()
+    opt = trainers.train(model, "adamw")
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp_path / "dcp", no_dist=True)
+    return tmp_path / "dcp"
+
+
+def _conflict(paths):
+    first, second = sorted(k for k in paths if k.startswith("model."))[:2]
+    paths[second] = paths[first] + ("deeper",)
+
+
+def _same(paths):
+    first, second = sorted(k for k in paths if k.startswith("model."))[:2]
+    paths[second] = paths[first]
+
+
+@pytest.mark.parametrize("change,fragment", [
+    (_conflict, "planner_data places two entries"), (_same, "planner_data places two entries"),
+    (lambda p: p.__setitem__(sorted(p)[0], ("model",) + ("x",) * 100_000), "SFCKPT_MAX_NESTING"),
+    (lambda p: p.__setitem__(sorted(p)[0], ("optim", "param_groups", 10**6, "lr")), "param_groups"),
+], ids=["prefix-of-another", "same-path", "100000-deep", "list-index-past-the-end"])
+def test_dcp_planner_data_is_checked(change, fragment, run, tmp_path):
+    import pickle
+
+    folder = _dcp(tmp_path)
+    md = pickle.loads((folder / ".metadata").read_bytes())
+    change(md.planner_data)
+    (folder / ".metadata").write_bytes(pickle.dumps(md))
+    for command in ("inspect", "convert"):
+        args = (command, folder, tmp_path / "x") if command == "convert" else (command, folder)
+        result = run(*args)
+        assert_clean(result, tmp_path / "x")
+        assert fragment in result.stderr

@@ -15,13 +15,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import sfckpt
 import trainers
-from conftest import FIXTURES, assert_one_error_line
+from conftest import assert_one_error_line, FIXTURES, SCRIPTS
 from sfckpt.errors import InputError
 from sfckpt.sources import released_weights
 
+ADAMW = FIXTURES / "adamw_mlp.pt"
 DS = FIXTURES / "deepspeed"
+DEEPSPEED = DS / "zero2-fp32"
 SECRET = "sfckpt-secret-3f9a1c"
 SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
@@ -402,24 +403,20 @@ def test_param_order_file_is_the_users_own_and_may_lie_anywhere(trained, run, tm
 
 @pytest.fixture(scope="module")
 def lora_checkpoint(tmp_path_factory):
-    """A LoRA adapter checkpoint as the Trainer saves it (tests/test_readers_peft.py's run)."""
+    """A LoRA adapter checkpoint as the Trainer saves it (scripts/peft_lora.py, as tests/test_readers_peft.py runs it)."""
     pytest.importorskip("peft")
-    from test_readers_peft import TRAIN
-
     out = tmp_path_factory.mktemp("lora")
-    result = subprocess.run([sys.executable, "-c", TRAIN, str(out)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, SCRIPTS / "peft_lora.py", out], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "run" / "checkpoint-3"
 
 
 @pytest.fixture(scope="module")
 def trainer_checkpoint(tmp_path_factory):
-    """A Hugging Face Trainer checkpoint-N folder (tests/test_readers_hf_trainer.py's run)."""
+    """A Hugging Face Trainer checkpoint-N folder (scripts/hf_trainer.py, as tests/test_readers_hf_trainer.py runs it)."""
     pytest.importorskip("transformers")
-    from test_readers_hf_trainer import HF_TRAIN
-
     out = tmp_path_factory.mktemp("hf")
-    result = subprocess.run([sys.executable, "-c", HF_TRAIN, str(out), "schedule_free_adamw", "train"],
+    result = subprocess.run([sys.executable, SCRIPTS / "hf_trainer.py", out, "schedule_free_adamw", "train"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "checkpoint-3"
@@ -526,3 +523,36 @@ def test_dcp_shard_truncated_while_converting_is_exit_2(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert_one_error_line(proc, "changed or is truncated")
     assert not out.exists()
+
+
+def test_deepspeed_latest_tag_symlinked_outside_the_folder_is_refused(run, tmp_path):
+    """A DeepSpeed folder whose `latest` tag is a symlink leading outside the input is exit 2, nothing written."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copytree(DEEPSPEED / "global_step3", outside / "global_step3")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    shutil.copyfile(DEEPSPEED / "latest", ckpt / "latest")
+    (ckpt / (DEEPSPEED / "latest").read_text().strip()).symlink_to(outside / "global_step3", target_is_directory=True)
+    out = tmp_path / "x.safetensors"
+    result = run("convert", ckpt, out)
+    assert_one_error_line(result, "outside")
+    assert not out.exists()
+
+
+def test_index_shard_that_is_a_fifo_is_refused_not_a_hang(run, tmp_path):
+    """check on a release whose indexed shard is a named pipe is exit 2 within seconds, not a hang."""
+    rel = tmp_path / "rel"
+    assert run("convert", ADAMW, f"{rel}/", "--max-shard-size", "300B", "-q").exit_code == 0
+    shard = rel / "model-00002-of-00003.safetensors"
+    shard.unlink()
+    os.mkfifo(shard)
+    proc = subprocess.Popen([sys.executable, "-m", "sfckpt", "check", f"{rel}/", "--ckpt", str(ADAMW)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _, err = proc.communicate(timeout=6)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("check blocked on the FIFO for 6 s")
+    assert proc.returncode == 2, err.decode(errors="replace")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import trainers
-from conftest import assert_equal_tensors, read
+from conftest import assert_clean, assert_equal_tensors, read
 
 L = pytest.importorskip("lightning")
 schedulefree = pytest.importorskip("schedulefree")
@@ -156,3 +156,17 @@ def test_lightning_model_checkpoint(run, tmp_path):
     result = run("convert", ckpt, tmp_path / "x.safetensors", "--strip-prefix", "model.")
     assert result.exit_code == 0, result.stderr
     assert_equal_tensors(read(tmp_path / "x.safetensors"), expected)
+
+
+@pytest.mark.parametrize("count", [torch.tensor(float("nan")), torch.tensor(True)], ids=["nan", "bool"])
+def test_weight_averaging_count_that_is_not_a_count(count, run, tmp_path):
+    """Lightning WeightAveraging's n_averaged read where it decides whether the model held the average."""
+    model = trainers.MLP()
+    opt = trainers.train(model, "adamw")
+    sd = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": sd, "current_model_state": dict(sd), "averaging_state": {"n_averaged": count},
+                "optimizer_states": [opt.state_dict()], "global_step": 4, "epoch": 0,
+                "pytorch-lightning_version": "2.5.0"}, tmp_path / "last.ckpt")
+    result = run("convert", tmp_path / "last.ckpt", tmp_path / "x.safetensors")
+    assert_clean(result, tmp_path / "x.safetensors")
+    assert "saved after training ended" in result.stderr
