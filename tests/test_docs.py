@@ -7,6 +7,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -122,7 +123,10 @@ def test_quick_start_is_two_commands_and_ci_runs_them():
     assert commands[1].startswith("pip install '.[test]'") and "pytest" in commands[1]
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip() and not line.startswith("#")]
     assert "pip install torch==2.13.0" in ci
-    assert ci[-2:] == commands and ci.index("pip install torch==2.13.0") < len(ci) - 2
+    assert ci[-3:-1] == commands and ci.index("pip install torch==2.13.0") < len(ci) - 3
+    # the README's pytest skips the slow tests and CI runs them next: together they run every test
+    assert "-m 'not slow'" in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["addopts"]
+    assert ci[-1] == "python -m pytest -m slow"
     assert any("venv" in line for line in ci)
     section = (ROOT / "README.md").read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
     assert "venv" in section and "--index-url https://download.pytorch.org/whl/cpu" in section
