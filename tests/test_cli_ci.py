@@ -70,6 +70,7 @@ def _pre_commit(repo, tmp_path):
                           env=_env(PRE_COMMIT_HOME=str(tmp_path / "pre-commit-home")))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(PRE_COMMIT is None, reason="pre-commit is not installed (it is in .[test])")
 @pytest.mark.parametrize("local", [False, True], ids=["published-hook", "local-hook"])
 def test_pre_commit_checks_the_whole_release_when_release_or_checkpoint_changes(local, tmp_path):

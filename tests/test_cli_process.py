@@ -27,6 +27,7 @@ def _assert_one_short_error_line(proc, max_len=2000):
     assert len(line) <= max_len, f"error line is {len(line)} characters"
 
 
+@pytest.mark.slow
 def test_non_utf8_input_file_name_is_not_an_internal_error(tmp_path):
     """Converting a checkpoint whose file name is not valid UTF-8 succeeds, or is a clean exit 2."""
     src = os.fsencode(tmp_path) + b"/run\xff.pt"
@@ -70,6 +71,7 @@ runpy.run_module("sfckpt", run_name="__main__", alter_sys=True)
 """
 
 
+@pytest.mark.slow
 def test_interrupt_during_startup_exits_130_without_a_traceback(tmp_path):
     """SIGINT arriving while `python -m sfckpt` imports its CLI gives exit 130 and no traceback."""
     out = tmp_path / "x.safetensors"
@@ -83,6 +85,7 @@ def test_interrupt_during_startup_exits_130_without_a_traceback(tmp_path):
 _INTERRUPT_AT_TORCH_IMPORT = _INTERRUPT_DURING_IMPORT.replace('name == "click"', 'name == "torch"')
 
 
+@pytest.mark.slow
 def test_json_document_on_stdout_when_interrupted(tmp_path):
     """Ctrl-C during `convert --json` (while it loads torch) still prints a JSON error document on stdout."""
     import json
@@ -95,6 +98,7 @@ def test_json_document_on_stdout_when_interrupted(tmp_path):
     assert doc["version"] == 1 and doc["error"]["exit_code"] == 130
 
 
+@pytest.mark.slow
 def test_signal_storm_exits_130_without_a_traceback(tmp_path):
     import signal
     import time

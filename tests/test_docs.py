@@ -61,6 +61,7 @@ def _normal(line: str) -> str:
     return " ".join(line.split())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("document", DOCUMENTS)
 def test_console_examples_run_in_order_in_a_fresh_copy(document, tmp_path):
     examples = console_examples((ROOT / document).read_text())

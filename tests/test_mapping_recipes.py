@@ -565,6 +565,7 @@ def _freeze_first_layer(model):
     model.model.layers[0].requires_grad_(False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("freeze", [_freeze_embedding, _freeze_first_layer], ids=["embedding", "first-layer"])
 def test_hf_trainer_folder_with_frozen_parameters(freeze, run, tmp_path):
     """Fine-tuning with transformers.Trainer(optim="schedule_free_adamw") after requires_grad_(False) on a part."""
@@ -581,6 +582,7 @@ def test_hf_trainer_folder_with_frozen_parameters(freeze, run, tmp_path):
     assert_equal_tensors(AutoModelForCausalLM.from_pretrained(str(release)).state_dict(), expected)
 
 
+@pytest.mark.slow
 def test_hf_trainer_with_custom_llrd_optimizer(run, tmp_path):
     """Trainer(optimizers=(AdamWScheduleFree(layer-wise lr decay groups), scheduler)): not the Trainer's own grouping."""
     ckpt, expected, y = _hf_trainer_run(

@@ -81,6 +81,7 @@ def test_dcp_bare_model_optimizer_pair(run, tmp_path):
     assert_equal_tensors(read(tmp_path / "x.safetensors"), trainers.eval_x(model, opt))
 
 
+@pytest.mark.slow
 def test_dcp_from_fsdp2_two_ranks(run, tmp_path):
     result = subprocess.run([sys.executable, SCRIPTS / "fsdp2_dcp.py", tmp_path / "dcp", free_port()],
                             capture_output=True, text=True, timeout=300)

@@ -205,6 +205,7 @@ def test_parameters_are_read_one_at_a_time(monkeypatch):
     assert loaded == [(5,)]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
 def test_fixtures_regenerate(tmp_path):
     """Real DeepSpeed, two CPU ranks: the script still makes the committed cases (same names, dtypes, shapes),
@@ -227,6 +228,7 @@ def test_fixtures_regenerate(tmp_path):
                              expected_output(tmp_path / case, dtype))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
 def test_hf_trainer_deepspeed_zero2_to_release_folder(run, tmp_path):
     pytest.importorskip("transformers")
@@ -250,6 +252,7 @@ def test_hf_trainer_deepspeed_zero2_to_release_folder(run, tmp_path):
     assert run("check", ckpt / "model.safetensors", "--ckpt", ckpt).exit_code == 1  # the Trainer's own weights are y
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
 def test_accelerate_deepspeed_save_state(run, tmp_path):
     pytest.importorskip("accelerate")

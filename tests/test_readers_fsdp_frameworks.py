@@ -16,6 +16,8 @@ import torch
 
 from conftest import assert_equal_tensors, assert_one_error_line, Evil, read
 
+pytestmark = pytest.mark.slow  # every test here reads the folders of a two-process FSDP run (fsdp_runs.py)
+
 pytest.importorskip("accelerate")
 HERE = Path(__file__).parent
 

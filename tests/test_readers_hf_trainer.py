@@ -11,6 +11,8 @@ import torch
 import sfckpt
 from conftest import assert_clean, assert_equal_tensors, cli_capped, read, SCRIPTS
 
+pytestmark = pytest.mark.slow  # every test here reads a Hugging Face Trainer run in a child process
+
 
 @pytest.fixture(scope="module")
 def hf_run(tmp_path_factory):

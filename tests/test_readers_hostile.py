@@ -477,6 +477,7 @@ def test_wide_integers_under_a_raised_limit(change, fragment, run, tmp_path, mon
         assert json.loads(run("inspect", path, "--json").stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["1e30", "1_000_000_000_000_000_000_000"])
 def test_expansion_limit_raised_to_1e30_still_bounds_stride_zero_views(value, tmp_path):
     model = trainers.MLP()

@@ -422,6 +422,7 @@ def trainer_checkpoint(tmp_path_factory):
     return out / "checkpoint-3"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["README.md", "adapter_config.json"])
 @pytest.mark.parametrize("target", ["secret", "environ"])
 def test_adapter_side_file_linked_outside_is_not_copied(name, target, lora_checkpoint, tmp_path):
@@ -437,6 +438,7 @@ def test_adapter_side_file_linked_outside_is_not_copied(name, target, lora_check
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_adapter_release_copies_its_own_side_files(lora_checkpoint, run, tmp_path):
     out = tmp_path / "release"
     assert run("convert", lora_checkpoint, f"{out}/", "-q").exit_code == 0
@@ -444,6 +446,7 @@ def test_adapter_release_copies_its_own_side_files(lora_checkpoint, run, tmp_pat
         assert (out / name).read_bytes() == (lora_checkpoint / name).read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json", "config.json"])
 def test_trainer_file_linked_outside_is_refused(name, trainer_checkpoint, run, tmp_path):
     ckpt = tmp_path / "checkpoint-3"
@@ -457,6 +460,7 @@ def test_trainer_file_linked_outside_is_refused(name, trainer_checkpoint, run, t
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_trainer_release_copies_its_side_files(trainer_checkpoint, run, tmp_path):
     out = tmp_path / "release"
     assert run("convert", trainer_checkpoint, f"{out}/", "-q").exit_code == 0
@@ -508,6 +512,7 @@ def test_safetensors_weights_truncated_while_converting_is_exit_2(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_dcp_shard_truncated_while_converting_is_exit_2(tmp_path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict

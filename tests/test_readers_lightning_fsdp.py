@@ -28,6 +28,8 @@ import torch
 
 from conftest import assert_equal_tensors, Evil, free_port, read, SCRIPTS
 
+pytestmark = pytest.mark.slow  # every test here reads a two-process Lightning FSDP run
+
 
 @pytest.fixture(scope="module")
 def lightning_runs(tmp_path_factory):

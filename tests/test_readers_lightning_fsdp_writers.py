@@ -41,6 +41,8 @@ import torch
 
 from conftest import assert_equal_tensors, free_port, read, SCRIPTS
 
+pytestmark = pytest.mark.slow  # every test here reads a two-process Lightning run
+
 WRITERS = ("trainer-model-parallel", "fabric-fsdp", "fabric-model-parallel")
 
 

@@ -26,6 +26,7 @@ def lora_run(tmp_path_factory):
     return out, torch.load(out / "expected_x.pt")
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_only_the_adapter(lora_run):
     out, expected = lora_run
     names = {p.name for p in (out / "run" / "checkpoint-3").iterdir()}
@@ -34,6 +35,7 @@ def test_checkpoint_holds_only_the_adapter(lora_run):
     assert any(".lora_" in k for k in expected) and "base_model.model.model.norm.weight" in expected
 
 
+@pytest.mark.slow
 def test_adapter_folder_loads_to_x(lora_run, run, tmp_path):
     from peft import PeftModel, get_peft_model_state_dict
     from transformers import LlamaForCausalLM
@@ -52,6 +54,7 @@ def test_adapter_folder_loads_to_x(lora_run, run, tmp_path):
     assert any(not torch.equal(v, read(ckpt / "adapter_model.safetensors")[k]) for k, v in expected.items())
 
 
+@pytest.mark.slow
 def test_check_and_diff_on_the_adapter_folder(lora_run, run, tmp_path):
     out, _ = lora_run
     ckpt = out / "run" / "checkpoint-3"
@@ -64,6 +67,7 @@ def test_check_and_diff_on_the_adapter_folder(lora_run, run, tmp_path):
     assert run("diff", release, ckpt).exit_code == 0
 
 
+@pytest.mark.slow
 def test_without_the_base_model_param_order_gives_the_order(lora_run, run, tmp_path):
     """The adapter file lists names sorted; without the base model's config the order comes from --param-order
     (or from content alone, when it tells every tensor apart): never a guess."""
@@ -114,6 +118,7 @@ def _custom_code(marker):
     return plant
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["base-folder", "adapter-names-its-own-folder"])
 def test_peft_base_config_with_custom_code_never_runs(where, lora_run, run, tmp_path):
     """auto_map in the base model's config.json (beside it, a .py file that would run): no prompt, no
@@ -145,6 +150,7 @@ def test_peft_base_config_with_custom_code_never_runs(where, lora_run, run, tmp_
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_peft_base_config_from_the_hugging_face_cache(lora_run, tmp_path):
     """A model id as the base: its config.json is read from the local cache (snapshots/<rev>/config.json,
     a link into blobs/), nothing downloaded, and the order rebuilt from it converts exactly."""
@@ -163,6 +169,7 @@ def test_peft_base_config_from_the_hugging_face_cache(lora_run, tmp_path):
     assert_equal_tensors(read(release / "adapter_model.safetensors"), expected)
 
 
+@pytest.mark.slow
 def test_peft_base_config_layer_count_is_bounded(lora_run, run, tmp_path):
     folder = _adapter_copy(lora_run, tmp_path, base_edit=lambda c, b: c.update(num_hidden_layers=200_000))
     start = time.monotonic()
@@ -172,6 +179,7 @@ def test_peft_base_config_layer_count_is_bounded(lora_run, run, tmp_path):
     assert time.monotonic() - start < 30
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field,value,fragment", [
     ("target_modules", r"^(([a-z_.0-9])+)+Q$", "nests a quantifier"),
     ("target_modules", r"[a-z.]*[a-z.]*[a-z.]*[a-z.]*[a-z.]*Q", "quantifiers"),
@@ -207,6 +215,7 @@ def test_honest_target_module_patterns_pass_the_rule(pattern):
     vet_pattern(pattern, "target_modules", "adapter_config.json", "hint")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit,fragment", [
     (lambda c, f: c.update(base_model_name_or_path=123), "base_model_name_or_path 123"),
     (lambda c, f: c.update(base_model_name_or_path=["a", "b"]), "base_model_name_or_path"),
@@ -236,6 +245,7 @@ def test_peft_adapter_config_nonsense_is_exit_2(edit, fragment, lora_run, run, t
         assert fragment in result.stderr
 
 
+@pytest.mark.slow
 def test_peft_base_model_not_at_hand_says_how_to_go_on(lora_run, run, tmp_path):
     folder = _adapter_copy(lora_run, tmp_path, lambda c, f: c.update(base_model_name_or_path="nobody/no-such-model"))
     result = run("convert", folder, tmp_path / "x")
@@ -245,6 +255,7 @@ def test_peft_base_model_not_at_hand_says_how_to_go_on(lora_run, run, tmp_path):
         assert fragment in result.stderr
 
 
+@pytest.mark.slow
 def test_peft_without_peft_installed_names_the_extra(lora_run, run, tmp_path, monkeypatch):
     folder = _adapter_copy(lora_run, tmp_path)
     monkeypatch.setitem(sys.modules, "peft", None)  # as if it were not installed

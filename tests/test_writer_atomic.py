@@ -30,6 +30,7 @@ def test_interrupt_mid_write_leaves_nothing(good, tmp_path):
         assert not list(tmp_path.rglob("*sfckpt-tmp")) and not list(tmp_path.rglob("*.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_mid_conversion_leaves_nothing(sig, tmp_path):
     write_big_checkpoint(tmp_path / "big.pt")
@@ -50,6 +51,7 @@ def test_signal_mid_conversion_leaves_nothing(sig, tmp_path):
     assert list(out_dir.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_disk_full_leaves_nothing(good, tmp_path):
     ckpt, _ = good
     out = tmp_path / "x.safetensors"

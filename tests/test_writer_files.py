@@ -77,6 +77,7 @@ def _killed_mid_write(proc: subprocess.Popen, folder: Path) -> Path:
     return tmp
 
 
+@pytest.mark.slow
 def test_sigkill_mid_write_then_rerun_leaves_no_temporary(big, run, tmp_path):
     ckpt, x = big
     out = tmp_path / "x.safetensors"
@@ -88,6 +89,7 @@ def test_sigkill_mid_write_then_rerun_leaves_no_temporary(big, run, tmp_path):
     assert_equal_tensors(read(out), x)
 
 
+@pytest.mark.slow
 def test_sigkill_of_a_new_folder_output_leaves_no_release_behind(big, run, tmp_path):
     ckpt, x = big
     release = tmp_path / "release"
@@ -101,6 +103,7 @@ def test_sigkill_of_a_new_folder_output_leaves_no_release_behind(big, run, tmp_p
     assert_equal_tensors(read(release / "model.safetensors"), x)
 
 
+@pytest.mark.slow
 def test_sigkill_into_an_existing_release_keeps_it_until_the_rerun(big, trained, run, tmp_path):
     ckpt, x = big
     small, small_x, _ = trained("adamw")
@@ -116,6 +119,7 @@ def test_sigkill_into_an_existing_release_keeps_it_until_the_rerun(big, trained,
     assert_equal_tensors(read(release / "model.safetensors"), x)
 
 
+@pytest.mark.slow
 def test_a_live_writers_temporary_survives_another_runs_cleanup(big, trained, run, tmp_path):
     ckpt, x = big
     small, small_x, _ = trained("adamw")
@@ -138,6 +142,7 @@ def test_a_live_writers_temporary_survives_another_runs_cleanup(big, trained, ru
     assert_equal_tensors(read(out / "model.safetensors"), small_x)
 
 
+@pytest.mark.slow
 def test_a_commit_cut_short_is_rolled_back_by_the_next_run(trained, tmp_path):
     ckpt, old_x, _ = trained("adamw")
     new_ckpt, _, _ = trained("sgd")
