@@ -1,5 +1,6 @@
 """The docs match the tool: README's and docs/' examples run in order in a fresh copy, docs/api.md's
-snippets run, the quick start is what .ci/run runs, and every documented --json key is there."""
+snippets run, the quick start is what .ci/run runs, every documented --json key is there, and fixtures/ is what
+fixtures/make_fixtures.py writes."""
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import FIXTURES
 from test_reconstruct_batchnorm import MODEL_FILE
@@ -170,8 +172,6 @@ def has_key(doc, path: str) -> bool:
 
 @pytest.fixture
 def documents(run, tmp_path):
-    import torch
-
     import trainers
     from conftest import save_checkpoint
 
@@ -205,3 +205,35 @@ def test_every_documented_json_key_is_there(documents):
         assert keys[heading], heading
         missing = [k for k in keys[heading] if not has_key(doc, k)]
         assert not missing, f"{heading}: documented but not in the output: {missing}"
+
+
+# ---- fixtures/ is what `python fixtures/make_fixtures.py` writes (README, Development) -----------------
+
+# Regenerating on another CPU may change a float's last bits (other vector instructions); nothing
+# in the tests depends on the fixtures' exact bytes, only on them being these runs.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _tensors(obj, prefix=""):
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}/{i}")
+
+
+def test_make_fixtures_reproduces_the_committed_files(tmp_path):
+    proc = subprocess.run([sys.executable, str(FIXTURES / "make_fixtures.py"), "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    made = sorted(p.name for p in tmp_path.glob("*.pt"))
+    assert len(made) == 4 and all((FIXTURES / name).is_file() for name in made)
+    for name in made:
+        new, old = torch.load(tmp_path / name), torch.load(FIXTURES / name)
+        new_t, old_t = dict(_tensors(new)), dict(_tensors(old))
+        assert new_t.keys() == old_t.keys(), name
+        for key in new_t:
+            torch.testing.assert_close(new_t[key], old_t[key], rtol=RTOL, atol=ATOL, msg=f"{name}{key}")

@@ -1,6 +1,6 @@
 """FSDP checkpoints saved by Accelerate (`save_state`) and the Hugging Face Trainer, on CPU with 2 processes.
 
-The folders are made by the frameworks' own saving code (tests/fsdp_runs.py says how,
+The folders are made by the frameworks' own saving code (tests/scripts/fsdp_runs.py says how,
 and the one thing changed to run FSDP without a GPU); x is compared with the optimizer's
 own eval() by torch.equal, tensor by tensor.
 """
@@ -9,23 +9,21 @@ import pickle
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_equal_tensors, assert_one_error_line, Evil, read
+from conftest import assert_equal_tensors, assert_one_error_line, Evil, read, SCRIPTS
 
-pytestmark = pytest.mark.slow  # every test here reads the folders of a two-process FSDP run (fsdp_runs.py)
+pytestmark = pytest.mark.slow  # every test here reads the folders of a two-process FSDP run (scripts/fsdp_runs.py)
 
 pytest.importorskip("accelerate")
-HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
-    result = subprocess.run([sys.executable, str(HERE / "fsdp_runs.py"), str(root)], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, SCRIPTS / "fsdp_runs.py", root], capture_output=True, text=True,
                             timeout=900)
     if result.returncode != 0 and "gloo" in result.stderr.lower() and "not available" in result.stderr.lower():
         pytest.skip("gloo backend unavailable")
