@@ -71,6 +71,7 @@ def parts():
 
 @pytest.fixture
 def ckpt_parts():
+    """parts(), fresh for each test (tests edit them)."""
     return parts()
 
 
@@ -106,7 +107,7 @@ def refuse_conversion(run, tmp_path: Path, obj, *fragments: str, extra=()) -> No
         assert f in result.stderr, result.stderr
 
 
-def cli_capped(*args, env=None, memory_gb=3):
+def cli_capped(*args, env: dict | None = None, memory_gb: int = 3) -> subprocess.CompletedProcess:
     """The CLI in a child process with its address space capped (a crash or a blow-up stays there)."""
     code = (f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({memory_gb} << 30, {memory_gb} << 30)); "
             "from sfckpt.cli import main; main()")
