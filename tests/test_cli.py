@@ -239,6 +239,7 @@ def test_inspect_wrapper_without_beta_shows_everything(run):
 # ---- install and API -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_no_numpy_warning_on_stderr(tmp_path):
     exe = Path(sys.executable).parent / "sfckpt"
     proc = subprocess.run([str(exe), "convert", str(FIXTURES / "adamw_mlp.pt"), str(tmp_path / "x.safetensors")],

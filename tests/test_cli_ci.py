@@ -154,6 +154,7 @@ def _run_action_check(repo, tmp_path, weights, ckpt, args=""):
     return proc, summary.read_text(), output.read_text()
 
 
+@pytest.mark.slow
 def test_action_check_step_passes_and_fails_with_annotation_and_summary(tmp_path):
     repo, _ = _model_repo(tmp_path)
     ok, summary, output = _run_action_check(repo, tmp_path, "release/", "checkpoints/last.pt")

@@ -187,6 +187,7 @@ def _sfckpt_on_path():
     return env
 
 
+@pytest.mark.slow
 def test_docs_ci_workflow_step_runs(release, run, tmp_path):
     ckpt, _, y_file, _, _ = release
     text = (ROOT / "docs" / "ci.md").read_text()

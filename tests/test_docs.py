@@ -135,6 +135,7 @@ def test_quick_start_is_two_commands_and_ci_runs_them():
     assert "venv" in section and "--index-url https://download.pytorch.org/whl/cpu" in section
 
 
+@pytest.mark.slow
 def test_quick_start_main_job_runs(tmp_path):
     job = quick_start()[0].split("&&", 1)[1].strip()
     clone = fresh_copy(tmp_path)
@@ -225,6 +226,7 @@ def _tensors(obj, prefix=""):
             yield from _tensors(v, f"{prefix}/{i}")
 
 
+@pytest.mark.slow
 def test_make_fixtures_reproduces_the_committed_files(tmp_path):
     proc = subprocess.run([sys.executable, str(FIXTURES / "make_fixtures.py"), "--out", str(tmp_path)],
                           capture_output=True, text=True)

@@ -789,6 +789,7 @@ def test_bert_llrd_fine_tuning(run, tmp_path):
     assert_converts(result, out, expected, tied=recipes.tied_names(model))
 
 
+@pytest.mark.slow
 def test_mingpt_name_sorted_groups(run, tmp_path):
     """minGPT's configure_optimizers: decay/no-decay name sets, each group in sorted-name order, on a 12-block GPT-2."""
     pytest.importorskip("transformers")

@@ -205,6 +205,7 @@ def test_sparse_latest_is_refused_by_its_limit(tmp_path):
     _bounded(_child("inspect", ckpt), started, "SFCKPT_MAX_TEXT_BYTES")
 
 
+@pytest.mark.slow
 def test_sparse_dcp_metadata_is_refused_by_its_limit(tmp_path):
     folder = tmp_path / "dcp"
     folder.mkdir()
@@ -224,6 +225,7 @@ def test_sparse_trainer_state_is_refused_by_its_limit(tmp_path):
     _bounded(_child("inspect", folder), started, "SFCKPT_MAX_JSON_BYTES")
 
 
+@pytest.mark.slow
 def test_sparse_adapter_config_is_refused_by_its_limit(tmp_path):
     folder = tmp_path / "checkpoint-3"
     folder.mkdir()
