@@ -133,6 +133,8 @@ class TensorRef:
             return raw.astype(np.float64)
         import torch
 
+        if self.reader is not None and not self.is_complex:  # only the sampled elements are read
+            return torch.cat([self.reader(lo, hi - lo, None) for lo, hi in spans]).to(torch.float64).numpy()
         t = self.load()
         flat = (torch.view_as_real(t) if t.is_complex() else t).reshape(-1)
         picked = torch.cat([flat[lo:hi] for lo, hi in spans]) if len(spans) > 1 else flat
@@ -140,6 +142,49 @@ class TensorRef:
 
     def __str__(self) -> str:
         return f"tensor({self.dtype}, shape {format_shape(self.shape)})"
+
+
+Part = tuple[TensorRef, int, int]  # elements [start, start + length) of a tensor, flattened
+
+
+def joined_reader(parts: list[Part]) -> Callable[[int, int, Any], Any]:
+    """A `TensorRef.reader` for the concatenation of `parts` (a parameter split across ranks' files):
+    elements [start, start + count) are read from the parts they fall in, and nothing else."""
+    import bisect
+
+    starts, at = [], 0
+    for _, _, length in parts:
+        starts.append(at)
+        at += length
+    dtype = parts[0][0].dtype
+
+    def read(start: int, count: int, out):
+        import torch
+
+        if out is None:
+            out = torch.empty(count, dtype=torch_dtype(dtype))
+        i, done = max(bisect.bisect_right(starts, start) - 1, 0), 0
+        while done < count:
+            ref, first, length = parts[i]
+            skip = start + done - starts[i]
+            n = min(length - skip, count - done)
+            if n > 0:
+                ref.load_flat(first + skip, n, out[done:done + n])
+                done += n
+            i += 1
+        return out
+
+    return read
+
+
+def joined_location(parts: list[Part]) -> tuple[Any, int] | None:
+    """`TensorRef.location` of a tensor that is one part lying contiguous in a file, else None."""
+    live = [p for p in parts if p[2]]
+    if len(live) != 1 or live[0][0].location is None:
+        return None
+    ref, first, _ = live[0]
+    file, offset = ref.location
+    return file, offset + first * itemsize(ref.dtype)
 
 
 def format_shape(shape: tuple[int, ...]) -> str:

@@ -1,12 +1,16 @@
 """Read torch.distributed.checkpoint (DCP) folders on one CPU process, tensor by tensor.
 
 FSDP/FSDP2 runs save `get_state_dict(model, optimizer)` with `dcp.save`: a
-`.metadata` file and `__<rank>_<n>.distcp` shards. We use DCP's own
-`FileSystemReader` and `dcp.load(no_dist=True)` to read one tensor at a time,
-with two safety changes, because DCP unpickles with the full `pickle`
-module: `.metadata` is read by an unpickler that allows only DCP's metadata
-classes, and non-tensor entries (parameter groups) are read by sfckpt's own
-torch-file reader instead of `torch.load(weights_only=False)`.
+`.metadata` file and `__<rank>_<n>.distcp` shards. Each entry of a shard is
+a `torch.save` archive of one chunk (or of one non-tensor value) at the offset
+and length `.metadata` records (torch's `filesystem._write_item`). sfckpt opens
+each shard once through the gate and reads those archives in place with its
+own torch-file reader: a chunk's data with positioned reads, only the
+elements asked for (a lerp slice, the mapping's sample), and non-tensor
+entries (parameter groups) without `torch.load(weights_only=False)`.
+`.metadata` is read by an unpickler that allows only DCP's metadata classes.
+A chunk that is not such an archive is read through DCP's own
+`FileSystemReader` and `dcp.load(no_dist=True)`, its files opened through the gate.
 """
 from __future__ import annotations
 
@@ -22,8 +26,9 @@ from typing import Any
 
 from .. import inputs, limits
 from ..errors import InputError
-from ..tensors import TensorRef
+from ..tensors import Part, TensorRef, joined_reader, torch_dtype
 from . import pickle_guard
+from .window import Window
 from ..inputs import confined
 from .torch_file import _ORDERED_DICT, _SAFE_BUILTINS, TorchArchive
 
@@ -201,6 +206,82 @@ class DcpFolder:
         reader_cls, self._planner_cls = _reader_classes()
         self.reader = reader_cls(str(path), inputs.current_root(path))
         self.metadata = self.reader.read_metadata()
+        # (fqn, chunk offsets) -> where its archive lies; MetadataIndex compares the same two fields
+        self._stored = {(index.fqn, None if index.offset is None else tuple(index.offset)): info
+                        for index, info in self.metadata.storage_data.items()}
+        self._files: dict[str, inputs.InputFile] = {}
+
+    def _window(self, info: Any, what: str) -> Window:
+        """The bytes of one entry of a shard file, the file opened once through the gate."""
+        rel = info.relative_path
+        if rel not in self._files:
+            inputs.allow_open_files(len(self._files) + 64)
+            self._files[rel] = inputs.open_input(confined(self.path, rel, f"{self.path}/.metadata"), root=self.reader.root)
+        return Window(self._files[rel], info.offset, info.length, f"{self.path}/{rel}:{what}")
+
+    def _chunks(self, key: str, md: Any) -> list[tuple[TensorRef, Any]] | None:
+        """Each chunk of tensor `key` as a TensorRef inside its shard, in order; None when one is not a
+        torch.save archive of a tensor of the chunk's dtype and shape (DCP's own reader then reads it)."""
+        dtype = str(md.properties.dtype).removeprefix("torch.")
+        out = []
+        for chunk in sorted(md.chunks, key=lambda c: tuple(c.offsets)):
+            info = self._stored.get((key, tuple(chunk.offsets)))
+            if info is None:
+                return None
+            try:
+                ref = TorchArchive(f"{self.path}/{info.relative_path}:{key}", opened=self._window(info, key)).load_object()
+            except InputError:
+                return None
+            if not (isinstance(ref, TensorRef) and ref.dtype == dtype and ref.shape == tuple(chunk.sizes)):
+                return None
+            out.append((ref, chunk))
+        return out
+
+    def _ref(self, key: str, md: Any) -> TensorRef:
+        """Tensor `key`, read chunk by chunk from the shards; a range of it from just the chunks it falls in
+        when the chunks split only the first dimension (FSDP's sharding), so each is a run of elements."""
+        dtype, size = str(md.properties.dtype).removeprefix("torch."), tuple(md.size)
+        chunks = functools.cache(lambda: self._chunks(key, md))
+        rows = all(tuple(c.offsets[1:]) == (0,) * (len(size) - 1) and tuple(c.sizes[1:]) == size[1:] for c in md.chunks)
+
+        def parts() -> list[Part] | None:
+            found = chunks()
+            return None if found is None or not rows else [(ref, 0, ref.numel) for ref, _ in found]
+
+        def load():
+            import torch
+
+            if chunks() is None:
+                return self.tensor(key)
+            out = torch.empty(size, dtype=torch_dtype(dtype))
+            if parts() is not None:
+                joined_reader(parts())(0, out.numel(), out.view(-1))
+                return out
+            for ref, chunk in chunks():
+                region = out
+                for d, (o, n) in enumerate(zip(chunk.offsets, chunk.sizes)):
+                    region = region.narrow(d, o, n)
+                region.copy_(ref.load())
+            return out
+
+        def read(start: int, count: int, out):
+            if parts() is None:
+                part = load().reshape(-1).narrow(0, start, count)
+                return part if out is None else out.copy_(part)
+            return joined_reader(parts())(start, count, out)
+
+        return TensorRef(dtype, size, load, storage_id=(str(self.path), key), reader=read if math.prod(size) else None)
+
+    def _bytes_entry(self, key: str) -> Any:
+        """A non-tensor entry (a parameter group's value), read by sfckpt's code-free torch-file reader."""
+        info = self._stored.get((key, None))
+        if info is None:  # no entry where DCP's own reader looks either: let it say what is missing
+            value, opaque = self._load({key: None})[key], self.planner.opaque
+        else:
+            archive = TorchArchive(f"{self.path}:{key}", opened=self._window(info, key))
+            value, opaque = archive.load_object(), archive.opaque
+        self.opaque = sorted(set(self.opaque) | opaque)
+        return value
 
     def _load(self, request: dict[str, Any]) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
@@ -237,13 +318,13 @@ class DcpFolder:
         from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
         entries = self.metadata.state_dict_metadata
-        byte_keys = [k for k, v in entries.items() if isinstance(v, BytesStorageMetadata)]
-        values: dict[str, Any] = self._load({k: None for k in byte_keys}) if byte_keys else {}
-        self.opaque = sorted(self.planner.opaque) if byte_keys else []
+        self.opaque: list[str] = []
+        values: dict[str, Any] = {}
         for key, md in entries.items():
-            if isinstance(md, TensorStorageMetadata):
-                dtype = str(md.properties.dtype).removeprefix("torch.")
-                values[key] = TensorRef(dtype, tuple(md.size), (lambda k=key: self.tensor(k)), storage_id=(str(self.path), key))
+            if isinstance(md, BytesStorageMetadata):
+                values[key] = self._bytes_entry(key)
+            elif isinstance(md, TensorStorageMetadata):
+                values[key] = self._ref(key, md)
         paths = getattr(self.metadata, "planner_data", None) or {}
         root: dict[Any, Any] = {}
         for key, value in values.items():
