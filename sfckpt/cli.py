@@ -248,6 +248,8 @@ def inspect(ckpt: Path, scan: bool, as_json: bool, **load_kw) -> None:
 @click.option("--max-shard-size", metavar="SIZE", help="In the folder OUT, shards of at most SIZE (e.g. 5GB) and model.safetensors.index.json; "
               "x smaller than SIZE stays one model.safetensors, as with Hugging Face.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Write the shards of a folder OUT in this many processes (same bytes as one).")
 @click.option("--allow-nonfinite", is_flag=True, help="Write x even if it holds NaN or Inf.")
 @click.option("--bn-calib", metavar="DATA", help="Re-estimate BatchNorm statistics at x on DATA: a .pt/.safetensors/.npy "
               "file of inputs (first dimension = samples), a folder of them, or module:callable returning a DataLoader.")
@@ -259,8 +261,8 @@ def inspect(ckpt: Path, scan: bool, as_json: bool, **load_kw) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors: no progress, BatchNorm table, summary or warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @handle_errors
-def convert(ckpt: Path, out: str, dtype, max_shard_size, force, allow_nonfinite, bn_calib, model_spec, bn_batch_size,
-            bn_batches, device, quiet, as_json, **load_kw) -> None:
+def convert(ckpt: Path, out: str, dtype, max_shard_size, force, workers, allow_nonfinite, bn_calib, model_spec,
+            bn_batch_size, bn_batches, device, quiet, as_json, **load_kw) -> None:
     """Reconstruct x from CKPT and write it to OUT.
 
     OUT ending in .safetensors is one file; OUT ending in /, an existing
@@ -280,7 +282,8 @@ def convert(ckpt: Path, out: str, dtype, max_shard_size, force, allow_nonfinite,
             shifts = calibrate(recon, model_spec, bn_calib, bn_batch_size, bn_batches, device, update)
     total = sum(t.nbytes for t in recon.tensors)
     with _progress(total, "writing x", not (quiet or as_json)) as update:
-        paths = save(recon, out, force=force, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size, progress=update)
+        paths = save(recon, out, force=force, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size, progress=update,
+                     workers=workers)
     _warn(recon.all_warnings(), quiet)  # after success, so that a failure is one line on stderr
     summary = {
         "version": 1,

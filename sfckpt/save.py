@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from . import inputs, writer
+from . import inputs, parallel, writer
 from .errors import InputError, OutputError
 from .reconstruct import Reconstruction
 from .tensors import count_nonfinite
@@ -19,6 +19,37 @@ def save(
     allow_nonfinite: bool = False,
     max_shard_size: int | str | None = None,
     progress: Callable[[int], None] | None = None,
+    workers: int = 1,
+) -> list[Path]:
+    """Write x (see `_save`). With `workers` > 1, the shards of a folder output are written by
+    that many processes; started by a launcher as one of several ranks (torchrun, srun), this
+    process writes its share of the shards and rank 0 the rest of the release. The bytes are those
+    of one process either way."""
+    if workers < 1:
+        raise InputError(f"--workers {workers} is not a number of processes", "give 1 or more")
+    ranks = parallel.launched()
+    try:
+        paths = _save(recon, out, force=force, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size,
+                      progress=progress, workers=workers, ranks=ranks)
+    except BaseException as exc:
+        if ranks is not None and ranks.rank == 0:
+            ranks.finish(exc)
+        raise
+    if ranks is not None and ranks.rank == 0:
+        ranks.finish(None)
+    return paths
+
+
+def _save(
+    recon: Reconstruction,
+    out: str | Path,
+    *,
+    force: bool,
+    allow_nonfinite: bool,
+    max_shard_size: int | str | None,
+    progress: Callable[[int], None] | None,
+    workers: int,
+    ranks: parallel.Ranks | None,
 ) -> list[Path]:
     """Write x. A path ending in `.safetensors` gets one file; a path ending in `/`, an
     existing folder or a name without a suffix is a folder holding `model.safetensors`, or
@@ -63,6 +94,9 @@ def save(
     if out.suffix == ".safetensors":
         if max_shard_size:
             raise OutputError("--max-shard-size needs a folder as output", f"write to {out.with_suffix('')}/ instead")
+        if ranks is not None and ranks.rank > 0:  # one file: rank 0 writes it
+            parallel.wait_for_rank0(ranks)
+            return [out]
         return [writer.write_file(out, specs, produce, metadata, force, progress)]
     copies: list[Path] = []
     if recon.checkpoint.release_note and recon.checkpoint.release_note not in recon.warnings:
@@ -76,13 +110,15 @@ def save(
         copies = []  # a sharded save has no adapter config of its own: one found there may be another run's
         if recon.checkpoint.container != "peft-adapter-fsdp" or (src / peft_adapter.SAFE_NAME).is_file():
             copies = inputs.side_files(src, peft_adapter.RELEASE_FILES, recon.checkpoint.root)
-        return writer.write_folder(out, specs, produce, metadata, force, progress, None, copies, peft_adapter.SAFE_NAME)
+        return writer.write_folder(out, specs, produce, metadata, force, progress, None, copies, peft_adapter.SAFE_NAME,
+                                   workers, ranks)
     if recon.checkpoint.container in ("huggingface-trainer", "huggingface-trainer-fsdp", "deepspeed"):
         # config.json, generation_config.json and tokenizer files, so `from_pretrained(out)` works
         from .readers.hf_trainer import RELEASE_FILES
 
         copies = inputs.side_files(src, RELEASE_FILES, recon.checkpoint.root)
-    return writer.write_folder(out, specs, produce, metadata, force, progress, max_shard_size, copies)
+    return writer.write_folder(out, specs, produce, metadata, force, progress, max_shard_size, copies, workers=workers,
+                               ranks=ranks)
 
 
 def convert(src: str | Path, out: str | Path, **options) -> list[Path]:
@@ -94,7 +130,7 @@ def convert(src: str | Path, out: str | Path, **options) -> list[Path]:
     from .reconstruct import reconstruct
 
     load_keys = {"model_key", "optimizer_key", "strip_prefix"}
-    save_keys = {"force", "allow_nonfinite", "max_shard_size", "progress"}
+    save_keys = {"force", "allow_nonfinite", "max_shard_size", "progress", "workers"}
     ckpt = load(src, **{k: v for k, v in options.items() if k in load_keys})
     recon = reconstruct(ckpt, **{k: v for k, v in options.items() if k not in load_keys | save_keys})
     return save(recon, out, **{k: v for k, v in options.items() if k in save_keys})
