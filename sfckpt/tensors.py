@@ -76,6 +76,9 @@ class TensorRef:
     # reader(start, count, out): elements [start, start + count) of a contiguous tensor, flat, read
     # alone (a parameter's slice of a flat buffer without reading the buffer), into `out` if given.
     reader: Callable[[int, int, Any], Any] | None = field(default=None, repr=False)
+    # ((opened file, byte offset, elements), ...): a tensor lying in contiguous runs of several files
+    # (a parameter split across ranks), in order; `sample` then reads its pages without torch too.
+    runs: tuple[tuple[Any, int, int], ...] | None = field(default=None, repr=False)
 
     @property
     def numel(self) -> int:
@@ -123,11 +126,10 @@ class TensorRef:
 
         total = self.numel * (2 if self.is_complex else 1)
         spans = [(0, total)] if total <= n else [(0, n // 2), (total // 2, total // 2 + n - n // 2)]
-        if self.location is not None and self.dtype in _NUMPY_READ:
-            file, start = self.location
+        runs = ((*self.location, total),) if self.location is not None else self.runs
+        if runs is not None and self.dtype in _NUMPY_READ:
             code, size = _NUMPY_READ[self.dtype]
-            parts = [np.frombuffer(file.pread((hi - lo) * size, start + lo * size), dtype=code) for lo, hi in spans]
-            raw = np.concatenate(parts)
+            raw = np.concatenate([_read_span(runs, lo, hi, size, code) for lo, hi in spans])
             if self.dtype == "bfloat16":  # the upper half of a float32
                 return (raw.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
             return raw.astype(np.float64)
@@ -177,14 +179,27 @@ def joined_reader(parts: list[Part]) -> Callable[[int, int, Any], Any]:
     return read
 
 
-def joined_location(parts: list[Part]) -> tuple[Any, int] | None:
-    """`TensorRef.location` of a tensor that is one part lying contiguous in a file, else None."""
+def joined_runs(parts: list[Part]) -> tuple[tuple[Any, int, int], ...] | None:
+    """`TensorRef.runs` of the concatenation of `parts` when each lies contiguous in a file, else None."""
     live = [p for p in parts if p[2]]
-    if len(live) != 1 or live[0][0].location is None:
+    if not live or any(ref.location is None or ref.is_complex for ref, _, _ in live):
         return None
-    ref, first, _ = live[0]
-    file, offset = ref.location
-    return file, offset + first * itemsize(ref.dtype)
+    return tuple((ref.location[0], ref.location[1] + first * itemsize(ref.dtype), length) for ref, first, length in live)
+
+
+def _read_span(runs: tuple[tuple[Any, int, int], ...], lo: int, hi: int, size: int, code: str):
+    """Elements [lo, hi) of a tensor lying in `runs`, as a numpy array of `code`, read from just those runs."""
+    import numpy as np
+
+    parts, at = [], 0
+    for file, offset, count in runs:
+        a, b = max(lo, at), min(hi, at + count)
+        if a < b:
+            parts.append(np.frombuffer(file.pread((b - a) * size, offset + (a - at) * size), dtype=code))
+        at += count
+        if at >= hi:
+            break
+    return np.concatenate(parts) if parts else np.empty(0, dtype=code)
 
 
 def format_shape(shape: tuple[int, ...]) -> str:

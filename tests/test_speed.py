@@ -114,3 +114,16 @@ def test_torchrun_ranks_write_the_bytes_of_one_process(run, tmp_path):
                              "--max-shard-size", "100B"], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert files_of(tmp_path / "ranks") == one
+
+
+@pytest.mark.parametrize("case", ["zero2-fp32", "zero3-fp32", "zero3-bf16", "bf16-optimizer"])
+def test_deepspeed_inspect_does_not_import_torch(case):
+    """The mapping's samples of parameters split across ranks are read page by page with numpy."""
+    probe = (
+        "import sys\nfrom click.testing import CliRunner\nfrom sfckpt.cli import main\n"
+        f"r = CliRunner().invoke(main, ['inspect', {str(FIXTURES / 'deepspeed' / case)!r}, '--json'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -36,7 +36,7 @@ from typing import Any, Mapping
 from .. import inputs, limits
 from ..errors import InputError
 from ..inputs import confined
-from ..tensors import TensorRef, joined_location, joined_reader, torch_dtype
+from ..tensors import TensorRef, joined_reader, joined_runs, torch_dtype
 from .torch_file import Opaque, TorchArchive
 
 LATEST = "latest"
@@ -120,7 +120,7 @@ def _joined(dtype: str, shape: tuple[int, ...], parts: list[tuple[TensorRef, int
     numel = math.prod(shape)
     same = all(ref.dtype == dtype for ref, _, _ in parts)
     return TensorRef(dtype, shape, (lambda: _gather(parts, numel, shape)), storage_id=key,
-                     location=joined_location(parts) if same else None,
+                     runs=joined_runs(parts) if same else None,
                      reader=joined_reader(parts) if same and numel else None)
 
 
