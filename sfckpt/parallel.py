@@ -53,13 +53,21 @@ def launched() -> "Ranks | None":
 
 def write_shards(jobs: list[Job], write_one: WriteOne, workers: int, progress: Callable[[int], None] | None,
                  ranks: "Ranks | None" = None) -> None:
-    """Write every job: in this process, in `workers` forked processes, or this rank's share of them."""
+    """Write every job (in this process, or in `workers` forked ones), or, among `ranks`, this rank's share."""
     sizes = [sum(s.nbytes for s in specs) for _, specs in jobs]
-    if ranks is not None:
-        mine = deal(sizes, ranks.world)[ranks.rank]
-        error = _run_here([jobs[i] for i in mine], write_one, progress)
-        ranks.gather_errors(error)
+    if ranks is None:
+        _write(jobs, sizes, write_one, workers, progress)
         return
+    mine = deal(sizes, ranks.world)[ranks.rank]
+    try:
+        _write([jobs[i] for i in mine], [sizes[i] for i in mine], write_one, workers, progress)
+        error = None
+    except Exception as exc:
+        error = failure(exc)
+    ranks.gather_errors(error)
+
+
+def _write(jobs: list[Job], sizes: list[int], write_one: WriteOne, workers: int, progress) -> None:
     if workers <= 1 or len(jobs) <= 1:
         for path, specs in jobs:
             write_one(path, specs, progress)
@@ -67,15 +75,21 @@ def write_shards(jobs: list[Job], write_one: WriteOne, workers: int, progress: C
     _run_forked([[jobs[i] for i in share] for share in deal(sizes, workers) if share], write_one, progress)
 
 
+def failure(exc: BaseException) -> dict:
+    """An error as a dict another process can raise again (`_raise`)."""
+    if isinstance(exc, SfckptError):
+        kind = "OutputError" if isinstance(exc, OutputError) else "InputError"
+        return {"kind": kind, "message": exc.message, "hint": exc.hint}
+    return {"kind": "bug", "message": f"{type(exc).__name__}: {exc}"[:500], "hint": None}
+
+
 def _run_here(jobs: list[Job], write_one: WriteOne, progress) -> dict | None:
-    """Write `jobs`; a failure as a dict another process can raise again, or None."""
+    """Write `jobs`; a failure as a dict (see `failure`), or None."""
     try:
         for path, specs in jobs:
             write_one(path, specs, progress)
-    except SfckptError as exc:
-        return {"kind": type(exc).__name__, "message": exc.message, "hint": exc.hint}
-    except Exception as exc:  # a bug: the parent reports it as one
-        return {"kind": "bug", "message": f"{type(exc).__name__}: {exc}"[:500], "hint": None}
+    except Exception as exc:
+        return failure(exc)
     return None
 
 
@@ -193,7 +207,7 @@ def status(exc: BaseException | None) -> dict | None:
     if exc is None:
         return None
     if isinstance(exc, SfckptError):
-        return {"kind": type(exc).__name__, "message": exc.message, "hint": exc.hint}
+        return failure(exc)
     return {"kind": "OutputError", "message": "rank 0 failed before the release was written",
             "hint": "see rank 0's error"}
 
