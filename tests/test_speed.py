@@ -47,6 +47,27 @@ def test_dcp_is_read_without_dcps_loader(monkeypatch, tmp_path):
     assert_equal_tensors(sfckpt.reconstruct(sfckpt.load(tmp_path / "dcp")).state_dict(), expected)
 
 
+def test_dcp_chunks_sfckpt_cannot_open_go_through_dcps_reader(monkeypatch, tmp_path):
+    """A chunk that is not a torch.save archive sfckpt reads is read whole by DCP's reader, once per lerp
+    (y of a million elements is four lerp slices), with the same x."""
+    expected = dcp_checkpoint(tmp_path / "dcp", torch.nn.Sequential(torch.nn.Linear(8, 1024), torch.nn.Linear(1024, 1024),
+                                                                    torch.nn.Linear(1024, 4)))
+    asked = []
+    original = dcp_folder.DcpFolder._load
+
+    def counting(self, request):
+        asked.extend(request)
+        return original(self, request)
+
+    monkeypatch.setattr(dcp_folder.DcpFolder, "_chunks", lambda self, key, md: None)
+    monkeypatch.setattr(dcp_folder.DcpFolder, "_load", counting)
+    ckpt = sfckpt.load(tmp_path / "dcp")
+    recon = sfckpt.reconstruct(ckpt)
+    asked.clear()
+    assert_equal_tensors(recon.state_dict(), expected)
+    assert asked.count("model.1.weight") == 1
+
+
 def test_dcp_mapping_reads_samples_not_tensors(monkeypatch, tmp_path):
     """Planning x (the mapping's content check included) reads a few pages of each y and z."""
     dcp_checkpoint(tmp_path / "dcp", torch.nn.Sequential(torch.nn.Linear(8, 1024), torch.nn.Linear(1024, 1024),

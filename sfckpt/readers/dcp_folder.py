@@ -210,6 +210,7 @@ class DcpFolder:
         self._stored = {(index.fqn, None if index.offset is None else tuple(index.offset)): info
                         for index, info in self.metadata.storage_data.items()}
         self._files: dict[str, inputs.InputFile] = {}
+        self._kept: dict[str, Any] = {}
 
     def _window(self, info: Any, what: str) -> Window:
         """The bytes of one entry of a shard file, the file opened once through the gate."""
@@ -265,12 +266,19 @@ class DcpFolder:
             return out
 
         def read(start: int, count: int, out):
-            if parts() is None:
-                part = load().reshape(-1).narrow(0, start, count)
+            if parts() is None:  # read by DCP's reader: whole, kept while its slices are asked for
+                part = self._recent(key, load).reshape(-1).narrow(0, start, count)
                 return part if out is None else out.copy_(part)
             return joined_reader(parts())(start, count, out)
 
-        return TensorRef(dtype, size, load, storage_id=(str(self.path), key), reader=read if math.prod(size) else None)
+        # Chunks that split more than rows (2-D sharding) are no runs of elements: read whole.
+        return TensorRef(dtype, size, load, storage_id=(str(self.path), key), reader=read if rows and math.prod(size) else None)
+
+    def _recent(self, key: str, load) -> Any:
+        """Tensor `key` loaded whole, kept with the one loaded before it (y and z of one lerp), no more."""
+        if key not in self._kept:
+            self._kept = {**dict(list(self._kept.items())[-1:]), key: load()}
+        return self._kept[key]
 
     def _bytes_entry(self, key: str) -> Any:
         """A non-tensor entry (a parameter group's value), read by sfckpt's code-free torch-file reader."""
