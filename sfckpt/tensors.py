@@ -78,7 +78,8 @@ class TensorRef:
     reader: Callable[[int, int, Any], Any] | None = field(default=None, repr=False)
     # ((opened file, byte offset, elements), ...): a tensor lying in contiguous runs of several files
     # (a parameter split across ranks), in order; `sample` then reads its pages without torch too.
-    runs: tuple[tuple[Any, int, int], ...] | None = field(default=None, repr=False)
+    # A callable gives them (or None) when asked: where finding them means reading a little.
+    runs: tuple[tuple[Any, int, int], ...] | Callable[[], Any] | None = field(default=None, repr=False)
 
     @property
     def numel(self) -> int:
@@ -126,7 +127,7 @@ class TensorRef:
 
         total = self.numel * (2 if self.is_complex else 1)
         spans = [(0, total)] if total <= n else [(0, n // 2), (total // 2, total // 2 + n - n // 2)]
-        runs = ((*self.location, total),) if self.location is not None else self.runs
+        runs = ((*self.location, total),) if self.location is not None else self.runs() if callable(self.runs) else self.runs
         if runs is not None and self.dtype in _NUMPY_READ:
             code, size = _NUMPY_READ[self.dtype]
             raw = np.concatenate([_read_span(runs, lo, hi, size, code) for lo, hi in spans])

@@ -148,3 +148,31 @@ def test_deepspeed_inspect_does_not_import_torch(case):
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_dcp_inspect_does_not_import_torch(tmp_path):
+    """`.metadata` is read into sfckpt's records, and the samples through each chunk's archive with numpy."""
+    dcp_checkpoint(tmp_path / "dcp", trainers.MLP())
+    probe = (
+        "import sys\nfrom click.testing import CliRunner\nfrom sfckpt.cli import main\n"
+        f"r = CliRunner().invoke(main, ['inspect', {str(tmp_path / 'dcp')!r}, '--json'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_dcp_convert_does_not_import_torch_distributed_checkpoint(tmp_path):
+    """torch.distributed.checkpoint costs most of a second on top of `import torch` (which imports
+    torch.distributed itself); converting a DCP folder needs none of it."""
+    expected = dcp_checkpoint(tmp_path / "dcp", trainers.MLP())
+    probe = (
+        "import sys\nfrom click.testing import CliRunner\nfrom sfckpt.cli import main\n"
+        f"r = CliRunner().invoke(main, ['convert', {str(tmp_path / 'dcp')!r}, {str(tmp_path / 'x.safetensors')!r}])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "assert 'torch.distributed.checkpoint' not in sys.modules, 'torch.distributed.checkpoint was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert_equal_tensors(read(tmp_path / "x.safetensors"), expected)
