@@ -283,7 +283,7 @@ def convert(ckpt: Path, out: str, dtype, max_shard_size, force, workers, allow_n
     total = sum(t.nbytes for t in recon.tensors)
     with _progress(total, "writing x", not (quiet or as_json)) as update:
         paths = save(recon, out, force=force, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size, progress=update,
-                     workers=workers)
+                     workers=workers, distributed=True)
     _warn(recon.all_warnings(), quiet)  # after success, so that a failure is one line on stderr
     summary = {
         "version": 1,

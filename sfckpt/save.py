@@ -20,14 +20,15 @@ def save(
     max_shard_size: int | str | None = None,
     progress: Callable[[int], None] | None = None,
     workers: int = 1,
+    distributed: bool = False,
 ) -> list[Path]:
     """Write x (see `_save`). With `workers` > 1, the shards of a folder output are written by
-    that many processes; started by a launcher as one of several ranks (torchrun, srun), this
-    process writes its share of the shards and rank 0 the rest of the release. The bytes are those
-    of one process either way."""
+    that many processes. With `distributed` (what `sfckpt convert` passes), a process a launcher
+    started as one of several ranks (torchrun, srun) writes its share of the shards and rank 0 the
+    rest of the release; every rank must call it. The bytes are those of one process either way."""
     if workers < 1:
         raise InputError(f"--workers {workers} is not a number of processes", "give 1 or more")
-    ranks = parallel.launched()
+    ranks = parallel.launched() if distributed else None
     try:
         paths = _save(recon, out, force=force, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size,
                       progress=progress, workers=workers, ranks=ranks)
@@ -130,7 +131,7 @@ def convert(src: str | Path, out: str | Path, **options) -> list[Path]:
     from .reconstruct import reconstruct
 
     load_keys = {"model_key", "optimizer_key", "strip_prefix"}
-    save_keys = {"force", "allow_nonfinite", "max_shard_size", "progress", "workers"}
+    save_keys = {"force", "allow_nonfinite", "max_shard_size", "progress", "workers", "distributed"}
     ckpt = load(src, **{k: v for k, v in options.items() if k in load_keys})
     recon = reconstruct(ckpt, **{k: v for k, v in options.items() if k not in load_keys | save_keys})
     return save(recon, out, **{k: v for k, v in options.items() if k in save_keys})
