@@ -11,6 +11,10 @@ for bit):
 * ``lerp``: ``p.lerp_(end=z, weight=1 - 1/β)`` when the group is in train
   mode (params hold y); nothing when it is in eval mode (params hold x).
 * ``state-x``: ``p.copy_(state['x'])`` (the *Reference* variants keep x).
+* optax (JAX) has no eval(): ``optax.contrib.schedule_free_eval_params`` maps
+  ``(y - (1 - b1) * z) / b1`` over the tree with the stored ``b1`` (`sfckpt/optax_eval.py`).
+* ``keras``: Keras 3's ScheduleFreeAdamW has no eval(); its variables always
+  hold y, and x is its own recovery formula (`keras_x`).
 
 Optimizers that keep a z or a train/eval switch without being Schedule-Free
 (`LOOKALIKES`) are refused by name, so that nobody gets a confusing "unknown
@@ -31,17 +35,20 @@ class Family:
     classes: tuple[str, ...]
     library: str = "schedulefree"
     layout: str = "standard"  # see optimizer_state.normalize
-    x_source: str = "lerp"  # "lerp" (x = y.lerp(z, 1-1/β)) or "state-x" (x kept in state)
+    x_source: str = "lerp"  # "lerp" (x = y.lerp(z, 1-1/β)), "state-x" (x kept in state) or "keras" (keras_x)
     x_in_float32: bool = False  # eval() promotes y and z to float32, lerps, and casts back
     beta_key: str | None = "betas"  # "betas" (first entry) or "momentum"; None: β is not saved
     mode_key: str | None = "train_mode"  # group flag: True → params hold y
     mode_default: bool | None = None  # the flag's meaning when the key is absent
-    params_without_mode: str = "x"  # what params hold when there is no mode flag: "x" or "unknown"
+    params_without_mode: str = "x"  # what params hold when there is no mode flag: "x", "y" or "unknown"
     z_key: str = "z"
     step_key: str = "k"
     switch_key: str | None = None  # group flag turning Schedule-Free on; a group with it off has no y/x split
     beta_first_key: str | None = None  # a group key that, when set, is β instead of beta_key (heavyball's 'beta')
     refuse_when_set: tuple[tuple[str, str], ...] = ()  # (group key, why): a group with it set is not converted
+    # A group key naming the dtype β is stored in. When set, x is optax's (y − (1 − β)·z)/β with β in
+    # that dtype (sfckpt/optax_eval.py), not a lerp.
+    beta_dtype_key: str | None = None
     group_has: frozenset[str] = field(default_factory=frozenset)
     group_lacks: frozenset[str] = field(default_factory=frozenset)
     state_has: frozenset[str] = field(default_factory=frozenset)
@@ -243,6 +250,21 @@ FAMILIES: tuple[Family, ...] = (
         "matches only up to that rounding. float32 parameters match bit for bit",
     ),
     Family(
+        "optax-sf",
+        ("schedule_free", "schedule_free_adamw", "schedule_free_sgd", "rollfast schedule_free"),
+        library="optax",
+        beta_key="b1",
+        beta_dtype_key="b1_dtype",
+        mode_key=None,
+        params_without_mode="y",
+        step_key="step_count",
+        group_has=_F({"b1", "b1_dtype", "schedule_free_state"}),
+        state_has=_F({"z"}),
+        note="optax.contrib's (or rollfast's) ScheduleFreeState, read from an Orbax checkpoint: parameters always hold "
+        "y, and x is schedule_free_eval_params' (y - (1 - b1)·z)/b1 with the stored b1 (optax casts it to the lowest "
+        "parameter dtype; rollfast keeps its annealed b1 in float32)",
+    ),
+    Family(
         "prodigy-plus-sf",
         ("ProdigyPlusScheduleFree",),
         library="prodigy-plus-schedule-free",
@@ -251,6 +273,21 @@ FAMILIES: tuple[Family, ...] = (
         state_has=_F({"z"}),
         note="eval() is p.lerp_(z, 1 - 1/betas[0]) in the parameter's dtype (no stochastic rounding there), and "
         "schedulefree_c only changes the training-time averaging; groups with use_schedulefree=False are left as saved",
+    ),
+    Family(
+        "keras-sfadamw",
+        ("ScheduleFreeAdamW",),
+        library="keras",
+        layout="standard",
+        x_source="keras",
+        beta_key="beta_1",
+        mode_key=None,
+        params_without_mode="y",  # no eval(): the model's variables hold y whenever Keras saves them
+        step_key="iterations",
+        group_has=_F({"keras_optimizer"}),
+        state_has=_F({"z", "velocity"}),
+        note="x = (y - (1 - beta_1) * momentum) / beta_1 with Keras' ops in the variable's dtype, as its update_step "
+        "recovers x; bit for bit with the torch backend on CPU",
     ),
 )
 
@@ -356,6 +393,17 @@ def _refuse_if_not_schedule_free(groups, group_keys: set[str], state_keys: set[s
                 f"this looks like {look.library} {', '.join(look.classes)}, which is not Schedule-Free: {look.why}",
                 "sfckpt only reconstructs Schedule-Free x; release the weights the way that optimizer's documentation says",
             )
+
+
+def keras_x(y, z, beta: float):
+    """x as Keras 3's ScheduleFreeAdamW.update_step recovers it on the torch backend: β cast to the
+    variable's dtype (`ops.cast`), then `divide(subtract(y, multiply(1 - β, z)), β)`, each one torch op on
+    a 0-d tensor and the variable, which is not a lerp and differs from one in the last bit. Other
+    backends (XLA may turn the division into a multiplication by the reciprocal) can differ there too."""
+    import torch
+
+    b = torch.as_tensor(beta, dtype=y.dtype)
+    return torch.divide(torch.subtract(y, torch.multiply(1 - b, z)), b)
 
 
 def as_float(value: Any) -> float | None:

@@ -12,7 +12,9 @@ and not larger than the limit of what it is read as. Reads are positioned
 shrank while sfckpt read it, which is refused with exit 2, never a signal (a
 memory map would turn it into SIGBUS). No library opens an input file by its
 path: DCP's reader gets file objects over checked descriptors, and transformers
-and peft get configs built from the JSON read here.
+and peft get configs built from the JSON read here. The one exception is tensorstore,
+which reads an Orbax folder's arrays itself: `check_tree` refuses the whole folder first
+if anything inside it is a link or not a regular file, and sfckpt writes every spec it gets.
 
 Files the user names as options (`--param-order`, `--bn-calib` data, `--model`
 files) are the user's own and are not confined, but are opened the same way.
@@ -365,3 +367,27 @@ def allow_open_files(needed: int) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else min(needed, hard), hard))
     except (ImportError, ValueError, OSError):
         pass  # not POSIX, or not allowed: opening a file will say so
+
+
+def check_tree(folder: Path, what: str) -> int:
+    """Refuse a folder whose files another library will open by path (tensorstore reads an Orbax
+    checkpoint itself): every entry below it must be a real folder or a regular file, no link of any
+    kind, nothing on /proc or /sys, since the library follows what it finds. Returns the bytes the
+    files hold."""
+    total = 0
+    for parent, folders, files in os.walk(folder, onerror=_walk_error):
+        for name in folders + files:
+            entry = os.path.join(parent, name)
+            st = os.lstat(entry)
+            if stat.S_ISLNK(st.st_mode):
+                raise InputError(f"{entry} is a symbolic link inside {what}, which another library reads by "
+                                 "following links", "refusing to read it; replace the link by a copy of its target")
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)) or st.st_dev in _PSEUDO:
+                raise InputError(f"{entry} is not a regular file or folder", "refusing to read it; only files inside "
+                                 "the input are read (remove it from the checkpoint folder)")
+            total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return total
+
+
+def _walk_error(exc: OSError) -> None:
+    raise InputError(f"{exc.filename}: cannot be read ({exc.strerror})", "check the folder and its permissions")

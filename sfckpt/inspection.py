@@ -90,7 +90,7 @@ def describe(recon: Reconstruction, scan: bool = False) -> dict[str, Any]:
             "tensors_converted": recon.n_converted,
             "tensors_unchanged": len(recon.tensors) - recon.n_converted,
         },
-        "batchnorm": {"buffers": bn, "layers": len({n.rsplit(".", 1)[0] for n in bn})},
+        "batchnorm": {"buffers": bn, "layers": len({_layer_of(n) for n in bn})},
         "notes": list(ckpt.notes),
         "skipped": ckpt.skipped,
         "unloaded_classes": ckpt.unloaded_classes,
@@ -109,7 +109,7 @@ def _hints(recon: Reconstruction) -> list[str]:
     names = list(recon.checkpoint.weights)
     first = names[0].split(".", 1)[0] + "." if names and "." in names[0] else None
     # PEFT saves adapters under the PeftModel's names (base_model.model....), which is what it loads
-    if first and all(n.startswith(first) for n in names) and not recon.checkpoint.container.startswith("peft-adapter"):
+    if first and all(n.startswith(first) for n in names) and not recon.checkpoint.names_are_final:
         hints.append(f"every tensor name starts with '{first}' (the LightningModule attribute); add --strip-prefix "
                      f"{first} to write the inner model's names")
     return hints
@@ -128,3 +128,8 @@ def scan_nonfinite(recon: Reconstruction) -> dict[str, Any]:
         if any(counts.values()):
             found[out.name] = counts
     return {"tensors_with_nonfinite": len(found), "tensors": found}
+
+
+def _layer_of(name: str) -> str:
+    """The layer a statistics buffer belongs to: `bn.running_mean` -> `bn`; Keras' `layers/bn/vars/2` -> `layers/bn`."""
+    return name.rsplit("/vars/", 1)[0] if "/vars/" in name else name.rsplit(".", 1)[0]

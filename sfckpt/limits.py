@@ -85,3 +85,7 @@ DCP_CHUNKS = Limit("SFCKPT_MAX_DCP_CHUNKS", 16_384, "chunks one torch.distribute
 CONFIG_LAYERS = Limit("SFCKPT_MAX_LAYERS", 1_000, "layers or experts config.json may ask the parameter-order model for")
 # transformers builds id2label/label2id with one Python entry per label (ImageNet-21k has 21,843).
 CONFIG_LABELS = Limit("SFCKPT_MAX_LABELS", 100_000, "labels (num_labels) config.json may ask the parameter-order model for")
+# Orbax arrays are stored compressed, and chunks equal to the fill value not at all: their files do
+# not bound what an array's metadata may ask to allocate.
+ARRAY_BYTES = Limit("SFCKPT_MAX_ARRAY_BYTES", 64 * 1024 * MiB,
+                    "bytes one Orbax array may hold once read (its files are compressed, so they do not bound it)")

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
-from . import families, mapping, optimizer_state, pipeline
+from . import families, mapping, optax_eval, optimizer_state, pipeline
 from .checkpoint import Checkpoint
+from .readers.base import ParameterOrder
 from .errors import InputError
 from .tensors import DTYPES, TensorRef, nbytes_of, torch_dtype
 
@@ -53,7 +54,8 @@ class OutputTensor:
     """One tensor of the output and how to get its x.
 
     how: "lerp" (x = torch.lerp(y, z, 1 - 1/β), as the optimizer's eval()),
-    "state-x" (x stored in the optimizer state), or "copy" (unchanged).
+    "keras" (Keras' recovery formula, `families.keras_x`), "state-x" (x stored in the
+    optimizer state), or "copy" (unchanged).
     """
 
     name: str
@@ -66,6 +68,7 @@ class OutputTensor:
     out_dtype: str | None = None
     value: Any = None  # a tensor computed elsewhere (re-estimated BatchNorm statistics)
     in_float32: bool = False  # lerp in float32 and cast back, as heavyball's eval() does
+    beta_dtype: str | None = None  # set: optax's (y − (1 − β)·z)/β with β stored in this dtype, not a lerp
 
     @property
     def dtype(self) -> str:
@@ -83,16 +86,20 @@ class OutputTensor:
         """x for this tensor, in its own dtype (or --dtype), contiguous."""
         import torch
 
-        if self.how == "lerp" and self.beta is None and self.value is None:
+        if self.how in ("lerp", "keras") and self.beta is None and self.value is None:
             raise InputError(f"β for '{self.name}' is not saved in the checkpoint", "pass --beta")
         if self.value is not None:
             t = self.value
+        elif self.how == "lerp" and self.beta_dtype is not None:
+            t = optax_eval.eval_params(self.ref.load(), self.z.load(), self.beta, self.beta_dtype)
         elif self.how == "lerp" and self.in_float32:
             y = self.ref.load()
             t = torch.lerp(y.float(), self.z.load().float(), 1 - 1 / self.beta).to(y.dtype)
         elif self.how == "lerp":
             # Exactly what the optimizer's eval() does: p.lerp_(end=z, weight=1 - 1/β).
             t = _lerp(self.ref, self.z, 1 - 1 / self.beta)
+        elif self.how == "keras":
+            t = families.keras_x(self.ref.load(), self.z.load(), self.beta)
         elif self.how == "state-x":
             t = self.x.load()
         else:
@@ -163,19 +170,21 @@ class Reconstruction:
         bn = self.batchnorm_buffers
         if not bn or self.source_held == "x" or self.bn_calibrated:
             return None
-        return (f"{len(bn)} BatchNorm statistics buffers were gathered at y, not x; re-estimate them on data "
-                "(convert --bn-calib DATA --model SPEC) before trusting accuracy")
+        how = ("in Keras after loading x (call the model with training=True on a few batches, optimizer untouched)"
+               if self.checkpoint.accumulated else "(convert --bn-calib DATA --model SPEC)")
+        return f"{len(bn)} BatchNorm statistics buffers were gathered at y, not x; re-estimate them on data {how} before trusting accuracy"
 
     def all_warnings(self) -> list[str]:
         return self.warnings + ([self.batchnorm_warning] if self.batchnorm_warning else [])
 
     @property
     def n_converted(self) -> int:
-        return sum(t.how in ("lerp", "state-x") for t in self.tensors)
+        return sum(t.how in ("lerp", "keras", "state-x") for t in self.tensors)
 
     @property
     def batchnorm_buffers(self) -> list[str]:
-        return [t.name for t in self.tensors if t.name.rsplit(".", 1)[-1] in BN_SUFFIXES]
+        return [t.name for t in self.tensors
+                if t.name.rsplit(".", 1)[-1] in BN_SUFFIXES or t.name in self.checkpoint.accumulated]
 
     def metadata(self) -> dict[str, str]:
         """safetensors metadata: strings only, no timestamps (same input, same bytes)."""
@@ -338,15 +347,18 @@ def reconstruct(
         raise InputError(f"--twins must be 'auto', 'tied' or 'frozen', not {twins!r}", "see `sfckpt convert --help`")
 
     found, skipped = _families(ckpt, optimizer)
+    order = ckpt.order or ParameterOrder()
 
     def decide(weights):
         return mapping.decide(
-            [mapping.OptimizerEntries(key, entries, fam.z_key, not fam.x_in_float32) for key, fam, _, _, entries in found],
+            # z may differ in dtype where eval() converts it (heavyball's float32 lerp, JAX's promotion)
+            [mapping.OptimizerEntries(key, entries, fam.z_key, not (fam.x_in_float32 or fam.beta_dtype_key))
+             for key, fam, _, _, entries in found],
             weights,
             param_order=param_order,
-            model_order=ckpt.model_order if param_order is None else None,
-            group_domains=ckpt.group_domains if param_order is None else None,
-            container_order_name=ckpt.order_source,
+            model_order=order.names if param_order is None else None,
+            group_domains=order.group_domains if param_order is None else None,
+            container_order_name=order.source if order.names else "",
             ties_visible=ckpt.ties_visible,
             twins=twins,
         )
@@ -355,8 +367,9 @@ def reconstruct(
         try:
             decision = decide(ckpt.weights)
         except InputError:
-            if ckpt.order_error is not None and param_order is None:
-                raise ckpt.order_error from None  # the order that would have decided is what is missing
+            if order.missing is not None and param_order is None:
+                # the order that would have decided is what is missing
+                raise InputError(order.missing, order.missing_hint) from None
             raise
     except mapping.NotInWeights:
         if not ckpt.pool_weights or strip_prefix_used(ckpt):
@@ -395,7 +408,7 @@ def reconstruct(
                         "hold y (saved during training). Pass --params-are x if the checkpoint was saved after optimizer.eval()"
                     )
                 hold, hold_source = "y", "assumed"
-            needs_beta = hold == "y" and stepped and family.x_source == "lerp"
+            needs_beta = hold == "y" and stepped and family.x_source in ("lerp", "keras")
             if needs_beta and not require_beta and beta is None and family.beta_key is None:
                 group_beta, beta_source = None, "unknown: pass --beta"
             elif needs_beta:
@@ -443,13 +456,15 @@ def reconstruct(
                         raise InputError(f"{e.label()} ('{e.name}') has z but no stored x", "the checkpoint is damaged")
                     out.how, out.x = "state-x", x
                 else:
-                    out.how, out.z, out.beta = "lerp", e.state[family.z_key], group_beta
+                    out.how, out.z, out.beta = family.x_source, e.state[family.z_key], group_beta
                     out.in_float32 = family.x_in_float32
+                    out.beta_dtype = group.get(family.beta_dtype_key) if family.beta_dtype_key else None
                 by_name[e.name] = out
 
     if decision.twin_refusal is not None and decision.twin_sources & set(by_name):
         raise decision.twin_refusal
-    _refuse_overlapping_views({n: ckpt.weights[n] for n, o in by_name.items() if o.how == "lerp" and n in ckpt.weights})
+    _refuse_overlapping_views({n: ckpt.weights[n] for n, o in by_name.items() if o.how in ("lerp", "keras")
+                               and n in ckpt.weights})
     trained = {e.name for e in decision.entries if e.name is not None}
     trained_keys = {ckpt.weights[t].data_key for t in trained if t in ckpt.weights} - {None}
     trained |= set(decision.twins) | {n for n, r in ckpt.weights.items() if r.data_key in trained_keys}
@@ -466,7 +481,8 @@ def reconstruct(
             twin = by_data.get(ref.data_key) if ref.data_key is not None else None
             if twin is None and name in decision.twins:
                 twin = by_name.get(decision.twins[name])
-            out = OutputTensor(name, ref, twin.how, twin.z, twin.x, twin.beta, twin.group, in_float32=twin.in_float32) \
+            out = OutputTensor(name, ref, twin.how, twin.z, twin.x, twin.beta, twin.group, in_float32=twin.in_float32,
+                               beta_dtype=twin.beta_dtype) \
                 if twin else OutputTensor(name, ref)
         if dtype and ref.is_float:
             out.out_dtype = dtype
