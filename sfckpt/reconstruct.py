@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
-from . import families, mapping, optax_eval, optimizer_state
+from . import families, mapping, optax_eval, optimizer_state, pipeline
 from .checkpoint import Checkpoint
 from .conventions import BN_STATISTICS, OUTPUT_DTYPES
 from .errors import DamagedInput, InputError, MappingUndecided, NotScheduleFree, Opt, OptionConflict
@@ -126,16 +126,15 @@ def _lerp(y: TensorRef, z: TensorRef, weight: float):
     dtype = torch_dtype(y.dtype)
     # The slice buffers before x: x freed then leaves no hole below them that the allocator keeps
     # (measured: a tensor's size more peak memory the other way round).
-    y_part, z_part = torch.empty(min(_SLICE, y.numel), dtype=dtype), torch.empty(min(_SLICE, y.numel), dtype=dtype)
+    parts = pipeline.slices(y, z, _SLICE)
     try:
         x = torch.empty(y.shape, dtype=dtype)
     except (RuntimeError, MemoryError):
         raise InputError(f"a tensor of shape {y.shape} ({y.nbytes} bytes) does not fit in memory",
                          "the checkpoint is damaged or crafted, or this machine has too little memory for it") from None
     flat = x.view(-1)
-    for start in range(0, y.numel, _SLICE):
-        n = min(_SLICE, y.numel - start)
-        torch.lerp(y.load_flat(start, n, y_part[:n]), z.load_flat(start, n, z_part[:n]), weight, out=flat[start:start + n])
+    for start, n, y_part, z_part in parts:  # the next slice is read while this one is computed
+        torch.lerp(y_part, z_part, weight, out=flat[start:start + n])
     return x
 
 
