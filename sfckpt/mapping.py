@@ -158,6 +158,13 @@ class ParameterMapping:
     # converted (where they already hold x, tied and frozen copies are the same bytes)
     twin_refusal: InputError | None = None
     twin_sources: set[str] = field(default_factory=set)
+    # id(entry) -> the median ratio of the confirmed pairs of its group (else of the file): the reference
+    # of the content test, applied again to every block of the pair's data as x is computed
+    references: dict[int, float] = field(default_factory=dict)
+
+    def part_check(self, e: Entry) -> content.PartCheck:
+        """The content test for every block of e's pair, for the loop that computes x."""
+        return content.PartCheck(e.name, e.label(), self.references.get(id(e), 0.0))
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -298,7 +305,7 @@ def decide(
                              "the optimizer states overlap; choose one with --optimizer-key")
         used_names[e.name] = e
         _verify_pair(e, o, weights, kinds[id(e)])
-    misfits = _verify_content(stateful, classes, order_name)
+    misfits, references = _verify_content(stateful, classes, order_name)
     for o in used:
         for e in o.entries:
             if e.z(o.z_key) is None and e.name is None and e.saved_name in weights:
@@ -322,7 +329,7 @@ def decide(
     entries = [e for o in used for e in o.entries]
     return ParameterMapping(method, entries, counts, confirmed, len(stateful), untrained, twin_map,
                             ignored_optimizers=ignored, warnings=warnings, misfits=misfits,
-                            twin_refusal=twin_refusal, twin_sources=twin_sources)
+                            twin_refusal=twin_refusal, twin_sources=twin_sources, references=references)
 
 
 def _content_anchors(stateful, weights, candidates, sampler) -> tuple[dict[int, str], dict[int, AbstractSet[str]], dict]:
@@ -620,8 +627,9 @@ def _verify_pair(e: Entry, o: OptimizerEntries, weights, method: str) -> None:
             )
 
 
-def _verify_content(stateful, classes, order_name: str) -> dict[int, InputError]:
-    """Check every pair used against its samples, however it was found; return the refusals by entry.
+def _verify_content(stateful, classes, order_name: str) -> tuple[dict[int, InputError], dict[int, float]]:
+    """Check every pair used against its samples, however it was found; return the refusals by entry,
+    and each entry's reference ratio (for the same test on all of its data, as x is computed).
 
     A pair whose z and tensor are as far apart as independent tensors, while the file's confirmed
     pairs track closely, is refused: names, an order or the only way to fit cannot make a fresh tensor
@@ -645,6 +653,7 @@ def _verify_content(stateful, classes, order_name: str) -> dict[int, InputError]
     how = {"names": "its saved name", "--param-order": "--param-order", "content": "content",
            "order": order_name or "order"}
     misfits: dict[int, InputError] = {}
+    references = {id(e): by_group.get((o.key, e.group), overall) for o, e in stateful}
     for o, e in stateful:
         found = classes.get(e.z(o.z_key).shape)
         if found is None:
@@ -653,7 +662,7 @@ def _verify_content(stateful, classes, order_name: str) -> dict[int, InputError]
         i, j = rows.get(id(e)), cols.get(e.name)
         if i is None or j is None:
             continue  # a tensor that is not a candidate (a tied duplicate's name): checked by _verify_pair
-        reference = by_group.get((o.key, e.group), overall)
+        reference = references[id(e)]
         if ev.looks_unrelated(i, j, reference):
             misfits[id(e)] = InputError(
                 f"{e.label()} is paired with '{e.name}' by {how.get(e.evidence, e.evidence)}, but its z is unrelated "
@@ -674,7 +683,7 @@ def _verify_content(stateful, classes, order_name: str) -> dict[int, InputError]
                     "so content cannot decide",
                     ORDER_HINT,
                 )
-    return misfits
+    return misfits, references
 
 
 def _find_twins(weights, candidates, trained, ties_visible, policy, sampler,

@@ -66,6 +66,7 @@ class OutputTensor:
     out_dtype: str | None = None
     value: Any = None  # a tensor computed elsewhere (re-estimated BatchNorm statistics)
     in_float32: bool = False  # lerp in float32 and cast back, as heavyball's eval() does
+    check: Any = None  # content.PartCheck: refuses y and z that are unrelated in part, as x is computed
 
     @property
     def dtype(self) -> str:
@@ -88,11 +89,13 @@ class OutputTensor:
         if self.value is not None:
             t = self.value
         elif self.how == "lerp" and self.in_float32:
-            y = self.ref.load()
-            t = torch.lerp(y.float(), self.z.load().float(), 1 - 1 / self.beta).to(y.dtype)
+            y, z = self.ref.load(), self.z.load()
+            if self.check is not None:
+                self.check(y, z)
+            t = torch.lerp(y.float(), z.float(), 1 - 1 / self.beta).to(y.dtype)
         elif self.how == "lerp":
             # Exactly what the optimizer's eval() does: p.lerp_(end=z, weight=1 - 1/β).
-            t = _lerp(self.ref, self.z, 1 - 1 / self.beta)
+            t = _lerp(self.ref, self.z, 1 - 1 / self.beta, self.check)
         elif self.how == "state-x":
             t = self.x.load()
         else:
@@ -107,13 +110,17 @@ class OutputTensor:
 _SLICE = 1 << 18
 
 
-def _lerp(y: TensorRef, z: TensorRef, weight: float):
+def _lerp(y: TensorRef, z: TensorRef, weight: float, check=None):
     """torch.lerp(y, z, weight), reading y and z a slice at a time where their files allow it: only x
-    is held whole (tensor data is read into memory, not mapped, so y and z would each be a copy)."""
+    is held whole (tensor data is read into memory, not mapped, so y and z would each be a copy).
+    `check` (content.PartCheck) sees every slice, and refuses a pair unrelated in part before x is returned."""
     import torch
 
     if y.reader is None or z.reader is None or y.dtype != z.dtype or y.shape != z.shape:
-        return torch.lerp(y.load(), z.load(), weight)
+        whole_y, whole_z = y.load(), z.load()
+        if check is not None:
+            check(whole_y, whole_z)
+        return torch.lerp(whole_y, whole_z, weight)
     dtype = torch_dtype(y.dtype)
     # The slice buffers before x: x freed then leaves no hole below them that the allocator keeps
     # (measured: a tensor's size more peak memory the other way round).
@@ -124,9 +131,15 @@ def _lerp(y: TensorRef, z: TensorRef, weight: float):
         raise InputError(f"a tensor of shape {y.shape} ({y.nbytes} bytes) does not fit in memory",
                          "the checkpoint is damaged or crafted, or this machine has too little memory for it") from None
     flat = x.view(-1)
+    blocks = check.blocks() if check is not None else None
     for start in range(0, y.numel, _SLICE):
         n = min(_SLICE, y.numel - start)
-        torch.lerp(y.load_flat(start, n, y_part[:n]), z.load_flat(start, n, z_part[:n]), weight, out=flat[start:start + n])
+        y_n, z_n = y.load_flat(start, n, y_part[:n]), z.load_flat(start, n, z_part[:n])
+        if blocks is not None:
+            blocks.add(y_n, z_n, start)
+        torch.lerp(y_n, z_n, weight, out=flat[start:start + n])
+    if blocks is not None:
+        blocks.verify()
     return x
 
 
@@ -445,7 +458,7 @@ def reconstruct(
                     out.how, out.x = "state-x", x
                 else:
                     out.how, out.z, out.beta = "lerp", e.state[family.z_key], group_beta
-                    out.in_float32 = family.x_in_float32
+                    out.in_float32, out.check = family.x_in_float32, decision.part_check(e)
                 by_name[e.name] = out
 
     if decision.twin_refusal is not None and decision.twin_sources & set(by_name):
@@ -467,7 +480,8 @@ def reconstruct(
             twin = by_data.get(ref.data_key) if ref.data_key is not None else None
             if twin is None and name in decision.twins:
                 twin = by_name.get(decision.twins[name])
-            out = OutputTensor(name, ref, twin.how, twin.z, twin.x, twin.beta, twin.group, in_float32=twin.in_float32) \
+            out = OutputTensor(name, ref, twin.how, twin.z, twin.x, twin.beta, twin.group, in_float32=twin.in_float32,
+                               check=twin.check) \
                 if twin else OutputTensor(name, ref)
         if dtype and ref.is_float:
             out.out_dtype = dtype
