@@ -353,19 +353,19 @@ def _content_anchors(stateful, weights, candidates, sampler) -> tuple[dict[int, 
         if not cols:
             continue
         ev = content.evidence([e.z(o.z_key) for o, e in items], [weights[c] for c in cols], sampler)
-        mask = ev.possible_matrix()
+        allowed = ev.possible_rows()
         column = {c: j for j, c in enumerate(cols)}
         positions = np.array([index[c] for c in cols], dtype=np.int64)
         for i, ((o, e), m) in enumerate(zip(items, ev.matches)):
             if m.confirmed:
                 anchors[id(e)] = cols[m.candidate]
-            possible[id(e)] = content.PossibleRow(mask[i], cols, column, positions)
+            possible[id(e)] = content.PossibleRow(allowed[i], cols, column, positions)
         classes[shape] = (ev, {id(e): i for i, (o, e) in enumerate(items)}, column)
     return anchors, possible, classes
 
 
 def _relaxed(possible, classes) -> dict[int, AbstractSet[str]] | None:
-    """`possible` from each class's relaxed matrix (content.ClassEvidence.possible_matrix), or None
+    """`possible` from each class's relaxed rows (content.ClassEvidence.possible_rows), or None
     where relaxing allows nothing more."""
     relaxed = dict(possible)
     changed = False
@@ -373,10 +373,10 @@ def _relaxed(possible, classes) -> dict[int, AbstractSet[str]] | None:
         if not ev.relaxing_adds():
             continue
         changed = True
-        mask = ev.possible_matrix(relaxed=True)
+        allowed = ev.possible_rows(relaxed=True)
         for ident, i in rows.items():
             row = possible[ident]
-            relaxed[ident] = content.PossibleRow(mask[i], row.names, row.column, row.positions)
+            relaxed[ident] = content.PossibleRow(allowed[i], row.names, row.column, row.positions)
     return relaxed if changed else None
 
 
@@ -434,7 +434,7 @@ def _swapped_by_content(o, names, classes) -> str | None:
         if i is None or a is None or ev.size < content.VERIFY_MIN_ELEMENTS:
             continue
         b = ev.matches[i].candidate  # the tensor nearest this z
-        if b == a or not ev.distance[i, b] * SWAP_FACTOR < ev.distance[i, a]:
+        if b == a or not ev.distance(i, b) * SWAP_FACTOR < ev.distance(i, a):
             continue
         shape = e.z(o.z_key).shape
         if shape not in column_names:
@@ -442,7 +442,7 @@ def _swapped_by_content(o, names, classes) -> str | None:
         other_name = column_names[shape].get(b)
         other = by_name.get(other_name)
         k = rows.get(id(other)) if other is not None else None
-        if k is not None and ev.distance[k, a] * SWAP_FACTOR < ev.distance[k, b]:
+        if k is not None and ev.distance(k, a) * SWAP_FACTOR < ev.distance(k, b):
             return (f"{e.label()} is named '{names[id(e)]}' and {other.label()} '{other_name}', but by content each "
                     f"z lies at least {SWAP_FACTOR:g}x closer to the other's tensor (the two names are swapped)")
     return None
@@ -566,8 +566,9 @@ def _open_domain(allowed: AbstractSet[str], same_shape: list[int], taken: set[in
     """The candidates (indices, in order) of an entry's shape that content allows and no fixed entry holds."""
     if isinstance(allowed, content.PossibleRow) and len(allowed.positions) == len(same_shape):
         # The row's columns are this shape's candidates in order (both built from one candidate list):
-        # one numpy pass over the class instead of a set lookup per (entry, tensor).
-        return allowed.positions[allowed.mask & ~taken_mask[allowed.positions]].tolist()
+        # one numpy pass over the row instead of a set lookup per (entry, tensor).
+        at = allowed.positions[allowed.allowed]
+        return at[~taken_mask[at]].tolist()
     return [i for i in same_shape if i not in taken and candidates[i] in allowed]
 
 
@@ -641,7 +642,7 @@ def _verify_content(stateful, classes, order_name: str) -> tuple[dict[int, Input
     # How closely y and z track in this run: the confirmed pairs of the entry's own group (one lr, weight
     # decay, β and step count: a new head at a hundred times the backbone's lr drifts far more), else
     # of the whole file.
-    of_entry = {ident: ev.ratio[i, ev.matches[i].candidate] for ev, rows, _ in classes.values()
+    of_entry = {ident: ev.ratio(i, ev.matches[i].candidate) for ev, rows, _ in classes.values()
                 for ident, i in rows.items() if ev.matches[i].confirmed and ev.size >= content.VERIFY_MIN_ELEMENTS}
     in_group: dict[tuple, list[float]] = {}
     for o, e in stateful:
@@ -666,7 +667,7 @@ def _verify_content(stateful, classes, order_name: str) -> tuple[dict[int, Input
         if ev.looks_unrelated(i, j, reference):
             misfits[id(e)] = InputError(
                 f"{e.label()} is paired with '{e.name}' by {how.get(e.evidence, e.evidence)}, but its z is unrelated "
-                f"to that tensor (d²/(‖y‖²+‖z‖²) = {ev.ratio[i, j]:.2f}, as for independent tensors, where the "
+                f"to that tensor (d²/(‖y‖²+‖z‖²) = {ev.ratio(i, j):.2f}, as for independent tensors, where the "
                 f"checkpoint's confirmed pairs give {reference:.2g}): the optimizer state belongs to a different "
                 f"tensor — '{e.name}' was replaced or re-initialised after the optimizer was built, or the names "
                 "or order are wrong",
