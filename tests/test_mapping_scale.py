@@ -18,6 +18,8 @@ from recipes import eval_x
 
 from sfckpt import order_search
 
+pytestmark = pytest.mark.slow  # thousands of tensors: minutes on a loaded machine
+
 
 class Tower(nn.Module):
     """n residual blocks of LayerNorm(16) + Linear(16, 16)."""
