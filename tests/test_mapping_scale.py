@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 import time
 
+import pytest
+
 import schedulefree
 import torch
 from torch import nn
