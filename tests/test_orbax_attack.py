@@ -72,3 +72,16 @@ def test_two_mirrors_without_a_params_key_are_refused(run, tmp_path):
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
     assert "mirrors several saved trees" in result.stderr and "under the key 'params'" in result.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_chunk_grid_larger_than_the_array_is_refused_before_reading(run, tmp_path):
+    # A tiny array whose .zarray claims 2**34-element chunks: decoding one would allocate 32 GB.
+    shutil.copytree(ORBAX / CASE, tmp_path / CASE)
+    ckpt = tmp_path / CASE / "ckpt"
+    zarray = ckpt / "params.dense1.kernel" / ".zarray"
+    meta = json.loads(zarray.read_text())
+    meta["chunks"] = [1 << 17, 1 << 17]
+    zarray.write_text(json.dumps(meta))
+    result = run("convert", ckpt, tmp_path / "x.safetensors")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "params/dense1/kernel" in result.stderr and "claims chunks" in result.stderr

@@ -42,6 +42,7 @@ _DTYPES = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16
            "uint16", "uint8", "bool", "complex64"}
 
 KeyPath = tuple[str, ...]
+CHUNK_SLACK = 1 << 20  # elements a chunk may hold beyond its array's (zarr allows chunks larger than tiny arrays)
 
 
 @dataclass
@@ -164,6 +165,13 @@ def _checked(folder: Path, path: KeyPath, store: Any) -> Leaf:
     nbytes = math.prod(shape) * store.dtype.numpy_dtype.itemsize
     if nbytes > limits.ARRAY_BYTES.value:
         raise limits.ARRAY_BYTES.exceeded(f"{folder}: array {_name(path)} of shape {list(shape)} would take {nbytes} bytes")
+    layout = store.chunk_layout
+    chunks = [math.prod(int(n) for n in c.shape) for c in (layout.read_chunk, layout.write_chunk) if c.shape is not None]
+    if max(chunks, default=0) > max(math.prod(shape), CHUNK_SLACK):
+        # tensorstore decodes whole chunks (and a zarr3 shard's whole index): a chunk grid far larger
+        # than the array would allocate its size, whatever the array's shape says.
+        raise InputError(f"{folder}: array {_name(path)} of shape {list(shape)} claims chunks of {max(chunks)} "
+                         "elements, more than the array holds", "refusing to read it; the checkpoint is damaged or crafted")
     return Leaf(path, dtype, shape, store)
 
 
