@@ -277,24 +277,28 @@ def _configs(path: Path, config: bytes | None) -> tuple[Mapping | None, Mapping 
     return cfg, opt
 
 
-def _layer_configs(cfg: Any, trainable: bool, out: dict[str, tuple[bool, str]]) -> None:
-    """layer name -> (trainable, class name), for every layer in a model config, nested models included."""
+def _layer_configs(cfg: Any, trainable: bool, out: dict[tuple[str, ...], tuple[bool, str]],
+                   key: tuple[str, ...] = ()) -> None:
+    """(names from the outermost model in) -> (trainable, class name), for every layer in a model config,
+    nested models included. Names are unique only within one model, so a layer is known by its chain of names."""
     inner = cfg.get("config") if isinstance(cfg, dict) else None
     if not isinstance(inner, dict):
         return
     trainable = trainable and inner.get("trainable", True) is not False
-    name = inner.get("name", cfg.get("name"))
-    if isinstance(name, str):
-        out.setdefault(name, (trainable, str(cfg.get("class_name"))))
+    if key:
+        out.setdefault(key, (trainable, str(cfg.get("class_name"))))
     for layer in inner.get("layers") or []:
-        _layer_configs(layer, trainable, out)
+        sub = layer.get("config") if isinstance(layer, dict) else None
+        name = sub.get("name", layer.get("name")) if isinstance(sub, dict) else None
+        if isinstance(name, str):
+            _layer_configs(layer, trainable, out, key + (name,))
 
 
 def _layer_variables(tree: Tree, model_cfg: Mapping | None,
                      trained: list[tuple[int, ...]]) -> tuple[dict[str, TensorRef], list[str], list[str], bool]:
     """The layer variables in model order, the order of those the optimizer trains, the BatchNorm
     statistics, and whether that order is the only one Keras' saving rule allows (see `_prefix_order`)."""
-    layers: dict[str, tuple[bool, str]] = {}
+    layers: dict[tuple[str, ...], tuple[bool, str]] = {}
     if model_cfg is not None:
         _layer_configs(model_cfg, True, layers)
     rank = {name: i for i, name in enumerate(layers)}  # the config's layer order is model.trainable_variables' order
@@ -303,22 +307,25 @@ def _layer_variables(tree: Tree, model_cfg: Mapping | None,
         if not p.startswith("optimizer/") and "/vars/" in f"/{p}":
             by_group.setdefault(p.rsplit("/vars/", 1)[0] if "/vars/" in p else "", []).append(d)
 
-    def owner_of(group: str) -> Any:
-        return tree.groups.get(f"{group}/vars" if group else "vars", {}).get("name")
+    def owner_of(group: str) -> tuple[str, ...] | None:
+        return _qualified_name(tree, group)
+
+    def anchor_of(group: str) -> str:
+        # A layer's inner layers (attention projections, RNN cells) are not in the config: they belong
+        # to the nearest enclosing layer that is
+        while group and owner_of(group) not in rank:
+            group = group.rsplit("/", 1)[0] if "/" in group else ""
+        return group
 
     weights: dict[str, TensorRef] = {}
     accumulated: list[str] = []
     spans: list[tuple[list[Dataset], int]] = []  # per layer: its variables, and how many of them may be trained
     def place(group: str) -> tuple:
-        # A layer's inner layers (attention projections, RNN cells) are not in the config: they follow
-        # the nearest enclosing layer that is, in the order Keras wrote them
-        anchor = group
-        while anchor and owner_of(anchor) not in rank:
-            anchor = anchor.rsplit("/", 1)[0] if "/" in anchor else ""
-        return rank.get(owner_of(anchor), len(rank)), tree.written.get(group, 0), _natural(group)
+        # inner layers follow their layer, in the order Keras wrote them
+        return rank.get(owner_of(anchor_of(group)), len(rank)), tree.written.get(group, 0), _natural(group)
 
     for group in sorted(by_group, key=place):
-        trainable, cls = layers.get(owner_of(group), (True, ""))
+        trainable, cls = layers.get(owner_of(group)) or (layers.get(owner_of(anchor_of(group)), (True, ""))[0], "")
         items = sorted(by_group[group], key=lambda d: _natural(d.path))
         stats = len(BN_STATS) if cls == "BatchNormalization" else 0
         accumulated += [d.path for d in items[len(items) - stats:]] if stats else []
@@ -329,6 +336,17 @@ def _layer_variables(tree: Tree, model_cfg: Mapping | None,
         return weights, order, accumulated, True
     fallback = [d.path for items, most in spans for d in items[:most] if d.ref.is_float]
     return weights, fallback, accumulated, False
+
+
+def _qualified_name(tree: Tree, group: str) -> tuple[str, ...] | None:
+    """The names of the layer whose variables are in `group` and of the layers enclosing it, outermost
+    first, as the config nests them; None for a group that is no layer's. Keras names groups by class
+    (`layers/dense_1`) and keeps each layer's own name in its `vars` group."""
+    parts = group.split("/") if group else []
+    names = [tree.groups.get(f"{'/'.join(parts[:i])}/vars", {}).get("name") for i in range(1, len(parts) + 1)]
+    if not names or not isinstance(names[-1], str):
+        return None
+    return tuple(n for n in names if isinstance(n, str))
 
 
 def _prefix_order(spans: list[tuple[list[Dataset], int]], trained: list[tuple[int, ...]]) -> list[str] | None:
@@ -392,7 +410,7 @@ def _optimizer_state(path: Path, tree: Tree, opt_cfg: Mapping | None) -> tuple[d
     if count < 0 or count % width:
         raise InputError(f"{path}: {len(variables)} optimizer variables do not fit ScheduleFreeAdamW's layout "
                          f"(iterations{', learning rate' if has_lr else ''}, then {width} per trainable variable)",
-                         "the optimizer config does not match its variables; the file is damaged")
+                         _misfit_hint(opt_cfg))
     iterations = variables[0]
     if iterations.dtype not in ("int32", "int64") or iterations.shape != ():
         raise InputError(f"{path}: optimizer/vars/0 is not the iteration counter", "the file is damaged")
@@ -408,10 +426,18 @@ def _optimizer_state(path: Path, tree: Tree, opt_cfg: Mapping | None) -> tuple[d
         z, velocity = variables[fixed + count // width * per_var + 2 * k:][:2]
         if z.shape != velocity.shape or not z.ref.is_float:
             raise InputError(f"{path}: optimizer variables {z.path} and {velocity.path} are not a momentum/velocity pair",
-                             "the optimizer config does not match its variables; the file is damaged")
+                             _misfit_hint(opt_cfg))
         state[k] = {"z": z.ref, "velocity": velocity.ref}
     group["params"] = list(state)
     return {"state": state, "param_groups": [group]}, notes
+
+
+def _misfit_hint(opt_cfg: Mapping | None) -> str:
+    """What to do when the optimizer variables do not fit the layout they were read with."""
+    if opt_cfg is None:  # the layout was assumed, not read: options that add variables are the likely cause
+        return ("a save_weights file keeps no optimizer config, so sfckpt assumes ScheduleFreeAdamW without "
+                "gradient_accumulation_steps or use_ema; convert the .keras file model.save() wrote, whose config says")
+    return "the optimizer config does not match its variables; the file is damaged"
 
 
 def _check_optimizer_config(path: Path, opt_cfg: Mapping, group: dict[str, Any]) -> tuple[bool, int]:
