@@ -76,3 +76,16 @@ def test_frozen_attention_layer_keeps_its_inner_layers_frozen(tmp_path, run):
     result = run("convert", tmp_path / "model.keras", tmp_path / "x.safetensors")
     assert result.exit_code == 0, result.stderr
     assert_x(tmp_path / "x.safetensors", tmp_path / "expected.weights.h5")
+
+
+def test_work_placing_entries_into_layers_is_bounded(tmp_path, run, monkeypatch):
+    # The cut search costs layers x entries: a small file of many same-shaped layers must not hang
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,))] + [L.Dense(4) for _ in range(6)])
+    fit_and_save(tmp_path, model)
+    assert run("convert", tmp_path / "model.keras", tmp_path / "x.safetensors").exit_code == 0
+    assert_x(tmp_path / "x.safetensors", tmp_path / "expected.weights.h5")
+    monkeypatch.setenv("SFCKPT_MAX_KERAS_ORDER_STEPS", "20")
+    result = run("convert", tmp_path / "model.keras", tmp_path / "y.safetensors")
+    assert result.exit_code == 2 and "SFCKPT_MAX_KERAS_ORDER_STEPS" in result.stderr
+    assert not (tmp_path / "y.safetensors").exists()

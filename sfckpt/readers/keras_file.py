@@ -20,7 +20,7 @@ import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .. import inputs, limits
 from ..errors import InputError
@@ -32,6 +32,8 @@ from .hdf5_tree import HDF5_MAGIC, Dataset, Tree, read_tree
 CONFIG_NAME, METADATA_NAME, WEIGHTS_NAME = "config.json", "metadata.json", "model.weights.h5"
 KINDS = ("keras", "keras-weights", "keras-sharded")
 SF_CLASS = "ScheduleFreeAdamW"
+KERAS_ORDER_STEPS = limits.Limit("SFCKPT_MAX_KERAS_ORDER_STEPS", 4_000_000,
+                                 "steps spent cutting a Keras file's optimizer entries into its layers' variables")
 ZIP_MEMBERS = limits.Limit("SFCKPT_MAX_ZIP_MEMBERS", 100_000, "members a .keras archive may list")
 # BatchNormalization keeps its trainable variables (gamma if scale, beta if center) first, then these two,
 # which it accumulates from batches seen at y.
@@ -285,8 +287,7 @@ def _layer_configs(cfg: Any, trainable: bool, out: dict[tuple[str, ...], tuple[b
     if not isinstance(inner, dict):
         return
     trainable = trainable and inner.get("trainable", True) is not False
-    if key:
-        out.setdefault(key, (trainable, str(cfg.get("class_name"))))
+    out.setdefault(key, (trainable, str(cfg.get("class_name"))))  # () is the model itself
     for layer in inner.get("layers") or []:
         sub = layer.get("config") if isinstance(layer, dict) else None
         name = sub.get("name", layer.get("name")) if isinstance(sub, dict) else None
@@ -307,8 +308,7 @@ def _layer_variables(tree: Tree, model_cfg: Mapping | None,
         if not p.startswith("optimizer/") and "/vars/" in f"/{p}":
             by_group.setdefault(p.rsplit("/vars/", 1)[0] if "/vars/" in p else "", []).append(d)
 
-    def owner_of(group: str) -> tuple[str, ...] | None:
-        return _qualified_name(tree, group)
+    owner_of = _qualified_names(tree)
 
     def anchor_of(group: str) -> str:
         # A layer's inner layers (attention projections, RNN cells) are not in the config: they belong
@@ -338,15 +338,24 @@ def _layer_variables(tree: Tree, model_cfg: Mapping | None,
     return weights, fallback, accumulated, False
 
 
-def _qualified_name(tree: Tree, group: str) -> tuple[str, ...] | None:
-    """The names of the layer whose variables are in `group` and of the layers enclosing it, outermost
-    first, as the config nests them; None for a group that is no layer's. Keras names groups by class
-    (`layers/dense_1`) and keeps each layer's own name in its `vars` group."""
-    parts = group.split("/") if group else []
-    names = [tree.groups.get(f"{'/'.join(parts[:i])}/vars", {}).get("name") for i in range(1, len(parts) + 1)]
-    if not names or not isinstance(names[-1], str):
-        return None
-    return tuple(n for n in names if isinstance(n, str))
+def _qualified_names(tree: Tree) -> Callable[[str], tuple[str, ...] | None]:
+    """For a group, the names of the layer whose variables it holds and of the layers enclosing it,
+    outermost first, as the config nests them; None for a group that is no layer's. Keras names groups
+    by class (`layers/dense_1`) and keeps each layer's own name in its `vars` group."""
+    chains: dict[str, tuple[str, ...]] = {"": ()}
+
+    def chain(group: str) -> tuple[str, ...]:
+        if group not in chains:  # each prefix once: the cost follows the number of groups
+            own = tree.groups.get(f"{group}/vars", {}).get("name")
+            parent = chain(group.rsplit("/", 1)[0] if "/" in group else "")
+            chains[group] = parent + (own,) if isinstance(own, str) else parent
+        return chains[group]
+
+    def qualified(group: str) -> tuple[str, ...] | None:
+        own = tree.groups.get(f"{group}/vars" if group else "vars", {}).get("name")
+        return chain(group) if isinstance(own, str) else None
+
+    return qualified
 
 
 def _prefix_order(spans: list[tuple[list[Dataset], int]], trained: list[tuple[int, ...]]) -> list[str] | None:
@@ -356,28 +365,39 @@ def _prefix_order(spans: list[tuple[list[Dataset], int]], trained: list[tuple[in
     non-trainable), and `model.trainable_variables` lists layer after layer: so the entries are a
     prefix of each layer's variables in turn. Each way of cutting the entries' shapes into such
     prefixes is counted (up to two, over the entry positions reachable at each layer); only a single
-    one is used, and content then checks every pair."""
+    one is used, and content then checks every pair. The work grows with layers times entries, so
+    it is bounded (`KERAS_ORDER_STEPS`), and positions the layers left cannot use up are dropped."""
+    steps = [0]
+
     def cuts(layer: int, entry: int) -> list[int]:
         items, most = spans[layer]
         k, out = 0, [0]
         while k < most and entry + k < len(trained) and items[k].ref.is_float and items[k].shape == trained[entry + k]:
             k += 1
             out.append(k)
+        steps[0] += len(out)
+        if steps[0] > KERAS_ORDER_STEPS.value:
+            raise KERAS_ORDER_STEPS.exceeded(f"{len(trained)} optimizer entries over {len(spans)} layers "
+                                             f"need more than {KERAS_ORDER_STEPS.value} steps to place")
         return out
 
+    room = [0] * (len(spans) + 1)  # how many entries the layers from here on can take at most
+    for layer in reversed(range(len(spans))):
+        room[layer] = room[layer + 1] + spans[layer][1]
     reach = [{0}]
     for layer in range(len(spans)):
-        reach.append({entry + k for entry in reach[-1] for k in cuts(layer, entry)})
+        reach.append({entry + k for entry in reach[-1] for k in cuts(layer, entry)
+                      if len(trained) - entry - k <= room[layer + 1]})
     ways = [dict.fromkeys(r, 0) for r in reach]
     ways[-1] = {entry: int(entry == len(trained)) for entry in reach[-1]}
     for layer in reversed(range(len(spans))):
         for entry in reach[layer]:
-            ways[layer][entry] = min(2, sum(ways[layer + 1][entry + k] for k in cuts(layer, entry)))
+            ways[layer][entry] = min(2, sum(ways[layer + 1].get(entry + k, 0) for k in cuts(layer, entry)))
     if ways[0][0] != 1:
         return None
     order, entry = [], 0
     for layer, (items, _) in enumerate(spans):
-        k = next(k for k in cuts(layer, entry) if ways[layer + 1][entry + k] == 1)  # the one cut leaving a way on
+        k = next(k for k in cuts(layer, entry) if ways[layer + 1].get(entry + k) == 1)  # the one cut leaving a way on
         order += [d.path for d in items[:k]]
         entry += k
     return order
