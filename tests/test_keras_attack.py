@@ -89,3 +89,17 @@ def test_work_placing_entries_into_layers_is_bounded(tmp_path, run, monkeypatch)
     result = run("convert", tmp_path / "model.keras", tmp_path / "y.safetensors")
     assert result.exit_code == 2 and "SFCKPT_MAX_KERAS_ORDER_STEPS" in result.stderr
     assert not (tmp_path / "y.safetensors").exists()
+
+
+def test_optimizer_compiled_again_after_training_is_refused_saying_so(tmp_path, run):
+    # compile() with a fresh optimizer keeps the trained y but drops the momentum: no x in the file
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), L.Dense(8), L.Dense(3)])
+    fit_and_save(tmp_path, model)
+    model.compile(optimizer=keras.optimizers.ScheduleFreeAdamW(), loss="mae")
+    model.save(tmp_path / "recompiled.keras")
+    result = run("convert", tmp_path / "recompiled.keras", tmp_path / "x.safetensors")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "never built" in lines[0] and "right after fit" in lines[0]
+    assert not (tmp_path / "x.safetensors").exists()

@@ -431,6 +431,10 @@ def _optimizer_state(path: Path, tree: Tree, opt_cfg: Mapping | None) -> tuple[d
         raise InputError(f"{path}: {len(variables)} optimizer variables do not fit ScheduleFreeAdamW's layout "
                          f"(iterations{', learning rate' if has_lr else ''}, then {width} per trainable variable)",
                          _misfit_hint(opt_cfg))
+    if count == 0:  # a compiled optimizer makes these two at once, the rest when it is built
+        raise InputError(f"{path}: the optimizer holds {'iterations and the learning rate' if has_lr else 'iterations'} "
+                         "only, no momentum: it was never built (compiled again after training, or saved before fit)",
+                         "save the model right after fit with the optimizer that trained it")
     iterations = variables[0]
     if iterations.dtype not in ("int32", "int64") or iterations.shape != ():
         raise InputError(f"{path}: optimizer/vars/0 is not the iteration counter", "the file is damaged")
