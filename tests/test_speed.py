@@ -163,6 +163,7 @@ def test_dcp_inspect_does_not_import_torch(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow  # a child process converting a DCP folder
 def test_dcp_convert_does_not_import_torch_distributed_checkpoint(tmp_path):
     """torch.distributed.checkpoint costs most of a second on top of `import torch` (which imports
     torch.distributed itself); converting a DCP folder needs none of it."""
