@@ -1,5 +1,7 @@
-"""The Trainer callback under DeepSpeed ZeRO-2 on 2 CPU processes (tests/deepspeed_ranks_runs.py): the
+"""The integrations under DeepSpeed ZeRO-2 on 2 CPU processes: the Trainer's callback
+(tests/deepspeed_ranks_runs.py) and Lightning's SfckptModelCheckpoint (scripts/lightning_deepspeed.py). The
 release of every checkpoint, and the final one, equal the x schedulefree's own eval() gives at that step."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_equal_tensors
+from conftest import SCRIPTS, assert_equal_tensors, free_port, read
 
-pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 HERE = Path(__file__).resolve().parent
 
 
 @pytest.mark.slow
 def test_trainer_callback_under_deepspeed_zero2_on_two_processes(tmp_path):
+    pytest.importorskip("transformers")
     result = subprocess.run([sys.executable, str(HERE / "deepspeed_ranks_runs.py"), str(tmp_path)],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -28,3 +30,18 @@ def test_trainer_callback_under_deepspeed_zero2_on_two_processes(tmp_path):
     for name, step in (("checkpoint-2", 2), ("checkpoint-4", 4), ("final", 4)):
         model = AutoModelForCausalLM.from_pretrained(str(releases / name))
         assert_equal_tensors(model.state_dict(), torch.load(tmp_path / f"expected-{step}.pt"))
+
+
+@pytest.mark.slow
+def test_lightning_checkpoint_callback_under_deepspeed_zero2_on_two_processes(tmp_path):
+    pytest.importorskip("lightning")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port(), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(SCRIPTS / "lightning_deepspeed.py"), str(tmp_path)], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    folder = tmp_path / "ckpt"
+    assert (folder / "epoch=0-step=4.ckpt" / "checkpoint" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
+    for name, step in (("epoch=0-step=2.x.safetensors", 2), ("epoch=0-step=4.x.safetensors", 4),
+                       ("final.x.safetensors", 4)):
+        expected = {k.removeprefix("model."): v for k, v in torch.load(tmp_path / f"expected-{step}.pt").items()}
+        assert_equal_tensors(read(folder / name), expected)
