@@ -1,6 +1,7 @@
 """The Trainer with sfckpt's callback under DeepSpeed ZeRO-2 on 2 CPU processes (gloo).
 
-Run as `python deepspeed_ranks_runs.py OUT`. The run trains the tiny Llama of integration_runs.py
+Run as `python deepspeed_ranks_runs.py OUT [bare]`; `bare` trains the same run without the callback
+and without taking x, for comparing what training computes. The run trains the tiny Llama of integration_runs.py
 4 steps and saves at steps 2 and 4. At each save every rank takes the x that schedulefree's own
 eval() gives on DeepSpeed's fp32 master partitions, then puts the partitions' bits and the mode
 back as they were, so training goes on undisturbed; rank 0 writes them as `expected-N.pt`.
@@ -52,7 +53,7 @@ def _capture(out: Path, rank: int):
     return Capture()
 
 
-def _worker(rank: int, world: int, out: str, port: str) -> None:
+def _worker(rank: int, world: int, out: str, port: str, bare: bool) -> None:
     _env(rank, world, port)
     import deepspeed.ops
 
@@ -75,20 +76,20 @@ def _worker(rank: int, world: int, out: str, port: str) -> None:
                              lr_scheduler_type="constant", deepspeed=ds_config, disable_tqdm=True,
                              accelerator_config={"use_configured_state": True})
     capture = _capture(Path(out), rank)
-    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[capture, SfckptCallback()])
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[] if bare else [capture, SfckptCallback()])
     capture.trainer = trainer
     trainer.train()
     assert trainer.args.world_size == 2 and trainer.state.is_world_process_zero == (rank == 0)
 
 
-def main(out: str) -> None:
+def main(out: str, bare: bool) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     Path(out).mkdir(parents=True, exist_ok=True)
     os.environ["DS_ACCELERATOR"] = "cpu"
-    mp.spawn(_worker, args=(2, out, port), nprocs=2)
+    mp.spawn(_worker, args=(2, out, port, bare), nprocs=2)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:] == ["bare"])
