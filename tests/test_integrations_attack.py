@@ -23,3 +23,24 @@ def test_release_of_a_compiled_model_has_the_plain_names(tmp_path):
     expected = trainers.eval_x(model, opt)
     sfckpt.release(torch.compile(model), opt, tmp_path / "x.safetensors")
     assert_equal_tensors(read(tmp_path / "x.safetensors"), expected)
+
+
+def _dcp_save(folder, seed):
+    import torch.distributed.checkpoint as dcp
+
+    model = trainers.MLP()
+    opt = trainers.train(model, "adamw", seed=seed)
+    dcp.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, checkpoint_id=folder)
+
+
+def test_watch_waits_while_a_dcp_folder_is_overwritten_under_its_old_metadata(tmp_path):
+    """DCP writes into an existing folder (Lightning's sharded last.ckpt/) and renames `.metadata` in last:
+    until then the old `.metadata` describes shards that are being replaced."""
+    from sfckpt import watch
+
+    _dcp_save(tmp_path / "last", seed=0)
+    _dcp_save(tmp_path / "next", seed=1)
+    assert watch.save_complete(tmp_path / "last")
+    for shard in (tmp_path / "next").glob("*.distcp"):  # the new save's shard lands; its .metadata not yet
+        (tmp_path / "last" / shard.name).write_bytes(shard.read_bytes())
+    assert watch.save_complete(tmp_path / "last") is False
