@@ -62,19 +62,27 @@ def is_save(path: Path) -> bool:
     return path.suffix == ".ckpt" or _is_part(path)
 
 
-def candidates(folder: Path, skip: Path | None = None, descend: bool = True) -> list[Path]:
+def candidates(folder: Path, skip: Path | None = None, descend: bool = True, links: set[Path] | None = None) -> list[Path]:
     """The saves in `folder`, complete or not, and (with `descend`) in its plain sub-folders: a
-    hyper-parameter trial's run folder, Accelerate's `checkpoints/`, a DeepSpeed save folder's tags."""
+    hyper-parameter trial's run folder, Accelerate's `checkpoints/`, a DeepSpeed save folder's tags.
+
+    Links are not followed (they go into `links`): one may lead out of the run folder, and one to a
+    save inside it (`latest -> checkpoint-100`) would release that save twice."""
     found: list[Path] = []
     for path in sorted(folder.iterdir()):
         if skip is not None and path.resolve() == skip:
             continue
+        if path.is_symlink():
+            if links is not None:
+                links.add(path)
+            continue
         if path.is_dir() and (path / deepspeed_folder.LATEST).is_file() and not (path / hf_trainer.STATE_NAME).exists():
-            found += sorted(p for p in path.iterdir() if p.is_dir() and p.name.startswith("global_step"))
+            found += sorted(p for p in path.iterdir()
+                           if p.is_dir() and not p.is_symlink() and p.name.startswith("global_step"))
         elif is_save(path):
             found.append(path)
         elif path.is_dir() and descend:
-            found += candidates(path, skip, descend=False)
+            found += candidates(path, skip, descend=False, links=links)
     return found
 
 
@@ -115,6 +123,7 @@ class Watcher:
     seen: dict[Path, Signature] = field(default_factory=dict)
     failed: dict[Path, Signature] = field(default_factory=dict)
     converted: list[Path] = field(default_factory=list)
+    links: set[Path] = field(default_factory=set)
 
     def release_of(self, checkpoint: Path) -> Path:
         relative = checkpoint.relative_to(self.run_dir)
@@ -131,7 +140,15 @@ class Watcher:
     def poll(self) -> None:
         """Look once: convert each checkpoint that is complete and was unchanged since the last poll."""
         skip = self.out.resolve() if self.out.resolve().is_relative_to(self.run_dir.resolve()) else None
-        for checkpoint in candidates(self.run_dir, skip):
+        links: set[Path] = set()
+        found = candidates(self.run_dir, skip, links=links)
+        for link in sorted(links - self.links):
+            self.report(f"note: {link.relative_to(self.run_dir)} is a link, not followed: the watch converts the saves "
+                        f"the run writes in {self.run_dir} (convert another with sfckpt convert)")
+        self.links |= links
+        for gone in [c for c in self.failed if c not in found]:
+            del self.failed[gone]  # deleted (the run's rotation): no longer a save that failed
+        for checkpoint in found:
             release = self.release_of(checkpoint)
             if release.exists() and self._up_to_date(checkpoint, release):
                 continue
@@ -148,6 +165,10 @@ class Watcher:
         try:
             self.convert(checkpoint, release, release_metadata(checkpoint.name, training_step(checkpoint)))
         except SfckptError as exc:
+            if not checkpoint.exists():
+                self.report(f"note: {checkpoint.relative_to(self.run_dir)} was deleted while being converted "
+                            "(the run's rotation): no release")
+                return
             self.failed[checkpoint] = sig
             self.report(f"warning: {checkpoint.relative_to(self.run_dir)}: no release: {exc}")
             return
@@ -179,6 +200,9 @@ def start(run_dir: Path, out: Path, interval: float, once: bool, strip_prefix: s
                          f"or convert this one: sfckpt convert {run_dir} OUT")
     if interval <= 0:
         raise InputError(f"--interval {interval} is not a positive number of seconds", "pass, for example, --interval 10")
+    if out.resolve() == run_dir.resolve():
+        raise InputError(f"--out {out} is the run folder", "name another folder for the releases: each release is "
+                         "named after its checkpoint, and would take its place")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file", "name a folder for the releases")
     out.mkdir(parents=True, exist_ok=True)

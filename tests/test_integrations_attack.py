@@ -4,7 +4,7 @@ import torch
 
 import sfckpt
 import trainers
-from conftest import assert_equal_tensors, read
+from conftest import assert_equal_tensors, read, save_checkpoint
 
 
 def test_release_with_pytorch_optimizers_schedule_free_wrapper_is_eval_x(tmp_path):
@@ -44,3 +44,48 @@ def test_watch_waits_while_a_dcp_folder_is_overwritten_under_its_old_metadata(tm
     for shard in (tmp_path / "next").glob("*.distcp"):  # the new save's shard lands; its .metadata not yet
         (tmp_path / "last" / shard.name).write_bytes(shard.read_bytes())
     assert watch.save_complete(tmp_path / "last") is False
+
+
+def test_watch_does_not_follow_a_link_out_of_the_run_folder(tmp_path, run):
+    model = trainers.MLP()
+    opt = trainers.train(model, "adamw")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    save_checkpoint(tmp_path / "elsewhere" / "step_4.pt", model, opt)
+    (tmp_path / "run" / "step_4.pt").symlink_to(tmp_path / "elsewhere" / "step_4.pt")
+    (tmp_path / "run" / "other").symlink_to(tmp_path / "elsewhere")
+    result = run("watch", tmp_path / "run", "--out", tmp_path / "releases", "--once", "--interval", "0.05")
+    assert result.exit_code == 0, result.stderr
+    assert list((tmp_path / "releases").iterdir()) == []
+    assert "step_4.pt is a link, not followed" in result.stderr
+    assert "other is a link, not followed" in result.stderr
+
+
+def test_watch_refuses_the_run_folder_as_out(tmp_path, run):
+    (tmp_path / "run").mkdir()
+    result = run("watch", tmp_path / "run", "--out", tmp_path / "run" / ".", "--once", "--interval", "0.05")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: --out") and "is the run folder" in result.stderr
+
+
+def test_watch_forgets_a_checkpoint_deleted_while_it_was_converted(tmp_path):
+    """The run's rotation deletes a save the watch is reading: a note, not a failure that fails the watch."""
+    import shutil
+
+    from sfckpt import watch
+    from sfckpt.integrations.jobs import convert_folder
+
+    model = trainers.MLP()
+    opt = trainers.train(model, "adamw")
+    (tmp_path / "run").mkdir()
+    save_checkpoint(tmp_path / "run" / "step_4.pt", model, opt)
+
+    def rotated_meanwhile(src, release, metadata):
+        src.unlink()
+        convert_folder(src, release, metadata)
+
+    lines = []
+    watcher = watch.Watcher(tmp_path / "run", tmp_path / "releases", rotated_meanwhile, lines.append)
+    watcher.run(0.0, once=True, sleep=lambda _: None)
+    assert watcher.failed == {}
+    assert lines == ["note: step_4.pt was deleted while being converted (the run's rotation): no release"]
