@@ -1,5 +1,6 @@
 """Setups the integrations' own tests do not build: each one once made a release, a watch or a
 training run go wrong, and stays fixed here."""
+import pytest
 import torch
 
 import sfckpt
@@ -89,3 +90,30 @@ def test_watch_forgets_a_checkpoint_deleted_while_it_was_converted(tmp_path):
     watcher.run(0.0, once=True, sleep=lambda _: None)
     assert watcher.failed == {}
     assert lines == ["note: step_4.pt was deleted while being converted (the run's rotation): no release"]
+
+
+def test_validate_on_x_gives_y_back_when_validation_fails(tmp_path):
+    L = pytest.importorskip("lightning")
+    from test_integrations_lightning import Module
+
+    from sfckpt.integrations.lightning import ValidateOnX
+
+    class FailingValidation(Module):
+        def validation_step(self, batch, _):
+            raise KeyError("a bug in validation_step")
+
+    class Before(L.Callback):
+        """The parameters (y) as validation starts, before ValidateOnX puts x in."""
+
+        def on_validation_start(self, trainer, pl_module):
+            self.y = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+
+    before = Before()
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 8)), batch_size=4)
+    trainer = L.Trainer(max_steps=4, callbacks=[before, ValidateOnX()], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path, limit_val_batches=1,
+                        val_check_interval=2, num_sanity_val_steps=0, enable_checkpointing=False)
+    module = FailingValidation()
+    with pytest.raises(KeyError):
+        trainer.fit(module, data, data)
+    assert_equal_tensors({k: v.detach() for k, v in module.model.state_dict().items()}, before.y)
