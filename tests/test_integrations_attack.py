@@ -117,3 +117,27 @@ def test_validate_on_x_gives_y_back_when_validation_fails(tmp_path):
     with pytest.raises(KeyError):
         trainer.fit(module, data, data)
     assert_equal_tensors({k: v.detach() for k, v in module.model.state_dict().items()}, before.y)
+
+
+def test_save_and_release_of_a_compiled_model_in_accelerate_is_eval_x(tmp_path):
+    """save_state saves the prepared model's names as they are (`_orig_mod.…`, under DDP `module.…`)."""
+    accelerate = pytest.importorskip("accelerate")
+    import copy
+
+    import schedulefree
+
+    from sfckpt.integrations.accelerate import save_and_release
+
+    torch.manual_seed(0)
+    acc = accelerate.Accelerator(cpu=True)
+    net = trainers.MLP()
+    model, opt = acc.prepare(torch.compile(net), schedulefree.AdamWScheduleFree(net.parameters(), lr=0.02))
+    opt.train()
+    for _ in range(3):
+        opt.zero_grad()
+        acc.backward(model(trainers.example_input(net)).pow(2).mean())
+        opt.step()
+    twin, twin_opt = copy.deepcopy((net, opt.optimizer))
+    twin_opt.eval()
+    save_and_release(acc, tmp_path / "state", tmp_path / "x.safetensors", step=3)
+    assert_equal_tensors(read(tmp_path / "x.safetensors"), {k: v.detach() for k, v in twin.state_dict().items()})
