@@ -195,7 +195,8 @@ def start(run_dir: Path, out: Path, interval: float, once: bool, strip_prefix: s
     if not run_dir.is_dir():
         raise InputError(f"{run_dir}: no such folder", "give the folder the training run saves its checkpoints into")
     deepspeed_saves = (run_dir / deepspeed_folder.LATEST).is_file() and not (run_dir / hf_trainer.STATE_NAME).exists()
-    if not deepspeed_saves and (is_save(run_dir) or save_complete(run_dir) is not None):  # its tags are the saves
+    # A DeepSpeed save folder's tags are its saves; a Trainer's output_dir holds the final save_model() beside its checkpoints
+    if not deepspeed_saves and (is_save(run_dir) or save_complete(run_dir) is not None) and not candidates(run_dir):
         raise InputError(f"{run_dir} is itself a checkpoint", f"watch the folder the run saves into ({run_dir.parent}), "
                          f"or convert this one: sfckpt convert {run_dir} OUT")
     if interval <= 0:

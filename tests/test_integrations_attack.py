@@ -141,3 +141,16 @@ def test_save_and_release_of_a_compiled_model_in_accelerate_is_eval_x(tmp_path):
     twin_opt.eval()
     save_and_release(acc, tmp_path / "state", tmp_path / "x.safetensors", step=3)
     assert_equal_tensors(read(tmp_path / "x.safetensors"), {k: v.detach() for k, v in twin.state_dict().items()})
+
+
+@pytest.mark.slow
+def test_watch_takes_a_trainer_output_dir_that_also_holds_the_final_save_model(tmp_path, run):
+    """`trainer.save_model()` writes model.safetensors into output_dir itself, beside the checkpoints:
+    the run folder is still the run folder, not a checkpoint to refuse."""
+    pytest.importorskip("transformers")
+    from test_integrations_transformers import _train
+
+    _train(tmp_path / "run", [], max_steps=2).save_model()
+    result = run("watch", tmp_path / "run", "--out", tmp_path / "releases", "--once", "--interval", "0.05")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "releases" / "checkpoint-2" / "model.safetensors").is_file()
