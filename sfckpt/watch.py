@@ -148,8 +148,12 @@ class Watcher:
         self.links |= links
         for gone in [c for c in self.failed if c not in found]:
             del self.failed[gone]  # deleted (the run's rotation): no longer a save that failed
+        claimed: dict[Path, Path] = {}
         for checkpoint in found:
             release = self.release_of(checkpoint)
+            if claimed.setdefault(release, checkpoint) != checkpoint:
+                self._clash(checkpoint, claimed[release], release)
+                continue
             if release.exists() and self._up_to_date(checkpoint, release):
                 continue
             sig = signature(checkpoint)
@@ -157,6 +161,15 @@ class Watcher:
             if not stable or self.failed.get(checkpoint) == sig or not save_complete(checkpoint):
                 continue
             self._convert(checkpoint, release, sig)
+
+    def _clash(self, checkpoint: Path, first: Path, release: Path) -> None:
+        """Two saves named alike (`step_4.pt`, `step_4.ckpt`) would share one release: the second is
+        not released (the first's release would pass for it) and counts as failed."""
+        if checkpoint not in self.failed:
+            self.report(f"warning: {checkpoint.relative_to(self.run_dir)}: no release: {release.name} is "
+                        f"{first.relative_to(self.run_dir)}'s release; convert it by hand: "
+                        f"sfckpt convert {checkpoint} OUT")
+        self.failed[checkpoint] = ()
 
     def _convert(self, checkpoint: Path, release: Path, sig: Signature) -> None:
         from .provenance import release_metadata

@@ -154,3 +154,16 @@ def test_watch_takes_a_trainer_output_dir_that_also_holds_the_final_save_model(t
     result = run("watch", tmp_path / "run", "--out", tmp_path / "releases", "--once", "--interval", "0.05")
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "releases" / "checkpoint-2" / "model.safetensors").is_file()
+
+
+def test_watch_does_not_pass_one_release_off_as_two_saves_named_alike(tmp_path, run):
+    """step_4.ckpt and step_4.pt would both be released as step_4/: the second is reported, not skipped
+    as if the first's release were its own."""
+    (tmp_path / "run").mkdir()
+    for name, seed in (("step_4.ckpt", 0), ("step_4.pt", 1)):
+        model = trainers.MLP()
+        save_checkpoint(tmp_path / "run" / name, model, trainers.train(model, "adamw", seed=seed))
+    result = run("watch", tmp_path / "run", "--out", tmp_path / "releases", "--once", "--interval", "0.05")
+    assert result.exit_code == 2
+    assert "warning: step_4.pt: no release: step_4 is step_4.ckpt's release" in result.stderr
+    assert [p.name for p in (tmp_path / "releases").iterdir()] == ["step_4"]
