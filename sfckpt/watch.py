@@ -124,6 +124,7 @@ class Watcher:
     failed: dict[Path, Signature] = field(default_factory=dict)
     converted: list[Path] = field(default_factory=list)
     links: set[Path] = field(default_factory=set)
+    pending: list[Path] = field(default_factory=list)
 
     def release_of(self, checkpoint: Path) -> Path:
         relative = checkpoint.relative_to(self.run_dir)
@@ -149,6 +150,7 @@ class Watcher:
         for gone in [c for c in self.failed if c not in found]:
             del self.failed[gone]  # deleted (the run's rotation): no longer a save that failed
         claimed: dict[Path, Path] = {}
+        self.pending = []
         for checkpoint in found:
             release = self.release_of(checkpoint)
             if claimed.setdefault(release, checkpoint) != checkpoint:
@@ -158,7 +160,10 @@ class Watcher:
                 continue
             sig = signature(checkpoint)
             stable, self.seen[checkpoint] = self.seen.get(checkpoint) == sig, sig
-            if not stable or self.failed.get(checkpoint) == sig or not save_complete(checkpoint):
+            if self.failed.get(checkpoint) == sig:
+                continue
+            if not stable or not save_complete(checkpoint):
+                self.pending.append(checkpoint)
                 continue
             self._convert(checkpoint, release, sig)
 
@@ -197,6 +202,9 @@ class Watcher:
             sleep(interval)
             self.poll()
             if once:
+                for checkpoint in self.pending:  # a save the run is still writing (or never finished): say so
+                    self.report(f"note: {checkpoint.relative_to(self.run_dir)} is not complete yet (being written, or "
+                                "the run stopped mid-save): not converted; run the watch again once it is")
                 return
 
 

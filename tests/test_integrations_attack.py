@@ -167,3 +167,17 @@ def test_watch_does_not_pass_one_release_off_as_two_saves_named_alike(tmp_path, 
     assert result.exit_code == 2
     assert "warning: step_4.pt: no release: step_4 is step_4.ckpt's release" in result.stderr
     assert [p.name for p in (tmp_path / "releases").iterdir()] == ["step_4"]
+
+
+def test_watch_once_names_a_save_it_left_because_it_is_still_being_written(tmp_path, run):
+    """--once while the run writes its last save: the save is not read, and not passed over in silence."""
+    model = trainers.MLP()
+    opt = trainers.train(model, "adamw")
+    (tmp_path / "run").mkdir()
+    save_checkpoint(tmp_path / "step_4.pt", model, opt)
+    data = (tmp_path / "step_4.pt").read_bytes()
+    (tmp_path / "run" / "step_4.pt").write_bytes(data[: len(data) // 2])
+    result = run("watch", tmp_path / "run", "--out", tmp_path / "releases", "--once", "--interval", "0.05")
+    assert result.exit_code == 0, result.stderr
+    assert list((tmp_path / "releases").iterdir()) == []
+    assert "note: step_4.pt is not complete yet" in result.stderr
