@@ -181,3 +181,44 @@ def test_watch_once_names_a_save_it_left_because_it_is_still_being_written(tmp_p
     assert result.exit_code == 0, result.stderr
     assert list((tmp_path / "releases").iterdir()) == []
     assert "note: step_4.pt is not complete yet" in result.stderr
+
+
+def _lora_llama():
+    peft = pytest.importorskip("peft")
+    from test_integrations_transformers import _model
+
+    return peft.get_peft_model(_model(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+
+
+@pytest.mark.slow
+def test_trainer_final_release_of_a_peft_model_is_the_adapter_at_x(tmp_path):
+    """The Trainer saves a PEFT model's adapter alone; the final release was the whole PeftModel under its
+    wrapper names beside the base model's config.json, which from_pretrained fills at random."""
+    transformers = pytest.importorskip("transformers")
+    from test_integrations_transformers import CaptureX
+
+    from sfckpt.integrations.transformers import SfckptCallback
+
+    data = [{"input_ids": torch.randint(0, 48, (8,)), "labels": torch.randint(0, 48, (8,))} for _ in range(8)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), optim="schedule_free_adamw",
+                                          learning_rate=1e-2, per_device_train_batch_size=4, max_steps=2, save_steps=2,
+                                          report_to=[], use_cpu=True, logging_steps=100, lr_scheduler_type="constant")
+    truth = CaptureX()
+    transformers.Trainer(model=_lora_llama(), args=args, train_dataset=data, callbacks=[truth, SfckptCallback()]).train()
+    final = tmp_path / "run" / "sfckpt-x" / "final"
+    assert not (final / "config.json").exists()
+    got = read(final / "adapter_model.safetensors")
+    x = {k: v for k, v in truth.x[2].items() if "lora_" in k}
+    assert_equal_tensors({k.removesuffix(".weight") + ".default.weight": v for k, v in got.items()}, x)
+
+
+def test_release_of_a_peft_model_copies_no_base_config(tmp_path):
+    import schedulefree
+
+    model = _lora_llama()
+    opt = schedulefree.AdamWScheduleFree([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt.train()
+    model(input_ids=torch.randint(0, 48, (2, 8)), labels=torch.randint(0, 48, (2, 8))).loss.backward()
+    opt.step()
+    sfckpt.release(model, opt, tmp_path / "release/")
+    assert sorted(p.name for p in (tmp_path / "release").iterdir()) == ["model.safetensors"]

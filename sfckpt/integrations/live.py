@@ -130,7 +130,9 @@ def live_checkpoint(model: Any, optimizers: Sequence[Any]) -> Checkpoint:
 def _config_copy(model: Any, folder: Path) -> list[inputs.InputFile]:
     """A Hugging Face model's config.json, written to `folder` and opened to be copied into the release."""
     config = getattr(model, "config", None)
-    if not callable(getattr(config, "to_json_string", None)):
+    if not callable(getattr(config, "to_json_string", None)) or hasattr(model, "peft_config"):
+        # A PEFT model's names (base_model.model.…, lora_A.default) are not its base config's:
+        # from_pretrained would build the base model, find none of them, and initialise it at random
         return []
     path = folder / "config.json"
     path.write_text(config.to_json_string(use_diff=True))
