@@ -24,6 +24,7 @@ from typing import Callable
 from .errors import InputError, SfckptError
 from .readers import deepspeed_folder, hf_trainer, registry
 
+RELEASES = "sfckpt-x"  # where the Trainer callback puts its releases, beside the checkpoints: not saves
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar", ".keras", ".h5")
 # Files that belong to a checkpoint folder: a folder holding one is a save (maybe in progress), not a folder of runs.
 _PART = re.compile(r"optimizer.*\.(pt|bin)|trainer_state\.json|.*\.distcp|\.metadata|latest|mp_rank_\d+.*\.pt|"
@@ -81,7 +82,7 @@ def candidates(folder: Path, skip: Path | None = None, descend: bool = True, lin
                            if p.is_dir() and not p.is_symlink() and p.name.startswith("global_step"))
         elif is_save(path):
             found.append(path)
-        elif path.is_dir() and descend:
+        elif path.is_dir() and descend and path.name != RELEASES:
             found += candidates(path, skip, descend=False, links=links)
     return found
 
@@ -162,8 +163,10 @@ class Watcher:
             stable, self.seen[checkpoint] = self.seen.get(checkpoint) == sig, sig
             if self.failed.get(checkpoint) == sig:
                 continue
-            if not stable or not save_complete(checkpoint):
-                self.pending.append(checkpoint)
+            complete = save_complete(checkpoint) if stable else False
+            if not complete:
+                if complete is False:  # None: no container recognises it (weights alone, say): not a save to wait for
+                    self.pending.append(checkpoint)
                 continue
             self._convert(checkpoint, release, sig)
 

@@ -222,3 +222,17 @@ def test_release_of_a_peft_model_copies_no_base_config(tmp_path):
     opt.step()
     sfckpt.release(model, opt, tmp_path / "release/")
     assert sorted(p.name for p in (tmp_path / "release").iterdir()) == ["model.safetensors"]
+
+
+@pytest.mark.slow
+def test_watch_leaves_the_trainer_callbacks_releases_alone(tmp_path, run):
+    """A run with SfckptCallback holds sfckpt-x/ beside its checkpoints: releases, not saves to convert or wait for."""
+    pytest.importorskip("transformers")
+    from test_integrations_transformers import _train
+
+    from sfckpt.integrations.transformers import SfckptCallback
+
+    _train(tmp_path / "run", [SfckptCallback()], max_steps=2)
+    result = run("watch", tmp_path / "run", "--out", tmp_path / "releases", "--once", "--interval", "0.05")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.splitlines() == [f"wrote {tmp_path / 'releases' / 'checkpoint-2'} (from checkpoint-2)"]

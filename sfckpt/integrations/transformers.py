@@ -21,9 +21,9 @@ import transformers
 
 from .jobs import Converter, logger
 from ..provenance import release_metadata
+from ..watch import RELEASES
 from .live import release
 
-RELEASES = "sfckpt-x"
 FINAL = "final"
 
 
