@@ -236,3 +236,18 @@ def test_watch_leaves_the_trainer_callbacks_releases_alone(tmp_path, run):
     result = run("watch", tmp_path / "run", "--out", tmp_path / "releases", "--once", "--interval", "0.05")
     assert result.exit_code == 0, result.stderr
     assert result.stderr.splitlines() == [f"wrote {tmp_path / 'releases' / 'checkpoint-2'} (from checkpoint-2)"]
+
+
+@pytest.mark.slow  # a DataLoader worker process
+def test_bn_loader_with_persistent_workers_leaves_the_training_iterator_alone(tmp_path):
+    """torch keeps one iterator per persistent-worker DataLoader: iterating the training loader to
+    re-estimate BatchNorm reset it, and the training loop's epoch ended at the next batch."""
+    model = trainers.ConvBN()
+    opt = trainers.train(model, "adamw")
+    images = torch.arange(8 * 75, dtype=torch.float32).reshape(8, 3, 5, 5)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=2, num_workers=1,
+                                         persistent_workers=True)
+    training = iter(loader)
+    next(training)
+    sfckpt.release(model, opt, tmp_path / "x.safetensors", bn_loader=loader)
+    assert torch.equal(next(training)[0], images[2:4])
