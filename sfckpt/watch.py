@@ -24,6 +24,7 @@ from typing import Callable
 from .errors import InputError, SfckptError
 from .readers import deepspeed_folder, hf_trainer, registry
 
+RELEASES = "sfckpt-x"  # where the Trainer callback puts its releases, beside the checkpoints: not saves
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar", ".keras", ".h5")
 # Files that belong to a checkpoint folder: a folder holding one is a save (maybe in progress), not a folder of runs.
 _PART = re.compile(r"optimizer.*\.(pt|bin)|trainer_state\.json|.*\.distcp|\.metadata|latest|mp_rank_\d+.*\.pt|"
@@ -62,19 +63,27 @@ def is_save(path: Path) -> bool:
     return path.suffix == ".ckpt" or _is_part(path)
 
 
-def candidates(folder: Path, skip: Path | None = None, descend: bool = True) -> list[Path]:
+def candidates(folder: Path, skip: Path | None = None, descend: bool = True, links: set[Path] | None = None) -> list[Path]:
     """The saves in `folder`, complete or not, and (with `descend`) in its plain sub-folders: a
-    hyper-parameter trial's run folder, Accelerate's `checkpoints/`, a DeepSpeed save folder's tags."""
+    hyper-parameter trial's run folder, Accelerate's `checkpoints/`, a DeepSpeed save folder's tags.
+
+    Links are not followed (they go into `links`): one may lead out of the run folder, and one to a
+    save inside it (`latest -> checkpoint-100`) would release that save twice."""
     found: list[Path] = []
     for path in sorted(folder.iterdir()):
         if skip is not None and path.resolve() == skip:
             continue
+        if path.is_symlink():
+            if links is not None:
+                links.add(path)
+            continue
         if path.is_dir() and (path / deepspeed_folder.LATEST).is_file() and not (path / hf_trainer.STATE_NAME).exists():
-            found += sorted(p for p in path.iterdir() if p.is_dir() and p.name.startswith("global_step"))
+            found += sorted(p for p in path.iterdir()
+                           if p.is_dir() and not p.is_symlink() and p.name.startswith("global_step"))
         elif is_save(path):
             found.append(path)
-        elif path.is_dir() and descend:
-            found += candidates(path, skip, descend=False)
+        elif path.is_dir() and descend and path.name != RELEASES:
+            found += candidates(path, skip, descend=False, links=links)
     return found
 
 
@@ -115,6 +124,8 @@ class Watcher:
     seen: dict[Path, Signature] = field(default_factory=dict)
     failed: dict[Path, Signature] = field(default_factory=dict)
     converted: list[Path] = field(default_factory=list)
+    links: set[Path] = field(default_factory=set)
+    pending: list[Path] = field(default_factory=list)
 
     def release_of(self, checkpoint: Path) -> Path:
         relative = checkpoint.relative_to(self.run_dir)
@@ -131,15 +142,42 @@ class Watcher:
     def poll(self) -> None:
         """Look once: convert each checkpoint that is complete and was unchanged since the last poll."""
         skip = self.out.resolve() if self.out.resolve().is_relative_to(self.run_dir.resolve()) else None
-        for checkpoint in candidates(self.run_dir, skip):
+        links: set[Path] = set()
+        found = candidates(self.run_dir, skip, links=links)
+        for link in sorted(links - self.links):
+            self.report(f"note: {link.relative_to(self.run_dir)} is a link, not followed: the watch converts the saves "
+                        f"the run writes in {self.run_dir} (convert another with sfckpt convert)")
+        self.links |= links
+        for gone in [c for c in self.failed if c not in found]:
+            del self.failed[gone]  # deleted (the run's rotation): no longer a save that failed
+        claimed: dict[Path, Path] = {}
+        self.pending = []
+        for checkpoint in found:
             release = self.release_of(checkpoint)
+            if claimed.setdefault(release, checkpoint) != checkpoint:
+                self._clash(checkpoint, claimed[release], release)
+                continue
             if release.exists() and self._up_to_date(checkpoint, release):
                 continue
             sig = signature(checkpoint)
             stable, self.seen[checkpoint] = self.seen.get(checkpoint) == sig, sig
-            if not stable or self.failed.get(checkpoint) == sig or not save_complete(checkpoint):
+            if self.failed.get(checkpoint) == sig:
+                continue
+            complete = save_complete(checkpoint) if stable else False
+            if not complete:
+                if complete is False:  # None: no container recognises it (weights alone, say): not a save to wait for
+                    self.pending.append(checkpoint)
                 continue
             self._convert(checkpoint, release, sig)
+
+    def _clash(self, checkpoint: Path, first: Path, release: Path) -> None:
+        """Two saves named alike (`step_4.pt`, `step_4.ckpt`) would share one release: the second is
+        not released (the first's release would pass for it) and counts as failed."""
+        if checkpoint not in self.failed:
+            self.report(f"warning: {checkpoint.relative_to(self.run_dir)}: no release: {release.name} is "
+                        f"{first.relative_to(self.run_dir)}'s release; convert it by hand: "
+                        f"sfckpt convert {checkpoint} OUT")
+        self.failed[checkpoint] = ()
 
     def _convert(self, checkpoint: Path, release: Path, sig: Signature) -> None:
         from .provenance import release_metadata
@@ -148,6 +186,10 @@ class Watcher:
         try:
             self.convert(checkpoint, release, release_metadata(checkpoint.name, training_step(checkpoint)))
         except SfckptError as exc:
+            if not checkpoint.exists():
+                self.report(f"note: {checkpoint.relative_to(self.run_dir)} was deleted while being converted "
+                            "(the run's rotation): no release")
+                return
             self.failed[checkpoint] = sig
             self.report(f"warning: {checkpoint.relative_to(self.run_dir)}: no release: {exc}")
             return
@@ -163,6 +205,9 @@ class Watcher:
             sleep(interval)
             self.poll()
             if once:
+                for checkpoint in self.pending:  # a save the run is still writing (or never finished): say so
+                    self.report(f"note: {checkpoint.relative_to(self.run_dir)} is not complete yet (being written, or "
+                                "the run stopped mid-save): not converted; run the watch again once it is")
                 return
 
 
@@ -174,11 +219,15 @@ def start(run_dir: Path, out: Path, interval: float, once: bool, strip_prefix: s
     if not run_dir.is_dir():
         raise InputError(f"{run_dir}: no such folder", "give the folder the training run saves its checkpoints into")
     deepspeed_saves = (run_dir / deepspeed_folder.LATEST).is_file() and not (run_dir / hf_trainer.STATE_NAME).exists()
-    if not deepspeed_saves and (is_save(run_dir) or save_complete(run_dir) is not None):  # its tags are the saves
+    # A DeepSpeed save folder's tags are its saves; a Trainer's output_dir holds the final save_model() beside its checkpoints
+    if not deepspeed_saves and (is_save(run_dir) or save_complete(run_dir) is not None) and not candidates(run_dir):
         raise InputError(f"{run_dir} is itself a checkpoint", f"watch the folder the run saves into ({run_dir.parent}), "
                          f"or convert this one: sfckpt convert {run_dir} OUT")
     if interval <= 0:
         raise InputError(f"--interval {interval} is not a positive number of seconds", "pass, for example, --interval 10")
+    if out.resolve() == run_dir.resolve():
+        raise InputError(f"--out {out} is the run folder", "name another folder for the releases: each release is "
+                         "named after its checkpoint, and would take its place")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file", "name a folder for the releases")
     out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,15 @@ from .live import unwrap_model, unwrap_optimizer
 SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 
 
+def _wrapper_prefix(accelerator: Any, pair: int) -> str | None:
+    """What DDP and torch.compile put before the names in model.safetensors (`module.`, `_orig_mod.`):
+    `save_state` saves the prepared model's state dict as it is, wrappers included."""
+    prepared = accelerator._models[pair]
+    inner = unwrap_model(prepared)
+    prefix = next((name for name, m in prepared.named_modules() if m is inner), "")
+    return f"{prefix}." if prefix else None
+
+
 def _parameter_order(accelerator: Any, pair: int) -> list[str] | None:
     """The names of optimizer `pair`'s parameters in its order, known by identity (None when sharded)."""
     if accelerator.distributed_type.name in SHARDED:
@@ -56,7 +65,9 @@ def save_and_release(accelerator: Any, folder: str | os.PathLike, out: str | os.
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         keys = {"model_key": "model" if pair == 0 else f"model_{pair}",
                 "optimizer_key": "optimizer" if pair == 0 else f"optimizer_{pair}"}
+        sharded = accelerator.distributed_type.name in SHARDED
         written = convert(folder, out, param_order=_parameter_order(accelerator, pair), force=force,
+                          strip_prefix=None if sharded else _wrapper_prefix(accelerator, pair),
                           metadata=release_metadata(Path(folder).name, step), **keys)
     accelerator.wait_for_everyone()
     return written

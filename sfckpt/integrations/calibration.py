@@ -13,9 +13,24 @@ from ..batchnorm import LayerShift, calibrate_model, loader_batches
 from ..reconstruct import Reconstruction
 
 
+class _OwnPass:
+    """One pass over a persistent-worker DataLoader through an iterator of its own. `iter(loader)`
+    would reset the one iterator torch keeps per such loader, the one the training loop is reading
+    (its epoch ends early, or starts over); `_get_iterator()` is what `iter()` returns otherwise."""
+
+    def __init__(self, loader: Any):
+        self.loader = loader
+
+    def __iter__(self):
+        return self.loader._get_iterator()
+
+
 def recalibrate(recon: Reconstruction, model: Any, loader: Iterable[Any], device: str | None = None) -> list[LayerShift]:
     """Re-estimate `recon`'s BatchNorm statistics on `loader` with a copy of `model` (same architecture)."""
     import torch
+
+    if isinstance(loader, torch.utils.data.DataLoader) and loader.persistent_workers and loader.num_workers > 0:
+        loader = _OwnPass(loader)
 
     # update_bn runs the copy in train mode: dropout draws from the CUDA generators too, where in use
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []

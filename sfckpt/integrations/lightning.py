@@ -144,3 +144,8 @@ class ValidateOnX(Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         self._restore(pl_module)  # the dict refers to the parameters' storage: it is written with y
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Validation stopped midway (an error, Ctrl-C): the module must not be left holding x, which a
+        # later save would pair with the optimizer's train-mode flag, and training resume from
+        self._restore(pl_module)

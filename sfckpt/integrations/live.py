@@ -53,12 +53,17 @@ def _refs(node: Any) -> Any:
 
 
 def unwrap_model(model: Any) -> Any:
-    """The module a DistributedDataParallel/DataParallel wrapper holds (names without `module.`)."""
+    """The module a DistributedDataParallel/DataParallel or torch.compile wrapper holds (names without
+    `module.` or `_orig_mod.`, so that the release loads into the plain model)."""
     import torch
 
-    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        model = model.module
-    return model
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif isinstance(model, torch.nn.Module) and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod  # torch.compile's OptimizedModule
+        else:
+            return model
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
@@ -86,15 +91,23 @@ def _refuse_sharded(tensors: Iterable[Any]) -> None:
 def _named_state(optimizer: Any, names: Mapping[int, str], model: Any) -> dict[str, Any]:
     """The optimizer's state_dict over references, each group with the names of its parameters in the model."""
     saved = optimizer.state_dict()
+    # pytorch_optimizer's ScheduleFreeWrapper keeps its inner optimizer's groups under base_optimizer
+    holder = saved if "param_groups" in saved else saved.get("base_optimizer")
+    if not isinstance(holder, Mapping) or not isinstance(holder.get("param_groups"), list):
+        raise InputError(f"the {type(optimizer).__name__}'s state_dict() has no param_groups (keys: "
+                         f"{sorted(map(str, saved))[:6]})", "pass the Schedule-Free optimizer that trains the model")
     groups = []
-    for g, (group, saved_group) in enumerate(zip(optimizer.param_groups, saved["param_groups"])):
+    for g, (group, saved_group) in enumerate(zip(optimizer.param_groups, holder["param_groups"])):
         for i, p in enumerate(group["params"]):
             if id(p) not in names:
                 raise InputError(f"parameter {i} of optimizer group {g} (shape {tuple(p.shape)}) is not a "
                                  f"parameter of the {type(model).__name__} given",
                                  "pass the model the optimizer trains (release one model per optimizer)")
         groups.append({**saved_group, "param_names": [names[id(p)] for p in group["params"]]})
-    return {"state": _refs(saved["state"]), "param_groups": groups}
+    named = _refs(saved)
+    if holder is saved:
+        return {**named, "param_groups": groups}
+    return {**named, "base_optimizer": {**named["base_optimizer"], "param_groups": groups}}
 
 
 def live_checkpoint(model: Any, optimizers: Sequence[Any]) -> Checkpoint:
@@ -117,7 +130,9 @@ def live_checkpoint(model: Any, optimizers: Sequence[Any]) -> Checkpoint:
 def _config_copy(model: Any, folder: Path) -> list[inputs.InputFile]:
     """A Hugging Face model's config.json, written to `folder` and opened to be copied into the release."""
     config = getattr(model, "config", None)
-    if not callable(getattr(config, "to_json_string", None)):
+    if not callable(getattr(config, "to_json_string", None)) or hasattr(model, "peft_config"):
+        # A PEFT model's names (base_model.model.…, lora_A.default) are not its base config's:
+        # from_pretrained would build the base model, find none of them, and initialise it at random
         return []
     path = folder / "config.json"
     path.write_text(config.to_json_string(use_diff=True))

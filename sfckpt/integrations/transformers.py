@@ -21,9 +21,9 @@ import transformers
 
 from .jobs import Converter, logger
 from ..provenance import release_metadata
+from ..watch import RELEASES
 from .live import release
 
-RELEASES = "sfckpt-x"
 FINAL = "final"
 
 
@@ -117,12 +117,14 @@ class SfckptCallback(transformers.TrainerCallback):
         best = state.best_model_checkpoint if args.load_best_model_at_end else None
         last = saved_checkpoint(args.output_dir, state.global_step)
         sharded = bool(args.fsdp or args.deepspeed)
-        if best or sharded:
+        adapter = hasattr(model, "peft_config")  # the Trainer saves the adapter alone; the final release should match
+        if best or sharded or adapter:
             # The model holds the best checkpoint's weights (not the optimizer's), or no process holds it whole
             source = Path(best) if best else last
             if source is None:
-                logger.error("sfckpt: no final release: the model is sharded and no checkpoint was saved at the "
-                             "last step (save at the end, e.g. save_strategy='steps' with save_steps dividing max_steps)")
+                logger.error("sfckpt: no final release: the model is sharded or a PEFT adapter, and no checkpoint was "
+                             "saved at the last step (save at the end, e.g. save_strategy='steps' with save_steps "
+                             "dividing max_steps)")
                 return
             self.converter.submit(source, self._out(source) / FINAL,
                                   release_metadata(source.name, _step_of(source)), self._recalibrate(model))

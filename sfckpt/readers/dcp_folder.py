@@ -22,6 +22,7 @@ import io
 import math
 import os
 import pickle
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -494,11 +495,15 @@ def _lists(node: Any, key: Any = None) -> Any:
 
 def save_complete(path: Path) -> bool:
     """Whether a torch.distributed.checkpoint save is finished: the coordinator writes `.metadata`
-    once every rank's `.distcp` files are written."""
+    (a temporary renamed into place) once every rank's `.distcp` files are written, so it is no
+    older than any shard. A `.metadata` older than a shard is the previous save's, with a new save
+    overwriting the folder in place (Lightning's sharded `last.ckpt/`): old offsets over new data."""
     try:
-        return (path / ".metadata").is_file() and (path / ".metadata").stat().st_size > 0
+        meta = (path / ".metadata").stat()
+        newest_shard = max((p.stat().st_mtime_ns for p in path.glob("*.distcp")), default=0)
     except OSError:
         return False
+    return stat.S_ISREG(meta.st_mode) and meta.st_size > 0 and newest_shard <= meta.st_mtime_ns
 
 
 class DcpReader(Reader):

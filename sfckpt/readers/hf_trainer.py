@@ -104,6 +104,7 @@ def save_complete(path: Path) -> bool:
     weights and the optimizer state (after every rank's part: DeepSpeed and FSDP saves are collective),
     and every file and sub-save in the folder is whole."""
     from .completeness import files_complete
+    from .dcp_folder import save_complete as dcp_complete
     from .deepspeed_folder import LATEST, save_complete as deepspeed_complete
 
     try:
@@ -113,7 +114,7 @@ def save_complete(path: Path) -> bool:
     if (path / LATEST).is_file() and not deepspeed_complete(path):
         return False
     subfolders = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith("global_step")]
-    return files_complete(path) and all((p / ".metadata").is_file() for p in subfolders if any(p.glob("*.distcp")))
+    return files_complete(path) and all(dcp_complete(p) for p in subfolders if any(p.glob("*.distcp")))
 
 
 class TrainerReader(Reader):
