@@ -35,6 +35,17 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _converts(state) -> bool:
+    """Whether this process converts: the Trainer's world process zero, and rank 0 of the process
+    group when there is one (a misconfigured launch can make every rank think it is process zero;
+    two converters would then race for one release)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return False
+    return bool(state.is_world_process_zero)
+
+
 def saved_checkpoint(output_dir: str, step: int) -> Path | None:
     """The `checkpoint-<step>` folder the Trainer just wrote: in `output_dir`, or, under a
     hyper-parameter search, in a trial's run folder below it (the one saved last)."""
@@ -99,7 +110,7 @@ class SfckptCallback(transformers.TrainerCallback):
 
     def on_save(self, args, state, control, model=None, **kwargs):
         _barrier()
-        if not state.is_world_process_zero:
+        if not _converts(state):
             return
         checkpoint = saved_checkpoint(args.output_dir, state.global_step)
         if checkpoint is None:
@@ -112,7 +123,7 @@ class SfckptCallback(transformers.TrainerCallback):
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.converter.wait()
         _barrier()
-        if not state.is_world_process_zero:
+        if not _converts(state):
             return
         best = state.best_model_checkpoint if args.load_best_model_at_end else None
         last = saved_checkpoint(args.output_dir, state.global_step)
