@@ -59,16 +59,17 @@ def resolve(spec: str, what: str) -> Any:
         raise InputError(f"{what} '{spec}': '{target}' has no '{attr}'", "check the name after the colon") from None
 
 
-def build_model(spec: str):
+def build_model(spec: str, what: str = "--model", factory: Any = None):
+    """The nn.Module `spec`'s callable (already resolved: `factory`) returns, called with no arguments."""
     import torch
 
-    factory = resolve(spec, "--model")
+    factory = resolve(spec, what) if factory is None else factory
     try:
         model = factory()
     except Exception as exc:
-        raise InputError(f"--model '{spec}' raised {type(exc).__name__}: {exc}"[:400], "it is called with no arguments") from None
+        raise InputError(f"{what} '{spec}' raised {type(exc).__name__}: {exc}"[:400], "it is called with no arguments") from None
     if not isinstance(model, torch.nn.Module):
-        raise InputError(f"--model '{spec}' returned a {type(model).__name__}, not a torch.nn.Module",
+        raise InputError(f"{what} '{spec}' returned a {type(model).__name__}, not a torch.nn.Module",
                          "point it at a function or class that builds the model")
     return model
 

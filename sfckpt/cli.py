@@ -126,6 +126,12 @@ def load_options(func: Callable) -> Callable:
             type=click.Path(exists=True, dir_okay=False, path_type=Path),
             help="File with parameter names in optimizer order, one per line (docs/mapping.md).",
         ),
+        click.option("--param-order-from", metavar="MODULE:CALLABLE",
+                     help="Take the parameter order from your model's named_parameters(): file.py:callable or "
+                     "package.module:callable returning it (runs your code), or a transformers class such as "
+                     "transformers:BertForSequenceClassification built from config.json (docs/mapping.md)."),
+        click.option("--config", "model_config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="config.json for a transformers class in --param-order-from (default: the checkpoint folder's)."),
         click.option("--twins", type=click.Choice(["auto", "tied", "frozen"]), default="auto", show_default=True,
                      help="Untrained tensors byte-identical to a trained one (ties saved apart, frozen copies): tied "
                      "(get its x) or frozen (kept as saved); auto refuses where the file cannot tell (docs/mapping.md)."),
@@ -136,17 +142,33 @@ def load_options(func: Callable) -> Callable:
 
 
 def _reconstruction(ckpt_path: Path, model_key, optimizer_key, strip_prefix, family, beta, params_are, param_order,
-                    twins="auto", dtype=None, require_beta=True):
+                    param_order_from=None, model_config=None, twins="auto", dtype=None, require_beta=True,
+                    undecided_ok=False):
     from .checkpoint import load
     from .reconstruct import reconstruct
 
     order = None
     if param_order is not None:
+        if param_order_from is not None:
+            raise InputError("--param-order and --param-order-from both give the order", "give one of them")
         text = inputs.read_text(param_order, limits.TEXT_BYTES, "--param-order", confined=False)
         order = [line.strip() for line in text.splitlines() if line.strip()]
+    elif param_order_from is not None:
+        from .param_order import names_from
+
+        order = names_from(param_order_from, ckpt_path, model_config)
+    elif model_config is not None:
+        raise InputError("--config is read only with --param-order-from", "add --param-order-from transformers:CLASS")
     ckpt = load(ckpt_path, model_key=model_key, optimizer_key=optimizer_key, strip_prefix=strip_prefix)
-    return reconstruct(ckpt, optimizer=family, beta=beta, params_are=params_are, param_order=order, dtype=dtype,
-                       twins=twins, require_beta=require_beta)
+    try:
+        return reconstruct(ckpt, optimizer=family, beta=beta, params_are=params_are, param_order=order, dtype=dtype,
+                           twins=twins, require_beta=require_beta, undecided_ok=undecided_ok)
+    except InputError as exc:
+        if param_order_from is None or not exc.message.startswith("--param-order"):
+            raise
+        from .param_order import disagreement
+
+        raise disagreement(exc, param_order_from) from None
 
 
 @contextlib.contextmanager
@@ -229,7 +251,7 @@ def inspect(ckpt: Path, scan: bool, as_json: bool, **load_kw) -> None:
     """
     from .inspection import describe
 
-    recon = _reconstruction(ckpt, require_beta=False, **load_kw)
+    recon = _reconstruction(ckpt, require_beta=False, undecided_ok=True, **load_kw)
     report = describe(recon, scan=scan)
     if as_json:
         textout.echo_json(report)

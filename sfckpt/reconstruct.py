@@ -145,6 +145,7 @@ class Reconstruction:
     bn_calibrated: bool = False
     mapping: mapping.ParameterMapping | None = None
     optimizers: list[OptimizerReport] = field(default_factory=list)
+    undecided: InputError | None = None  # why x cannot be made (inspect describes such checkpoints)
 
     def replace(self, name: str, tensor) -> None:
         """Use `tensor` for `name` (same shape) instead of the checkpoint's value."""
@@ -199,6 +200,8 @@ class Reconstruction:
 
     def iter_tensors(self) -> Iterator[tuple[str, Any]]:
         """(name, x) pairs, computed one at a time."""
+        if self.undecided is not None:
+            raise self.undecided
         for t in self.tensors:
             yield t.name, t.compute()
 
@@ -307,6 +310,7 @@ def reconstruct(
     dtype: str | None = None,
     twins: str = "auto",
     require_beta: bool = True,
+    undecided_ok: bool = False,
 ) -> Reconstruction:
     """Plan how to obtain x for every tensor of the checkpoint's model state.
 
@@ -321,6 +325,8 @@ def reconstruct(
             byte-identical to one it trains are treated (auto: refused where the file cannot tell).
         require_beta: False to plan without a β the checkpoint does not hold (inspect shows it as
             unknown); computing x then raises.
+        undecided_ok: True to describe a checkpoint whose entries names, content and order leave
+            open (inspect): no tensor is then converted, and computing x raises why.
 
     Returns:
         A `Reconstruction`; call `.state_dict()` or `sfckpt.save()` to get x.
@@ -352,6 +358,7 @@ def reconstruct(
             twins=twins,
         )
 
+    undecided: InputError | None = None
     try:
         try:
             decision = decide(ckpt.weights)
@@ -359,17 +366,25 @@ def reconstruct(
             if ckpt.order_error is not None and param_order is None:
                 raise ckpt.order_error from None  # the order that would have decided is what is missing
             raise
-    except mapping.NotInWeights:
+    except mapping.NotInWeights as exc:
         if not ckpt.pool_weights or strip_prefix_used(ckpt):
+            if undecided_ok and isinstance(exc, mapping.Undecided):
+                undecided, decision = exc, _undecided_mapping(found, exc)
+            else:
+                raise
+        else:
+            # The optimizer also trains the file's other models (one optimizer over a U-Net and a text
+            # encoder, --model-key picking one): match against all of them, write the chosen one.
+            decision = decide(ckpt.pool_weights)
+            elsewhere = sorted({e.name.split(".", 1)[0] for e in decision.entries
+                                if e.name is not None and e.name not in ckpt.weights})
+            decision.untrained = [n for n in decision.untrained if n in ckpt.weights]
+            decision.warnings.append(f"the optimizer also trains tensors of {', '.join(elsewhere)} in this file, "
+                                     f"which are not written (--model-key {elsewhere[0]} converts them)")
+    except mapping.Undecided as exc:
+        if not undecided_ok:
             raise
-        # The optimizer also trains the file's other models (one optimizer over a U-Net and a text
-        # encoder, --model-key picking one): match against all of them, write the chosen one.
-        decision = decide(ckpt.pool_weights)
-        elsewhere = sorted({e.name.split(".", 1)[0] for e in decision.entries
-                            if e.name is not None and e.name not in ckpt.weights})
-        decision.untrained = [n for n in decision.untrained if n in ckpt.weights]
-        decision.warnings.append(f"the optimizer also trains tensors of {', '.join(elsewhere)} in this file, "
-                                 f"which are not written (--model-key {elsewhere[0]} converts them)")
+        undecided, decision = exc, _undecided_mapping(found, exc)
     used = [f for f in found if f[0] not in decision.ignored_optimizers]
 
     warnings: list[str] = []
@@ -478,5 +493,15 @@ def reconstruct(
         tensors.append(out)
     warnings = list(dict.fromkeys(warnings + skipped + decision.warnings))  # one per kind, not one per group
     first = reports[0]
+    if undecided is not None:
+        warnings.append(f"x cannot be made yet: {undecided.message}; {undecided.hint}")
     return Reconstruction(ckpt, first.family, first.family_source, groups, tensors, decision.method,
-                          sum(r.n_entries for r in reports), warnings, mapping=decision, optimizers=reports)
+                          sum(r.n_entries for r in reports), warnings, mapping=decision, optimizers=reports,
+                          undecided=undecided)
+
+
+def _undecided_mapping(found, exc: InputError) -> mapping.ParameterMapping:
+    """A mapping that names no entry, for describing a checkpoint whose mapping is left open."""
+    entries = [e for _, _, _, _, es in found for e in es]
+    with_z = sum(1 for _, fam, _, _, es in found for e in es if e.z(fam.z_key) is not None)
+    return mapping.ParameterMapping("undecided (see the warning)", entries, {}, 0, with_z, [])
