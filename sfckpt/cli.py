@@ -250,8 +250,13 @@ def inspect(ckpt: Path, scan: bool, as_json: bool, **load_kw) -> None:
     Reads only metadata (no tensor data) unless --scan is given.
     """
     from .inspection import describe
+    from .plain_optimizers import NotScheduleFree
 
-    recon = _reconstruction(ckpt, require_beta=False, undecided_ok=True, **load_kw)
+    try:
+        recon = _reconstruction(ckpt, require_beta=False, undecided_ok=True, **load_kw)
+    except NotScheduleFree as exc:
+        _describe_not_schedule_free(ckpt, exc, as_json, load_kw)
+        return
     report = describe(recon, scan=scan)
     if as_json:
         textout.echo_json(report)
@@ -260,6 +265,20 @@ def inspect(ckpt: Path, scan: bool, as_json: bool, **load_kw) -> None:
 
         textout.echo(inspect_tables(report))
         _warn(report["warnings"])
+
+
+def _describe_not_schedule_free(path: Path, exc, as_json: bool, load_kw: dict) -> None:
+    """inspect of a checkpoint whose optimizer is not Schedule-Free: what it holds, and that it has no x."""
+    from .checkpoint import load
+    from .plain_optimizers import describe, table
+
+    ckpt = load(path, model_key=load_kw.get("model_key"), optimizer_key=load_kw.get("optimizer_key"),
+                strip_prefix=load_kw.get("strip_prefix"))
+    report = describe(ckpt, exc)
+    if as_json:
+        textout.echo_json(report)
+    else:
+        textout.echo(table(report))
 
 
 @main.command(short_help="Reconstruct x from a checkpoint and write safetensors.")
@@ -337,6 +356,10 @@ def convert(ckpt: Path, out: str, dtype, max_shard_size, force, allow_nonfinite,
             what += f"; {n_untrained} untrained parameter{'s' if n_untrained != 1 else ''} copied as saved"
         families_used = ", ".join(dict.fromkeys(o.family.name for o in recon.optimizers))
         textout.echo_line(f"wrote {', '.join(map(str, paths))} ({families_used}; {what})", err=True)
+        from .inspection import hints
+
+        for hint in hints(recon):  # a Lightning prefix kept: the names loading code expects may lack it
+            textout.echo_line(f"hint: {hint}", err=True)
 
 
 @main.command(short_help="Show the per-tensor gap between two weight sets (or y and x).")

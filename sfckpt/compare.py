@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
 from .errors import InputError
+from .hints import prefix_between, prefix_verdict
 from .reconstruct import Reconstruction
 from .sources import WeightSet, x_of
 from .tables import counted
@@ -259,7 +260,11 @@ def check_release(released: WeightSet, recon: Reconstruction, rtol: float = 0.0,
 
     differs = [f for f in findings if f.kind == "differs"]
     messages: list[str] = []
-    if differs and len(differs) == len(findings) and all(f.equals_y for f in differs):
+    renamed = prefix_between([f.name for f in findings if f.kind == "missing"],
+                             [f.name for f in findings if f.kind == "extra"])
+    if renamed and not differs and all(f.kind in ("missing", "extra") for f in findings):
+        messages.append(prefix_verdict(*renamed, recon.checkpoint.strip_prefix))
+    elif differs and len(differs) == len(findings) and all(f.equals_y for f in differs):
         messages.append(Y_VERDICT)
     else:
         if differs:

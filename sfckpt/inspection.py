@@ -96,20 +96,22 @@ def describe(recon: Reconstruction, scan: bool = False) -> dict[str, Any]:
         "unloaded_classes": ckpt.unloaded_classes,
         "nonfinite": scan_nonfinite(recon) if scan else None,
         "warnings": recon.all_warnings(),
-        "hints": _hints(recon),
+        "hints": hints(recon),
     }
     return report
 
 
-def _hints(recon: Reconstruction) -> list[str]:
+def hints(recon: Reconstruction) -> list[str]:
     """Suggestions that make the output easier to use (nothing is wrong without them)."""
     hints = []
     if any(g.beta is None and g.params_hold == "y" and g.n_with_z for g in recon.groups):
         hints.append(f"{recon.family.classes[0]} does not save β (the wrapper's momentum): pass --beta B to convert")
     names = list(recon.checkpoint.weights)
     first = names[0].split(".", 1)[0] + "." if names and "." in names[0] else None
-    # PEFT saves adapters under the PeftModel's names (base_model.model....), which is what it loads
-    if first and all(n.startswith(first) for n in names) and not recon.checkpoint.container.startswith("peft-adapter"):
+    # Only a LightningModule puts its attribute's name before every weight; elsewhere a shared first
+    # name is the model's own (GPT-2's `transformer.`, PEFT's `base_model.model.`), which loading expects
+    if first and all(n.startswith(first) for n in names) and recon.checkpoint.container.startswith("lightning") \
+            and not recon.checkpoint.strip_prefix:
         hints.append(f"every tensor name starts with '{first}' (the LightningModule attribute); add --strip-prefix "
                      f"{first} to write the inner model's names")
     return hints

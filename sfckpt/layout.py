@@ -242,7 +242,16 @@ def find(obj: Any, model_key: str | None = None, optimizer_key: str | None = Non
 
 
 def strip_prefix(weights: dict[str, TensorRef], prefix: str) -> dict[str, TensorRef]:
-    """Names without `prefix` (Lightning's `model.`); names without it are kept as they are."""
+    """Names without `prefix` (Lightning's `model.`); names without it are kept as they are.
+
+    A prefix no name starts with is refused, naming the first names' prefixes: a mistyped prefix
+    would otherwise write the names unchanged without a word."""
+    if weights and not any(name.startswith(prefix) for name in weights):
+        seen = list(dict.fromkeys(name.split(".", 1)[0] + "." for name in weights if "." in name))
+        occur = ", ".join(f"'{p}'" for p in seen[:5]) + (f" and {len(seen) - 5} more" if len(seen) > 5 else "")
+        raise InputError(f"--strip-prefix '{prefix}' matches no tensor name" +
+                         (f"; the names start with {occur}" if seen else " (the names have no prefix)"),
+                         "give one of those prefixes, or leave --strip-prefix out")
     out: dict[str, TensorRef] = {}
     for name, ref in weights.items():
         new = name[len(prefix):] if name.startswith(prefix) else name
