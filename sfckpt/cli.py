@@ -43,7 +43,10 @@ def _fail(message: str, hint: str | None = None, as_json: bool | None = None) ->
     line = message + (f"; {hint}" if hint else "")
     textout.echo_line(f"error: {line}", err=True)
     if textout.github_actions():  # on stderr: stdout may be a JSON document
+        from .github_action import append_step_summary, error_summary
+
         textout.annotate_error("sfckpt", line, err=True)
+        append_step_summary(error_summary("sfckpt", line))
     sys.exit(EXIT_ERROR)
 
 
@@ -418,13 +421,15 @@ def diff(a: Path, b: Path | None, top: int, sort: str, plot: Path | None, force:
 @load_options
 @click.option("--rtol", type=float, default=0.0, help="Relative tolerance: pass when |released - x| <= atol + rtol·|x|.  [default: 0, exact]")
 @click.option("--atol", type=float, default=0.0, help="Absolute tolerance (see --rtol).  [default: 0, exact]")
+@click.option("--top", type=click.IntRange(min=0), default=50, show_default=True, help="Findings in the table (0: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report on stdout.")
 @handle_errors
-def check(weights: tuple[Path, ...], ckpt: Path, rtol: float, atol: float, as_json: bool, **load_kw) -> None:
+def check(weights: tuple[Path, ...], ckpt: Path, rtol: float, atol: float, top: int, as_json: bool, **load_kw) -> None:
     """Exit 0 if WEIGHTS are the checkpoint's x, 1 if not (e.g. they are y), 2 if undecidable.
 
-    WEIGHTS: a safetensors file, a sharded index, a release folder, or several
-    safetensors files that together hold the model. Comparison is exact; a
+    WEIGHTS: a safetensors file, a sharded index, a release folder, a
+    torch.save'd state dict (.pt/.bin, read without running code), or several
+    files that together hold the model. Comparison is exact; a
     release in another dtype is compared with x cast to that dtype. BatchNorm
     statistics that the release's metadata says `convert --bn-calib`
     re-estimated are checked for shape and NaN/Inf only.
@@ -440,7 +445,7 @@ def check(weights: tuple[Path, ...], ckpt: Path, rtol: float, atol: float, as_js
     if as_json:
         textout.echo_json(report)
     else:
-        textout.echo(check_table(report))
+        textout.echo(check_table(report, top or None))
     if textout.github_actions():
         # Workflow commands are read from stdout; in --json mode stdout is the report, so use stderr.
         if not report["passed"]:

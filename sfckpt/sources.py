@@ -76,13 +76,18 @@ def _refuse_lfs_pointers(path: Path) -> None:
 
 
 def released_weights(path: PathLike) -> WeightSet:
-    """Weights exactly as they are on disk (safetensors, index, or a folder's model.safetensors),
-    never reconstructed: what `check` judges."""
+    """Weights exactly as they are on disk (safetensors, index, a folder's model.safetensors, or a
+    `torch.save`d state dict), never reconstructed: what `check` judges."""
     path = Path(path)
     with inputs.scope(path):
         _refuse_lfs_pointers(path)
         _refuse_unfinished_release(path)
-        tensors, metadata = read_weights(path)
+        if sniff(path) == "torch":  # torch.save(model.state_dict(), "model.pt"), read without running code
+            from .torch_release import read_state_dict
+
+            tensors, metadata = read_state_dict(path)
+        else:
+            tensors, metadata = read_weights(path)
     return WeightSet(str(path), tensors, metadata=metadata)
 
 

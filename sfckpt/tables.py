@@ -137,17 +137,19 @@ def diff_table(report: dict[str, Any], top: int | None, sort: str) -> str:
     return "\n".join(lines) + "\n\n" + table + more + "\n\n" + module_table
 
 
-def check_table(report: dict[str, Any]) -> str:
+def check_table(report: dict[str, Any], top: int | None = 50) -> str:
+    """The verdict, and the first `top` findings (None: all)."""
     report = terminal_view(report)
     head = "PASS" if report["passed"] else "FAIL"
     lines = [f"{head}: {report['weights']}: {report['verdict']}"]
     if report["findings"]:
+        shown = report["findings"] if top is None else report["findings"][:top]
         lines.append("")
         lines.append(tabulate([[f["name"], f["kind"], f["detail"], _g(f["max_abs"]), "yes" if f["equals_y"] else ""]
-                               for f in report["findings"][:50]],
+                               for f in shown],
                               headers=["tensor", "finding", "detail", "max_abs", "is y"]))
-        if len(report["findings"]) > 50:
-            lines.append(f"({len(report['findings']) - 50} more findings in --json)")
+        if len(report["findings"]) > len(shown):
+            lines.append(f"({len(report['findings']) - len(shown)} more findings: --top 0 shows all, --json lists them)")
     return "\n".join(lines)
 
 
