@@ -1,11 +1,14 @@
 """Re-estimate BatchNorm statistics at x: `convert --bn-calib DATA --model SPEC`.
 
 The statistics in a training checkpoint were gathered at y. We load x into
-the user's model and call `torch.optim.swa_utils.update_bn` (reset, then a
-cumulative average over the calibration data in train mode, momenta and mode
-restored). We add only what it lacks: dict and multi-input batches, a batch
-limit, no autograd graph. Only BatchNorm buffers change; every other tensor
-stays bit-identical to x.
+the user's model and, by default (`--bn-mode reset`), call
+`torch.optim.swa_utils.update_bn` (reset, then a cumulative average over the
+calibration data in train mode, momenta and mode restored). `--bn-mode
+momentum` follows the schedule_free README instead: forward passes in train
+mode over up to 50 batches, without a reset, so each layer's momentum moves
+the saved statistics. We add only what they lack: dict and multi-input
+batches, a batch limit, no autograd graph. Only BatchNorm buffers change;
+every other tensor stays bit-identical to x.
 """
 from __future__ import annotations
 
@@ -22,6 +25,10 @@ from .errors import InputError
 from .reconstruct import Reconstruction
 
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+BN_MODES = ("reset", "momentum")
+# The schedule_free README's recipe: "model.train(); optimizer.eval(); with torch.no_grad(): for batch in
+# itertools.islice(train_loader, 50): model(batch); model.eval()"
+MOMENTUM_BATCHES = 50
 DATA_SUFFIXES = (".pt", ".pth", ".safetensors", ".npy")
 
 
@@ -207,6 +214,17 @@ class _Caller:
         return Caller(model)
 
 
+def _momentum_update(batches: Iterable[_Args], model) -> None:
+    """Forward passes in train mode, no reset: each BatchNorm layer's momentum averages in the batches."""
+    was_training = model.training
+    model.train()
+    try:
+        for batch in batches:
+            model(*batch.args, **batch.kwargs)
+    finally:
+        model.train(was_training)
+
+
 @dataclass
 class LayerShift:
     layer: str
@@ -226,11 +244,20 @@ def _shift(old, new) -> tuple[float, float | None]:
 
 
 def calibrate(recon: Reconstruction, model_spec: str, data: str, batch_size: int = 32, max_batches: int | None = None,
-              device: str = "cpu", progress: Callable[[int], None] | None = None) -> list[LayerShift]:
-    """Re-estimate the BatchNorm statistics of x on `data`; the new buffers replace the old in `recon`."""
+              device: str = "cpu", progress: Callable[[int], None] | None = None, mode: str = "reset") -> list[LayerShift]:
+    """Re-estimate the BatchNorm statistics of x on `data`; the new buffers replace the old in `recon`.
+
+    `mode` "reset" is `update_bn` (statistics reset, then a plain average over every batch);
+    "momentum" is the schedule_free authors' recipe: the model in train mode runs up to 50 batches
+    (or `max_batches`), each layer's own momentum moving the saved statistics towards x's.
+    """
     import torch
     from torch.optim.swa_utils import update_bn
 
+    if mode not in BN_MODES:
+        raise InputError(f"--bn-mode {mode!r} is not one of {', '.join(BN_MODES)}", "see docs/batchnorm.md")
+    if mode == "momentum" and max_batches is None:
+        max_batches = MOMENTUM_BATCHES
     if batch_size < 1:
         raise InputError("--bn-batch-size must be at least 1", "")
     if device == "cuda" and not torch.cuda.is_available():
@@ -263,7 +290,10 @@ def calibrate(recon: Reconstruction, model_spec: str, data: str, batch_size: int
 
     try:
         with torch.no_grad():
-            update_bn(counted(), _Caller(model))
+            if mode == "reset":
+                update_bn(counted(), _Caller(model))
+            else:
+                _momentum_update(counted(), model)
     except InputError:
         raise
     except Exception as exc:

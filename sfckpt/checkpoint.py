@@ -153,6 +153,8 @@ def _load(path: Path, model_key: str | None, optimizer_key: str | None, strip_pr
     elif kind == "torch":
         obj, unloaded = load_torch(path)
         container = None
+    elif kind == "folder" and hf_trainer.model_only_error(path) is not None:
+        raise hf_trainer.model_only_error(path)
     elif kind == "folder":
         raise InputError(
             f"{path}: a folder without optimizer state (no optimizer.pt as Hugging Face Trainer saves it, "

@@ -22,6 +22,11 @@ from . import __version__, inputs, limits, textout
 from .errors import InputError, SfckptError
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+# The repository's pages: an installed package has no docs/ folder to point at
+DOCS = "https://github.com/sfckpt/sfckpt/tree/main/docs"
+DOCS_EPILOG = f"Documentation: {DOCS} (the pages named in the options above)."
+# --dtype's short names, as transformers and accelerate spell them (torch_dtype="bf16", mixed_precision)
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
 
 
 def error_document(message: str, hint: str | None, exit_code: int = EXIT_ERROR) -> dict[str, Any]:
@@ -40,7 +45,8 @@ def _fail(message: str, hint: str | None = None, as_json: bool | None = None) ->
         as_json = bool(ctx is not None and ctx.params.get("as_json"))
     if as_json:
         textout.echo_json(error_document(message, hint))
-    line = message + (f"; {hint}" if hint else "")
+    # click's "Did you mean '--force'?" already ends a sentence: no "?;" before the hint
+    line = message + ((" " + hint[:1].upper() + hint[1:] if message.endswith(("?", "!")) else "; " + hint) if hint else "")
     textout.echo_line(f"error: {line}", err=True)
     if textout.github_actions():  # on stderr: stdout may be a JSON document
         from .github_action import append_step_summary, error_summary
@@ -96,7 +102,7 @@ def handle_errors(func: Callable) -> Callable:
             textout.echo("error: interrupted; nothing was written", err=True)
             sys.exit(130)
         except MemoryError:
-            _fail("out of memory", "see docs/performance.md")
+            _fail("out of memory", f"see performance.md in {DOCS}")
         except OSError as exc:  # the environment, not sfckpt: a path, a permission, a full disk
             if os.environ.get("SFCKPT_DEBUG") == "1":
                 _traceback()
@@ -121,23 +127,23 @@ def load_options(func: Callable) -> Callable:
         click.option("--model-key", help="Entry holding the model state dict (default: detected; see inspect)."),
         click.option("--optimizer-key", help="Entry holding the optimizer state dict, e.g. optimizer_states.0."),
         click.option("--strip-prefix", metavar="PREFIX", help="Remove PREFIX (e.g. 'model.') from weight names."),
-        click.option("--optimizer", "family", metavar="FAMILY", help="Optimizer family, overriding detection (see docs/families.md)."),
+        click.option("--optimizer", "family", metavar="FAMILY", help="Optimizer family, overriding detection (see families.md in the documentation)."),
         click.option("--beta", type=float, help="β to use; required for ScheduleFreeWrapper, which does not save it."),
         click.option("--params-are", type=click.Choice(["y", "x"]), help="What the saved parameters hold, overriding the mode flag."),
         click.option(
             "--param-order",
             type=click.Path(exists=True, dir_okay=False, path_type=Path),
-            help="File with parameter names in optimizer order, one per line (docs/mapping.md).",
+            help="File with parameter names in optimizer order, one per line (mapping.md in the documentation).",
         ),
         click.option("--param-order-from", metavar="MODULE:CALLABLE",
                      help="Take the parameter order from your model's named_parameters(): file.py:callable or "
                      "package.module:callable returning it (runs your code), or a transformers class such as "
-                     "transformers:BertForSequenceClassification built from config.json (docs/mapping.md)."),
+                     "transformers:BertForSequenceClassification built from config.json (mapping.md in the documentation)."),
         click.option("--config", "model_config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="config.json for a transformers class in --param-order-from (default: the checkpoint folder's)."),
         click.option("--twins", type=click.Choice(["auto", "tied", "frozen"]), default="auto", show_default=True,
                      help="Untrained tensors byte-identical to a trained one (ties saved apart, frozen copies): tied "
-                     "(get its x) or frozen (kept as saved); auto refuses where the file cannot tell (docs/mapping.md)."),
+                     "(get its x) or frozen (kept as saved); auto refuses where the file cannot tell (mapping.md in the documentation)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -189,10 +195,18 @@ def _progress(total: int, label: str, enabled: bool, unit: str = "bytes"):
         yield lambda n: None
         return
     bar = Progress(label, total, unit)
+    bar.show()
     try:
         yield bar.update
     finally:
         bar.close()
+
+
+def _status(text: str, enabled: bool) -> None:
+    """What the command is doing, on a terminal, before the first progress line: reading and planning a
+    big checkpoint takes seconds, which a blank screen leaves unexplained."""
+    if enabled and sys.stderr.isatty():
+        textout.echo_line(text, err=True)
 
 
 def _reconstruction_at(load_kw: dict, path: Path):
@@ -238,10 +252,11 @@ def main() -> None:
     """Turn Schedule-Free training checkpoints into the weights to ship (x).
 
     Exit codes: 0 success, 1 a check found a problem, 2 bad input or usage.
+    Documentation: https://github.com/sfckpt/sfckpt/tree/main/docs
     """
 
 
-@main.command(short_help="Show what a training checkpoint holds and how x would be made.")
+@main.command(short_help="Show what a training checkpoint holds and how x would be made.", epilog=DOCS_EPILOG)
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @load_options
 @click.option("--scan", is_flag=True, help="Also read tensor data to count NaN/Inf in y, z and x.")
@@ -284,11 +299,12 @@ def _describe_not_schedule_free(path: Path, exc, as_json: bool, load_kw: dict) -
         textout.echo(table(report))
 
 
-@main.command(short_help="Reconstruct x from a checkpoint and write safetensors.")
+@main.command(short_help="Reconstruct x from a checkpoint and write safetensors.", epilog=DOCS_EPILOG)
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path())  # a str: a trailing "/" (a folder) must reach save()
 @load_options
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "float64"]), help="Cast floating tensors to this dtype after computing x.")
+@click.option("--dtype", type=click.Choice([*DTYPE_ALIASES.values(), *DTYPE_ALIASES]), callback=lambda ctx, p, v: DTYPE_ALIASES.get(v, v),
+              help="Cast floating tensors to this dtype after computing x (bf16, fp16, fp32 as in Hugging Face).")
 @click.option("--max-shard-size", metavar="SIZE", help="In the folder OUT, shards of at most SIZE (e.g. 5GB) and model.safetensors.index.json; "
               "x smaller than SIZE stays one model.safetensors, as with Hugging Face.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -298,13 +314,16 @@ def _describe_not_schedule_free(path: Path, exc, as_json: bool, load_kw: dict) -
 @click.option("--model", "model_spec", metavar="SPEC", help="With --bn-calib: file.py:callable or package.module:callable "
               "returning the nn.Module (this runs your code, as it must to run the model).")
 @click.option("--bn-batch-size", type=int, default=32, show_default=True, help="Samples per batch for data files.")
-@click.option("--bn-batches", type=int, help="Use at most this many batches.")
+@click.option("--bn-batches", type=int, help="Use at most this many batches (default: all with reset, 50 with momentum).")
+@click.option("--bn-mode", type=click.Choice(["reset", "momentum"]), default="reset", show_default=True,
+              help="reset: update_bn's average over all batches; momentum: the schedule_free recipe, train-mode passes "
+              "over up to 50 batches without a reset (batchnorm.md in the documentation).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where to run --bn-calib.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors: no progress, BatchNorm table, summary or warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @handle_errors
 def convert(ckpt: Path, out: str, dtype, max_shard_size, force, allow_nonfinite, bn_calib, model_spec, bn_batch_size,
-            bn_batches, device, quiet, as_json, **load_kw) -> None:
+            bn_batches, bn_mode, device, quiet, as_json, **load_kw) -> None:
     """Reconstruct x from CKPT and write it to OUT.
 
     OUT ending in .safetensors is one file; OUT ending in /, an existing
@@ -315,13 +334,17 @@ def convert(ckpt: Path, out: str, dtype, max_shard_size, force, allow_nonfinite,
 
     if bool(bn_calib) != bool(model_spec):
         raise InputError("--bn-calib and --model go together", "give both: the data, and the code that builds the model")
+    _status(f"reading {ckpt} and planning x...", not (quiet or as_json))
     recon = _reconstruction(ckpt, dtype=dtype, **load_kw)
     shifts = None
     if bn_calib:
         from .batchnorm import calibrate
 
-        with _progress(bn_batches or 0, "BatchNorm statistics", not (quiet or as_json), "batches") as update:
-            shifts = calibrate(recon, model_spec, bn_calib, bn_batch_size, bn_batches, device, update)
+        from .batchnorm import MOMENTUM_BATCHES
+
+        limit = bn_batches or (MOMENTUM_BATCHES if bn_mode == "momentum" else 0)
+        with _progress(limit, "BatchNorm statistics", not (quiet or as_json), "batches") as update:
+            shifts = calibrate(recon, model_spec, bn_calib, bn_batch_size, bn_batches, device, update, mode=bn_mode)
     total = sum(t.nbytes for t in recon.tensors)
     with _progress(total, "writing x", not (quiet or as_json)) as update:
         paths = save(recon, out, force=force, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size, progress=update)
@@ -365,7 +388,7 @@ def convert(ckpt: Path, out: str, dtype, max_shard_size, force, allow_nonfinite,
             textout.echo_line(f"hint: {hint}", err=True)
 
 
-@main.command(short_help="Show the per-tensor gap between two weight sets (or y and x).")
+@main.command(short_help="Show the per-tensor gap between two weight sets (or y and x).", epilog=DOCS_EPILOG)
 @click.argument("a", type=click.Path(path_type=Path))
 @click.argument("b", type=click.Path(path_type=Path), required=False)
 @load_options
@@ -393,6 +416,7 @@ def diff(a: Path, b: Path | None, top: int, sort: str, plot: Path | None, force:
         from .plot import check_target
 
         check_target(plot, force, [p for p in (a, b) if p is not None])
+    _status(f"reading {a}{f' and {b}' if b is not None else ''}...", not as_json)
     if b is None:
         recon = _reconstruction(a, **load_kw)
         with _progress(sum(t.nbytes for t in recon.tensors), "comparing", not as_json) as update:
@@ -415,7 +439,7 @@ def diff(a: Path, b: Path | None, top: int, sort: str, plot: Path | None, force:
             textout.echo_line(f"wrote {plot}", err=True)
 
 
-@main.command(short_help="CI gate: exit 0 if released weights are x, 1 if not, 2 if undecidable.")
+@main.command(short_help="CI gate: exit 0 if released weights are x, 1 if not, 2 if undecidable.", epilog=DOCS_EPILOG)
 @click.argument("weights", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--ckpt", required=True, type=click.Path(path_type=Path), help="The training checkpoint the release was made from.")
 @load_options
@@ -438,6 +462,7 @@ def check(weights: tuple[Path, ...], ckpt: Path, rtol: float, atol: float, top: 
     from .sources import released_weights
     from .tables import check_markdown, check_table
 
+    _status(f"reading {ckpt} and planning x...", not as_json)
     released = union(released_weights(w) for w in weights)
     recon = _reconstruction(ckpt, **load_kw)
     with _progress(sum(t.nbytes for t in recon.tensors), "checking", not as_json) as update:

@@ -282,15 +282,15 @@ def check_release(released: WeightSet, recon: Reconstruction, rtol: float = 0.0,
     notes = []
     if cast:
         notes.append("compared after casting x to the released dtype")
+    bn_layers = counted(len({n.rsplit(".", 1)[0] if "." in n else "" for n in bn_calibrated}), "BatchNorm layer")
     if bn_calibrated:
-        notes.append(f"{counted(len(bn_calibrated), 'BatchNorm statistics buffer')} re-estimated at x by "
-                     "`convert --bn-calib`, as the release's metadata says: checked for shape and NaN/Inf only; "
-                     "every other tensor compared with x")
+        notes.append(f"the statistics of {bn_layers} re-estimated at x by `convert --bn-calib`, as the release's "
+                     "metadata says: checked for shape and NaN/Inf only; every other tensor compared with x")
     if passed:
         verdict = "these are x" + (f" ({'; '.join(notes)})" if notes else "")
     else:
-        verdict = "; ".join(messages + ([f"{counted(len(bn_calibrated), 'BatchNorm statistics buffer')} re-estimated "
-                                         "at x (release metadata) not compared"] if bn_calibrated else []))
+        verdict = "; ".join(messages + ([f"the statistics of {bn_layers} re-estimated at x (release metadata) not "
+                                         "compared"] if bn_calibrated else []))
     return {
         "version": 1,
         "passed": passed,

@@ -175,7 +175,8 @@ def find(obj: Any, model_key: str | None = None, optimizer_key: str | None = Non
     notes: list[str] = []
     if averaging:
         # y is the model's own parameters; the average is not another model trained by the optimizer
-        model_candidates = [CURRENT_KEY] + [k for k in model_candidates if k != CURRENT_KEY]
+        # averaging_state holds the AveragedModel's counter (n_averaged), not weights anyone would convert
+        model_candidates = [CURRENT_KEY] + [k for k in model_candidates if k not in (CURRENT_KEY, AVERAGING_STATE_KEY)]
         model_key = CURRENT_KEY if model_key is None else model_key
         _check_weight_averaging(obj, model_key)
         if model_key == CURRENT_KEY:

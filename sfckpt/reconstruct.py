@@ -165,8 +165,11 @@ class Reconstruction:
         bn = self.batchnorm_buffers
         if not bn or self.source_held == "x" or self.bn_calibrated:
             return None
-        return (f"{len(bn)} BatchNorm statistics buffers were gathered at y, not x; re-estimate them on data "
-                "(convert --bn-calib DATA --model SPEC) before trusting accuracy")
+        # counted in layers, as `check` counts them: "buffers" meant 2 here and 3 there (num_batches_tracked)
+        layers = len({n.rsplit(".", 1)[0] if "." in n else "" for n in bn})
+        return (f"the statistics (running_mean, running_var) of {layers} BatchNorm layer{'s' if layers != 1 else ''} "
+                "were gathered at y, not x; re-estimate them on data (convert --bn-calib DATA --model SPEC) before "
+                "trusting accuracy")
 
     def all_warnings(self) -> list[str]:
         return self.warnings + ([self.batchnorm_warning] if self.batchnorm_warning else [])

@@ -444,7 +444,10 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
     if not m:
         raise OutputError(f"--max-shard-size {text!r} is not a size", "write it like 5GB, 500MB or 2GiB")
-    unit = (m.group(2) or "B").upper()
+    if m.group(2) is None:  # a bare 100 would mean 100 bytes: forty shards where 100MB was meant
+        raise OutputError(f"--max-shard-size {text.strip()!r} has no unit", f"write it with one: {text.strip()}MB, "
+                          f"{text.strip()}GB (or {text.strip()}B for bytes)")
+    unit = m.group(2).upper()
     power = " KMGT".index(unit[0]) if unit[0] in "KMGT" else 0
     base = 1024 if "I" in unit else 1000
     return int(float(m.group(1)) * base**power)
