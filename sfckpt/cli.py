@@ -329,6 +329,8 @@ def convert(ckpt: Path, out: str, dtype, max_shard_size, force, allow_nonfinite,
     OUT ending in .safetensors is one file; OUT ending in /, an existing
     folder or a name without a suffix is a folder with model.safetensors
     (or, with --max-shard-size and x larger than SIZE, shards and an index).
+    From a Keras checkpoint, OUT ending in .weights.h5 or .keras is a file
+    Keras loads (model.load_weights, keras.models.load_model).
     """
     from .save import save
 

@@ -172,7 +172,7 @@ def diff_checkpoint(recon: Reconstruction, progress=None) -> dict[str, Any]:
     report = diff_sets(a, b, progress)
     # inspect counts the tensors whose x is computed from y and z; one whose z equals y (a bias
     # before BatchNorm gets no gradient, so z never moves from y) is converted but comes out unchanged.
-    converted = {t.name for t in recon.tensors if t.how in ("lerp", "state-x")}
+    converted = {t.name for t in recon.tensors if t.how in ("lerp", "keras", "state-x")}
     report["summary"]["converted"] = len(converted)
     report["summary"]["converted_but_identical"] = [r["name"] for r in report["tensors"]
                                                     if r["status"] == "same" and r["name"] in converted]

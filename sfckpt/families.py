@@ -11,6 +11,8 @@ for bit):
 * ``lerp``: ``p.lerp_(end=z, weight=1 - 1/β)`` when the group is in train
   mode (params hold y); nothing when it is in eval mode (params hold x).
 * ``state-x``: ``p.copy_(state['x'])`` (the *Reference* variants keep x).
+* ``keras``: Keras 3's ScheduleFreeAdamW has no eval(); its variables always
+  hold y, and x is its own recovery formula (`keras_x`).
 
 Optimizers that keep a z or a train/eval switch without being Schedule-Free
 (`LOOKALIKES`) are refused by name, so that nobody gets a confusing "unknown
@@ -32,12 +34,12 @@ class Family:
     classes: tuple[str, ...]
     library: str = "schedulefree"
     layout: str = "standard"  # see optimizer_state.normalize
-    x_source: str = "lerp"  # "lerp" (x = y.lerp(z, 1-1/β)) or "state-x" (x kept in state)
+    x_source: str = "lerp"  # "lerp" (x = y.lerp(z, 1-1/β)), "state-x" (x kept in state) or "keras" (keras_x)
     x_in_float32: bool = False  # eval() promotes y and z to float32, lerps, and casts back
     beta_key: str | None = "betas"  # "betas" (first entry) or "momentum"; None: β is not saved
     mode_key: str | None = "train_mode"  # group flag: True → params hold y
     mode_default: bool | None = None  # the flag's meaning when the key is absent
-    params_without_mode: str = "x"  # what params hold when there is no mode flag: "x" or "unknown"
+    params_without_mode: str = "x"  # what params hold when there is no mode flag: "x", "y" or "unknown"
     z_key: str = "z"
     step_key: str = "k"
     switch_key: str | None = None  # group flag turning Schedule-Free on; a group with it off has no y/x split
@@ -253,6 +255,21 @@ FAMILIES: tuple[Family, ...] = (
         note="eval() is p.lerp_(z, 1 - 1/betas[0]) in the parameter's dtype (no stochastic rounding there), and "
         "schedulefree_c only changes the training-time averaging; groups with use_schedulefree=False are left as saved",
     ),
+    Family(
+        "keras-sfadamw",
+        ("ScheduleFreeAdamW",),
+        library="keras",
+        layout="standard",
+        x_source="keras",
+        beta_key="beta_1",
+        mode_key=None,
+        params_without_mode="y",  # no eval(): the model's variables hold y whenever Keras saves them
+        step_key="iterations",
+        group_has=_F({"keras_optimizer"}),
+        state_has=_F({"z", "velocity"}),
+        note="x = (y - (1 - beta_1) * momentum) / beta_1 with Keras' ops in the variable's dtype, as its update_step "
+        "recovers x; bit for bit with the torch backend on CPU",
+    ),
 )
 
 BY_NAME = {f.name: f for f in FAMILIES}
@@ -358,6 +375,17 @@ def _refuse_if_not_schedule_free(groups, group_keys: set[str], state_keys: set[s
                 f"this looks like {look.library} {', '.join(look.classes)}, which is not Schedule-Free: {look.why}",
                 "sfckpt only reconstructs Schedule-Free x; release the weights the way that optimizer's documentation says",
             )
+
+
+def keras_x(y, z, beta: float):
+    """x as Keras 3's ScheduleFreeAdamW.update_step recovers it on the torch backend: β cast to the
+    variable's dtype (`ops.cast`), then `divide(subtract(y, multiply(1 - β, z)), β)`, each one torch op on
+    a 0-d tensor and the variable, which is not a lerp and differs from one in the last bit. Other
+    backends (XLA may turn the division into a multiplication by the reciprocal) can differ there too."""
+    import torch
+
+    b = torch.as_tensor(beta, dtype=y.dtype)
+    return torch.divide(torch.subtract(y, torch.multiply(1 - b, z)), b)
 
 
 def as_float(value: Any) -> float | None:

@@ -90,7 +90,7 @@ def describe(recon: Reconstruction, scan: bool = False) -> dict[str, Any]:
             "tensors_converted": recon.n_converted,
             "tensors_unchanged": len(recon.tensors) - recon.n_converted,
         },
-        "batchnorm": {"buffers": bn, "layers": len({n.rsplit(".", 1)[0] for n in bn})},
+        "batchnorm": {"buffers": bn, "layers": len({_layer_of(n) for n in bn})},
         "notes": list(ckpt.notes),
         "skipped": ckpt.skipped,
         "unloaded_classes": ckpt.unloaded_classes,
@@ -130,3 +130,8 @@ def scan_nonfinite(recon: Reconstruction) -> dict[str, Any]:
         if any(counts.values()):
             found[out.name] = counts
     return {"tensors_with_nonfinite": len(found), "tensors": found}
+
+
+def _layer_of(name: str) -> str:
+    """The layer a statistics buffer belongs to: `bn.running_mean` -> `bn`; Keras' `layers/bn/vars/2` -> `layers/bn`."""
+    return name.rsplit("/vars/", 1)[0] if "/vars/" in name else name.rsplit(".", 1)[0]

@@ -11,6 +11,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from . import families, mapping, optimizer_state
 from .checkpoint import Checkpoint
+from .readers.base import ParameterOrder
 from .errors import InputError
 from .tensors import DTYPES, TensorRef, nbytes_of, torch_dtype
 
@@ -53,7 +54,8 @@ class OutputTensor:
     """One tensor of the output and how to get its x.
 
     how: "lerp" (x = torch.lerp(y, z, 1 - 1/β), as the optimizer's eval()),
-    "state-x" (x stored in the optimizer state), or "copy" (unchanged).
+    "keras" (Keras' recovery formula, `families.keras_x`), "state-x" (x stored in the
+    optimizer state), or "copy" (unchanged).
     """
 
     name: str
@@ -83,7 +85,7 @@ class OutputTensor:
         """x for this tensor, in its own dtype (or --dtype), contiguous."""
         import torch
 
-        if self.how == "lerp" and self.beta is None and self.value is None:
+        if self.how in ("lerp", "keras") and self.beta is None and self.value is None:
             raise InputError(f"β for '{self.name}' is not saved in the checkpoint", "pass --beta")
         if self.value is not None:
             t = self.value
@@ -93,6 +95,8 @@ class OutputTensor:
         elif self.how == "lerp":
             # Exactly what the optimizer's eval() does: p.lerp_(end=z, weight=1 - 1/β).
             t = _lerp(self.ref, self.z, 1 - 1 / self.beta)
+        elif self.how == "keras":
+            t = families.keras_x(self.ref.load(), self.z.load(), self.beta)
         elif self.how == "state-x":
             t = self.x.load()
         else:
@@ -165,22 +169,24 @@ class Reconstruction:
         bn = self.batchnorm_buffers
         if not bn or self.source_held == "x" or self.bn_calibrated:
             return None
+        how = ("in Keras after loading x (call the model with training=True on a few batches, optimizer untouched)"
+               if self.checkpoint.accumulated else "(convert --bn-calib DATA --model SPEC)")
         # counted in layers, as `check` counts them: "buffers" meant 2 here and 3 there (num_batches_tracked)
         layers = len({n.rsplit(".", 1)[0] if "." in n else "" for n in bn})
         return (f"the statistics (running_mean, running_var) of {layers} BatchNorm layer{'s' if layers != 1 else ''} "
-                "were gathered at y, not x; re-estimate them on data (convert --bn-calib DATA --model SPEC) before "
-                "trusting accuracy")
+                f"were gathered at y, not x; re-estimate them on data {how} before trusting accuracy")
 
     def all_warnings(self) -> list[str]:
         return self.warnings + ([self.batchnorm_warning] if self.batchnorm_warning else [])
 
     @property
     def n_converted(self) -> int:
-        return sum(t.how in ("lerp", "state-x") for t in self.tensors)
+        return sum(t.how in ("lerp", "keras", "state-x") for t in self.tensors)
 
     @property
     def batchnorm_buffers(self) -> list[str]:
-        return [t.name for t in self.tensors if t.name.rsplit(".", 1)[-1] in BN_SUFFIXES]
+        return [t.name for t in self.tensors
+                if t.name.rsplit(".", 1)[-1] in BN_SUFFIXES or t.name in self.checkpoint.accumulated]
 
     def metadata(self) -> dict[str, str]:
         """safetensors metadata: strings only, no timestamps (same input, same bytes)."""
@@ -348,15 +354,16 @@ def reconstruct(
         raise InputError(f"--twins must be 'auto', 'tied' or 'frozen', not {twins!r}", "see `sfckpt convert --help`")
 
     found, skipped = _families(ckpt, optimizer)
+    order = ckpt.order or ParameterOrder()
 
     def decide(weights):
         return mapping.decide(
             [mapping.OptimizerEntries(key, entries, fam.z_key, not fam.x_in_float32) for key, fam, _, _, entries in found],
             weights,
             param_order=param_order,
-            model_order=ckpt.model_order if param_order is None else None,
-            group_domains=ckpt.group_domains if param_order is None else None,
-            container_order_name=ckpt.order_source,
+            model_order=order.names if param_order is None else None,
+            group_domains=order.group_domains if param_order is None else None,
+            container_order_name=order.source if order.names else "",
             ties_visible=ckpt.ties_visible,
             twins=twins,
         )
@@ -366,8 +373,9 @@ def reconstruct(
         try:
             decision = decide(ckpt.weights)
         except InputError:
-            if ckpt.order_error is not None and param_order is None:
-                raise ckpt.order_error from None  # the order that would have decided is what is missing
+            if order.missing is not None and param_order is None:
+                # the order that would have decided is what is missing
+                raise InputError(order.missing, order.missing_hint) from None
             raise
     except mapping.NotInWeights as exc:
         if not ckpt.pool_weights or strip_prefix_used(ckpt):
@@ -414,7 +422,7 @@ def reconstruct(
                         "hold y (saved during training). Pass --params-are x if the checkpoint was saved after optimizer.eval()"
                     )
                 hold, hold_source = "y", "assumed"
-            needs_beta = hold == "y" and stepped and family.x_source == "lerp"
+            needs_beta = hold == "y" and stepped and family.x_source in ("lerp", "keras")
             if needs_beta and not require_beta and beta is None and family.beta_key is None:
                 group_beta, beta_source = None, "unknown: pass --beta"
             elif needs_beta:
@@ -462,13 +470,14 @@ def reconstruct(
                         raise InputError(f"{e.label()} ('{e.name}') has z but no stored x", "the checkpoint is damaged")
                     out.how, out.x = "state-x", x
                 else:
-                    out.how, out.z, out.beta = "lerp", e.state[family.z_key], group_beta
+                    out.how, out.z, out.beta = family.x_source, e.state[family.z_key], group_beta
                     out.in_float32 = family.x_in_float32
                 by_name[e.name] = out
 
     if decision.twin_refusal is not None and decision.twin_sources & set(by_name):
         raise decision.twin_refusal
-    _refuse_overlapping_views({n: ckpt.weights[n] for n, o in by_name.items() if o.how == "lerp" and n in ckpt.weights})
+    _refuse_overlapping_views({n: ckpt.weights[n] for n, o in by_name.items() if o.how in ("lerp", "keras")
+                               and n in ckpt.weights})
     trained = {e.name for e in decision.entries if e.name is not None}
     trained_keys = {ckpt.weights[t].data_key for t in trained if t in ckpt.weights} - {None}
     trained |= set(decision.twins) | {n for n, r in ckpt.weights.items() if r.data_key in trained_keys}

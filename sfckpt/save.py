@@ -5,8 +5,9 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from . import inputs, writer
+from . import inputs, keras_output, writer
 from .errors import InputError, OutputError
+from .readers.safetensors_file import SINGLE_NAME
 from .reconstruct import Reconstruction
 from .tensors import count_nonfinite
 
@@ -20,7 +21,8 @@ def save(
     max_shard_size: int | str | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[Path]:
-    """Write x. A path ending in `.safetensors` gets one file; a path ending in `/`, an
+    """Write x. A path ending in `.safetensors` gets one file, one ending in `.weights.h5` or `.keras`
+    a file Keras loads (from a Keras checkpoint: sfckpt/keras_output.py); a path ending in `/`, an
     existing folder or a name without a suffix is a folder holding `model.safetensors`, or
     shards and `model.safetensors.index.json` when `max_shard_size` is given and x is larger;
     any other name (`model.safetensor`, `out.pt`) is refused.
@@ -38,7 +40,8 @@ def save(
     out = Path(out)
     src = recon.checkpoint.path
     writer.refuse_inputs(out, [src])
-    if not (folder_named or out.suffix in ("", ".safetensors") or out.is_dir()):
+    keras_named = keras_output.is_keras_name(out)
+    if not (folder_named or keras_named or out.suffix in ("", ".safetensors") or out.is_dir()):
         raise OutputError(f"{out}: an output name ends in .safetensors (one file) or names a folder",
                           f"write {out.with_suffix('.safetensors')} for one file, or {out}/ for a folder")
     by_name = {t.name: t for t in recon.tensors}
@@ -50,7 +53,7 @@ def save(
         if not allow_nonfinite:
             bad = count_nonfinite(x)
             if bad:
-                source = "y or z" if item.how == "lerp" else "the checkpoint"
+                source = "y or z" if item.how in ("lerp", "keras") else "the checkpoint"
                 raise InputError(
                     f"x of '{spec.name}' has {bad} NaN/Inf values (they come from {source})",
                     "nothing was written; pass --allow-nonfinite to write anyway",
@@ -60,29 +63,23 @@ def save(
     metadata = recon.metadata()
     if isinstance(max_shard_size, str):
         max_shard_size = writer.parse_size(max_shard_size)
+    if keras_named:
+        if max_shard_size:
+            raise OutputError("--max-shard-size splits safetensors; a Keras output is one file", "leave it out")
+        return [keras_output.write(recon, out, produce, force, progress)]
     if out.suffix == ".safetensors":
         if max_shard_size:
             raise OutputError("--max-shard-size needs a folder as output", f"write to {out.with_suffix('')}/ instead")
         return [writer.write_file(out, specs, produce, metadata, force, progress)]
-    copies: list[Path] = []
-    if recon.checkpoint.release_note and recon.checkpoint.release_note not in recon.warnings:
-        recon.warnings.append(recon.checkpoint.release_note)  # said once, however often the plan is saved
-    if recon.checkpoint.container in ("peft-adapter", "peft-adapter-fsdp"):
-        # adapter_model.safetensors + adapter_config.json: what PeftModel.from_pretrained(base, out) reads
-        from .readers import peft_adapter
-
-        if max_shard_size:
-            raise OutputError("PEFT loads an adapter from one file; --max-shard-size does not apply", "leave it out")
-        copies = []  # a sharded save has no adapter config of its own: one found there may be another run's
-        if recon.checkpoint.container != "peft-adapter-fsdp" or (src / peft_adapter.SAFE_NAME).is_file():
-            copies = inputs.side_files(src, peft_adapter.RELEASE_FILES, recon.checkpoint.root)
-        return writer.write_folder(out, specs, produce, metadata, force, progress, None, copies, peft_adapter.SAFE_NAME)
-    if recon.checkpoint.container in ("huggingface-trainer", "huggingface-trainer-fsdp", "deepspeed"):
-        # config.json, generation_config.json and tokenizer files, so `from_pretrained(out)` works
-        from .readers.hf_trainer import RELEASE_FILES
-
-        copies = inputs.side_files(src, RELEASE_FILES, recon.checkpoint.root)
-    return writer.write_folder(out, specs, produce, metadata, force, progress, max_shard_size, copies)
+    release = recon.checkpoint.release
+    if release.note and release.note not in recon.warnings:
+        recon.warnings.append(release.note)  # said once, however often the plan is saved
+    if max_shard_size and not release.shardable:
+        raise OutputError(f"{release.weights_name} is loaded from one file; --max-shard-size does not apply", "leave it out")
+    # config.json, tokenizer files, adapter_config.json: what `from_pretrained(out)` reads beside the weights
+    copies = inputs.side_files(src, release.side_files, recon.checkpoint.root) if release.side_files else []
+    return writer.write_folder(out, specs, produce, metadata, force, progress, max_shard_size, copies,
+                               single_name=release.weights_name or SINGLE_NAME)
 
 
 def convert(src: str | Path, out: str | Path, **options) -> list[Path]:

@@ -13,10 +13,6 @@ from typing import Callable, Iterator, Union
 from . import inputs
 from .errors import InputError
 from .readers import LFS_POINTER, read_weights, sniff
-from .readers.accelerate_folder import is_accelerate_folder
-from .readers.dcp_folder import is_dcp_folder
-from .readers.deepspeed_folder import is_deepspeed_folder
-from .readers.hf_trainer import is_trainer_folder
 from .readers.safetensors_file import INDEX_NAME, SINGLE_NAME
 from .reconstruct import Reconstruction
 from .tensors import TensorRef
@@ -108,12 +104,12 @@ def _refuse_unfinished_release(path: Path) -> None:
 
 
 def is_training_checkpoint(path: PathLike) -> bool:
-    """A torch.save file, a Hugging Face Trainer folder or a torch.distributed.checkpoint folder."""
+    """Whether a registered container reader (readers.registry) recognises `path`: then its x is used."""
+    from .readers import registry
+
     path = Path(path)
     with inputs.scope(path):
-        kind = sniff(path)
-        return kind == "torch" or (kind == "folder" and (is_trainer_folder(path) or is_dcp_folder(path)
-                                                         or is_accelerate_folder(path) or is_deepspeed_folder(path)))
+        return registry.find(path) is not None
 
 
 def open_weights(path: PathLike, make_reconstruction: Callable[[Path], Reconstruction] | None = None) -> WeightSet:

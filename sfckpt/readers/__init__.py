@@ -11,13 +11,15 @@ from typing import Any
 from .. import inputs
 from ..errors import InputError
 from .safetensors_file import INDEX_NAME, SINGLE_NAME, read_index, read_safetensors
+from . import keras_file
 from .torch_file import Opaque, TorchArchive
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 
 def sniff(path: Path) -> str:
-    """The container kind of `path`: 'torch', 'safetensors', 'safetensors-index' or 'folder'."""
+    """The container kind of `path`: 'torch', 'safetensors', 'safetensors-index', 'folder', or one of Keras'
+    ('keras' for a `.keras` zip, 'keras-weights' for HDF5, 'keras-sharded' for a `.weights.json`)."""
     try:
         if not path.exists():
             raise InputError(f"{path}: no such file or folder", "check the path")
@@ -35,7 +37,11 @@ def sniff(path: Path) -> str:
             "fetch the real file with `git lfs pull` (in GitHub Actions, set `lfs: true` on actions/checkout)",
         )
     if head.startswith(b"PK\x03\x04"):
-        return "torch"
+        with inputs.open_input(path) as f:
+            return keras_file.sniff_zip(f) or "torch"
+    keras_kind = keras_file.sniff_file(path, head)
+    if keras_kind:
+        return keras_kind
     if len(head) > 8 and head[8:9] == b"{":
         return "safetensors"
     if head.lstrip().startswith(b"{") and path.name.endswith(".json"):
@@ -67,6 +73,8 @@ def _read_weights(path: Path):
         return read_safetensors(path)
     if kind == "safetensors-index":
         return read_index(path)
+    if kind in keras_file.KINDS:
+        return keras_file.read_weights(path, kind), {}
     if kind == "folder":
         if (path / INDEX_NAME).is_file() and (path / SINGLE_NAME).exists():
             raise InputError(

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from .base import LoadRequest, Opened, Reader, Release
 from .safetensors_file import read_safetensors
 
 OPTIMIZER_NAME = "optimizer.bin"
@@ -177,3 +178,62 @@ def _two_saves(path: Path, one: Path, other: str) -> None:
     raise InputError(f"{path}: holds both {one.name} and {other}, from two saves of different kinds (sharded and "
                      "full state dict) into one folder; which one is newer cannot be told",
                      "move the older files out of the folder, or save each checkpoint into a folder of its own")
+
+
+NO_CONFIG_NOTE = ("no config.json: the Trainer saves none with FSDP's SHARDED_STATE_DICT; copy your model's "
+                  "config.json (and tokenizer files) into the release folder to load it with from_pretrained")
+NO_CONFIG_FULL_NOTE = ("no config.json in the checkpoint folder; copy your model's config.json (and tokenizer "
+                       "files) into the release folder to load it with from_pretrained")
+
+
+class AccelerateReader(Reader):
+    """An Accelerate `save_state` folder, also under FSDP, and so the Trainer's FSDP checkpoints
+    (saved through Accelerate's functions beside trainer_state.json), with or without a PeftModel.
+
+    Recognised after the Trainer's reader (a Trainer folder without FSDP holds optimizer.pt) and
+    after DCP's (a folder with `.metadata` is one DCP checkpoint, not a save_state folder)."""
+
+    name = "accelerate"
+
+    def recognise(self, path: Path, kind: str) -> bool:
+        return kind == "folder" and is_accelerate_folder(path)
+
+    def open(self, path: Path, request: LoadRequest) -> Opened:
+        obj, unloaded = load_object(path)
+        opened = Opened(obj, unloaded, self.name)
+        pairs = sorted(k for k in obj if k.startswith("optimizer"))
+        if not request.entries_chosen and len(pairs) > 1 and "model" in obj and "optimizer" in obj:
+            # The i-th optimizer given to prepare() is saved as optimizer_i: by default the first pair
+            opened.model_key, opened.optimizer_key = "model", "optimizer"
+            opened.notes.append(f"{len(pairs)} optimizers ({', '.join(pairs)}) and models "
+                                f"({', '.join(sorted(k for k in obj if k.startswith('model')))}): converting model "
+                                "with optimizer; --model-key model_1 --optimizer-key optimizer_1 converts the next pair")
+        if is_fsdp(path):
+            _fsdp_traits(path, opened)
+        return opened
+
+
+def _fsdp_traits(path: Path, opened: Opened) -> None:
+    """What an FSDP save changes: tied weights are gathered as copies; the Trainer's and PEFT's saves."""
+    from . import hf_trainer, peft_adapter
+
+    opened.ties_visible = False
+    trainer = (path / hf_trainer.STATE_NAME).is_file()
+    opened.container = "huggingface-trainer-fsdp" if trainer else "accelerate-fsdp"
+    if trainer:
+        opened.obj["global_step"] = hf_trainer.trainer_state(path).get("global_step")
+        opened.release = Release(hf_trainer.RELEASE_FILES)
+    adapter_notes = peft_adapter.from_fsdp_save(path, opened.obj)
+    if adapter_notes is not None:  # the Trainer's adapter-only save of a PeftModel
+        opened.container = "peft-adapter-fsdp"
+        opened.names_are_final = True
+        opened.notes.extend(adapter_notes)
+        # a sharded save has no adapter config of its own: one found there may be another run's
+        own_config = (path / peft_adapter.SAFE_NAME).is_file()
+        note = peft_adapter.FSDP_NO_CONFIG_NOTE if peft_adapter.FSDP_NO_CONFIG_NOTE in adapter_notes else None
+        opened.release = Release(peft_adapter.RELEASE_FILES if own_config else (), peft_adapter.SAFE_NAME,
+                                 shardable=False, note=note)
+    elif trainer and not (path / "config.json").is_file():
+        note = NO_CONFIG_NOTE if (path / "pytorch_model_fsdp_0").is_dir() else NO_CONFIG_FULL_NOTE
+        opened.notes.append(note)
+        opened.release = Release(hf_trainer.RELEASE_FILES, note=note)

@@ -24,6 +24,7 @@ from .. import inputs, limits
 from ..errors import InputError
 from ..tensors import TensorRef
 from . import pickle_guard
+from .base import LoadRequest, Opened, Reader
 from ..inputs import confined
 from .torch_file import _ORDERED_DICT, _SAFE_BUILTINS, TorchArchive
 
@@ -398,3 +399,17 @@ def _lists(node: Any, key: Any = None) -> Any:
     if key != "state" and node and all(isinstance(k, int) for k in node) and sorted(node) == list(range(len(node))):
         return [node[i] for i in range(len(node))]
     return node
+
+
+class DcpReader(Reader):
+    """Any torch.distributed.checkpoint folder (`.metadata` + `.distcp` shards)."""
+
+    name = "torch.distributed.checkpoint"
+
+    def recognise(self, path: Path, kind: str) -> bool:
+        return kind == "folder" and is_dcp_folder(path)
+
+    def open(self, path: Path, request: LoadRequest) -> Opened:
+        folder = DcpFolder(path)
+        obj = folder.load_object()
+        return Opened(obj, folder.opaque, self.name, ties_visible=False)  # DCP saves tied weights as copies

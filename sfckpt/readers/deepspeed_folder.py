@@ -37,6 +37,7 @@ from .. import inputs, limits
 from ..errors import InputError
 from ..inputs import confined
 from ..tensors import TensorRef, torch_dtype
+from .base import LoadRequest, Opened, Reader, Release
 from .torch_file import Opaque, TorchArchive
 
 LATEST = "latest"
@@ -472,3 +473,23 @@ class DeepSpeedFolder:
                               "so the master holds y; converted as y")
         unknown = sorted(self.opaque - _KNOWN_OBJECTS)
         self.opaque = set(unknown)
+
+
+class DeepSpeedReader(Reader):
+    """A DeepSpeed ZeRO checkpoint: a tag folder, its parent with `latest`, or a wrapper's folder.
+
+    Recognised before torch.distributed.checkpoint folders, which it declines (they hold `.metadata`)."""
+
+    name = "deepspeed"
+
+    def recognise(self, path: Path, kind: str) -> bool:
+        return kind == "folder" and is_deepspeed_folder(path)
+
+    def open(self, path: Path, request: LoadRequest) -> Opened:
+        from .hf_trainer import RELEASE_FILES
+
+        folder = DeepSpeedFolder(path)
+        obj = folder.load_object()
+        return Opened(obj, sorted(folder.opaque), self.name, notes=folder.notes,
+                      default_dtype=folder.module_dtype if folder.module_dtype != "float32" else None,
+                      release=Release(RELEASE_FILES))

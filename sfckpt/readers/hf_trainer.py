@@ -17,6 +17,7 @@ from typing import Any
 
 from .. import inputs, limits
 from ..errors import InputError
+from .base import LoadRequest, Opened, ParameterOrder, Reader, Release
 from .safetensors_file import INDEX_NAME, SINGLE_NAME
 
 OPTIMIZER_NAME = "optimizer.pt"
@@ -113,3 +114,29 @@ def parameter_order(path: Path) -> tuple[list[str], list[set[str]]]:
     decay = set(Trainer.get_decay_parameter_names(None, model))
     named = [n for n, _ in model.named_parameters()]
     return named, [{n for n in named if n in decay}, {n for n in named if n not in decay}]
+
+
+class TrainerReader(Reader):
+    """A Trainer `checkpoint-N/`: weights files beside optimizer.pt and trainer_state.json."""
+
+    name = "huggingface-trainer"
+
+    def recognise(self, path: Path, kind: str) -> bool:
+        return kind == "folder" and is_trainer_folder(path)
+
+    def open(self, path: Path, request: LoadRequest) -> Opened:
+        from . import load_torch
+
+        weights, unloaded = read_weights(path)
+        optimizer, opt_unloaded = load_torch(path / OPTIMIZER_NAME)
+        obj = {"model": weights, "optimizer": optimizer, "global_step": trainer_state(path).get("global_step")}
+        order = None
+        if not request.entries_chosen:
+            try:
+                names, domains = parameter_order(path)
+                order = ParameterOrder(tuple(names), tuple(frozenset(d) for d in domains),
+                                       "the Hugging Face Trainer's grouping (model rebuilt from config.json)")
+            except InputError as exc:  # said only if the mapping needs the order (see reconstruct)
+                order = ParameterOrder(missing=exc.message, missing_hint=exc.hint)
+        return Opened(obj, sorted(set(unloaded) | set(opt_unloaded)), self.name, order=order,
+                      release=Release(RELEASE_FILES))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import InputError
+from .base import LoadRequest, Opened, Reader
 from .dcp_folder import DcpFolder, is_dcp_folder
 
 META_NAME = "meta.pt"
@@ -67,3 +68,16 @@ def load_object(path: Path) -> tuple[dict[str, Any], list[str], list[str]]:
     notes = [f"Lightning FSDP sharded checkpoint: {len(shards)} shard file{'s' * (len(shards) != 1)}"
              + (f"; {META_NAME}: {progress}" if progress else "")]
     return obj, sorted(set(folder.opaque) | set(meta_unloaded)), notes
+
+
+class LightningFsdpReader(Reader):
+    """Lightning's sharded `NAME.ckpt/` (DCP data + meta.pt); recognised before plain DCP folders."""
+
+    name = "lightning-fsdp"
+
+    def recognise(self, path: Path, kind: str) -> bool:
+        return kind == "folder" and is_lightning_fsdp_folder(path)
+
+    def open(self, path: Path, request: LoadRequest) -> Opened:
+        obj, unloaded, notes = load_object(path)
+        return Opened(obj, unloaded, self.name, notes=notes, ties_visible=False)

@@ -22,6 +22,7 @@ from typing import Any
 
 from .. import inputs
 from ..errors import InputError
+from .base import LoadRequest, Opened, ParameterOrder, Reader, Release
 from .safetensors_file import read_safetensors
 
 OPTIMIZER_NAME = "optimizer.pt"
@@ -231,3 +232,27 @@ def from_fsdp_save(path: Path, obj: dict[str, Any]) -> list[str] | None:
     if not saved_adapter:  # the sharded save writes none; one found in the folder is not copied (not its own)
         notes.append(FSDP_NO_CONFIG_NOTE)
     return notes
+
+
+class PeftAdapterReader(Reader):
+    """A Trainer `checkpoint-N/` of a PeftModel: the adapter weights beside optimizer.pt.
+
+    Recognised before the Trainer's reader: both folders hold optimizer.pt."""
+
+    name = "peft-adapter"
+
+    def recognise(self, path: Path, kind: str) -> bool:
+        return kind == "folder" and is_adapter_checkpoint(path)
+
+    def open(self, path: Path, request: LoadRequest) -> Opened:
+        obj, unloaded = load_object(path)
+        order = None
+        if not request.entries_chosen:
+            try:
+                names, domains = parameter_order(path)
+                order = ParameterOrder(tuple(names), tuple(frozenset(d) for d in domains),
+                                       "the PEFT model rebuilt from the base model's config, grouped as the Trainer does")
+            except InputError as exc:  # said only if the mapping needs the order (see reconstruct)
+                order = ParameterOrder(missing=exc.message, missing_hint=exc.hint)
+        return Opened(obj, unloaded, self.name, order=order, names_are_final=True,
+                      release=Release(RELEASE_FILES, SAFE_NAME, shardable=False))

@@ -27,6 +27,7 @@ from typing import Any
 from .. import inputs, limits
 from ..errors import InputError
 from . import pickle_guard
+from .base import LoadRequest, Opened, Reader
 from ..tensors import ITEMSIZES, TensorRef, torch_dtype
 
 _STORAGE_DTYPES = {
@@ -464,3 +465,17 @@ class TorchArchive:
             name_len, extra_len = struct.unpack("<HH", header[26:30])
             self._offsets[info.filename] = info.header_offset + 30 + name_len + extra_len
         return self._offsets[info.filename]
+
+
+class TorchFileReader(Reader):
+    """A `torch.save` zip file: a plain state dict, a training dict, a Lightning `.ckpt`."""
+
+    name = "torch.save"
+
+    def recognise(self, path: Path, kind: str) -> bool:
+        return kind == "torch"
+
+    def open(self, path: Path, request: LoadRequest) -> Opened:
+        archive = TorchArchive(path)
+        obj = archive.load_object()
+        return Opened(obj, sorted(archive.opaque))  # layout.find tells a Lightning .ckpt from a plain file
