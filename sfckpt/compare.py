@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable
 
 from .errors import InputError
 from .hints import prefix_between, prefix_verdict
-from .reconstruct import Reconstruction
+from .reconstruct import Reconstruction, bn_layer
 from .sources import WeightSet, x_of
 from .tables import counted
 from .tensors import FLOAT_DTYPES, TensorRef, count_nonfinite, format_shape
@@ -282,14 +282,14 @@ def check_release(released: WeightSet, recon: Reconstruction, rtol: float = 0.0,
     notes = []
     if cast:
         notes.append("compared after casting x to the released dtype")
-    bn_layers = counted(len({n.rsplit(".", 1)[0] if "." in n else "" for n in bn_calibrated}), "BatchNorm layer")
+    bn_layers = counted(len({bn_layer(n) for n in bn_calibrated}), "layer")
     if bn_calibrated:
-        notes.append(f"the statistics of {bn_layers} re-estimated at x by `convert --bn-calib`, as the release's "
+        notes.append(f"the BatchNorm statistics of {bn_layers} re-estimated at x by `convert --bn-calib`, as the release's "
                      "metadata says: checked for shape and NaN/Inf only; every other tensor compared with x")
     if passed:
         verdict = "these are x" + (f" ({'; '.join(notes)})" if notes else "")
     else:
-        verdict = "; ".join(messages + ([f"the statistics of {bn_layers} re-estimated at x (release metadata) not "
+        verdict = "; ".join(messages + ([f"the BatchNorm statistics of {bn_layers} re-estimated at x (release metadata) not "
                                          "compared"] if bn_calibrated else []))
     return {
         "version": 1,

@@ -16,6 +16,14 @@ from .errors import InputError
 from .tensors import DTYPES, TensorRef, nbytes_of, torch_dtype
 
 BN_SUFFIXES = ("running_mean", "running_var")
+
+
+def bn_layer(name: str) -> str:
+    """The layer a statistics buffer belongs to (`bn.running_mean` -> `bn`; Keras' `layers/bn/vars/2` ->
+    `layers/bn`): warnings and `check` count BatchNorm in layers, so that both say the same number."""
+    return name.rsplit("/vars/", 1)[0] if "/vars/" in name else name.rsplit(".", 1)[0] if "." in name else ""
+
+
 LERP_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "complex64", "complex128"})
 
 
@@ -172,9 +180,9 @@ class Reconstruction:
         how = ("in Keras after loading x (call the model with training=True on a few batches, optimizer untouched)"
                if self.checkpoint.accumulated else "(convert --bn-calib DATA --model SPEC)")
         # counted in layers, as `check` counts them: "buffers" meant 2 here and 3 there (num_batches_tracked)
-        layers = len({n.rsplit(".", 1)[0] if "." in n else "" for n in bn})
-        return (f"the statistics (running_mean, running_var) of {layers} BatchNorm layer{'s' if layers != 1 else ''} "
-                f"were gathered at y, not x; re-estimate them on data {how} before trusting accuracy")
+        layers = len({bn_layer(n) for n in bn})
+        return (f"the BatchNorm statistics of {layers} layer{'s' if layers != 1 else ''} were gathered at y, not x; "
+                f"re-estimate them on data {how} before trusting accuracy")
 
     def all_warnings(self) -> list[str]:
         return self.warnings + ([self.batchnorm_warning] if self.batchnorm_warning else [])

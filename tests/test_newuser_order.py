@@ -145,6 +145,12 @@ def test_param_order_from_a_transformers_class_and_config(run, tmp_path):
                  "--config", tmp_path / "cfg" / "config.json")
     assert result.exit_code == 0, result.stderr
     assert_equal_tensors(read(out), x)
+    # without --config, the checkpoint folder's own config.json
+    (tmp_path / "ckpt" / "config.json").write_bytes((tmp_path / "cfg" / "config.json").read_bytes())
+    again = run("convert", tmp_path / "ckpt", tmp_path / "again.safetensors", "--param-order-from",
+                "transformers:BertForSequenceClassification")
+    assert again.exit_code == 0, again.stderr
+    assert (tmp_path / "again.safetensors").read_bytes() == out.read_bytes()
 
 
 def test_transformers_class_refuses_a_config_with_custom_code(normed, run, tmp_path):

@@ -50,13 +50,13 @@ def convbn(tmp_path):
 def test_batchnorm_is_counted_in_layers_by_convert_and_check(convbn, run, tmp_path):
     ckpt = convbn[0]
     plain = run("convert", ckpt, tmp_path / "y-stats.safetensors")
-    assert "warning: the statistics (running_mean, running_var) of 1 BatchNorm layer were gathered at y" in plain.stderr
+    assert "warning: the BatchNorm statistics of 1 layer were gathered at y, not x" in plain.stderr
     calibrated = run("convert", ckpt, tmp_path / "release", "--bn-calib", tmp_path / "calib.pt",
                      "--model", f"{tmp_path / 'model_def.py'}:build")
     assert calibrated.exit_code == 0, calibrated.stderr
     checked = run("check", tmp_path / "release", "--ckpt", ckpt)
     assert checked.exit_code == 0
-    assert "(the statistics of 1 BatchNorm layer re-estimated at x by `convert --bn-calib`" in checked.stdout
+    assert "(the BatchNorm statistics of 1 layer re-estimated at x by `convert --bn-calib`" in checked.stdout
 
 
 def test_bn_mode_momentum_is_the_schedule_free_recipe(convbn, run, tmp_path):
