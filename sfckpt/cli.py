@@ -340,9 +340,7 @@ def convert(ckpt: Path, out: str, dtype, max_shard_size, force, allow_nonfinite,
     recon = _reconstruction(ckpt, dtype=dtype, **load_kw)
     shifts = None
     if bn_calib:
-        from .batchnorm import calibrate
-
-        from .batchnorm import MOMENTUM_BATCHES
+        from .batchnorm import MOMENTUM_BATCHES, calibrate
 
         limit = bn_batches or (MOMENTUM_BATCHES if bn_mode == "momentum" else 0)
         with _progress(limit, "BatchNorm statistics", not (quiet or as_json), "batches") as update:

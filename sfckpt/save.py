@@ -33,6 +33,8 @@ def save(
     Returns:
         The paths written.
     """
+    if recon.undecided is not None:  # a plan made only to be described (inspect): its tensors are not x
+        raise recon.undecided
     if os.fspath(out) == "-":
         raise OutputError("sfckpt writes x to files, not to standard output",
                           "name the output: x.safetensors for one file, or release/ for a folder")

@@ -32,6 +32,8 @@ class WeightSet:
 
 def x_of(recon: Reconstruction) -> dict[str, TensorRef]:
     """The reconstructed x of every tensor, computed when loaded."""
+    if recon.undecided is not None:  # a plan made only to be described (inspect): its tensors are not x
+        raise recon.undecided
     return {t.name: TensorRef(t.dtype, t.shape, t.compute, t.ref.storage_id, t.ref.view) for t in recon.tensors}
 
 

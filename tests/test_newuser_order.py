@@ -159,3 +159,19 @@ def test_transformers_class_refuses_a_config_with_custom_code(normed, run, tmp_p
     result = run("convert", folder, tmp_path / "x.safetensors", "--param-order-from",
                  "transformers:BertForSequenceClassification", "--config", tmp_path / "config.json")
     assert result.exit_code == 2 and "custom code (auto_map), which sfckpt never runs" in result.stderr
+
+
+def test_a_plan_left_undecided_is_never_written(normed, tmp_path):
+    """reconstruct(undecided_ok=True) exists to describe; saving it (or reading its x) raises why."""
+    import sfckpt
+    from sfckpt.errors import InputError
+    from sfckpt.reconstruct import reconstruct
+
+    folder, _ = normed
+    recon = reconstruct(sfckpt.load(folder), undecided_ok=True)
+    assert recon.n_converted == 0 and recon.undecided is not None
+    with pytest.raises(InputError, match="cannot place"):
+        sfckpt.save(recon, tmp_path / "x.safetensors")
+    with pytest.raises(InputError, match="cannot place"):
+        recon.state_dict()
+    assert not (tmp_path / "x.safetensors").exists()
