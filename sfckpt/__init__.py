@@ -5,6 +5,7 @@ Library API (the CLI is a thin layer over it):
     ckpt = sfckpt.load("step_1000.pt")          # lazy, safe: no code from the file runs
     recon = sfckpt.reconstruct(ckpt)             # which tensors hold y, and how to get x
     sfckpt.save(recon, "model.safetensors")      # streamed, atomic
+    sfckpt.release(model, optimizer, "release/") # x of a model being trained, in memory
     x = recon.state_dict()                       # or all of x in memory
 
 The names are imported on first use, so that `import sfckpt` (and the command's start,
@@ -21,13 +22,13 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
     from .errors import InputError, OutputError, SfckptError
+    from .options import Options
     from .reconstruct import Reconstruction
 
 _CLASSES = {"Checkpoint": "checkpoint", "Reconstruction": "reconstruct", "InputError": "errors",
-            "OutputError": "errors", "SfckptError": "errors"}
-# The API's errors say force=True, not --force (the CLI calls the modules directly).
+            "OutputError": "errors", "SfckptError": "errors", "Options": "options"}
 _FUNCTIONS = {"load": ("checkpoint", "load"), "reconstruct": ("reconstruct", "reconstruct"),
-              "save": ("save", "save"), "convert": ("save", "convert")}
+              "save": ("save", "save"), "convert": ("save", "convert"), "release": ("integrations.live", "release")}
 
 
 class _Package(types.ModuleType):
@@ -49,10 +50,8 @@ def __getattr__(name: str) -> Any:
     if name in _CLASSES:
         value = getattr(importlib.import_module(f".{_CLASSES[name]}", __name__), name)
     elif name in _FUNCTIONS:
-        from .errors import speaks_api
-
         module, attr = _FUNCTIONS[name]
-        value = speaks_api(getattr(importlib.import_module(f".{module}", __name__), attr))
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
     else:
         raise AttributeError(f"module 'sfckpt' has no attribute {name!r}")
     globals()[name] = value
@@ -62,6 +61,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "Checkpoint",
     "InputError",
+    "Options",
     "OutputError",
     "Reconstruction",
     "SfckptError",
@@ -69,5 +69,6 @@ __all__ = [
     "convert",
     "load",
     "reconstruct",
+    "release",
     "save",
 ]

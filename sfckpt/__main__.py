@@ -3,7 +3,10 @@
 Ctrl-C while the command starts (importing click, numpy, the readers) ends like Ctrl-C later
 does: exit 130 and one line, not a KeyboardInterrupt traceback.
 """
+import json
 import sys
+
+from .conventions import EXIT_INTERRUPTED, INTERRUPTED, error_document
 
 
 def run() -> None:
@@ -11,10 +14,9 @@ def run() -> None:
         from .cli import main
     except KeyboardInterrupt:
         if "--json" in sys.argv:
-            print('{"version": 1, "error": {"message": "interrupted; nothing was written", "hint": null, '
-                  '"exit_code": 130}}')
-        sys.stderr.write("error: interrupted; nothing was written\n")
-        sys.exit(130)
+            print(json.dumps(error_document(INTERRUPTED, None, EXIT_INTERRUPTED)))
+        sys.stderr.write(f"error: {INTERRUPTED}\n")
+        sys.exit(EXIT_INTERRUPTED)
     main(prog_name="sfckpt")
 
 

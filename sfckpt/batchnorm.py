@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from . import inputs, limits
-from .errors import InputError
+from .conventions import BN_BUFFERS
+from .errors import InputError, Opt, OptionConflict, Words
+from .options import Options
 from .reconstruct import Reconstruction
 
-BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 BN_MODES = ("reset", "momentum")
 # The schedule_free README's recipe: "model.train(); optimizer.eval(); with torch.no_grad(): for batch in
 # itertools.islice(train_loader, 50): model(batch); model.eval()"
@@ -32,20 +33,22 @@ MOMENTUM_BATCHES = 50
 DATA_SUFFIXES = (".pt", ".pth", ".safetensors", ".npy")
 
 
-def resolve(spec: str, what: str) -> Any:
-    """`path/to/file.py:name` or `package.module:name` -> the object (this runs the user's code)."""
+def resolve(spec: str, what: Opt) -> Any:
+    """`path/to/file.py:name` or `package.module:name` -> the object (this runs the user's code).
+
+    `what` is the option that gave `spec`, which errors name."""
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
-        raise InputError(f"{what} '{spec}' is not of the form file.py:callable or package.module:callable",
-                         "for example --model models.py:build_model")
+        raise OptionConflict(what + f" '{spec}' is not of the form file.py:callable or package.module:callable",
+                             "for example " + Opt("bn_model", "models.py:build_model"), option=what.name)
     try:
         if target.endswith(".py"):
             path = Path(target)
             if not path.is_file():
-                raise InputError(f"{what} file '{target}' does not exist", "check the path")
+                raise InputError(what + f" file '{target}' does not exist", "check the path", where=target)
             name = f"_sfckpt_user_{path.stem}"
             # The user's own file, read through the same non-blocking, bounded opener as every input
-            source = inputs.read_text(path, limits.TEXT_BYTES, f"{what} file", confined=False)
+            source = inputs.read_text(path, limits.TEXT_BYTES, "the code file", confined=False)
             module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None, origin=str(path)))
             module.__file__ = str(path)
             sys.modules[name] = module
@@ -58,25 +61,27 @@ def resolve(spec: str, what: str) -> Any:
             module = importlib.import_module(target)
     except InputError:
         raise
-    except Exception as exc:
-        raise InputError(f"{what} '{spec}': importing it failed ({type(exc).__name__}: {exc})"[:400], "fix the module") from None
+    except Exception as exc:  # the user's code failed, whatever it raised: theirs to fix, not a bug of sfckpt
+        raise InputError(what + f" '{spec}': importing it failed ({type(exc).__name__}: {exc})"[:400],
+                         "fix the module") from exc
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise InputError(f"{what} '{spec}': '{target}' has no '{attr}'", "check the name after the colon") from None
+        raise InputError(what + f" '{spec}': '{target}' has no '{attr}'", "check the name after the colon") from None
 
 
-def build_model(spec: str, what: str = "--model", factory: Any = None):
+def build_model(spec: str, what: Opt = Opt("bn_model"), factory: Any = None):
     """The nn.Module `spec`'s callable (already resolved: `factory`) returns, called with no arguments."""
     import torch
 
     factory = resolve(spec, what) if factory is None else factory
     try:
         model = factory()
-    except Exception as exc:
-        raise InputError(f"{what} '{spec}' raised {type(exc).__name__}: {exc}"[:400], "it is called with no arguments") from None
+    except Exception as exc:  # the user's code failed, whatever it raised
+        raise InputError(what + f" '{spec}' raised {type(exc).__name__}: {exc}"[:400],
+                         "it is called with no arguments") from exc
     if not isinstance(model, torch.nn.Module):
-        raise InputError(f"{what} '{spec}' returned a {type(model).__name__}, not a torch.nn.Module",
+        raise InputError(what + f" '{spec}' returned a {type(model).__name__}, not a torch.nn.Module",
                          "point it at a function or class that builds the model")
     return model
 
@@ -107,9 +112,9 @@ def _load_data_file(path: Path) -> Any:
                     return torch.from_numpy(np.load(f, allow_pickle=False))
     except InputError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # torch, safetensors and numpy each raise their own kinds on a file they cannot read
         raise InputError(f"calibration data {path}: cannot be read ({type(exc).__name__}: {exc})"[:400],
-                         "give a tensor, or a tuple/dict of tensors, saved with torch.save, safetensors or numpy") from None
+                         "give a tensor, or a tuple/dict of tensors, saved with torch.save, safetensors or numpy") from exc
     raise InputError(f"calibration data {path}: unknown file type", f"use one of {', '.join(DATA_SUFFIXES)}")
 
 
@@ -158,8 +163,6 @@ def calibration_batches(data: str, batch_size: int) -> Iterator[_Args]:
     keyword inputs. Loaders follow update_bn: a list/tuple batch's first element is the input
     (the usual (inputs, labels) pair); a dict batch is passed as keyword inputs.
     """
-    import torch
-
     path = Path(data)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES)
@@ -170,23 +173,31 @@ def calibration_batches(data: str, batch_size: int) -> Iterator[_Args]:
     elif path.exists():  # a FIFO or device too: the opener refuses it, saying what it is
         yield from (_as_args(b) for b in _split(_load_data_file(path), batch_size, str(path)))
     elif ":" in str(data):
-        loader = resolve(str(data), "--bn-calib")
+        loader = resolve(str(data), Opt("bn_calib"))
         if callable(loader):
             loader = loader()
-        if not isinstance(loader, Iterable):
-            raise InputError(f"--bn-calib '{data}' gave a {type(loader).__name__}, not an iterable of batches",
-                             "return a DataLoader or another iterable")
-        for batch in loader:
-            if isinstance(batch, (list, tuple)):
-                batch = batch[0]
-            if isinstance(batch, dict):
-                yield _Args(kwargs=batch)
-            elif isinstance(batch, torch.Tensor):
-                yield _Args((batch,))
-            else:
-                raise InputError(f"--bn-calib '{data}' yielded a {type(batch).__name__}", "batches must be tensors, tuples or dicts")
+        yield from loader_batches(loader, Opt("bn_calib") + f" '{data}'")
     else:
         raise InputError(f"calibration data '{data}' does not exist", "give a .pt/.safetensors/.npy file, a folder, or module:callable")
+
+
+def loader_batches(loader: Any, what: Words) -> Iterator[_Args]:
+    """The batches of a DataLoader (or any iterable) as update_bn reads them: a list/tuple batch's first
+    element is the input (the usual (inputs, labels) pair); a dict batch is passed as keyword inputs."""
+    import torch
+
+    if not isinstance(loader, Iterable):
+        raise InputError(what + f" gave a {type(loader).__name__}, not an iterable of batches",
+                         "return a DataLoader or another iterable")
+    for batch in loader:
+        if isinstance(batch, (list, tuple)):
+            batch = batch[0]
+        if isinstance(batch, dict):
+            yield _Args(kwargs=batch)
+        elif isinstance(batch, torch.Tensor):
+            yield _Args((batch,))
+        else:
+            raise InputError(what + f" yielded a {type(batch).__name__}", "batches must be tensors, tuples or dicts")
 
 
 def _as_args(batch: Any) -> _Args:
@@ -243,6 +254,13 @@ def _shift(old, new) -> tuple[float, float | None]:
     return d.abs().max().item() if d.numel() else 0.0, (d.norm().item() / norm if norm > 0 else None)
 
 
+def calibrate_with(recon: Reconstruction, options: Options,
+                   progress: Callable[[int], None] | None = None) -> list[LayerShift]:
+    """`calibrate` with the data, model and batches `options` name (`bn_calib`, `bn_model`, ...)."""
+    return calibrate(recon, options.bn_model, options.bn_calib, options.bn_batch_size, options.bn_batches,
+                     options.bn_device, progress, options.bn_mode)
+
+
 def calibrate(recon: Reconstruction, model_spec: str, data: str, batch_size: int = 32, max_batches: int | None = None,
               device: str = "cpu", progress: Callable[[int], None] | None = None, mode: str = "reset") -> list[LayerShift]:
     """Re-estimate the BatchNorm statistics of x on `data`; the new buffers replace the old in `recon`.
@@ -252,31 +270,43 @@ def calibrate(recon: Reconstruction, model_spec: str, data: str, batch_size: int
     (or `max_batches`), each layer's own momentum moving the saved statistics towards x's.
     """
     import torch
-    from torch.optim.swa_utils import update_bn
 
     if mode not in BN_MODES:
-        raise InputError(f"--bn-mode {mode!r} is not one of {', '.join(BN_MODES)}", "see docs/batchnorm.md")
+        raise OptionConflict(Opt("bn_mode") + f" {mode!r} is not one of {', '.join(BN_MODES)}", "see docs/batchnorm.md",
+                             option="bn_mode")
     if mode == "momentum" and max_batches is None:
         max_batches = MOMENTUM_BATCHES
     if batch_size < 1:
-        raise InputError("--bn-batch-size must be at least 1", "")
+        raise OptionConflict(Opt("bn_batch_size") + " must be at least 1", "", option="bn_batch_size")
     if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available", "use --device cpu")
-    model = build_model(model_spec)
+        raise OptionConflict(Opt("bn_device", "cuda") + ": no CUDA device is available", "use " + Opt("bn_device", "cpu"))
+    batches = calibration_batches(data, batch_size)
+    if max_batches is not None:
+        batches = itertools.islice(batches, max_batches)
+    return calibrate_model(recon, build_model(model_spec), batches, Opt("bn_model") + f" '{model_spec}'",
+                           f"calibration data '{data}'", device, progress, mode)
+
+
+def calibrate_model(recon: Reconstruction, model, batches: Iterable[_Args], model_name: Words, data_name: str,
+                    device: str = "cpu", progress: Callable[[int], None] | None = None,
+                    mode: str = "reset") -> list[LayerShift]:
+    """Load x into `model` (changed in place: pass a copy), run `batches` through it (update_bn, or train-mode
+    passes without a reset: `mode`, see `calibrate`), and put the re-estimated BatchNorm statistics into `recon`."""
+    import torch
+    from torch.optim.swa_utils import update_bn
+
     x = recon.state_dict()
     try:
         model.load_state_dict(x, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()
-        raise InputError(f"--model '{model_spec}' does not match the checkpoint: {' '.join(first[1:3]).strip() or first[0]}"[:500],
-                         "point --model at the architecture the checkpoint was trained with (and --strip-prefix if names differ)") from None
+        raise InputError(model_name + f" does not match the checkpoint: {' '.join(first[1:3]).strip() or first[0]}"[:500],
+                         "point " + Opt("bn_model") + " at the architecture the checkpoint was trained with (and "
+                         + Opt("strip_prefix") + " if names differ)") from exc
     bn_layers = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
     if not bn_layers:
-        raise InputError(f"--model '{model_spec}' has no BatchNorm layers", "--bn-calib is only needed for models with BatchNorm")
+        raise InputError(model_name + " has no BatchNorm layers", Opt("bn_calib") + " is only needed for models with BatchNorm")
     model.to(device)
-    batches = calibration_batches(data, batch_size)
-    if max_batches is not None:
-        batches = itertools.islice(batches, max_batches)
 
     def counted() -> Iterator[_Args]:
         seen = 0
@@ -286,7 +316,7 @@ def calibrate(recon: Reconstruction, model_spec: str, data: str, batch_size: int
                 progress(1)
             yield batch.to(device)
         if not seen:
-            raise InputError(f"calibration data '{data}' holds no samples", "")
+            raise InputError(f"{data_name} holds no samples", "")
 
     try:
         with torch.no_grad():
@@ -296,9 +326,9 @@ def calibrate(recon: Reconstruction, model_spec: str, data: str, batch_size: int
                 _momentum_update(counted(), model)
     except InputError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # the user's model failed on the user's data, whatever it raised
         raise InputError(f"the model's forward pass failed on the calibration data ({type(exc).__name__}: {exc})"[:500],
-                         "check that the data has the shape and dtype the model expects") from None
+                         "check that the data has the shape and dtype the model expects") from exc
 
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     shifts = []

@@ -5,8 +5,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import inputs, layout as layout_mod
+from . import inputs, layout as layout_mod, provenance
 from .errors import InputError
+from .options import Options, resolve
 from .readers import registry
 from .readers.base import LoadRequest, Opened, ParameterOrder, Release
 from .tensors import TensorRef
@@ -38,6 +39,7 @@ class Checkpoint:
     strip_prefix: str | None = None  # removed from weight names, and so from saved parameter names
     release: Release = field(default_factory=Release)  # what a release folder from it holds beside the weights
     names_are_final: bool = False  # names are what the framework loads (PEFT): no --strip-prefix hint
+    callbacks: list[str] = field(default_factory=list)  # a Lightning checkpoint's callback state keys (see provenance.py)
     root: inputs.Root | None = None  # where its files may lie, fixed when it was loaded (side files are read from it)
     accumulated: list[str] = field(default_factory=list)  # statistics gathered at y by name (Keras BatchNorm)
 
@@ -48,6 +50,7 @@ def load(
     model_key: str | None = None,
     optimizer_key: str | None = None,
     strip_prefix: str | None = None,
+    options: Options | None = None,
 ) -> Checkpoint:
     """Open a training checkpoint without reading tensor data or running code from it.
 
@@ -60,14 +63,16 @@ def load(
         model_key / optimizer_key: which entries hold the weights and the
             optimizer state, when the defaults pick the wrong ones.
         strip_prefix: remove this prefix from weight names (e.g. ``model.``).
+        options: an `sfckpt.Options` instead of the three keywords (its other fields are not used here).
 
     Example:
         >>> ckpt = sfckpt.load("run/step_1000.pt")
         >>> sorted(ckpt.weights)[:2]
     """
     path = Path(path)
+    opts = resolve(options, model_key=model_key, optimizer_key=optimizer_key, strip_prefix=strip_prefix)
     with inputs.scope(path) as root:  # every file the checkpoint names is read from inside what was named
-        ckpt = _load(path, model_key, optimizer_key, strip_prefix)
+        ckpt = _load(path, opts.model_key, opts.optimizer_key, opts.strip_prefix)
     ckpt.root = root
     return ckpt
 
@@ -92,6 +97,7 @@ def _load(path: Path, model_key: str | None, optimizer_key: str | None, strip_pr
         skipped=found.skipped,
         unloaded_classes=opened.unloaded,
         top_level_keys=[str(k) for k in obj] if isinstance(obj, Mapping) else [],
+        callbacks=provenance.callback_names(obj),
         ties_visible=opened.ties_visible,
         optimizers=found.optimizers,
         models=found.models,
@@ -113,4 +119,4 @@ def _find(path: Path, opened: Opened, model_key: str | None, optimizer_key: str 
     except InputError as exc:
         if exc.message.startswith(str(path)):
             raise
-        raise InputError(f"{path}: {exc.message}", exc.hint) from exc
+        raise exc.about(str(path))

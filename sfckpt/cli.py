@@ -7,6 +7,7 @@ usage. torch is imported only when a command runs, so --help is instant.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import signal
@@ -14,12 +15,15 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import click
 
 from . import __version__, inputs, limits, textout
-from .errors import InputError, SfckptError
+from .conventions import EXIT_INTERRUPTED, INTERRUPTED, JSON_VERSION, OUTPUT_DTYPES, error_document
+from .cli_words import cli_words, in_cli_words
+from .errors import InputError, Opt, OptionConflict, SfckptError
+from .options import Options
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 # The repository's pages: an installed package has no docs/ folder to point at
@@ -29,22 +33,17 @@ DOCS_EPILOG = f"Documentation: {DOCS} (the pages named in the options above)."
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
 
 
-def error_document(message: str, hint: str | None, exit_code: int = EXIT_ERROR) -> dict[str, Any]:
-    """What --json prints on stdout when a command fails, so that machines get a document either way."""
-    return {"version": 1, "error": {"message": message, "hint": hint, "exit_code": exit_code}}
-
-
 MAX_MESSAGE = 800  # characters of an error message (and of its hint): an input can put anything in one
 
 
-def _fail(message: str, hint: str | None = None, as_json: bool | None = None) -> None:
+def _fail(message: str, hint: str | None = None, as_json: bool | None = None, exit_code: int = EXIT_ERROR) -> None:
     message = message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + "…"
     hint = hint if hint is None or len(hint) <= MAX_MESSAGE else hint[:MAX_MESSAGE] + "…"
     if as_json is None:  # inside a command: its own --json decides
         ctx = click.get_current_context(silent=True)
         as_json = bool(ctx is not None and ctx.params.get("as_json"))
     if as_json:
-        textout.echo_json(error_document(message, hint))
+        textout.echo_json(error_document(message, hint, exit_code))
     # click's "Did you mean '--force'?" already ends a sentence: no "?;" before the hint
     line = message + ((" " + hint[:1].upper() + hint[1:] if message.endswith(("?", "!")) else "; " + hint) if hint else "")
     textout.echo_line(f"error: {line}", err=True)
@@ -53,7 +52,7 @@ def _fail(message: str, hint: str | None = None, as_json: bool | None = None) ->
 
         textout.annotate_error("sfckpt", line, err=True)
         append_step_summary(error_summary("sfckpt", line))
-    sys.exit(EXIT_ERROR)
+    sys.exit(exit_code)
 
 
 class _Interrupts:
@@ -93,14 +92,15 @@ def handle_errors(func: Callable) -> Callable:
         except SfckptError as exc:
             if os.environ.get("SFCKPT_DEBUG") == "1":
                 _traceback()
-            _fail(exc.message, exc.hint)
+            message, hint = in_cli_words(exc)
+            _fail(message, hint, exit_code=exc.exit_code)
         except KeyboardInterrupt:
             handler.seen = True
             ctx = click.get_current_context(silent=True)
             if ctx is not None and ctx.params.get("as_json"):
-                textout.echo_json(error_document("interrupted; nothing was written", None, 130))
-            textout.echo("error: interrupted; nothing was written", err=True)
-            sys.exit(130)
+                textout.echo_json(error_document(INTERRUPTED, None, EXIT_INTERRUPTED))
+            textout.echo(f"error: {INTERRUPTED}", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         except MemoryError:
             _fail("out of memory", f"see performance.md in {DOCS}")
         except OSError as exc:  # the environment, not sfckpt: a path, a permission, a full disk
@@ -150,34 +150,31 @@ def load_options(func: Callable) -> Callable:
     return func
 
 
-def _reconstruction(ckpt_path: Path, model_key, optimizer_key, strip_prefix, family, beta, params_are, param_order,
-                    param_order_from=None, model_config=None, twins="auto", dtype=None, require_beta=True,
-                    undecided_ok=False):
+# click's name of a parameter -> the `Options` field it sets, where the two differ
+_FIELDS = {"family": "optimizer", "model_spec": "bn_model", "device": "bn_device"}
+_OPTION_FIELDS = frozenset(Options.__dataclass_fields__)
+
+
+def takes_options(func: Callable) -> Callable:
+    """Gather a command's parameters that are `Options` fields into one `options` argument (inside
+    handle_errors: reading the --param-order file may fail)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **params):
+        chosen = {_FIELDS.get(k, k): params.pop(k) for k in list(params) if _FIELDS.get(k, k) in _OPTION_FIELDS}
+        if chosen.get("param_order") is not None:
+            text = inputs.read_text(chosen["param_order"], limits.TEXT_BYTES, "--param-order", confined=False)
+            chosen["param_order"] = [line.strip() for line in text.splitlines() if line.strip()]
+        return func(*args, options=Options(**chosen), **params)
+
+    return wrapper
+
+
+def _reconstruction(ckpt_path: Path, options: Options):
     from .checkpoint import load
     from .reconstruct import reconstruct
 
-    order = None
-    if param_order is not None:
-        if param_order_from is not None:
-            raise InputError("--param-order and --param-order-from both give the order", "give one of them")
-        text = inputs.read_text(param_order, limits.TEXT_BYTES, "--param-order", confined=False)
-        order = [line.strip() for line in text.splitlines() if line.strip()]
-    elif param_order_from is not None:
-        from .param_order import names_from
-
-        order = names_from(param_order_from, ckpt_path, model_config)
-    elif model_config is not None:
-        raise InputError("--config is read only with --param-order-from", "add --param-order-from transformers:CLASS")
-    ckpt = load(ckpt_path, model_key=model_key, optimizer_key=optimizer_key, strip_prefix=strip_prefix)
-    try:
-        return reconstruct(ckpt, optimizer=family, beta=beta, params_are=params_are, param_order=order, dtype=dtype,
-                           twins=twins, require_beta=require_beta, undecided_ok=undecided_ok)
-    except InputError as exc:
-        if param_order_from is None or not exc.message.startswith("--param-order"):
-            raise
-        from .param_order import disagreement
-
-        raise disagreement(exc, param_order_from) from None
+    return reconstruct(load(ckpt_path, options=options), options=options)
 
 
 @contextlib.contextmanager
@@ -209,10 +206,6 @@ def _status(text: str, enabled: bool) -> None:
         textout.echo_line(text, err=True)
 
 
-def _reconstruction_at(load_kw: dict, path: Path):
-    return _reconstruction(path, **load_kw)
-
-
 def _warn(messages: list[str], quiet: bool = False) -> None:
     if not quiet:
         for w in messages:
@@ -241,8 +234,8 @@ class OneLineErrors(click.Group):
         except click.ClickException as exc:
             _fail(exc.format_message().rstrip("."), None, as_json="--json" in args)
         except click.Abort:
-            textout.echo("error: interrupted; nothing was written", err=True)
-            sys.exit(130)
+            textout.echo(f"error: {INTERRUPTED}", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 
@@ -262,20 +255,21 @@ def main() -> None:
 @click.option("--scan", is_flag=True, help="Also read tensor data to count NaN/Inf in y, z and x.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @handle_errors
-def inspect(ckpt: Path, scan: bool, as_json: bool, **load_kw) -> None:
+@takes_options
+def inspect(ckpt: Path, scan: bool, as_json: bool, options: Options) -> None:
     """Show what a training checkpoint holds and how x would be made from it.
 
     Reads only metadata (no tensor data) unless --scan is given.
     """
     from .inspection import describe
-    from .plain_optimizers import NotScheduleFree
+    from .plain_optimizers import PlainOptimizer
 
     try:
-        recon = _reconstruction(ckpt, require_beta=False, undecided_ok=True, **load_kw)
-    except NotScheduleFree as exc:
-        _describe_not_schedule_free(ckpt, exc, as_json, load_kw)
+        recon = _reconstruction(ckpt, dataclasses.replace(options, require_beta=False, undecided_ok=True))
+    except PlainOptimizer as exc:
+        _describe_not_schedule_free(ckpt, exc, as_json, options)
         return
-    report = describe(recon, scan=scan)
+    report = describe(recon, scan=scan, spell=cli_words)
     if as_json:
         textout.echo_json(report)
     else:
@@ -285,14 +279,12 @@ def inspect(ckpt: Path, scan: bool, as_json: bool, **load_kw) -> None:
         _warn(report["warnings"])
 
 
-def _describe_not_schedule_free(path: Path, exc, as_json: bool, load_kw: dict) -> None:
+def _describe_not_schedule_free(path: Path, exc, as_json: bool, options: Options) -> None:
     """inspect of a checkpoint whose optimizer is not Schedule-Free: what it holds, and that it has no x."""
     from .checkpoint import load
     from .plain_optimizers import describe, table
 
-    ckpt = load(path, model_key=load_kw.get("model_key"), optimizer_key=load_kw.get("optimizer_key"),
-                strip_prefix=load_kw.get("strip_prefix"))
-    report = describe(ckpt, exc)
+    report = describe(load(path, options=options), exc)
     if as_json:
         textout.echo_json(report)
     else:
@@ -303,7 +295,7 @@ def _describe_not_schedule_free(path: Path, exc, as_json: bool, load_kw: dict) -
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path())  # a str: a trailing "/" (a folder) must reach save()
 @load_options
-@click.option("--dtype", type=click.Choice([*DTYPE_ALIASES.values(), *DTYPE_ALIASES]), callback=lambda ctx, p, v: DTYPE_ALIASES.get(v, v),
+@click.option("--dtype", type=click.Choice([*OUTPUT_DTYPES, *DTYPE_ALIASES]), callback=lambda ctx, p, v: DTYPE_ALIASES.get(v, v),
               help="Cast floating tensors to this dtype after computing x (bf16, fp16, fp32 as in Hugging Face).")
 @click.option("--max-shard-size", metavar="SIZE", help="In the folder OUT, shards of at most SIZE (e.g. 5GB) and model.safetensors.index.json; "
               "x smaller than SIZE stays one model.safetensors, as with Hugging Face.")
@@ -322,8 +314,8 @@ def _describe_not_schedule_free(path: Path, exc, as_json: bool, load_kw: dict) -
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors: no progress, BatchNorm table, summary or warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @handle_errors
-def convert(ckpt: Path, out: str, dtype, max_shard_size, force, allow_nonfinite, bn_calib, model_spec, bn_batch_size,
-            bn_batches, bn_mode, device, quiet, as_json, **load_kw) -> None:
+@takes_options
+def convert(ckpt: Path, out: str, quiet: bool, as_json: bool, options: Options) -> None:
     """Reconstruct x from CKPT and write it to OUT.
 
     OUT ending in .safetensors is one file; OUT ending in /, an existing
@@ -332,25 +324,25 @@ def convert(ckpt: Path, out: str, dtype, max_shard_size, force, allow_nonfinite,
     From a Keras checkpoint, OUT ending in .weights.h5 or .keras is a file
     Keras loads (model.load_weights, keras.models.load_model).
     """
+    from .options import wants_calibration
     from .save import save
 
-    if bool(bn_calib) != bool(model_spec):
-        raise InputError("--bn-calib and --model go together", "give both: the data, and the code that builds the model")
+    calibrating = wants_calibration(options)
     _status(f"reading {ckpt} and planning x...", not (quiet or as_json))
-    recon = _reconstruction(ckpt, dtype=dtype, **load_kw)
+    recon = _reconstruction(ckpt, options)
     shifts = None
-    if bn_calib:
-        from .batchnorm import MOMENTUM_BATCHES, calibrate
+    if calibrating:
+        from .batchnorm import MOMENTUM_BATCHES, calibrate_with
 
-        limit = bn_batches or (MOMENTUM_BATCHES if bn_mode == "momentum" else 0)
+        limit = options.bn_batches or (MOMENTUM_BATCHES if options.bn_mode == "momentum" else 0)
         with _progress(limit, "BatchNorm statistics", not (quiet or as_json), "batches") as update:
-            shifts = calibrate(recon, model_spec, bn_calib, bn_batch_size, bn_batches, device, update, mode=bn_mode)
+            shifts = calibrate_with(recon, options, update)
     total = sum(t.nbytes for t in recon.tensors)
     with _progress(total, "writing x", not (quiet or as_json)) as update:
-        paths = save(recon, out, force=force, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size, progress=update)
+        paths = save(recon, out, options=options, progress=update)
     _warn(recon.all_warnings(), quiet)  # after success, so that a failure is one line on stderr
     summary = {
-        "version": 1,
+        "version": JSON_VERSION,
         "source": str(ckpt),
         "outputs": [str(p) for p in paths],
         "optimizer_family": recon.family.name,
@@ -388,6 +380,39 @@ def convert(ckpt: Path, out: str, dtype, max_shard_size, force, allow_nonfinite,
             textout.echo_line(f"hint: {hint}", err=True)
 
 
+@main.command(short_help="Convert each checkpoint a training run writes, once its save is complete.", epilog=DOCS_EPILOG)
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the releases (one per checkpoint, "
+              "named after it).")
+@click.option("--interval", type=float, default=10.0, show_default=True, help="Seconds between two looks at RUN_DIR.")
+@click.option("--once", is_flag=True, help="Convert what is complete now (two looks --interval apart) and stop.")
+@click.option("--strip-prefix", metavar="PREFIX", help="Remove PREFIX from weight names (Lightning: model.).")
+@click.option("--bn-calib", metavar="DATA", help="Re-estimate BatchNorm statistics at x on DATA, as convert does.")
+@click.option("--model", "model_spec", metavar="SPEC", help="With --bn-calib: file.py:callable returning the nn.Module.")
+@handle_errors
+def watch(run_dir: Path, out: Path, interval: float, once: bool, strip_prefix, bn_calib, model_spec) -> None:
+    """Convert every checkpoint written into RUN_DIR, exactly once, when its save is complete.
+
+    Runs until Ctrl-C (exit 130), or with --once until what is there now is converted.
+    Releases already in --out are skipped, so a watch can be restarted.
+    """
+    from .watch import start
+
+    if bool(bn_calib) != bool(model_spec):
+        raise OptionConflict(Opt("bn_calib") + " and " + Opt("bn_model") + " go together",
+                             "give both: the data, and the code that builds the model", option="bn_model")
+    try:
+        failures = start(run_dir, out, interval, once, strip_prefix, bn_calib, model_spec,
+                         lambda line: textout.echo_line(line, err=True))
+    except KeyboardInterrupt:
+        # Releases are written whole or not at all: those finished stay, one being written does not appear
+        textout.echo("stopped: the releases written so far are complete", err=True)
+        sys.exit(130)
+    if failures:
+        raise InputError(f"{failures} checkpoint{'s' if failures != 1 else ''} in {run_dir} could not be converted "
+                         "(see the warnings above)", "fix them and run the watch again: what was written is kept")
+
+
 @main.command(short_help="Show the per-tensor gap between two weight sets (or y and x).", epilog=DOCS_EPILOG)
 @click.argument("a", type=click.Path(path_type=Path))
 @click.argument("b", type=click.Path(path_type=Path), required=False)
@@ -399,7 +424,8 @@ def convert(ckpt: Path, out: str, dtype, max_shard_size, force, allow_nonfinite,
 @click.option("--force", is_flag=True, help="Replace the --plot file if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @handle_errors
-def diff(a: Path, b: Path | None, top: int, sort: str, plot: Path | None, force: bool, as_json: bool, **load_kw) -> None:
+@takes_options
+def diff(a: Path, b: Path | None, top: int, sort: str, plot: Path | None, as_json: bool, options: Options) -> None:
     """Show the per-tensor gap between two weight sets.
 
     With one argument (a training checkpoint): its saved weights against its
@@ -415,14 +441,14 @@ def diff(a: Path, b: Path | None, top: int, sort: str, plot: Path | None, force:
     if plot is not None:
         from .plot import check_target
 
-        check_target(plot, force, [p for p in (a, b) if p is not None])
+        check_target(plot, options.force, [p for p in (a, b) if p is not None])
     _status(f"reading {a}{f' and {b}' if b is not None else ''}...", not as_json)
     if b is None:
-        recon = _reconstruction(a, **load_kw)
+        recon = _reconstruction(a, options)
         with _progress(sum(t.nbytes for t in recon.tensors), "comparing", not as_json) as update:
             report = diff_checkpoint(recon, update)
     else:
-        make = functools.partial(_reconstruction_at, load_kw)
+        make = functools.partial(_reconstruction, options=options)
         set_a, set_b = open_weights(a, make), open_weights(b, make)
         total = sum(r.nbytes for r in {**set_b.tensors, **set_a.tensors}.values())
         with _progress(total, "comparing", not as_json) as update:
@@ -430,7 +456,7 @@ def diff(a: Path, b: Path | None, top: int, sort: str, plot: Path | None, force:
     if plot is not None:
         from .plot import plot_gap
 
-        plot_gap(report, plot, force=force, inputs=[p for p in (a, b) if p is not None])
+        plot_gap(report, plot, force=options.force, inputs=[p for p in (a, b) if p is not None])
     if as_json:
         textout.echo_json(report)
     else:
@@ -448,7 +474,9 @@ def diff(a: Path, b: Path | None, top: int, sort: str, plot: Path | None, force:
 @click.option("--top", type=click.IntRange(min=0), default=50, show_default=True, help="Findings in the table (0: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report on stdout.")
 @handle_errors
-def check(weights: tuple[Path, ...], ckpt: Path, rtol: float, atol: float, top: int, as_json: bool, **load_kw) -> None:
+@takes_options
+def check(weights: tuple[Path, ...], ckpt: Path, rtol: float, atol: float, top: int, as_json: bool,
+          options: Options) -> None:
     """Exit 0 if WEIGHTS are the checkpoint's x, 1 if not (e.g. they are y), 2 if undecidable.
 
     WEIGHTS: a safetensors file, a sharded index, a release folder, a
@@ -464,7 +492,7 @@ def check(weights: tuple[Path, ...], ckpt: Path, rtol: float, atol: float, top: 
 
     _status(f"reading {ckpt} and planning x...", not as_json)
     released = union(released_weights(w) for w in weights)
-    recon = _reconstruction(ckpt, **load_kw)
+    recon = _reconstruction(ckpt, options)
     with _progress(sum(t.nbytes for t in recon.tensors), "checking", not as_json) as update:
         report = check_release(released, recon, rtol=rtol, atol=atol, progress=update)
     if as_json:

@@ -9,9 +9,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
-from .errors import InputError
+from .conventions import BN_BUFFERS, JSON_VERSION
+from .errors import InputError, Opt
 from .hints import prefix_between, prefix_verdict
-from .reconstruct import Reconstruction, bn_layer
+from .reconstruct import OutputTensor, Reconstruction, bn_layer
 from .sources import WeightSet, x_of
 from .tables import counted
 from .tensors import FLOAT_DTYPES, TensorRef, count_nonfinite, format_shape
@@ -125,7 +126,8 @@ def diff_sets(a: WeightSet, b: WeightSet, progress: Callable[[int], None] | None
     names = sorted(set(a.tensors) | set(b.tensors))
     if not set(a.tensors) & set(b.tensors):
         raise InputError(f"nothing to compare: {a.label} and {b.label} have no tensor name in common",
-                         "diff two weight sets of the same model (a --strip-prefix may be needed for one side)")
+                         "diff two weight sets of the same model (" + Opt("strip_prefix", usage=True)
+                         + " may be needed for one side)")
     rows: list[TensorDiff] = []
     for name in names:
         ra, rb = a.tensors.get(name), b.tensors.get(name)
@@ -161,7 +163,7 @@ def diff_sets(a: WeightSet, b: WeightSet, progress: Callable[[int], None] | None
             {"module": m, "tensors": v[2], "rel_l2": _rel(v[0], v[1])} for m, v in modules.items()
         ],
     }
-    return {"version": 1, "summary": summary, "tensors": [r.as_json() for r in rows]}
+    return {"version": JSON_VERSION, "summary": summary, "tensors": [r.as_json() for r in rows]}
 
 
 def diff_checkpoint(recon: Reconstruction, progress=None) -> dict[str, Any]:
@@ -203,7 +205,7 @@ def reestimated_batchnorm(released: WeightSet, recon: Reconstruction) -> set[str
         return set()
     layers = {n.rsplit(".", 1)[0] if "." in n else "" for n in recon.batchnorm_buffers}
     buffers = {f"{layer}.{b}" if layer else b for layer in layers
-               for b in ("running_mean", "running_var", "num_batches_tracked")}
+               for b in BN_BUFFERS}
     return buffers & {t.name for t in recon.tensors}
 
 
@@ -215,8 +217,6 @@ def check_release(released: WeightSet, recon: Reconstruction, rtol: float = 0.0,
     (`convert --bn-calib`) cannot be reproduced from the checkpoint: they are
     checked for shape and NaN/Inf only, and the verdict says so.
     """
-    import torch
-
     findings: list[Finding] = []
     cast: set[str] = set()
     checked = 0
@@ -236,34 +236,68 @@ def check_release(released: WeightSet, recon: Reconstruction, rtol: float = 0.0,
             findings.append(Finding("shape", t.name, f"released {format_shape(rel.shape)}, x {format_shape(t.shape)}"))
             continue
         checked += 1
-        r = rel.load()
-        bad = count_nonfinite(r)
-        if bad:
-            findings.append(Finding("nonfinite", t.name, f"{bad} NaN/Inf values"))
-            continue
-        if t.name in bn_calibrated:
-            continue
-        x = t.compute()
-        if x.dtype != r.dtype:
-            cast.add(t.name)
-            x = x.to(r.dtype)
-        if torch.equal(r, x):
-            continue
-        diff = (r.to(torch.float64) - x.to(torch.float64)).abs()
-        if (rtol or atol) and bool((diff <= atol + rtol * x.to(torch.float64).abs()).all()):
-            continue
-        y = t.ref.load()
-        equals_y = t.how != "copy" and torch.equal(r, y.to(r.dtype))
-        findings.append(Finding("differs", t.name, "differs from x", float(diff.max()), equals_y))
+        finding = _compare_with_x(t, rel, t.name in bn_calibrated, rtol, atol, cast)
+        if finding is not None:
+            findings.append(finding)
     for name in sorted(set(released.tensors) - x_names):
         findings.append(Finding("extra", name, "in the released weights but not in the checkpoint"))
+    return {
+        "version": JSON_VERSION,
+        "passed": not findings,
+        "verdict": _verdict(findings, cast, bn_calibrated, recon.checkpoint.strip_prefix),
+        "weights": released.label,
+        "checkpoint": str(recon.checkpoint.path),
+        "tensors_checked": checked,
+        "cast_to_released_dtype": sorted(cast),
+        "batchnorm_reestimated": sorted(bn_calibrated),
+        "tolerance": {"rtol": rtol, "atol": atol},
+        "findings": [asdict(f) for f in findings],
+    }
 
+
+def _compare_with_x(t: OutputTensor, rel: TensorRef, reestimated: bool, rtol: float, atol: float, cast: set[str]) -> Finding | None:
+    """What is wrong with one released tensor of x's shape, or None; adds its name to `cast` when x is cast
+    to the released dtype. A re-estimated BatchNorm statistic is checked for NaN/Inf only."""
+    import torch
+
+    r = rel.load()
+    bad = count_nonfinite(r)
+    if bad:
+        return Finding("nonfinite", t.name, f"{bad} NaN/Inf values")
+    if reestimated:
+        return None
+    x = t.compute()
+    if x.dtype != r.dtype:
+        cast.add(t.name)
+        x = x.to(r.dtype)
+    if torch.equal(r, x):
+        return None
+    diff = (r.to(torch.float64) - x.to(torch.float64)).abs()
+    if (rtol or atol) and bool((diff <= atol + rtol * x.to(torch.float64).abs()).all()):
+        return None
+    y = t.ref.load()
+    equals_y = t.how != "copy" and torch.equal(r, y.to(r.dtype))
+    return Finding("differs", t.name, "differs from x", float(diff.max()), equals_y)
+
+
+def _verdict(findings: list[Finding], cast: set[str], bn_calibrated: set[str], strip_prefix: str | None) -> str:
+    """One line: "these are x" (with how they were compared), or what is wrong, worst first; names that
+    differ by one prefix are said as that (`strip_prefix`: the option the check was run with)."""
+    if not findings:
+        notes = []
+        if cast:
+            notes.append("compared after casting x to the released dtype")
+        if bn_calibrated:
+            notes.append(f"the BatchNorm statistics of {_layers(bn_calibrated)} re-estimated at x by "
+                         "`convert --bn-calib`, as the release's metadata says: checked for shape and NaN/Inf only; "
+                         "every other tensor compared with x")
+        return "these are x" + (f" ({'; '.join(notes)})" if notes else "")
     differs = [f for f in findings if f.kind == "differs"]
     messages: list[str] = []
     renamed = prefix_between([f.name for f in findings if f.kind == "missing"],
                              [f.name for f in findings if f.kind == "extra"])
     if renamed and not differs and all(f.kind in ("missing", "extra") for f in findings):
-        messages.append(prefix_verdict(*renamed, recon.checkpoint.strip_prefix))
+        messages.append(prefix_verdict(*renamed, strip_prefix))
     elif differs and len(differs) == len(findings) and all(f.equals_y for f in differs):
         messages.append(Y_VERDICT)
     else:
@@ -278,31 +312,13 @@ def check_release(released: WeightSet, recon: Reconstruction, rtol: float = 0.0,
             group = [f for f in findings if f.kind == kind]
             if group:
                 messages.append(f"{counted(len(group), 'tensor')} {text} (first: {group[0].name})")
-    passed = not findings
-    notes = []
-    if cast:
-        notes.append("compared after casting x to the released dtype")
-    bn_layers = counted(len({bn_layer(n) for n in bn_calibrated}), "layer")
-    if bn_calibrated:
-        notes.append(f"the BatchNorm statistics of {bn_layers} re-estimated at x by `convert --bn-calib`, as the release's "
-                     "metadata says: checked for shape and NaN/Inf only; every other tensor compared with x")
-    if passed:
-        verdict = "these are x" + (f" ({'; '.join(notes)})" if notes else "")
-    else:
-        verdict = "; ".join(messages + ([f"the BatchNorm statistics of {bn_layers} re-estimated at x (release metadata) not "
-                                         "compared"] if bn_calibrated else []))
-    return {
-        "version": 1,
-        "passed": passed,
-        "verdict": verdict,
-        "weights": released.label,
-        "checkpoint": str(recon.checkpoint.path),
-        "tensors_checked": checked,
-        "cast_to_released_dtype": sorted(cast),
-        "batchnorm_reestimated": sorted(bn_calibrated),
-        "tolerance": {"rtol": rtol, "atol": atol},
-        "findings": [asdict(f) for f in findings],
-    }
+    return "; ".join(messages + ([f"the BatchNorm statistics of {_layers(bn_calibrated)} re-estimated at x "
+                                  "(release metadata) not compared"] if bn_calibrated else []))
+
+
+def _layers(bn_buffers: set[str]) -> str:
+    """"3 layers": BatchNorm counted in layers, as convert's warning counts them."""
+    return counted(len({bn_layer(n) for n in bn_buffers}), "layer")
 
 
 def union(sets: Iterable[WeightSet]) -> WeightSet:

@@ -11,6 +11,8 @@ for bit):
 * ``lerp``: ``p.lerp_(end=z, weight=1 - 1/β)`` when the group is in train
   mode (params hold y); nothing when it is in eval mode (params hold x).
 * ``state-x``: ``p.copy_(state['x'])`` (the *Reference* variants keep x).
+* optax (JAX) has no eval(): ``optax.contrib.schedule_free_eval_params`` maps
+  ``(y - (1 - b1) * z) / b1`` over the tree with the stored ``b1`` (`sfckpt/optax_eval.py`).
 * ``keras``: Keras 3's ScheduleFreeAdamW has no eval(); its variables always
   hold y, and x is its own recovery formula (`keras_x`).
 
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from . import plain_optimizers
-from .errors import InputError
+from .errors import InputError, NotScheduleFree, Opt, OptionConflict, Words
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,9 @@ class Family:
     switch_key: str | None = None  # group flag turning Schedule-Free on; a group with it off has no y/x split
     beta_first_key: str | None = None  # a group key that, when set, is β instead of beta_key (heavyball's 'beta')
     refuse_when_set: tuple[tuple[str, str], ...] = ()  # (group key, why): a group with it set is not converted
+    # A group key naming the dtype β is stored in. When set, x is optax's (y − (1 − β)·z)/β with β in
+    # that dtype (sfckpt/optax_eval.py), not a lerp.
+    beta_dtype_key: str | None = None
     group_has: frozenset[str] = field(default_factory=frozenset)
     group_lacks: frozenset[str] = field(default_factory=frozenset)
     state_has: frozenset[str] = field(default_factory=frozenset)
@@ -246,6 +251,21 @@ FAMILIES: tuple[Family, ...] = (
         "matches only up to that rounding. float32 parameters match bit for bit",
     ),
     Family(
+        "optax-sf",
+        ("schedule_free", "schedule_free_adamw", "schedule_free_sgd", "rollfast schedule_free"),
+        library="optax",
+        beta_key="b1",
+        beta_dtype_key="b1_dtype",
+        mode_key=None,
+        params_without_mode="y",
+        step_key="step_count",
+        group_has=_F({"b1", "b1_dtype", "schedule_free_state"}),
+        state_has=_F({"z"}),
+        note="optax.contrib's (or rollfast's) ScheduleFreeState, read from an Orbax checkpoint: parameters always hold "
+        "y, and x is schedule_free_eval_params' (y - (1 - b1)·z)/b1 with the stored b1 (optax casts it to the lowest "
+        "parameter dtype; rollfast keeps its annealed b1 in float32)",
+    ),
+    Family(
         "prodigy-plus-sf",
         ("ProdigyPlusScheduleFree",),
         library="prodigy-plus-schedule-free",
@@ -329,7 +349,8 @@ def get(name: str) -> Family:
     try:
         return BY_NAME[name]
     except KeyError:
-        raise InputError(f"unknown optimizer family '{name}'", f"choose one of: {', '.join(BY_NAME)}") from None
+        raise OptionConflict(f"unknown optimizer family '{name}'", f"choose one of: {', '.join(BY_NAME)}",
+                             option="optimizer") from None
 
 
 def detect(groups: list[Mapping[str, Any]], state_keys: set[str], layout: str = "standard") -> Family:
@@ -344,18 +365,19 @@ def detect(groups: list[Mapping[str, Any]], state_keys: set[str], layout: str = 
         _refuse_if_not_schedule_free(groups, group_keys, state_keys, layout)
     if not found and "z" not in state_keys:
         plain_optimizers.refuse(groups, state_keys)
-        raise InputError(
+        raise NotScheduleFree(
             f"the optimizer state holds no Schedule-Free z ({seen})",
             "this is not a Schedule-Free checkpoint, or no step was taken; there is no x to reconstruct",
         )
     if not found:
         raise InputError(
             f"the optimizer state has a z but matches no known Schedule-Free family ({seen})",
-            "pass --optimizer FAMILY, --beta and --params-are y|x to say how it was trained",
+            "pass " + Opt("optimizer", usage=True) + ", " + Opt("beta") + " and " + Opt("params_are", usage=True)
+            + " to say how it was trained",
         )
     raise InputError(
         f"the optimizer state matches several families ({', '.join(f.name for f in found)})",
-        "pass --optimizer FAMILY",
+        "pass " + Opt("optimizer", usage=True),
     )
 
 
@@ -364,14 +386,14 @@ def _refuse_if_not_schedule_free(groups, group_keys: set[str], state_keys: set[s
     for f in FAMILIES:
         if (f.switch_key and f.layout == layout and groups and f.group_has <= group_keys
                 and not any(g.get(f.switch_key) for g in groups)):
-            raise InputError(
+            raise NotScheduleFree(
                 f"{f.classes[0]} ({f.library}) was run with {f.switch_key}=False: that is not Schedule-Free, "
                 "so there is no x to reconstruct",
                 "its parameters already are the trained weights: release them as saved",
             )
     for look in LOOKALIKES:
         if look.matches(layout, group_keys, state_keys):
-            raise InputError(
+            raise NotScheduleFree(
                 f"this looks like {look.library} {', '.join(look.classes)}, which is not Schedule-Free: {look.why}",
                 "sfckpt only reconstructs Schedule-Free x; release the weights the way that optimizer's documentation says",
             )
@@ -399,14 +421,15 @@ def as_float(value: Any) -> float | None:
         return None
 
 
-def check_beta(beta: Any, where: str) -> float:
-    """β as a float in (0, 1), or an InputError naming where it came from."""
+def check_beta(beta: Any, where: Words) -> float:
+    """β as a float in (0, 1), or an InputError naming where it came from (a saved key, or the option)."""
+    at = where if isinstance(where, str) else None
+    wrong = "Schedule-Free needs 0 < β < 1; pass " + Opt("beta") + " if the saved value is wrong"
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise InputError(f"{where}: β is {beta!r}, not a number", "pass --beta to give it")
+        raise InputError(where + f": β is {beta!r}, not a number", "pass " + Opt("beta") + " to give it", where=at)
     if as_float(beta) is None:
-        raise InputError(f"{where}: β is an integer of {beta.bit_length()} bits, outside (0, 1)",
-                         "Schedule-Free needs 0 < β < 1; pass --beta if the saved value is wrong")
+        raise InputError(where + f": β is an integer of {beta.bit_length()} bits, outside (0, 1)", wrong, where=at)
     beta = float(beta)
     if not math.isfinite(beta) or not 0.0 < beta < 1.0:
-        raise InputError(f"{where}: β = {beta} is outside (0, 1)", "Schedule-Free needs 0 < β < 1; pass --beta if the saved value is wrong")
+        raise InputError(where + f": β = {beta} is outside (0, 1)", wrong, where=at)
     return beta

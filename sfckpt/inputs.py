@@ -12,7 +12,9 @@ and not larger than the limit of what it is read as. Reads are positioned
 shrank while sfckpt read it, which is refused with exit 2, never a signal (a
 memory map would turn it into SIGBUS). No library opens an input file by its
 path: DCP's reader gets file objects over checked descriptors, and transformers
-and peft get configs built from the JSON read here.
+and peft get configs built from the JSON read here. The one exception is tensorstore,
+which reads an Orbax folder's arrays itself: `check_tree` refuses the whole folder first
+if anything inside it is a link or not a regular file, and sfckpt writes every spec it gets.
 
 Files the user names as options (`--param-order`, `--bn-calib` data, `--model`
 files) are the user's own and are not confined, but are opened the same way.
@@ -31,7 +33,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterator
 
 from . import limits
-from .errors import InputError, OutputError
+from .errors import DamagedInput, InputError, OutputError
 
 # Non-blocking: opening a FIFO with no writer, or a terminal, returns at once instead of waiting.
 OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
@@ -47,7 +49,7 @@ def excerpt(text: object) -> str:
 
 def truncated(path: object) -> InputError:
     """The error for a file that ends before what it promised, or shrank while being read."""
-    return InputError(f"{path}: the file changed or is truncated while being read",
+    return DamagedInput(f"{path}: the file changed or is truncated while being read",
                       "copy the checkpoint again, and do not convert it while it is being written")
 
 
@@ -179,7 +181,7 @@ class InputFile:
             try:
                 got = os.preadv(self.fd, [view[done:done + (1 << 30)]], offset + done)
             except OSError as exc:
-                raise InputError(f"{self.path}: cannot be read ({exc.strerror})", "check the file and its permissions") from None
+                raise InputError(f"{self.path}: cannot be read ({exc.strerror})", "check the file and its permissions") from exc
             if got == 0:
                 raise truncated(self.path)
             done += got
@@ -199,7 +201,7 @@ class InputFile:
             try:
                 out = torch.empty(math.prod(shape), dtype=torch_dtype(dtype))
             except (RuntimeError, MemoryError):
-                raise InputError(f"{self.path}: a tensor of {nbytes} bytes does not fit in memory",
+                raise DamagedInput(f"{self.path}: a tensor of {nbytes} bytes does not fit in memory",
                                  "the file is damaged or crafted, or this machine has too little memory for it") from None
         if nbytes:
             self.readinto(memoryview(out.view(torch.uint8).numpy()), offset)
@@ -215,7 +217,7 @@ class InputFile:
             try:
                 part = os.pread(self.fd, min(_CHUNK, bound + 1 - total), total)
             except OSError as exc:
-                raise InputError(f"{self.path}: cannot be read ({exc.strerror})", "check the file and its permissions") from None
+                raise InputError(f"{self.path}: cannot be read ({exc.strerror})", "check the file and its permissions") from exc
             if not part:
                 break
             parts.append(part)
@@ -247,8 +249,8 @@ def open_input(path: str | os.PathLike, *, root: Root | None = None, confined: b
         fd = os.open(path, OPEN_FLAGS)
     except OSError as exc:
         if exc.errno == errno.ENOENT:
-            raise InputError(f"{path}: no such file", "check the path; copy the whole checkpoint") from None
-        raise InputError(f"{path}: cannot be read ({exc.strerror})", "check the path and its permissions") from None
+            raise InputError(f"{path}: no such file", "check the path; copy the whole checkpoint") from exc
+        raise InputError(f"{path}: cannot be read ({exc.strerror})", "check the path and its permissions") from exc
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -287,7 +289,7 @@ def read_text(path: str | os.PathLike, limit: limits.Limit, what: str, *, confin
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise InputError(f"{path}: {what} is not UTF-8 text", "the file is damaged or not what its name says") from None
+        raise DamagedInput(f"{path}: {what} is not UTF-8 text", "the file is damaged or not what its name says") from None
 
 
 def parse_json(data: bytes, what: str) -> Any:
@@ -295,9 +297,9 @@ def parse_json(data: bytes, what: str) -> Any:
     try:
         return json.loads(data.decode("utf-8"))
     except RecursionError:
-        raise InputError(f"{what} is nested too deeply for a JSON parser", "the file is damaged or crafted") from None
+        raise DamagedInput(f"{what} is nested too deeply for a JSON parser", "the file is damaged or crafted") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{what} is not valid JSON ({str(exc)[:120]})", "the file is truncated or damaged") from None
+        raise DamagedInput(f"{what} is not valid JSON ({str(exc)[:120]})", "the file is truncated or damaged") from exc
 
 
 def read_json(path: str | os.PathLike, what: str, limit: limits.Limit = limits.JSON_BYTES, *,
@@ -311,7 +313,7 @@ def confined(folder: Path, name: object, named_by: str) -> Path:
     their spelling (absolute, `..`, backslashes). Where the file really lies is checked when it is
     opened (`open_input`), on the opened descriptor."""
     if not isinstance(name, str) or not name:
-        raise InputError(f"{named_by} names a file by {type(name).__name__} {str(name)[:60]!r}, not by a file name",
+        raise DamagedInput(f"{named_by} names a file by {type(name).__name__} {str(name)[:60]!r}, not by a file name",
                          "the file is damaged or crafted")
     lexical = PurePosixPath(name)
     if lexical.is_absolute() or PureWindowsPath(name).is_absolute() or ".." in lexical.parts or "\\" in name \
@@ -352,7 +354,7 @@ def copy_side_file(source: InputFile, dest: Path) -> None:
                 offset += len(chunk)
     except OSError as exc:
         raise OutputError(f"copying {source.path} to {dest} failed ({exc.strerror})",
-                          "free some disk space or choose another folder") from None
+                          "free some disk space or choose another folder") from exc
 
 
 def allow_open_files(needed: int) -> None:
@@ -365,3 +367,27 @@ def allow_open_files(needed: int) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else min(needed, hard), hard))
     except (ImportError, ValueError, OSError):
         pass  # not POSIX, or not allowed: opening a file will say so
+
+
+def check_tree(folder: Path, what: str) -> int:
+    """Refuse a folder whose files another library will open by path (tensorstore reads an Orbax
+    checkpoint itself): every entry below it must be a real folder or a regular file, no link of any
+    kind, nothing on /proc or /sys, since the library follows what it finds. Returns the bytes the
+    files hold."""
+    total = 0
+    for parent, folders, files in os.walk(folder, onerror=_walk_error):
+        for name in folders + files:
+            entry = os.path.join(parent, name)
+            st = os.lstat(entry)
+            if stat.S_ISLNK(st.st_mode):
+                raise InputError(f"{entry} is a symbolic link inside {what}, which another library reads by "
+                                 "following links", "refusing to read it; replace the link by a copy of its target")
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)) or st.st_dev in _PSEUDO:
+                raise InputError(f"{entry} is not a regular file or folder", "refusing to read it; only files inside "
+                                 "the input are read (remove it from the checkpoint folder)")
+            total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return total
+
+
+def _walk_error(exc: OSError) -> None:
+    raise InputError(f"{exc.filename}: cannot be read ({exc.strerror})", "check the folder and its permissions")

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from typing import Any, Callable, Iterable
 
-from .reconstruct import Reconstruction
-from .tensors import count_nonfinite
-
-REPORT_VERSION = 1
+from . import provenance
+from .conventions import JSON_VERSION
+from .errors import Opt, api_words
+from .reconstruct import GroupReport, Reconstruction, bn_layer
+from .tensors import TensorRef, count_nonfinite
 
 
 def _plain(value: Any) -> Any:
@@ -19,23 +20,17 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def describe(recon: Reconstruction, scan: bool = False) -> dict[str, Any]:
+def describe(recon: Reconstruction, scan: bool = False, spell: Callable[[Opt], str] = api_words) -> dict[str, Any]:
     """A report of the checkpoint and of how x will be made from it.
 
     With `scan`, tensor data is read to count NaN/Inf in y, z and x; otherwise
-    nothing but metadata is read.
+    nothing but metadata is read. `spell` writes the options a warning names (the CLI's flags).
     """
     ckpt = recon.checkpoint
-    by_dtype: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "elements": 0, "bytes": 0})
-    for ref in ckpt.weights.values():
-        d = by_dtype[ref.dtype]
-        d["tensors"] += 1
-        d["elements"] += ref.numel
-        d["bytes"] += ref.nbytes
     fam = recon.family
     bn = recon.batchnorm_buffers
     report: dict[str, Any] = {
-        "version": REPORT_VERSION,
+        "version": JSON_VERSION,
         "path": str(ckpt.path),
         "container": ckpt.container,
         "keys": {
@@ -59,46 +54,78 @@ def describe(recon: Reconstruction, scan: bool = False) -> dict[str, Any]:
             for o in recon.optimizers
         ],
         "params_hold": recon.source_held,
-        "groups": [
-            {
-                "index": g.index,
-                "beta": g.beta,
-                "beta_source": g.beta_source,
-                "lr": _plain(g.lr),
-                "weight_decay": _plain(g.weight_decay),
-                "warmup_steps": _plain(g.warmup_steps),
-                "step": _plain(g.step),
-                "weight_sum": _plain(g.weight_sum),
-                "train_mode": _plain(g.train_mode),
-                "params_hold": g.params_hold,
-                "params_hold_source": g.params_hold_source,
-                "params": g.n_params,
-                "params_with_z": g.n_with_z,
-                "optimizer": g.optimizer,
-            }
-            for g in recon.groups
-        ],
-        "tensors": {
-            "count": len(ckpt.weights),
-            "elements": sum(d["elements"] for d in by_dtype.values()),
-            "bytes": sum(d["bytes"] for d in by_dtype.values()),
-            "by_dtype": dict(sorted(by_dtype.items())),
-        },
+        "groups": [_group_json(g) for g in recon.groups],
+        "tensors": _tensor_totals(ckpt.weights.values()),
         "mapping": {
             **recon.mapping.as_json(),
             "optimizer_entries": recon.n_entries,
             "tensors_converted": recon.n_converted,
             "tensors_unchanged": len(recon.tensors) - recon.n_converted,
         },
-        "batchnorm": {"buffers": bn, "layers": len({_layer_of(n) for n in bn})},
+        "batchnorm": {"buffers": bn, "layers": len({bn_layer(n) for n in bn})},
         "notes": list(ckpt.notes),
         "skipped": ckpt.skipped,
         "unloaded_classes": ckpt.unloaded_classes,
         "nonfinite": scan_nonfinite(recon) if scan else None,
-        "warnings": recon.all_warnings(),
+        "warnings": recon.all_warnings() + _mode_doubts(recon) + _undecided(recon, spell),
         "hints": hints(recon),
     }
     return report
+
+
+def _group_json(g: GroupReport) -> dict[str, Any]:
+    """One parameter group of the report."""
+    return {
+        "index": g.index,
+        "beta": g.beta,
+        "beta_source": g.beta_source,
+        "lr": _plain(g.lr),
+        "weight_decay": _plain(g.weight_decay),
+        "warmup_steps": _plain(g.warmup_steps),
+        "step": _plain(g.step),
+        "weight_sum": _plain(g.weight_sum),
+        "train_mode": _plain(g.train_mode),
+        "params_hold": g.params_hold,
+        "params_hold_source": g.params_hold_source,
+        "params": g.n_params,
+        "params_with_z": g.n_with_z,
+        "optimizer": g.optimizer,
+    }
+
+
+def _tensor_totals(refs: Iterable[TensorRef]) -> dict[str, Any]:
+    """How many tensors, elements and bytes the weights hold, in all and per dtype."""
+    by_dtype: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "elements": 0, "bytes": 0})
+    for ref in refs:
+        d = by_dtype[ref.dtype]
+        d["tensors"] += 1
+        d["elements"] += ref.numel
+        d["bytes"] += ref.nbytes
+    return {
+        "count": sum(d["tensors"] for d in by_dtype.values()),
+        "elements": sum(d["elements"] for d in by_dtype.values()),
+        "bytes": sum(d["bytes"] for d in by_dtype.values()),
+        "by_dtype": dict(sorted(by_dtype.items())),
+    }
+
+
+def _undecided(recon: Reconstruction, spell: Callable[[Opt], str]) -> list[str]:
+    """Why x cannot be made from a plan whose mapping was left open (`undecided_ok`), as a warning."""
+    if recon.undecided is None:
+        return []
+    message, hint = recon.undecided.in_words(spell)
+    return [f"x cannot be made yet: {message}" + (f"; {hint}" if hint else "")]
+
+
+def _mode_doubts(recon: Reconstruction) -> list[str]:
+    """Warnings that the saved train_mode may not describe the weights (not when --params-are says)."""
+    if recon.groups and all(g.params_hold_source == "--params-are" for g in recon.groups):
+        return []
+    modes: dict[str, list] = defaultdict(list)
+    for g in recon.groups:
+        modes[g.optimizer].append(g.train_mode)
+    ckpt = recon.checkpoint
+    return provenance.warnings_for(ckpt.top_level_keys, ckpt.callbacks, modes)
 
 
 def hints(recon: Reconstruction) -> list[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import inputs, writer
-from .errors import OutputError
+from .errors import Opt, OutputError
 from .readers import keras_file, sniff
 from .readers.hdf5_tree import need_h5py
 from .reconstruct import Reconstruction
@@ -38,7 +38,7 @@ def write(recon: Reconstruction, out: Path, produce: Callable, force: bool,
     kind = sniff(ckpt.path)
     if kind not in keras_file.KINDS or ckpt.strip_prefix:
         raise OutputError(f"{out}: a Keras output needs a Keras checkpoint (.keras, .weights.h5), read without "
-                          "--strip-prefix, whose HDF5 tree it repeats", "write safetensors (x.safetensors) instead")
+                          + Opt("strip_prefix") + ", whose HDF5 tree it repeats", "write safetensors (x.safetensors) instead")
     with inputs.scope(ckpt.path):
         opened = keras_file.open_checkpoint(ckpt.path, kind)
     if out.name.endswith(".keras") and opened.config is None:
@@ -64,7 +64,7 @@ def write(recon: Reconstruction, out: Path, produce: Callable, force: bool,
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as exc:
-            raise OutputError(f"writing {out} failed ({exc.strerror})", "free some disk space or choose another folder") from None
+            raise OutputError(f"writing {out} failed ({exc.strerror})", "free some disk space or choose another folder") from exc
     return out
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .errors import InputError
+from .errors import InputError, Opt, OptionConflict
 from .optimizer_state import is_optimizer_state
 from .tensors import TensorRef
 
@@ -95,8 +95,9 @@ def _check_weight_averaging(obj: Mapping[str, Any], model_key: str) -> None:
         raise InputError(
             "'state_dict' holds the weights Lightning's WeightAveraging callback averaged (an average of y), not the y "
             "the optimizer state belongs to: x made from them and z would be wrong",
-            "leave out --model-key: x is built from current_model_state. The averaged weights are not Schedule-Free's "
-            "x; to release them, save checkpoint['state_dict'] as it is (docs/containers.md#lightning-weightaveraging)",
+            "leave out " + Opt("model_key") + ": x is built from current_model_state. The averaged weights are not "
+            "Schedule-Free's x; to release them, save checkpoint['state_dict'] as it is "
+            "(docs/containers.md#lightning-weightaveraging)",
         )
     if model_key == CURRENT_KEY and _model_held_the_average(obj):
         raise InputError(
@@ -158,19 +159,7 @@ def find(obj: Any, model_key: str | None = None, optimizer_key: str | None = Non
             f"the checkpoint holds {what}, not a dict of weights and optimizer state",
             "save a dict such as {'model': model.state_dict(), 'optimizer': optimizer.state_dict()}",
         )
-    model_candidates, optimizer_candidates = [], []
-    for key, value in obj.items():
-        if not isinstance(key, str):
-            continue
-        if is_optimizer_state(value):
-            optimizer_candidates.append(key)
-        elif isinstance(value, (list, tuple)) and value and all(is_optimizer_state(v) for v in value):
-            optimizer_candidates.extend(f"{key}.{i}" for i in range(len(value)))
-        elif is_weights(value):
-            model_candidates.append(key)
-    model_candidates = _ranked(model_candidates, MODEL_KEYS)
-    optimizer_candidates = _ranked(optimizer_candidates, OPTIMIZER_KEYS)
-    container = "lightning" if "optimizer_states" in obj and "state_dict" in obj else "torch.save"
+    model_candidates, optimizer_candidates = _candidates(obj)
     averaging = is_weight_averaging(obj)
     notes: list[str] = []
     if averaging:
@@ -181,53 +170,9 @@ def find(obj: Any, model_key: str | None = None, optimizer_key: str | None = Non
         _check_weight_averaging(obj, model_key)
         if model_key == CURRENT_KEY:
             notes.append(WEIGHT_AVERAGING_NOTE)
-
-    models: list[str]
-    if model_key is None:
-        if is_weights(obj) and not model_candidates:
-            model_key = ""  # a bare state dict
-        elif len(model_candidates) == 1 or (model_candidates and model_candidates[0].split(".")[0] in MODEL_KEYS):
-            model_key = model_candidates[0]
-        elif not model_candidates:
-            raise InputError(
-                f"no model weights found (top-level keys: {', '.join(map(str, list(obj)[:12]))})",
-                "pass --model-key to name the entry holding the state dict",
-            )
-    if model_key is None:
-        # Several models and none under a usual name (a GAN's netG/netD, a U-Net and a text encoder):
-        # all of them, each tensor named with its model's key.
-        models = list(model_candidates)
-        weights: Any = {}
-        for key in models:
-            for name, value in _lookup(obj, key).items():
-                weights[f"{key}.{name}"] = value
-    else:
-        models = [model_key]
-        weights = obj if model_key == "" else _lookup(obj, model_key)
-        if not is_weights(weights):
-            raise InputError(f"entry '{model_key}' is not a name -> tensor mapping", "pass --model-key to choose another")
-
-    if optimizer_key is not None:
-        optimizer = _lookup(obj, optimizer_key)
-        if not is_optimizer_state(optimizer):
-            raise InputError(
-                f"entry '{optimizer_key}' is not an optimizer state_dict (no 'state' and 'param_groups')",
-                "pass --optimizer-key to choose another",
-            )
-        optimizers = {optimizer_key: optimizer}
-    else:
-        optimizers = {key: _lookup(obj, key) for key in optimizer_candidates}
-        optimizer = next(iter(optimizers.values()), None)
-
-    clean: dict[str, TensorRef] = {}
-    skipped: dict[str, str] = {}
-    for name, value in weights.items():
-        check_text(name, "tensor name")
-        if isinstance(value, TensorRef):
-            clean[name] = value
-        else:
-            kind = getattr(value, "qualname", None)
-            skipped[name] = f"not loaded: object of class {kind}" if kind else f"not a tensor ({type(value).__name__})"
+    model_key, models, weights = _choose_weights(obj, model_key, model_candidates)
+    optimizer, optimizers = _choose_optimizers(obj, optimizer_key, optimizer_candidates)
+    clean, skipped = _tensors_only(weights)
     # Every model entry in the file's order, the chosen ones under their output names: what an optimizer
     # that also trains the file's other models is matched against.
     others: dict[str, TensorRef] = {}
@@ -237,9 +182,92 @@ def find(obj: Any, model_key: str | None = None, optimizer_key: str | None = Non
                 others.update((n, v) for n, v in weights.items() if isinstance(v, TensorRef))
             elif key in model_candidates:
                 others.update((f"{key}.{n}", v) for n, v in obj[key].items() if isinstance(v, TensorRef))
-    return Layout(container, model_key if model_key is not None else ", ".join(models),
-                  optimizer_key if optimizer_key is not None else next(iter(optimizers), None), clean, optimizer,
-                  model_candidates, optimizer_candidates, skipped, optimizers, models, others, notes)
+    return Layout(
+        container="lightning" if "optimizer_states" in obj and "state_dict" in obj else "torch.save",
+        model_key=model_key if model_key is not None else ", ".join(models),
+        optimizer_key=optimizer_key if optimizer_key is not None else next(iter(optimizers), None),
+        weights=clean,
+        optimizer=optimizer,
+        model_candidates=model_candidates,
+        optimizer_candidates=optimizer_candidates,
+        skipped=skipped,
+        optimizers=optimizers,
+        models=models,
+        pool_weights=others,
+        notes=notes,
+    )
+
+
+def _candidates(obj: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """The top-level entries that look like weights, and those that look like optimizer states, best first."""
+    model_candidates, optimizer_candidates = [], []
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            continue
+        if is_optimizer_state(value):
+            optimizer_candidates.append(key)
+        elif isinstance(value, (list, tuple)) and value and all(is_optimizer_state(v) for v in value):
+            optimizer_candidates.extend(f"{key}.{i}" for i in range(len(value)))
+        elif is_weights(value):
+            model_candidates.append(key)
+    return _ranked(model_candidates, MODEL_KEYS), _ranked(optimizer_candidates, OPTIMIZER_KEYS)
+
+
+def _choose_weights(obj: Mapping[str, Any], model_key: str | None,
+                    model_candidates: list[str]) -> tuple[str | None, list[str], Any]:
+    """(the model key, the entries whose tensors are the output, their name -> value mapping)."""
+    if model_key is None:
+        if is_weights(obj) and not model_candidates:
+            model_key = ""  # a bare state dict
+        elif len(model_candidates) == 1 or (model_candidates and model_candidates[0].split(".")[0] in MODEL_KEYS):
+            model_key = model_candidates[0]
+        elif not model_candidates:
+            raise InputError(
+                f"no model weights found (top-level keys: {', '.join(map(str, list(obj)[:12]))})",
+                "pass " + Opt("model_key", usage=True) + " to name the entry holding the state dict",
+            )
+    if model_key is None:
+        # Several models and none under a usual name (a GAN's netG/netD, a U-Net and a text encoder):
+        # all of them, each tensor named with its model's key.
+        weights: Any = {}
+        for key in model_candidates:
+            for name, value in _lookup(obj, key).items():
+                weights[f"{key}.{name}"] = value
+        return None, list(model_candidates), weights
+    weights = obj if model_key == "" else _lookup(obj, model_key)
+    if not is_weights(weights):
+        raise InputError(f"entry '{model_key}' is not a name -> tensor mapping",
+                         "pass " + Opt("model_key") + " to choose another", where=model_key)
+    return model_key, [model_key], weights
+
+
+def _choose_optimizers(obj: Mapping[str, Any], optimizer_key: str | None,
+                       optimizer_candidates: list[str]) -> tuple[Any, dict[str, Mapping[str, Any]]]:
+    """(the optimizer state named or found first, every optimizer state to consider)."""
+    if optimizer_key is not None:
+        optimizer = _lookup(obj, optimizer_key)
+        if not is_optimizer_state(optimizer):
+            raise InputError(
+                f"entry '{optimizer_key}' is not an optimizer state_dict (no 'state' and 'param_groups')",
+                "pass " + Opt("optimizer_key") + " to choose another",
+            )
+        return optimizer, {optimizer_key: optimizer}
+    optimizers = {key: _lookup(obj, key) for key in optimizer_candidates}
+    return next(iter(optimizers.values()), None), optimizers
+
+
+def _tensors_only(weights: Mapping[str, Any]) -> tuple[dict[str, TensorRef], dict[str, str]]:
+    """The tensors of a weights mapping, and why each other value is left out."""
+    clean: dict[str, TensorRef] = {}
+    skipped: dict[str, str] = {}
+    for name, value in weights.items():
+        check_text(name, "tensor name")
+        if isinstance(value, TensorRef):
+            clean[name] = value
+        else:
+            kind = getattr(value, "qualname", None)
+            skipped[name] = f"not loaded: object of class {kind}" if kind else f"not a tensor ({type(value).__name__})"
+    return clean, skipped
 
 
 def strip_prefix(weights: dict[str, TensorRef], prefix: str) -> dict[str, TensorRef]:
@@ -250,13 +278,15 @@ def strip_prefix(weights: dict[str, TensorRef], prefix: str) -> dict[str, Tensor
     if weights and not any(name.startswith(prefix) for name in weights):
         seen = list(dict.fromkeys(name.split(".", 1)[0] + "." for name in weights if "." in name))
         occur = ", ".join(f"'{p}'" for p in seen[:5]) + (f" and {len(seen) - 5} more" if len(seen) > 5 else "")
-        raise InputError(f"--strip-prefix '{prefix}' matches no tensor name" +
-                         (f"; the names start with {occur}" if seen else " (the names have no prefix)"),
-                         "give one of those prefixes, or leave --strip-prefix out")
+        raise OptionConflict(Opt("strip_prefix") + f" '{prefix}' matches no tensor name" +
+                             (f"; the names start with {occur}" if seen else " (the names have no prefix)"),
+                             "give one of those prefixes, or leave " + Opt("strip_prefix") + " out",
+                             option="strip_prefix")
     out: dict[str, TensorRef] = {}
     for name, ref in weights.items():
         new = name[len(prefix):] if name.startswith(prefix) else name
         if new in out:
-            raise InputError(f"--strip-prefix '{prefix}' makes two tensors named '{new}'", "choose a longer prefix")
+            raise OptionConflict(Opt("strip_prefix") + f" '{prefix}' makes two tensors named '{new}'",
+                                 "choose a longer prefix", option="strip_prefix", where=new)
         out[new] = ref
     return out

@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .errors import InputError
+from .errors import InputError, LimitExceeded
 
 MiB = 1 << 20
 UNLIMITED = 1 << 62
@@ -44,10 +44,10 @@ class Limit:
         # Past 2**62 no size, count or width an input can hold is larger: the limit is off
         return int(min(number, self.ceiling))
 
-    def exceeded(self, message: str) -> InputError:
+    def exceeded(self, message: str) -> LimitExceeded:
         """The error for an input past this limit."""
-        return InputError(message, f"if the input is trusted and really this large, raise the limit with {self.env}=N "
-                                   f"(now {self.value}; {self.what})")
+        return LimitExceeded(message, f"if the input is trusted and really this large, raise the limit with {self.env}=N "
+                                      f"(now {self.value}; {self.what})", env=self.env)
 
 
 # Python objects a pickle (torch.save's data.pkl, DCP metadata) may expand to, counting shared
@@ -85,3 +85,7 @@ DCP_CHUNKS = Limit("SFCKPT_MAX_DCP_CHUNKS", 16_384, "chunks one torch.distribute
 CONFIG_LAYERS = Limit("SFCKPT_MAX_LAYERS", 1_000, "layers or experts config.json may ask the parameter-order model for")
 # transformers builds id2label/label2id with one Python entry per label (ImageNet-21k has 21,843).
 CONFIG_LABELS = Limit("SFCKPT_MAX_LABELS", 100_000, "labels (num_labels) config.json may ask the parameter-order model for")
+# Orbax arrays are stored compressed, and chunks equal to the fill value not at all: their files do
+# not bound what an array's metadata may ask to allocate.
+ARRAY_BYTES = Limit("SFCKPT_MAX_ARRAY_BYTES", 64 * 1024 * MiB,
+                    "bytes one Orbax array may hold once read (its files are compressed, so they do not bound it)")

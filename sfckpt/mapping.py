@@ -34,21 +34,21 @@ from collections.abc import Set as AbstractSet
 from typing import Any, Callable, Mapping, Sequence
 
 from . import content, order_search
-from .errors import InputError
+from .conventions import BN_BUFFERS
+from .errors import InputError, MappingUndecided, Opt, OptionConflict
 from .layout import check_text
 from .tensors import TensorRef, format_shape
 
-BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 SEARCH_BUDGET = 20_000  # search nodes when the order leaves choices open
-ORDER_HINT = ("pass --param-order FILE with the parameter names in optimizer order, or --param-order-from "
-              "MODULE:CALLABLE to take them from your model (docs/mapping.md)")
+ORDER_HINT = ("pass " + Opt("param_order", usage=True) + " with the parameter names in optimizer order, or "
+              + Opt("param_order_from", usage=True) + " to take them from your model (docs/mapping.md)")
 
 
-class NotInWeights(InputError):
+class NotInWeights(MappingUndecided):
     """Some optimizer entries belong to no tensor of these weights (they may be another model's)."""
 
 
-class Undecided(InputError):
+class Undecided(MappingUndecided):
     """Names, content and order leave some entries' tensors open: x cannot be made, but the rest of
     the checkpoint (container, optimizer, β, step) can still be described."""
 
@@ -126,7 +126,7 @@ def candidate_parameters(weights: Mapping[str, TensorRef]) -> tuple[list[str], l
     seen: set = set()
     for name, ref in weights.items():
         tied = ref.data_key is not None and ref.data_key in seen
-        if tied or not (ref.is_float or ref.is_complex) or name.rsplit(".", 1)[-1] in BUFFER_SUFFIXES:
+        if tied or not (ref.is_float or ref.is_complex) or name.rsplit(".", 1)[-1] in BN_BUFFERS:
             left_out.append(name)
         else:
             candidates.append(name)
@@ -224,8 +224,8 @@ def decide(
                 continue  # decided below: this optimizer may belong to other weights
             raise NotInWeights(
                 f"{e.label()} has z of shape {format_shape(z.shape)} but the model has no parameter of that shape",
-                "the optimizer state does not belong to this model (choose other entries with --model-key / "
-                "--optimizer-key)",
+                "the optimizer state does not belong to this model (choose other entries with " + Opt("model_key")
+                + " / " + Opt("optimizer_key") + ")",
             )
 
     anchors, possible, classes = _content_anchors(stateful, weights, candidates, sampler)
@@ -244,7 +244,8 @@ def decide(
             raise NotInWeights(
                 f"none of the optimizer states ({', '.join(o.key for o in optimizers)}) belongs to these weights: "
                 "no z lies near any of the model's tensors",
-                "choose the matching pair with --model-key and --optimizer-key (see `sfckpt inspect`)",
+                "choose the matching pair with " + Opt("model_key") + " and " + Opt("optimizer_key")
+                + " (see `sfckpt inspect`)",
             )
     stateful = [(o, e) for o in used for e in o.stateful()]
     decided: dict[int, str] = {}  # id(entry) -> candidate name
@@ -254,8 +255,8 @@ def decide(
     named_optimizers = []
     if param_order is not None:
         if len(used) != 1:
-            raise InputError("--param-order gives one optimizer's order, but the checkpoint holds several optimizers",
-                             "choose one with --optimizer-key")
+            raise OptionConflict(Opt("param_order") + " gives one optimizer's order, but the checkpoint holds several "
+                                 "optimizers", "choose one with " + Opt("optimizer_key"))
         _apply_param_order(used[0], param_order, weights)
         named_optimizers = [(used[0], "--param-order")]
     else:
@@ -271,8 +272,8 @@ def decide(
             for e in o.stateful():
                 decided[id(e)], kinds[id(e)] = names[id(e)], kind
         elif kind == "--param-order":
-            raise InputError(f"--param-order disagrees with the checkpoint: {conflict}",
-                             "check the order of the names in the file (docs/mapping.md)")
+            raise OptionConflict(Opt("param_order") + f" disagrees with the checkpoint: {conflict}",
+                                 "check the order of the names in the file (docs/mapping.md)", option="param_order")
         else:
             name_notes.append(f"saved {source} of optimizer '{o.key}' not used: {conflict}" if o.key
                               else f"saved {source} not used: {conflict}")
@@ -284,9 +285,11 @@ def decide(
     open_entries = [(o, e) for o, e in stateful if id(e) not in decided]
     order_name = ""
     if open_entries:
+        problem = OrderProblem(used=used, stateful=stateful, decided=decided, kinds=kinds, weights=weights,
+                               candidates=candidates, cand_index=cand_index, group_domains=group_domains,
+                               container_order_name=container_order_name, notes=name_notes)
         try:
-            order_name = _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_index, possible,
-                                         group_domains, container_order_name, name_notes)
+            order_name = _place_by_order(problem, possible)
         except NotInWeights:
             # Among many look-alikes of few elements, "another tensor lies 4x closer" can rule out a
             # true pair by chance, and rounding can pin a float32 y at its constant initial value while
@@ -295,16 +298,15 @@ def decide(
             relaxed = _relaxed(possible, classes)
             if relaxed is None:
                 raise
-            order_name = _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_index, relaxed,
-                                         group_domains, container_order_name, name_notes)
+            order_name = _place_by_order(problem, relaxed)
 
     # 3. Check every pair, name the entries.
     used_names: dict[str, Entry] = {}
     for o, e in stateful:
         e.name, e.evidence = decided[id(e)], kinds[id(e)]
         if e.name in used_names:
-            raise InputError(f"{used_names[e.name].label()} and {e.label()} are both mapped to '{e.name}'",
-                             "the optimizer states overlap; choose one with --optimizer-key")
+            raise MappingUndecided(f"{used_names[e.name].label()} and {e.label()} are both mapped to '{e.name}'",
+                                   "the optimizer states overlap; choose one with " + Opt("optimizer_key"), where=e.name)
         used_names[e.name] = e
         _verify_pair(e, o, weights, kinds[id(e)])
     misfits = _verify_content(stateful, classes, order_name)
@@ -384,14 +386,15 @@ def _relaxed(possible, classes) -> dict[int, AbstractSet[str]] | None:
 
 def _apply_param_order(o: OptimizerEntries, order: Sequence[str], weights) -> None:
     if len(order) != len(o.entries):
-        raise InputError(
-            f"--param-order lists {len(order)} names but the optimizer has {len(o.entries)} entries",
+        raise OptionConflict(
+            Opt("param_order") + f" lists {len(order)} names but the optimizer has {len(o.entries)} entries",
             "list one name per optimizer parameter, in the order they were given to the optimizer",
+            option="param_order",
         )
     for e, name in zip(o.entries, order):
         if name not in weights and e.z(o.z_key) is not None:
-            raise InputError(f"--param-order names '{name}' for {e.label()}, but the model has no such tensor",
-                             "use the names of the model's state_dict")
+            raise OptionConflict(Opt("param_order") + f" names '{name}' for {e.label()}, but the model has no such tensor",
+                                 "use the names of the model's state_dict", option="param_order", where=name)
         e.name = name
 
 
@@ -459,9 +462,30 @@ def _order_keys(candidates: list[str]) -> list[tuple[str, Callable[[int], Any]]]
     ]
 
 
-def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_index, possible, group_domains,
-                    container_order_name, notes) -> str:
-    """Place the entries names and content left open; return the order that placed them."""
+@dataclass
+class OrderProblem:
+    """What placing entries by order works from; `decided` and `kinds` (id(entry) -> tensor name, and the
+    evidence for it) are filled in place."""
+
+    used: list[OptimizerEntries]
+    stateful: list[tuple[OptimizerEntries, Entry]]
+    decided: dict[int, str]
+    kinds: dict[int, str]
+    weights: Mapping[str, TensorRef]
+    candidates: list[str]
+    cand_index: dict[str, int]
+    group_domains: Sequence[set[str]] | None  # per group, the names a container's grouping rule allows there
+    container_order_name: str  # the container's own order, when it gave one
+    notes: list[str]  # why saved names were not used, for the errors
+
+
+# Longer than most: the domains, the search and its three outcomes read as one argument.
+def _place_by_order(p: OrderProblem, possible) -> str:
+    """Place the entries names and content left open (`possible`: what content allows each); return the
+    order that placed them."""
+    used, stateful, decided, kinds, weights = p.used, p.stateful, p.decided, p.kinds, p.weights
+    candidates, cand_index, group_domains, notes = p.candidates, p.cand_index, p.group_domains, p.notes
+    container_order_name = p.container_order_name
     fixed = {}
     for o, e in stateful:
         if id(e) in decided and decided[id(e)] in cand_index:
@@ -522,7 +546,8 @@ def _place_by_order(used, stateful, decided, kinds, weights, candidates, cand_in
             decided[ident], kinds[ident] = candidates[solution[ident]], "order"
         return container_order_name or label
     if exhausted:
-        raise Undecided(f"too many ways to match the optimizer's entries to the model's tensors ({context})", ORDER_HINT)
+        raise Undecided(f"too many ways to match the optimizer's entries to the model's tensors ({context})",
+                        ORDER_HINT)
     if not distinct:
         failed, _ = order_search.propagate(chains, domains0, hypotheses[0][1])
         o, e = entry_of[failed if failed is not None else open_ids[0]]
@@ -635,7 +660,7 @@ def _check_order_witnessed(chains, solution, fixed, possible, candidates, entry_
                 ca, cb = candidates[solution[a]], candidates[solution[b]]
                 if ca in possible.get(b, ()) and cb in possible.get(a, ()):
                     o, e = entry_of[a]
-                    raise InputError(
+                    raise MappingUndecided(
                         f"cannot tell which tensor {e.label()} belongs to: '{ca}' or '{cb}' — content cannot tell "
                         f"them apart, and nothing shows in which order its group lists its parameters ({context})",
                         ORDER_HINT,
@@ -644,7 +669,7 @@ def _check_order_witnessed(chains, solution, fixed, possible, candidates, entry_
 
 def _verify_pair(e: Entry, o: OptimizerEntries, weights, method: str) -> None:
     hint = "the optimizer state does not belong to this model" + (
-        " (check the names in --param-order)" if method == "--param-order" else "")
+        " (check the names in " + Opt("param_order") + ")" if method == "--param-order" else "")
     param = weights[e.name]
     for key in (o.z_key, "x", "y"):
         ref = e.state.get(key)
@@ -696,20 +721,21 @@ def _verify_content(stateful, classes, order_name: str) -> dict[int, InputError]
             continue  # a tensor that is not a candidate (a tied duplicate's name): checked by _verify_pair
         reference = by_group.get((o.key, e.group), overall)
         if ev.looks_unrelated(i, j, reference):
-            misfits[id(e)] = InputError(
+            misfits[id(e)] = MappingUndecided(
                 f"{e.label()} is paired with '{e.name}' by {how.get(e.evidence, e.evidence)}, but its z is unrelated "
                 f"to that tensor (d²/(‖y‖²+‖z‖²) = {ev.ratio[i, j]:.2f}, as for independent tensors, where the "
                 f"checkpoint's confirmed pairs give {reference:.2g}): the optimizer state belongs to a different "
                 f"tensor — '{e.name}' was replaced or re-initialised after the optimizer was built, or the names "
                 "or order are wrong",
                 "save the model together with the optimizer that trains it (build the optimizer after replacing "
-                "layers); if the pairing came from --param-order, check the names",
+                "layers); if the pairing came from " + Opt("param_order") + ", check the names",
+                where=e.name,
             )
         if e.evidence == "content":
             column_names = names_of[e.z(o.z_key).shape]
             others = [column_names[jj] for jj in ev.sharing_history(i) if column_names[jj] != e.name]
             if others and id(e) not in misfits:
-                misfits[id(e)] = InputError(
+                misfits[id(e)] = MappingUndecided(
                     f"cannot tell which tensor {e.label()} belongs to: '{e.name}' lies nearest its z, but "
                     f"'{others[0]}' also shares its history (a copy, or a tensor trained along the same path), "
                     "so content cannot decide",
@@ -749,10 +775,10 @@ def _find_twins(weights, candidates, trained, ties_visible, policy, sampler,
         return found, [], None
     sources = sorted(set(found.values()))
     pairs = ", ".join(f"'{a}' = '{b}'" for a, b in list(found.items())[:3])
-    hint = ("pass --twins tied (they get the trained tensor's x) or --twins frozen (copied as saved; a target or "
-            "EMA network copied before saving)")
+    hint = ("pass " + Opt("twins", "tied") + " (they get the trained tensor's x) or " + Opt("twins", "frozen")
+            + " (copied as saved; a target or EMA network copied before saving)")
     if ties_visible:
-        return found, [], InputError(
+        return found, [], MappingUndecided(
             f"{len(found)} tensor{'s' if len(found) > 1 else ''} the optimizer does not train "
             f"{'are' if len(found) > 1 else 'is'} byte-identical to {'tensors' if len(sources) > 1 else 'a tensor'} "
             f"it trains but saved apart ({pairs}): tied weights copied before saving ({{k: v.clone()}}, .cpu() per "
@@ -760,7 +786,7 @@ def _find_twins(weights, candidates, trained, ties_visible, policy, sampler,
             hint,
         )
     if len(sources) > 1:
-        return found, [], InputError(
+        return found, [], MappingUndecided(
             f"{len(found)} tensors the optimizer does not train are byte-identical to {len(sources)} different "
             f"tensors it trains ({pairs}): tied weights, or a frozen copy of the network (a target or EMA network "
             "copied before saving)? The file cannot tell",

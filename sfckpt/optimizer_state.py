@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .errors import InputError
+from .errors import DamagedInput, InputError
 
 STANDARD = "standard"
 PTO_WRAPPER = "pytorch_optimizer-wrapper"
@@ -54,22 +54,22 @@ def _from_pto_wrapper(sd: Mapping[str, Any]) -> dict[str, Any]:
     base = sd.get("base_optimizer")
     sf_state = sd.get("schedulefree_state")
     if not isinstance(base, Mapping) or not isinstance(sf_state, Mapping) or not isinstance(base.get("param_groups"), list):
-        raise InputError("pytorch_optimizer ScheduleFreeWrapper state is incomplete", "the checkpoint is damaged")
+        raise DamagedInput("pytorch_optimizer ScheduleFreeWrapper state is incomplete", "the checkpoint is damaged")
     for g, group in enumerate(base["param_groups"]):
         if not isinstance(group, Mapping):
-            raise InputError(f"pytorch_optimizer ScheduleFreeWrapper base_optimizer param_groups[{g}] is a "
+            raise DamagedInput(f"pytorch_optimizer ScheduleFreeWrapper base_optimizer param_groups[{g}] is a "
                              f"{type(group).__name__}, not a dict", "the checkpoint is damaged")
     groups = [dict(g, train_mode=sd.get("train_mode")) for g in base["param_groups"]]
     state: dict[Any, dict] = {}
     for key, value in sf_state.items():
         if not (isinstance(key, tuple) and len(key) == 2):
-            raise InputError(f"pytorch_optimizer ScheduleFreeWrapper state has key {key!r}, not (group, position)",
+            raise DamagedInput(f"pytorch_optimizer ScheduleFreeWrapper state has key {key!r}, not (group, position)",
                              "the checkpoint is damaged")
         g, pos = key
         params = groups[g].get("params") if type(g) is int and 0 <= g < len(groups) else None
         index = params[pos] if isinstance(params, (list, tuple)) and type(pos) is int and 0 <= pos < len(params) else None
         if type(index) not in (int, str) or not isinstance(value, Mapping):
-            raise InputError(f"pytorch_optimizer ScheduleFreeWrapper state {key} names no parameter", "the checkpoint is damaged")
+            raise DamagedInput(f"pytorch_optimizer ScheduleFreeWrapper state {key} names no parameter", "the checkpoint is damaged")
         state[index] = dict(value)
     return {"state": state, "param_groups": groups}
 
@@ -85,18 +85,18 @@ def _from_heavyball(sd: Mapping[str, Any]) -> dict[str, Any]:
     state: dict[Any, dict] = {}
     saved, groups = sd.get("state") or {}, sd.get("param_groups") or []
     if not isinstance(saved, Mapping) or not isinstance(groups, (list, tuple)):
-        raise InputError(f"heavyball optimizer state holds state as a {type(saved).__name__} and param_groups as a "
+        raise DamagedInput(f"heavyball optimizer state holds state as a {type(saved).__name__} and param_groups as a "
                          f"{type(groups).__name__}, not a dict and a list", "the checkpoint is damaged")
     for index, views in saved.items():
         if not isinstance(views, Mapping):
-            raise InputError(f"heavyball state entry {index} is not a dict", "the checkpoint is damaged")
+            raise DamagedInput(f"heavyball state entry {index} is not a dict", "the checkpoint is damaged")
         if len(views) != 1 or 0 not in views:
             raise InputError(
                 f"heavyball state entry {index} is split into {len(views)} views",
                 "parameters that heavyball split or merged are not supported yet; convert with heavyball's own eval()",
             )
         if not isinstance(views[0], Mapping):
-            raise InputError(f"heavyball state entry {index} holds a {type(views[0]).__name__}, not a dict",
+            raise DamagedInput(f"heavyball state entry {index} holds a {type(views[0]).__name__}, not a dict",
                              "the checkpoint is damaged")
         view = dict(views[0])
         z_keys = [k for k in view if isinstance(k, str) and "schedule_free_z" in k]

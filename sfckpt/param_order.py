@@ -1,26 +1,42 @@
-"""`--param-order-from SPEC`: the optimizer's parameter order taken from the user's model.
+"""`param_order_from` (`--param-order-from SPEC`): the optimizer's parameter order taken from the user's model.
 
 A weights file that keeps no parameter order (Accelerate's `model.safetensors`) leaves look-alike
 tensors (norm gains, biases) to the order the optimizer was given them, usually
-`model.parameters()`. Instead of writing those names into a file for `--param-order`, the user
+`model.parameters()`. Instead of writing those names into a file for `param_order`, the user
 names what builds the model; its `named_parameters()` order then goes through the same checks.
 
 SPEC is `file.py:callable` or `package.module:callable` returning the model (this runs the
-user's code, as `--model` for `--bn-calib` does), or a transformers model class
+user's code, as `bn_model` does), or a transformers model class
 (`transformers:BertForSequenceClassification`), built on the meta device from a vetted
-`config.json` (the checkpoint folder's, or the one `--config` names) through the one door to
+`config.json` (the checkpoint folder's, or the one `model_config` names) through the one door to
 transformers (readers/hf_model.py), so no code that comes with a config ever runs.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from . import inputs, limits
-from .errors import InputError
+from .errors import InputError, Opt, OptionConflict, Text
+from .options import Options
 
-OPTION = "--param-order-from"
-HINT = "or write the names in optimizer order into a file and pass --param-order FILE (docs/mapping.md)"
+HINT = "or write the names in optimizer order into a file and pass " + Opt("param_order", usage=True) + " (docs/mapping.md)"
+
+
+def with_model_order(options: Options, ckpt: Path) -> Options:
+    """`options` with `param_order` filled from the model `param_order_from` builds; unchanged without it."""
+    if options.param_order_from is None:
+        if options.model_config is not None:
+            raise OptionConflict(Opt("model_config") + " is read only with " + Opt("param_order_from"),
+                                 "add " + Opt("param_order_from", "transformers:CLASS"), option="param_order_from")
+        return options
+    if options.param_order is not None:
+        raise OptionConflict(Opt("param_order") + " and " + Opt("param_order_from") + " both give the order",
+                             "give one of them", option="param_order")
+    config = None if options.model_config is None else Path(options.model_config)
+    return dataclasses.replace(options, param_order=names_from(options.param_order_from, ckpt, config))
 
 
 def names_from(spec: str, ckpt: Path, config: Path | None = None) -> list[str]:
@@ -33,17 +49,20 @@ def names_from(spec: str, ckpt: Path, config: Path | None = None) -> list[str]:
     """
     from .batchnorm import build_model, resolve
 
-    target = resolve(spec, OPTION)
+    target = resolve(spec, Opt("param_order_from"))
     if _transformers_class(target):
         model = _transformers_model(target, spec, ckpt, config)
     else:
         if config is not None:
-            raise InputError(f"--config is for a transformers model class, but {OPTION} '{spec}' is your own code",
-                             "leave --config out; your callable builds the model itself")
-        model = build_model(spec, OPTION, target)
+            raise OptionConflict(Opt("model_config") + " is for a transformers model class, but "
+                                 + Opt("param_order_from") + f" '{spec}' is your own code",
+                                 "leave " + Opt("model_config") + " out; your callable builds the model itself",
+                                 option="model_config")
+        model = build_model(spec, Opt("param_order_from"), target)
     names = [name for name, _ in model.named_parameters()]
     if not names:
-        raise InputError(f"{OPTION} '{spec}' built a model without parameters", "point it at the model you trained")
+        raise InputError(Opt("param_order_from") + f" '{spec}' built a model without parameters",
+                         "point it at the model you trained")
     return names
 
 
@@ -62,7 +81,7 @@ def _transformers_model(cls: type, spec: str, ckpt: Path, config: Path | None) -
     """`cls` on the meta device, from the vetted config.json given or found in the checkpoint folder."""
     from .readers import hf_model
 
-    hint = f"give the model's config.json with --config, {HINT}"
+    hint = "give the model's config.json with " + Opt("model_config") + ", " + HINT
     if config is not None:
         raw = inputs.parse_json(inputs.read_bytes(config, limits.JSON_BYTES, "config.json", confined=False), str(config))
         where = str(config)
@@ -70,15 +89,22 @@ def _transformers_model(cls: type, spec: str, ckpt: Path, config: Path | None) -
         where = f"{ckpt}/config.json"
         raw = inputs.read_json(ckpt / "config.json", "config.json", root=inputs.Root.of(ckpt))
     else:
-        raise InputError(f"{OPTION} '{spec}' is a transformers class, which is built from a config.json, and {ckpt} "
-                         "holds none", hint)
+        raise InputError(Opt("param_order_from") + f" '{spec}' is a transformers class, which is built from a "
+                         f"config.json, and {ckpt} holds none", hint)
     built = hf_model.config_from_dict(raw, where, hint)
     model_cls = hf_model.model_class(cls.__name__, built, where, hint)
     return hf_model.build_on_meta(model_cls, built, where, hint)
 
 
-def disagreement(exc: InputError, spec: str) -> InputError:
-    """A --param-order refusal, said of the model SPEC built: its order is not the optimizer's."""
-    message = f"{OPTION} '{spec}'" + exc.message[len("--param-order"):]
-    return InputError(message, "the optimizer was not given the model's parameters in named_parameters() order "
-                      "(groups built another way, frozen parameters left out?); " + HINT)
+@contextlib.contextmanager
+def said_of_the_model(spec: str | None) -> Iterator[None]:
+    """A `param_order` refusal raised inside, said of the model SPEC built: its order is not the optimizer's."""
+    try:
+        yield
+    except OptionConflict as exc:
+        if spec is None or not exc.text or exc.text[0] != Opt("param_order"):
+            raise
+        raise OptionConflict(Opt("param_order_from") + f" '{spec}'" + Text(exc.text[1:]),
+                             "the optimizer was not given the model's parameters in named_parameters() order "
+                             "(groups built another way, frozen parameters left out?); " + HINT,
+                             option="param_order_from", where=exc.where) from exc

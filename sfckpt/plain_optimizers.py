@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import InputError
+from .errors import NotScheduleFree
 
 # class -> (group keys it always saves, state keys it always saves once stepped); the first that fits wins
 _TORCH: tuple[tuple[str, frozenset[str], frozenset[str]], ...] = (
@@ -31,7 +31,7 @@ _TORCH: tuple[tuple[str, frozenset[str], frozenset[str]], ...] = (
 )
 
 
-class NotScheduleFree(InputError):
+class PlainOptimizer(NotScheduleFree):
     """The optimizer state is a known optimizer that is not Schedule-Free: there is no x to make."""
 
     def __init__(self, optimizer_class: str, message: str, hint: str):
@@ -55,10 +55,10 @@ def identify(groups: list[Mapping[str, Any]], state_keys: set[str]) -> str | Non
 
 
 def refuse(groups: list[Mapping[str, Any]], state_keys: set[str]) -> None:
-    """Raise NotScheduleFree naming the class when the saved keys are one of torch's optimizers."""
+    """Raise PlainOptimizer naming the class when the saved keys are one of torch's optimizers."""
     name = identify(groups, state_keys)
     if name is not None:
-        raise NotScheduleFree(
+        raise PlainOptimizer(
             name,
             f"the optimizer state is {name}'s and holds no Schedule-Free z: this is not a Schedule-Free checkpoint, "
             "so there is no x to reconstruct",
@@ -67,7 +67,7 @@ def refuse(groups: list[Mapping[str, Any]], state_keys: set[str]) -> None:
         )
 
 
-def describe(ckpt: Any, exc: NotScheduleFree) -> dict[str, Any]:
+def describe(ckpt: Any, exc: PlainOptimizer) -> dict[str, Any]:
     """What `inspect` reports for a checkpoint of an optimizer that is not Schedule-Free: what it holds,
     which optimizer, and that there is no x to make (no tensor data is read)."""
     from .inspection import _plain

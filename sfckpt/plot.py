@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, OutputExists
 from .textout import terminal
 from .writer import atomic_path, refuse_inputs
 
@@ -21,7 +21,7 @@ def check_target(out: Path, force: bool, inputs: Sequence[Path]) -> None:
         raise OutputError(f"{out}: a plot is written as PNG, SVG or PDF, chosen by the name's ending",
                           f"name it {out.with_suffix('.png').name} (or .svg, .pdf)")
     if out.exists() and not force:
-        raise OutputError(f"{out} already exists", "pass --force to replace it")
+        raise OutputExists(out)
 
 
 def plot_gap(report: dict[str, Any], out: Path, force: bool = False, inputs: Sequence[Path] = ()) -> Path:

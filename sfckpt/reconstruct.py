@@ -9,13 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
-from . import families, mapping, optimizer_state
+from . import families, mapping, optax_eval, optimizer_state
 from .checkpoint import Checkpoint
+from .conventions import BN_STATISTICS, OUTPUT_DTYPES
+from .errors import DamagedInput, InputError, MappingUndecided, NotScheduleFree, Opt, OptionConflict
+from .options import Options, resolve
+from .param_order import said_of_the_model, with_model_order
 from .readers.base import ParameterOrder
-from .errors import InputError
 from .tensors import DTYPES, TensorRef, nbytes_of, torch_dtype
-
-BN_SUFFIXES = ("running_mean", "running_var")
 
 
 def bn_layer(name: str) -> str:
@@ -76,6 +77,7 @@ class OutputTensor:
     out_dtype: str | None = None
     value: Any = None  # a tensor computed elsewhere (re-estimated BatchNorm statistics)
     in_float32: bool = False  # lerp in float32 and cast back, as heavyball's eval() does
+    beta_dtype: str | None = None  # set: optax's (y − (1 − β)·z)/β with β stored in this dtype, not a lerp
 
     @property
     def dtype(self) -> str:
@@ -94,9 +96,12 @@ class OutputTensor:
         import torch
 
         if self.how in ("lerp", "keras") and self.beta is None and self.value is None:
-            raise InputError(f"β for '{self.name}' is not saved in the checkpoint", "pass --beta")
+            raise InputError(f"β for '{self.name}' is not saved in the checkpoint", "pass " + Opt("beta", usage=True),
+                             where=self.name)
         if self.value is not None:
             t = self.value
+        elif self.how == "lerp" and self.beta_dtype is not None:
+            t = optax_eval.eval_params(self.ref.load(), self.z.load(), self.beta, self.beta_dtype)
         elif self.how == "lerp" and self.in_float32:
             y = self.ref.load()
             t = torch.lerp(y.float(), self.z.load().float(), 1 - 1 / self.beta).to(y.dtype)
@@ -157,7 +162,7 @@ class Reconstruction:
     bn_calibrated: bool = False
     mapping: mapping.ParameterMapping | None = None
     optimizers: list[OptimizerReport] = field(default_factory=list)
-    undecided: InputError | None = None  # why x cannot be made (inspect describes such checkpoints)
+    undecided: MappingUndecided | None = None  # why x cannot be made (inspect describes such checkpoints)
 
     def replace(self, name: str, tensor) -> None:
         """Use `tensor` for `name` (same shape) instead of the checkpoint's value."""
@@ -194,7 +199,7 @@ class Reconstruction:
     @property
     def batchnorm_buffers(self) -> list[str]:
         return [t.name for t in self.tensors
-                if t.name.rsplit(".", 1)[-1] in BN_SUFFIXES or t.name in self.checkpoint.accumulated]
+                if t.name.rsplit(".", 1)[-1] in BN_STATISTICS or t.name in self.checkpoint.accumulated]
 
     def metadata(self) -> dict[str, str]:
         """safetensors metadata: strings only, no timestamps (same input, same bytes)."""
@@ -227,14 +232,36 @@ class Reconstruction:
         return dict(self.iter_tensors())
 
 
-def _beta_for(family, group, g, beta_override):
+@dataclass
+class FoundOptimizer:
+    """A Schedule-Free optimizer state of the checkpoint: its key, family and entries."""
+
+    key: str
+    family: families.Family
+    source: str  # how the family was chosen: "detected" or "--optimizer"
+    state: Mapping[str, Any]  # in the standard layout (see optimizer_state.normalize)
+    entries: list[mapping.Entry]
+
+
+@dataclass
+class _Plan:
+    """What the optimizer states say, group by group: the reports, and the tensors whose x they give."""
+
+    groups: list[GroupReport] = field(default_factory=list)
+    optimizers: list[OptimizerReport] = field(default_factory=list)
+    converted: dict[str, OutputTensor] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _beta_for(family: families.Family, group: Mapping[str, Any], g: int, beta_override: float | None) -> tuple[float, str]:
+    """The β a group's x needs and where it came from; refused when there is none."""
     if beta_override is not None:
-        return families.check_beta(beta_override, "--beta"), "--beta"
+        return families.check_beta(beta_override, Opt("beta")), "--beta"
     if family.beta_key is None:
         raise InputError(
             f"{family.classes[0]} does not save β: it is the wrapper's momentum= argument, and the groups' own "
             "momentum/betas belong to the base optimizer",
-            "pass --beta with the momentum you gave the wrapper (its default is 0.9)",
+            "pass " + Opt("beta", usage=True) + " with the momentum you gave the wrapper (its default is 0.9)",
         )
     key = f"{family.beta_key}[0]" if family.beta_key == "betas" else family.beta_key
     return families.check_beta(family.beta(group), f"optimizer param_groups[{g}] {key}"), "saved"
@@ -245,8 +272,54 @@ def strip_prefix_used(ckpt: Checkpoint) -> bool:
     return any(name not in ckpt.pool_weights for name in ckpt.weights)
 
 
-def _families(ckpt: Checkpoint, optimizer: str | None):
-    """(key, family, source, standard-layout state) for each Schedule-Free optimizer state in the checkpoint.
+def _check_options(ckpt: Checkpoint, opts: Options) -> None:
+    """Refuse what no plan can come from: no optimizer state, or an option value outside its choices."""
+    if not ckpt.optimizers:
+        raise NotScheduleFree(
+            f"{ckpt.path}: no optimizer state found (keys: {', '.join(ckpt.top_level_keys[:12])})",
+            "x needs the optimizer's z; pass the training checkpoint that includes the optimizer state_dict, "
+            "or " + Opt("optimizer_key") + " to name the entry",
+            where=str(ckpt.path),
+        )
+    if opts.params_are not in (None, "x", "y"):
+        raise OptionConflict(Opt("params_are") + f" must be 'y' or 'x', not {opts.params_are!r}",
+                             "leave it out to use the saved mode flag", option="params_are")
+    if opts.dtype is not None and opts.dtype not in OUTPUT_DTYPES:
+        raise OptionConflict(Opt("dtype", opts.dtype) + " is not a floating dtype sfckpt writes",
+                             f"use {', '.join(OUTPUT_DTYPES[:-1])} or {OUTPUT_DTYPES[-1]}", option="dtype")
+    if opts.twins not in ("auto", "tied", "frozen"):
+        raise OptionConflict(Opt("twins") + f" must be 'auto', 'tied' or 'frozen', not {opts.twins!r}",
+                             "see docs/mapping.md", option="twins")
+
+
+def _family_of(optimizer: str | None, groups_saved: list, state_keys: set, layout: str) -> tuple[families.Family, str]:
+    """The family of one optimizer state: the one `optimizer` names, if it fits the state, or the detected one."""
+    if optimizer is None:
+        return families.detect(groups_saved, state_keys, layout), "detected"
+    family = families.get(optimizer)
+    group_keys = set().union(*(set(g) for g in groups_saved)) if groups_saved else set()
+    # A forced family must fit the state, but a missing β alone is a β problem (--beta), unless
+    # the groups hold another family's β key instead (AdamW's betas under --optimizer sgd).
+    beta_keys = {"betas", "momentum"} - {family.beta_key}
+    only_beta_missing = (family.group_has - group_keys) <= {family.beta_key} and not (beta_keys & group_keys) \
+        and family.matches(group_keys | {family.beta_key}, state_keys)
+    if family.layout == layout and not family.matches(group_keys, state_keys) and not only_beta_missing:
+        try:
+            detected = families.detect(groups_saved, state_keys, layout).name
+        except InputError:
+            detected = "none of the known families"
+        raise OptionConflict(
+            Opt("optimizer", optimizer) + f" does not match the optimizer state (detected: {detected}; "
+            f"group keys {sorted(group_keys - {'params', 'param_names'}, key=str)[:8]})",
+            "leave " + Opt("optimizer") + " out to use the detected family",
+            option="optimizer",
+        )
+    family.check_groups(groups_saved)
+    return family, "--optimizer"
+
+
+def _families(ckpt: Checkpoint, optimizer: str | None) -> tuple[list[FoundOptimizer], list[str]]:
+    """Each Schedule-Free optimizer state in the checkpoint, and warnings for those left out.
 
     With several optimizer states, one that holds no z (not Schedule-Free, or never stepped) is left
     out with a warning: its parameters are copied as saved, which is their x."""
@@ -263,32 +336,176 @@ def _families(ckpt: Checkpoint, optimizer: str | None):
         if len(ckpt.optimizers) > 1 and optimizer is None and "z" not in state_keys and layout != optimizer_state.HEAVYBALL:
             skipped.append(f"optimizer state '{key}' holds no Schedule-Free z; its parameters are copied as saved")
             continue
-        if optimizer is not None:
-            family, source = families.get(optimizer), "--optimizer"
-            group_keys = set().union(*(set(g) for g in groups_saved)) if groups_saved else set()
-            # A forced family must fit the state, but a missing β alone is a β problem (--beta), unless
-            # the groups hold another family's β key instead (AdamW's betas under --optimizer sgd).
-            beta_keys = {"betas", "momentum"} - {family.beta_key}
-            only_beta_missing = (family.group_has - group_keys) <= {family.beta_key} and not (beta_keys & group_keys) \
-                and family.matches(group_keys | {family.beta_key}, state_keys)
-            if family.layout == layout and not family.matches(group_keys, state_keys) and not only_beta_missing:
-                try:
-                    detected = families.detect(groups_saved, state_keys, layout).name
-                except InputError:
-                    detected = "none of the known families"
-                raise InputError(
-                    f"--optimizer {optimizer} does not match the optimizer state (detected: {detected}; "
-                    f"group keys {sorted(group_keys - {'params', 'param_names'}, key=str)[:8]})",
-                    "leave --optimizer out to use the detected family",
-                )
-            family.check_groups(groups_saved)
-        else:
-            family, source = families.detect(groups_saved, state_keys, layout), "detected"
-        found.append((key, family, source, opt_state, entries))
+        family, source = _family_of(optimizer, groups_saved, state_keys, layout)
+        found.append(FoundOptimizer(key, family, source, opt_state, entries))
     if not found:
-        raise InputError(f"{ckpt.path}: none of the optimizer states ({', '.join(ckpt.optimizers)}) holds a Schedule-Free z",
-                         "this is not a Schedule-Free checkpoint, or no step was taken; there is no x to reconstruct")
+        raise NotScheduleFree(f"{ckpt.path}: none of the optimizer states ({', '.join(ckpt.optimizers)}) holds a Schedule-Free z",
+                              "this is not a Schedule-Free checkpoint, or no step was taken; there is no x to reconstruct",
+                              where=str(ckpt.path))
     return found, skipped
+
+
+def _decide_mapping(ckpt: Checkpoint, found: list[FoundOptimizer],
+                    opts: Options) -> tuple[mapping.ParameterMapping, MappingUndecided | None]:
+    """Which tensor each optimizer entry trains, and None; with `opts.undecided_ok`, a mapping that names no
+    entry and why, where names, content and order leave it open (inspect describes the rest)."""
+    try:
+        return _mapping_of(ckpt, found, opts), None
+    except mapping.Undecided as exc:
+        if not opts.undecided_ok:
+            raise
+        return _undecided_mapping(found), exc
+
+
+def _mapping_of(ckpt: Checkpoint, found: list[FoundOptimizer], opts: Options) -> mapping.ParameterMapping:
+    """Which tensor each optimizer entry trains (mapping.decide), falling back to the file's other
+    models when the optimizer also trains them."""
+
+    order = ckpt.order or ParameterOrder()
+
+    def decide(weights: Mapping[str, TensorRef]) -> mapping.ParameterMapping:
+        return mapping.decide(
+            # z may differ in dtype where eval() converts it (heavyball's float32 lerp, JAX's promotion)
+            [mapping.OptimizerEntries(f.key, f.entries, f.family.z_key,
+                                      not (f.family.x_in_float32 or f.family.beta_dtype_key)) for f in found],
+            weights,
+            param_order=opts.param_order,
+            model_order=order.names if opts.param_order is None else None,
+            group_domains=order.group_domains if opts.param_order is None else None,
+            container_order_name=order.source if order.names else "",
+            ties_visible=ckpt.ties_visible,
+            twins=opts.twins,
+        )
+
+    try:
+        try:
+            return decide(ckpt.weights)
+        except InputError as exc:
+            if order.missing is not None and opts.param_order is None:
+                # the order that would have decided is what is missing; still a mapping left open, if it was one
+                undecided = mapping.Undecided if isinstance(exc, mapping.Undecided) else MappingUndecided
+                raise undecided(order.missing, order.missing_hint) from exc
+            raise
+    except mapping.NotInWeights:
+        if not ckpt.pool_weights or strip_prefix_used(ckpt):
+            raise
+    # The optimizer also trains the file's other models (one optimizer over a U-Net and a text
+    # encoder, --model-key picking one): match against all of them, write the chosen one.
+    decision = decide(ckpt.pool_weights)
+    elsewhere = sorted({e.name.split(".", 1)[0] for e in decision.entries
+                        if e.name is not None and e.name not in ckpt.weights})
+    decision.untrained = [n for n in decision.untrained if n in ckpt.weights]
+    decision.warnings.append(f"the optimizer also trains tensors of {', '.join(elsewhere)} in this file, "
+                             f"which are not written (--model-key {elsewhere[0]} converts them)")
+    return decision
+
+
+def _params_hold(family: families.Family, group: Mapping[str, Any], stepped: list, opts: Options,
+                 warnings: list[str]) -> tuple[str, str]:
+    """What a group's parameters hold ("y", "x" or "unknown") and how that is known."""
+    hold, source = family.params_hold(group), "saved mode flag" if family.mode_key else "family"
+    if opts.params_are is not None:
+        return opts.params_are, "--params-are"
+    if hold == "unknown" and stepped:
+        if family.x_source != "state-x":
+            warnings.append(
+                f"{family.classes[0]} does not save whether it was in train or eval mode; assuming the parameters "
+                "hold y (saved during training). Pass --params-are x if the checkpoint was saved after optimizer.eval()"
+            )
+        return "y", "assumed"
+    return hold, source
+
+
+def _group_beta(family: families.Family, group: Mapping[str, Any], g: int, hold: str, stepped: list,
+                opts: Options) -> tuple[float | None, str]:
+    """A group's β and where it came from; required only where x is a lerp of y."""
+    needs_beta = hold == "y" and stepped and family.x_source in ("lerp", "keras")
+    if needs_beta and not opts.require_beta and opts.beta is None and family.beta_key is None:
+        return None, "unknown: pass --beta"
+    if needs_beta:
+        return _beta_for(family, group, g, opts.beta)
+    group_beta = families.as_float(family.beta(group) if opts.beta is None else opts.beta)
+    return group_beta, "--beta" if opts.beta is not None else ("saved" if group_beta is not None else "not saved")
+
+
+def _group_report(found: FoundOptimizer, g: int, group: Mapping[str, Any], members: list, stepped: list,
+                  opts: Options, warnings: list[str], several: bool) -> GroupReport:
+    """One parameter group as inspect shows it: what its parameters hold, its β, its hyper-parameters."""
+    family = found.family
+    hold, hold_source = _params_hold(family, group, stepped, opts, warnings)
+    group_beta, beta_source = _group_beta(family, group, g, hold, stepped, opts)
+    return GroupReport(
+        index=g,
+        beta=group_beta,
+        beta_source=beta_source,
+        train_mode=group.get(family.mode_key) if family.mode_key else None,
+        params_hold=hold,
+        params_hold_source=hold_source,
+        lr=group.get("lr"),
+        weight_decay=group.get("weight_decay"),
+        warmup_steps=group.get("warmup_steps"),
+        step=group.get(family.step_key),
+        weight_sum=group.get("weight_sum"),
+        n_params=len(members),
+        n_with_z=len(stepped),
+        optimizer=found.key if several else "",
+    )
+
+
+def _converted_tensor(ckpt: Checkpoint, family: families.Family, e: mapping.Entry, group: GroupReport,
+                      decision: mapping.ParameterMapping) -> OutputTensor | None:
+    """How the x of the tensor a stepped entry trains is made (None for another model's tensor)."""
+    if e.name not in ckpt.weights:
+        return None  # another model's tensor (see _decide_mapping)
+    if id(e) in decision.misfits:
+        raise decision.misfits[id(e)]
+    ref = ckpt.weights[e.name]
+    if family.x_source == "lerp" and ref.dtype not in LERP_DTYPES:
+        raise InputError(
+            f"parameter '{e.name}' is {ref.dtype} and has a z, but torch.lerp (what "
+            "optimizer.eval() computes) has no kernel for that dtype",
+            "Schedule-Free optimizers train float32/bfloat16/float16/float64/complex parameters; the checkpoint "
+            "was altered after training",
+            where=e.name,
+        )
+    out = OutputTensor(e.name, ref, group=group.index)
+    if family.x_source == "state-x":
+        x = e.state.get("x")
+        if not isinstance(x, TensorRef):
+            raise DamagedInput(f"{e.label()} ('{e.name}') has z but no stored x", "the checkpoint is damaged",
+                               where=e.name)
+        out.how, out.x = "state-x", x
+    else:
+        out.how, out.z, out.beta = family.x_source, e.state[family.z_key], group.beta
+        out.in_float32 = family.x_in_float32
+    return out
+
+
+def _plan_groups(ckpt: Checkpoint, used: list[FoundOptimizer], decision: mapping.ParameterMapping,
+                 opts: Options) -> _Plan:
+    """Each optimizer's groups in order: a report per group, and the x of every tensor a group converts."""
+    plan = _Plan()
+    if ckpt.unloaded_classes:
+        plan.warnings.append("skipped objects of these classes (never imported or run): " + ", ".join(ckpt.unloaded_classes))
+    for found in used:
+        plan.optimizers.append(OptimizerReport(found.key, found.family, found.source, len(found.entries)))
+        by_group: dict[int, list[mapping.Entry]] = {}
+        for e in found.entries:
+            by_group.setdefault(e.group, []).append(e)
+        for g, group in enumerate(found.state["param_groups"]):
+            members = by_group.get(g, [])
+            stepped = [e for e in members if isinstance(e.state.get(found.family.z_key), TensorRef)]
+            report = _group_report(found, g, group, members, stepped, opts, plan.warnings, len(ckpt.optimizers) > 1)
+            plan.groups.append(report)
+            if report.params_hold != "y":
+                continue
+            for e in stepped:
+                out = _converted_tensor(ckpt, found.family, e, report, decision)
+                if out is not None and found.family.beta_dtype_key:  # optax stores β in the parameters' dtype
+                    out.beta_dtype = group.get(found.family.beta_dtype_key)
+                if out is not None:
+                    plan.converted[e.name] = out
+    return plan
 
 
 def _refuse_overlapping_views(trained: Mapping[str, TensorRef]) -> None:
@@ -317,6 +534,39 @@ def _refuse_overlapping_views(trained: Mapping[str, TensorRef]) -> None:
                 reach = (hi2, name2, view2)
 
 
+def _output_tensors(ckpt: Checkpoint, decision: mapping.ParameterMapping, converted: dict[str, OutputTensor],
+                    dtype: str | None) -> list[OutputTensor]:
+    """Every tensor of the output in the checkpoint's order: converted, a twin of a converted one, or copied;
+    each in the dtype it is written in."""
+    trained = {e.name for e in decision.entries if e.name is not None}
+    trained_keys = {ckpt.weights[t].data_key for t in trained if t in ckpt.weights} - {None}
+    trained |= set(decision.twins) | {n for n, r in ckpt.weights.items() if r.data_key in trained_keys}
+    by_data = {o.ref.data_key: o for o in converted.values() if o.ref.data_key is not None}
+    tensors: list[OutputTensor] = []
+    for name, ref in ckpt.weights.items():
+        if ref.dtype not in DTYPES:
+            raise InputError(f"tensor '{name}' has dtype {ref.dtype}, which safetensors cannot hold",
+                             "safetensors has no such type (it holds complex64, not complex128), so sfckpt cannot "
+                             "write this model", where=name)
+        out = converted.get(name)
+        if out is None:
+            # A tied duplicate gets the same x as the name the optimizer knows it by.
+            twin = by_data.get(ref.data_key) if ref.data_key is not None else None
+            if twin is None and name in decision.twins:
+                twin = converted.get(decision.twins[name])
+            out = OutputTensor(name, ref, twin.how, twin.z, twin.x, twin.beta, twin.group, in_float32=twin.in_float32,
+                               beta_dtype=twin.beta_dtype) \
+                if twin else OutputTensor(name, ref)
+        if dtype and ref.is_float:
+            out.out_dtype = dtype
+        elif ckpt.default_dtype and ref.is_float and name in trained:
+            # The container's own dtype for what it keeps in higher precision (DeepSpeed's fp32 master
+            # copy of 16-bit parameters); buffers keep theirs.
+            out.out_dtype = ckpt.default_dtype
+        tensors.append(out)
+    return tensors
+
+
 def reconstruct(
     ckpt: Checkpoint,
     *,
@@ -328,6 +578,7 @@ def reconstruct(
     twins: str = "auto",
     require_beta: bool = True,
     undecided_ok: bool = False,
+    options: Options | None = None,
 ) -> Reconstruction:
     """Plan how to obtain x for every tensor of the checkpoint's model state.
 
@@ -344,184 +595,34 @@ def reconstruct(
             unknown); computing x then raises.
         undecided_ok: True to describe a checkpoint whose entries names, content and order leave
             open (inspect): no tensor is then converted, and computing x raises why.
+        options: an `sfckpt.Options` instead of the keywords above (its other fields are not used here,
+            but for param_order_from and model_config, which fill param_order from the user's model).
 
     Returns:
         A `Reconstruction`; call `.state_dict()` or `sfckpt.save()` to get x.
     """
-    if not ckpt.optimizers:
-        raise InputError(
-            f"{ckpt.path}: no optimizer state found (keys: {', '.join(ckpt.top_level_keys[:12])})",
-            "x needs the optimizer's z; pass the training checkpoint that includes the optimizer state_dict, "
-            "or --optimizer-key to name the entry",
-        )
-    if params_are not in (None, "x", "y"):
-        raise InputError(f"--params-are must be 'y' or 'x', not {params_are!r}", "see `sfckpt convert --help`")
-    if dtype is not None and dtype not in ("float32", "float16", "bfloat16", "float64"):
-        raise InputError(f"--dtype {dtype} is not a floating dtype sfckpt writes", "use float32, bfloat16, float16 or float64")
-    if twins not in ("auto", "tied", "frozen"):
-        raise InputError(f"--twins must be 'auto', 'tied' or 'frozen', not {twins!r}", "see `sfckpt convert --help`")
-
-    found, skipped = _families(ckpt, optimizer)
-    order = ckpt.order or ParameterOrder()
-
-    def decide(weights):
-        return mapping.decide(
-            [mapping.OptimizerEntries(key, entries, fam.z_key, not fam.x_in_float32) for key, fam, _, _, entries in found],
-            weights,
-            param_order=param_order,
-            model_order=order.names if param_order is None else None,
-            group_domains=order.group_domains if param_order is None else None,
-            container_order_name=order.source if order.names else "",
-            ties_visible=ckpt.ties_visible,
-            twins=twins,
-        )
-
-    undecided: InputError | None = None
-    try:
-        try:
-            decision = decide(ckpt.weights)
-        except InputError:
-            if order.missing is not None and param_order is None:
-                # the order that would have decided is what is missing
-                raise InputError(order.missing, order.missing_hint) from None
-            raise
-    except mapping.NotInWeights as exc:
-        if not ckpt.pool_weights or strip_prefix_used(ckpt):
-            if undecided_ok and isinstance(exc, mapping.Undecided):
-                undecided, decision = exc, _undecided_mapping(found, exc)
-            else:
-                raise
-        else:
-            # The optimizer also trains the file's other models (one optimizer over a U-Net and a text
-            # encoder, --model-key picking one): match against all of them, write the chosen one.
-            decision = decide(ckpt.pool_weights)
-            elsewhere = sorted({e.name.split(".", 1)[0] for e in decision.entries
-                                if e.name is not None and e.name not in ckpt.weights})
-            decision.untrained = [n for n in decision.untrained if n in ckpt.weights]
-            decision.warnings.append(f"the optimizer also trains tensors of {', '.join(elsewhere)} in this file, "
-                                     f"which are not written (--model-key {elsewhere[0]} converts them)")
-    except mapping.Undecided as exc:
-        if not undecided_ok:
-            raise
-        undecided, decision = exc, _undecided_mapping(found, exc)
-    used = [f for f in found if f[0] not in decision.ignored_optimizers]
-
-    warnings: list[str] = []
-    if ckpt.unloaded_classes:
-        warnings.append("skipped objects of these classes (never imported or run): " + ", ".join(ckpt.unloaded_classes))
-    groups: list[GroupReport] = []
-    reports: list[OptimizerReport] = []
-    by_name: dict[str, OutputTensor] = {}
-    for key, family, family_source, opt_state, entries in used:
-        reports.append(OptimizerReport(key, family, family_source, len(entries)))
-        by_group: dict[int, list[mapping.Entry]] = {}
-        for e in entries:
-            by_group.setdefault(e.group, []).append(e)
-        for g, group in enumerate(opt_state["param_groups"]):
-            members = by_group.get(g, [])
-            stepped = [e for e in members if isinstance(e.state.get(family.z_key), TensorRef)]
-            hold, hold_source = family.params_hold(group), "saved mode flag" if family.mode_key else "family"
-            if params_are is not None:
-                hold, hold_source = params_are, "--params-are"
-            elif hold == "unknown" and stepped:
-                if family.x_source != "state-x":
-                    warnings.append(
-                        f"{family.classes[0]} does not save whether it was in train or eval mode; assuming the parameters "
-                        "hold y (saved during training). Pass --params-are x if the checkpoint was saved after optimizer.eval()"
-                    )
-                hold, hold_source = "y", "assumed"
-            needs_beta = hold == "y" and stepped and family.x_source in ("lerp", "keras")
-            if needs_beta and not require_beta and beta is None and family.beta_key is None:
-                group_beta, beta_source = None, "unknown: pass --beta"
-            elif needs_beta:
-                group_beta, beta_source = _beta_for(family, group, g, beta)
-            else:
-                saved = family.beta(group) if beta is None else beta
-                group_beta = families.as_float(saved)
-                beta_source = "--beta" if beta is not None else ("saved" if group_beta is not None else "not saved")
-            groups.append(
-                GroupReport(
-                    index=g,
-                    beta=group_beta,
-                    beta_source=beta_source,
-                    train_mode=group.get(family.mode_key) if family.mode_key else None,
-                    params_hold=hold,
-                    params_hold_source=hold_source,
-                    lr=group.get("lr"),
-                    weight_decay=group.get("weight_decay"),
-                    warmup_steps=group.get("warmup_steps"),
-                    step=group.get(family.step_key),
-                    weight_sum=group.get("weight_sum"),
-                    n_params=len(members),
-                    n_with_z=len(stepped),
-                    optimizer=key if len(ckpt.optimizers) > 1 else "",
-                )
-            )
-            if hold != "y":
-                continue
-            for e in stepped:
-                if e.name not in ckpt.weights:
-                    continue  # another model's tensor (see above)
-                if id(e) in decision.misfits:
-                    raise decision.misfits[id(e)]
-                if family.x_source == "lerp" and ckpt.weights[e.name].dtype not in LERP_DTYPES and hold == "y":
-                    raise InputError(
-                        f"parameter '{e.name}' is {ckpt.weights[e.name].dtype} and has a z, but torch.lerp (what "
-                        "optimizer.eval() computes) has no kernel for that dtype",
-                        "Schedule-Free optimizers train float32/bfloat16/float16/float64/complex parameters; the checkpoint "
-                        "was altered after training",
-                    )
-                out = OutputTensor(e.name, ckpt.weights[e.name], group=g)
-                if family.x_source == "state-x":
-                    x = e.state.get("x")
-                    if not isinstance(x, TensorRef):
-                        raise InputError(f"{e.label()} ('{e.name}') has z but no stored x", "the checkpoint is damaged")
-                    out.how, out.x = "state-x", x
-                else:
-                    out.how, out.z, out.beta = family.x_source, e.state[family.z_key], group_beta
-                    out.in_float32 = family.x_in_float32
-                by_name[e.name] = out
-
-    if decision.twin_refusal is not None and decision.twin_sources & set(by_name):
+    opts = resolve(options, optimizer=optimizer, beta=beta, params_are=params_are, param_order=param_order,
+                   dtype=dtype, twins=twins, require_beta=require_beta, undecided_ok=undecided_ok)
+    _check_options(ckpt, opts)
+    opts = with_model_order(opts, ckpt.path)
+    found, skipped = _families(ckpt, opts.optimizer)
+    with said_of_the_model(opts.param_order_from):
+        decision, undecided = _decide_mapping(ckpt, found, opts)
+        plan = _plan_groups(ckpt, [f for f in found if f.key not in decision.ignored_optimizers], decision, opts)
+    if decision.twin_refusal is not None and decision.twin_sources & set(plan.converted):
         raise decision.twin_refusal
-    _refuse_overlapping_views({n: ckpt.weights[n] for n, o in by_name.items() if o.how in ("lerp", "keras")
-                               and n in ckpt.weights})
-    trained = {e.name for e in decision.entries if e.name is not None}
-    trained_keys = {ckpt.weights[t].data_key for t in trained if t in ckpt.weights} - {None}
-    trained |= set(decision.twins) | {n for n, r in ckpt.weights.items() if r.data_key in trained_keys}
-    by_data = {o.ref.data_key: o for o in by_name.values() if o.ref.data_key is not None}
-    tensors: list[OutputTensor] = []
-    for name, ref in ckpt.weights.items():
-        if ref.dtype not in DTYPES:
-            raise InputError(f"tensor '{name}' has dtype {ref.dtype}, which safetensors cannot hold",
-                             "safetensors has no such type (it holds complex64, not complex128), so sfckpt cannot "
-                             "write this model")
-        out = by_name.get(name)
-        if out is None:
-            # A tied duplicate gets the same x as the name the optimizer knows it by.
-            twin = by_data.get(ref.data_key) if ref.data_key is not None else None
-            if twin is None and name in decision.twins:
-                twin = by_name.get(decision.twins[name])
-            out = OutputTensor(name, ref, twin.how, twin.z, twin.x, twin.beta, twin.group, in_float32=twin.in_float32) \
-                if twin else OutputTensor(name, ref)
-        if dtype and ref.is_float:
-            out.out_dtype = dtype
-        elif ckpt.default_dtype and ref.is_float and name in trained:
-            # The container's own dtype for what it keeps in higher precision (DeepSpeed's fp32 master
-            # copy of 16-bit parameters); buffers keep theirs.
-            out.out_dtype = ckpt.default_dtype
-        tensors.append(out)
-    warnings = list(dict.fromkeys(warnings + skipped + decision.warnings))  # one per kind, not one per group
-    first = reports[0]
-    if undecided is not None:
-        warnings.append(f"x cannot be made yet: {undecided.message}; {undecided.hint}")
-    return Reconstruction(ckpt, first.family, first.family_source, groups, tensors, decision.method,
-                          sum(r.n_entries for r in reports), warnings, mapping=decision, optimizers=reports,
-                          undecided=undecided)
+    _refuse_overlapping_views({n: ckpt.weights[n] for n, o in plan.converted.items()
+                               if o.how in ("lerp", "keras") and n in ckpt.weights})
+    tensors = _output_tensors(ckpt, decision, plan.converted, opts.dtype)
+    warnings = list(dict.fromkeys(plan.warnings + skipped + decision.warnings))  # one per kind, not one per group
+    first = plan.optimizers[0]
+    return Reconstruction(ckpt, first.family, first.family_source, plan.groups, tensors, decision.method,
+                          sum(r.n_entries for r in plan.optimizers), warnings, mapping=decision,
+                          optimizers=plan.optimizers, undecided=undecided)
 
 
-def _undecided_mapping(found, exc: InputError) -> mapping.ParameterMapping:
+def _undecided_mapping(found: list[FoundOptimizer]) -> mapping.ParameterMapping:
     """A mapping that names no entry, for describing a checkpoint whose mapping is left open."""
-    entries = [e for _, _, _, _, es in found for e in es]
-    with_z = sum(1 for _, fam, _, _, es in found for e in es if e.z(fam.z_key) is not None)
+    entries = [e for f in found for e in f.entries]
+    with_z = sum(1 for f in found for e in f.entries if e.z(f.family.z_key) is not None)
     return mapping.ParameterMapping("undecided (see the warning)", entries, {}, 0, with_z, [])

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping, Sequence
 
 from . import inputs, keras_output, writer
-from .errors import InputError, OutputError
-from .readers.safetensors_file import SINGLE_NAME
+from .conventions import SINGLE_NAME
+from .errors import InputError, Opt, OutputError
+from .options import Options, resolve, wants_calibration
 from .reconstruct import Reconstruction
 from .tensors import count_nonfinite
 
@@ -20,6 +21,9 @@ def save(
     allow_nonfinite: bool = False,
     max_shard_size: int | str | None = None,
     progress: Callable[[int], None] | None = None,
+    options: Options | None = None,
+    metadata: Mapping[str, str] | None = None,
+    extra_files: Sequence[inputs.InputFile] = (),
 ) -> list[Path]:
     """Write x. A path ending in `.safetensors` gets one file, one ending in `.weights.h5` or `.keras`
     a file Keras loads (from a Keras checkpoint: sfckpt/keras_output.py); a path ending in `/`, an
@@ -28,72 +32,93 @@ def save(
     any other name (`model.safetensor`, `out.pt`) is refused.
 
     Nothing is written if any x is non-finite (unless `allow_nonfinite`), and an
-    existing output is kept unless `force`.
+    existing output is kept unless `force`. `options` (an `sfckpt.Options`) may stand for
+    the three keywords. `metadata` is added to the file's own (provenance), and `extra_files`
+    (opened through the input gate) are copied into a folder release.
 
     Returns:
         The paths written.
     """
     if recon.undecided is not None:  # a plan made only to be described (inspect): its tensors are not x
         raise recon.undecided
-    if os.fspath(out) == "-":
-        raise OutputError("sfckpt writes x to files, not to standard output",
-                          "name the output: x.safetensors for one file, or release/ for a folder")
-    folder_named = os.fspath(out).endswith(("/", os.sep))  # Path() drops the trailing slash
-    out = Path(out)
-    src = recon.checkpoint.path
-    writer.refuse_inputs(out, [src])
-    keras_named = keras_output.is_keras_name(out)
-    if not (folder_named or keras_named or out.suffix in ("", ".safetensors") or out.is_dir()):
-        raise OutputError(f"{out}: an output name ends in .safetensors (one file) or names a folder",
-                          f"write {out.with_suffix('.safetensors')} for one file, or {out}/ for a folder")
+    opts = resolve(options, force=force, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size)
+    out = _output_path(out, recon.checkpoint.path)
     by_name = {t.name: t for t in recon.tensors}
     specs = [writer.Spec(t.name, t.dtype, t.shape) for t in recon.tensors]
 
     def produce(spec: writer.Spec):
         item = by_name[spec.name]
-        x = item.compute()
-        if not allow_nonfinite:
+        x = item.compute().cpu()  # computed where the tensors live (a model in memory may be on a GPU)
+        if not opts.allow_nonfinite:
             bad = count_nonfinite(x)
             if bad:
                 source = "y or z" if item.how in ("lerp", "keras") else "the checkpoint"
                 raise InputError(
                     f"x of '{spec.name}' has {bad} NaN/Inf values (they come from {source})",
-                    "nothing was written; pass --allow-nonfinite to write anyway",
+                    "nothing was written; pass " + Opt("allow_nonfinite") + " to write anyway",
+                    where=spec.name,
                 )
         return x
 
-    metadata = recon.metadata()
-    if isinstance(max_shard_size, str):
-        max_shard_size = writer.parse_size(max_shard_size)
-    if keras_named:
-        if max_shard_size:
-            raise OutputError("--max-shard-size splits safetensors; a Keras output is one file", "leave it out")
-        return [keras_output.write(recon, out, produce, force, progress)]
+    metadata = {**recon.metadata(), **(metadata or {})}
+    shard_size = writer.parse_size(opts.max_shard_size) if isinstance(opts.max_shard_size, str) else opts.max_shard_size
+    if keras_output.is_keras_name(out):
+        if shard_size:
+            raise OutputError(Opt("max_shard_size") + " splits safetensors; a Keras output is one file", "leave it out",
+                              option="max_shard_size")
+        return [keras_output.write(recon, out, produce, opts.force, progress)]
     if out.suffix == ".safetensors":
-        if max_shard_size:
-            raise OutputError("--max-shard-size needs a folder as output", f"write to {out.with_suffix('')}/ instead")
-        return [writer.write_file(out, specs, produce, metadata, force, progress)]
+        if shard_size:
+            raise OutputError(Opt("max_shard_size") + " needs a folder as output",
+                              f"write to {out.with_suffix('')}/ instead", option="max_shard_size")
+        return [writer.write_file(out, specs, produce, metadata, opts.force, progress)]
     release = recon.checkpoint.release
     if release.note and release.note not in recon.warnings:
         recon.warnings.append(release.note)  # said once, however often the plan is saved
-    if max_shard_size and not release.shardable:
-        raise OutputError(f"{release.weights_name} is loaded from one file; --max-shard-size does not apply", "leave it out")
+    if shard_size and not release.shardable:
+        raise OutputError(f"{release.weights_name} is loaded from one file; " + Opt("max_shard_size") + " does not apply",
+                          "leave it out", option="max_shard_size")
     # config.json, tokenizer files, adapter_config.json: what `from_pretrained(out)` reads beside the weights
-    copies = inputs.side_files(src, release.side_files, recon.checkpoint.root) if release.side_files else []
-    return writer.write_folder(out, specs, produce, metadata, force, progress, max_shard_size, copies,
+    copies = list(extra_files)
+    if release.side_files:
+        copies += inputs.side_files(recon.checkpoint.path, release.side_files, recon.checkpoint.root)
+    return writer.write_folder(out, specs, produce, metadata, opts.force, progress, shard_size, copies,
                                single_name=release.weights_name or SINGLE_NAME)
 
 
-def convert(src: str | Path, out: str | Path, **options) -> list[Path]:
-    """`sfckpt convert` as a function: load, reconstruct, save.
+def _output_path(out: str | Path, src: Path) -> Path:
+    """`out` as a Path; refused when it is an input, or names neither a safetensors file nor a folder."""
+    if os.fspath(out) == "-":
+        raise OutputError("sfckpt writes x to files, not to standard output",
+                          "name the output: x.safetensors for one file, or release/ for a folder")
+    folder_named = os.fspath(out).endswith(("/", os.sep))  # Path() drops the trailing slash
+    out = Path(out)
+    writer.refuse_inputs(out, [src])
+    if not (folder_named or keras_output.is_keras_name(out) or out.suffix in ("", ".safetensors") or out.is_dir()):
+        raise OutputError(f"{out}: an output name ends in .safetensors (one file) or names a folder",
+                          f"write {out.with_suffix('.safetensors')} for one file, or {out}/ for a folder")
+    return out
 
-    Options are those of `load`, `reconstruct` and `save`.
+
+def convert(src: str | Path, out: str | Path, *, options: Options | None = None,
+            progress: Callable[[int], None] | None = None, metadata: Mapping[str, str] | None = None,
+            extra_files: Sequence[inputs.InputFile] = (), **keywords: Any) -> list[Path]:
+    """`sfckpt convert` as a function: load, reconstruct (and re-estimate BatchNorm statistics when
+    `bn_calib` and `bn_model` are given), save.
+
+    Args:
+        options: an `sfckpt.Options`; or give its fields as keywords (`beta=0.75, force=True`).
+        progress: called with the bytes written so far.
+        metadata / extra_files: as for `save` (the integrations record provenance with them).
     """
     from .checkpoint import load
     from .reconstruct import reconstruct
 
-    load_keys = {"model_key", "optimizer_key", "strip_prefix"}
-    save_keys = {"force", "allow_nonfinite", "max_shard_size", "progress"}
-    ckpt = load(src, **{k: v for k, v in options.items() if k in load_keys})
-    recon = reconstruct(ckpt, **{k: v for k, v in options.items() if k not in load_keys | save_keys})
-    return save(recon, out, **{k: v for k, v in options.items() if k in save_keys})
+    opts = resolve(options, **keywords)
+    calibrating = wants_calibration(opts)
+    recon = reconstruct(load(src, options=opts), options=opts)
+    if calibrating:
+        from .batchnorm import calibrate_with
+
+        calibrate_with(recon, opts)
+    return save(recon, out, options=opts, progress=progress, metadata=metadata, extra_files=extra_files)

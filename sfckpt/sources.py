@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Union
 from . import inputs
 from .errors import InputError
 from .readers import LFS_POINTER, read_weights, sniff
-from .readers.safetensors_file import INDEX_NAME, SINGLE_NAME
+from .conventions import INDEX_NAME, SINGLE_NAME
 from .reconstruct import Reconstruction
 from .tensors import TensorRef
 

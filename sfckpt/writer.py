@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from . import inputs
-from .errors import InputError, OutputError
+from .conventions import INDEX_NAME, SINGLE_NAME
+from .errors import InputError, Opt, OutputError, OutputExists
 from .tensors import DTYPES, nbytes_of
 
 # safetensors orders tensors by dtype (this rank, highest first), then name: keeps data aligned.
@@ -42,7 +43,6 @@ _DTYPE_RANK = [
     "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
     "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64",
 ]
-INDEX_NAME = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -93,12 +93,12 @@ def check_storable(specs: Sequence[Spec], metadata: dict[str, str] | None) -> No
         except UnicodeEncodeError as exc:
             raise InputError(f"tensor '{s.name[:200]}' has a name that is not UTF-8 text (a lone surrogate, "
                              f"U+{ord(s.name[exc.start]):04X}); safetensors stores names as UTF-8",
-                             "rename the tensor in the checkpoint") from None
+                             "rename the tensor in the checkpoint") from exc
     size = len(header_bytes(specs, metadata)) - 8
     if size > HEADER_MAX:
         raise InputError(f"the safetensors header for these {len(specs)} tensors would be {size} bytes; the "
                          f"safetensors library opens at most {HEADER_MAX}",
-                         "shorten the tensor names, or split the output with --max-shard-size")
+                         "shorten the tensor names, or split the output with " + Opt("max_shard_size", usage=True))
 
 
 def _tensor_bytes(tensor) -> memoryview:
@@ -204,7 +204,7 @@ def _claim(owner: str, where: Path, suffix: str = TMP_SUFFIX, folder: bool = Fal
                 break
             continue
         except OSError as exc:
-            raise OutputError(f"cannot write in {where} ({exc.strerror})", "choose a folder you can write to") from None
+            raise OutputError(f"cannot write in {where} ({exc.strerror})", "choose a folder you can write to") from exc
         if _lock(fd) is not False and _same(path, fd):
             return _Owned(path, fd)
         os.close(fd)
@@ -275,10 +275,10 @@ def _commit(tmp: Path, dest: Path, force: bool) -> None:
     try:
         os.link(tmp, dest)
     except FileExistsError:
-        raise OutputError(f"{dest} appeared while sfckpt was writing", "pass --force to replace it") from None
+        raise OutputExists(dest, f"{dest} appeared while sfckpt was writing") from None
     except OSError:
         if dest.exists():
-            raise OutputError(f"{dest} already exists", "pass --force to replace it") from None
+            raise OutputExists(dest) from None
         os.replace(tmp, dest)  # file systems without hard links
     tmp.unlink(missing_ok=True)
 
@@ -288,7 +288,7 @@ def _check_target(dest: Path, force: bool) -> None:
     if dest.is_dir():
         raise OutputError(f"{dest} is a folder", "give a file name, or a folder name without .safetensors for folder output")
     if dest.exists() and not force:
-        raise OutputError(f"{dest} already exists", "pass --force to replace it")
+        raise OutputExists(dest)
 
 
 @contextmanager
@@ -425,7 +425,7 @@ def _write_file(path: Path, specs: list[Spec], produce: Callable[[Spec], object]
             os.fsync(f.fileno())
     except OSError as exc:
         raise OutputError(f"writing {shown or path.parent} failed ({exc.strerror})",
-                          "free some disk space or choose another folder") from None
+                          "free some disk space or choose another folder") from exc
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -443,10 +443,12 @@ def parse_size(text: str) -> int:
     """'5GB' -> 5_000_000_000, '500MiB' -> 524_288_000 (Hugging Face's units)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
     if not m:
-        raise OutputError(f"--max-shard-size {text!r} is not a size", "write it like 5GB, 500MB or 2GiB")
+        raise OutputError(Opt("max_shard_size") + f" {text!r} is not a size", "write it like 5GB, 500MB or 2GiB",
+                          option="max_shard_size")
     if m.group(2) is None:  # a bare 100 would mean 100 bytes: forty shards where 100MB was meant
-        raise OutputError(f"--max-shard-size {text.strip()!r} has no unit", f"write it with one: {text.strip()}MB, "
-                          f"{text.strip()}GB (or {text.strip()}B for bytes)")
+        bare = text.strip()
+        raise OutputError(Opt("max_shard_size") + f" {bare!r} has no unit",
+                          f"write it with one: {bare}MB, {bare}GB (or {bare}B for bytes)", option="max_shard_size")
     unit = m.group(2).upper()
     power = " KMGT".index(unit[0]) if unit[0] in "KMGT" else 0
     base = 1024 if "I" in unit else 1000
@@ -476,7 +478,7 @@ def owned_by_sfckpt(name: str) -> bool:
 
 def write_folder(folder: Path, specs: Iterable[Spec], produce, metadata=None, force=False, progress=None,
                  max_shard_size: int | None = None, copies: Sequence[inputs.InputFile] = (),
-                 single_name: str = "model.safetensors") -> list[Path]:
+                 single_name: str = SINGLE_NAME) -> list[Path]:
     """Write `model.safetensors`, or shards and `model.safetensors.index.json`, into `folder`,
     with `copies` (files such as config.json, opened through the input gate) beside them: all of it, or none of it.
 
@@ -497,22 +499,9 @@ def write_folder(folder: Path, specs: Iterable[Spec], produce, metadata=None, fo
         names = [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
     for group in groups:
         check_storable(group, metadata)
-    _check_name(folder)
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{folder} exists and is not a folder", "choose a folder name for sharded output")
-    if not folder.parent.is_dir():
-        raise OutputError(f"{folder.parent}: the output folder does not exist", "create it first")
-    with _signals_deferred():  # what runs that died left: a staging folder beside, or inside
-        clean_dead(folder.parent, folder.name)
-        if folder.is_dir():
-            clean_dead(folder)
     targets = [folder / n for n in names] + ([folder / INDEX_NAME] if len(groups) > 1 else []) \
         + [folder / c.name for c in copies]
-    for t in targets:
-        if t.is_dir():
-            raise OutputError(f"{t} is a folder", "move it away, or choose another output folder")
-        if t.exists() and not force:
-            raise OutputError(f"{t} already exists", "pass --force to replace it")
+    _prepare_folder(folder, targets, force)
     created = not folder.exists()
     staging: _Owned | None = None
     try:
@@ -540,12 +529,31 @@ def write_folder(folder: Path, specs: Iterable[Spec], produce, metadata=None, fo
                 _commit_into(folder, staging.path, targets, force)
             _fsync_dir(folder)
     except OSError as exc:
-        raise OutputError(f"writing {folder} failed ({exc.strerror})", "free some disk space or choose another folder") from None
+        raise OutputError(f"writing {folder} failed ({exc.strerror})", "free some disk space or choose another folder") from exc
     finally:
         if staging is not None:
             with _signals_deferred():
                 _drop(staging)
     return targets
+
+
+def _prepare_folder(folder: Path, targets: Sequence[Path], force: bool) -> None:
+    """Refuse a folder output that cannot be written (a file of its name, no parent, a target that exists
+    without `force`), after removing what runs that died left in it."""
+    _check_name(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder} exists and is not a folder", "choose a folder name for sharded output")
+    if not folder.parent.is_dir():
+        raise OutputError(f"{folder.parent}: the output folder does not exist", "create it first")
+    with _signals_deferred():  # what runs that died left: a staging folder beside, or inside
+        clean_dead(folder.parent, folder.name)
+        if folder.is_dir():
+            clean_dead(folder)
+    for t in targets:
+        if t.is_dir():
+            raise OutputError(f"{t} is a folder", "move it away, or choose another output folder")
+        if t.exists() and not force:
+            raise OutputExists(t)
 
 
 def _move_into_place(staging: _Owned, folder: Path) -> None:
@@ -555,7 +563,7 @@ def _move_into_place(staging: _Owned, folder: Path) -> None:
         os.rename(staging.path, folder)  # over at most an empty folder made meanwhile: nothing is lost
     except OSError as exc:
         if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
-            raise OutputError(f"{folder} appeared while sfckpt was writing", "run again to write into it") from None
+            raise OutputError(f"{folder} appeared while sfckpt was writing", "run again to write into it") from exc
         raise
 
 

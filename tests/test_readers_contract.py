@@ -107,6 +107,16 @@ def build_peft(tmp: Path) -> Path:
     return folder
 
 
+def build_deepspeed_universal(tmp: Path) -> Path:
+    shutil.copytree(FIXTURES / "deepspeed-universal" / "zero2-fp32-z", tmp / "universal")
+    return tmp / "universal"
+
+
+def build_orbax(tmp: Path) -> Path:
+    shutil.copytree(FIXTURES / "orbax" / "fp32" / "ckpt", tmp / "ckpt")
+    return tmp / "ckpt"
+
+
 def build_keras(tmp: Path) -> Path:
     import os
 
@@ -131,6 +141,8 @@ CASES = {
     "accelerate": (build_accelerate, "accelerate", "accelerate"),
     "huggingface-trainer": (build_trainer, "huggingface-trainer", "huggingface-trainer"),
     "peft-adapter": (build_peft, "peft-adapter", "peft-adapter"),
+    "deepspeed-universal": (build_deepspeed_universal, "deepspeed-universal", "deepspeed-universal"),
+    "orbax": (build_orbax, "orbax", "orbax"),
     "keras": (build_keras, "keras", "keras"),
 }
 # Shapes that contain another: the later reader would also claim them, so order decides (registry.py).
@@ -180,6 +192,8 @@ def _optimizer_file(path: Path) -> Path:
     if path.is_file():
         return path
     files = [f for f in path.rglob("*") if f.is_file() and ("optim" in f.name or f.suffix == ".distcp")]
+    # Orbax keeps its arrays in the OCDBT data files the root manifest reads (d/<hash>), z's among them
+    files = files or [f for f in path.glob("d/*") if f.is_file()]
     return max(files, key=lambda f: f.stat().st_size)
 
 

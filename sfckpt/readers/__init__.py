@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import inputs
-from ..errors import InputError
-from .safetensors_file import INDEX_NAME, SINGLE_NAME, read_index, read_safetensors
+from ..errors import InputError, Opt
+from ..conventions import INDEX_NAME, SINGLE_NAME
+from .safetensors_file import read_index, read_safetensors
 from . import keras_file
 from .torch_file import Opaque, TorchArchive
 
@@ -26,7 +27,7 @@ def sniff(path: Path) -> str:
         if path.is_dir():
             return "folder"
     except OSError as exc:  # a name too long, a loop of links: the path, not the file, is wrong
-        raise InputError(f"{str(path)[:200]}: cannot be used ({exc.strerror})", "check the path") from None
+        raise InputError(f"{str(path)[:200]}: cannot be used ({exc.strerror})", "check the path") from exc
     with inputs.open_input(path) as f:
         head = f.pread(min(64, f.size), 0)
     if not head:
@@ -80,7 +81,7 @@ def _read_weights(path: Path):
             raise InputError(
                 f"{path}: the folder holds both {SINGLE_NAME} and {INDEX_NAME}; from_pretrained loads {SINGLE_NAME}, "
                 "so one of them is left over from an older release",
-                "remove the stale one (sfckpt convert --force replaces a whole release layout)",
+                "remove the stale one (converting with " + Opt("force") + " replaces a whole release layout)",
             )
         if (path / INDEX_NAME).is_file():
             return read_index(path / INDEX_NAME)

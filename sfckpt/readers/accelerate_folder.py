@@ -47,7 +47,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import DamagedInput, InputError
 from .base import LoadRequest, Opened, Reader, Release
 from .safetensors_file import read_safetensors
 
@@ -152,7 +152,7 @@ def load_object(path: Path) -> tuple[dict[str, Any], list[str]]:
         value, classes = load_torch(f)
         unloaded.update(classes)
         if not isinstance(value, dict):
-            raise InputError(f"{f} holds a {type(value).__name__}, not a state dict", "the folder is damaged")
+            raise DamagedInput(f"{f} holds a {type(value).__name__}, not a state dict", "the folder is damaged")
         obj[key] = value
     return obj, sorted(unloaded)
 
@@ -178,6 +178,18 @@ def _two_saves(path: Path, one: Path, other: str) -> None:
     raise InputError(f"{path}: holds both {one.name} and {other}, from two saves of different kinds (sharded and "
                      "full state dict) into one folder; which one is newer cannot be told",
                      "move the older files out of the folder, or save each checkpoint into a folder of its own")
+
+
+def save_complete(path: Path) -> bool:
+    """Whether `Accelerator.save_state` is finished: it writes each process's `random_states_N.pkl`
+    after the models and optimizers (main process: `random_states_0.pkl`), and every file and
+    sharded (DCP) sub-folder is whole."""
+    from .completeness import files_complete
+    from .dcp_folder import save_complete as dcp_complete
+
+    if not (path / "random_states_0.pkl").is_file() or not files_complete(path):
+        return False
+    return all(dcp_complete(p) for p in path.iterdir() if p.is_dir() and any(p.glob("*.distcp")))
 
 
 NO_CONFIG_NOTE = ("no config.json: the Trainer saves none with FSDP's SHARDED_STATE_DICT; copy your model's "
@@ -211,6 +223,9 @@ class AccelerateReader(Reader):
         if is_fsdp(path):
             _fsdp_traits(path, opened)
         return opened
+
+    def save_complete(self, path: Path) -> bool:
+        return save_complete(path)
 
 
 def _fsdp_traits(path: Path, opened: Opened) -> None:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..errors import Words
+
 
 @dataclass(frozen=True)
 class LoadRequest:
@@ -45,8 +47,8 @@ class ParameterOrder:
     names: tuple[str, ...] | None = None
     group_domains: tuple[frozenset[str], ...] | None = None
     source: str = ""  # how it was obtained, for the report
-    missing: str | None = None  # why it could not be rebuilt
-    missing_hint: str = ""
+    missing: Words | None = None  # why it could not be rebuilt
+    missing_hint: Words = ""
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from .. import inputs, limits
-from ..errors import InputError
+from ..errors import DamagedInput, InputError
 from ..tensors import TensorRef
 from . import pickle_guard
 from .base import LoadRequest, Opened, Reader
 from ..inputs import confined
 from .torch_file import _ORDERED_DICT, _SAFE_BUILTINS, TorchArchive
+
+# Failures inside DCP that are bugs of sfckpt's planner or reader, not damage in the folder
+_BUGS = (AttributeError, NameError, AssertionError, ImportError)
 
 _METADATA_CLASSES = {
     "torch.distributed.checkpoint.metadata": {
@@ -162,13 +165,13 @@ def _reader_classes():
                     metadata = _MetadataUnpickler(io.BytesIO(data), len(data)).load_checked()
                 except pickle_guard.GuardError as exc:
                     if exc.limit is None:
-                        raise InputError(f"{path}: {exc}", "the folder is damaged or crafted") from None
-                    raise exc.limit.exceeded(f"{path}: {exc}") from None
+                        raise DamagedInput(f"{path}: {exc}", "the folder is damaged or crafted") from exc
+                    raise exc.limit.exceeded(f"{path}: {exc}") from exc
                 except RecursionError:
-                    raise InputError(f"{path}: the metadata is nested too deeply", "the file is damaged or crafted") from None
+                    raise DamagedInput(f"{path}: the metadata is nested too deeply", "the file is damaged or crafted") from None
                 except Exception as exc:
-                    raise InputError(f"{path}: cannot read DCP metadata ({type(exc).__name__}: {exc})"[:300],
-                                     "the folder is damaged or not a torch.distributed.checkpoint") from None
+                    raise DamagedInput(f"{path}: cannot read DCP metadata ({type(exc).__name__}: {exc})"[:300],
+                                     "the folder is damaged or not a torch.distributed.checkpoint") from exc
                 _validate(metadata, Path(self.path), self.root)
                 if getattr(metadata, "storage_meta", None) is None:
                     metadata.storage_meta = StorageMeta()
@@ -217,12 +220,14 @@ class DcpFolder:
         except BaseException as exc:  # DCP's CheckpointException is a BaseException wrapping the cause
             cause = _first_failure(exc)
             if isinstance(cause, InputError):
+                raise cause from None  # raised by sfckpt's own reader inside DCP, with its own traceback
+            if isinstance(cause, _BUGS):  # sfckpt's planner or reader failed, not the input: an internal error
                 raise cause from None
             if isinstance(cause, EOFError):  # a shard ends inside an entry .metadata says it holds
-                raise inputs.truncated(self.path) from None
-            raise InputError(f"{self.path}: reading {', '.join(list(request)[:2])} failed "
+                raise inputs.truncated(self.path) from exc
+            raise DamagedInput(f"{self.path}: reading {', '.join(list(request)[:2])} failed "
                              f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})"[:400],
-                             "a shard file is missing or damaged") from None
+                             "a shard file is missing or damaged") from exc
         return planner.loaded
 
     def tensor(self, key: str):
@@ -264,9 +269,9 @@ def _validate(metadata: Any, path: Path, root: inputs.Root) -> None:
     from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
                                                        MetadataIndex, StorageMeta, TensorStorageMetadata)
 
-    damaged = InputError(f"{path}/.metadata does not describe a checkpoint DCP can read", "the folder is damaged")
+    damaged = DamagedInput(f"{path}/.metadata does not describe a checkpoint DCP can read", "the folder is damaged")
     if not isinstance(metadata, Metadata) or not isinstance(getattr(metadata, "storage_meta", None), (StorageMeta, type(None))):
-        raise InputError(f"{path}/.metadata does not hold DCP metadata", "the folder is damaged")
+        raise DamagedInput(f"{path}/.metadata does not hold DCP metadata", "the folder is damaged")
     entries = getattr(metadata, "state_dict_metadata", None)
     paths = getattr(metadata, "planner_data", None)
     storage = getattr(metadata, "storage_data", None)
@@ -293,7 +298,7 @@ def _validate(metadata: Any, path: Path, root: inputs.Root) -> None:
             if files[rel] < 0:
                 raise InputError(f"{path}: shard file '{rel}' named in .metadata is missing", "copy the whole folder")
         if offset + length > files[rel]:
-            raise InputError(f"{path}/{rel}: entry '{index.fqn}' lies past the end of the file", "the folder is damaged")
+            raise DamagedInput(f"{path}/{rel}: entry '{index.fqn}' lies past the end of the file", "the folder is damaged")
         stored[index.fqn] = stored.get(index.fqn, 0) + length
 
     max_chunks = limits.DCP_CHUNKS.value
@@ -320,11 +325,11 @@ def _validate(metadata: Any, path: Path, root: inputs.Root) -> None:
                 raise damaged
         # Chunks must tile the tensor: an element no chunk covers would be written uninitialised.
         if sum(math.prod(chunk.sizes) for chunk in chunks) != math.prod(size) or not _tile(size, chunks, path, key):
-            raise InputError(f"{path}/.metadata: the chunks of tensor '{key}' do not cover its shape {tuple(size)} "
+            raise DamagedInput(f"{path}/.metadata: the chunks of tensor '{key}' do not cover its shape {tuple(size)} "
                              "exactly once", "the folder is damaged or incomplete")
         nbytes = math.prod(size) * torch.empty(0, dtype=dtype).element_size()
         if nbytes > stored.get(key, 0):
-            raise InputError(f"{path}/.metadata: tensor '{key}' of shape {tuple(size)} needs {nbytes} bytes but its "
+            raise DamagedInput(f"{path}/.metadata: tensor '{key}' of shape {tuple(size)} needs {nbytes} bytes but its "
                              f"shards hold {stored.get(key, 0)}", "the folder is damaged or incomplete")
 
     _check_nesting(entries, paths or {}, path)
@@ -343,7 +348,7 @@ def _tile(size: tuple, chunks: list, path: Path, key: str) -> bool:
               for d, n in enumerate(size)]
     cells = math.prod(len(b) - 1 for b in bounds)
     if cells > GRID_CELLS:
-        raise InputError(f"{path}/.metadata: the chunks of tensor '{key}' cut it into {cells} pieces",
+        raise DamagedInput(f"{path}/.metadata: the chunks of tensor '{key}' cut it into {cells} pieces",
                          "the folder is damaged or crafted; a save splits a tensor along one or two dimensions")
     where = [{v: i for i, v in enumerate(b)} for b in bounds]
     counts = np.zeros([len(b) - 1 for b in bounds], dtype=np.int64)
@@ -365,7 +370,7 @@ def _check_nesting(entries: dict, paths: dict, path: Path) -> None:
     twice = [p for p in leaves if p in seen or seen.add(p)]
     clash = twice[0] if twice else next((p for p in leaves if any(p[:i] in seen for i in range(1, len(p)))), None)
     if clash is not None:
-        raise InputError(f"{path}/.metadata: planner_data places two entries at {'.'.join(map(str, clash))[:200]} "
+        raise DamagedInput(f"{path}/.metadata: planner_data places two entries at {'.'.join(map(str, clash))[:200]} "
                          "(one inside or on top of the other)", "the folder is damaged or crafted")
 
 
@@ -401,6 +406,15 @@ def _lists(node: Any, key: Any = None) -> Any:
     return node
 
 
+def save_complete(path: Path) -> bool:
+    """Whether a torch.distributed.checkpoint save is finished: the coordinator writes `.metadata`
+    once every rank's `.distcp` files are written."""
+    try:
+        return (path / ".metadata").is_file() and (path / ".metadata").stat().st_size > 0
+    except OSError:
+        return False
+
+
 class DcpReader(Reader):
     """Any torch.distributed.checkpoint folder (`.metadata` + `.distcp` shards)."""
 
@@ -413,3 +427,6 @@ class DcpReader(Reader):
         folder = DcpFolder(path)
         obj = folder.load_object()
         return Opened(obj, folder.opaque, self.name, ties_visible=False)  # DCP saves tied weights as copies
+
+    def save_complete(self, path: Path) -> bool:
+        return save_complete(path)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .. import inputs, limits
-from ..errors import InputError
+from ..errors import DamagedInput, InputError
 from ..inputs import confined
 from ..tensors import TensorRef, torch_dtype
 from .base import LoadRequest, Opened, Reader, Release
@@ -91,7 +91,7 @@ def is_deepspeed_folder(path: Path) -> bool:
 def _shape(value: Any, where: str) -> tuple[int, ...]:
     if isinstance(value, (tuple, list)) and all(type(n) is int and n >= 0 for n in value):
         return tuple(value)
-    raise InputError(f"{where} is not a tensor shape ({value!r:.60})", "the checkpoint is damaged")
+    raise DamagedInput(f"{where} is not a tensor shape ({value!r:.60})", "the checkpoint is damaged")
 
 
 def _gather(parts: list[tuple[TensorRef, int, int]], numel: int, shape: tuple[int, ...]):
@@ -145,7 +145,7 @@ class DeepSpeedFolder:
         obj = archive.load_object()
         self.opaque |= archive.opaque
         if not isinstance(obj, Mapping):
-            raise InputError(f"{file} holds a {type(obj).__name__}, not DeepSpeed's checkpoint dict", "the checkpoint is damaged")
+            raise DamagedInput(f"{file} holds a {type(obj).__name__}, not DeepSpeed's checkpoint dict", "the checkpoint is damaged")
         return obj
 
     def _open_ranks(self) -> None:
@@ -179,7 +179,7 @@ class DeepSpeedFolder:
         counts = first.sd.get("partition_count")
         counts = counts if isinstance(counts, (list, tuple)) else [counts]
         if not counts or not all(type(c) is int and c > 0 for c in counts):
-            raise InputError(f"{first.path}: partition_count {counts!r:.40} is not a number of ranks", "the checkpoint is damaged")
+            raise DamagedInput(f"{first.path}: partition_count {counts!r:.40} is not a number of ranks", "the checkpoint is damaged")
         self.world = max(counts)
         if self.world != n:
             raise InputError(f"{self.tag}: the run had {self.world} data-parallel ranks but {n} rank files are here",
@@ -195,28 +195,28 @@ class DeepSpeedFolder:
         obj = self._load(file)
         sd = obj.get("optimizer_state_dict")
         if not isinstance(sd, Mapping):
-            raise InputError(f"{file} has no optimizer_state_dict", "the file is damaged or not a DeepSpeed ZeRO rank file")
+            raise DamagedInput(f"{file} has no optimizer_state_dict", "the file is damaged or not a DeepSpeed ZeRO rank file")
         if "fp32_flat_groups" in sd:
             flats, opt = sd["fp32_flat_groups"], sd.get("optimizer_state_dict")
         elif "single_partition_of_fp32_groups" in sd:
             flats, opt = sd["single_partition_of_fp32_groups"], sd.get("base_optimizer_state")
         else:
-            raise InputError(f"{file} holds no fp32 master partitions (single_partition_of_fp32_groups or fp32_flat_groups)",
+            raise DamagedInput(f"{file} holds no fp32 master partitions (single_partition_of_fp32_groups or fp32_flat_groups)",
                              "the file is damaged or was written by an unsupported DeepSpeed optimizer")
         if isinstance(opt, (list, tuple)):
             raise InputError(f"{file} is an elastic ZeRO checkpoint, which keeps no optimizer hyper-parameters",
                              "save with zero_optimization.elastic_checkpoint false")
         if not isinstance(opt, Mapping) or not isinstance(opt.get("param_groups"), list) or not isinstance(opt.get("state"), Mapping):
-            raise InputError(f"{file} holds no client optimizer state (state and param_groups)",
+            raise DamagedInput(f"{file} holds no client optimizer state (state and param_groups)",
                              "the file is damaged, or was saved without optimizer states")
         for g, group in enumerate(opt["param_groups"]):
             if not isinstance(group, Mapping) or not isinstance(group.get("params"), (list, tuple)):
-                raise InputError(f"{file}: optimizer param_groups[{g}] has no 'params' list", "the checkpoint is damaged")
+                raise DamagedInput(f"{file}: optimizer param_groups[{g}] has no 'params' list", "the checkpoint is damaged")
             if not all(type(i) is int for i in group["params"]):
-                raise InputError(f"{file}: optimizer param_groups[{g}] params {list(group['params'])!r:.60} are not "
+                raise DamagedInput(f"{file}: optimizer param_groups[{g}] params {list(group['params'])!r:.60} are not "
                                  "state indices", "the checkpoint is damaged")
         if not isinstance(flats, (list, tuple)) or not all(isinstance(t, TensorRef) and t.dtype == "float32" for t in flats):
-            raise InputError(f"{file}: the fp32 master partitions are not float32 tensors", "the checkpoint is damaged")
+            raise DamagedInput(f"{file}: the fp32 master partitions are not float32 tensors", "the checkpoint is damaged")
         return _Rank(file, sd, list(flats), opt)
 
     @staticmethod
@@ -227,7 +227,7 @@ class DeepSpeedFolder:
         if isinstance(stage, Opaque) and len(stage.args) == 1:
             stage = stage.args[0]  # ZeroStageEnum(n), read from its pickled value
         if stage not in (1, 2, 3):
-            raise InputError(f"{rank.path}: unknown ZeRO stage {stage!r:.30}", "the checkpoint is damaged")
+            raise DamagedInput(f"{rank.path}: unknown ZeRO stage {stage!r:.30}", "the checkpoint is damaged")
         return stage
 
     def _same_run(self, first: _Rank, other: _Rank) -> None:
@@ -238,7 +238,7 @@ class DeepSpeedFolder:
             raise InputError(f"{other.path} has {len(other.flats)} flat groups but rank 0 has {len(first.flats)}", hint)
         for g, (a, b) in enumerate(zip(first.opt["param_groups"], other.opt["param_groups"])):
             if not (isinstance(a, Mapping) and isinstance(b, Mapping)):
-                raise InputError(f"{other.path}: param_groups[{g}] is not a dict", "the checkpoint is damaged")
+                raise DamagedInput(f"{other.path}: param_groups[{g}] is not a dict", "the checkpoint is damaged")
             differ = sorted((k for k in set(a) | set(b) if k not in _PER_RANK_KEYS and a.get(k) != b.get(k)), key=str)
             if differ:
                 k = differ[0]
@@ -257,9 +257,9 @@ class DeepSpeedFolder:
         head = self.models[0]
         for key in ("module", "param_shapes"):
             if key not in head:
-                raise InputError(f"{files[0]} has no '{key}'", "the file is damaged or not a DeepSpeed model-states file")
+                raise DamagedInput(f"{files[0]} has no '{key}'", "the file is damaged or not a DeepSpeed model-states file")
         if not isinstance(head["module"], Mapping) or not isinstance(head["param_shapes"], (list, tuple)):
-            raise InputError(f"{files[0]}: module or param_shapes has the wrong type", "the checkpoint is damaged")
+            raise DamagedInput(f"{files[0]}: module or param_shapes has the wrong type", "the checkpoint is damaged")
         for f, other in zip(files[1:], self.models[1:]):
             if other.get("param_shapes") != head["param_shapes"] or other.get("global_steps") != head.get("global_steps"):
                 raise InputError(f"{f} does not belong with {files[0].name} (different parameters or step)",
@@ -278,13 +278,13 @@ class DeepSpeedFolder:
             have = [r for r in range(self.world) if z[r][k] is not None]
             if have and len(have) != self.world:
                 lacking = next(r for r in range(self.world) if z[r][k] is None)
-                raise InputError(f"{self.ranks[lacking].path} has no z for flat group {k}, but rank {have[0]} has",
+                raise DamagedInput(f"{self.ranks[lacking].path} has no z for flat group {k}, but rank {have[0]} has",
                                  "the folder mixes files of different saves, or a rank file is damaged")
         out = []
         flat_group = self._flat_to_group()
         for k, group_shapes in enumerate(shapes):
             if not isinstance(group_shapes, Mapping):
-                raise InputError(f"{self.tag}: param_shapes[{k}] is not a name -> shape map", "the checkpoint is damaged")
+                raise DamagedInput(f"{self.tag}: param_shapes[{k}] is not a name -> shape map", "the checkpoint is damaged")
             named = [(str(n), _shape(s, f"{self.tag}: param_shapes[{k}]['{n}']")) for n, s in group_shapes.items()]
             if self.stage == 3:
                 placed = self._zero3_group(k, named, z)
@@ -302,7 +302,7 @@ class DeepSpeedFolder:
         # sub-groups are made group by group: flattening the groups' params lists gives that order.
         order = [g for g, group in enumerate(groups) for _ in group.get("params", ())]
         if len(order) != len(self.ranks[0].flats):
-            raise InputError(f"{self.ranks[0].path}: {len(order)} sub-groups in param_groups but "
+            raise DamagedInput(f"{self.ranks[0].path}: {len(order)} sub-groups in param_groups but "
                              f"{len(self.ranks[0].flats)} fp32_flat_groups", "the checkpoint is damaged")
         return order
 
@@ -311,16 +311,16 @@ class DeepSpeedFolder:
         state, groups = rank.opt["state"], rank.opt["param_groups"]
         indices = [i for group in groups for i in group.get("params", ())]
         if len(indices) != len(rank.flats):
-            raise InputError(f"{rank.path}: {len(indices)} optimizer entries for {len(rank.flats)} flat groups",
+            raise DamagedInput(f"{rank.path}: {len(indices)} optimizer entries for {len(rank.flats)} flat groups",
                              "the checkpoint is damaged")
         out = []
         for k, i in enumerate(indices):
             entry = state.get(i, {})
             z = entry.get("z") if isinstance(entry, Mapping) else None
             if z is not None and not (isinstance(z, TensorRef) and z.numel >= rank.flats[k].numel):
-                raise InputError(f"{rank.path}: z of flat group {k} does not cover its fp32 partition", "the checkpoint is damaged")
+                raise DamagedInput(f"{rank.path}: z of flat group {k} does not cover its fp32 partition", "the checkpoint is damaged")
             if z is not None and z.dtype != "float32":  # the client optimizer steps the fp32 partitions: its z is float32
-                raise InputError(f"{rank.path}: z of flat group {k} is {z.dtype}, not float32 like the partition it "
+                raise DamagedInput(f"{rank.path}: z of flat group {k} is {z.dtype}, not float32 like the partition it "
                                  "belongs to", "the checkpoint is damaged")
             out.append(z)
         return out
@@ -333,10 +333,10 @@ class DeepSpeedFolder:
         paddings = self.ranks[0].sd.get("param_alignment_paddings")
         pads = paddings[k] if isinstance(paddings, (list, tuple)) and k < len(paddings) else None
         if pads is not None and (not isinstance(pads, (list, tuple)) or len(pads) != len(named)):
-            raise InputError(f"{self.ranks[0].path}: {len(pads) if isinstance(pads, (list, tuple)) else 'no'} alignment "
+            raise DamagedInput(f"{self.ranks[0].path}: {len(pads) if isinstance(pads, (list, tuple)) else 'no'} alignment "
                              f"paddings for the {len(named)} parameters of group {k}", "the checkpoint is damaged")
         if pads is not None and not all(type(p) is int and p >= 0 for p in pads):
-            raise InputError(f"{self.ranks[0].path}: param_alignment_paddings[{k}] {list(pads)!r:.60} are not counts "
+            raise DamagedInput(f"{self.ranks[0].path}: param_alignment_paddings[{k}] {list(pads)!r:.60} are not counts "
                              "of elements", "the checkpoint is damaged")
         placed, offset = [], 0
         for j, (name, shape) in enumerate(named):
@@ -358,7 +358,7 @@ class DeepSpeedFolder:
             paddings = self.ranks[-1].sd.get("group_paddings")
             trailing = paddings[k] if isinstance(paddings, (list, tuple)) and k < len(paddings) else 0
             if not (type(trailing) is int and trailing >= 0):
-                raise InputError(f"{self.ranks[-1].path}: group_paddings[{k}] {trailing!r:.30} is not a count of elements",
+                raise DamagedInput(f"{self.ranks[-1].path}: group_paddings[{k}] {trailing!r:.30} is not a count of elements",
                                  "the checkpoint is damaged")
         if offset + trailing != total:
             raise InputError(f"{self.tag}: group {k}'s parameters take {offset} elements but the ranks hold {total}",
@@ -435,7 +435,7 @@ class DeepSpeedFolder:
         head = self.models[0]
         shapes = head.get("frozen_param_shapes") or {}
         if not isinstance(shapes, Mapping):
-            raise InputError(f"{self.tag}: frozen_param_shapes is not a name -> shape map", "the checkpoint is damaged")
+            raise DamagedInput(f"{self.tag}: frozen_param_shapes is not a name -> shape map", "the checkpoint is damaged")
         if self.stage != 3:
             module = head["module"]
             return {n: module[n] for n in shapes if isinstance(module.get(n), TensorRef)}
@@ -448,7 +448,7 @@ class DeepSpeedFolder:
                 fragments = model.get("frozen_param_fragments")
                 frag = fragments.get(name) if isinstance(fragments, Mapping) else None
                 if not isinstance(frag, TensorRef) or frag.numel < per_rank:
-                    raise InputError(f"{self.tag}: rank {r} holds no slice of frozen parameter '{name}'",
+                    raise DamagedInput(f"{self.tag}: rank {r} holds no slice of frozen parameter '{name}'",
                                      "the checkpoint was saved without frozen parameters, or is damaged")
                 parts.append((frag, 0, per_rank))
             out[name] = TensorRef(parts[0][0].dtype, shape, (lambda p=parts, n=numel, s=shape: _gather(p, n, s)),
@@ -475,6 +475,31 @@ class DeepSpeedFolder:
         self.opaque = set(unknown)
 
 
+def save_complete(path: Path) -> bool:
+    """Whether a DeepSpeed save is finished. `engine.save_checkpoint` writes `latest` after every rank's
+    files: a save folder is complete when `latest` names a tag whose files are whole; a tag folder when
+    its parent's `latest` names it or was written after the tag's last file (a later save finished)."""
+    from .completeness import files_complete
+
+    try:
+        if (path / LATEST).is_file():
+            tag = _latest_tag(path)
+            return bool(tag) and "/" not in tag and (path / tag).is_dir() and files_complete(path / tag)
+        latest = path.parent / LATEST
+        if not latest.is_file():
+            return False
+        newest = max((p.stat().st_mtime_ns for p in path.iterdir()), default=0)
+        named = _latest_tag(path.parent)
+        return (named == path.name or latest.stat().st_mtime_ns >= newest) and files_complete(path)
+    except (InputError, OSError, UnicodeDecodeError):
+        return False
+
+
+def _latest_tag(folder: Path) -> str:
+    data = inputs.read_bytes(folder / LATEST, limits.TEXT_BYTES, "DeepSpeed's latest tag", root=inputs.Root.of(folder))
+    return data.decode("utf-8").strip()
+
+
 class DeepSpeedReader(Reader):
     """A DeepSpeed ZeRO checkpoint: a tag folder, its parent with `latest`, or a wrapper's folder.
 
@@ -493,3 +518,6 @@ class DeepSpeedReader(Reader):
         return Opened(obj, sorted(folder.opaque), self.name, notes=folder.notes,
                       default_dtype=folder.module_dtype if folder.module_dtype != "float32" else None,
                       release=Release(RELEASE_FILES))
+
+    def save_complete(self, path: Path) -> bool:
+        return save_complete(path)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import limits
-from ..errors import InputError
+from ..errors import DamagedInput, InputError
 from ..inputs import InputFile
 from ..tensors import DTYPES, TensorRef
 
@@ -100,7 +100,7 @@ def read_tree(file: InputFile, start: int, size: int, where: str) -> Tree:
     try:
         handle = h5py.File(window, "r")
     except (OSError, ValueError) as exc:
-        raise InputError(f"{where}: HDF5 cannot open it ({str(exc)[:120]})", "the file is truncated or damaged") from None
+        raise DamagedInput(f"{where}: HDF5 cannot open it ({str(exc)[:120]})", "the file is truncated or damaged") from exc
     if handle.userblock_size:
         raise InputError(f"{where}: the HDF5 file has a user block, which Keras never writes", "the file is damaged or crafted")
     tree = Tree({}, {"": _attrs(handle, where)}, handle)

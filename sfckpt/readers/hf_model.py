@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import limits
-from ..errors import InputError
+from ..errors import InputError, Words
 
 # Words in a config key whose integer value (or list of integers) says how many layers, blocks or
 # experts the model builds: num_hidden_layers, n_layer, num_experts, depths, ...
@@ -49,7 +49,7 @@ def _one_line(exc: Exception) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
 
 
-def vet_config(raw: Any, where: str, hint: str) -> dict[str, Any]:
+def vet_config(raw: Any, where: str, hint: Words) -> dict[str, Any]:
     """`raw` (a parsed config.json) if transformers can build it without code from the input, a
     prompt, other files or unbounded work; otherwise an InputError saying why, with `hint`."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -87,7 +87,7 @@ def vet_config(raw: Any, where: str, hint: str) -> dict[str, Any]:
     return raw
 
 
-def config_from_dict(raw: Any, where: str, hint: str):
+def config_from_dict(raw: Any, where: str, hint: Words):
     """A transformers config built from a parsed config.json after `vet_config`; never from a path."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -98,7 +98,7 @@ def config_from_dict(raw: Any, where: str, hint: str):
         with textout.library_logs():  # transformers logs warnings that quote config values
             return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
     except Exception as exc:  # transformers validates the values its own way: any failure is the input's
-        raise InputError(f"{where} cannot be read by transformers ({_one_line(exc)})", hint) from None
+        raise InputError(f"{where} cannot be read by transformers ({_one_line(exc)})", hint) from exc
 
 
 def _without_implementation_choices(raw: dict[str, Any]) -> dict[str, Any]:
@@ -115,7 +115,7 @@ def _without_implementation_choices(raw: dict[str, Any]) -> dict[str, Any]:
     return clean(raw)
 
 
-def read_config(path: Path, where: str, hint: str, root=None):
+def read_config(path: Path, where: str, hint: Words, root=None):
     """The transformers config in the file `path`, read through the input gate (confined to the input,
     or to `root` for a second input, and bounded)."""
     from .. import inputs
@@ -123,7 +123,7 @@ def read_config(path: Path, where: str, hint: str, root=None):
     return config_from_dict(inputs.read_json(path, "config.json", root=root), where, hint)
 
 
-def model_class(name: Any, config: Any, where: str, hint: str) -> type:
+def model_class(name: Any, config: Any, where: str, hint: Words) -> type:
     """The transformers model class called `name`, if it is one transformers ships and it is built
     from this kind of config (`architectures: ["pipeline"]` or `["AutoModel"]` are not models)."""
     import transformers
@@ -139,7 +139,7 @@ def model_class(name: Any, config: Any, where: str, hint: str) -> type:
     return cls
 
 
-def build_on_meta(cls: type, config: Any, where: str, hint: str):
+def build_on_meta(cls: type, config: Any, where: str, hint: Words):
     """`cls` built from `config` on the meta device: parameters without storage, nothing read."""
     import torch
 
@@ -150,10 +150,10 @@ def build_on_meta(cls: type, config: Any, where: str, hint: str):
         try:
             return cls._from_config(config)
         except Exception as exc:  # a config transformers accepted but cannot build (sizes that do not fit)
-            raise InputError(f"{where}: {cls.__name__} cannot be built from it ({_one_line(exc)})", hint) from None
+            raise InputError(f"{where}: {cls.__name__} cannot be built from it ({_one_line(exc)})", hint) from exc
 
 
-def _quantifiers(items, inside_loop: bool, where: str, hint: str) -> int:
+def _quantifiers(items, inside_loop: bool, where: str, hint: Words) -> int:
     """Quantifiers in a parsed pattern; refuses backreferences and loops that hold quantifiers or choices."""
     from re import _constants as c
 
@@ -174,7 +174,7 @@ def _quantifiers(items, inside_loop: bool, where: str, hint: str) -> int:
     return count
 
 
-def vet_pattern(pattern: Any, field: str, where: str, hint: str) -> None:
+def vet_pattern(pattern: Any, field: str, where: str, hint: Words) -> None:
     """Refuse a regex from an adapter config whose matching could take unbounded time (the rule of
     docs/guarantees.md: no backreferences, nothing quantified inside a repeated part, at most
     MAX_QUANTIFIERS quantifiers in the pattern as peft matches it)."""
@@ -188,12 +188,12 @@ def vet_pattern(pattern: Any, field: str, where: str, hint: str) -> None:
     try:
         parsed = _parser.parse(_WRAPPED.get(field, "{}").format(pattern))
     except (re.error, OverflowError, RecursionError) as exc:
-        raise InputError(f"{where} is not a regular expression ({exc})", hint) from None
+        raise InputError(f"{where} is not a regular expression ({exc})", hint) from exc
     if _quantifiers(parsed.data, False, where, hint) > MAX_QUANTIFIERS:
         raise InputError(f"{where} has more than {MAX_QUANTIFIERS} quantifiers as peft matches it", hint)
 
 
-def vet_adapter_config(raw: Any, where: str, hint: str) -> dict[str, Any]:
+def vet_adapter_config(raw: Any, where: str, hint: Words) -> dict[str, Any]:
     """A parsed adapter_config.json, if peft can build it with bounded work: a known peft_type, and
     every regex peft would match (target_modules, exclude_modules, modules_to_save, layers_pattern,
     rank_pattern and alpha_pattern keys) within the rule of `vet_pattern`."""
@@ -252,7 +252,7 @@ def vet_adapter_config(raw: Any, where: str, hint: str) -> dict[str, Any]:
     return raw
 
 
-def peft_model(model: Any, raw: Any, where: str, hint: str):
+def peft_model(model: Any, raw: Any, where: str, hint: Words):
     """`model` wrapped by peft as the Trainer trained it, from a parsed adapter_config.json after
     `vet_adapter_config`; peft reads no file and nothing from the network."""
     import peft
@@ -274,7 +274,7 @@ def peft_model(model: Any, raw: Any, where: str, hint: str):
             config.inference_mode = False  # saved as True; the trained model had its adapter trainable
             return peft.get_peft_model(model, config)
         except Exception as exc:  # peft validates the values its own way: any failure is the input's
-            raise InputError(f"{where} cannot be applied by peft ({_one_line(exc)})", hint) from None
+            raise InputError(f"{where} cannot be applied by peft ({_one_line(exc)})", hint) from exc
 
 
 def saved_names(peft_model_: Any) -> dict[int, str]:

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import inputs, limits
-from ..errors import InputError
+from ..conventions import INDEX_NAME, SINGLE_NAME
+from ..errors import DamagedInput, InputError, NotScheduleFree, Opt
 from .base import LoadRequest, Opened, ParameterOrder, Reader, Release
-from .safetensors_file import INDEX_NAME, SINGLE_NAME
 
 OPTIMIZER_NAME = "optimizer.pt"
 STATE_NAME = "trainer_state.json"
 BIN_NAME = "pytorch_model.bin"
-ORDER_HINT = "pass --param-order FILE with the parameter names in optimizer order"
+ORDER_HINT = "pass " + Opt("param_order", usage=True) + " with the parameter names in optimizer order"
 # Files a release folder needs beside the weights (copied as they are).
 RELEASE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -36,7 +36,7 @@ def is_trainer_folder(path: Path) -> bool:
     return path.is_dir() and (path / OPTIMIZER_NAME).is_file()
 
 
-def model_only_error(path: Path) -> InputError | None:
+def model_only_error(path: Path) -> NotScheduleFree | None:
     """Why a Trainer `checkpoint-N/` saved with `save_only_model=True` cannot give x, or None for other folders.
 
     Such a folder has the weights (y, saved in train mode) and `trainer_state.json` but no
@@ -45,7 +45,7 @@ def model_only_error(path: Path) -> InputError | None:
         return None
     if not any((path / name).is_file() for name in (SINGLE_NAME, INDEX_NAME, BIN_NAME, "adapter_model.safetensors")):
         return None
-    return InputError(
+    return NotScheduleFree(
         f"{path}: a Hugging Face Trainer checkpoint saved with save_only_model=True: it holds the training weights y "
         "but no optimizer.pt, so x cannot be rebuilt from it (x needs the optimizer's z)",
         "train with TrainingArguments(save_only_model=False), the default, so that every checkpoint-N/ keeps "
@@ -62,7 +62,7 @@ def read_weights(path: Path):
     if (path / BIN_NAME).is_file():
         weights, unloaded = load_torch(path / BIN_NAME)
         if not isinstance(weights, dict):
-            raise InputError(f"{path / BIN_NAME} holds a {type(weights).__name__}, not a state dict", "the checkpoint folder is damaged")
+            raise DamagedInput(f"{path / BIN_NAME} holds a {type(weights).__name__}, not a state dict", "the checkpoint folder is damaged")
         return weights, unloaded
     raise InputError(f"{path}: no {SINGLE_NAME}, {INDEX_NAME} or {BIN_NAME}", "the checkpoint folder is incomplete")
 
@@ -102,11 +102,11 @@ def parameter_order(path: Path) -> tuple[list[str], list[set[str]]]:
     except ImportError:
         raise InputError(
             f"{path} is a Hugging Face Trainer checkpoint; matching its optimizer state to the weights needs transformers",
-            "pip install 'sfckpt[hf]' (or pass --param-order FILE)",
+            "pip install 'sfckpt[hf]' (or pass " + Opt("param_order", usage=True) + ")",
         ) from None
     if not (path / "config.json").is_file():
         raise InputError(f"{path} has optimizer.pt but no config.json to rebuild the parameter order from",
-                         "copy config.json into the folder, or pass --param-order FILE")
+                         "copy config.json into the folder, or pass " + Opt("param_order", usage=True))
     config = load_config(path)
     archs = getattr(config, "architectures", None) or [None]
     model_cls = hf_model.model_class(archs[0], config, f"{path}/config.json", ORDER_HINT)
@@ -114,6 +114,23 @@ def parameter_order(path: Path) -> tuple[list[str], list[set[str]]]:
     decay = set(Trainer.get_decay_parameter_names(None, model))
     named = [n for n, _ in model.named_parameters()]
     return named, [{n for n in named if n in decay}, {n for n in named if n not in decay}]
+
+
+def save_complete(path: Path) -> bool:
+    """Whether the Trainer has finished saving `checkpoint-N/`: it writes trainer_state.json after the
+    weights and the optimizer state (after every rank's part: DeepSpeed and FSDP saves are collective),
+    and every file and sub-save in the folder is whole."""
+    from .completeness import files_complete
+    from .deepspeed_folder import LATEST, save_complete as deepspeed_complete
+
+    try:
+        json.loads(inputs.read_bytes(path / STATE_NAME, limits.JSON_BYTES, STATE_NAME, root=inputs.Root.of(path)))
+    except (InputError, OSError, ValueError, RecursionError):
+        return False
+    if (path / LATEST).is_file() and not deepspeed_complete(path):
+        return False
+    subfolders = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith("global_step")]
+    return files_complete(path) and all((p / ".metadata").is_file() for p in subfolders if any(p.glob("*.distcp")))
 
 
 class TrainerReader(Reader):
@@ -137,6 +154,9 @@ class TrainerReader(Reader):
                 order = ParameterOrder(tuple(names), tuple(frozenset(d) for d in domains),
                                        "the Hugging Face Trainer's grouping (model rebuilt from config.json)")
             except InputError as exc:  # said only if the mapping needs the order (see reconstruct)
-                order = ParameterOrder(missing=exc.message, missing_hint=exc.hint)
+                order = ParameterOrder(missing=exc.text, missing_hint=exc.fix)
         return Opened(obj, sorted(set(unloaded) | set(opt_unloaded)), self.name, order=order,
                       release=Release(RELEASE_FILES))
+
+    def save_complete(self, path: Path) -> bool:
+        return save_complete(path)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .. import inputs, limits
-from ..errors import InputError
+from ..errors import DamagedInput, InputError
 from ..inputs import excerpt
 from ..tensors import TensorRef
 from .base import LoadRequest, Opened, ParameterOrder, Reader
@@ -173,7 +173,7 @@ def _open_archive(path: Path) -> tuple[Tree, bytes, bytes | None, list[str]]:
     try:
         zf = zipfile.ZipFile(file.fileobj())
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable zip archive ({str(exc)[:120]})", "the file is truncated or damaged") from None
+        raise DamagedInput(f"{path}: not a readable zip archive ({str(exc)[:120]})", "the file is truncated or damaged") from exc
     with zf:
         infos = zf.infolist()
         if len(infos) > ZIP_MEMBERS.value:
@@ -206,7 +206,7 @@ def _member_bytes(zf: zipfile.ZipFile, members: Mapping[str, zipfile.ZipInfo], n
         with zf.open(members[name]) as f:
             data = f.read(bound + 1)
     except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, RuntimeError) as exc:
-        raise InputError(f"{path}: {name} cannot be read from the archive ({str(exc)[:120]})", "the file is damaged") from None
+        raise DamagedInput(f"{path}: {name} cannot be read from the archive ({str(exc)[:120]})", "the file is damaged") from exc
     if len(data) > bound:
         raise limits.JSON_BYTES.exceeded(f"{path}: {name} inflating past {bound} bytes")
     return data

@@ -25,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import InputError
+from ..errors import DamagedInput, InputError
 from .base import LoadRequest, Opened, Reader
 from .dcp_folder import DcpFolder, is_dcp_folder
 
@@ -43,11 +43,11 @@ def load_object(path: Path) -> tuple[dict[str, Any], list[str], list[str]]:
 
     meta_path = path / META_NAME
     if sniff(meta_path) != "torch":
-        raise InputError(f"{meta_path}: not a torch.save file", "the folder is damaged or not a Lightning checkpoint")
+        raise DamagedInput(f"{meta_path}: not a torch.save file", "the folder is damaged or not a Lightning checkpoint")
     meta, meta_unloaded = load_torch(meta_path)
     if not isinstance(meta, Mapping):
         what = getattr(meta, "qualname", None) or type(meta).__name__
-        raise InputError(f"{meta_path} holds an object of class {what}, not the dict Lightning saves there "
+        raise DamagedInput(f"{meta_path} holds an object of class {what}, not the dict Lightning saves there "
                          "(epoch, global_step, ...)", "the folder is damaged or crafted")
     averaging = [k for k in ("current_model_state", "averaging_state") if k in meta]
     if averaging:
@@ -70,6 +70,14 @@ def load_object(path: Path) -> tuple[dict[str, Any], list[str], list[str]]:
     return obj, sorted(set(folder.opaque) | set(meta_unloaded)), notes
 
 
+def save_complete(path: Path) -> bool:
+    """Whether Lightning's sharded save is finished: rank 0 writes `meta.pt` after the DCP save."""
+    from .completeness import zip_complete
+    from .dcp_folder import save_complete as dcp_complete
+
+    return dcp_complete(path) and zip_complete(path / META_NAME)
+
+
 class LightningFsdpReader(Reader):
     """Lightning's sharded `NAME.ckpt/` (DCP data + meta.pt); recognised before plain DCP folders."""
 
@@ -81,3 +89,6 @@ class LightningFsdpReader(Reader):
     def open(self, path: Path, request: LoadRequest) -> Opened:
         obj, unloaded, notes = load_object(path)
         return Opened(obj, unloaded, self.name, notes=notes, ties_visible=False)
+
+    def save_complete(self, path: Path) -> bool:
+        return save_complete(path)

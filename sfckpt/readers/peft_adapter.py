@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import inputs
-from ..errors import InputError
+from ..errors import DamagedInput, InputError, Opt
 from .base import LoadRequest, Opened, ParameterOrder, Reader, Release
 from .safetensors_file import read_safetensors
 
@@ -31,7 +31,7 @@ SAFE_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 # What PeftModel.from_pretrained(base, folder) reads beside the weights.
 RELEASE_FILES = (CONFIG_NAME, "README.md")
-ORDER_HINT = "pass --param-order FILE with the adapter's parameter names in optimizer order"
+ORDER_HINT = "pass " + Opt("param_order", usage=True) + " with the adapter's parameter names in optimizer order"
 
 
 def is_adapter_checkpoint(path: Path) -> bool:
@@ -48,7 +48,7 @@ def load_object(path: Path) -> tuple[dict[str, Any], list[str]]:
     else:
         weights, unloaded = load_torch(path / BIN_NAME)
         if not isinstance(weights, dict):
-            raise InputError(f"{path / BIN_NAME} holds a {type(weights).__name__}, not a state dict", "the folder is damaged")
+            raise DamagedInput(f"{path / BIN_NAME} holds a {type(weights).__name__}, not a state dict", "the folder is damaged")
     optimizer, opt_unloaded = load_torch(path / OPTIMIZER_NAME)
     return {"model": weights, "optimizer": optimizer}, sorted(set(unloaded) | set(opt_unloaded))
 
@@ -74,7 +74,7 @@ def _base_config_file(path: Path, name: str) -> tuple[Path, inputs.Root]:
         return Path(cached), inputs.Root.of(Path(cached).parent)  # the root includes that cache's blobs
     raise InputError(f"{path}/{CONFIG_NAME} names the base model {name[:100]!r}, whose config.json is neither in a "
                      "folder of that name nor in the local Hugging Face cache (sfckpt downloads nothing)",
-                     f"download its config.json (huggingface-cli download {name[:100]} config.json), or {ORDER_HINT}")
+                     f"download its config.json (huggingface-cli download {name[:100]} config.json), or " + ORDER_HINT)
 
 
 def parameter_order(path: Path) -> tuple[list[str], list[set[str]]]:
@@ -88,7 +88,7 @@ def parameter_order(path: Path) -> tuple[list[str], list[set[str]]]:
     decide, since --param-order, which `load` does not see, may."""
     config = inputs.read_json(path / CONFIG_NAME, CONFIG_NAME)
     if not isinstance(config, dict):
-        raise InputError(f"{path}/{CONFIG_NAME} holds a JSON {type(config).__name__}, not an object",
+        raise DamagedInput(f"{path}/{CONFIG_NAME} holds a JSON {type(config).__name__}, not an object",
                          "the adapter checkpoint is damaged")
     base_name = config.get("base_model_name_or_path")
     if not (isinstance(base_name, str) and base_name.strip() and "\x00" not in base_name):
@@ -101,7 +101,7 @@ def parameter_order(path: Path) -> tuple[list[str], list[set[str]]]:
         from . import hf_model
     except ImportError:
         raise InputError(f"{path} is a PEFT adapter checkpoint; rebuilding its parameter order needs peft and "
-                         "transformers", f"pip install 'sfckpt[hf]', or {ORDER_HINT}") from None
+                         "transformers", "pip install 'sfckpt[hf]', or " + ORDER_HINT) from None
     base_file, base_root = _base_config_file(path, base_name)
     where = f"{base_file} (the base model of {path.name})"
     base_config = hf_model.read_config(base_file, where, ORDER_HINT, root=base_root)
@@ -253,6 +253,11 @@ class PeftAdapterReader(Reader):
                 order = ParameterOrder(tuple(names), tuple(frozenset(d) for d in domains),
                                        "the PEFT model rebuilt from the base model's config, grouped as the Trainer does")
             except InputError as exc:  # said only if the mapping needs the order (see reconstruct)
-                order = ParameterOrder(missing=exc.message, missing_hint=exc.hint)
+                order = ParameterOrder(missing=exc.text, missing_hint=exc.fix)
         return Opened(obj, unloaded, self.name, order=order, names_are_final=True,
                       release=Release(RELEASE_FILES, SAFE_NAME, shardable=False))
+
+    def save_complete(self, path: Path) -> bool:
+        from .hf_trainer import save_complete
+
+        return save_complete(path)  # the Trainer saves an adapter folder as any checkpoint-N/

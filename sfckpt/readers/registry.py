@@ -14,10 +14,12 @@ from .accelerate_folder import AccelerateReader
 from .base import Reader
 from .dcp_folder import DcpReader
 from .deepspeed_folder import DeepSpeedReader
+from .deepspeed_universal import DeepSpeedUniversalReader
 from .hf_trainer import TrainerReader
 from . import hf_trainer, keras_file
 from .keras_file import KerasReader
 from .lightning_folder import LightningFsdpReader
+from .orbax_folder import OrbaxReader
 from .peft_adapter import PeftAdapterReader
 from .torch_file import TorchFileReader
 
@@ -25,6 +27,8 @@ READERS: tuple[Reader, ...] = (
     PeftAdapterReader(),
     TrainerReader(),
     DeepSpeedReader(),
+    DeepSpeedUniversalReader(),
+    OrbaxReader(),
     LightningFsdpReader(),
     DcpReader(),
     AccelerateReader(),

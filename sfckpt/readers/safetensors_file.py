@@ -13,12 +13,10 @@ import struct
 from pathlib import Path
 
 from .. import inputs, limits
-from ..errors import InputError
+from ..errors import DamagedInput, InputError
 from ..inputs import InputFile, confined, parse_json
 from ..tensors import DTYPES, SAFETENSORS_TO_DTYPE, TensorRef
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 
 
 def read_header(file: InputFile) -> tuple[dict, int]:
@@ -37,13 +35,13 @@ def read_header(file: InputFile) -> tuple[dict, int]:
             raise limits.JSON_BYTES.exceeded(f"{path}: safetensors header of {n} bytes")
         raw = file.pread(n, 8)
     except ValueError as exc:
-        raise InputError(f"{path}: not a readable safetensors file ({exc})", "the file is truncated or damaged") from None
+        raise DamagedInput(f"{path}: not a readable safetensors file ({exc})", "the file is truncated or damaged") from exc
     if not raw.startswith(b"{"):
-        raise InputError(f"{path}: not a readable safetensors file (the header is not a JSON object)", "the file is damaged")
+        raise DamagedInput(f"{path}: not a readable safetensors file (the header is not a JSON object)", "the file is damaged")
     header = parse_json(raw, f"{path}: the safetensors header")
     metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise InputError(f"{path}: safetensors header is not a JSON object with string metadata", "the file is damaged")
+        raise DamagedInput(f"{path}: safetensors header is not a JSON object with string metadata", "the file is damaged")
     _refuse_what_its_parser_refuses(path, header)
     spans = []
     for name, info in header.items():
@@ -63,7 +61,7 @@ def read_header(file: InputFile) -> tuple[dict, int]:
         except (TypeError, KeyError, ValueError):
             ok = False
         if not ok:
-            raise InputError(
+            raise DamagedInput(
                 f"{path}: tensor '{name[:200]}' has a bad entry in the safetensors header",
                 "the file is truncated or damaged",
             )
@@ -71,11 +69,11 @@ def read_header(file: InputFile) -> tuple[dict, int]:
     position = 0
     for begin, end, name in sorted(spans):
         if begin != position:
-            raise InputError(f"{path}: tensor '{name[:200]}' " + ("overlaps another" if begin < position else
+            raise DamagedInput(f"{path}: tensor '{name[:200]}' " + ("overlaps another" if begin < position else
                              "starts after a gap") + " in the safetensors data", "the file is damaged")
         position = end
     if position != data_len:
-        raise InputError(f"{path}: the safetensors data is {data_len} bytes but its tensors cover {position}",
+        raise DamagedInput(f"{path}: the safetensors data is {data_len} bytes but its tensors cover {position}",
                          "the file is truncated or damaged")
     return header, 8 + n
 
@@ -96,12 +94,12 @@ def _refuse_what_its_parser_refuses(path: Path, header: dict) -> None:
                 deepest = max(deepest, depth)
                 stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
         if deepest >= LIBRARY_DEPTH:
-            raise InputError(f"{path}: the safetensors header nests {deepest} levels deep in {where}; the safetensors "
+            raise DamagedInput(f"{path}: the safetensors header nests {deepest} levels deep in {where}; the safetensors "
                              f"library refuses {LIBRARY_DEPTH} or more", "the file is damaged or crafted")
         try:
             json.dumps([name, info], ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            raise InputError(f"{path}: the safetensors header holds a lone surrogate escape (not UTF-8 text) in {where}, "
+            raise DamagedInput(f"{path}: the safetensors header holds a lone surrogate escape (not UTF-8 text) in {where}, "
                              "which the safetensors library refuses", "the file is damaged or crafted") from None
 
 
@@ -142,7 +140,7 @@ def _read_index(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
     index = inputs.read_json(path, "safetensors index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
-        raise InputError(f"{path}: not a readable safetensors index (no weight_map object)", "the file is damaged")
+        raise DamagedInput(f"{path}: not a readable safetensors index (no weight_map object)", "the file is damaged")
     shards = {}
     for name, shard in weight_map.items():
         if not (isinstance(shard, str) and shard in shards):  # confined() refuses what is not a name
@@ -164,3 +162,16 @@ def _read_index(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
         raise InputError(f"{path}: tensor '{missing[0][:200]}' is in the index but not in its shard",
                          "the shards do not match the index")
     return dict(sorted(refs.items())), metadata
+
+
+def save_complete(path: Path) -> bool:
+    """Whether a safetensors file (or every shard an index names) holds all the data its header lists."""
+    from .completeness import safetensors_complete
+
+    if path.name.endswith(".json"):
+        try:
+            weight_map = inputs.read_json(path, "the safetensors index", root=inputs.Root.of(path)).get("weight_map", {})
+        except (InputError, AttributeError, OSError):
+            return False
+        return all(safetensors_complete(path.parent / Path(str(name)).name) for name in set(weight_map.values()))
+    return safetensors_complete(path)

@@ -21,14 +21,20 @@ import math
 import pickle
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 from .. import inputs, limits
-from ..errors import InputError
+from ..errors import DamagedInput, InputError
 from . import pickle_guard
 from .base import LoadRequest, Opened, Reader
 from ..tensors import ITEMSIZES, TensorRef, torch_dtype
+
+# What reading a stored or deflated zip record can raise when the file is damaged; anything else
+# (a TypeError, an AttributeError) is a bug of sfckpt and surfaces as an internal error.
+_DAMAGED_RECORD = (OSError, EOFError, ValueError, RuntimeError, NotImplementedError, zipfile.BadZipFile, zlib.error,
+                   struct.error)
 
 _STORAGE_DTYPES = {
     "DoubleStorage": "float64",
@@ -291,7 +297,7 @@ class _Storage:
             last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
             storage_elems = self.archive.storage_nbytes(self.key) // itemsize
             if last >= storage_elems:
-                raise InputError(
+                raise DamagedInput(
                     f"{self.archive.path}: tensor data record '{self.key}' is shorter than the tensor it holds",
                     "the file is truncated or damaged; copy it again",
                 )
@@ -349,7 +355,7 @@ class TorchArchive:
             names = self._zip.namelist()
         except Exception as exc:  # zipfile raises many kinds on damaged input; all mean the same here
             self._file.close()
-            raise InputError(f"{path}: not a readable torch.save file ({exc})", "the file is truncated or damaged") from None
+            raise DamagedInput(f"{path}: not a readable torch.save file ({exc})", "the file is truncated or damaged") from exc
         pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
         if len(pkl) != 1:
             self._file.close()
@@ -396,21 +402,21 @@ class TorchArchive:
             raise
         except pickle_guard.GuardError as exc:
             if exc.limit is None:
-                raise InputError(f"{self.path}: {exc}", "the file is damaged or crafted") from None
-            raise exc.limit.exceeded(f"{self.path}: {exc}") from None
+                raise DamagedInput(f"{self.path}: {exc}", "the file is damaged or crafted") from exc
+            raise exc.limit.exceeded(f"{self.path}: {exc}") from exc
         except RecursionError:
-            raise InputError(f"{self.path}: the object data is nested too deeply", "the file is damaged or crafted") from None
+            raise DamagedInput(f"{self.path}: the object data is nested too deeply", "the file is damaged or crafted") from None
         except Exception as exc:  # any malformed pickle: the message is what matters
-            raise InputError(
+            raise DamagedInput(
                 f"{self.path}: cannot read the checkpoint's object data ({type(exc).__name__}: {exc})"[:300],
                 "the file is truncated, damaged, or not written by torch.save",
-            ) from None
+            ) from exc
         self.opaque = unpickler.opaque
         return obj
 
     def storage(self, key: str, dtype: str) -> _Storage:
         if self.prefix + "data/" + key not in self._infos:
-            raise InputError(
+            raise DamagedInput(
                 f"{self.path}: tensor data record 'data/{key}' is missing",
                 "the file is truncated or damaged; copy it again",
             )
@@ -435,9 +441,9 @@ class TorchArchive:
             return self._read_elements(key, dtype, first, count, out)
         except InputError:
             raise
-        except Exception as exc:
-            raise InputError(f"{self.path}: cannot read tensor data record '{key}' ({type(exc).__name__}: {exc})"[:300],
-                             "the file is truncated or damaged") from None
+        except _DAMAGED_RECORD as exc:  # what zipfile, zlib and torch raise on a record that is not what it says
+            raise DamagedInput(f"{self.path}: cannot read tensor data record '{key}' ({type(exc).__name__}: {exc})"[:300],
+                             "the file is truncated or damaged") from exc
 
     def _read_elements(self, key: str, dtype: str, first: int, count: int, out):
         import torch
@@ -445,7 +451,7 @@ class TorchArchive:
         info = self._infos[self.prefix + "data/" + key]
         size = ITEMSIZES[dtype]
         if (first + count) * size > info.file_size:
-            raise InputError(f"{self.path}: tensor data record '{key}' is shorter than the tensor it holds",
+            raise DamagedInput(f"{self.path}: tensor data record '{key}' is shorter than the tensor it holds",
                              "the file is truncated or damaged; copy it again")
         if info.compress_type != zipfile.ZIP_STORED or self._input is None:
             buf = bytearray(self.read_member(info)[first * size:(first + count) * size])
@@ -454,17 +460,24 @@ class TorchArchive:
             return flat if out is None else out.copy_(flat)
         start = self._data_offset(info)
         if start + info.file_size > self.size:
-            raise InputError(f"{self.path}: tensor data record '{key}' runs past the end of the file", "the file is truncated")
+            raise DamagedInput(f"{self.path}: tensor data record '{key}' runs past the end of the file", "the file is truncated")
         return self._input.read_tensor(start + first * size, dtype, (count,), out)
 
     def _data_offset(self, info: zipfile.ZipInfo) -> int:
         if info.filename not in self._offsets:
             header = self._input.pread(30, info.header_offset) if info.header_offset + 30 <= self.size else b""
             if header[:4] != b"PK\x03\x04":
-                raise InputError(f"{self.path}: damaged zip entry '{info.filename}'", "the file is truncated or damaged")
+                raise DamagedInput(f"{self.path}: damaged zip entry '{info.filename}'", "the file is truncated or damaged")
             name_len, extra_len = struct.unpack("<HH", header[26:30])
             self._offsets[info.filename] = info.header_offset + 30 + name_len + extra_len
         return self._offsets[info.filename]
+
+
+def save_complete(path: Path) -> bool:
+    """Whether a torch.save file is finished: torch writes the zip's central directory last."""
+    from .completeness import zip_complete
+
+    return zip_complete(path)
 
 
 class TorchFileReader(Reader):
@@ -479,3 +492,6 @@ class TorchFileReader(Reader):
         archive = TorchArchive(path)
         obj = archive.load_object()
         return Opened(obj, sorted(archive.opaque))  # layout.find tells a Lightning .ckpt from a plain file
+
+    def save_complete(self, path: Path) -> bool:
+        return save_complete(path)
