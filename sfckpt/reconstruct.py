@@ -382,9 +382,8 @@ def _mapping_of(ckpt: Checkpoint, found: list[FoundOptimizer], opts: Options) ->
             return decide(ckpt.weights)
         except InputError as exc:
             if order.missing is not None and opts.param_order is None:
-                # the order that would have decided is what is missing; still a mapping left open, if it was one
-                undecided = mapping.Undecided if isinstance(exc, mapping.Undecided) else MappingUndecided
-                raise undecided(order.missing, order.missing_hint) from exc
+                # the order that would have decided is what is missing: said, not described (inspect refuses too)
+                raise MappingUndecided(order.missing, order.missing_hint) from exc
             raise
     except mapping.NotInWeights:
         if not ckpt.pool_weights or strip_prefix_used(ckpt):
