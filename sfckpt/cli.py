@@ -300,6 +300,8 @@ def _describe_not_schedule_free(path: Path, exc, as_json: bool, options: Options
 @click.option("--max-shard-size", metavar="SIZE", help="In the folder OUT, shards of at most SIZE (e.g. 5GB) and model.safetensors.index.json; "
               "x smaller than SIZE stays one model.safetensors, as with Hugging Face.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Write the shards of a folder OUT in this many processes (same bytes as one).")
 @click.option("--allow-nonfinite", is_flag=True, help="Write x even if it holds NaN or Inf.")
 @click.option("--bn-calib", metavar="DATA", help="Re-estimate BatchNorm statistics at x on DATA: a .pt/.safetensors/.npy "
               "file of inputs (first dimension = samples), a folder of them, or module:callable returning a DataLoader.")
@@ -339,7 +341,7 @@ def convert(ckpt: Path, out: str, quiet: bool, as_json: bool, options: Options) 
             shifts = calibrate_with(recon, options, update)
     total = sum(t.nbytes for t in recon.tensors)
     with _progress(total, "writing x", not (quiet or as_json)) as update:
-        paths = save(recon, out, options=options, progress=update)
+        paths = save(recon, out, options=options, progress=update, distributed=True)
     _warn(recon.all_warnings(), quiet)  # after success, so that a failure is one line on stderr
     summary = {
         "version": JSON_VERSION,

@@ -23,6 +23,7 @@ FLAGS: dict[str, tuple[str, str | None]] = {
     "force": ("--force", None),
     "allow_nonfinite": ("--allow-nonfinite", None),
     "max_shard_size": ("--max-shard-size", "SIZE"),
+    "workers": ("--workers", "N"),
     "bn_calib": ("--bn-calib", "DATA"),
     "bn_model": ("--model", "SPEC"),
     "bn_batch_size": ("--bn-batch-size", "N"),

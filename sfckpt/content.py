@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping, Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from .errors import InputError
 from .tensors import TensorRef
 
 MARGIN = 4.0
@@ -58,6 +59,12 @@ VERIFY_MIN_ELEMENTS = 32  # below this, chance alone brings independent tensors 
 SHARED = 0.25
 HISTORY_SIGMAS = 6.0
 
+# The samples cover only the start and the middle of a tensor, so a tensor replaced in part — a head
+# re-initialised except the rows the samples read — passes the test above. As x is computed (y and z
+# are read whole then anyway), every block of PART_BLOCK elements gets it again (see PartCheck).
+PART_BLOCK = 256
+PART_FACTOR = 2.0  # ...and over twice the lower quartile of the tensor's own blocks (see PartCheck)
+
 
 @dataclass(frozen=True)
 class Match:
@@ -74,67 +81,76 @@ class Match:
 
 @dataclass
 class ClassEvidence:
-    """Distances between the z's and y's of one shape class, and what they rule in and out."""
+    """What the samples of one shape class show: each z's closest y, and which pairs content rules out.
+
+    Computed a block of entries at a time (BLOCK_CELLS distances), keeping per entry only its closest
+    candidates and per candidate its two closest entries: memory grows with the class, not with the
+    square of it (a class of 30,000 experts). Other distances are computed from the samples when asked."""
 
     matches: list[Match]
-    distance: object  # numpy array, entries x candidates
+    z: object  # numpy, entries x size: the samples (scaled together, see _without_overflow)
+    y: object  # numpy, candidates x size
     y_constant: object  # per candidate: every sampled value equal (still as a constant initialisation)
     z_constant: object
-    unrelated: object  # entries x candidates: True where z and y look independent while confirmed pairs do not
     informative: bool  # enough elements for distances to mean anything
-    size: int = 0  # sample elements per tensor
-    ratio: object = None  # entries x candidates: d² / (‖y‖² + ‖z‖²), 0 for identical, about 1 for independent
-    centred: object = None  # the same ratio with each sample's mean removed (look-alike gains differ only there)
+    unrelated_above: float | None  # a ratio above this looks independent (see possible_rows), or None
+    history: list  # per entry: the candidates sharing its z's history (see sharing_history)
+    near: list = field(default_factory=list)  # per entry: the candidates within MARGIN of its closest (None: all)
     y_value: object = None  # per candidate: its first sampled value
     z_range: object = None  # per entry: the smallest and largest sampled z value
     y_ulp: object = None  # per candidate: the spacing of its dtype at its first sampled value
-    _possible: object = field(default=None, repr=False)
+    _possible: dict = field(default_factory=dict, repr=False)
 
-    def possible(self, i: int, j: int) -> bool:
-        """Could candidate j be entry i's parameter? (See `possible_matrix`.)"""
-        return bool(self.possible_matrix()[i, j])
+    @property
+    def size(self) -> int:
+        """Sample elements per tensor."""
+        return self.z.shape[1]
 
-    def possible_matrix(self, relaxed: bool = False):
-        """Entries x candidates: could candidate j be entry i's parameter? No when y is one constant
-        value everywhere but z is not (y = (1-β)·z + β·x could then only be constant by an exact
-        cancellation); no when another candidate lies MARGIN times closer to its z; no when z and y
-        are as far apart as independent tensors while this shape's confirmed pairs are all far closer
+    def distance(self, i: int, j: int) -> float:
+        """‖z_i − y_j‖ on the samples, element by element."""
+        diff = self.z[i] - self.y[j]
+        return float(diff @ diff) ** 0.5
+
+    def ratio(self, i: int, j: int) -> float:
+        """d² / (‖y‖² + ‖z‖²): 0 for identical samples, about 1 for independent ones."""
+        norms = float(self.z[i] @ self.z[i] + self.y[j] @ self.y[j])
+        return self.distance(i, j) ** 2 / norms if norms > 0 else 0.0
+
+    def possible_rows(self, relaxed: bool = False) -> list:
+        """Per entry, the candidates that could be its parameter (see `_allowed` for the form). Not one whose y
+        is one constant value everywhere while z is not (y = (1-β)·z + β·x could then only be constant
+        by an exact cancellation); not one MARGIN times farther from z than the closest; not one as far
+        from z as independent tensors while this shape's confirmed pairs are all far closer
         (UNRELATED). `relaxed` drops the first rule where z lies within rounding of y's constant and
         the second on samples under CLOSER_MIN_ELEMENTS elements, where chance and rounding can break
-        them. Computed once, for the whole class at a time (a class can hold thousands)."""
-        import numpy as np
-
-        if self._possible is None:
-            self._possible = {}
+        them. Computed once, from the candidates `_closest` kept near each z."""
         if relaxed not in self._possible:
-            closer = not relaxed or self.size >= CLOSER_MIN_ELEMENTS
-            ok = ~(np.asarray(self.y_constant, dtype=bool)[None, :] & ~np.asarray(self.z_constant, dtype=bool)[:, None])
-            if relaxed and self.z_range is not None:
-                ok |= self._rounds_to_constant()
-            if self.informative:
-                ok &= ~np.asarray(self.unrelated, dtype=bool)
-                if closer:
-                    best = np.array([m.distance for m in self.matches], dtype=np.float64)[:, None]
-                    ok &= ~((best > 0) & (self.distance > MARGIN * best))
-            self._possible[relaxed] = ok
+            self._possible[relaxed] = [self._allowed(i, relaxed) for i in range(len(self.z))]
         return self._possible[relaxed]
 
-    def _rounds_to_constant(self):
-        """Entries x candidates: y is one constant c and every sampled z lies within ROUNDING_ULPS
-        spacings of c, so y = (1-β)·z + β·x can round to c without any cancellation (a float32 gain
-        at 1.0 whose z moved by one ulp)."""
+    def _allowed(self, i: int, relaxed: bool):
+        """possible_rows for entry i: its allowed columns, or a mask over all columns where every
+        candidate was in question (no closer rule, or z equal to one of them)."""
         import numpy as np
 
-        lo, hi = np.asarray(self.z_range[0])[:, None], np.asarray(self.z_range[1])[:, None]
-        c = np.asarray(self.y_value)[None, :]
-        reach = np.maximum(hi - c, c - lo)
-        return np.asarray(self.y_constant, dtype=bool)[None, :] & (reach <= ROUNDING_ULPS * np.asarray(self.y_ulp)[None, :])
+        closer = self.informative and (not relaxed or self.size >= CLOSER_MIN_ELEMENTS)
+        dense = not closer or self.near[i] is None
+        cols = np.arange(len(self.y)) if dense else self.near[i]
+        y_constant = np.asarray(self.y_constant, dtype=bool)[cols]
+        ok = ~y_constant if not self.z_constant[i] else np.ones(len(cols), dtype=bool)
+        if relaxed and self.z_range is not None:
+            reach = np.maximum(self.z_range[1][i] - self.y_value[cols], self.y_value[cols] - self.z_range[0][i])
+            # y is one constant c and every sampled z lies within ROUNDING_ULPS spacings of c: y = (1-β)·z + β·x
+            # can round to c without any cancellation (a float32 gain at 1.0 whose z moved by one ulp)
+            ok |= y_constant & (reach <= ROUNDING_ULPS * self.y_ulp[cols])
+        if self.informative and self.unrelated_above is not None:
+            d2 = ((self.z[i] - self.y[cols]) ** 2).sum(axis=1)
+            ok &= ~(d2 > self.unrelated_above * ((self.z[i] @ self.z[i]) + (self.y[cols] ** 2).sum(axis=1)))
+        return ok if dense else cols[ok]  # a row of every candidate stays a mask: a byte per candidate
 
     def relaxing_adds(self) -> bool:
-        """Does `possible_matrix(relaxed=True)` allow any pair the strict matrix rules out?"""
-        import numpy as np
-
-        return bool(np.any(self.possible_matrix(True) & ~self.possible_matrix()))
+        """Does `possible_rows(relaxed=True)` allow any pair the strict rows rule out? (It only adds.)"""
+        return any(_count(a) > _count(b) for a, b in zip(self.possible_rows(True), self.possible_rows()))
 
     def looks_unrelated(self, i: int, j: int, reference: float) -> bool:
         """Are entry i's z and candidate j as far apart as independent tensors, while pairs that
@@ -142,27 +158,28 @@ class ClassEvidence:
         tensors, shared means (norm gains) and small samples are "cannot tell": False."""
         if self.size < VERIFY_MIN_ELEMENTS:
             return False
-        limit = max(UNRELATED_FLOOR, 1.0 - NOISE_SIGMAS / self.size ** 0.5, UNRELATED_FACTOR * reference)
-        return bool(self.ratio[i, j] > limit)
+        return bool(self.ratio(i, j) > unrelated_limit(self.size, reference))
 
     def sharing_history(self, i: int) -> list[int]:
         """Candidates whose centred samples are aligned with entry i's z beyond chance: the pair's own
         tensor, and any copy of it or tensor trained along the same path. The limit follows the sample
         size (HISTORY_SIGMAS standard deviations of chance), so samples the work budget shrank for a
         class of thousands of tensors still count; none below VERIFY_MIN_ELEMENTS."""
-        if self.size < VERIFY_MIN_ELEMENTS:
-            return []
-        limit = min(SHARED, 1.0 - HISTORY_SIGMAS / self.size ** 0.5)
-        return [int(j) for j in (self.centred[i] < limit).nonzero()[0]]
+        return [int(j) for j in self.history[i]]
+
+
+def _count(allowed) -> int:
+    """How many columns a row of `ClassEvidence.possible_rows` allows."""
+    return int(allowed.sum()) if allowed.dtype == bool else len(allowed)
 
 
 class PossibleRow(AbstractSet):
     """The candidates one entry may belong to, as a read-only set of names backed by its row of
-    `ClassEvidence.possible_matrix()`: a shape class of n entries and m tensors costs one n x m
-    boolean mask, not n Python sets of up to m names."""
+    `ClassEvidence.possible_rows()` (a mask over the class's columns, or the allowed columns): not a
+    Python set of up to m names."""
 
-    def __init__(self, mask, names: Sequence[str], column: Mapping[str, int], positions) -> None:
-        self.mask = mask  # numpy bool, one per column
+    def __init__(self, allowed, names: Sequence[str], column: Mapping[str, int], positions) -> None:
+        self.allowed = allowed  # numpy: bool per column, or the allowed columns (sorted int)
         self.names = names  # the class's tensor names, one per column
         self.column = column  # name -> column
         self.positions = positions  # numpy int, per column: the tensor's index among the mapping's candidates
@@ -172,14 +189,22 @@ class PossibleRow(AbstractSet):
         return set(it)
 
     def __contains__(self, name: object) -> bool:
+        import numpy as np
+
         j = self.column.get(name) if isinstance(name, str) else None
-        return j is not None and bool(self.mask[j])
+        if j is None:
+            return False
+        if self.allowed.dtype == bool:
+            return bool(self.allowed[j])
+        k = int(np.searchsorted(self.allowed, j))
+        return k < len(self.allowed) and int(self.allowed[k]) == j
 
     def __iter__(self) -> Iterator[str]:
-        return (self.names[j] for j in self.mask.nonzero()[0].tolist())
+        cols = self.allowed.nonzero()[0] if self.allowed.dtype == bool else self.allowed
+        return (self.names[j] for j in cols.tolist())
 
     def __len__(self) -> int:
-        return int(self.mask.sum())
+        return _count(self.allowed)
 
 
 class Sampler:
@@ -210,49 +235,175 @@ def evidence(zs: Sequence[TensorRef], ys: Sequence[TensorRef], sampler: Sampler)
     z = np.stack([sampler.sample(r, size) for r in zs]) if n else np.zeros((0, size))
     y = np.stack([sampler.sample(r, size) for r in ys]) if m else np.zeros((0, size))
     z, y = _without_overflow(z, y)
-    spread = np.linalg.norm(y - y.mean(axis=1, keepdims=True), axis=1)
     # Rounding can pin a 16-bit y to one value (bfloat16 gains at exactly 1.0) while z moves; not float32.
     exact = np.array([r.dtype in ("float32", "float64") for r in ys], dtype=bool)
     y_constant = (y == y[:, :1]).all(axis=1) & (y.shape[1] > 1) & exact
     z_constant = (z == z[:, :1]).all(axis=1) | (z.shape[1] <= 1)
-    d = _distances(z, y)
-    # d² / (‖y‖² + ‖z‖²): about 1 for independent zero-mean tensors, near 0 for a parameter and its z.
-    norms = (z * z).sum(axis=1)[:, None] + (y * y).sum(axis=1)[None, :]
-    ratio = np.divide(d ** 2, norms, out=np.zeros_like(d), where=norms > 0)
-    informative = size >= MIN_CONTENT_ELEMENTS
-    rows = np.arange(n)
-    best_col = d.argmin(axis=1)
-    best = d[rows, best_col]
-    second = np.partition(d, 1, axis=1)[:, 1] if m > 1 else np.full(n, np.inf)
-    col_sorted = np.partition(d, 1, axis=0)[:2] if n > 1 else None  # each column's two smallest, in order
-    matches = []
-    for i in range(n):
-        j = int(best_col[i])
-        others = [float(second[i])] if m > 1 else []
-        if n > 1:  # the best other entry for this candidate
-            others.append(float(col_sorted[1, j] if col_sorted[0, j] == d[i, j] else col_sorted[0, j]))
-        if not others:  # nothing else has this shape: z must lie close next to the tensor's own size
-            others.append(float(spread[j]))
-        runner = min(others)
-        if (y_constant[j] and not z_constant[i]) or not informative:
-            runner = 0.0  # never confirmed: see ClassEvidence.possible; a handful of numbers tells nothing
-        matches.append(Match(j, float(best[i]), runner))
-    confirmed = [ratio[i, m.candidate] for i, m in enumerate(matches) if m.confirmed]
-    if confirmed and size >= UNRELATED_MIN_ELEMENTS:
-        unrelated = ratio > max(UNRELATED, UNRELATED_FACTOR * float(np.median(confirmed)))
-    else:
-        unrelated = np.zeros_like(d, dtype=bool)
-    # The centred ratio from the same sums: ‖(y-ȳ) - (z-z̄)‖² = d² - n·(ȳ-z̄)², ‖y-ȳ‖² = ‖y‖² - n·ȳ².
-    n_el = z.shape[1]
-    zm, ym = z.mean(axis=1), y.mean(axis=1)
-    spread2 = ((z * z).sum(axis=1) - n_el * zm ** 2)[:, None] + ((y * y).sum(axis=1) - n_el * ym ** 2)[None, :]
-    dc2 = np.maximum(d ** 2 - n_el * (zm[:, None] - ym[None, :]) ** 2, 0.0)
-    centred = np.divide(dc2, spread2, out=np.ones_like(d), where=spread2 > 0)
     spacing = [np.spacing(np.float32(v)) if r.dtype == "float32" else np.spacing(v) for r, v in zip(ys, y[:, 0])] if y.shape[1] else []
-    z_range = (z.min(axis=1, initial=np.inf), z.max(axis=1, initial=-np.inf))
-    return ClassEvidence(matches, d, y_constant, z_constant, unrelated, informative, n_el, ratio, centred,
-                         y_value=y[:, 0] if y.shape[1] else np.zeros(m), z_range=z_range,
-                         y_ulp=np.array(spacing, dtype=np.float64) if len(spacing) else np.zeros(m))
+    ev = ClassEvidence([], z, y, y_constant, z_constant, size >= MIN_CONTENT_ELEMENTS, None, [],
+                       y_value=y[:, 0] if y.shape[1] else np.zeros(m),
+                       z_range=(z.min(axis=1, initial=np.inf), z.max(axis=1, initial=-np.inf)),
+                       y_ulp=np.array(spacing, dtype=np.float64) if len(spacing) else np.zeros(m))
+    _closest(ev)
+    confirmed = [i for i, match in enumerate(ev.matches) if match.confirmed]
+    if confirmed and ev.size >= UNRELATED_MIN_ELEMENTS:
+        median = float(np.median([ev.ratio(i, ev.matches[i].candidate) for i in confirmed]))
+        ev.unrelated_above = max(UNRELATED, UNRELATED_FACTOR * median)
+    return ev
+
+
+BLOCK_CELLS = 1 << 21  # distances computed at a time: 16 MiB of float64 per temporary
+
+
+def _row_blocks(ev: ClassEvidence, visit):
+    """visit(rows, d2) for blocks of entries, d2 their squared distances to every candidate
+    (by matrix products, then element by element for each entry's closest two, so that a distance of 0
+    is 0 and near-ties are not noise). Every step works on the block in place: a class of 30,000
+    tensors makes 900 million distances."""
+    import numpy as np
+
+    n, m = len(ev.z), len(ev.y)
+    yy = (ev.y * ev.y).sum(axis=1)
+    step = max(1, BLOCK_CELLS // max(1, m))
+    for lo in range(0, n, step):
+        rows = slice(lo, min(n, lo + step))
+        zb = ev.z[rows]
+        d2 = zb @ ev.y.T if m else np.zeros((len(zb), 0))
+        d2 *= -2.0
+        d2 += yy[None, :]
+        d2 += (zb * zb).sum(axis=1)[:, None]
+        np.maximum(d2, 0.0, out=d2)
+        if m:
+            near = _two_smallest(d2)
+            exact = ((zb[:, None, :] - ev.y[near]) ** 2).sum(axis=2)
+            np.put_along_axis(d2, near, exact, axis=1)
+        yield visit(rows, d2)
+
+
+def _two_smallest(d2):
+    """Per row, the columns of its two smallest values (one column when there is one)."""
+    import numpy as np
+
+    first = d2.argmin(axis=1)
+    if d2.shape[1] == 1:
+        return first[:, None]
+    r = np.arange(len(d2))
+    kept = d2[r, first]
+    d2[r, first] = np.inf
+    second = d2.argmin(axis=1)
+    d2[r, first] = kept
+    return np.stack([first, second], axis=1)
+
+
+def _closest(ev: ClassEvidence) -> None:
+    """Fill ev.matches (each entry's closest candidate and clearest competitor) and ev.history."""
+    import numpy as np
+
+    n, m = len(ev.z), len(ev.y)
+    best_col, best, second = np.zeros(n, dtype=np.int64), np.zeros(n), np.full(n, np.inf)
+    col_d2 = np.full((2, m), np.inf)  # each candidate's two closest entries so far
+    col_row = np.full((2, m), -1, dtype=np.int64)
+    history_limit = min(SHARED, 1.0 - HISTORY_SIGMAS / ev.size ** 0.5) if ev.size >= VERIFY_MIN_ELEMENTS else None
+    centred_below = _centring(ev)
+
+    def visit(rows, d2):
+        count = rows.stop - rows.start
+        if m:
+            two = _two_smallest(d2)
+            vals = np.take_along_axis(d2, two, axis=1)
+            swap = vals[:, -1] < vals[:, 0]  # the exact values may reorder the two
+            two[swap], vals[swap] = two[swap][:, ::-1], vals[swap][:, ::-1]
+            best_col[rows], best[rows] = two[:, 0], vals[:, 0]
+            if m > 1:
+                second[rows] = vals[:, 1]
+            _merge_columns(col_d2, col_row, d2, rows.start)
+        # The candidates not MARGIN times farther than the closest (all of them where the closest is at 0)
+        limit = np.where(best[rows] > 0, MARGIN ** 2 * best[rows], -1.0)
+        near = [c if b > 0 else None for c, b in zip(_split_rows((d2 <= limit[:, None]).nonzero(), count), best[rows])]
+        if history_limit is None:
+            return near, [np.zeros(0, dtype=np.int64)] * count
+        return near, _split_rows(centred_below(rows, d2, history_limit), count)
+
+    found = list(_row_blocks(ev, visit))
+    ev.near = [c for near, _ in found for c in near]
+    ev.history = [c for _, history in found for c in history]
+    for r in range(2):  # each candidate's two closest entries, element by element, in order
+        ok = col_row[r] >= 0
+        col_d2[r, ok] = ((ev.z[col_row[r, ok]] - ev.y[ok]) ** 2).sum(axis=1)
+    swap = col_d2[1] < col_d2[0]
+    col_d2[:, swap], col_row[:, swap] = col_d2[::-1, swap], col_row[::-1, swap]
+    spread = np.linalg.norm(ev.y - ev.y.mean(axis=1, keepdims=True), axis=1)
+    ev.matches = [_match(ev, i, int(best_col[i]), best[i], second[i], col_d2, col_row, spread) for i in range(n)]
+
+
+def _split_rows(pairs, n_rows: int) -> list:
+    """(row indices, column indices) of a block's marked cells -> per row, its columns (sorted)."""
+    import numpy as np
+
+    rows, cols = pairs
+    return np.split(cols, np.searchsorted(rows, np.arange(1, n_rows)))
+
+
+def _merge_columns(col_d2, col_row, d2, first_row: int) -> None:
+    """Keep, per candidate, the two smallest squared distances (and their entries) seen so far. Column
+    minima are taken by `min` and located by equality, which numpy does far faster than by `argmin`
+    along the columns."""
+    import numpy as np
+
+    cols = np.arange(d2.shape[1])
+    found = []
+    for _ in range(min(2, len(d2))):
+        low = d2.min(axis=0)
+        r, c = (d2 == low[None, :]).nonzero()
+        at = np.full(len(cols), -1, dtype=np.int64)
+        at[c[::-1]] = r[::-1]  # the first row holding the minimum, for each column
+        found.append((low, at + first_row, d2[at, cols]))
+        d2[at, cols] = np.inf
+    for low, at, kept in found:
+        d2[at - first_row, cols] = kept
+    vals = np.concatenate([col_d2] + [f[0][None, :] for f in found])
+    where = np.concatenate([col_row] + [f[1][None, :] for f in found])
+    keep = np.argsort(vals, axis=0, kind="stable")[:2]
+    col_d2[:] = np.take_along_axis(vals, keep, axis=0)
+    col_row[:] = np.take_along_axis(where, keep, axis=0)
+
+
+def _centring(ev: ClassEvidence):
+    """A function (rows, d2, limit) -> the cells of that block whose centred ratio (d² / (‖y‖² + ‖z‖²)
+    with each sample's mean removed) is below `limit`, as (rows, columns), from the same sums:
+    ‖(y-ȳ) - (z-z̄)‖² = d² - n·(ȳ-z̄)², ‖y-ȳ‖² = ‖y‖² - n·ȳ²; cells of two constant samples have none."""
+    import numpy as np
+
+    n_el = ev.size
+    zm, ym = ev.z.mean(axis=1), ev.y.mean(axis=1)
+    z_spread = (ev.z * ev.z).sum(axis=1) - n_el * zm ** 2
+    y_spread = (ev.y * ev.y).sum(axis=1) - n_el * ym ** 2
+
+    def below(rows, d2, limit: float):
+        # d² - n·(z̄-ȳ)² - limit·(spreads) < 0, with n·(z̄-ȳ)² expanded around the rank-one term 2n·z̄·ȳ
+        t = np.multiply.outer(2.0 * n_el * zm[rows], ym)
+        t += d2
+        t -= (n_el * zm[rows] ** 2 + limit * z_spread[rows])[:, None]
+        t -= (n_el * ym ** 2 + limit * y_spread)[None, :]
+        r, c = (t < 0).nonzero()
+        keep = (z_spread[rows][r] + y_spread[c]) > 0
+        return r[keep], c[keep]
+
+    return below
+
+
+def _match(ev: ClassEvidence, i: int, j: int, best2: float, second2: float, col_d2, col_row, spread) -> Match:
+    """Entry i's closest candidate j and the clearest competitor: the next candidate, the closest other
+    entry to j, or (nothing else of the shape) j's own spread around its mean."""
+    others = [second2 ** 0.5] if len(ev.y) > 1 else []
+    if len(ev.z) > 1:
+        others.append(col_d2[1, j] ** 0.5 if col_row[0, j] == i else col_d2[0, j] ** 0.5)
+    if not others:
+        others.append(float(spread[j]))
+    runner = float(min(others))
+    if (ev.y_constant[j] and not ev.z_constant[i]) or not ev.informative:
+        runner = 0.0  # never confirmed: see ClassEvidence.possible_rows; a handful of numbers tells nothing
+    return Match(j, float(best2) ** 0.5, runner)
 
 
 SAFE_EXPONENT = 480  # |v| <= 2**480: sums of squares of SAMPLE_ELEMENTS such values stay finite in float64
@@ -271,32 +422,6 @@ def _without_overflow(z, y):
     return np.ldexp(z, -shift), np.ldexp(y, -shift)
 
 
-def _distances(z, y):
-    """Euclidean distances, entries x candidates: by matrix products, then exactly (element by element)
-    for each row's and column's two closest, so that a distance of 0 is 0 and near-ties are not noise."""
-    import numpy as np
-
-    n, m = len(z), len(y)
-    # One matrix-vector product per entry: as fast as a matrix product here, and free of the thread
-    # start-up that makes small BLAS matrix products slow on some machines.
-    cross = np.stack([y @ row for row in z]) if n and m else np.zeros((n, m))
-    d2 = (z * z).sum(axis=1)[:, None] + (y * y).sum(axis=1)[None, :] - 2.0 * cross
-    np.maximum(d2, 0.0, out=d2)
-    pairs = set()
-    if m:
-        k = min(2, m)
-        for i, cols in enumerate(np.argpartition(d2, k - 1, axis=1)[:, :k]):
-            pairs.update((i, int(j)) for j in cols)
-    if n:
-        k = min(2, n)
-        for j, rows in enumerate(np.argpartition(d2, k - 1, axis=0)[:k].T):
-            pairs.update((int(i), j) for i in rows)
-    for i, j in pairs:
-        diff = z[i] - y[j]
-        d2[i, j] = float(diff @ diff)
-    return np.sqrt(d2)
-
-
 def identical(a: TensorRef, b: TensorRef, sampler: Sampler) -> bool:
     """Bit-identical data: compared on samples first, then on all bytes (reads both tensors)."""
     import numpy as np
@@ -310,3 +435,121 @@ def identical(a: TensorRef, b: TensorRef, sampler: Sampler) -> bool:
     if ta.numel() == 0:
         return True
     return bool(torch.equal(ta.view(torch.uint8), tb.view(torch.uint8)))
+
+
+def unrelated_limit(n: int, reference: float) -> float:
+    """The ratio d² / (‖y‖² + ‖z‖²) above which n elements of y and z look independent: the floor, what
+    chance gives independent tensors (their cosine is about N(0, 1/n)), and UNRELATED_FACTOR times how
+    closely the confirmed pairs of the run track (`reference`, their median ratio)."""
+    return max(UNRELATED_FLOOR, 1.0 - NOISE_SIGMAS / n ** 0.5, UNRELATED_FACTOR * reference)
+
+
+@dataclass(frozen=True)
+class PartCheck:
+    """The unrelated-content test on every block of one pair's data, applied while x is computed.
+
+    A block of PART_BLOCK elements (the tensor's last, shorter one too, from VERIFY_MIN_ELEMENTS) is
+    unrelated when its ratio d² / (‖y‖² + ‖z‖²) exceeds `unrelated_limit` for its size and also
+    PART_FACTOR times the lower quartile of the tensor's own blocks: a replaced part stands out from the
+    rest, while a true pair whose y and z drifted apart evenly (a zero-initialised head at a high lr,
+    0.8 in every block) does not. NaN and Inf make no ratio: the finiteness check reports them."""
+
+    name: str
+    label: str  # the optimizer entry, as errors name it
+    reference: float  # median ratio of the confirmed pairs of the entry's group (0 when none)
+
+    def blocks(self) -> BlockRatios:
+        """An accumulator for the slices of one computation of x: `add` each, then `verify`."""
+        return BlockRatios(self)
+
+    def __call__(self, y, z) -> None:
+        """Check whole tensors."""
+        blocks = self.blocks()
+        blocks.add(y, z, 0)
+        blocks.verify()
+
+
+class BlockRatios:
+    """The ratio of every block of a pair, gathered slice by slice (one float per PART_BLOCK elements)."""
+
+    def __init__(self, check: PartCheck) -> None:
+        self.check = check
+        self.full: list = []  # float32 tensors: ratios of whole blocks, in order
+        self.tail: tuple[float, int, int] | None = None  # (ratio, first element, elements) of a shorter last block
+        self.per_element = 1  # numbers per element (2 for complex)
+
+    def add(self, y, z, start: int) -> None:
+        """Flat slices of y and z starting at element `start` (a multiple of PART_BLOCK, as slices are)."""
+        import torch
+
+        if y.is_complex():  # as the samples read it: real and imaginary parts in turn
+            y, z, self.per_element = torch.view_as_real(y), torch.view_as_real(z), 2
+        y, z, start = y.reshape(-1), z.reshape(-1), start * self.per_element
+        step = PART_BLOCK * 1024  # bounds the temporaries of a whole tensor added at once
+        for lo in range(0, y.numel(), step):
+            part_y, part_z = y[lo:lo + step], z[lo:lo + step]
+            full = part_y.numel() // PART_BLOCK * PART_BLOCK
+            if full:
+                self.full.append(_ratios(part_y[:full].view(-1, PART_BLOCK), part_z[:full].view(-1, PART_BLOCK)))
+            if part_y.numel() - full >= VERIFY_MIN_ELEMENTS:
+                rest = part_y.numel() - full
+                ratio = _ratios(part_y[full:].view(1, -1), part_z[full:].view(1, -1))
+                self.tail = (float(ratio[0]), start + lo + full, rest)
+
+    def verify(self) -> None:
+        """Refuse the first block that looks unrelated while the tensor's own blocks track closely."""
+        import torch
+
+        ratios = torch.cat(self.full) if self.full else torch.zeros(0)
+        own = float(torch.kthvalue(ratios, max(1, len(ratios) // 4)).values) if len(ratios) else 0.0
+        check = self.check
+        limit = max(unrelated_limit(PART_BLOCK, check.reference), PART_FACTOR * own)
+        bad = (ratios > limit).nonzero()
+        if len(bad):
+            k = int(bad[0, 0])
+            self._refuse(float(ratios[k]), limit, k * PART_BLOCK, PART_BLOCK)
+        if self.tail is not None:
+            ratio, first, n = self.tail
+            limit = max(unrelated_limit(n, check.reference), PART_FACTOR * own)
+            if ratio > limit:
+                self._refuse(ratio, limit, first, n)
+
+    def _refuse(self, ratio: float, limit: float, first: int, n: int) -> None:
+        check, per = self.check, self.per_element
+        raise InputError(
+            f"{check.label} is paired with '{check.name}', but in part its z is unrelated to that tensor: elements "
+            f"{first // per:,} to {(first + n) // per - 1:,} give d²/(‖y‖²+‖z‖²) = {ratio:.2f} (over {limit:.2f}), "
+            f"as for independent tensors, where the rest of the tensor tracks closely: the optimizer state belongs "
+            f"in part to a different tensor — part of '{check.name}' was replaced or re-initialised after the "
+            "optimizer was built",
+            "save the model together with the optimizer that trains it (build the optimizer after replacing "
+            "layers or rows)",
+        )
+
+
+def _ratios(y, z):
+    """Blocks x elements -> d² / (‖y‖² + ‖z‖²) per block, float32 (0 where both are zero; NaN and Inf,
+    which the finiteness check reports, give 0)."""
+    import torch
+
+    work = torch.float64 if y.dtype == torch.float64 else torch.float32
+    if work == torch.float64:
+        y, z = _scaled_for_squares(y, z)
+    yy = torch.linalg.vector_norm(y, dim=1, dtype=work) ** 2
+    zz = torch.linalg.vector_norm(z, dim=1, dtype=work) ** 2
+    dd = torch.linalg.vector_norm(y - z, dim=1, dtype=work) ** 2
+    return torch.nan_to_num(dd / (yy + zz), nan=0.0, posinf=0.0).float()
+
+
+def _scaled_for_squares(y, z):
+    """float64 blocks scaled by one power of two when their values are so large (±1e300) that squares
+    would overflow: the ratio is unchanged and stays finite."""
+    import torch
+
+    peak = max(float(y.abs().max()) if y.numel() else 0.0, float(z.abs().max()) if z.numel() else 0.0)
+    if not peak > 2.0 ** SAFE_EXPONENT or peak == float("inf"):
+        return y, z
+    import math
+
+    shift = math.frexp(peak)[1] - SAFE_EXPONENT
+    return torch.ldexp(y, torch.tensor(-shift, dtype=torch.float64)), torch.ldexp(z, torch.tensor(-shift, dtype=torch.float64))

@@ -167,6 +167,13 @@ class ParameterMapping:
     # converted (where they already hold x, tied and frozen copies are the same bytes)
     twin_refusal: InputError | None = None
     twin_sources: set[str] = field(default_factory=set)
+    # id(entry) -> the median ratio of the confirmed pairs of its group (else of the file): the reference
+    # of the content test, applied again to every block of the pair's data as x is computed
+    references: dict[int, float] = field(default_factory=dict)
+
+    def part_check(self, e: Entry) -> content.PartCheck:
+        """The content test for every block of e's pair, for the loop that computes x."""
+        return content.PartCheck(e.name, e.label(), self.references.get(id(e), 0.0))
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -309,7 +316,7 @@ def decide(
                                    "the optimizer states overlap; choose one with " + Opt("optimizer_key"), where=e.name)
         used_names[e.name] = e
         _verify_pair(e, o, weights, kinds[id(e)])
-    misfits = _verify_content(stateful, classes, order_name)
+    misfits, references = _verify_content(stateful, classes, order_name)
     for o in used:
         for e in o.entries:
             if e.z(o.z_key) is None and e.name is None and e.saved_name in weights:
@@ -333,7 +340,7 @@ def decide(
     entries = [e for o in used for e in o.entries]
     return ParameterMapping(method, entries, counts, confirmed, len(stateful), untrained, twin_map,
                             ignored_optimizers=ignored, warnings=warnings, misfits=misfits,
-                            twin_refusal=twin_refusal, twin_sources=twin_sources)
+                            twin_refusal=twin_refusal, twin_sources=twin_sources, references=references)
 
 
 def _content_anchors(stateful, weights, candidates, sampler) -> tuple[dict[int, str], dict[int, AbstractSet[str]], dict]:
@@ -357,19 +364,19 @@ def _content_anchors(stateful, weights, candidates, sampler) -> tuple[dict[int, 
         if not cols:
             continue
         ev = content.evidence([e.z(o.z_key) for o, e in items], [weights[c] for c in cols], sampler)
-        mask = ev.possible_matrix()
+        allowed = ev.possible_rows()
         column = {c: j for j, c in enumerate(cols)}
         positions = np.array([index[c] for c in cols], dtype=np.int64)
         for i, ((o, e), m) in enumerate(zip(items, ev.matches)):
             if m.confirmed:
                 anchors[id(e)] = cols[m.candidate]
-            possible[id(e)] = content.PossibleRow(mask[i], cols, column, positions)
+            possible[id(e)] = content.PossibleRow(allowed[i], cols, column, positions)
         classes[shape] = (ev, {id(e): i for i, (o, e) in enumerate(items)}, column)
     return anchors, possible, classes
 
 
 def _relaxed(possible, classes) -> dict[int, AbstractSet[str]] | None:
-    """`possible` from each class's relaxed matrix (content.ClassEvidence.possible_matrix), or None
+    """`possible` from each class's relaxed rows (content.ClassEvidence.possible_rows), or None
     where relaxing allows nothing more."""
     relaxed = dict(possible)
     changed = False
@@ -377,10 +384,10 @@ def _relaxed(possible, classes) -> dict[int, AbstractSet[str]] | None:
         if not ev.relaxing_adds():
             continue
         changed = True
-        mask = ev.possible_matrix(relaxed=True)
+        allowed = ev.possible_rows(relaxed=True)
         for ident, i in rows.items():
             row = possible[ident]
-            relaxed[ident] = content.PossibleRow(mask[i], row.names, row.column, row.positions)
+            relaxed[ident] = content.PossibleRow(allowed[i], row.names, row.column, row.positions)
     return relaxed if changed else None
 
 
@@ -439,7 +446,7 @@ def _swapped_by_content(o, names, classes) -> str | None:
         if i is None or a is None or ev.size < content.VERIFY_MIN_ELEMENTS:
             continue
         b = ev.matches[i].candidate  # the tensor nearest this z
-        if b == a or not ev.distance[i, b] * SWAP_FACTOR < ev.distance[i, a]:
+        if b == a or not ev.distance(i, b) * SWAP_FACTOR < ev.distance(i, a):
             continue
         shape = e.z(o.z_key).shape
         if shape not in column_names:
@@ -447,7 +454,7 @@ def _swapped_by_content(o, names, classes) -> str | None:
         other_name = column_names[shape].get(b)
         other = by_name.get(other_name)
         k = rows.get(id(other)) if other is not None else None
-        if k is not None and ev.distance[k, a] * SWAP_FACTOR < ev.distance[k, b]:
+        if k is not None and ev.distance(k, a) * SWAP_FACTOR < ev.distance(k, b):
             return (f"{e.label()} is named '{names[id(e)]}' and {other.label()} '{other_name}', but by content each "
                     f"z lies at least {SWAP_FACTOR:g}x closer to the other's tensor (the two names are swapped)")
     return None
@@ -625,8 +632,9 @@ def _open_domain(allowed: AbstractSet[str], same_shape: list[int], taken: set[in
     """The candidates (indices, in order) of an entry's shape that content allows and no fixed entry holds."""
     if isinstance(allowed, content.PossibleRow) and len(allowed.positions) == len(same_shape):
         # The row's columns are this shape's candidates in order (both built from one candidate list):
-        # one numpy pass over the class instead of a set lookup per (entry, tensor).
-        return allowed.positions[allowed.mask & ~taken_mask[allowed.positions]].tolist()
+        # one numpy pass over the row instead of a set lookup per (entry, tensor).
+        at = allowed.positions[allowed.allowed]
+        return at[~taken_mask[at]].tolist()
     return [i for i in same_shape if i not in taken and candidates[i] in allowed]
 
 
@@ -686,8 +694,9 @@ def _verify_pair(e: Entry, o: OptimizerEntries, weights, method: str) -> None:
             )
 
 
-def _verify_content(stateful, classes, order_name: str) -> dict[int, InputError]:
-    """Check every pair used against its samples, however it was found; return the refusals by entry.
+def _verify_content(stateful, classes, order_name: str) -> tuple[dict[int, InputError], dict[int, float]]:
+    """Check every pair used against its samples, however it was found; return the refusals by entry,
+    and each entry's reference ratio (for the same test on all of its data, as x is computed).
 
     A pair whose z and tensor are as far apart as independent tensors, while the file's confirmed
     pairs track closely, is refused: names, an order or the only way to fit cannot make a fresh tensor
@@ -699,7 +708,7 @@ def _verify_content(stateful, classes, order_name: str) -> dict[int, InputError]
     # How closely y and z track in this run: the confirmed pairs of the entry's own group (one lr, weight
     # decay, β and step count: a new head at a hundred times the backbone's lr drifts far more), else
     # of the whole file.
-    of_entry = {ident: ev.ratio[i, ev.matches[i].candidate] for ev, rows, _ in classes.values()
+    of_entry = {ident: ev.ratio(i, ev.matches[i].candidate) for ev, rows, _ in classes.values()
                 for ident, i in rows.items() if ev.matches[i].confirmed and ev.size >= content.VERIFY_MIN_ELEMENTS}
     in_group: dict[tuple, list[float]] = {}
     for o, e in stateful:
@@ -711,6 +720,7 @@ def _verify_content(stateful, classes, order_name: str) -> dict[int, InputError]
     how = {"names": "its saved name", "--param-order": "--param-order", "content": "content",
            "order": order_name or "order"}
     misfits: dict[int, InputError] = {}
+    references = {id(e): by_group.get((o.key, e.group), overall) for o, e in stateful}
     for o, e in stateful:
         found = classes.get(e.z(o.z_key).shape)
         if found is None:
@@ -719,11 +729,11 @@ def _verify_content(stateful, classes, order_name: str) -> dict[int, InputError]
         i, j = rows.get(id(e)), cols.get(e.name)
         if i is None or j is None:
             continue  # a tensor that is not a candidate (a tied duplicate's name): checked by _verify_pair
-        reference = by_group.get((o.key, e.group), overall)
+        reference = references[id(e)]
         if ev.looks_unrelated(i, j, reference):
             misfits[id(e)] = MappingUndecided(
                 f"{e.label()} is paired with '{e.name}' by {how.get(e.evidence, e.evidence)}, but its z is unrelated "
-                f"to that tensor (d²/(‖y‖²+‖z‖²) = {ev.ratio[i, j]:.2f}, as for independent tensors, where the "
+                f"to that tensor (d²/(‖y‖²+‖z‖²) = {ev.ratio(i, j):.2f}, as for independent tensors, where the "
                 f"checkpoint's confirmed pairs give {reference:.2g}): the optimizer state belongs to a different "
                 f"tensor — '{e.name}' was replaced or re-initialised after the optimizer was built, or the names "
                 "or order are wrong",
@@ -741,7 +751,7 @@ def _verify_content(stateful, classes, order_name: str) -> dict[int, InputError]
                     "so content cannot decide",
                     ORDER_HINT,
                 )
-    return misfits
+    return misfits, references
 
 
 def _find_twins(weights, candidates, trained, ties_visible, policy, sampler,

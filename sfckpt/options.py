@@ -41,6 +41,7 @@ class Options:
     The output (`save`):
         force: replace an existing output. allow_nonfinite: write x holding NaN/Inf.
         max_shard_size: shards of at most this size (an int of bytes, or text such as "5GB").
+        workers: processes writing a folder output's shards (the bytes are those of one process).
     BatchNorm statistics re-estimated at x (`convert`, docs/batchnorm.md):
         bn_calib: the data; bn_model: `file.py:callable` building the model; bn_batch_size,
         bn_batches (at most this many), bn_device ("cpu" or "cuda"), bn_mode ("reset": update_bn's
@@ -63,6 +64,7 @@ class Options:
     force: bool = False
     allow_nonfinite: bool = False
     max_shard_size: int | str | None = None
+    workers: int = 1
     bn_calib: str | None = None
     bn_model: str | None = None
     bn_batch_size: int = 32

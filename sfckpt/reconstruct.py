@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
-from . import families, mapping, optax_eval, optimizer_state
+from . import families, mapping, optax_eval, optimizer_state, pipeline
 from .checkpoint import Checkpoint
 from .conventions import BN_STATISTICS, OUTPUT_DTYPES
 from .errors import DamagedInput, InputError, MappingUndecided, NotScheduleFree, Opt, OptionConflict
@@ -78,6 +78,7 @@ class OutputTensor:
     value: Any = None  # a tensor computed elsewhere (re-estimated BatchNorm statistics)
     in_float32: bool = False  # lerp in float32 and cast back, as heavyball's eval() does
     beta_dtype: str | None = None  # set: optax's (y − (1 − β)·z)/β with β stored in this dtype, not a lerp
+    check: Any = None  # content.PartCheck: refuses y and z that are unrelated in part, as x is computed
 
     @property
     def dtype(self) -> str:
@@ -103,11 +104,13 @@ class OutputTensor:
         elif self.how == "lerp" and self.beta_dtype is not None:
             t = optax_eval.eval_params(self.ref.load(), self.z.load(), self.beta, self.beta_dtype)
         elif self.how == "lerp" and self.in_float32:
-            y = self.ref.load()
-            t = torch.lerp(y.float(), self.z.load().float(), 1 - 1 / self.beta).to(y.dtype)
+            y, z = self.ref.load(), self.z.load()
+            if self.check is not None:
+                self.check(y, z)
+            t = torch.lerp(y.float(), z.float(), 1 - 1 / self.beta).to(y.dtype)
         elif self.how == "lerp":
             # Exactly what the optimizer's eval() does: p.lerp_(end=z, weight=1 - 1/β).
-            t = _lerp(self.ref, self.z, 1 - 1 / self.beta)
+            t = _lerp(self.ref, self.z, 1 - 1 / self.beta, self.check)
         elif self.how == "keras":
             t = families.keras_x(self.ref.load(), self.z.load(), self.beta)
         elif self.how == "state-x":
@@ -124,26 +127,34 @@ class OutputTensor:
 _SLICE = 1 << 18
 
 
-def _lerp(y: TensorRef, z: TensorRef, weight: float):
+def _lerp(y: TensorRef, z: TensorRef, weight: float, check=None):
     """torch.lerp(y, z, weight), reading y and z a slice at a time where their files allow it: only x
-    is held whole (tensor data is read into memory, not mapped, so y and z would each be a copy)."""
+    is held whole (tensor data is read into memory, not mapped, so y and z would each be a copy).
+    `check` (content.PartCheck) sees every slice, and refuses a pair unrelated in part before x is returned."""
     import torch
 
     if y.reader is None or z.reader is None or y.dtype != z.dtype or y.shape != z.shape:
-        return torch.lerp(y.load(), z.load(), weight)
+        whole_y, whole_z = y.load(), z.load()
+        if check is not None:
+            check(whole_y, whole_z)
+        return torch.lerp(whole_y, whole_z, weight)
     dtype = torch_dtype(y.dtype)
     # The slice buffers before x: x freed then leaves no hole below them that the allocator keeps
     # (measured: a tensor's size more peak memory the other way round).
-    y_part, z_part = torch.empty(min(_SLICE, y.numel), dtype=dtype), torch.empty(min(_SLICE, y.numel), dtype=dtype)
+    parts = pipeline.slices(y, z, _SLICE)
     try:
         x = torch.empty(y.shape, dtype=dtype)
     except (RuntimeError, MemoryError):
         raise InputError(f"a tensor of shape {y.shape} ({y.nbytes} bytes) does not fit in memory",
                          "the checkpoint is damaged or crafted, or this machine has too little memory for it") from None
     flat = x.view(-1)
-    for start in range(0, y.numel, _SLICE):
-        n = min(_SLICE, y.numel - start)
-        torch.lerp(y.load_flat(start, n, y_part[:n]), z.load_flat(start, n, z_part[:n]), weight, out=flat[start:start + n])
+    blocks = check.blocks() if check is not None else None
+    for start, n, y_part, z_part in parts:  # the next slice is read while this one is computed
+        if blocks is not None:
+            blocks.add(y_part, z_part, start)
+        torch.lerp(y_part, z_part, weight, out=flat[start:start + n])
+    if blocks is not None:
+        blocks.verify()
     return x
 
 
@@ -476,7 +487,7 @@ def _converted_tensor(ckpt: Checkpoint, family: families.Family, e: mapping.Entr
         out.how, out.x = "state-x", x
     else:
         out.how, out.z, out.beta = family.x_source, e.state[family.z_key], group.beta
-        out.in_float32 = family.x_in_float32
+        out.in_float32, out.check = family.x_in_float32, decision.part_check(e)
     return out
 
 
@@ -554,7 +565,7 @@ def _output_tensors(ckpt: Checkpoint, decision: mapping.ParameterMapping, conver
             if twin is None and name in decision.twins:
                 twin = converted.get(decision.twins[name])
             out = OutputTensor(name, ref, twin.how, twin.z, twin.x, twin.beta, twin.group, in_float32=twin.in_float32,
-                               beta_dtype=twin.beta_dtype) \
+                               beta_dtype=twin.beta_dtype, check=twin.check) \
                 if twin else OutputTensor(name, ref)
         if dtype and ref.is_float:
             out.out_dtype = dtype

@@ -5,9 +5,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from . import inputs, keras_output, writer
+from . import inputs, keras_output, parallel, writer
 from .conventions import SINGLE_NAME
-from .errors import InputError, Opt, OutputError
+from .errors import InputError, Opt, OptionConflict, OutputError
 from .options import Options, resolve, wants_calibration
 from .reconstruct import Reconstruction
 from .tensors import count_nonfinite
@@ -21,9 +21,11 @@ def save(
     allow_nonfinite: bool = False,
     max_shard_size: int | str | None = None,
     progress: Callable[[int], None] | None = None,
+    workers: int = 1,
     options: Options | None = None,
     metadata: Mapping[str, str] | None = None,
     extra_files: Sequence[inputs.InputFile] = (),
+    distributed: bool = False,
 ) -> list[Path]:
     """Write x. A path ending in `.safetensors` gets one file, one ending in `.weights.h5` or `.keras`
     a file Keras loads (from a Keras checkpoint: sfckpt/keras_output.py); a path ending in `/`, an
@@ -33,15 +35,40 @@ def save(
 
     Nothing is written if any x is non-finite (unless `allow_nonfinite`), and an
     existing output is kept unless `force`. `options` (an `sfckpt.Options`) may stand for
-    the three keywords. `metadata` is added to the file's own (provenance), and `extra_files`
+    the four keywords. `metadata` is added to the file's own (provenance), and `extra_files`
     (opened through the input gate) are copied into a folder release.
+
+    With `workers` > 1, the shards of a folder output are written by that many processes. With
+    `distributed` (what `sfckpt convert` passes), a process a launcher started as one of several
+    ranks (torchrun, srun) writes its share of the shards and rank 0 the rest of the release; every
+    rank must call it. The bytes are those of one process either way.
 
     Returns:
         The paths written.
     """
     if recon.undecided is not None:  # a plan made only to be described (inspect): its tensors are not x
         raise recon.undecided
-    opts = resolve(options, force=force, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size)
+    opts = resolve(options, force=force, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size,
+                   workers=workers)
+    if opts.workers < 1:
+        raise OptionConflict(Opt("workers") + f" {opts.workers} is not a number of processes", "give 1 or more",
+                             option="workers")
+    ranks = parallel.launched() if distributed else None
+    try:
+        paths = _save(recon, out, opts, progress, metadata, extra_files, ranks)
+    except BaseException as exc:
+        if ranks is not None and ranks.rank == 0:
+            ranks.finish(exc)
+        raise
+    if ranks is not None and ranks.rank == 0:
+        ranks.finish(None)
+    return paths
+
+
+def _save(recon: Reconstruction, out: str | Path, opts: Options, progress: Callable[[int], None] | None,
+          metadata: Mapping[str, str] | None, extra_files: Sequence[inputs.InputFile],
+          ranks: parallel.Ranks | None) -> list[Path]:
+    """`save` in one process (or this rank's share of it)."""
     out = _output_path(out, recon.checkpoint.path)
     by_name = {t.name: t for t in recon.tensors}
     specs = [writer.Spec(t.name, t.dtype, t.shape) for t in recon.tensors]
@@ -66,11 +93,17 @@ def save(
         if shard_size:
             raise OutputError(Opt("max_shard_size") + " splits safetensors; a Keras output is one file", "leave it out",
                               option="max_shard_size")
+        if ranks is not None and ranks.rank > 0:  # one file: rank 0 writes it
+            parallel.wait_for_rank0(ranks)
+            return [out]
         return [keras_output.write(recon, out, produce, opts.force, progress)]
     if out.suffix == ".safetensors":
         if shard_size:
             raise OutputError(Opt("max_shard_size") + " needs a folder as output",
                               f"write to {out.with_suffix('')}/ instead", option="max_shard_size")
+        if ranks is not None and ranks.rank > 0:  # one file: rank 0 writes it
+            parallel.wait_for_rank0(ranks)
+            return [out]
         return [writer.write_file(out, specs, produce, metadata, opts.force, progress)]
     release = recon.checkpoint.release
     if release.note and release.note not in recon.warnings:
@@ -83,7 +116,7 @@ def save(
     if release.side_files:
         copies += inputs.side_files(recon.checkpoint.path, release.side_files, recon.checkpoint.root)
     return writer.write_folder(out, specs, produce, metadata, opts.force, progress, shard_size, copies,
-                               single_name=release.weights_name or SINGLE_NAME)
+                               single_name=release.weights_name or SINGLE_NAME, workers=opts.workers, ranks=ranks)
 
 
 def _output_path(out: str | Path, src: Path) -> Path:
@@ -102,7 +135,7 @@ def _output_path(out: str | Path, src: Path) -> Path:
 
 def convert(src: str | Path, out: str | Path, *, options: Options | None = None,
             progress: Callable[[int], None] | None = None, metadata: Mapping[str, str] | None = None,
-            extra_files: Sequence[inputs.InputFile] = (), **keywords: Any) -> list[Path]:
+            extra_files: Sequence[inputs.InputFile] = (), distributed: bool = False, **keywords: Any) -> list[Path]:
     """`sfckpt convert` as a function: load, reconstruct (and re-estimate BatchNorm statistics when
     `bn_calib` and `bn_model` are given), save.
 
@@ -121,4 +154,5 @@ def convert(src: str | Path, out: str | Path, *, options: Options | None = None,
         from .batchnorm import calibrate_with
 
         calibrate_with(recon, opts)
-    return save(recon, out, options=opts, progress=progress, metadata=metadata, extra_files=extra_files)
+    return save(recon, out, options=opts, progress=progress, metadata=metadata, extra_files=extra_files,
+                distributed=distributed)

@@ -76,6 +76,10 @@ class TensorRef:
     # reader(start, count, out): elements [start, start + count) of a contiguous tensor, flat, read
     # alone (a parameter's slice of a flat buffer without reading the buffer), into `out` if given.
     reader: Callable[[int, int, Any], Any] | None = field(default=None, repr=False)
+    # ((opened file, byte offset, elements), ...): a tensor lying in contiguous runs of several files
+    # (a parameter split across ranks), in order; `sample` then reads its pages without torch too.
+    # A callable gives them (or None) when asked: where finding them means reading a little.
+    runs: tuple[tuple[Any, int, int], ...] | Callable[[], Any] | None = field(default=None, repr=False)
 
     @property
     def numel(self) -> int:
@@ -123,16 +127,17 @@ class TensorRef:
 
         total = self.numel * (2 if self.is_complex else 1)
         spans = [(0, total)] if total <= n else [(0, n // 2), (total // 2, total // 2 + n - n // 2)]
-        if self.location is not None and self.dtype in _NUMPY_READ:
-            file, start = self.location
+        runs = ((*self.location, total),) if self.location is not None else self.runs() if callable(self.runs) else self.runs
+        if runs is not None and self.dtype in _NUMPY_READ:
             code, size = _NUMPY_READ[self.dtype]
-            parts = [np.frombuffer(file.pread((hi - lo) * size, start + lo * size), dtype=code) for lo, hi in spans]
-            raw = np.concatenate(parts)
+            raw = np.concatenate([_read_span(runs, lo, hi, size, code) for lo, hi in spans])
             if self.dtype == "bfloat16":  # the upper half of a float32
                 return (raw.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
             return raw.astype(np.float64)
         import torch
 
+        if self.reader is not None and not self.is_complex:  # only the sampled elements are read
+            return torch.cat([self.reader(lo, hi - lo, None) for lo, hi in spans]).to(torch.float64).numpy()
         t = self.load()
         flat = (torch.view_as_real(t) if t.is_complex() else t).reshape(-1)
         picked = torch.cat([flat[lo:hi] for lo, hi in spans]) if len(spans) > 1 else flat
@@ -140,6 +145,62 @@ class TensorRef:
 
     def __str__(self) -> str:
         return f"tensor({self.dtype}, shape {format_shape(self.shape)})"
+
+
+Part = tuple[TensorRef, int, int]  # elements [start, start + length) of a tensor, flattened
+
+
+def joined_reader(parts: list[Part]) -> Callable[[int, int, Any], Any]:
+    """A `TensorRef.reader` for the concatenation of `parts` (a parameter split across ranks' files):
+    elements [start, start + count) are read from the parts they fall in, and nothing else."""
+    import bisect
+
+    starts, at = [], 0
+    for _, _, length in parts:
+        starts.append(at)
+        at += length
+    dtype = parts[0][0].dtype
+
+    def read(start: int, count: int, out):
+        import torch
+
+        if out is None:
+            out = torch.empty(count, dtype=torch_dtype(dtype))
+        i, done = max(bisect.bisect_right(starts, start) - 1, 0), 0
+        while done < count:
+            ref, first, length = parts[i]
+            skip = start + done - starts[i]
+            n = min(length - skip, count - done)
+            if n > 0:
+                ref.load_flat(first + skip, n, out[done:done + n])
+                done += n
+            i += 1
+        return out
+
+    return read
+
+
+def joined_runs(parts: list[Part]) -> tuple[tuple[Any, int, int], ...] | None:
+    """`TensorRef.runs` of the concatenation of `parts` when each lies contiguous in a file, else None."""
+    live = [p for p in parts if p[2]]
+    if not live or any(ref.location is None or ref.is_complex for ref, _, _ in live):
+        return None
+    return tuple((ref.location[0], ref.location[1] + first * itemsize(ref.dtype), length) for ref, first, length in live)
+
+
+def _read_span(runs: tuple[tuple[Any, int, int], ...], lo: int, hi: int, size: int, code: str):
+    """Elements [lo, hi) of a tensor lying in `runs`, as a numpy array of `code`, read from just those runs."""
+    import numpy as np
+
+    parts, at = [], 0
+    for file, offset, count in runs:
+        a, b = max(lo, at), min(hi, at + count)
+        if a < b:
+            parts.append(np.frombuffer(file.pread((b - a) * size, offset + (a - at) * size), dtype=code))
+        at += count
+        if at >= hi:
+            break
+    return np.concatenate(parts) if parts else np.empty(0, dtype=code)
 
 
 def format_shape(shape: tuple[int, ...]) -> str:

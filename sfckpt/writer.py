@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from . import inputs
+from . import inputs, parallel
 from .conventions import INDEX_NAME, SINGLE_NAME
 from .errors import InputError, Opt, OutputError, OutputExists
 from .tensors import DTYPES, nbytes_of
@@ -430,6 +430,11 @@ def _write_file(path: Path, specs: list[Spec], produce: Callable[[Spec], object]
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def writing(produce: Callable[[Spec], object], metadata, shown: Path):
+    """`write_one(path, specs, progress)` for `parallel.write_shards`: one weight file of a folder output."""
+    return lambda path, specs, progress: _write_file(path, specs, produce, metadata, progress, shown)
+
+
 def write_file(dest: Path, specs: Iterable[Spec], produce, metadata=None, force=False, progress=None) -> Path:
     """Write one safetensors file, streaming each tensor from `produce(spec)`."""
     specs = ordered(specs)
@@ -476,9 +481,22 @@ def owned_by_sfckpt(name: str) -> bool:
     return _OWNED.fullmatch(name) is not None
 
 
+def plan_folder(specs: list[Spec], max_shard_size: int | None, single_name: str) -> tuple[list[str], list[list[Spec]]]:
+    """The weight files of a folder output and the specs each holds, in the order they are written."""
+    groups = shard(specs, max_shard_size) if max_shard_size else [specs]
+    if len(groups) == 1:
+        return [single_name], groups  # adapter_model.safetensors for a PEFT adapter folder
+    return [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)], groups
+
+
+def shard_jobs(staging: Path, names: list[str], groups: list[list[Spec]]) -> list[tuple[Path, list[Spec]]]:
+    """(file in the staging folder, its specs in safetensors' order) for each weight file."""
+    return [(staging / name, ordered(group)) for name, group in zip(names, groups)]
+
+
 def write_folder(folder: Path, specs: Iterable[Spec], produce, metadata=None, force=False, progress=None,
                  max_shard_size: int | None = None, copies: Sequence[inputs.InputFile] = (),
-                 single_name: str = SINGLE_NAME) -> list[Path]:
+                 single_name: str = SINGLE_NAME, workers: int = 1, ranks=None) -> list[Path]:
     """Write `model.safetensors`, or shards and `model.safetensors.index.json`, into `folder`,
     with `copies` (files such as config.json, opened through the input gate) beside them: all of it, or none of it.
 
@@ -492,11 +510,10 @@ def write_folder(folder: Path, specs: Iterable[Spec], produce, metadata=None, fo
     folder is left alone.
     """
     specs = list(specs)
-    groups = shard(specs, max_shard_size) if max_shard_size else [specs]
-    if len(groups) == 1:
-        names = [single_name]  # adapter_model.safetensors for a PEFT adapter folder
-    else:
-        names = [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
+    names, groups = plan_folder(specs, max_shard_size, single_name)
+    if ranks is not None and ranks.rank > 0:  # rank 0 checks, stages and commits; this rank writes its shards
+        parallel.follow(lambda staging: shard_jobs(staging, names, groups), writing(produce, metadata, folder), ranks, progress)
+        return [folder / n for n in names] + ([folder / INDEX_NAME] if len(groups) > 1 else []) + [folder / c.name for c in copies]
     for group in groups:
         check_storable(group, metadata)
     targets = [folder / n for n in names] + ([folder / INDEX_NAME] if len(groups) > 1 else []) \
@@ -511,8 +528,10 @@ def write_folder(folder: Path, specs: Iterable[Spec], produce, metadata=None, fo
         def stage(dest: Path) -> Path:
             return staging.path / dest.name
 
-        for name, group in zip(names, groups):
-            _write_file(stage(folder / name), ordered(group), produce, metadata, progress, folder)
+        if ranks is not None:
+            ranks.share(str(staging.path))
+        parallel.write_shards(shard_jobs(staging.path, names, groups), writing(produce, metadata, folder),
+                              workers, progress, ranks)
         if len(groups) > 1:
             index = {
                 "metadata": {"total_size": sum(s.nbytes for s in specs), **(metadata or {})},

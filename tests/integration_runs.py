@@ -3,7 +3,7 @@
 Run as `python integration_runs.py OUT CASE`. Each case trains with `SfckptCallback` (the Trainer
 saves at its last step), then calls the optimizer's own eval() and writes the full state dict it
 gives as `expected.pt`: the x the release of that checkpoint must equal. FSDP on CPU is set up as
-in fsdp_runs.py (Accelerate's shared state set to FSDP); DeepSpeed as in test_deepspeed.py.
+in scripts/fsdp_runs.py (Accelerate's shared state set to FSDP); DeepSpeed as in test_readers_deepspeed.py.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def fsdp_case(out: Path, rank: int) -> None:
     from accelerate.utils import FullyShardedDataParallelPlugin
     from transformers import Trainer, TrainingArguments
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
     from fsdp_runs import _fsdp_state, _full
     from sfckpt.integrations.transformers import SfckptCallback
 

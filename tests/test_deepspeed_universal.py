@@ -16,7 +16,7 @@ import pytest
 
 import sfckpt
 from conftest import FIXTURES, read
-from test_deepspeed import assert_identical, expected_output
+from test_readers_deepspeed import assert_identical, expected_output
 
 UNIVERSAL = FIXTURES / "deepspeed-universal"
 FROM_ZERO = {"zero2-fp32-z": "zero2-fp32", "zero2-bf16-z": "zero2-bf16"}

@@ -45,14 +45,16 @@ def test_trainer_callback_under_deepspeed_zero2(tmp_path):
 @pytest.mark.slow
 def test_lightning_checkpoint_callback_under_fsdp_on_two_processes(tmp_path):
     """Lightning's sharded FSDP save (a `NAME.ckpt/` folder), converted by rank 0 after a barrier; the run
-    is test_lightning_fsdp.py's, with SfckptModelCheckpoint saving at the last step."""
+    is scripts/lightning_fsdp.py's, with SfckptModelCheckpoint saving at the last step."""
     pytest.importorskip("lightning")
     import os
 
-    from conftest import free_port
-    from test_lightning_fsdp import TRAIN
+    from conftest import SCRIPTS, free_port
 
-    script = TRAIN.replace("import torch\n", "import torch\nfrom sfckpt.integrations.lightning import SfckptModelCheckpoint\n", 1)
+    tests_dir = str(SCRIPTS.parent)  # the script finds trainers.py there, wherever it is copied to
+    script = (SCRIPTS / "lightning_fsdp.py").read_text().replace("str(Path(__file__).resolve().parent.parent)",
+                                                                 repr(tests_dir))
+    script = script.replace("import torch\n", "import torch\nfrom sfckpt.integrations.lightning import SfckptModelCheckpoint\n", 1)
     script = script.replace("enable_checkpointing=False,", "callbacks=[SfckptModelCheckpoint(dirpath=out / 'ckpt', "
                             "every_n_train_steps=3, strip_prefix='model.')],")
     assert "SfckptModelCheckpoint(dirpath" in script

@@ -51,7 +51,7 @@ def _without_tie(x):
     return {k: v for k, v in x.items() if k != "lm_head.weight"}  # one name per shared tensor, as from_pretrained saves
 
 
-@pytest.mark.parametrize("background", [False, True], ids=["in-process", "child-process"])
+@pytest.mark.parametrize("background", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["in-process", "child-process"])
 def test_every_save_gets_its_x_release(tmp_path, background):
     capture = CaptureX()
     _train(tmp_path / "run", [capture, SfckptCallback(background=background)], save_total_limit=2)

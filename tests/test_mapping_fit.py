@@ -254,6 +254,7 @@ LEGITIMATE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", LEGITIMATE)
 def test_unique_head_that_was_trained_converts(case, run, tmp_path):
     """The head's shape is unique, so shape alone places it; its own z passes the content check."""
@@ -521,6 +522,7 @@ class Gains(nn.Module):
         return self.head(x)
 
 
+@pytest.mark.slow
 def test_param_order_with_two_gains_swapped_is_refused(run, tmp_path):
     """The docs' two lines wrote the order, then two LayerNorm gains were swapped: each z lies 2-4x closer
     to its own gain, under the 4x that confirms a pair, and the swapped order converted with exit 0."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 import time
 
+import pytest
+
 import schedulefree
 import torch
 from torch import nn
@@ -17,6 +19,8 @@ from conftest import assert_equal_tensors, read
 from recipes import eval_x
 
 from sfckpt import order_search
+
+pytestmark = pytest.mark.slow  # thousands of tensors: minutes on a loaded machine
 
 
 class Tower(nn.Module):

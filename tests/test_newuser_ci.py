@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 import trainers
 from conftest import save_checkpoint
-from test_ci_integrations import ROOT, _run_action_check
+from test_cli_ci import ROOT, _run_action_check
 
 
 def _repo(tmp_path, layout="model/optimizer"):

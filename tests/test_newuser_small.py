@@ -15,7 +15,7 @@ from torch.optim.swa_utils import update_bn
 
 import trainers
 from conftest import FIXTURES, read, save_checkpoint
-from test_batchnorm import MODEL_FILE
+from test_reconstruct_batchnorm import MODEL_FILE
 
 
 def test_max_shard_size_without_a_unit_is_refused(run, tmp_path):
@@ -165,7 +165,7 @@ def test_trainer_folder_saved_with_save_only_model_says_how_to_keep_x(run, tmp_p
 
 
 def test_a_big_checkpoint_says_what_it_is_doing_before_the_first_tensor(tmp_path):
-    from test_progress import run_on_terminal
+    from test_cli_progress import run_on_terminal
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 512), *[torch.nn.Linear(512, 512) for _ in range(4)])

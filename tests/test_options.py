@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 import sfckpt
 from conftest import FIXTURES, assert_equal_tensors, read
-from test_batchnorm import bn_setup  # noqa: F401  (a fixture)
+from test_reconstruct_batchnorm import bn_setup  # noqa: F401  (a fixture)
 
 
 def test_options_object_converts_as_the_keywords_do(tmp_path):

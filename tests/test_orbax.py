@@ -138,6 +138,7 @@ def test_documented_snippet_loads_x_into_a_nested_dict(run, tmp_path):
     assert x["params"]["block.norm"]["scale"].shape == (16,)
 
 
+@pytest.mark.slow  # a child process importing torch and tensorstore
 def test_reading_imports_no_jax(tmp_path):
     code = ("import sys, sfckpt; r = sfckpt.reconstruct(sfckpt.load(sys.argv[1])); r.state_dict(); "
             "bad = [m for m in ('jax', 'jaxlib', 'flax', 'optax', 'orbax') if m in sys.modules]; "

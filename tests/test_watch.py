@@ -215,7 +215,7 @@ def test_watch_a_deepspeed_save_folder_converts_its_tags(tmp_path, run):
     """`engine.save_checkpoint(dir)` writes dir/latest and dir/global_stepN/: the folder is the run, its tags the saves."""
     import shutil
 
-    from test_deepspeed import DS, expected_output
+    from test_readers_deepspeed import DS, expected_output
 
     shutil.copytree(DS / "zero2-fp32", tmp_path / "ds", ignore=shutil.ignore_patterns("expected.pt"))
     result = run("watch", tmp_path / "ds", "--out", tmp_path / "out", "--once", "--interval", "0.05")
@@ -228,7 +228,7 @@ def test_watch_waits_for_a_deepspeed_tag_that_latest_does_not_name_yet(tmp_path,
     """A tag written after `latest` was (a save in progress, whose `latest` comes last) is not read."""
     import shutil
 
-    from test_deepspeed import DS
+    from test_readers_deepspeed import DS
 
     shutil.copytree(DS / "zero2-fp32", tmp_path / "ds", ignore=shutil.ignore_patterns("expected.pt"))
     (tmp_path / "ds" / "latest").write_text("global_step1")

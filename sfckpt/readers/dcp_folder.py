@@ -1,12 +1,18 @@
 """Read torch.distributed.checkpoint (DCP) folders on one CPU process, tensor by tensor.
 
 FSDP/FSDP2 runs save `get_state_dict(model, optimizer)` with `dcp.save`: a
-`.metadata` file and `__<rank>_<n>.distcp` shards. We use DCP's own
-`FileSystemReader` and `dcp.load(no_dist=True)` to read one tensor at a time,
-with two safety changes, because DCP unpickles with the full `pickle`
-module: `.metadata` is read by an unpickler that allows only DCP's metadata
-classes, and non-tensor entries (parameter groups) are read by sfckpt's own
-torch-file reader instead of `torch.load(weights_only=False)`.
+`.metadata` file and `__<rank>_<n>.distcp` shards. Each entry of a shard is
+a `torch.save` archive of one chunk (or of one non-tensor value) at the offset
+and length `.metadata` records (torch's `filesystem._write_item`). sfckpt opens
+each shard once through the gate and reads those archives in place with its
+own torch-file reader: a chunk's data with positioned reads, only the
+elements asked for (a lerp slice, the mapping's sample), and non-tensor
+entries (parameter groups) without `torch.load(weights_only=False)`.
+`.metadata` is read by an unpickler that allows only DCP's metadata classes,
+built as sfckpt's own records of the same names and fields (dcp_records.py),
+so neither `inspect` nor `convert` imports torch.distributed.checkpoint.
+A chunk that is not such an archive is read through DCP's own
+`FileSystemReader` and `dcp.load(no_dist=True)`, its files opened through the gate.
 """
 from __future__ import annotations
 
@@ -22,24 +28,18 @@ from typing import Any
 
 from .. import inputs, limits
 from ..errors import DamagedInput, InputError
-from ..tensors import TensorRef
-from . import pickle_guard
+from ..tensors import Part, TensorRef, joined_reader, joined_runs, torch_dtype
+from . import dcp_records as records, pickle_guard
 from .base import LoadRequest, Opened, Reader
+from .window import Window
 from ..inputs import confined
 from .torch_file import _ORDERED_DICT, _SAFE_BUILTINS, TorchArchive
 
 # Failures inside DCP that are bugs of sfckpt's planner or reader, not damage in the folder
 _BUGS = (AttributeError, NameError, AssertionError, ImportError)
 
-_METADATA_CLASSES = {
-    "torch.distributed.checkpoint.metadata": {
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-        "MetadataIndex", "StorageMeta",
-    },
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
-    "torch": {"Size"},
-}
+_PATH_CLASSES = {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"}  # checkpoint ids
+_MEMORY_FORMATS = {0: "contiguous_format", 1: "channels_last", 2: "preserve_format"}  # DCP's _MEM_FORMAT_ENCODING
 
 
 def is_dcp_folder(path: Path) -> bool:
@@ -56,77 +56,94 @@ def _int_only(args: tuple) -> None:
         raise pickle.UnpicklingError("refusing a memory format that is not a number")
 
 
-class _MetadataUnpickler(pickle_guard.GuardedUnpickler):
-    """Only DCP's metadata classes, a few builtins, torch dtypes, layouts and sizes.
+def _layout(name: str) -> records.TorchName:
+    # torch.serialization._get_layout("torch.strided"), without torch
+    found = records.torch_name(name.removeprefix("torch.")) if name.startswith("torch.") else None
+    if found is None or found.kind != "layout":
+        raise pickle.UnpicklingError(f"unknown layout {name[:40]!r}")
+    return found
 
-    BUILD reaches only instances of the metadata dataclasses made by this load, and sets only
-    their own fields; every callable handed out checks what it would hash.
+
+class _MetadataUnpickler(pickle_guard.GuardedUnpickler):
+    """Only DCP's metadata classes (as sfckpt's records: dcp_records.py), a few builtins, torch
+    dtypes, layouts and sizes.
+
+    BUILD reaches only records made by this load, and sets only their own fields; every
+    callable handed out checks what it would hash.
     """
 
     def find_class(self, module: str, name: str) -> Any:
-        import torch
-        import torch.serialization
-        from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
-
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
-            return getattr(torch, name)
+        if module == "torch":
+            if name == "Size":
+                return tuple
+            found = records.torch_name(name)
+            if found is not None:
+                return found
         if module == "builtins" and name in ("set", "frozenset", "tuple", "list", "dict"):
             return _SAFE_BUILTINS[name]
         if (module, name) == ("collections", "OrderedDict"):
             return _ORDERED_DICT
         if (module, name) == ("torch.serialization", "_get_layout"):
-            return pickle_guard.guarded_call(torch.serialization._get_layout, _text_only)
+            return pickle_guard.guarded_call(_layout, _text_only)
         if (module, name) == ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"):
-            return pickle_guard.guarded_call(_MEM_FORMAT_ENCODING, _int_only)
-        if name in _METADATA_CLASSES.get(module, ()):
+            return pickle_guard.guarded_call(lambda code: code, _int_only)
+        if (module, name) in records.CLASSES:
+            return records.CLASSES[(module, name)]
+        if module == "pathlib" and name in _PATH_CLASSES:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"class {module}.{name} is not DCP metadata")
 
     def build(self, inst: Any, state: Any) -> None:
-        from torch.distributed.checkpoint.metadata import TensorProperties
-
-        fields = _dataclass_fields().get(type(inst))
-        if fields is None:
+        if not isinstance(inst, records.Record):
             super().build(inst, state)
-        elif type(inst) is TensorProperties:
-            if not (type(state) is tuple and len(state) == 5):
-                raise pickle.UnpicklingError("TensorProperties with a state that is not 5 values")
-            inst.__setstate__(state)
-        elif type(state) is dict and set(state) <= fields:
+        elif type(inst) is records.TensorProperties:
+            if not (type(state) is tuple and len(state) == 5 and state[3] in _MEMORY_FORMATS):
+                raise pickle.UnpicklingError("TensorProperties with a state that is not its 5 values")
+            dtype, layout, requires_grad, code, pin_memory = state
+            inst.__dict__.update(dtype=dtype, layout=layout, requires_grad=requires_grad, pin_memory=pin_memory,
+                                 memory_format=records.TorchName("memory_format", _MEMORY_FORMATS[code]))
+        elif type(state) is dict and set(state) <= set(inst.FIELDS):
             inst.__dict__.update(state)
         else:
             raise pickle.UnpicklingError(f"{type(inst).__name__} with a state that is not its own fields")
 
     def key_fields(self, key: Any):
-        from torch.distributed.checkpoint.metadata import MetadataIndex
-
-        if type(key) is MetadataIndex:  # hashed by (fqn, offset); offset is a torch.Size
+        if type(key) is records.MetadataIndex:  # hashed by (fqn, offset)
             offset = getattr(key, "offset", None)
             return (getattr(key, "fqn", None), tuple(offset) if isinstance(offset, tuple) else offset)
         return None
 
     def children(self, obj: Any):
-        if type(obj) in _dataclass_fields():
+        if isinstance(obj, records.Record):
             return list(vars(obj).values())
         return None
 
 
-@functools.cache
-def _dataclass_fields() -> dict[type, set[str]]:
-    import dataclasses
-
-    from torch.distributed.checkpoint import filesystem, metadata
-
-    classes = [getattr(metadata, n) for n in _METADATA_CLASSES["torch.distributed.checkpoint.metadata"]]
-    classes.append(filesystem._StorageInfo)
-    return {c: {f.name for f in dataclasses.fields(c)} for c in classes}
+def read_metadata(path: Path, root: inputs.Root) -> records.Metadata:
+    """A DCP folder's `.metadata`, read by the restricted unpickler and checked (`_validate`)."""
+    md_path = path / ".metadata"
+    # From memory, not the file: a damaged length field then reads short instead of making pickle
+    # allocate whatever the field claims.
+    with inputs.open_input(md_path, root=root) as file:
+        data = file.read_all(limits.PICKLE_BYTES, "DCP metadata")
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO(data), len(data)).load_checked()
+    except pickle_guard.GuardError as exc:
+        if exc.limit is None:
+            raise DamagedInput(f"{md_path}: {exc}", "the folder is damaged or crafted") from exc
+        raise exc.limit.exceeded(f"{md_path}: {exc}") from exc
+    except RecursionError:
+        raise DamagedInput(f"{md_path}: the metadata is nested too deeply", "the file is damaged or crafted") from None
+    except Exception as exc:  # a pickle of damaged bytes fails in any way; nothing of it runs (restricted)
+        raise DamagedInput(f"{md_path}: cannot read DCP metadata ({type(exc).__name__}: {exc})"[:300],
+                           "the folder is damaged or not a torch.distributed.checkpoint") from exc
+    _validate(metadata, path, root)
+    return metadata
 
 
 def _reader_classes():
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
     from torch.distributed.checkpoint.filesystem import FileSystem
 
     class GatedFileSystem(FileSystem):
@@ -144,40 +161,17 @@ def _reader_classes():
                 yield stream
 
     class SafeReader(dcp.FileSystemReader):
-        """DCP's file reader, with `.metadata` read by a restricted unpickler and cached, and every
+        """DCP's file reader, with the metadata sfckpt read and checked (as DCP's classes), and every
         file opened through the gate."""
 
-        _cached = None
-
-        def __init__(self, path: str, root: inputs.Root):
+        def __init__(self, path: str, root: inputs.Root, metadata: records.Metadata):
             super().__init__(path)
             self.root = root
             self.fs = GatedFileSystem(root)
+            self._metadata = records.to_dcp(metadata, self.load_id)
 
         def read_metadata(self, *args, **kwargs):
-            if self._cached is None:
-                path = Path(self.path) / ".metadata"
-                # From memory, not the file: a damaged length field then reads short instead of
-                # making pickle allocate whatever the field claims.
-                with inputs.open_input(path, root=self.root) as file:
-                    data = file.read_all(limits.PICKLE_BYTES, "DCP metadata")
-                try:
-                    metadata = _MetadataUnpickler(io.BytesIO(data), len(data)).load_checked()
-                except pickle_guard.GuardError as exc:
-                    if exc.limit is None:
-                        raise DamagedInput(f"{path}: {exc}", "the folder is damaged or crafted") from exc
-                    raise exc.limit.exceeded(f"{path}: {exc}") from exc
-                except RecursionError:
-                    raise DamagedInput(f"{path}: the metadata is nested too deeply", "the file is damaged or crafted") from None
-                except Exception as exc:
-                    raise DamagedInput(f"{path}: cannot read DCP metadata ({type(exc).__name__}: {exc})"[:300],
-                                     "the folder is damaged or not a torch.distributed.checkpoint") from exc
-                _validate(metadata, Path(self.path), self.root)
-                if getattr(metadata, "storage_meta", None) is None:
-                    metadata.storage_meta = StorageMeta()
-                metadata.storage_meta.load_id = self.load_id
-                self._cached = metadata
-            return self._cached
+            return self._metadata
 
     class SafePlanner(DefaultLoadPlanner):
         """Loads non-tensor entries with sfckpt's code-free reader instead of torch.load(weights_only=False)."""
@@ -202,19 +196,112 @@ class DcpFolder:
 
     def __init__(self, path: Path):
         self.path = path
-        reader_cls, self._planner_cls = _reader_classes()
-        self.reader = reader_cls(str(path), inputs.current_root(path))
-        self.metadata = self.reader.read_metadata()
+        self.root = inputs.current_root(path)
+        self.metadata = read_metadata(path, self.root)
+        self._dcp = None  # DCP's own reader and planner class, made only if a chunk needs them
+        # (fqn, chunk offsets) -> where its archive lies; MetadataIndex compares the same two fields
+        self._stored = {(index.fqn, None if index.offset is None else tuple(index.offset)): info
+                        for index, info in self.metadata.storage_data.items()}
+        self._files: dict[str, inputs.InputFile] = {}
+        self._kept: dict[str, Any] = {}
+
+    def _window(self, info: Any, what: str) -> Window:
+        """The bytes of one entry of a shard file, the file opened once through the gate."""
+        rel = info.relative_path
+        if rel not in self._files:
+            inputs.allow_open_files(len(self._files) + 64)
+            self._files[rel] = inputs.open_input(confined(self.path, rel, f"{self.path}/.metadata"), root=self.root)
+        return Window(self._files[rel], info.offset, info.length, f"{self.path}/{rel}:{what}")
+
+    def _chunks(self, key: str, md: Any) -> list[tuple[TensorRef, Any]] | None:
+        """Each chunk of tensor `key` as a TensorRef inside its shard, in order; None when one is not a
+        torch.save archive of a tensor of the chunk's dtype and shape (DCP's own reader then reads it)."""
+        dtype = md.properties.dtype.name
+        out = []
+        for chunk in sorted(md.chunks, key=lambda c: tuple(c.offsets)):
+            info = self._stored.get((key, tuple(chunk.offsets)))
+            if info is None:
+                return None
+            try:
+                ref = TorchArchive(f"{self.path}/{info.relative_path}:{key}", opened=self._window(info, key)).load_object()
+            except InputError:
+                return None
+            if not (isinstance(ref, TensorRef) and ref.dtype == dtype and ref.shape == tuple(chunk.sizes)):
+                return None
+            out.append((ref, chunk))
+        return out
+
+    def _ref(self, key: str, md: Any) -> TensorRef:
+        """Tensor `key`, read chunk by chunk from the shards; a range of it from just the chunks it falls in
+        when the chunks split only the first dimension (FSDP's sharding), so each is a run of elements."""
+        dtype, size = md.properties.dtype.name, tuple(md.size)
+        chunks = functools.cache(lambda: self._chunks(key, md))
+        rows = all(tuple(c.offsets[1:]) == (0,) * (len(size) - 1) and tuple(c.sizes[1:]) == size[1:] for c in md.chunks)
+
+        def parts() -> list[Part] | None:
+            found = chunks()
+            return None if found is None or not rows else [(ref, 0, ref.numel) for ref, _ in found]
+
+        def load():
+            import torch
+
+            if chunks() is None:
+                return self.tensor(key)
+            out = torch.empty(size, dtype=torch_dtype(dtype))
+            if parts() is not None:
+                joined_reader(parts())(0, out.numel(), out.view(-1))
+                return out
+            for ref, chunk in chunks():
+                region = out
+                for d, (o, n) in enumerate(zip(chunk.offsets, chunk.sizes)):
+                    region = region.narrow(d, o, n)
+                region.copy_(ref.load())
+            return out
+
+        def read(start: int, count: int, out):
+            if parts() is None:  # read by DCP's reader: whole, kept while its slices are asked for
+                part = self._recent(key, load).reshape(-1).narrow(0, start, count)
+                return part if out is None else out.copy_(part)
+            return joined_reader(parts())(start, count, out)
+
+        def runs():
+            found = parts()
+            return joined_runs(found) if found is not None else None
+
+        # Chunks that split more than rows (2-D sharding) are no runs of elements: read whole.
+        return TensorRef(dtype, size, load, storage_id=(str(self.path), key), reader=read if rows and math.prod(size) else None,
+                         runs=runs if rows else None)
+
+    def _recent(self, key: str, load) -> Any:
+        """Tensor `key` loaded whole, kept with the one loaded before it (y and z of one lerp), no more."""
+        if key not in self._kept:
+            self._kept = {**dict(list(self._kept.items())[-1:]), key: load()}
+        return self._kept[key]
+
+    def _bytes_entry(self, key: str) -> Any:
+        """A non-tensor entry (a parameter group's value), read by sfckpt's code-free torch-file reader."""
+        info = self._stored.get((key, None))
+        if info is None:  # no entry where DCP's own reader looks either: let it say what is missing
+            value, opaque = self._load({key: None})[key], self.planner.opaque
+        else:
+            archive = TorchArchive(f"{self.path}:{key}", opened=self._window(info, key))
+            value, opaque = archive.load_object(), archive.opaque
+        self.opaque = sorted(set(self.opaque) | opaque)
+        return value
 
     def _load(self, request: dict[str, Any]) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
 
-        planner = self._planner_cls(self.path)
+        if self._dcp is None:
+            reader_cls, planner_cls = _reader_classes()
+            self._dcp = reader_cls(str(self.path), self.root, self.metadata), planner_cls
+        reader, planner_cls = self._dcp
+        planner = planner_cls(self.path)
         self.planner = planner
         try:
             with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
                 warnings.simplefilter("ignore", UserWarning)
-                dcp.load(request, storage_reader=self.reader, planner=planner, no_dist=True)
+                dcp.load(request, storage_reader=reader, planner=planner, no_dist=True)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # DCP's CheckpointException is a BaseException wrapping the cause
@@ -234,22 +321,22 @@ class DcpFolder:
         import torch
 
         md = self.metadata.state_dict_metadata[key]
-        out = torch.empty(md.size, dtype=md.properties.dtype)
+        out = torch.empty(md.size, dtype=torch_dtype(md.properties.dtype.name))
         self._load({key: out})
         return out
 
     def load_object(self) -> dict[str, Any]:
         """The saved state dict, nested as it was saved: tensors as TensorRefs, the rest loaded."""
-        from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+        from .dcp_records import BytesStorageMetadata, TensorStorageMetadata
 
         entries = self.metadata.state_dict_metadata
-        byte_keys = [k for k, v in entries.items() if isinstance(v, BytesStorageMetadata)]
-        values: dict[str, Any] = self._load({k: None for k in byte_keys}) if byte_keys else {}
-        self.opaque = sorted(self.planner.opaque) if byte_keys else []
+        self.opaque: list[str] = []
+        values: dict[str, Any] = {}
         for key, md in entries.items():
-            if isinstance(md, TensorStorageMetadata):
-                dtype = str(md.properties.dtype).removeprefix("torch.")
-                values[key] = TensorRef(dtype, tuple(md.size), (lambda k=key: self.tensor(k)), storage_id=(str(self.path), key))
+            if isinstance(md, BytesStorageMetadata):
+                values[key] = self._bytes_entry(key)
+            elif isinstance(md, TensorStorageMetadata):
+                values[key] = self._ref(key, md)
         paths = getattr(self.metadata, "planner_data", None) or {}
         root: dict[Any, Any] = {}
         for key, value in values.items():
@@ -264,10 +351,9 @@ class DcpFolder:
 def _validate(metadata: Any, path: Path, root: inputs.Root) -> None:
     """Check the unpickled metadata has the shape DCP's own classes promise (a flipped byte may not),
     names only files inside the folder, and describes no more data than the folder holds."""
-    import torch
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
-                                                       MetadataIndex, StorageMeta, TensorStorageMetadata)
+    from .dcp_records import (BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
+                              TensorStorageMetadata, TorchName)
+    from .dcp_records import StorageInfo as _StorageInfo
 
     damaged = DamagedInput(f"{path}/.metadata does not describe a checkpoint DCP can read", "the folder is damaged")
     if not isinstance(metadata, Metadata) or not isinstance(getattr(metadata, "storage_meta", None), (StorageMeta, type(None))):
@@ -311,7 +397,7 @@ def _validate(metadata: Any, path: Path, root: inputs.Root) -> None:
             raise damaged
         dtype = getattr(getattr(md, "properties", None), "dtype", None)
         size, chunks = getattr(md, "size", None), getattr(md, "chunks", None)
-        if not (isinstance(dtype, torch.dtype) and isinstance(size, tuple) and all(type(n) is int and 0 <= n < 1 << 62 for n in size)
+        if not (isinstance(dtype, TorchName) and dtype.kind == "dtype" and isinstance(size, tuple) and all(type(n) is int and 0 <= n < 1 << 62 for n in size)
                 and isinstance(chunks, list)):
             raise damaged
         if len(chunks) > max_chunks:
@@ -327,7 +413,7 @@ def _validate(metadata: Any, path: Path, root: inputs.Root) -> None:
         if sum(math.prod(chunk.sizes) for chunk in chunks) != math.prod(size) or not _tile(size, chunks, path, key):
             raise DamagedInput(f"{path}/.metadata: the chunks of tensor '{key}' do not cover its shape {tuple(size)} "
                              "exactly once", "the folder is damaged or incomplete")
-        nbytes = math.prod(size) * torch.empty(0, dtype=dtype).element_size()
+        nbytes = math.prod(size) * records.element_size(dtype)
         if nbytes > stored.get(key, 0):
             raise DamagedInput(f"{path}/.metadata: tensor '{key}' of shape {tuple(size)} needs {nbytes} bytes but its "
                              f"shards hold {stored.get(key, 0)}", "the folder is damaged or incomplete")

@@ -36,7 +36,7 @@ from typing import Any, Mapping
 from .. import inputs, limits
 from ..errors import DamagedInput, InputError
 from ..inputs import confined
-from ..tensors import TensorRef, torch_dtype
+from ..tensors import TensorRef, joined_reader, joined_runs, torch_dtype
 from .base import LoadRequest, Opened, Reader, Release
 from .torch_file import Opaque, TorchArchive
 
@@ -113,6 +113,16 @@ def _gather(parts: list[tuple[TensorRef, int, int]], numel: int, shape: tuple[in
             ref.load_flat(start, length, flat[at:at + length])
             at += length
     return flat.narrow(0, 0, numel).view(shape)
+
+
+def _joined(dtype: str, shape: tuple[int, ...], parts: list[tuple[TensorRef, int, int]], key: Any) -> TensorRef:
+    """A parameter made of slices of flat tensors: whole on `load()`, and any range of it (a lerp
+    slice, the mapping's sample) read from just the slices it falls in."""
+    numel = math.prod(shape)
+    same = all(ref.dtype == dtype for ref, _, _ in parts)
+    return TensorRef(dtype, shape, (lambda: _gather(parts, numel, shape)), storage_id=key,
+                     runs=joined_runs(parts) if same else None,
+                     reader=joined_reader(parts) if same and numel else None)
 
 
 @dataclass
@@ -398,12 +408,11 @@ class DeepSpeedFolder:
         for index, (g, name, shape, y_parts, z_parts) in enumerate(layout):
             numel = math.prod(shape)
             key = (str(self.tag), name)
-            trainable[name] = TensorRef("float32", shape, (lambda p=y_parts, n=numel, s=shape: _gather(p, n, s)), storage_id=key)
+            trainable[name] = _joined("float32", shape, y_parts, key)
             groups[g]["params"].append(index)
             groups[g]["param_names"].append(name)
             if z_parts and all(p is not None for p in z_parts):
-                state[index] = {"z": TensorRef("float32", shape, (lambda p=z_parts, n=numel, s=shape: _gather(p, n, s)),
-                                               storage_id=key + ("z",))}
+                state[index] = {"z": _joined("float32", shape, z_parts, key + ("z",))}
         frozen = self._frozen()
         shared = head.get("shared_params") or {}
         # Beside a Hugging Face model (config.json: a Trainer's checkpoint-N/), name the release as
@@ -451,8 +460,7 @@ class DeepSpeedFolder:
                     raise DamagedInput(f"{self.tag}: rank {r} holds no slice of frozen parameter '{name}'",
                                      "the checkpoint was saved without frozen parameters, or is damaged")
                 parts.append((frag, 0, per_rank))
-            out[name] = TensorRef(parts[0][0].dtype, shape, (lambda p=parts, n=numel, s=shape: _gather(p, n, s)),
-                                  storage_id=(str(self.tag), name))
+            out[name] = _joined(parts[0][0].dtype, shape, parts, (str(self.tag), name))
         return out
 
     def _describe(self, groups: list[dict], n_trainable: int, n_frozen: int) -> None:

@@ -20,7 +20,7 @@ import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .. import inputs, limits
 from ..errors import DamagedInput, InputError
@@ -32,6 +32,8 @@ from .hdf5_tree import HDF5_MAGIC, Dataset, Tree, read_tree
 CONFIG_NAME, METADATA_NAME, WEIGHTS_NAME = "config.json", "metadata.json", "model.weights.h5"
 KINDS = ("keras", "keras-weights", "keras-sharded")
 SF_CLASS = "ScheduleFreeAdamW"
+KERAS_ORDER_STEPS = limits.Limit("SFCKPT_MAX_KERAS_ORDER_STEPS", 4_000_000,
+                                 "steps spent cutting a Keras file's optimizer entries into its layers' variables")
 ZIP_MEMBERS = limits.Limit("SFCKPT_MAX_ZIP_MEMBERS", 100_000, "members a .keras archive may list")
 # BatchNormalization keeps its trainable variables (gamma if scale, beta if center) first, then these two,
 # which it accumulates from batches seen at y.
@@ -277,24 +279,27 @@ def _configs(path: Path, config: bytes | None) -> tuple[Mapping | None, Mapping 
     return cfg, opt
 
 
-def _layer_configs(cfg: Any, trainable: bool, out: dict[str, tuple[bool, str]]) -> None:
-    """layer name -> (trainable, class name), for every layer in a model config, nested models included."""
+def _layer_configs(cfg: Any, trainable: bool, out: dict[tuple[str, ...], tuple[bool, str]],
+                   key: tuple[str, ...] = ()) -> None:
+    """(names from the outermost model in) -> (trainable, class name), for every layer in a model config,
+    nested models included. Names are unique only within one model, so a layer is known by its chain of names."""
     inner = cfg.get("config") if isinstance(cfg, dict) else None
     if not isinstance(inner, dict):
         return
     trainable = trainable and inner.get("trainable", True) is not False
-    name = inner.get("name", cfg.get("name"))
-    if isinstance(name, str):
-        out.setdefault(name, (trainable, str(cfg.get("class_name"))))
+    out.setdefault(key, (trainable, str(cfg.get("class_name"))))  # () is the model itself
     for layer in inner.get("layers") or []:
-        _layer_configs(layer, trainable, out)
+        sub = layer.get("config") if isinstance(layer, dict) else None
+        name = sub.get("name", layer.get("name")) if isinstance(sub, dict) else None
+        if isinstance(name, str):
+            _layer_configs(layer, trainable, out, key + (name,))
 
 
 def _layer_variables(tree: Tree, model_cfg: Mapping | None,
                      trained: list[tuple[int, ...]]) -> tuple[dict[str, TensorRef], list[str], list[str], bool]:
     """The layer variables in model order, the order of those the optimizer trains, the BatchNorm
     statistics, and whether that order is the only one Keras' saving rule allows (see `_prefix_order`)."""
-    layers: dict[str, tuple[bool, str]] = {}
+    layers: dict[tuple[str, ...], tuple[bool, str]] = {}
     if model_cfg is not None:
         _layer_configs(model_cfg, True, layers)
     rank = {name: i for i, name in enumerate(layers)}  # the config's layer order is model.trainable_variables' order
@@ -303,22 +308,24 @@ def _layer_variables(tree: Tree, model_cfg: Mapping | None,
         if not p.startswith("optimizer/") and "/vars/" in f"/{p}":
             by_group.setdefault(p.rsplit("/vars/", 1)[0] if "/vars/" in p else "", []).append(d)
 
-    def owner_of(group: str) -> Any:
-        return tree.groups.get(f"{group}/vars" if group else "vars", {}).get("name")
+    owner_of = _qualified_names(tree)
+
+    def anchor_of(group: str) -> str:
+        # A layer's inner layers (attention projections, RNN cells) are not in the config: they belong
+        # to the nearest enclosing layer that is
+        while group and owner_of(group) not in rank:
+            group = group.rsplit("/", 1)[0] if "/" in group else ""
+        return group
 
     weights: dict[str, TensorRef] = {}
     accumulated: list[str] = []
     spans: list[tuple[list[Dataset], int]] = []  # per layer: its variables, and how many of them may be trained
     def place(group: str) -> tuple:
-        # A layer's inner layers (attention projections, RNN cells) are not in the config: they follow
-        # the nearest enclosing layer that is, in the order Keras wrote them
-        anchor = group
-        while anchor and owner_of(anchor) not in rank:
-            anchor = anchor.rsplit("/", 1)[0] if "/" in anchor else ""
-        return rank.get(owner_of(anchor), len(rank)), tree.written.get(group, 0), _natural(group)
+        # inner layers follow their layer, in the order Keras wrote them
+        return rank.get(owner_of(anchor_of(group)), len(rank)), tree.written.get(group, 0), _natural(group)
 
     for group in sorted(by_group, key=place):
-        trainable, cls = layers.get(owner_of(group), (True, ""))
+        trainable, cls = layers.get(owner_of(group)) or (layers.get(owner_of(anchor_of(group)), (True, ""))[0], "")
         items = sorted(by_group[group], key=lambda d: _natural(d.path))
         stats = len(BN_STATS) if cls == "BatchNormalization" else 0
         accumulated += [d.path for d in items[len(items) - stats:]] if stats else []
@@ -331,6 +338,26 @@ def _layer_variables(tree: Tree, model_cfg: Mapping | None,
     return weights, fallback, accumulated, False
 
 
+def _qualified_names(tree: Tree) -> Callable[[str], tuple[str, ...] | None]:
+    """For a group, the names of the layer whose variables it holds and of the layers enclosing it,
+    outermost first, as the config nests them; None for a group that is no layer's. Keras names groups
+    by class (`layers/dense_1`) and keeps each layer's own name in its `vars` group."""
+    chains: dict[str, tuple[str, ...]] = {"": ()}
+
+    def chain(group: str) -> tuple[str, ...]:
+        if group not in chains:  # each prefix once: the cost follows the number of groups
+            own = tree.groups.get(f"{group}/vars", {}).get("name")
+            parent = chain(group.rsplit("/", 1)[0] if "/" in group else "")
+            chains[group] = parent + (own,) if isinstance(own, str) else parent
+        return chains[group]
+
+    def qualified(group: str) -> tuple[str, ...] | None:
+        own = tree.groups.get(f"{group}/vars" if group else "vars", {}).get("name")
+        return chain(group) if isinstance(own, str) else None
+
+    return qualified
+
+
 def _prefix_order(spans: list[tuple[list[Dataset], int]], trained: list[tuple[int, ...]]) -> list[str] | None:
     """The variables the optimizer's entries belong to, when Keras' rule leaves one way only, else None.
 
@@ -338,28 +365,39 @@ def _prefix_order(spans: list[tuple[list[Dataset], int]], trained: list[tuple[in
     non-trainable), and `model.trainable_variables` lists layer after layer: so the entries are a
     prefix of each layer's variables in turn. Each way of cutting the entries' shapes into such
     prefixes is counted (up to two, over the entry positions reachable at each layer); only a single
-    one is used, and content then checks every pair."""
+    one is used, and content then checks every pair. The work grows with layers times entries, so
+    it is bounded (`KERAS_ORDER_STEPS`), and positions the layers left cannot use up are dropped."""
+    steps = [0]
+
     def cuts(layer: int, entry: int) -> list[int]:
         items, most = spans[layer]
         k, out = 0, [0]
         while k < most and entry + k < len(trained) and items[k].ref.is_float and items[k].shape == trained[entry + k]:
             k += 1
             out.append(k)
+        steps[0] += len(out)
+        if steps[0] > KERAS_ORDER_STEPS.value:
+            raise KERAS_ORDER_STEPS.exceeded(f"{len(trained)} optimizer entries over {len(spans)} layers "
+                                             f"need more than {KERAS_ORDER_STEPS.value} steps to place")
         return out
 
+    room = [0] * (len(spans) + 1)  # how many entries the layers from here on can take at most
+    for layer in reversed(range(len(spans))):
+        room[layer] = room[layer + 1] + spans[layer][1]
     reach = [{0}]
     for layer in range(len(spans)):
-        reach.append({entry + k for entry in reach[-1] for k in cuts(layer, entry)})
+        reach.append({entry + k for entry in reach[-1] for k in cuts(layer, entry)
+                      if len(trained) - entry - k <= room[layer + 1]})
     ways = [dict.fromkeys(r, 0) for r in reach]
     ways[-1] = {entry: int(entry == len(trained)) for entry in reach[-1]}
     for layer in reversed(range(len(spans))):
         for entry in reach[layer]:
-            ways[layer][entry] = min(2, sum(ways[layer + 1][entry + k] for k in cuts(layer, entry)))
+            ways[layer][entry] = min(2, sum(ways[layer + 1].get(entry + k, 0) for k in cuts(layer, entry)))
     if ways[0][0] != 1:
         return None
     order, entry = [], 0
     for layer, (items, _) in enumerate(spans):
-        k = next(k for k in cuts(layer, entry) if ways[layer + 1][entry + k] == 1)  # the one cut leaving a way on
+        k = next(k for k in cuts(layer, entry) if ways[layer + 1].get(entry + k) == 1)  # the one cut leaving a way on
         order += [d.path for d in items[:k]]
         entry += k
     return order
@@ -392,7 +430,11 @@ def _optimizer_state(path: Path, tree: Tree, opt_cfg: Mapping | None) -> tuple[d
     if count < 0 or count % width:
         raise InputError(f"{path}: {len(variables)} optimizer variables do not fit ScheduleFreeAdamW's layout "
                          f"(iterations{', learning rate' if has_lr else ''}, then {width} per trainable variable)",
-                         "the optimizer config does not match its variables; the file is damaged")
+                         _misfit_hint(opt_cfg))
+    if count == 0:  # a compiled optimizer makes these two at once, the rest when it is built
+        raise InputError(f"{path}: the optimizer holds {'iterations and the learning rate' if has_lr else 'iterations'} "
+                         "only, no momentum: it was never built (compiled again after training, or saved before fit)",
+                         "save the model right after fit with the optimizer that trained it")
     iterations = variables[0]
     if iterations.dtype not in ("int32", "int64") or iterations.shape != ():
         raise InputError(f"{path}: optimizer/vars/0 is not the iteration counter", "the file is damaged")
@@ -408,10 +450,18 @@ def _optimizer_state(path: Path, tree: Tree, opt_cfg: Mapping | None) -> tuple[d
         z, velocity = variables[fixed + count // width * per_var + 2 * k:][:2]
         if z.shape != velocity.shape or not z.ref.is_float:
             raise InputError(f"{path}: optimizer variables {z.path} and {velocity.path} are not a momentum/velocity pair",
-                             "the optimizer config does not match its variables; the file is damaged")
+                             _misfit_hint(opt_cfg))
         state[k] = {"z": z.ref, "velocity": velocity.ref}
     group["params"] = list(state)
     return {"state": state, "param_groups": [group]}, notes
+
+
+def _misfit_hint(opt_cfg: Mapping | None) -> str:
+    """What to do when the optimizer variables do not fit the layout they were read with."""
+    if opt_cfg is None:  # the layout was assumed, not read: options that add variables are the likely cause
+        return ("a save_weights file keeps no optimizer config, so sfckpt assumes ScheduleFreeAdamW without "
+                "gradient_accumulation_steps or use_ema; convert the .keras file model.save() wrote, whose config says")
+    return "the optimizer config does not match its variables; the file is damaged"
 
 
 def _check_optimizer_config(path: Path, opt_cfg: Mapping, group: dict[str, Any]) -> tuple[bool, int]:

@@ -42,6 +42,7 @@ _DTYPES = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16
            "uint16", "uint8", "bool", "complex64"}
 
 KeyPath = tuple[str, ...]
+CHUNK_SLACK = 1 << 20  # elements a chunk may hold beyond its array's (zarr allows chunks larger than tiny arrays)
 
 
 @dataclass
@@ -89,7 +90,7 @@ def load_object(path: Path) -> tuple[dict[str, Any], list[str]]:
                          "({'params': params, 'opt_state': opt_state})")
     roots, groups, state = [], [], {}
     for where in states:
-        params_at, root = _parameter_tree(where, leaves)
+        params_at, root = _parameter_tree(where, leaves, states)
         roots.append(root)
         groups.append(_group(where, params_at, leaves, state))
     weights = {_name(p): _ref(leaf) for p, leaf in leaves.items() if not any(p[:len(r)] == r for r in roots)}
@@ -164,6 +165,13 @@ def _checked(folder: Path, path: KeyPath, store: Any) -> Leaf:
     nbytes = math.prod(shape) * store.dtype.numpy_dtype.itemsize
     if nbytes > limits.ARRAY_BYTES.value:
         raise limits.ARRAY_BYTES.exceeded(f"{folder}: array {_name(path)} of shape {list(shape)} would take {nbytes} bytes")
+    layout = store.chunk_layout
+    chunks = [math.prod(int(n) for n in c.shape) for c in (layout.read_chunk, layout.write_chunk) if c.shape is not None]
+    if max(chunks, default=0) > max(math.prod(shape), CHUNK_SLACK):
+        # tensorstore decodes whole chunks (and a zarr3 shard's whole index): a chunk grid far larger
+        # than the array would allocate its size, whatever the array's shape says.
+        raise InputError(f"{folder}: array {_name(path)} of shape {list(shape)} claims chunks of {max(chunks)} "
+                         "elements, more than the array holds", "refusing to read it; the checkpoint is damaged or crafted")
     return Leaf(path, dtype, shape, store)
 
 
@@ -220,29 +228,44 @@ def _z_leaves(where: KeyPath, leaves: dict[KeyPath, Leaf]) -> dict[KeyPath, Leaf
     return {p[len(z):]: leaf for p, leaf in leaves.items() if p[:len(z)] == z}
 
 
-def _parameter_tree(where: KeyPath, leaves: dict[KeyPath, Leaf]) -> tuple[KeyPath, KeyPath]:
+def _parameter_tree(where: KeyPath, leaves: dict[KeyPath, Leaf], states: list[KeyPath]) -> tuple[KeyPath, KeyPath]:
     """(where the parameters z mirrors are, the root of the optimizer state holding `where`)."""
     z = _z_leaves(where, leaves)
     first = next(iter(z))
     candidates = []
     for path, leaf in leaves.items():
         prefix = path[:len(path) - len(first)]
-        if path[len(prefix):] != first or prefix[:len(where)] == where or leaf.shape != z[first].shape:
-            continue
+        if path[len(prefix):] != first or any(prefix[:len(s)] == s for s in states) or leaf.shape != z[first].shape:
+            continue  # inside a Schedule-Free state (its z, its base state's mu and nu) is never y
         if all(leaves.get(prefix + r) is not None and leaves[prefix + r].shape == zl.shape for r, zl in z.items()):
             candidates.append(prefix)
     if not candidates:
         raise InputError(f"the Schedule-Free state at {_name(where)} has a z whose paths (such as {_name(first)}) "
                          "match no parameters saved beside it",
                          "save the parameters the optimizer trains with its state ({'params': params, 'opt_state': opt_state})")
-    depth = {c: len(os.path.commonprefix([c, where])) for c in candidates}
-    nearest = min(depth.values())
-    best = [c for c in candidates if depth[c] == nearest]
-    if len(best) > 1:
-        raise InputError(f"z of the Schedule-Free state at {_name(where)} mirrors several saved trees "
-                         f"({', '.join(_name(c) or '(root)' for c in best[:4])}), so which one holds y is not known",
-                         "save the parameters and the optimizer state only")
-    return best[0], where[:nearest + 1]
+    best = _params_among(where, candidates)
+    return best, where[:len(os.path.commonprefix([best, where])) + 1]
+
+
+def _params_among(where: KeyPath, candidates: list[KeyPath]) -> KeyPath:
+    """The one tree that holds y among the saved trees z mirrors.
+
+    Structure cannot tell y from another mirror: `{'state': {'params', 'opt_state'}, 'ema_params'}`
+    and `{'params', 'opt_state': MultiStepsState(acc_grads, inner_opt_state)}` are the same shape
+    with the roles swapped. So a single mirror is y; among several, the one named `params` (the
+    name optax, Flax and Orbax document), the nearest to the state when several are; else refuse.
+    """
+    if len(candidates) == 1:
+        return candidates[0]
+    named = [c for c in candidates if c and c[-1] == "params"]
+    depth = {c: len(os.path.commonprefix([c, where])) for c in named}
+    nearest = [c for c in named if depth[c] == max(depth.values())]
+    if len(nearest) == 1:
+        return nearest[0]
+    raise InputError(f"z of the Schedule-Free state at {_name(where)} mirrors several saved trees "
+                     f"({', '.join(_name(c) or '(root)' for c in (nearest or candidates)[:4])}), so which one holds y "
+                     "is not known", "save the trained parameters under the key 'params' beside the optimizer state "
+                     "({'params': params, 'opt_state': opt_state}), and other copies (EMA) under other names")
 
 
 def _group(where: KeyPath, params_at: KeyPath, leaves: dict[KeyPath, Leaf], state: dict) -> dict[str, Any]:

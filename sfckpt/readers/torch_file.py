@@ -345,10 +345,11 @@ def _is_contiguous(shape: tuple, stride: tuple) -> bool:
 class TorchArchive:
     """An open `torch.save` zip file; tensor data is read on demand."""
 
-    def __init__(self, path: Path | str, data: bytes | None = None):
-        """Open `path` through the gate, or, when `data` is given, an in-memory archive that `path` only names."""
+    def __init__(self, path: Path | str, data: bytes | None = None, opened=None):
+        """Open `path` through the gate, or, when `data` is given, an in-memory archive that `path` only names;
+        `opened` is an archive inside a file already opened through the gate (a `window.Window`)."""
         self.path = path
-        self._input = inputs.open_input(path) if data is None else None
+        self._input = opened if opened is not None else inputs.open_input(path) if data is None else None
         self._file = self._input.fileobj() if self._input is not None else io.BytesIO(data)
         try:
             self._zip = zipfile.ZipFile(self._file)

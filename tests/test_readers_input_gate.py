@@ -15,13 +15,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import sfckpt
 import trainers
-from conftest import FIXTURES
+from conftest import assert_one_error_line, FIXTURES, SCRIPTS
 from sfckpt.errors import InputError
 from sfckpt.sources import released_weights
 
+ADAMW = FIXTURES / "adamw_mlp.pt"
 DS = FIXTURES / "deepspeed"
+DEEPSPEED = DS / "zero2-fp32"
 SECRET = "sfckpt-secret-3f9a1c"
 SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
@@ -31,14 +32,6 @@ def _child(*args, code="from sfckpt.cli import main; main()", env=None, memory_g
     prefix = f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({memory_gb} << 30, {memory_gb} << 30)); "
     return subprocess.run([sys.executable, "-c", prefix + code, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def _one_error_line(proc, *fragments):
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "internal error" not in lines[0], proc.stderr
-    for fragment in fragments:
-        assert fragment in proc.stderr, proc.stderr
 
 
 def _secret(tmp_path: Path) -> Path:
@@ -66,8 +59,8 @@ def test_side_file_linked_outside_is_not_copied(name, target, run, tmp_path):
     (ckpt / name).symlink_to(_secret(tmp_path) if target == "secret" else Path("/proc/self/environ"))
     out = tmp_path / "release"
     result = run("convert", ckpt, f"{out}/")
-    assert result.exit_code == 2, result.stdout
-    assert result.stderr.startswith("error: ") and name in result.stderr and SECRET not in result.stderr
+    assert_one_error_line(result, name)
+    assert SECRET not in result.stderr
     assert not out.exists()
 
 
@@ -121,7 +114,7 @@ def test_deepspeed_latest_linked_to_proc_environ_echoes_nothing(tmp_path):
     (ckpt / "latest").unlink()
     (ckpt / "latest").symlink_to("/proc/self/environ")
     proc = _child("inspect", ckpt, env={"SFCKPT_TEST_TOKEN": SECRET})
-    _one_error_line(proc, "latest")
+    assert_one_error_line(proc, "latest")
     assert SECRET not in proc.stderr + proc.stdout
 
 
@@ -201,7 +194,7 @@ def _sparse(path: Path, head: bytes = b"{") -> None:
 
 
 def _bounded(proc, started: float, limit_env: str) -> None:
-    _one_error_line(proc, limit_env)
+    assert_one_error_line(proc, limit_env)
     assert time.monotonic() - started < 60
 
 
@@ -212,6 +205,7 @@ def test_sparse_latest_is_refused_by_its_limit(tmp_path):
     _bounded(_child("inspect", ckpt), started, "SFCKPT_MAX_TEXT_BYTES")
 
 
+@pytest.mark.slow
 def test_sparse_dcp_metadata_is_refused_by_its_limit(tmp_path):
     folder = tmp_path / "dcp"
     folder.mkdir()
@@ -231,6 +225,7 @@ def test_sparse_trainer_state_is_refused_by_its_limit(tmp_path):
     _bounded(_child("inspect", folder), started, "SFCKPT_MAX_JSON_BYTES")
 
 
+@pytest.mark.slow
 def test_sparse_adapter_config_is_refused_by_its_limit(tmp_path):
     folder = tmp_path / "checkpoint-3"
     folder.mkdir()
@@ -266,7 +261,7 @@ def test_diff_of_a_terabyte_sparse_safetensors_file_is_exit_2(tmp_path):
         f.write(len(header).to_bytes(8, "little") + header)
         f.truncate(8 + len(header) + (1 << 40))
     proc = _child("diff", big, big)
-    _one_error_line(proc, "memory")
+    assert_one_error_line(proc, "memory")
 
 
 # ---- races and files that change while read ------------------------------------------------------------
@@ -339,7 +334,7 @@ def test_torch_file_truncated_while_converting_is_exit_2(trained, tmp_path):
     out = tmp_path / "x.safetensors"
     proc = subprocess.run([sys.executable, "-c", TRUNCATE_AFTER_LOAD, str(ckpt), "convert", str(ckpt), str(out)],
                           capture_output=True, text=True, timeout=120)
-    _one_error_line(proc, "changed or is truncated")
+    assert_one_error_line(proc, "changed or is truncated")
     assert not out.exists()
 
 
@@ -350,7 +345,7 @@ def test_safetensors_file_truncated_while_read_is_exit_2(tmp_path):
     shutil.copyfile(weights, other)
     proc = subprocess.run([sys.executable, "-c", TRUNCATE_AFTER_LOAD, str(weights), "diff", str(weights), str(other)],
                           capture_output=True, text=True, timeout=120)
-    _one_error_line(proc, "changed or is truncated")
+    assert_one_error_line(proc, "changed or is truncated")
 
 
 # ---- the Hugging Face cache layout still reads ------------------------------------------------------
@@ -410,29 +405,26 @@ def test_param_order_file_is_the_users_own_and_may_lie_anywhere(trained, run, tm
 
 @pytest.fixture(scope="module")
 def lora_checkpoint(tmp_path_factory):
-    """A LoRA adapter checkpoint as the Trainer saves it (tests/test_peft.py's run)."""
+    """A LoRA adapter checkpoint as the Trainer saves it (scripts/peft_lora.py, as tests/test_readers_peft.py runs it)."""
     pytest.importorskip("peft")
-    from test_peft import TRAIN
-
     out = tmp_path_factory.mktemp("lora")
-    result = subprocess.run([sys.executable, "-c", TRAIN, str(out)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, SCRIPTS / "peft_lora.py", out], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "run" / "checkpoint-3"
 
 
 @pytest.fixture(scope="module")
 def trainer_checkpoint(tmp_path_factory):
-    """A Hugging Face Trainer checkpoint-N folder (tests/test_containers.py's run)."""
+    """A Hugging Face Trainer checkpoint-N folder (scripts/hf_trainer.py, as tests/test_readers_hf_trainer.py runs it)."""
     pytest.importorskip("transformers")
-    from test_containers import HF_TRAIN
-
     out = tmp_path_factory.mktemp("hf")
-    result = subprocess.run([sys.executable, "-c", HF_TRAIN, str(out), "schedule_free_adamw", "train"],
+    result = subprocess.run([sys.executable, SCRIPTS / "hf_trainer.py", out, "schedule_free_adamw", "train"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "checkpoint-3"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["README.md", "adapter_config.json"])
 @pytest.mark.parametrize("target", ["secret", "environ"])
 def test_adapter_side_file_linked_outside_is_not_copied(name, target, lora_checkpoint, tmp_path):
@@ -443,11 +435,12 @@ def test_adapter_side_file_linked_outside_is_not_copied(name, target, lora_check
     out = tmp_path / "release"
     order = lora_checkpoint.parent.parent / "order.txt"  # the base model is not beside the copy
     proc = _child("convert", ckpt, f"{out}/", "--param-order", order, env={"SFCKPT_TEST_TOKEN": SECRET}, memory_gb=8)
-    _one_error_line(proc, name)
+    assert_one_error_line(proc, name)
     assert SECRET not in proc.stderr + proc.stdout
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_adapter_release_copies_its_own_side_files(lora_checkpoint, run, tmp_path):
     out = tmp_path / "release"
     assert run("convert", lora_checkpoint, f"{out}/", "-q").exit_code == 0
@@ -455,6 +448,7 @@ def test_adapter_release_copies_its_own_side_files(lora_checkpoint, run, tmp_pat
         assert (out / name).read_bytes() == (lora_checkpoint / name).read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json", "config.json"])
 def test_trainer_file_linked_outside_is_refused(name, trainer_checkpoint, run, tmp_path):
     ckpt = tmp_path / "checkpoint-3"
@@ -468,6 +462,7 @@ def test_trainer_file_linked_outside_is_refused(name, trainer_checkpoint, run, t
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_trainer_release_copies_its_side_files(trainer_checkpoint, run, tmp_path):
     out = tmp_path / "release"
     assert run("convert", trainer_checkpoint, f"{out}/", "-q").exit_code == 0
@@ -486,7 +481,7 @@ def test_side_file_past_its_limit_is_refused(run, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["too large", "fifo"])
 def test_calibration_data_is_read_through_the_bounded_opener(kind, run, tmp_path, monkeypatch):
-    from test_batchnorm import MODEL_FILE
+    from test_reconstruct_batchnorm import MODEL_FILE
 
     model = trainers.ConvBN()
     ckpt = tmp_path / "c.pt"
@@ -515,10 +510,11 @@ def test_safetensors_weights_truncated_while_converting_is_exit_2(tmp_path):
     out = tmp_path / "x.safetensors"
     proc = subprocess.run([sys.executable, "-c", TRUNCATE_AFTER_LOAD, str(folder / "model.safetensors"), "convert",
                            str(folder), str(out)], capture_output=True, text=True, timeout=120)
-    _one_error_line(proc, "changed or is truncated")
+    assert_one_error_line(proc, "changed or is truncated")
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_dcp_shard_truncated_while_converting_is_exit_2(tmp_path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -532,5 +528,38 @@ def test_dcp_shard_truncated_while_converting_is_exit_2(tmp_path):
     out = tmp_path / "x.safetensors"
     proc = subprocess.run([sys.executable, "-c", TRUNCATE_AFTER_LOAD, str(shard), "convert", str(folder), str(out)],
                           capture_output=True, text=True, timeout=120)
-    _one_error_line(proc, "changed or is truncated")
+    assert_one_error_line(proc, "changed or is truncated")
     assert not out.exists()
+
+
+def test_deepspeed_latest_tag_symlinked_outside_the_folder_is_refused(run, tmp_path):
+    """A DeepSpeed folder whose `latest` tag is a symlink leading outside the input is exit 2, nothing written."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copytree(DEEPSPEED / "global_step3", outside / "global_step3")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    shutil.copyfile(DEEPSPEED / "latest", ckpt / "latest")
+    (ckpt / (DEEPSPEED / "latest").read_text().strip()).symlink_to(outside / "global_step3", target_is_directory=True)
+    out = tmp_path / "x.safetensors"
+    result = run("convert", ckpt, out)
+    assert_one_error_line(result, "outside")
+    assert not out.exists()
+
+
+def test_index_shard_that_is_a_fifo_is_refused_not_a_hang(run, tmp_path):
+    """check on a release whose indexed shard is a named pipe is exit 2 within seconds, not a hang."""
+    rel = tmp_path / "rel"
+    assert run("convert", ADAMW, f"{rel}/", "--max-shard-size", "300B", "-q").exit_code == 0
+    shard = rel / "model-00002-of-00003.safetensors"
+    shard.unlink()
+    os.mkfifo(shard)
+    proc = subprocess.Popen([sys.executable, "-m", "sfckpt", "check", f"{rel}/", "--ckpt", str(ADAMW)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _, err = proc.communicate(timeout=6)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("check blocked on the FIFO for 6 s")
+    assert proc.returncode == 2, err.decode(errors="replace")

@@ -15,10 +15,12 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 import trainers
-from conftest import assert_equal_tensors, read
+from conftest import FIXTURES, assert_clean, assert_equal_tensors, parts, read
 from sfckpt import writer
 from sfckpt.cli import main
 from sfckpt.errors import InputError
+
+ADAMW = FIXTURES / "adamw_mlp.pt"
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +77,7 @@ def _killed_mid_write(proc: subprocess.Popen, folder: Path) -> Path:
     return tmp
 
 
+@pytest.mark.slow
 def test_sigkill_mid_write_then_rerun_leaves_no_temporary(big, run, tmp_path):
     ckpt, x = big
     out = tmp_path / "x.safetensors"
@@ -86,6 +89,7 @@ def test_sigkill_mid_write_then_rerun_leaves_no_temporary(big, run, tmp_path):
     assert_equal_tensors(read(out), x)
 
 
+@pytest.mark.slow
 def test_sigkill_of_a_new_folder_output_leaves_no_release_behind(big, run, tmp_path):
     ckpt, x = big
     release = tmp_path / "release"
@@ -99,6 +103,7 @@ def test_sigkill_of_a_new_folder_output_leaves_no_release_behind(big, run, tmp_p
     assert_equal_tensors(read(release / "model.safetensors"), x)
 
 
+@pytest.mark.slow
 def test_sigkill_into_an_existing_release_keeps_it_until_the_rerun(big, trained, run, tmp_path):
     ckpt, x = big
     small, small_x, _ = trained("adamw")
@@ -114,6 +119,7 @@ def test_sigkill_into_an_existing_release_keeps_it_until_the_rerun(big, trained,
     assert_equal_tensors(read(release / "model.safetensors"), x)
 
 
+@pytest.mark.slow
 def test_a_live_writers_temporary_survives_another_runs_cleanup(big, trained, run, tmp_path):
     ckpt, x = big
     small, small_x, _ = trained("adamw")
@@ -136,6 +142,7 @@ def test_a_live_writers_temporary_survives_another_runs_cleanup(big, trained, ru
     assert_equal_tensors(read(out / "model.safetensors"), small_x)
 
 
+@pytest.mark.slow
 def test_a_commit_cut_short_is_rolled_back_by_the_next_run(trained, tmp_path):
     ckpt, old_x, _ = trained("adamw")
     new_ckpt, _, _ = trained("sgd")
@@ -220,7 +227,7 @@ def test_weight_named_metadata_is_refused(out, trained, run, tmp_path):
 
 
 def test_name_that_is_not_utf8_is_refused_before_writing(tmp_path):
-    """The readers refuse such names first (tests/test_internal_errors.py); the writer keeps its own check
+    """The readers refuse such names first (tests/test_readers_hostile.py); the writer keeps its own check
     for reconstructions built through the API."""
     specs = [writer.Spec("fc1.\ud800bias", "float32", (1,))]
     with pytest.raises(InputError, match="not UTF-8 text"):
@@ -277,3 +284,98 @@ def test_diff_plot_draws_names_from_the_input_literally(new_name, trained, run, 
     result = run("diff", ckpt, "--plot", tmp_path / "gap.png")
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "gap.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_plot_never_overwrites_an_input_or_an_existing_file(run, tmp_path, trained):
+    pytest.importorskip("matplotlib")
+    ckpt, _, _ = trained("adamw")
+    before = ckpt.read_bytes()
+    for args in (("diff", ckpt, "--plot", ckpt), ("diff", ckpt, "--plot", ckpt, "--force")):
+        result = run(*args)
+        assert_clean(result, tmp_path / "none")
+        assert "input" in result.stderr
+    assert ckpt.read_bytes() == before
+    picture = tmp_path / "gap.png"
+    picture.write_bytes(b"precious")
+    result = run("diff", ckpt, "--plot", picture)
+    assert result.exit_code == 2 and "--force" in result.stderr and picture.read_bytes() == b"precious"
+    assert run("diff", ckpt, "--plot", picture, "--force").exit_code == 0
+    assert picture.read_bytes().startswith(b"\x89PNG") and not list(tmp_path.glob("*sfckpt-tmp"))
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_failed_force_run_leaves_the_previous_release_as_it_was(run, tmp_path):
+    sd, osd = parts()
+    torch.save({"model": sd, "optimizer": osd}, tmp_path / "good.pt")
+    sd["fc2.bias"][0] = float("nan")  # fails on the last shard, after others were written
+    torch.save({"model": sd, "optimizer": osd}, tmp_path / "bad.pt")
+    release = tmp_path / "release"
+    for layout in (("--max-shard-size", "200B"), ()):
+        assert run("convert", tmp_path / "good.pt", release, *layout, "--force").exit_code == 0
+        before = _snapshot(release)
+        for other in (("--max-shard-size", "200B"), ()):
+            result = run("convert", tmp_path / "bad.pt", release, *other, "--force")
+            assert result.exit_code == 2 and "NaN" in result.stderr
+            assert _snapshot(release) == before
+
+
+def test_successful_force_run_leaves_no_stale_layout(run, tmp_path):
+    sd, osd = parts()
+    torch.save({"model": sd, "optimizer": osd}, tmp_path / "c.pt")
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "README.md").write_text("mine")
+    assert run("convert", tmp_path / "c.pt", release, "--force").exit_code == 0
+    assert run("convert", tmp_path / "c.pt", release, "--max-shard-size", "200B", "--force").exit_code == 0
+    names = sorted(p.name for p in release.iterdir())
+    assert "model.safetensors" not in names and "README.md" in names and "model.safetensors.index.json" in names
+    assert run("convert", tmp_path / "c.pt", release, "--force").exit_code == 0
+    assert sorted(p.name for p in release.iterdir()) == ["README.md", "model.safetensors"]
+
+
+def test_output_names_and_places_that_cannot_work_are_exit_2(run, tmp_path):
+    sd, osd = parts()
+    torch.save({"model": sd, "optimizer": osd}, tmp_path / "c.pt")
+    ckpt = tmp_path / "c.pt"
+    long_ok = tmp_path / ("x" * 228 + ".safetensors")  # 240 characters: fits, even with a temporary suffix
+    assert run("convert", ckpt, long_ok).exit_code == 0 and long_ok.exists()
+    assert not list(tmp_path.glob("*sfckpt-tmp"))
+    for out in (tmp_path / ("y" * 300 + ".safetensors"), tmp_path / ("z" * 300)):
+        assert_clean(run("convert", ckpt, out), tmp_path / "none")
+    (tmp_path / "d.safetensors").mkdir()
+    assert_clean(run("convert", ckpt, tmp_path / "d.safetensors", "--force"), tmp_path / "none")
+    assert_clean(run("inspect", tmp_path / ("q" * 300 + ".pt")), tmp_path / "none")
+    assert_clean(run("convert", ckpt, Path("/proc/sfckpt-release")), tmp_path / "none")  # no mkdir there
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        for out in (locked / "release", locked / "x.safetensors"):
+            assert_clean(run("convert", ckpt, out), out)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_force_failing_mid_commit_keeps_the_previous_release(run, tmp_path):
+    """When replacing a sharded release fails while moving files into place, the old release is intact."""
+    rel = tmp_path / "rel"
+    # float32 with 300B shards and bfloat16 with 150B shards give the same three shard names.
+    first = run("convert", ADAMW, f"{rel}/", "--max-shard-size", "300B", "-q")
+    assert first.exit_code == 0, first.stderr
+    before = _snapshot(rel)
+    assert sorted(before) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)] + ["model.safetensors.index.json"]
+    last = rel / "model-00003-of-00003.safetensors"
+    if subprocess.run(["chattr", "+i", str(last)], capture_output=True).returncode != 0:
+        pytest.skip("needs chattr +i (root) to make one rename fail")
+    try:
+        result = run("convert", ADAMW, f"{rel}/", "--max-shard-size", "150B", "--dtype", "bfloat16", "--force")
+        assert result.exit_code == 2, result.stderr
+        assert sorted(_snapshot(rel)) == sorted(before)
+        assert _snapshot(rel) == before, "the previous release was changed by a failed --force run"
+    finally:
+        subprocess.run(["chattr", "-i", str(last)], capture_output=True)

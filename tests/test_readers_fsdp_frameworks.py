@@ -1,6 +1,6 @@
 """FSDP checkpoints saved by Accelerate (`save_state`) and the Hugging Face Trainer, on CPU with 2 processes.
 
-The folders are made by the frameworks' own saving code (tests/fsdp_runs.py says how,
+The folders are made by the frameworks' own saving code (tests/scripts/fsdp_runs.py says how,
 and the one thing changed to run FSDP without a GPU); x is compared with the optimizer's
 own eval() by torch.equal, tensor by tensor.
 """
@@ -9,21 +9,21 @@ import pickle
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_equal_tensors, Evil, read
+from conftest import assert_equal_tensors, assert_one_error_line, Evil, read, SCRIPTS
+
+pytestmark = pytest.mark.slow  # every test here reads the folders of a two-process FSDP run (scripts/fsdp_runs.py)
 
 pytest.importorskip("accelerate")
-HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
-    result = subprocess.run([sys.executable, str(HERE / "fsdp_runs.py"), str(root)], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, SCRIPTS / "fsdp_runs.py", root], capture_output=True, text=True,
                             timeout=900)
     if result.returncode != 0 and "gloo" in result.stderr.lower() and "not available" in result.stderr.lower():
         pytest.skip("gloo backend unavailable")
@@ -115,34 +115,26 @@ def _copy(runs, tmp_path, case="accelerate-fsdp2-sharded-2pairs"):
     return dst
 
 
-def _one_line_error(result, *words):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-
-
 def test_per_rank_files_are_refused(runs, run, tmp_path):
     """use_dcp=False / LOCAL_STATE_DICT write one torch.save per rank of DTensor/ShardedTensor objects."""
     folder = _copy(runs, tmp_path)
     shutil.rmtree(folder / "pytorch_model_fsdp_0")
     torch.save({"w": torch.zeros(2)}, folder / "pytorch_model_fsdp_0_rank0.bin")
-    _one_line_error(run("convert", folder, tmp_path / "x.safetensors"), "per-rank", "use_dcp=True")
+    assert_one_error_line(run("convert", folder, tmp_path / "x.safetensors"), "per-rank", "use_dcp=True")
     assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_incomplete_optimizer_folder_is_refused(runs, run, tmp_path):
     folder = _copy(runs, tmp_path)
     (folder / "optimizer_0" / ".metadata").unlink()
-    _one_line_error(run("convert", folder, tmp_path / "x.safetensors"), "optimizer_0", "no .metadata")
+    assert_one_error_line(run("convert", folder, tmp_path / "x.safetensors"), "optimizer_0", "no .metadata")
     assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_missing_shard_is_refused(runs, run, tmp_path):
     folder = _copy(runs, tmp_path)
     (folder / "pytorch_model_fsdp_0" / "__1_0.distcp").unlink()
-    _one_line_error(run("inspect", folder), "__1_0.distcp")
+    assert_one_error_line(run("inspect", folder), "__1_0.distcp")
 
 
 
@@ -150,7 +142,7 @@ def test_crafted_metadata_runs_nothing(runs, run, tmp_path):
     folder = _copy(runs, tmp_path)
     marker = tmp_path / "pwned"
     (folder / "pytorch_model_fsdp_0" / ".metadata").write_bytes(pickle.dumps(Evil(str(marker))))
-    _one_line_error(run("inspect", folder), "cannot read DCP metadata")
+    assert_one_error_line(run("inspect", folder), "cannot read DCP metadata")
     assert not marker.exists()
 
 
@@ -161,7 +153,7 @@ def test_optimizer_folder_holding_something_else_is_refused(runs, run, tmp_path)
     folder = _copy(runs, tmp_path)
     shutil.rmtree(folder / "optimizer_0")
     dcp.save({"weights": {"a": torch.zeros(3)}}, checkpoint_id=folder / "optimizer_0", no_dist=True)
-    _one_line_error(run("inspect", folder), "expected one 'optimizer' entry")
+    assert_one_error_line(run("inspect", folder), "expected one 'optimizer' entry")
 
 
 def test_a_folder_holding_a_sharded_and_a_full_save_is_refused(runs, run, tmp_path):
@@ -169,7 +161,7 @@ def test_a_folder_holding_a_sharded_and_a_full_save_is_refused(runs, run, tmp_pa
     folder = _copy(runs, tmp_path)
     shutil.copy(runs / "accelerate-fsdp2-full-bf16" / "pytorch_model_fsdp.bin", folder)
     shutil.copy(runs / "accelerate-fsdp2-full-bf16" / "optimizer.bin", folder)
-    _one_line_error(run("convert", folder, tmp_path / "x.safetensors"), "two saves")
+    assert_one_error_line(run("convert", folder, tmp_path / "x.safetensors"), "two saves")
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -236,7 +228,7 @@ def test_lora_names_that_do_not_match_are_refused(runs, run, tmp_path):
     adapter = read(folder / "checkpoint-3" / "adapter_model.safetensors")
     save_file({k.replace("lora_A", "lora_X"): v for k, v in adapter.items()},
               str(folder / "checkpoint-3" / "adapter_model.safetensors"))
-    _one_line_error(run("convert", folder / "checkpoint-3", tmp_path / "out"), "do not match")
+    assert_one_error_line(run("convert", folder / "checkpoint-3", tmp_path / "out"), "do not match")
     assert not (tmp_path / "out").exists()
 
 
@@ -254,5 +246,5 @@ def test_lora_full_save_without_the_default_adapter_files_is_refused(how, runs, 
     else:
         (ckpt / "adapter_model.safetensors").unlink()
         (ckpt / "adapter_config.json").unlink()
-    _one_line_error(run("convert", ckpt, tmp_path / "out"), "PEFT model saved under FSDP")
+    assert_one_error_line(run("convert", ckpt, tmp_path / "out"), "PEFT model saved under FSDP")
     assert not (tmp_path / "out").exists()

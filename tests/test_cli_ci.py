@@ -72,6 +72,7 @@ def _pre_commit(repo, tmp_path):
                           env=_env(PRE_COMMIT_HOME=str(tmp_path / "pre-commit-home")))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(PRE_COMMIT is None, reason="pre-commit is not installed (it is in .[test])")
 @pytest.mark.parametrize("local", [False, True], ids=["published-hook", "local-hook"])
 def test_pre_commit_checks_the_whole_release_when_release_or_checkpoint_changes(local, tmp_path):
@@ -155,6 +156,7 @@ def _run_action_check(repo, tmp_path, weights, ckpt, args=""):
     return proc, summary.read_text(), output.read_text()
 
 
+@pytest.mark.slow
 def test_action_check_step_passes_and_fails_with_annotation_and_summary(tmp_path):
     repo, _ = _model_repo(tmp_path)
     ok, summary, output = _run_action_check(repo, tmp_path, "release/", "checkpoints/last.pt")

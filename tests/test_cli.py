@@ -11,19 +11,11 @@ from safetensors.torch import save_file
 
 import sfckpt
 import trainers
-from conftest import FIXTURES, read, save_checkpoint
+from conftest import FIXTURES, assert_one_error_line, read, save_checkpoint
 from sfckpt.cli import main
-from test_batchnorm import MODEL_FILE
+from test_reconstruct_batchnorm import MODEL_FILE
 
 LFS_TEXT = "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1234\n"
-
-
-def one_error_line(result, *words):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for w in words:
-        assert w in lines[0]
 
 
 # ---- usage errors and --json on failure ----------------------------------------------------
@@ -41,25 +33,26 @@ def one_error_line(result, *words):
 )
 def test_usage_errors_are_one_line(run, args, words):
     result = run(*args)
-    one_error_line(result, *words)
+    assert_one_error_line(result, *words)
     assert result.stdout == ""
 
 
 def test_usage_error_through_the_console_script():
     exe = Path(sys.executable).parent / "sfckpt"
     proc = subprocess.run([str(exe), "diff", "--sort", "foo", "x.pt"], capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+    assert_one_error_line(proc)
+    assert proc.stderr.count("\n") == 1
     assert "Usage:" not in proc.stderr
 
 
 def test_json_error_document_on_stdout(run, tmp_path):
     result = run("inspect", tmp_path / "missing.pt", "--json")
-    one_error_line(result, "no such file")
+    assert_one_error_line(result, "no such file")
     doc = json.loads(result.stdout)
     assert doc == {"version": 1, "error": {"message": doc["error"]["message"], "hint": doc["error"]["hint"], "exit_code": 2}}
     assert "missing.pt" in doc["error"]["message"] and doc["error"]["hint"]
     usage = run("check", "x.safetensors", "--json")
-    one_error_line(usage, "--ckpt")
+    assert_one_error_line(usage, "--ckpt")
     assert json.loads(usage.stdout)["error"]["exit_code"] == 2
     plain = run("inspect", tmp_path / "missing.pt")
     assert plain.stdout == ""  # without --json, stdout stays empty
@@ -83,7 +76,7 @@ def test_help_is_not_truncated_and_options_are_explained(run):
 @pytest.mark.parametrize("name,suggestion", [("model.safetensor", "model.safetensors"), ("out.pt", "out.safetensors")])
 def test_mistyped_output_name_is_refused(run, tmp_path, name, suggestion):
     result = run("convert", FIXTURES / "adamw_mlp.pt", tmp_path / name)
-    one_error_line(result, suggestion, f"{name}/")
+    assert_one_error_line(result, suggestion, f"{name}/")
     assert not (tmp_path / name).exists()
 
 
@@ -184,7 +177,7 @@ def test_lfs_pointers_in_a_folder_or_index_get_the_lfs_message(run, tmp_path):
     for target in (single, tmp_path / "sharded", tmp_path / "sharded" / "model.safetensors.index.json"):
         for args in (["check", target, "--ckpt", ckpt], ["diff", target, ckpt]):
             result = run(*args)
-            one_error_line(result, "Git LFS pointer", "lfs: true")
+            assert_one_error_line(result, "Git LFS pointer", "lfs: true")
     assert shard.name in run("check", tmp_path / "sharded", "--ckpt", ckpt).stderr
 
 
@@ -194,7 +187,7 @@ def test_lfs_pointers_in_a_folder_or_index_get_the_lfs_message(run, tmp_path):
 def test_diff_with_no_tensor_in_common_is_an_error(run, tmp_path):
     save_file({"a.weight": torch.ones(2)}, str(tmp_path / "a.safetensors"))
     save_file({"b.weight": torch.ones(2)}, str(tmp_path / "b.safetensors"))
-    one_error_line(run("diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors"), "nothing to compare")
+    assert_one_error_line(run("diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors"), "nothing to compare")
 
 
 def test_inspect_and_diff_agree_on_what_changes(run):
@@ -224,13 +217,13 @@ def test_plurals(run, tmp_path):
 def test_optimizer_only_file_error_starts_with_the_path(run, tmp_path):
     torch.save({"optimizer": torch.load(FIXTURES / "adamw_mlp.pt")["optimizer"]}, tmp_path / "opt.pt")
     result = run("inspect", tmp_path / "opt.pt")
-    one_error_line(result)
+    assert_one_error_line(result)
     assert result.stderr.startswith(f"error: {tmp_path / 'opt.pt'}: ")
 
 
 def test_wrong_optimizer_family_says_the_family_does_not_match(run, tmp_path):
     result = run("convert", FIXTURES / "adamw_mlp.pt", tmp_path / "x.safetensors", "--optimizer", "sgd")
-    one_error_line(result, "sgd")
+    assert_one_error_line(result, "sgd")
     assert "--beta" not in result.stderr and "does not match" in result.stderr
 
 
@@ -246,6 +239,7 @@ def test_inspect_wrapper_without_beta_shows_everything(run):
 # ---- install and API -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_no_numpy_warning_on_stderr(tmp_path):
     exe = Path(sys.executable).parent / "sfckpt"
     proc = subprocess.run([str(exe), "convert", str(FIXTURES / "adamw_mlp.pt"), str(tmp_path / "x.safetensors")],
@@ -286,3 +280,10 @@ def test_public_functions_accept_str_and_pathlike(tmp_path):
     report = diff_sets(open_weights(str(out)), open_weights(str(FIXTURES / "adamw_mlp.pt")))
     assert report["summary"]["differ"] == 0
     assert check_release(open_weights(str(out)), sfckpt.reconstruct(sfckpt.load(str(FIXTURES / "adamw_mlp.pt"))))["passed"]
+
+
+def test_debug_env_shows_traceback(run, tmp_path, monkeypatch):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    monkeypatch.setenv("SFCKPT_DEBUG", "1")
+    result = run("inspect", tmp_path / "empty.pt")
+    assert result.exit_code == 2 and "Traceback" in result.stderr

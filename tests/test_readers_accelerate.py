@@ -177,7 +177,7 @@ def test_prodigy_plus_schedule_free_through_accelerate(dtype, run, tmp_path):
 
 def test_empty_fsdp_folders_are_refused(run, tmp_path):
     """An interrupted sharded save (pytorch_model_fsdp_0/ without DCP's .metadata) is named as incomplete.
-    Complete FSDP folders are tested in tests/test_fsdp_frameworks.py."""
+    Complete FSDP folders are tested in tests/test_readers_fsdp_frameworks.py."""
     folder = tmp_path / "ckpt"
     _train_and_save(folder, [_adamw(trainers.MLP())], safe_serialization=False)
     for name in ("pytorch_model.bin", "optimizer.bin"):

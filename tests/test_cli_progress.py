@@ -113,6 +113,7 @@ def big_checkpoint(tmp_path_factory):
     return save_checkpoint(tmp_path_factory.mktemp("big") / "big.pt", model, opt)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["convert", "diff", "check"])
 def test_progress_on_an_80_column_terminal(command, big_checkpoint, tmp_path):
     out = tmp_path / "x.safetensors"
@@ -129,12 +130,14 @@ def test_progress_on_an_80_column_terminal(command, big_checkpoint, tmp_path):
     assert "%" not in stdout  # progress never on stdout
 
 
+@pytest.mark.slow
 def test_no_progress_when_stderr_is_not_a_terminal(tmp_path):
     proc = subprocess.run([SFCKPT, "convert", str(FIXTURES / "adamw_mlp.pt"), str(tmp_path / "x.safetensors")],
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "%" not in proc.stderr and "\r" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_quiet_and_json_draw_nothing_on_a_terminal(tmp_path):
     for extra in (["-q"], ["--json"]):
         code, _, terminal = run_on_terminal(["convert", FIXTURES / "adamw_mlp.pt", tmp_path / "x.safetensors", "--force", *extra])

@@ -1,4 +1,5 @@
-"""Lightning's WeightAveraging callback: x is built from current_model_state, never from the average.
+"""Lightning `.ckpt` files from ModelCheckpoint, and with the WeightAveraging callback, where x is built
+from current_model_state, never from the average.
 
 The callback saves the average of the y's the model held under `state_dict` and the model's own
 parameters (y, which the optimizer's z belongs to) under `current_model_state`. The truth is the
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import trainers
-from conftest import assert_equal_tensors, read
+from conftest import assert_clean, assert_equal_tensors, read
 
 L = pytest.importorskip("lightning")
 schedulefree = pytest.importorskip("schedulefree")
@@ -119,3 +120,53 @@ def test_single_update_at_the_saved_step_is_y(run, tmp_path):
         result = run("convert", path, out, "--strip-prefix", "model.")
         assert result.exit_code == 0, result.stderr
         assert_equal_tensors(read(out), expected)
+
+
+def test_lightning_model_checkpoint(run, tmp_path):
+    L = pytest.importorskip("lightning")
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    import schedulefree
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.save_hyperparameters({"width": 16, "lr": 0.02})
+            self.model = trainers.ConvBN()
+
+        def training_step(self, batch, _):
+            return self.model(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return schedulefree.AdamWScheduleFree(self.parameters(), lr=0.02)
+
+        def on_train_epoch_start(self):
+            self.optimizers().optimizer.train()
+
+    torch.manual_seed(0)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 3, 5, 5)), batch_size=4)
+    module = Module()
+    trainer = L.Trainer(max_steps=3, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True)],
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                        default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    ckpt = tmp_path / "ckpts" / "last.ckpt"
+    expected = trainers.eval_x(module.model, trainer.optimizers[0])
+    report = json.loads(run("inspect", ckpt, "--json").stdout)
+    assert report["container"] == "lightning" and report["keys"]["optimizer"] == "optimizer_states.0"
+    result = run("convert", ckpt, tmp_path / "x.safetensors", "--strip-prefix", "model.")
+    assert result.exit_code == 0, result.stderr
+    assert_equal_tensors(read(tmp_path / "x.safetensors"), expected)
+
+
+@pytest.mark.parametrize("count", [torch.tensor(float("nan")), torch.tensor(True)], ids=["nan", "bool"])
+def test_weight_averaging_count_that_is_not_a_count(count, run, tmp_path):
+    """Lightning WeightAveraging's n_averaged read where it decides whether the model held the average."""
+    model = trainers.MLP()
+    opt = trainers.train(model, "adamw")
+    sd = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": sd, "current_model_state": dict(sd), "averaging_state": {"n_averaged": count},
+                "optimizer_states": [opt.state_dict()], "global_step": 4, "epoch": 0,
+                "pytorch-lightning_version": "2.5.0"}, tmp_path / "last.ckpt")
+    result = run("convert", tmp_path / "last.ckpt", tmp_path / "x.safetensors")
+    assert_clean(result, tmp_path / "x.safetensors")
+    assert "saved after training ended" in result.stderr

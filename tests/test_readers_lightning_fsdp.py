@@ -22,96 +22,13 @@ import pickle
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 
-from conftest import assert_equal_tensors, Evil, free_port, read
+from conftest import assert_equal_tensors, Evil, free_port, read, SCRIPTS
 
-TRAIN = textwrap.dedent(
-    """
-    import sys
-    from pathlib import Path
-
-    import lightning as L
-    import schedulefree
-    import torch
-    from lightning.pytorch.strategies import FSDPStrategy
-    from torch import nn
-    from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-    out, two = Path(sys.argv[1]), sys.argv[2] == "two"
-    torch.set_num_threads(1)
-
-
-    class MLP(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
-
-        def forward(self, x):
-            return self.fc2(torch.relu(self.fc1(x)))
-
-
-    class Module(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.save_hyperparameters({"width": 16})
-            self.automatic_optimization = not two  # several optimizers need manual optimization
-            self.model = None
-
-        def configure_model(self):
-            if self.model is None:
-                torch.manual_seed(0)
-                # one FSDP unit per layer, so that each optimizer holds whole units
-                self.model = FullyShardedDataParallel(MLP(), device_id=torch.device("cpu"), use_orig_params=True,
-                                                      auto_wrap_policy=ModuleWrapPolicy({nn.Linear}))
-
-        def training_step(self, batch, _):
-            loss = self.model(batch[0]).pow(2).mean()
-            if two:
-                opts = self.optimizers()
-                for opt in opts:
-                    opt.zero_grad()
-                self.manual_backward(loss)
-                for opt in opts:
-                    opt.step()
-            return loss
-
-        def configure_optimizers(self):
-            if two:
-                return [schedulefree.AdamWScheduleFree(self.model.fc1.parameters(), lr=0.02, betas=(0.85, 0.999)),
-                        schedulefree.SGDScheduleFree(self.model.fc2.parameters(), lr=0.5, momentum=0.8)]
-            return schedulefree.AdamWScheduleFree(self.parameters(), lr=0.02, betas=(0.85, 0.999), weight_decay=0.01)
-
-        def on_train_start(self):
-            for opt in self.trainer.optimizers:
-                opt.train()
-
-
-    class CPUFSDPStrategy(FSDPStrategy):
-        pass
-
-
-    torch.manual_seed(0)
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 8)), batch_size=4)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=CPUFSDPStrategy(state_dict_type="sharded"), max_steps=3,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=out)
-    trainer.fit(Module(), data)
-    trainer.save_checkpoint(out / "last.ckpt")
-    for opt in trainer.optimizers:
-        opt.eval()
-    inner = trainer.lightning_module.model
-    with FullyShardedDataParallel.summon_full_params(inner, writeback=False):
-        x = {f"model.{k}": v.detach().clone() for k, v in inner.state_dict().items()}
-    if trainer.global_rank == 0:
-        torch.save(x, out / "expected_x.pt")
-    """
-)
-
+pytestmark = pytest.mark.slow  # every test here reads a two-process Lightning FSDP run
 
 
 @pytest.fixture(scope="module")
@@ -119,12 +36,10 @@ def lightning_runs(tmp_path_factory):
     """{'one': (ckpt folder, x), 'two': ...}: one optimizer, and two (AdamW on fc1, SGD on fc2); run side by side."""
     pytest.importorskip("lightning")
     root = tmp_path_factory.mktemp("lightning-fsdp")
-    script = root / "train.py"
-    script.write_text(TRAIN)
     procs = {}
     for mode in ("one", "two"):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port(), "OMP_NUM_THREADS": "1"}
-        procs[mode] = subprocess.Popen([sys.executable, str(script), str(root / mode), mode], cwd=root, env=env,
+        procs[mode] = subprocess.Popen([sys.executable, SCRIPTS / "lightning_fsdp.py", root / mode, mode], cwd=root, env=env,
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     runs = {}
     for mode, proc in procs.items():
@@ -168,7 +83,6 @@ def test_two_optimizers(lightning_runs, run, tmp_path):
     result = run("convert", ckpt, tmp_path / "x.safetensors", "--strip-prefix", "model.")
     assert result.exit_code == 0, result.stderr
     assert_equal_tensors(read(tmp_path / "x.safetensors"), {k.removeprefix("model."): v for k, v in expected.items()})
-
 
 
 @pytest.mark.parametrize("how", ["pickle", "torch.save"])

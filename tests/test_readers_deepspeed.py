@@ -9,17 +9,15 @@ import json
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
 import sfckpt
-from conftest import FIXTURES, read
+from conftest import assert_clean, assert_refused, FIXTURES, read, SCRIPTS
 from sfckpt.reconstruct import reconstruct
 from sfckpt.sources import is_training_checkpoint
-from test_errors import assert_refused
 
 DS = FIXTURES / "deepspeed"
 CASES = sorted(p.name for p in DS.iterdir() if p.is_dir())
@@ -207,6 +205,7 @@ def test_parameters_are_read_one_at_a_time(monkeypatch):
     assert loaded == [(5,)]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
 def test_fixtures_regenerate(tmp_path):
     """Real DeepSpeed, two CPU ranks: the script still makes the committed cases (same names, dtypes, shapes),
@@ -229,53 +228,13 @@ def test_fixtures_regenerate(tmp_path):
                              expected_output(tmp_path / case, dtype))
 
 
-HF_DEEPSPEED_TRAIN = textwrap.dedent(
-    """
-    import os, socket, sys, torch
-    from pathlib import Path
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    import deepspeed.ops
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no JIT build of DeepSpeed's shm all-reduce
-    from deepspeed.utils import safe_get_full_fp32_param
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
-
-    out = Path(sys.argv[1])
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config)
-    vocab = {f"t{i}": i for i in range(64)}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), unk_token="t0",
-                                  pad_token="t1")
-    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    data = [{"input_ids": torch.randint(0, 64, (8,)), "labels": torch.randint(0, 64, (8,))} for _ in range(12)]
-    ds_config = {"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
-                 "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
-    args = TrainingArguments(output_dir=str(out), optim="schedule_free_adamw", learning_rate=1e-2, weight_decay=0.1,
-                             per_device_train_batch_size=4, max_steps=3, save_steps=3, report_to=[], logging_steps=100,
-                             lr_scheduler_type="constant", deepspeed=ds_config)
-    trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tok)
-    trainer.train()
-    engine = trainer.model_wrapped
-    engine.optimizer.optimizer.eval()  # schedulefree's own eval() on DeepSpeed's fp32 master partitions
-    x = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters(remove_duplicate=False)}
-    torch.save(x, out / "expected_x.pt")
-    """
-)
-
-
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
 def test_hf_trainer_deepspeed_zero2_to_release_folder(run, tmp_path):
     pytest.importorskip("transformers")
     from transformers import AutoModelForCausalLM
 
-    result = subprocess.run([sys.executable, "-c", HF_DEEPSPEED_TRAIN, str(tmp_path)], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, SCRIPTS / "hf_trainer_deepspeed.py", tmp_path], capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt, expected = tmp_path / "checkpoint-3", torch.load(tmp_path / "expected_x.pt")
@@ -293,50 +252,11 @@ def test_hf_trainer_deepspeed_zero2_to_release_folder(run, tmp_path):
     assert run("check", ckpt / "model.safetensors", "--ckpt", ckpt).exit_code == 1  # the Trainer's own weights are y
 
 
-ACCELERATE_DEEPSPEED_TRAIN = textwrap.dedent(
-    """
-    import os, socket, sys, torch
-    from pathlib import Path
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    import deepspeed.ops
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    import schedulefree
-    from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    out = Path(sys.argv[1])
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 5))
-    opt = schedulefree.AdamWScheduleFree(model.parameters(), lr=0.05, betas=(0.85, 0.999))
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(12, 7)), batch_size=4)
-    plugin = DeepSpeedPlugin(hf_ds_config={"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
-                                           "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-                                           "steps_per_print": 10**9})
-    accelerator = Accelerator(deepspeed_plugin=plugin)
-    engine, prepared, data = accelerator.prepare(model, opt, data)
-    opt.train()  # after prepare: before, it would key state by parameters DeepSpeed then replaces
-    for (x,) in data:
-        accelerator.backward(engine(x).pow(2).mean())
-        prepared.step()
-        prepared.zero_grad()
-    accelerator.save_state(str(out / "state"))
-    opt.eval()  # the client optimizer's own eval() on DeepSpeed's fp32 master partitions
-    x = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
-    torch.save(x, out / "expected_x.pt")
-    """
-)
-
-
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
 def test_accelerate_deepspeed_save_state(run, tmp_path):
     pytest.importorskip("accelerate")
-    result = subprocess.run([sys.executable, "-c", ACCELERATE_DEEPSPEED_TRAIN, str(tmp_path)], capture_output=True,
+    result = subprocess.run([sys.executable, SCRIPTS / "accelerate_deepspeed.py", tmp_path], capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "state" / "pytorch_model").is_dir()
@@ -344,3 +264,63 @@ def test_accelerate_deepspeed_save_state(run, tmp_path):
     result = run("convert", tmp_path / "state", out)
     assert result.exit_code == 0, result.stderr
     assert_identical(read(out), torch.load(tmp_path / "expected_x.pt"))
+
+
+# ---- DeepSpeed: fields of the rank files checked where they are read ----------------------------------------
+
+def _rank0(ckpt):
+    return next((ckpt / "global_step3").glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+
+
+def _every_rank(ckpt):
+    return sorted((ckpt / "global_step3").glob("*_optim_states.pt"))
+
+
+def _paddings(value):
+    return lambda o: o["optimizer_state_dict"].__setitem__("param_alignment_paddings", value)
+
+
+def _base_groups(change):
+    return lambda o: [change(g) for g in o["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]]
+
+
+def _z_to(dtype):
+    def change(o):
+        state = o["optimizer_state_dict"]["base_optimizer_state"]["state"]
+        for entry in state.values():
+            entry["z"] = entry["z"].to(dtype)
+    return change
+
+
+DEEPSPEED = {
+    "paddings NaN": ("zero2-aligned-bf16", _every_rank, _paddings([[float("nan"), 0], [3, 0]]), "param_alignment_paddings"),
+    "paddings 5, -5": ("zero2-aligned-bf16", _every_rank, _paddings([[5, -5], [3, 0]]), "param_alignment_paddings"),
+    "paddings text": ("zero2-aligned-bf16", _every_rank, _paddings([["5", 0], [3, 0]]), "param_alignment_paddings"),
+    "params [[0]]": ("zero2-fp32", _every_rank, _base_groups(lambda g: g.__setitem__("params", [[0]])), "params"),
+    "params [0.5]": ("zero2-fp32", _every_rank, _base_groups(lambda g: g.__setitem__("params", [0.5])), "params"),
+    "partition_count []": ("zero2-fp32", _every_rank,
+                           lambda o: o["optimizer_state_dict"].__setitem__("partition_count", []), "partition_count"),
+    "partition_count [0]": ("zero2-fp32", _every_rank,
+                            lambda o: o["optimizer_state_dict"].__setitem__("partition_count", [0, 0]), "partition_count"),
+    "z bfloat16": ("zero2-fp32", _every_rank, _z_to(torch.bfloat16), "float32"),
+    "z bfloat16 at ZeRO-3": ("zero3-fp32", _every_rank, lambda o: [e.__setitem__("z", e["z"].to(torch.bfloat16)) for e in
+                             o["optimizer_state_dict"]["optimizer_state_dict"]["state"].values()], "float32"),
+    "group_paddings NaN": ("bf16-optimizer", _every_rank,
+                           lambda o: o["optimizer_state_dict"].__setitem__("group_paddings", [float("nan")]), "group_paddings"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DEEPSPEED))
+def test_deepspeed_fields_are_checked_where_read(damage, run, tmp_path):
+    case, files, change, fragment = DEEPSPEED[damage]
+    ckpt = tmp_path / case
+    shutil.copytree(DS / case, ckpt)
+    for path in files(ckpt):
+        obj = torch.load(path, weights_only=False)  # written by this test suite's own fixtures script
+        change(obj)
+        torch.save(obj, path)
+    out = tmp_path / "x.safetensors"
+    for args in (("convert", ckpt, out), ("inspect", ckpt), ("diff", ckpt)):
+        result = run(*args)
+        assert_clean(result, out)
+        assert fragment in result.stderr

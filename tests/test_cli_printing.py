@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import trainers
+from conftest import assert_one_error_line
 from sfckpt import textout
 
 HOSTILE = [
@@ -117,15 +118,6 @@ def assert_printed_safely(result, mode):
         json.loads(result.stdout, parse_constant=_no_constant)
 
 
-def assert_one_error_line(result, mode):
-    assert result.exit_code == 2
-    lines = [line for line in result.stderr.splitlines() if not line.startswith("::error")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    if mode == "github":
-        annotations = [line for line in result.stderr.splitlines() if line.startswith("::error")]
-        assert len(annotations) == 1 and annotations[0].startswith("::error title=sfckpt::")
-
-
 def annotation_form(name):
     """A name as it appears in an annotation: the terminal form, then GitHub's data escaping."""
     return textout.terminal(name).replace("%", "%25")
@@ -169,7 +161,7 @@ def test_convert_of_hostile_names_is_exact_and_prints_them_escaped(hostile, invo
 def test_convert_refusal_names_the_tensor_on_one_line(invoke, tmp_path, mode):
     ckpt, _ = _train(tmp_path, HOSTILE, poison=HOSTILE[0])
     result, _ = invoke(mode, "convert", ckpt, tmp_path / "x.safetensors")
-    assert_one_error_line(result, mode)
+    assert_one_error_line(result, github=mode == "github")
     assert textout.terminal(HOSTILE[0]) in result.stderr
     assert not (tmp_path / "x.safetensors").exists()
     if mode == "json":
@@ -228,7 +220,7 @@ def test_check_fail_with_hostile_names(releases, invoke, mode):
 def test_check_error_names_the_tensor_on_one_line(releases, invoke, mode):
     ckpt, x_file, _ = releases
     result, _ = invoke(mode, "check", x_file, x_file, "--ckpt", ckpt)  # every name twice: exit 2
-    assert_one_error_line(result, mode)
+    assert_one_error_line(result, github=mode == "github")
     named = [n for n in HOSTILE if textout.terminal(n) in result.stderr]
     assert named
     if mode == "github":
@@ -238,7 +230,7 @@ def test_check_error_names_the_tensor_on_one_line(releases, invoke, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_missing_input_with_a_hostile_file_name(invoke, tmp_path, mode):
     result, _ = invoke(mode, "inspect", tmp_path / CKPT_NAME)
-    assert_one_error_line(result, mode)
+    assert_one_error_line(result, github=mode == "github")
     assert textout.terminal(CKPT_NAME) in result.stderr
 
 

@@ -16,6 +16,8 @@ from safetensors.torch import save_file
 import trainers
 from conftest import FIXTURES
 
+ADAMW = FIXTURES / "adamw_mlp.pt"
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -185,6 +187,7 @@ def _sfckpt_on_path():
     return env
 
 
+@pytest.mark.slow
 def test_docs_ci_workflow_step_runs(release, run, tmp_path):
     ckpt, _, y_file, _, _ = release
     text = (ROOT / "docs" / "ci.md").read_text()
@@ -213,3 +216,15 @@ def test_check_accepts_a_release_without_the_tied_duplicate(trained, run, tmp_pa
     save_file({k: v for k, v in x.items() if k != "mid.bias"}, str(tmp_path / "missing.safetensors"))
     result = run("check", tmp_path / "missing.safetensors", "--ckpt", ckpt)
     assert result.exit_code == 1 and "missing from the release (first: mid.bias)" in result.stdout
+
+
+def test_check_does_not_pass_a_folder_whose_model_safetensors_is_stale(run, tmp_path):
+    """A release folder with x in index+shards but y in model.safetensors is not PASSed by check."""
+    rel = tmp_path / "rel"
+    assert run("convert", ADAMW, f"{rel}/", "--max-shard-size", "300B", "-q").exit_code == 0
+    y = tmp_path / "y.safetensors"
+    assert run("convert", ADAMW, y, "--params-are", "x", "-q").exit_code == 0  # y, copied unchanged
+    shutil.move(y, rel / "model.safetensors")  # what transformers' from_pretrained loads first
+    assert (rel / "model.safetensors.index.json").is_file()
+    result = run("check", f"{rel}/", "--ckpt", ADAMW)
+    assert result.exit_code != 0, result.stdout

@@ -1,0 +1,53 @@
+"""Reading the next slice of y and z while this one is computed.
+
+x is computed a slice at a time into its own memory (bit-identical to one `torch.lerp`). The
+slices of y and z are read on a second thread, one slice ahead, into two pairs of buffers used
+in turn: the read (a positioned read, which releases the GIL) and the lerp (which releases it
+too) then run on two cores, while the writer's thread writes the previous tensor on a third.
+Memory grows by two slices, not by a tensor.
+"""
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any, Iterator
+
+from .tensors import TensorRef, torch_dtype
+
+
+def slices(y: TensorRef, z: TensorRef, step: int) -> Iterator[tuple[int, int, Any, Any]]:
+    """(start, count, y's elements, z's elements) for each run of `step` elements of y and z, in order.
+
+    The buffers are allocated now, before the caller allocates x (see reconstruct._lerp). Each pair
+    is handed out once and refilled only after the caller has asked for the next slice, so the
+    caller may use it until then."""
+    import torch
+
+    dtype, n = torch_dtype(y.dtype), min(step, y.numel)
+    buffers = [(torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)) for _ in range(2 if y.numel > step else 1)]
+    return _read_ahead(y, z, step, buffers)
+
+
+def _read_ahead(y: TensorRef, z: TensorRef, step: int, buffers: list) -> Iterator[tuple[int, int, Any, Any]]:
+    total = y.numel
+
+    def read(k: int) -> tuple[int, int, Any, Any]:
+        start = k * step
+        n = min(step, total - start)
+        y_part, z_part = buffers[k % len(buffers)]
+        return start, n, y.load_flat(start, n, y_part[:n]), z.load_flat(start, n, z_part[:n])
+
+    count = math.ceil(total / step)
+    if count <= 1:  # nothing to overlap: no thread
+        yield from (read(k) for k in range(count))
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(read, 0)
+        try:
+            for k in range(count):
+                item = pending.result()
+                pending = pool.submit(read, k + 1) if k + 1 < count else None
+                yield item
+        finally:
+            if pending is not None:  # stopped early: let the read in flight finish before its buffers go
+                wait([pending])
