@@ -126,7 +126,7 @@ def test_help_points_at_the_repositorys_documentation(command, run):
 
 @pytest.mark.slow  # a Lightning fit
 def test_averaging_state_is_not_a_model_key_candidate(run, tmp_path):
-    lightning_wa = pytest.importorskip("test_lightning_weight_averaging")
+    lightning_wa = pytest.importorskip("test_readers_lightning")
     ckpt, _, _ = lightning_wa.fit(tmp_path, lightning_wa.EMAWeightAveraging())
     report = json.loads(run("inspect", ckpt, "--json").stdout)
     assert "averaging_state" in report["keys"]["top_level"]
