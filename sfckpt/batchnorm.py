@@ -1,11 +1,14 @@
 """Re-estimate BatchNorm statistics at x: `convert --bn-calib DATA --model SPEC`.
 
 The statistics in a training checkpoint were gathered at y. We load x into
-the user's model and call `torch.optim.swa_utils.update_bn` (reset, then a
-cumulative average over the calibration data in train mode, momenta and mode
-restored). We add only what it lacks: dict and multi-input batches, a batch
-limit, no autograd graph. Only BatchNorm buffers change; every other tensor
-stays bit-identical to x.
+the user's model and, by default (`--bn-mode reset`), call
+`torch.optim.swa_utils.update_bn` (reset, then a cumulative average over the
+calibration data in train mode, momenta and mode restored). `--bn-mode
+momentum` follows the schedule_free README instead: forward passes in train
+mode over up to 50 batches, without a reset, so each layer's momentum moves
+the saved statistics. We add only what they lack: dict and multi-input
+batches, a batch limit, no autograd graph. Only BatchNorm buffers change;
+every other tensor stays bit-identical to x.
 """
 from __future__ import annotations
 
@@ -23,6 +26,10 @@ from .errors import InputError, Opt, OptionConflict, Words
 from .options import Options
 from .reconstruct import Reconstruction
 
+BN_MODES = ("reset", "momentum")
+# The schedule_free README's recipe: "model.train(); optimizer.eval(); with torch.no_grad(): for batch in
+# itertools.islice(train_loader, 50): model(batch); model.eval()"
+MOMENTUM_BATCHES = 50
 DATA_SUFFIXES = (".pt", ".pth", ".safetensors", ".npy")
 
 
@@ -63,17 +70,18 @@ def resolve(spec: str, what: Opt) -> Any:
         raise InputError(what + f" '{spec}': '{target}' has no '{attr}'", "check the name after the colon") from None
 
 
-def build_model(spec: str):
+def build_model(spec: str, what: Opt = Opt("bn_model"), factory: Any = None):
+    """The nn.Module `spec`'s callable (already resolved: `factory`) returns, called with no arguments."""
     import torch
 
-    factory = resolve(spec, Opt("bn_model"))
+    factory = resolve(spec, what) if factory is None else factory
     try:
         model = factory()
     except Exception as exc:  # the user's code failed, whatever it raised
-        raise InputError(Opt("bn_model") + f" '{spec}' raised {type(exc).__name__}: {exc}"[:400],
+        raise InputError(what + f" '{spec}' raised {type(exc).__name__}: {exc}"[:400],
                          "it is called with no arguments") from exc
     if not isinstance(model, torch.nn.Module):
-        raise InputError(Opt("bn_model") + f" '{spec}' returned a {type(model).__name__}, not a torch.nn.Module",
+        raise InputError(what + f" '{spec}' returned a {type(model).__name__}, not a torch.nn.Module",
                          "point it at a function or class that builds the model")
     return model
 
@@ -217,6 +225,17 @@ class _Caller:
         return Caller(model)
 
 
+def _momentum_update(batches: Iterable[_Args], model) -> None:
+    """Forward passes in train mode, no reset: each BatchNorm layer's momentum averages in the batches."""
+    was_training = model.training
+    model.train()
+    try:
+        for batch in batches:
+            model(*batch.args, **batch.kwargs)
+    finally:
+        model.train(was_training)
+
+
 @dataclass
 class LayerShift:
     layer: str
@@ -239,14 +258,24 @@ def calibrate_with(recon: Reconstruction, options: Options,
                    progress: Callable[[int], None] | None = None) -> list[LayerShift]:
     """`calibrate` with the data, model and batches `options` name (`bn_calib`, `bn_model`, ...)."""
     return calibrate(recon, options.bn_model, options.bn_calib, options.bn_batch_size, options.bn_batches,
-                     options.bn_device, progress)
+                     options.bn_device, progress, options.bn_mode)
 
 
 def calibrate(recon: Reconstruction, model_spec: str, data: str, batch_size: int = 32, max_batches: int | None = None,
-              device: str = "cpu", progress: Callable[[int], None] | None = None) -> list[LayerShift]:
-    """Re-estimate the BatchNorm statistics of x on `data`; the new buffers replace the old in `recon`."""
+              device: str = "cpu", progress: Callable[[int], None] | None = None, mode: str = "reset") -> list[LayerShift]:
+    """Re-estimate the BatchNorm statistics of x on `data`; the new buffers replace the old in `recon`.
+
+    `mode` "reset" is `update_bn` (statistics reset, then a plain average over every batch);
+    "momentum" is the schedule_free authors' recipe: the model in train mode runs up to 50 batches
+    (or `max_batches`), each layer's own momentum moving the saved statistics towards x's.
+    """
     import torch
 
+    if mode not in BN_MODES:
+        raise OptionConflict(Opt("bn_mode") + f" {mode!r} is not one of {', '.join(BN_MODES)}", "see docs/batchnorm.md",
+                             option="bn_mode")
+    if mode == "momentum" and max_batches is None:
+        max_batches = MOMENTUM_BATCHES
     if batch_size < 1:
         raise OptionConflict(Opt("bn_batch_size") + " must be at least 1", "", option="bn_batch_size")
     if device == "cuda" and not torch.cuda.is_available():
@@ -255,13 +284,14 @@ def calibrate(recon: Reconstruction, model_spec: str, data: str, batch_size: int
     if max_batches is not None:
         batches = itertools.islice(batches, max_batches)
     return calibrate_model(recon, build_model(model_spec), batches, Opt("bn_model") + f" '{model_spec}'",
-                           f"calibration data '{data}'", device, progress)
+                           f"calibration data '{data}'", device, progress, mode)
 
 
 def calibrate_model(recon: Reconstruction, model, batches: Iterable[_Args], model_name: Words, data_name: str,
-                    device: str = "cpu", progress: Callable[[int], None] | None = None) -> list[LayerShift]:
-    """Load x into `model` (changed in place: pass a copy), run `batches` through it with update_bn, and
-    put the re-estimated BatchNorm statistics into `recon`."""
+                    device: str = "cpu", progress: Callable[[int], None] | None = None,
+                    mode: str = "reset") -> list[LayerShift]:
+    """Load x into `model` (changed in place: pass a copy), run `batches` through it (update_bn, or train-mode
+    passes without a reset: `mode`, see `calibrate`), and put the re-estimated BatchNorm statistics into `recon`."""
     import torch
     from torch.optim.swa_utils import update_bn
 
@@ -290,7 +320,10 @@ def calibrate_model(recon: Reconstruction, model, batches: Iterable[_Args], mode
 
     try:
         with torch.no_grad():
-            update_bn(counted(), _Caller(model))
+            if mode == "reset":
+                update_bn(counted(), _Caller(model))
+            else:
+                _momentum_update(counted(), model)
     except InputError:
         raise
     except Exception as exc:  # the user's model failed on the user's data, whatever it raised

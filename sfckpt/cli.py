@@ -21,11 +21,16 @@ import click
 
 from . import __version__, inputs, limits, textout
 from .conventions import EXIT_INTERRUPTED, INTERRUPTED, JSON_VERSION, OUTPUT_DTYPES, error_document
-from .cli_words import in_cli_words
+from .cli_words import cli_words, in_cli_words
 from .errors import InputError, Opt, OptionConflict, SfckptError
 from .options import Options
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+# The repository's pages: an installed package has no docs/ folder to point at
+DOCS = "https://github.com/sfckpt/sfckpt/tree/main/docs"
+DOCS_EPILOG = f"Documentation: {DOCS} (the pages named in the options above)."
+# --dtype's short names, as transformers and accelerate spell them (torch_dtype="bf16", mixed_precision)
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
 
 
 MAX_MESSAGE = 800  # characters of an error message (and of its hint): an input can put anything in one
@@ -39,10 +44,14 @@ def _fail(message: str, hint: str | None = None, as_json: bool | None = None, ex
         as_json = bool(ctx is not None and ctx.params.get("as_json"))
     if as_json:
         textout.echo_json(error_document(message, hint, exit_code))
-    line = message + (f"; {hint}" if hint else "")
+    # click's "Did you mean '--force'?" already ends a sentence: no "?;" before the hint
+    line = message + ((" " + hint[:1].upper() + hint[1:] if message.endswith(("?", "!")) else "; " + hint) if hint else "")
     textout.echo_line(f"error: {line}", err=True)
     if textout.github_actions():  # on stderr: stdout may be a JSON document
+        from .github_action import append_step_summary, error_summary
+
         textout.annotate_error("sfckpt", line, err=True)
+        append_step_summary(error_summary("sfckpt", line))
     sys.exit(exit_code)
 
 
@@ -93,7 +102,7 @@ def handle_errors(func: Callable) -> Callable:
             textout.echo(f"error: {INTERRUPTED}", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except MemoryError:
-            _fail("out of memory", "see docs/performance.md")
+            _fail("out of memory", f"see performance.md in {DOCS}")
         except OSError as exc:  # the environment, not sfckpt: a path, a permission, a full disk
             if os.environ.get("SFCKPT_DEBUG") == "1":
                 _traceback()
@@ -118,17 +127,23 @@ def load_options(func: Callable) -> Callable:
         click.option("--model-key", help="Entry holding the model state dict (default: detected; see inspect)."),
         click.option("--optimizer-key", help="Entry holding the optimizer state dict, e.g. optimizer_states.0."),
         click.option("--strip-prefix", metavar="PREFIX", help="Remove PREFIX (e.g. 'model.') from weight names."),
-        click.option("--optimizer", "family", metavar="FAMILY", help="Optimizer family, overriding detection (see docs/families.md)."),
+        click.option("--optimizer", "family", metavar="FAMILY", help="Optimizer family, overriding detection (see families.md in the documentation)."),
         click.option("--beta", type=float, help="β to use; required for ScheduleFreeWrapper, which does not save it."),
         click.option("--params-are", type=click.Choice(["y", "x"]), help="What the saved parameters hold, overriding the mode flag."),
         click.option(
             "--param-order",
             type=click.Path(exists=True, dir_okay=False, path_type=Path),
-            help="File with parameter names in optimizer order, one per line (docs/mapping.md).",
+            help="File with parameter names in optimizer order, one per line (mapping.md in the documentation).",
         ),
+        click.option("--param-order-from", metavar="MODULE:CALLABLE",
+                     help="Take the parameter order from your model's named_parameters(): file.py:callable or "
+                     "package.module:callable returning it (runs your code), or a transformers class such as "
+                     "transformers:BertForSequenceClassification built from config.json (mapping.md in the documentation)."),
+        click.option("--config", "model_config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="config.json for a transformers class in --param-order-from (default: the checkpoint folder's)."),
         click.option("--twins", type=click.Choice(["auto", "tied", "frozen"]), default="auto", show_default=True,
                      help="Untrained tensors byte-identical to a trained one (ties saved apart, frozen copies): tied "
-                     "(get its x) or frozen (kept as saved); auto refuses where the file cannot tell (docs/mapping.md)."),
+                     "(get its x) or frozen (kept as saved); auto refuses where the file cannot tell (mapping.md in the documentation)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -177,10 +192,18 @@ def _progress(total: int, label: str, enabled: bool, unit: str = "bytes"):
         yield lambda n: None
         return
     bar = Progress(label, total, unit)
+    bar.show()
     try:
         yield bar.update
     finally:
         bar.close()
+
+
+def _status(text: str, enabled: bool) -> None:
+    """What the command is doing, on a terminal, before the first progress line: reading and planning a
+    big checkpoint takes seconds, which a blank screen leaves unexplained."""
+    if enabled and sys.stderr.isatty():
+        textout.echo_line(text, err=True)
 
 
 def _warn(messages: list[str], quiet: bool = False) -> None:
@@ -222,10 +245,11 @@ def main() -> None:
     """Turn Schedule-Free training checkpoints into the weights to ship (x).
 
     Exit codes: 0 success, 1 a check found a problem, 2 bad input or usage.
+    Documentation: https://github.com/sfckpt/sfckpt/tree/main/docs
     """
 
 
-@main.command(short_help="Show what a training checkpoint holds and how x would be made.")
+@main.command(short_help="Show what a training checkpoint holds and how x would be made.", epilog=DOCS_EPILOG)
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @load_options
 @click.option("--scan", is_flag=True, help="Also read tensor data to count NaN/Inf in y, z and x.")
@@ -238,9 +262,14 @@ def inspect(ckpt: Path, scan: bool, as_json: bool, options: Options) -> None:
     Reads only metadata (no tensor data) unless --scan is given.
     """
     from .inspection import describe
+    from .plain_optimizers import PlainOptimizer
 
-    recon = _reconstruction(ckpt, dataclasses.replace(options, require_beta=False))
-    report = describe(recon, scan=scan)
+    try:
+        recon = _reconstruction(ckpt, dataclasses.replace(options, require_beta=False, undecided_ok=True))
+    except PlainOptimizer as exc:
+        _describe_not_schedule_free(ckpt, exc, as_json, options)
+        return
+    report = describe(recon, scan=scan, spell=cli_words)
     if as_json:
         textout.echo_json(report)
     else:
@@ -250,11 +279,24 @@ def inspect(ckpt: Path, scan: bool, as_json: bool, options: Options) -> None:
         _warn(report["warnings"])
 
 
-@main.command(short_help="Reconstruct x from a checkpoint and write safetensors.")
+def _describe_not_schedule_free(path: Path, exc, as_json: bool, options: Options) -> None:
+    """inspect of a checkpoint whose optimizer is not Schedule-Free: what it holds, and that it has no x."""
+    from .checkpoint import load
+    from .plain_optimizers import describe, table
+
+    report = describe(load(path, options=options), exc)
+    if as_json:
+        textout.echo_json(report)
+    else:
+        textout.echo(table(report))
+
+
+@main.command(short_help="Reconstruct x from a checkpoint and write safetensors.", epilog=DOCS_EPILOG)
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path())  # a str: a trailing "/" (a folder) must reach save()
 @load_options
-@click.option("--dtype", type=click.Choice(OUTPUT_DTYPES), help="Cast floating tensors to this dtype after computing x.")
+@click.option("--dtype", type=click.Choice([*OUTPUT_DTYPES, *DTYPE_ALIASES]), callback=lambda ctx, p, v: DTYPE_ALIASES.get(v, v),
+              help="Cast floating tensors to this dtype after computing x (bf16, fp16, fp32 as in Hugging Face).")
 @click.option("--max-shard-size", metavar="SIZE", help="In the folder OUT, shards of at most SIZE (e.g. 5GB) and model.safetensors.index.json; "
               "x smaller than SIZE stays one model.safetensors, as with Hugging Face.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -266,7 +308,10 @@ def inspect(ckpt: Path, scan: bool, as_json: bool, options: Options) -> None:
 @click.option("--model", "model_spec", metavar="SPEC", help="With --bn-calib: file.py:callable or package.module:callable "
               "returning the nn.Module (this runs your code, as it must to run the model).")
 @click.option("--bn-batch-size", type=int, default=32, show_default=True, help="Samples per batch for data files.")
-@click.option("--bn-batches", type=int, help="Use at most this many batches.")
+@click.option("--bn-batches", type=int, help="Use at most this many batches (default: all with reset, 50 with momentum).")
+@click.option("--bn-mode", type=click.Choice(["reset", "momentum"]), default="reset", show_default=True,
+              help="reset: update_bn's average over all batches; momentum: the schedule_free recipe, train-mode passes "
+              "over up to 50 batches without a reset (batchnorm.md in the documentation).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where to run --bn-calib.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors: no progress, BatchNorm table, summary or warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
@@ -285,12 +330,14 @@ def convert(ckpt: Path, out: str, quiet: bool, as_json: bool, options: Options) 
     from .save import save
 
     calibrating = wants_calibration(options)
+    _status(f"reading {ckpt} and planning x...", not (quiet or as_json))
     recon = _reconstruction(ckpt, options)
     shifts = None
     if calibrating:
-        from .batchnorm import calibrate_with
+        from .batchnorm import MOMENTUM_BATCHES, calibrate_with
 
-        with _progress(options.bn_batches or 0, "BatchNorm statistics", not (quiet or as_json), "batches") as update:
+        limit = options.bn_batches or (MOMENTUM_BATCHES if options.bn_mode == "momentum" else 0)
+        with _progress(limit, "BatchNorm statistics", not (quiet or as_json), "batches") as update:
             shifts = calibrate_with(recon, options, update)
     total = sum(t.nbytes for t in recon.tensors)
     with _progress(total, "writing x", not (quiet or as_json)) as update:
@@ -329,9 +376,13 @@ def convert(ckpt: Path, out: str, quiet: bool, as_json: bool, options: Options) 
             what += f"; {n_untrained} untrained parameter{'s' if n_untrained != 1 else ''} copied as saved"
         families_used = ", ".join(dict.fromkeys(o.family.name for o in recon.optimizers))
         textout.echo_line(f"wrote {', '.join(map(str, paths))} ({families_used}; {what})", err=True)
+        from .inspection import hints
+
+        for hint in hints(recon):  # a Lightning prefix kept: the names loading code expects may lack it
+            textout.echo_line(f"hint: {hint}", err=True)
 
 
-@main.command(short_help="Convert each checkpoint a training run writes, once its save is complete.")
+@main.command(short_help="Convert each checkpoint a training run writes, once its save is complete.", epilog=DOCS_EPILOG)
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the releases (one per checkpoint, "
               "named after it).")
@@ -364,7 +415,7 @@ def watch(run_dir: Path, out: Path, interval: float, once: bool, strip_prefix, b
                          "(see the warnings above)", "fix them and run the watch again: what was written is kept")
 
 
-@main.command(short_help="Show the per-tensor gap between two weight sets (or y and x).")
+@main.command(short_help="Show the per-tensor gap between two weight sets (or y and x).", epilog=DOCS_EPILOG)
 @click.argument("a", type=click.Path(path_type=Path))
 @click.argument("b", type=click.Path(path_type=Path), required=False)
 @load_options
@@ -393,6 +444,7 @@ def diff(a: Path, b: Path | None, top: int, sort: str, plot: Path | None, as_jso
         from .plot import check_target
 
         check_target(plot, options.force, [p for p in (a, b) if p is not None])
+    _status(f"reading {a}{f' and {b}' if b is not None else ''}...", not as_json)
     if b is None:
         recon = _reconstruction(a, options)
         with _progress(sum(t.nbytes for t in recon.tensors), "comparing", not as_json) as update:
@@ -415,20 +467,23 @@ def diff(a: Path, b: Path | None, top: int, sort: str, plot: Path | None, as_jso
             textout.echo_line(f"wrote {plot}", err=True)
 
 
-@main.command(short_help="CI gate: exit 0 if released weights are x, 1 if not, 2 if undecidable.")
+@main.command(short_help="CI gate: exit 0 if released weights are x, 1 if not, 2 if undecidable.", epilog=DOCS_EPILOG)
 @click.argument("weights", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--ckpt", required=True, type=click.Path(path_type=Path), help="The training checkpoint the release was made from.")
 @load_options
 @click.option("--rtol", type=float, default=0.0, help="Relative tolerance: pass when |released - x| <= atol + rtol·|x|.  [default: 0, exact]")
 @click.option("--atol", type=float, default=0.0, help="Absolute tolerance (see --rtol).  [default: 0, exact]")
+@click.option("--top", type=click.IntRange(min=0), default=50, show_default=True, help="Findings in the table (0: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report on stdout.")
 @handle_errors
 @takes_options
-def check(weights: tuple[Path, ...], ckpt: Path, rtol: float, atol: float, as_json: bool, options: Options) -> None:
+def check(weights: tuple[Path, ...], ckpt: Path, rtol: float, atol: float, top: int, as_json: bool,
+          options: Options) -> None:
     """Exit 0 if WEIGHTS are the checkpoint's x, 1 if not (e.g. they are y), 2 if undecidable.
 
-    WEIGHTS: a safetensors file, a sharded index, a release folder, or several
-    safetensors files that together hold the model. Comparison is exact; a
+    WEIGHTS: a safetensors file, a sharded index, a release folder, a
+    torch.save'd state dict (.pt/.bin, read without running code), or several
+    files that together hold the model. Comparison is exact; a
     release in another dtype is compared with x cast to that dtype. BatchNorm
     statistics that the release's metadata says `convert --bn-calib`
     re-estimated are checked for shape and NaN/Inf only.
@@ -437,6 +492,7 @@ def check(weights: tuple[Path, ...], ckpt: Path, rtol: float, atol: float, as_js
     from .sources import released_weights
     from .tables import check_markdown, check_table
 
+    _status(f"reading {ckpt} and planning x...", not as_json)
     released = union(released_weights(w) for w in weights)
     recon = _reconstruction(ckpt, options)
     with _progress(sum(t.nbytes for t in recon.tensors), "checking", not as_json) as update:
@@ -444,7 +500,7 @@ def check(weights: tuple[Path, ...], ckpt: Path, rtol: float, atol: float, as_js
     if as_json:
         textout.echo_json(report)
     else:
-        textout.echo(check_table(report))
+        textout.echo(check_table(report, top or None))
     if textout.github_actions():
         # Workflow commands are read from stdout; in --json mode stdout is the report, so use stderr.
         if not report["passed"]:

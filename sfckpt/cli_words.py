@@ -16,6 +16,8 @@ FLAGS: dict[str, tuple[str, str | None]] = {
     "beta": ("--beta", "B"),
     "params_are": ("--params-are", "y|x"),
     "param_order": ("--param-order", "FILE"),
+    "param_order_from": ("--param-order-from", "MODULE:CALLABLE"),
+    "model_config": ("--config", "FILE"),
     "twins": ("--twins", "tied|frozen"),
     "dtype": ("--dtype", "DTYPE"),
     "force": ("--force", None),
@@ -27,6 +29,7 @@ FLAGS: dict[str, tuple[str, str | None]] = {
     "bn_batch_size": ("--bn-batch-size", "N"),
     "bn_batches": ("--bn-batches", "N"),
     "bn_device": ("--device", "DEVICE"),
+    "bn_mode": ("--bn-mode", "reset|momentum"),
 }
 
 

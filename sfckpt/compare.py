@@ -11,7 +11,8 @@ from typing import Any, Callable, Iterable
 
 from .conventions import BN_BUFFERS, JSON_VERSION
 from .errors import InputError, Opt
-from .reconstruct import OutputTensor, Reconstruction
+from .hints import prefix_between, prefix_verdict
+from .reconstruct import OutputTensor, Reconstruction, bn_layer
 from .sources import WeightSet, x_of
 from .tables import counted
 from .tensors import FLOAT_DTYPES, TensorRef, count_nonfinite, format_shape
@@ -243,7 +244,7 @@ def check_release(released: WeightSet, recon: Reconstruction, rtol: float = 0.0,
     return {
         "version": JSON_VERSION,
         "passed": not findings,
-        "verdict": _verdict(findings, cast, bn_calibrated),
+        "verdict": _verdict(findings, cast, bn_calibrated, recon.checkpoint.strip_prefix),
         "weights": released.label,
         "checkpoint": str(recon.checkpoint.path),
         "tensors_checked": checked,
@@ -279,20 +280,25 @@ def _compare_with_x(t: OutputTensor, rel: TensorRef, reestimated: bool, rtol: fl
     return Finding("differs", t.name, "differs from x", float(diff.max()), equals_y)
 
 
-def _verdict(findings: list[Finding], cast: set[str], bn_calibrated: set[str]) -> str:
-    """One line: "these are x" (with how they were compared), or what is wrong, worst first."""
+def _verdict(findings: list[Finding], cast: set[str], bn_calibrated: set[str], strip_prefix: str | None) -> str:
+    """One line: "these are x" (with how they were compared), or what is wrong, worst first; names that
+    differ by one prefix are said as that (`strip_prefix`: the option the check was run with)."""
     if not findings:
         notes = []
         if cast:
             notes.append("compared after casting x to the released dtype")
         if bn_calibrated:
-            notes.append(f"{counted(len(bn_calibrated), 'BatchNorm statistics buffer')} re-estimated at x by "
+            notes.append(f"the BatchNorm statistics of {_layers(bn_calibrated)} re-estimated at x by "
                          "`convert --bn-calib`, as the release's metadata says: checked for shape and NaN/Inf only; "
                          "every other tensor compared with x")
         return "these are x" + (f" ({'; '.join(notes)})" if notes else "")
     differs = [f for f in findings if f.kind == "differs"]
     messages: list[str] = []
-    if differs and len(differs) == len(findings) and all(f.equals_y for f in differs):
+    renamed = prefix_between([f.name for f in findings if f.kind == "missing"],
+                             [f.name for f in findings if f.kind == "extra"])
+    if renamed and not differs and all(f.kind in ("missing", "extra") for f in findings):
+        messages.append(prefix_verdict(*renamed, strip_prefix))
+    elif differs and len(differs) == len(findings) and all(f.equals_y for f in differs):
         messages.append(Y_VERDICT)
     else:
         if differs:
@@ -306,8 +312,13 @@ def _verdict(findings: list[Finding], cast: set[str], bn_calibrated: set[str]) -
             group = [f for f in findings if f.kind == kind]
             if group:
                 messages.append(f"{counted(len(group), 'tensor')} {text} (first: {group[0].name})")
-    return "; ".join(messages + ([f"{counted(len(bn_calibrated), 'BatchNorm statistics buffer')} re-estimated "
-                                  "at x (release metadata) not compared"] if bn_calibrated else []))
+    return "; ".join(messages + ([f"the BatchNorm statistics of {_layers(bn_calibrated)} re-estimated at x "
+                                  "(release metadata) not compared"] if bn_calibrated else []))
+
+
+def _layers(bn_buffers: set[str]) -> str:
+    """"3 layers": BatchNorm counted in layers, as convert's warning counts them."""
+    return counted(len({bn_layer(n) for n in bn_buffers}), "layer")
 
 
 def union(sets: Iterable[WeightSet]) -> WeightSet:

@@ -69,6 +69,8 @@ Words = Union[str, Opt, Text]
 # How the Python API writes the argument of an option named with `usage`.
 _API_PLACEHOLDERS = {
     "param_order": "[names in optimizer order]",
+    "param_order_from": '"file.py:callable"',
+    "model_config": '"config.json"',
     "beta": "β",
     "optimizer": '"FAMILY"',
     "params_are": '"y" or "x"',
@@ -80,6 +82,7 @@ _API_PLACEHOLDERS = {
     "dtype": '"DTYPE"',
     "bn_calib": '"DATA"',
     "bn_model": '"file.py:callable"',
+    "bn_mode": '"reset" or "momentum"',
 }
 
 

@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from . import plain_optimizers
 from .errors import InputError, NotScheduleFree, Opt, OptionConflict, Words
 
 
@@ -363,6 +364,7 @@ def detect(groups: list[Mapping[str, Any]], state_keys: set[str], layout: str = 
     if not found:
         _refuse_if_not_schedule_free(groups, group_keys, state_keys, layout)
     if not found and "z" not in state_keys:
+        plain_optimizers.refuse(groups, state_keys)
         raise NotScheduleFree(
             f"the optimizer state holds no Schedule-Free z ({seen})",
             "this is not a Schedule-Free checkpoint, or no step was taken; there is no x to reconstruct",

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from . import provenance
 from .conventions import JSON_VERSION
-from .reconstruct import GroupReport, Reconstruction
+from .errors import Opt, api_words
+from .reconstruct import GroupReport, Reconstruction, bn_layer
 from .tensors import TensorRef, count_nonfinite
 
 
@@ -19,11 +20,11 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def describe(recon: Reconstruction, scan: bool = False) -> dict[str, Any]:
+def describe(recon: Reconstruction, scan: bool = False, spell: Callable[[Opt], str] = api_words) -> dict[str, Any]:
     """A report of the checkpoint and of how x will be made from it.
 
     With `scan`, tensor data is read to count NaN/Inf in y, z and x; otherwise
-    nothing but metadata is read.
+    nothing but metadata is read. `spell` writes the options a warning names (the CLI's flags).
     """
     ckpt = recon.checkpoint
     fam = recon.family
@@ -61,13 +62,13 @@ def describe(recon: Reconstruction, scan: bool = False) -> dict[str, Any]:
             "tensors_converted": recon.n_converted,
             "tensors_unchanged": len(recon.tensors) - recon.n_converted,
         },
-        "batchnorm": {"buffers": bn, "layers": len({_layer_of(n) for n in bn})},
+        "batchnorm": {"buffers": bn, "layers": len({bn_layer(n) for n in bn})},
         "notes": list(ckpt.notes),
         "skipped": ckpt.skipped,
         "unloaded_classes": ckpt.unloaded_classes,
         "nonfinite": scan_nonfinite(recon) if scan else None,
-        "warnings": recon.all_warnings() + _mode_doubts(recon),
-        "hints": _hints(recon),
+        "warnings": recon.all_warnings() + _mode_doubts(recon) + _undecided(recon, spell),
+        "hints": hints(recon),
     }
     return report
 
@@ -108,6 +109,14 @@ def _tensor_totals(refs: Iterable[TensorRef]) -> dict[str, Any]:
     }
 
 
+def _undecided(recon: Reconstruction, spell: Callable[[Opt], str]) -> list[str]:
+    """Why x cannot be made from a plan whose mapping was left open (`undecided_ok`), as a warning."""
+    if recon.undecided is None:
+        return []
+    message, hint = recon.undecided.in_words(spell)
+    return [f"x cannot be made yet: {message}" + (f"; {hint}" if hint else "")]
+
+
 def _mode_doubts(recon: Reconstruction) -> list[str]:
     """Warnings that the saved train_mode may not describe the weights (not when --params-are says)."""
     if recon.groups and all(g.params_hold_source == "--params-are" for g in recon.groups):
@@ -119,15 +128,17 @@ def _mode_doubts(recon: Reconstruction) -> list[str]:
     return provenance.warnings_for(ckpt.top_level_keys, ckpt.callbacks, modes)
 
 
-def _hints(recon: Reconstruction) -> list[str]:
+def hints(recon: Reconstruction) -> list[str]:
     """Suggestions that make the output easier to use (nothing is wrong without them)."""
     hints = []
     if any(g.beta is None and g.params_hold == "y" and g.n_with_z for g in recon.groups):
         hints.append(f"{recon.family.classes[0]} does not save β (the wrapper's momentum): pass --beta B to convert")
     names = list(recon.checkpoint.weights)
     first = names[0].split(".", 1)[0] + "." if names and "." in names[0] else None
-    # PEFT saves adapters under the PeftModel's names (base_model.model....), which is what it loads
-    if first and all(n.startswith(first) for n in names) and not recon.checkpoint.names_are_final:
+    # Only a LightningModule puts its attribute's name before every weight; elsewhere a shared first
+    # name is the model's own (GPT-2's `transformer.`, PEFT's `base_model.model.`), which loading expects
+    if first and all(n.startswith(first) for n in names) and recon.checkpoint.container.startswith("lightning") \
+            and not recon.checkpoint.strip_prefix:
         hints.append(f"every tensor name starts with '{first}' (the LightningModule attribute); add --strip-prefix "
                      f"{first} to write the inner model's names")
     return hints

@@ -164,7 +164,8 @@ def find(obj: Any, model_key: str | None = None, optimizer_key: str | None = Non
     notes: list[str] = []
     if averaging:
         # y is the model's own parameters; the average is not another model trained by the optimizer
-        model_candidates = [CURRENT_KEY] + [k for k in model_candidates if k != CURRENT_KEY]
+        # averaging_state holds the AveragedModel's counter (n_averaged), not weights anyone would convert
+        model_candidates = [CURRENT_KEY] + [k for k in model_candidates if k not in (CURRENT_KEY, AVERAGING_STATE_KEY)]
         model_key = CURRENT_KEY if model_key is None else model_key
         _check_weight_averaging(obj, model_key)
         if model_key == CURRENT_KEY:
@@ -270,7 +271,17 @@ def _tensors_only(weights: Mapping[str, Any]) -> tuple[dict[str, TensorRef], dic
 
 
 def strip_prefix(weights: dict[str, TensorRef], prefix: str) -> dict[str, TensorRef]:
-    """Names without `prefix` (Lightning's `model.`); names without it are kept as they are."""
+    """Names without `prefix` (Lightning's `model.`); names without it are kept as they are.
+
+    A prefix no name starts with is refused, naming the first names' prefixes: a mistyped prefix
+    would otherwise write the names unchanged without a word."""
+    if weights and not any(name.startswith(prefix) for name in weights):
+        seen = list(dict.fromkeys(name.split(".", 1)[0] + "." for name in weights if "." in name))
+        occur = ", ".join(f"'{p}'" for p in seen[:5]) + (f" and {len(seen) - 5} more" if len(seen) > 5 else "")
+        raise OptionConflict(Opt("strip_prefix") + f" '{prefix}' matches no tensor name" +
+                             (f"; the names start with {occur}" if seen else " (the names have no prefix)"),
+                             "give one of those prefixes, or leave " + Opt("strip_prefix") + " out",
+                             option="strip_prefix")
     out: dict[str, TensorRef] = {}
     for name, ref in weights.items():
         new = name[len(prefix):] if name.startswith(prefix) else name

@@ -40,12 +40,21 @@ from .layout import check_text
 from .tensors import TensorRef, format_shape
 
 SEARCH_BUDGET = 20_000  # search nodes when the order leaves choices open
-ORDER_HINT = ("pass " + Opt("param_order", usage=True) + " with the parameter names in optimizer order "
-              "(docs/mapping.md shows the two lines of Python that write it)")
+ORDER_HINT = ("pass " + Opt("param_order", usage=True) + " with the parameter names in optimizer order, or "
+              + Opt("param_order_from", usage=True) + " to take them from your model (docs/mapping.md)")
 
 
 class NotInWeights(MappingUndecided):
     """Some optimizer entries belong to no tensor of these weights (they may be another model's)."""
+
+
+class Undecided(MappingUndecided):
+    """Names, content and order leave some entries' tensors open: x cannot be made, but the rest of
+    the checkpoint (container, optimizer, β, step) can still be described."""
+
+
+class OrderFitsNothing(NotInWeights, Undecided):
+    """No order that content agrees with places the entries content leaves open."""
 
 
 @dataclass
@@ -544,26 +553,58 @@ def _place_by_order(p: OrderProblem, possible) -> str:
             decided[ident], kinds[ident] = candidates[solution[ident]], "order"
         return container_order_name or label
     if exhausted:
-        raise MappingUndecided(f"too many ways to match the optimizer's entries to the model's tensors ({context})",
-                               ORDER_HINT)
+        raise Undecided(f"too many ways to match the optimizer's entries to the model's tensors ({context})",
+                        ORDER_HINT)
     if not distinct:
         failed, _ = order_search.propagate(chains, domains0, hypotheses[0][1])
         o, e = entry_of[failed if failed is not None else open_ids[0]]
         shape = e.z(o.z_key).shape
-        raise NotInWeights(
+        ruled_out = _ruled_out(e, shape, by_shape, taken, possible, candidates)
+        alike = _look_alikes(open_ids, domains0, candidates, weights)
+        if alike and not ruled_out and not container_order_name and candidates == sorted(candidates):
+            raise OrderFitsNothing(
+                f"cannot place {len([i for i in open_ids if len(domains0[i]) > 1])} optimizer entries: the weights "
+                f"file lists its tensors sorted by name, so it keeps no parameter order, and content cannot tell "
+                f"these tensors apart: {alike} ({context})", ORDER_HINT)
+        raise OrderFitsNothing(
             f"{e.label()}, z of shape {format_shape(shape)}, fits no tensor of these weights in an order "
-            f"that the tensors told apart by content agree with ({context}{_ruled_out(e, shape, by_shape, taken, possible, candidates)}): "
+            f"that the tensors told apart by content agree with ({context}{ruled_out}): "
             "the optimizer trains tensors that are not in these weights, or lists them in an order sfckpt cannot follow",
             ORDER_HINT,
         )
     a, b = distinct[0][1], distinct[1][1]
     ident = next(i for i in open_ids if a[i] != b[i])
     o, e = entry_of[ident]
-    raise MappingUndecided(
+    raise Undecided(
         f"cannot tell which tensor {e.label()} belongs to: '{candidates[a[ident]]}' and '{candidates[b[ident]]}' "
         f"both fit, and content cannot tell them apart ({context})",
         ORDER_HINT,
     )
+
+
+def _look_alikes(open_ids: list[int], domains: dict[int, list[int]], candidates: list[str], weights) -> str:
+    """The tensors that several open entries could each be, per shape class, for the error; or "".
+
+    These are what the file's order would have to tell apart: naming them (not the first entry the
+    search failed on) says which tensors the user's order must cover."""
+    classes: list[set[int]] = []
+    for ident in open_ids:
+        dom = set(domains[ident])
+        if len(dom) < 2:
+            continue
+        for c in classes:
+            if c & dom:
+                c |= dom
+                break
+        else:
+            classes.append(dom)
+    parts = []
+    for c in sorted(classes, key=len, reverse=True)[:2]:
+        names = [candidates[i] for i in sorted(c)]
+        shown = ", ".join(f"'{n}'" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        parts.append(f"{len(names)} tensors of shape {format_shape(weights[names[0]].shape)} look alike ({shown})")
+    more = len(classes) - len(parts)
+    return "; ".join(parts) + (f"; {more} more such classes" if more > 0 else "")
 
 
 def _ruled_out(e: Entry, shape, by_shape, taken: set[int], possible, candidates) -> str:

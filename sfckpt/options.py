@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import Opt, OptionConflict
@@ -28,16 +29,23 @@ class Options:
         beta: β instead of the saved one (ScheduleFreeWrapper saves none).
         params_are: "y" or "x", overriding the saved mode flag.
         param_order: parameter names in optimizer order, overriding the mapping.
+        param_order_from: `file.py:callable` (or `package.module:callable`) returning the model, or a
+            transformers class (`transformers:BertForSequenceClassification`): param_order is then its
+            named_parameters() order (sfckpt/param_order.py). model_config: the config.json such a
+            class is built from (default: the checkpoint folder's).
         twins: "auto", "tied" or "frozen": untrained tensors byte-identical to a trained one.
         dtype: write every floating tensor in this dtype.
         require_beta: False to plan without a β the checkpoint lacks (inspect); computing x then raises.
+        undecided_ok: True to plan with the mapping left open where names, content and order cannot
+            decide it (inspect): nothing is converted, and computing or saving x raises why.
     The output (`save`):
         force: replace an existing output. allow_nonfinite: write x holding NaN/Inf.
         max_shard_size: shards of at most this size (an int of bytes, or text such as "5GB").
         workers: processes writing a folder output's shards (the bytes are those of one process).
     BatchNorm statistics re-estimated at x (`convert`, docs/batchnorm.md):
         bn_calib: the data; bn_model: `file.py:callable` building the model; bn_batch_size,
-        bn_batches (at most this many), bn_device ("cpu" or "cuda").
+        bn_batches (at most this many), bn_device ("cpu" or "cuda"), bn_mode ("reset": update_bn's
+        average; "momentum": the schedule_free recipe, train-mode passes over up to 50 batches).
     """
 
     model_key: str | None = None
@@ -47,9 +55,12 @@ class Options:
     beta: float | None = None
     params_are: str | None = None
     param_order: Sequence[str] | None = None
+    param_order_from: str | None = None
+    model_config: str | Path | None = None
     twins: str = "auto"
     dtype: str | None = None
     require_beta: bool = True
+    undecided_ok: bool = False
     force: bool = False
     allow_nonfinite: bool = False
     max_shard_size: int | str | None = None
@@ -59,6 +70,7 @@ class Options:
     bn_batch_size: int = 32
     bn_batches: int | None = None
     bn_device: str = "cpu"
+    bn_mode: str = "reset"
 
 
 _DEFAULTS = {f.name: f.default for f in fields(Options)}

@@ -107,6 +107,11 @@ class Progress:
         if self.drawn_at is None or now - self.drawn_at >= REFRESH:
             self._draw(now)
 
+    def show(self) -> None:
+        """Draw the line at 0% now, before the first update: a first tensor of a GB leaves no blank screen.
+        The rate's clock still starts at the first update."""
+        self._draw(self.clock())
+
     def rate(self, now: float) -> float | None:
         """Units per second over the last WINDOW seconds, or None before MIN_ELAPSED of measurement."""
         while len(self.samples) > 1 and now - self.samples[1][0] >= WINDOW:

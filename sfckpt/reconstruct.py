@@ -14,8 +14,16 @@ from .checkpoint import Checkpoint
 from .conventions import BN_STATISTICS, OUTPUT_DTYPES
 from .errors import DamagedInput, InputError, MappingUndecided, NotScheduleFree, Opt, OptionConflict
 from .options import Options, resolve
+from .param_order import said_of_the_model, with_model_order
 from .readers.base import ParameterOrder
 from .tensors import DTYPES, TensorRef, nbytes_of, torch_dtype
+
+
+def bn_layer(name: str) -> str:
+    """The layer a statistics buffer belongs to (`bn.running_mean` -> `bn`; Keras' `layers/bn/vars/2` ->
+    `layers/bn`): warnings and `check` count BatchNorm in layers, so that both say the same number."""
+    return name.rsplit("/vars/", 1)[0] if "/vars/" in name else name.rsplit(".", 1)[0] if "." in name else ""
+
 
 LERP_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "complex64", "complex128"})
 
@@ -165,6 +173,7 @@ class Reconstruction:
     bn_calibrated: bool = False
     mapping: mapping.ParameterMapping | None = None
     optimizers: list[OptimizerReport] = field(default_factory=list)
+    undecided: MappingUndecided | None = None  # why x cannot be made (inspect describes such checkpoints)
 
     def replace(self, name: str, tensor) -> None:
         """Use `tensor` for `name` (same shape) instead of the checkpoint's value."""
@@ -186,7 +195,10 @@ class Reconstruction:
             return None
         how = ("in Keras after loading x (call the model with training=True on a few batches, optimizer untouched)"
                if self.checkpoint.accumulated else "(convert --bn-calib DATA --model SPEC)")
-        return f"{len(bn)} BatchNorm statistics buffers were gathered at y, not x; re-estimate them on data {how} before trusting accuracy"
+        # counted in layers, as `check` counts them: "buffers" meant 2 here and 3 there (num_batches_tracked)
+        layers = len({bn_layer(n) for n in bn})
+        return (f"the BatchNorm statistics of {layers} layer{'s' if layers != 1 else ''} were gathered at y, not x; "
+                f"re-estimate them on data {how} before trusting accuracy")
 
     def all_warnings(self) -> list[str]:
         return self.warnings + ([self.batchnorm_warning] if self.batchnorm_warning else [])
@@ -221,6 +233,8 @@ class Reconstruction:
 
     def iter_tensors(self) -> Iterator[tuple[str, Any]]:
         """(name, x) pairs, computed one at a time."""
+        if self.undecided is not None:
+            raise self.undecided
         for t in self.tensors:
             yield t.name, t.compute()
 
@@ -342,7 +356,19 @@ def _families(ckpt: Checkpoint, optimizer: str | None) -> tuple[list[FoundOptimi
     return found, skipped
 
 
-def _decide_mapping(ckpt: Checkpoint, found: list[FoundOptimizer], opts: Options) -> mapping.ParameterMapping:
+def _decide_mapping(ckpt: Checkpoint, found: list[FoundOptimizer],
+                    opts: Options) -> tuple[mapping.ParameterMapping, MappingUndecided | None]:
+    """Which tensor each optimizer entry trains, and None; with `opts.undecided_ok`, a mapping that names no
+    entry and why, where names, content and order leave it open (inspect describes the rest)."""
+    try:
+        return _mapping_of(ckpt, found, opts), None
+    except mapping.Undecided as exc:
+        if not opts.undecided_ok:
+            raise
+        return _undecided_mapping(found), exc
+
+
+def _mapping_of(ckpt: Checkpoint, found: list[FoundOptimizer], opts: Options) -> mapping.ParameterMapping:
     """Which tensor each optimizer entry trains (mapping.decide), falling back to the file's other
     models when the optimizer also trains them."""
 
@@ -367,7 +393,7 @@ def _decide_mapping(ckpt: Checkpoint, found: list[FoundOptimizer], opts: Options
             return decide(ckpt.weights)
         except InputError as exc:
             if order.missing is not None and opts.param_order is None:
-                # the order that would have decided is what is missing
+                # the order that would have decided is what is missing: said, not described (inspect refuses too)
                 raise MappingUndecided(order.missing, order.missing_hint) from exc
             raise
     except mapping.NotInWeights:
@@ -561,6 +587,7 @@ def reconstruct(
     dtype: str | None = None,
     twins: str = "auto",
     require_beta: bool = True,
+    undecided_ok: bool = False,
     options: Options | None = None,
 ) -> Reconstruction:
     """Plan how to obtain x for every tensor of the checkpoint's model state.
@@ -576,17 +603,22 @@ def reconstruct(
             byte-identical to one it trains are treated (auto: refused where the file cannot tell).
         require_beta: False to plan without a β the checkpoint does not hold (inspect shows it as
             unknown); computing x then raises.
-        options: an `sfckpt.Options` instead of the keywords above (its other fields are not used here).
+        undecided_ok: True to describe a checkpoint whose entries names, content and order leave
+            open (inspect): no tensor is then converted, and computing x raises why.
+        options: an `sfckpt.Options` instead of the keywords above (its other fields are not used here,
+            but for param_order_from and model_config, which fill param_order from the user's model).
 
     Returns:
         A `Reconstruction`; call `.state_dict()` or `sfckpt.save()` to get x.
     """
     opts = resolve(options, optimizer=optimizer, beta=beta, params_are=params_are, param_order=param_order,
-                   dtype=dtype, twins=twins, require_beta=require_beta)
+                   dtype=dtype, twins=twins, require_beta=require_beta, undecided_ok=undecided_ok)
     _check_options(ckpt, opts)
+    opts = with_model_order(opts, ckpt.path)
     found, skipped = _families(ckpt, opts.optimizer)
-    decision = _decide_mapping(ckpt, found, opts)
-    plan = _plan_groups(ckpt, [f for f in found if f.key not in decision.ignored_optimizers], decision, opts)
+    with said_of_the_model(opts.param_order_from):
+        decision, undecided = _decide_mapping(ckpt, found, opts)
+        plan = _plan_groups(ckpt, [f for f in found if f.key not in decision.ignored_optimizers], decision, opts)
     if decision.twin_refusal is not None and decision.twin_sources & set(plan.converted):
         raise decision.twin_refusal
     _refuse_overlapping_views({n: ckpt.weights[n] for n, o in plan.converted.items()
@@ -596,4 +628,11 @@ def reconstruct(
     first = plan.optimizers[0]
     return Reconstruction(ckpt, first.family, first.family_source, plan.groups, tensors, decision.method,
                           sum(r.n_entries for r in plan.optimizers), warnings, mapping=decision,
-                          optimizers=plan.optimizers)
+                          optimizers=plan.optimizers, undecided=undecided)
+
+
+def _undecided_mapping(found: list[FoundOptimizer]) -> mapping.ParameterMapping:
+    """A mapping that names no entry, for describing a checkpoint whose mapping is left open."""
+    entries = [e for f in found for e in f.entries]
+    with_z = sum(1 for f in found for e in f.entries if e.z(f.family.z_key) is not None)
+    return mapping.ParameterMapping("undecided (see the warning)", entries, {}, 0, with_z, [])

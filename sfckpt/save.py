@@ -46,6 +46,8 @@ def save(
     Returns:
         The paths written.
     """
+    if recon.undecided is not None:  # a plan made only to be described (inspect): its tensors are not x
+        raise recon.undecided
     opts = resolve(options, force=force, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size,
                    workers=workers)
     if opts.workers < 1:
@@ -140,7 +142,6 @@ def convert(src: str | Path, out: str | Path, *, options: Options | None = None,
     Args:
         options: an `sfckpt.Options`; or give its fields as keywords (`beta=0.75, force=True`).
         progress: called with the bytes written so far.
-        metadata / extra_files: as for `save` (the integrations record provenance with them).
         metadata / extra_files: as for `save` (the integrations record provenance with them).
     """
     from .checkpoint import load

@@ -32,6 +32,8 @@ class WeightSet:
 
 def x_of(recon: Reconstruction) -> dict[str, TensorRef]:
     """The reconstructed x of every tensor, computed when loaded."""
+    if recon.undecided is not None:  # a plan made only to be described (inspect): its tensors are not x
+        raise recon.undecided
     return {t.name: TensorRef(t.dtype, t.shape, t.compute, t.ref.storage_id, t.ref.view) for t in recon.tensors}
 
 
@@ -72,13 +74,18 @@ def _refuse_lfs_pointers(path: Path) -> None:
 
 
 def released_weights(path: PathLike) -> WeightSet:
-    """Weights exactly as they are on disk (safetensors, index, or a folder's model.safetensors),
-    never reconstructed: what `check` judges."""
+    """Weights exactly as they are on disk (safetensors, index, a folder's model.safetensors, or a
+    `torch.save`d state dict), never reconstructed: what `check` judges."""
     path = Path(path)
     with inputs.scope(path):
         _refuse_lfs_pointers(path)
         _refuse_unfinished_release(path)
-        tensors, metadata = read_weights(path)
+        if sniff(path) == "torch":  # torch.save(model.state_dict(), "model.pt"), read without running code
+            from .torch_release import read_state_dict
+
+            tensors, metadata = read_state_dict(path)
+        else:
+            tensors, metadata = read_weights(path)
     return WeightSet(str(path), tensors, metadata=metadata)
 
 

@@ -13,6 +13,10 @@ from .tensors import format_shape
 from .textout import markdown_code, markdown_text, terminal_view
 
 
+# Names are text even when they look like numbers (nn.Sequential's "0", "2"): left-aligned like the others
+NAME_COLUMN = [0]
+
+
 def counted(n: int, noun: str) -> str:
     """`1 tensor`, `2 tensors`."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
@@ -83,9 +87,9 @@ def inspect_tables(r: dict[str, Any]) -> str:
         parts.append("NaN/Inf: none")
     else:
         parts.append(tabulate([[n, c.get("weights", 0), c.get("z", "-"), c.get("x", "-")] for n, c in nf["tensors"].items()],
-                              headers=["tensor with NaN/Inf", "weights", "z", "x"]))
+                              headers=["tensor with NaN/Inf", "weights", "z", "x"], disable_numparse=NAME_COLUMN))
     if r["skipped"]:
-        parts.append(tabulate(list(r["skipped"].items()), headers=["skipped entry", "why"]))
+        parts.append(tabulate(list(r["skipped"].items()), headers=["skipped entry", "why"], disable_numparse=True))
     parts.extend(f"note: {n}" for n in r.get("notes", []))
     parts.extend(f"hint: {h}" for h in r.get("hints", []))
     return "\n\n".join(parts)
@@ -114,6 +118,7 @@ def diff_table(report: dict[str, Any], top: int | None, sort: str) -> str:
           f"{r['dtype_a']}/{r['dtype_b']}", _g(r["rel_l2"]), _g(r["max_abs"]), _g(r["mean_abs"]),
           "-" if r["cosine"] is None else f"{r['cosine']:.6f}", r["status"]] for r in shown],
         headers=["tensor", "shape", "dtype", "rel_l2", "max_abs", "mean_abs", "cosine", "status"],
+        disable_numparse=NAME_COLUMN,
     )
     lines = [
         f"a: {s['a']}",
@@ -132,22 +137,24 @@ def diff_table(report: dict[str, Any], top: int | None, sort: str) -> str:
             lines.append(f"{text}: {', '.join(s[key][:5])}" + (f" (+{len(s[key]) - 5} more)" if len(s[key]) > 5 else ""))
     modules = sorted((m for m in s["modules"] if m["rel_l2"] is not None), key=lambda m: -m["rel_l2"])[: top or None]
     module_table = tabulate([[m["module"], m["tensors"], _g(m["rel_l2"])] for m in modules],
-                            headers=["module", "tensors", "rel_l2"])
+                            headers=["module", "tensors", "rel_l2"], disable_numparse=NAME_COLUMN)
     more = f"\n({len(rows) - len(shown)} more rows; --top 0 shows all)" if len(shown) < len(rows) else ""
     return "\n".join(lines) + "\n\n" + table + more + "\n\n" + module_table
 
 
-def check_table(report: dict[str, Any]) -> str:
+def check_table(report: dict[str, Any], top: int | None = 50) -> str:
+    """The verdict, and the first `top` findings (None: all)."""
     report = terminal_view(report)
     head = "PASS" if report["passed"] else "FAIL"
     lines = [f"{head}: {report['weights']}: {report['verdict']}"]
     if report["findings"]:
+        shown = report["findings"] if top is None else report["findings"][:top]
         lines.append("")
         lines.append(tabulate([[f["name"], f["kind"], f["detail"], _g(f["max_abs"]), "yes" if f["equals_y"] else ""]
-                               for f in report["findings"][:50]],
-                              headers=["tensor", "finding", "detail", "max_abs", "is y"]))
-        if len(report["findings"]) > 50:
-            lines.append(f"({len(report['findings']) - 50} more findings in --json)")
+                               for f in shown],
+                              headers=["tensor", "finding", "detail", "max_abs", "is y"], disable_numparse=NAME_COLUMN))
+        if len(report["findings"]) > len(shown):
+            lines.append(f"({len(report['findings']) - len(shown)} more findings: --top 0 shows all, --json lists them)")
     return "\n".join(lines)
 
 
@@ -170,4 +177,5 @@ def bn_table(shifts: list[dict[str, Any]]) -> str:
     return tabulate(
         [[s["layer"], _g(s["mean_max_abs"]), _g(s["mean_rel_l2"]), _g(s["var_max_abs"]), _g(s["var_rel_l2"])] for s in shifts],
         headers=["BatchNorm layer", "running_mean max_abs", "rel_l2", "running_var max_abs", "rel_l2"],
+        disable_numparse=NAME_COLUMN,
     )

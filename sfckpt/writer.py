@@ -450,7 +450,11 @@ def parse_size(text: str) -> int:
     if not m:
         raise OutputError(Opt("max_shard_size") + f" {text!r} is not a size", "write it like 5GB, 500MB or 2GiB",
                           option="max_shard_size")
-    unit = (m.group(2) or "B").upper()
+    if m.group(2) is None:  # a bare 100 would mean 100 bytes: forty shards where 100MB was meant
+        bare = text.strip()
+        raise OutputError(Opt("max_shard_size") + f" {bare!r} has no unit",
+                          f"write it with one: {bare}MB, {bare}GB (or {bare}B for bytes)", option="max_shard_size")
+    unit = m.group(2).upper()
     power = " KMGT".index(unit[0]) if unit[0] in "KMGT" else 0
     base = 1024 if "I" in unit else 1000
     return int(float(m.group(1)) * base**power)

@@ -60,7 +60,9 @@ def _pre_commit_config(repo, local: bool):
         (manifest,) = yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text())
         user = remote["repos"][0]["hooks"][0]
         assert user["id"] == manifest["id"]
-        hook = {**manifest, **{k: v for k, v in user.items() if k != "id"}, "language": "system"}
+        # language: system installs nothing, so it takes no additional_dependencies (the manifest's torch pin)
+        hook = {**{k: v for k, v in manifest.items() if k != "additional_dependencies"},
+                **{k: v for k, v in user.items() if k != "id"}, "language": "system"}
         config = {"repos": [{"repo": "local", "hooks": [hook]}]}
     (repo / ".pre-commit-config.yaml").write_text(yaml.safe_dump(config))
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import inputs, limits
 from ..conventions import INDEX_NAME, SINGLE_NAME
-from ..errors import DamagedInput, InputError, Opt
+from ..errors import DamagedInput, InputError, NotScheduleFree, Opt
 from .base import LoadRequest, Opened, ParameterOrder, Reader, Release
 
 OPTIMIZER_NAME = "optimizer.pt"
@@ -34,6 +34,23 @@ RELEASE_FILES = (
 
 def is_trainer_folder(path: Path) -> bool:
     return path.is_dir() and (path / OPTIMIZER_NAME).is_file()
+
+
+def model_only_error(path: Path) -> NotScheduleFree | None:
+    """Why a Trainer `checkpoint-N/` saved with `save_only_model=True` cannot give x, or None for other folders.
+
+    Such a folder has the weights (y, saved in train mode) and `trainer_state.json` but no
+    `optimizer.pt`, so no z: x is gone, and a checkpoint keeps it only when the optimizer is saved too."""
+    if not (path.is_dir() and (path / STATE_NAME).is_file() and not (path / OPTIMIZER_NAME).exists()):
+        return None
+    if not any((path / name).is_file() for name in (SINGLE_NAME, INDEX_NAME, BIN_NAME, "adapter_model.safetensors")):
+        return None
+    return NotScheduleFree(
+        f"{path}: a Hugging Face Trainer checkpoint saved with save_only_model=True: it holds the training weights y "
+        "but no optimizer.pt, so x cannot be rebuilt from it (x needs the optimizer's z)",
+        "train with TrainingArguments(save_only_model=False), the default, so that every checkpoint-N/ keeps "
+        "optimizer.pt, and convert one of those folders",
+    )
 
 
 def read_weights(path: Path):

@@ -16,7 +16,7 @@ from .dcp_folder import DcpReader
 from .deepspeed_folder import DeepSpeedReader
 from .deepspeed_universal import DeepSpeedUniversalReader
 from .hf_trainer import TrainerReader
-from . import keras_file
+from . import hf_trainer, keras_file
 from .keras_file import KerasReader
 from .lightning_folder import LightningFsdpReader
 from .orbax_folder import OrbaxReader
@@ -54,6 +54,9 @@ def reader_for(path: Path) -> Reader:
     kind = sniff(path)
     if kind in keras_file.KINDS:
         raise keras_file.weights_only(path)
+    model_only = hf_trainer.model_only_error(path) if kind == "folder" else None
+    if model_only is not None:  # a Trainer folder saved with save_only_model=True: say why x is gone
+        raise model_only
     if kind == "folder":
         raise InputError(
             f"{path}: a folder without optimizer state (no optimizer.pt as Hugging Face Trainer saves it, "
