@@ -21,12 +21,12 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
-    from .errors import InputError, OutputError, SfckptError
+    from .errors import InputError, OutputError, SfckptError, SfckptWarning
     from .options import Options
     from .reconstruct import Reconstruction
 
 _CLASSES = {"Checkpoint": "checkpoint", "Reconstruction": "reconstruct", "InputError": "errors",
-            "OutputError": "errors", "SfckptError": "errors", "Options": "options"}
+            "OutputError": "errors", "SfckptError": "errors", "SfckptWarning": "errors", "Options": "options"}
 _FUNCTIONS = {"load": ("checkpoint", "load"), "reconstruct": ("reconstruct", "reconstruct"),
               "save": ("save", "save"), "convert": ("save", "convert"), "release": ("integrations.live", "release")}
 
@@ -65,6 +65,7 @@ __all__ = [
     "OutputError",
     "Reconstruction",
     "SfckptError",
+    "SfckptWarning",
     "__version__",
     "convert",
     "load",

@@ -20,17 +20,15 @@ from typing import Callable
 import click
 
 from . import __version__, inputs, limits, textout
-from .conventions import EXIT_INTERRUPTED, INTERRUPTED, JSON_VERSION, OUTPUT_DTYPES, error_document
+from .conventions import DTYPE_ALIASES, EXIT_INTERRUPTED, INTERRUPTED, JSON_VERSION, OUTPUT_DTYPES, error_document
 from .cli_words import cli_words, in_cli_words
-from .errors import InputError, Opt, OptionConflict, SfckptError
+from .errors import InputError, Opt, OptionConflict, SfckptError, SfckptWarning
 from .options import Options
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 # The repository's pages: an installed package has no docs/ folder to point at
 DOCS = "https://github.com/sfckpt/sfckpt/tree/main/docs"
 DOCS_EPILOG = f"Documentation: {DOCS} (the pages named in the options above)."
-# --dtype's short names, as transformers and accelerate spell them (torch_dtype="bf16", mixed_precision)
-DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
 
 
 MAX_MESSAGE = 800  # characters of an error message (and of its hint): an input can put anything in one
@@ -341,8 +339,10 @@ def convert(ckpt: Path, out: str, quiet: bool, as_json: bool, options: Options) 
             shifts = calibrate_with(recon, options, update)
     total = sum(t.nbytes for t in recon.tensors)
     with _progress(total, "writing x", not (quiet or as_json)) as update:
-        paths = save(recon, out, options=options, progress=update, distributed=True)
-    _warn(recon.all_warnings(), quiet)  # after success, so that a failure is one line on stderr
+        with warnings.catch_warnings():  # said below in the CLI's words
+            warnings.simplefilter("ignore", SfckptWarning)
+            paths = save(recon, out, options=options, progress=update, distributed=True)
+    _warn(recon.all_warnings(cli_words), quiet)  # after success, so that a failure is one line on stderr
     summary = {
         "version": JSON_VERSION,
         "source": str(ckpt),
@@ -356,7 +356,7 @@ def convert(ckpt: Path, out: str, quiet: bool, as_json: bool, options: Options) 
         "mapping": recon.mapping.as_json(),
         "untrained_parameters": recon.mapping.untrained,
         "bytes": total,
-        "warnings": recon.all_warnings(),
+        "warnings": recon.all_warnings(cli_words),
     }
     if shifts is not None:
         summary["batchnorm"] = [s.as_json() for s in shifts]

@@ -14,6 +14,8 @@ BN_BUFFERS = (*BN_STATISTICS, "num_batches_tracked")
 
 # The floating dtypes x can be written in (`--dtype`), in the order the help lists them.
 OUTPUT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+# Their short names, as transformers and accelerate spell them (torch_dtype="bf16", mixed_precision)
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
 
 # Hugging Face's names for one weights file and for the index of a sharded one.
 SINGLE_NAME = "model.safetensors"

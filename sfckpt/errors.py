@@ -98,6 +98,12 @@ def api_words(opt: Opt) -> str:
     return opt.name
 
 
+class SfckptWarning(UserWarning):
+    """What a conversion wrote but you should know (BatchNorm statistics gathered at y, a mode the file
+    does not record, objects left unloaded): `warnings.warn`ed by `save` and `convert`, filterable by
+    this category. The same texts are `Reconstruction.all_warnings()`."""
+
+
 class SfckptError(Exception):
     """A problem sfckpt can explain to the user.
 

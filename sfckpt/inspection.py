@@ -67,7 +67,7 @@ def describe(recon: Reconstruction, scan: bool = False, spell: Callable[[Opt], s
         "skipped": ckpt.skipped,
         "unloaded_classes": ckpt.unloaded_classes,
         "nonfinite": scan_nonfinite(recon) if scan else None,
-        "warnings": recon.all_warnings() + _mode_doubts(recon) + _undecided(recon, spell),
+        "warnings": recon.all_warnings(spell) + _mode_doubts(recon) + _undecided(recon, spell),
         "hints": hints(recon),
     }
     return report

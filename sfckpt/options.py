@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
+from .conventions import DTYPE_ALIASES
 from .errors import Opt, OptionConflict
 
 
@@ -71,6 +72,10 @@ class Options:
     bn_batches: int | None = None
     bn_device: str = "cpu"
     bn_mode: str = "reset"
+
+    def __post_init__(self) -> None:
+        if self.dtype in DTYPE_ALIASES:  # dtype="bf16", as the CLI's --dtype bf16 and transformers spell it
+            object.__setattr__(self, "dtype", DTYPE_ALIASES[self.dtype])
 
 
 _DEFAULTS = {f.name: f.default for f in fields(Options)}

@@ -7,12 +7,13 @@ computes one tensor at a time, reading only y and z (or the stored x).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from . import families, mapping, optax_eval, optimizer_state, pipeline
 from .checkpoint import Checkpoint
 from .conventions import BN_STATISTICS, OUTPUT_DTYPES
-from .errors import DamagedInput, InputError, MappingUndecided, NotScheduleFree, Opt, OptionConflict
+from .errors import (DamagedInput, InputError, MappingUndecided, NotScheduleFree, Opt, OptionConflict, Text, Words,
+                     api_words)
 from .options import Options, resolve
 from .param_order import said_of_the_model, with_model_order
 from .readers.base import ParameterOrder
@@ -169,7 +170,7 @@ class Reconstruction:
     tensors: list[OutputTensor]
     mapping_method: str
     n_entries: int
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[Words] = field(default_factory=list)  # text and Opt words (errors.Text)
     bn_calibrated: bool = False
     mapping: mapping.ParameterMapping | None = None
     optimizers: list[OptimizerReport] = field(default_factory=list)
@@ -188,20 +189,24 @@ class Reconstruction:
         return held.pop() if len(held) == 1 else ("mixed" if held else "x")
 
     @property
-    def batchnorm_warning(self) -> str | None:
+    def batchnorm_warning(self) -> Words | None:
         """Why BatchNorm statistics need re-estimating, or None when they do not."""
         bn = self.batchnorm_buffers
         if not bn or self.source_held == "x" or self.bn_calibrated:
             return None
         how = ("in Keras after loading x (call the model with training=True on a few batches, optimizer untouched)"
-               if self.checkpoint.accumulated else "(convert --bn-calib DATA --model SPEC)")
+               if self.checkpoint.accumulated
+               else "(convert with " + Opt("bn_calib", usage=True) + " and " + Opt("bn_model", usage=True) + ")")
         # counted in layers, as `check` counts them: "buffers" meant 2 here and 3 there (num_batches_tracked)
         layers = len({bn_layer(n) for n in bn})
         return (f"the BatchNorm statistics of {layers} layer{'s' if layers != 1 else ''} were gathered at y, not x; "
-                f"re-estimate them on data {how} before trusting accuracy")
+                "re-estimate them on data " + how + " before trusting accuracy")
 
-    def all_warnings(self) -> list[str]:
-        return self.warnings + ([self.batchnorm_warning] if self.batchnorm_warning else [])
+    def all_warnings(self, spell: Callable[[Opt], str] = api_words) -> list[str]:
+        """Every warning of the plan, with the options it names spelled by `spell` (keyword arguments;
+        the CLI passes its flags)."""
+        found = self.warnings + ([self.batchnorm_warning] if self.batchnorm_warning else [])
+        return list(dict.fromkeys(Text.of(w).spelled(spell) for w in found))
 
     @property
     def n_converted(self) -> int:
@@ -261,7 +266,7 @@ class _Plan:
     groups: list[GroupReport] = field(default_factory=list)
     optimizers: list[OptimizerReport] = field(default_factory=list)
     converted: dict[str, OutputTensor] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[Words] = field(default_factory=list)
 
 
 def _beta_for(family: families.Family, group: Mapping[str, Any], g: int, beta_override: float | None) -> tuple[float, str]:
@@ -406,12 +411,12 @@ def _mapping_of(ckpt: Checkpoint, found: list[FoundOptimizer], opts: Options) ->
                         if e.name is not None and e.name not in ckpt.weights})
     decision.untrained = [n for n in decision.untrained if n in ckpt.weights]
     decision.warnings.append(f"the optimizer also trains tensors of {', '.join(elsewhere)} in this file, "
-                             f"which are not written (--model-key {elsewhere[0]} converts them)")
+                             "which are not written (" + Opt("model_key", elsewhere[0]) + " converts them)")
     return decision
 
 
 def _params_hold(family: families.Family, group: Mapping[str, Any], stepped: list, opts: Options,
-                 warnings: list[str]) -> tuple[str, str]:
+                 warnings: list[Words]) -> tuple[str, str]:
     """What a group's parameters hold ("y", "x" or "unknown") and how that is known."""
     hold, source = family.params_hold(group), "saved mode flag" if family.mode_key else "family"
     if opts.params_are is not None:
@@ -420,7 +425,8 @@ def _params_hold(family: families.Family, group: Mapping[str, Any], stepped: lis
         if family.x_source != "state-x":
             warnings.append(
                 f"{family.classes[0]} does not save whether it was in train or eval mode; assuming the parameters "
-                "hold y (saved during training). Pass --params-are x if the checkpoint was saved after optimizer.eval()"
+                "hold y (saved during training). Pass " + Opt("params_are", "x")
+                + " if the checkpoint was saved after optimizer.eval()"
             )
         return "y", "assumed"
     return hold, source
@@ -439,7 +445,7 @@ def _group_beta(family: families.Family, group: Mapping[str, Any], g: int, hold:
 
 
 def _group_report(found: FoundOptimizer, g: int, group: Mapping[str, Any], members: list, stepped: list,
-                  opts: Options, warnings: list[str], several: bool) -> GroupReport:
+                  opts: Options, warnings: list[Words], several: bool) -> GroupReport:
     """One parameter group as inspect shows it: what its parameters hold, its β, its hyper-parameters."""
     family = found.family
     hold, hold_source = _params_hold(family, group, stepped, opts, warnings)

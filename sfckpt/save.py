@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from . import inputs, keras_output, parallel, writer
 from .conventions import SINGLE_NAME
-from .errors import InputError, Opt, OptionConflict, OutputError
+from .errors import InputError, Opt, OptionConflict, OutputError, SfckptWarning
 from .options import Options, resolve, wants_calibration
 from .reconstruct import Reconstruction
 from .tensors import count_nonfinite
@@ -35,7 +36,8 @@ def save(
 
     Nothing is written if any x is non-finite (unless `allow_nonfinite`), and an
     existing output is kept unless `force`. `options` (an `sfckpt.Options`) may stand for
-    the four keywords. `metadata` is added to the file's own (provenance), and `extra_files`
+    the four keywords. What the plan warns about (`Reconstruction.all_warnings()`: BatchNorm statistics
+    gathered at y, an assumed mode, ...) is issued as `sfckpt.SfckptWarning`s once x is written. `metadata` is added to the file's own (provenance), and `extra_files`
     (opened through the input gate) are copied into a folder release.
 
     With `workers` > 1, the shards of a folder output are written by that many processes. With
@@ -62,6 +64,9 @@ def save(
         raise
     if ranks is not None and ranks.rank == 0:
         ranks.finish(None)
+    if ranks is None or ranks.rank == 0:
+        for warning in recon.all_warnings():  # the options they name as keyword arguments
+            warnings.warn(warning, SfckptWarning, stacklevel=2)
     return paths
 
 
