@@ -191,6 +191,33 @@ class ParameterMapping:
 # The decision
 
 
+@dataclass
+class _ContentEvidence:
+    """What content says before names or an order are used."""
+
+    anchors: dict[int, str]  # id(entry) -> the one tensor its z ties to with a margin
+    possible: dict[int, AbstractSet[str]]  # id(entry) -> the tensors content does not rule out
+    # shape -> (evidence, id(entry) -> row, name -> column): for checking the pairs finally used
+    classes: dict[tuple, tuple[content.ClassEvidence, dict[int, int], dict[str, int]]]
+
+
+@dataclass
+class _Decision:
+    """The decision as the steps build it: the optimizers used, their entries with a z, and per entry
+    (by id) the tensor it belongs to and the kind of evidence for it."""
+
+    used: list[OptimizerEntries]
+    ignored: dict[str, str]  # optimizer key -> why its state belongs to other weights
+    stateful: list[tuple[OptimizerEntries, Entry]] = field(init=False)
+    decided: dict[int, str] = field(default_factory=dict)
+    kinds: dict[int, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # why saved names were not used
+    order_name: str = ""  # how the entries names and content left open were placed
+
+    def __post_init__(self) -> None:
+        self.stateful = [(o, e) for o in self.used for e in o.stateful()]
+
+
 def decide(
     optimizers: Sequence[OptimizerEntries],
     weights: Mapping[str, TensorRef],
@@ -215,138 +242,160 @@ def decide(
         twins: "auto", "tied" or "frozen": how untracked byte-identical copies are treated (auto:
             a copy of one tensor is its tie where ties are saved as copies; refused otherwise).
     """
-    candidates, _ = candidate_parameters(weights)
-    if model_order is not None:
-        rank = {n: i for i, n in enumerate(model_order)}
-        position = {n: i for i, n in enumerate(candidates)}
-        candidates = sorted(candidates, key=lambda n: (rank.get(n, len(rank)), position[n]))
-    cand_index = {n: i for i, n in enumerate(candidates)}
+    candidates = _ordered_candidates(weights, model_order)
     sampler = content.Sampler()
-
-    stateful: list[tuple[OptimizerEntries, Entry]] = [(o, e) for o in optimizers for e in o.stateful()]
-    for o, e in stateful:
-        z = e.z(o.z_key)
-        if not any(weights[c].shape == z.shape for c in candidates):
-            if len(optimizers) > 1:
-                continue  # decided below: this optimizer may belong to other weights
-            raise NotInWeights(
-                f"{e.label()} has z of shape {format_shape(z.shape)} but the model has no parameter of that shape",
-                "the optimizer state does not belong to this model (choose other entries with " + Opt("model_key")
-                + " / " + Opt("optimizer_key") + ")",
-            )
-
-    anchors, possible, classes = _content_anchors(stateful, weights, candidates, sampler)
-
-    ignored: dict[str, str] = {}
-    used = list(optimizers)
-    if len(optimizers) > 1:
-        used = []
-        for o in optimizers:
-            n_z = len(o.stateful())
-            if n_z and not any(possible.get(id(e)) for e in o.stateful()):
-                ignored[o.key] = f"none of its {n_z} entries can belong to these weights (shapes or content rule them out)"
-            else:
-                used.append(o)
-        if not used:
-            raise NotInWeights(
-                f"none of the optimizer states ({', '.join(o.key for o in optimizers)}) belongs to these weights: "
-                "no z lies near any of the model's tensors",
-                "choose the matching pair with " + Opt("model_key") + " and " + Opt("optimizer_key")
-                + " (see `sfckpt inspect`)",
-            )
-    stateful = [(o, e) for o in used for e in o.stateful()]
-    decided: dict[int, str] = {}  # id(entry) -> candidate name
-    kinds: dict[int, str] = {}
-
-    # 1. Names.
-    named_optimizers = []
-    if param_order is not None:
-        if len(used) != 1:
-            raise OptionConflict(Opt("param_order") + " gives one optimizer's order, but the checkpoint holds several "
-                                 "optimizers", "choose one with " + Opt("optimizer_key"))
-        _apply_param_order(used[0], param_order, weights)
-        named_optimizers = [(used[0], "--param-order")]
-    else:
-        for o in used:
-            if o.entries and all(e.saved_name is not None for e in o.entries):
-                named_optimizers.append((o, "names"))
-    name_notes: list[str] = []
-    for o, kind in named_optimizers:
-        source = kind if kind == "--param-order" else "param_names"
-        names = {id(e): (e.name if kind == "--param-order" else e.saved_name) for e in o.stateful()}
-        conflict = _name_conflict(o, names, weights, anchors, candidates, classes)
-        if conflict is None:
-            for e in o.stateful():
-                decided[id(e)], kinds[id(e)] = names[id(e)], kind
-        elif kind == "--param-order":
-            raise OptionConflict(Opt("param_order") + f" disagrees with the checkpoint: {conflict}",
-                                 "check the order of the names in the file (docs/mapping.md)", option="param_order")
-        else:
-            name_notes.append(f"saved {source} of optimizer '{o.key}' not used: {conflict}" if o.key
-                              else f"saved {source} not used: {conflict}")
-    for o, e in stateful:
-        if id(e) not in decided and id(e) in anchors:
-            decided[id(e)], kinds[id(e)] = anchors[id(e)], "content"
-
-    # 2. Order, for what names and content left open.
-    open_entries = [(o, e) for o, e in stateful if id(e) not in decided]
-    order_name = ""
-    if open_entries:
-        problem = OrderProblem(used=used, stateful=stateful, decided=decided, kinds=kinds, weights=weights,
-                               candidates=candidates, cand_index=cand_index, group_domains=group_domains,
-                               container_order_name=container_order_name, notes=name_notes)
-        try:
-            order_name = _place_by_order(problem, possible)
-        except NotInWeights:
-            # Among many look-alikes of few elements, "another tensor lies 4x closer" can rule out a
-            # true pair by chance, and rounding can pin a float32 y at its constant initial value while
-            # z moved by an ulp. Where these rules leave no placement at all, place without them: wider
-            # candidate sets only add solutions, so one placement found then is still the only one.
-            relaxed = _relaxed(possible, classes)
-            if relaxed is None:
-                raise
-            order_name = _place_by_order(problem, relaxed)
-
-    # 3. Check every pair, name the entries.
-    used_names: dict[str, Entry] = {}
-    for o, e in stateful:
-        e.name, e.evidence = decided[id(e)], kinds[id(e)]
-        if e.name in used_names:
-            raise MappingUndecided(f"{used_names[e.name].label()} and {e.label()} are both mapped to '{e.name}'",
-                                   "the optimizer states overlap; choose one with " + Opt("optimizer_key"), where=e.name)
-        used_names[e.name] = e
-        _verify_pair(e, o, weights, kinds[id(e)])
-    misfits, references = _verify_content(stateful, classes, order_name)
-    for o in used:
+    every = [(o, e) for o in optimizers for e in o.stateful()]
+    if len(optimizers) == 1:
+        _require_shapes(every, weights, candidates)
+    ev = _content_anchors(every, weights, candidates, sampler)
+    d = _drop_foreign_optimizers(optimizers, ev.possible)
+    _place_by_names(d, param_order, weights, candidates, ev)
+    for o, e in d.stateful:
+        if id(e) not in d.decided and id(e) in ev.anchors:
+            d.decided[id(e)], d.kinds[id(e)] = ev.anchors[id(e)], "content"
+    if any(id(e) not in d.decided for o, e in d.stateful):
+        _place_rest_by_order(d, ev, weights, candidates, group_domains, container_order_name)
+    used_names = _name_and_check_pairs(d, weights)
+    misfits, references = _verify_content(d.stateful, ev.classes, d.order_name)
+    for o in d.used:
         for e in o.entries:
             if e.z(o.z_key) is None and e.name is None and e.saved_name in weights:
                 e.name = e.saved_name
 
     trained = set(used_names)
-    z_of = {e.name: e.z(o.z_key) for o, e in stateful}
+    z_of = {e.name: e.z(o.z_key) for o, e in d.stateful}
     twin_map, twin_warnings, twin_refusal = _find_twins(weights, candidates, trained, ties_visible, twins, sampler, z_of)
     twin_sources = set(twin_map.values()) if twin_refusal else set()
     if twin_refusal:
         twin_map = {}
     untrained = [c for c in candidates if c not in trained and c not in twin_map]
     counts: dict[str, int] = {}
-    for o, e in stateful:
+    for o, e in d.stateful:
         counts[e.evidence] = counts.get(e.evidence, 0) + 1
-    confirmed = sum(1 for o, e in stateful if id(e) in anchors and anchors[id(e)] == e.name)
-    method = _describe(counts, confirmed, len(stateful), order_name)
-    warnings = name_notes + twin_warnings
-    for key, why in ignored.items():
-        warnings.append(f"optimizer state '{key}' not used: {why}")
-    entries = [e for o in used for e in o.entries]
-    return ParameterMapping(method, entries, counts, confirmed, len(stateful), untrained, twin_map,
-                            ignored_optimizers=ignored, warnings=warnings, misfits=misfits,
+    confirmed = sum(1 for o, e in d.stateful if id(e) in ev.anchors and ev.anchors[id(e)] == e.name)
+    method = _describe(counts, confirmed, len(d.stateful), d.order_name)
+    warnings = d.notes + twin_warnings + [f"optimizer state '{key}' not used: {why}" for key, why in d.ignored.items()]
+    entries = [e for o in d.used for e in o.entries]
+    return ParameterMapping(method, entries, counts, confirmed, len(d.stateful), untrained, twin_map,
+                            ignored_optimizers=d.ignored, warnings=warnings, misfits=misfits,
                             twin_refusal=twin_refusal, twin_sources=twin_sources, references=references)
 
 
-def _content_anchors(stateful, weights, candidates, sampler) -> tuple[dict[int, str], dict[int, AbstractSet[str]], dict]:
-    """Entries whose z content ties to one tensor with a margin (id(entry) -> name), for every entry
-    the tensors content does not rule out (id(entry) -> names), and the evidence of each shape class
-    (shape -> (evidence, id(entry) -> row, name -> column)) for checking the pairs finally used."""
+def _ordered_candidates(weights: Mapping[str, TensorRef], model_order: Sequence[str] | None) -> list[str]:
+    """The names that can be parameters, in the model's order where it is known apart from the file's."""
+    candidates, _ = candidate_parameters(weights)
+    if model_order is None:
+        return candidates
+    rank = {n: i for i, n in enumerate(model_order)}
+    position = {n: i for i, n in enumerate(candidates)}
+    return sorted(candidates, key=lambda n: (rank.get(n, len(rank)), position[n]))
+
+
+def _require_shapes(stateful: list[tuple[OptimizerEntries, Entry]], weights: Mapping[str, TensorRef],
+                    candidates: list[str]) -> None:
+    """Refuse the one optimizer of a checkpoint if one of its z has a shape no parameter has."""
+    for o, e in stateful:
+        z = e.z(o.z_key)
+        if not any(weights[c].shape == z.shape for c in candidates):
+            raise NotInWeights(
+                f"{e.label()} has z of shape {format_shape(z.shape)} but the model has no parameter of that shape",
+                "the optimizer state does not belong to this model (choose other entries with " + Opt("model_key")
+                + " / " + Opt("optimizer_key") + ")",
+            )
+
+
+def _drop_foreign_optimizers(optimizers: Sequence[OptimizerEntries],
+                             possible: dict[int, AbstractSet[str]]) -> _Decision:
+    """The decision's start: of several optimizers, those with an entry content allows on these weights
+    (the others may belong to other weights, and are reported as ignored)."""
+    if len(optimizers) <= 1:
+        return _Decision(list(optimizers), {})
+    used: list[OptimizerEntries] = []
+    ignored: dict[str, str] = {}
+    for o in optimizers:
+        n_z = len(o.stateful())
+        if n_z and not any(possible.get(id(e)) for e in o.stateful()):
+            ignored[o.key] = f"none of its {n_z} entries can belong to these weights (shapes or content rule them out)"
+        else:
+            used.append(o)
+    if not used:
+        raise NotInWeights(
+            f"none of the optimizer states ({', '.join(o.key for o in optimizers)}) belongs to these weights: "
+            "no z lies near any of the model's tensors",
+            "choose the matching pair with " + Opt("model_key") + " and " + Opt("optimizer_key")
+            + " (see `sfckpt inspect`)",
+        )
+    return _Decision(used, ignored)
+
+
+def _named_optimizers(used: list[OptimizerEntries], param_order: Sequence[str] | None,
+                      weights: Mapping[str, TensorRef]) -> list[tuple[OptimizerEntries, str]]:
+    """The optimizers whose entries have names, each with where the names come from ("--param-order",
+    which names its entries here, or "names" saved in the checkpoint)."""
+    if param_order is None:
+        return [(o, "names") for o in used if o.entries and all(e.saved_name is not None for e in o.entries)]
+    if len(used) != 1:
+        raise OptionConflict(Opt("param_order") + " gives one optimizer's order, but the checkpoint holds several "
+                             "optimizers", "choose one with " + Opt("optimizer_key"))
+    _apply_param_order(used[0], param_order, weights)
+    return [(used[0], "--param-order")]
+
+
+def _place_by_names(d: _Decision, param_order: Sequence[str] | None, weights: Mapping[str, TensorRef],
+                    candidates: list[str], ev: _ContentEvidence) -> None:
+    """Step 1: place the entries of each named optimizer whose names nothing contradicts. Saved names
+    that something contradicts are noted and not used; a contradicted --param-order is refused."""
+    for o, kind in _named_optimizers(d.used, param_order, weights):
+        source = kind if kind == "--param-order" else "param_names"
+        names = {id(e): (e.name if kind == "--param-order" else e.saved_name) for e in o.stateful()}
+        conflict = _name_conflict(o, names, weights, ev.anchors, candidates, ev.classes)
+        if conflict is None:
+            for e in o.stateful():
+                d.decided[id(e)], d.kinds[id(e)] = names[id(e)], kind
+        elif kind == "--param-order":
+            raise OptionConflict(Opt("param_order") + f" disagrees with the checkpoint: {conflict}",
+                                 "check the order of the names in the file (docs/mapping.md)", option="param_order")
+        else:
+            d.notes.append(f"saved {source} of optimizer '{o.key}' not used: {conflict}" if o.key
+                           else f"saved {source} not used: {conflict}")
+
+
+def _place_rest_by_order(d: _Decision, ev: _ContentEvidence, weights: Mapping[str, TensorRef], candidates: list[str],
+                         group_domains: Sequence[set[str]] | None, container_order_name: str) -> None:
+    """Step 2: place by order the entries names and content left open."""
+    problem = OrderProblem(used=d.used, stateful=d.stateful, decided=d.decided, kinds=d.kinds, weights=weights,
+                           candidates=candidates, cand_index={n: i for i, n in enumerate(candidates)},
+                           group_domains=group_domains, container_order_name=container_order_name, notes=d.notes)
+    try:
+        d.order_name = _place_by_order(problem, ev.possible)
+    except NotInWeights:
+        # Among many look-alikes of few elements, "another tensor lies 4x closer" can rule out a
+        # true pair by chance, and rounding can pin a float32 y at its constant initial value while
+        # z moved by an ulp. Where these rules leave no placement at all, place without them: wider
+        # candidate sets only add solutions, so one placement found then is still the only one.
+        relaxed = _relaxed(ev.possible, ev.classes)
+        if relaxed is None:
+            raise
+        d.order_name = _place_by_order(problem, relaxed)
+
+
+def _name_and_check_pairs(d: _Decision, weights: Mapping[str, TensorRef]) -> dict[str, Entry]:
+    """Step 3: name every entry as decided, refusing two entries on one tensor and pairs whose shapes or
+    dtypes differ; return the entries by tensor name."""
+    used_names: dict[str, Entry] = {}
+    for o, e in d.stateful:
+        e.name, e.evidence = d.decided[id(e)], d.kinds[id(e)]
+        if e.name in used_names:
+            raise MappingUndecided(f"{used_names[e.name].label()} and {e.label()} are both mapped to '{e.name}'",
+                                   "the optimizer states overlap; choose one with " + Opt("optimizer_key"), where=e.name)
+        used_names[e.name] = e
+        _verify_pair(e, o, weights, d.kinds[id(e)])
+    return used_names
+
+
+def _content_anchors(stateful, weights, candidates, sampler) -> _ContentEvidence:
+    """Entries whose z content ties to one tensor with a margin, for every entry the tensors content
+    does not rule out, and the evidence of each shape class."""
     import numpy as np
 
     by_shape: dict[tuple, list[str]] = {}
@@ -372,7 +421,7 @@ def _content_anchors(stateful, weights, candidates, sampler) -> tuple[dict[int, 
                 anchors[id(e)] = cols[m.candidate]
             possible[id(e)] = content.PossibleRow(allowed[i], cols, column, positions)
         classes[shape] = (ev, {id(e): i for i, (o, e) in enumerate(items)}, column)
-    return anchors, possible, classes
+    return _ContentEvidence(anchors, possible, classes)
 
 
 def _relaxed(possible, classes) -> dict[int, AbstractSet[str]] | None:
