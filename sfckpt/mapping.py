@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from collections.abc import Set as AbstractSet
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NoReturn, Sequence
 
 from . import content, order_search
 from .conventions import BN_BUFFERS
@@ -274,7 +274,7 @@ def decide(
         counts[e.evidence] = counts.get(e.evidence, 0) + 1
     confirmed = sum(1 for o, e in d.stateful if id(e) in ev.anchors and ev.anchors[id(e)] == e.name)
     method = _describe(counts, confirmed, len(d.stateful), d.order_name)
-    warnings = d.notes + twin_warnings + [f"optimizer state '{key}' not used: {why}" for key, why in d.ignored.items()]
+    warnings = d.notes + twin_warnings + [f"optimizer state '{k}' not used: {why}" for k, why in d.ignored.items()]
     entries = [e for o in d.used for e in o.entries]
     return ParameterMapping(method, entries, counts, confirmed, len(d.stateful), untrained, twin_map,
                             ignored_optimizers=d.ignored, warnings=warnings, misfits=misfits,
@@ -535,98 +535,133 @@ class OrderProblem:
     notes: list[str]  # why saved names were not used, for the errors
 
 
-# Longer than most: the domains, the search and its three outcomes read as one argument.
+@dataclass
+class _OrderDomains:
+    """What the order search works on: per entry (by id) the candidate indices it may take, and the
+    entries' chains (one per group, in the group's order)."""
+
+    fixed: dict[int, int]  # id(entry) -> candidate index, for the entries names or content placed
+    taken: set[int]  # the candidate indices those hold
+    by_shape: dict[tuple, list[int]]  # shape -> candidate indices of that shape, in order
+    chains: list[list[int]] = field(default_factory=list)
+    entry_of: dict[int, tuple[OptimizerEntries, Entry]] = field(default_factory=dict)
+    domains: dict[int, list[int]] = field(default_factory=dict)
+
+    def open_ids(self) -> list[int]:
+        return [ident for ident in self.domains if ident not in self.fixed]
+
+
+@dataclass
+class _OrderSearch:
+    """The placements the order hypotheses found (each with the order's label), and whether the search
+    gave up before it could tell one placement from several."""
+
+    distinct: list[tuple[str, dict[int, int]]]
+    exhausted: bool
+
+
 def _place_by_order(p: OrderProblem, possible) -> str:
     """Place the entries names and content left open (`possible`: what content allows each); return the
     order that placed them."""
-    used, stateful, decided, kinds, weights = p.used, p.stateful, p.decided, p.kinds, p.weights
-    candidates, cand_index, group_domains, notes = p.candidates, p.cand_index, p.group_domains, p.notes
-    container_order_name = p.container_order_name
+    dom = _order_domains(p, possible)
+    # Shapes, content and the names already placed may leave one way on their own: no order needed.
+    failed, alone = order_search.propagate([], dom.domains, lambda i: i)
+    if failed is None and all(v is not None for v in alone.values()):
+        for ident in dom.open_ids():
+            p.decided[ident], p.kinds[ident] = p.candidates[alone[ident]], "order"
+        return "shape (the only way to fit)"
+    hypotheses = _order_keys(p.candidates)
+    if p.group_domains is not None:
+        hypotheses = hypotheses[:1]
+    found = _search_orders(dom, hypotheses)
+    open_ids = dom.open_ids()
+    n_content = sum(1 for o, e in p.stateful if p.kinds.get(id(e)) == "content")
+    context = f"content confirms {n_content} of {len(p.stateful)} entries" + (f"; {p.notes[0]}" if p.notes else "")
+    if len(found.distinct) == 1 and not found.exhausted:
+        label, solution = found.distinct[0]
+        if not p.container_order_name:
+            _check_order_witnessed(dom.chains, solution, dom.fixed, possible, p.candidates, dom.entry_of, context)
+        for ident in open_ids:
+            p.decided[ident], p.kinds[ident] = p.candidates[solution[ident]], "order"
+        return p.container_order_name or label
+    if found.exhausted:
+        raise Undecided(f"too many ways to match the optimizer's entries to the model's tensors ({context})",
+                        ORDER_HINT)
+    if not found.distinct:
+        _refuse_unplaced(p, dom, possible, hypotheses[0][1], context)
+    a, b = found.distinct[0][1], found.distinct[1][1]
+    ident = next(i for i in open_ids if a[i] != b[i])
+    o, e = dom.entry_of[ident]
+    raise Undecided(
+        f"cannot tell which tensor {e.label()} belongs to: '{p.candidates[a[ident]]}' and '{p.candidates[b[ident]]}' "
+        f"both fit, and content cannot tell them apart ({context})",
+        ORDER_HINT,
+    )
+
+
+def _order_domains(p: OrderProblem, possible) -> _OrderDomains:
+    """Each entry's domain: its fixed tensor, else the tensors of its shape that content allows, its
+    group's container rule admits and no fixed entry holds; and one chain per group."""
     fixed = {}
-    for o, e in stateful:
-        if id(e) in decided and decided[id(e)] in cand_index:
-            fixed[id(e)] = cand_index[decided[id(e)]]
-    chains: list[list[int]] = []
-    entry_of: dict[int, tuple[OptimizerEntries, Entry]] = {}
-    domains0: dict[int, list[int]] = {}
-    taken = set(fixed.values())
-    taken_mask = _taken_mask(taken, len(candidates))
+    for o, e in p.stateful:
+        if id(e) in p.decided and p.decided[id(e)] in p.cand_index:
+            fixed[id(e)] = p.cand_index[p.decided[id(e)]]
     by_shape: dict[tuple, list[int]] = {}
-    for i, c in enumerate(candidates):
-        by_shape.setdefault(weights[c].shape, []).append(i)
-    for o in used:
+    for i, c in enumerate(p.candidates):
+        by_shape.setdefault(p.weights[c].shape, []).append(i)
+    dom = _OrderDomains(fixed, set(fixed.values()), by_shape)
+    taken_mask = _taken_mask(dom.taken, len(p.candidates))
+    for o in p.used:
         groups: dict[int, list[Entry]] = {}
         for e in o.stateful():
             groups.setdefault(e.group, []).append(e)
         for g, members in groups.items():
-            chain = []
             for e in members:
-                entry_of[id(e)] = (o, e)
+                dom.entry_of[id(e)] = (o, e)
                 if id(e) in fixed:
-                    domains0[id(e)] = [fixed[id(e)]]
-                else:
-                    dom = _open_domain(possible.get(id(e), set()), by_shape.get(e.z(o.z_key).shape, []), taken,
-                                       taken_mask, candidates)
-                    if group_domains is not None and g < len(group_domains):
-                        dom = [i for i in dom if candidates[i] in group_domains[g]]
-                    domains0[id(e)] = dom
-                chain.append(id(e))
-            chains.append(chain)
-    # Shapes, content and the names already placed may leave one way on their own: no order needed.
-    failed, alone = order_search.propagate([], domains0, lambda i: i)
-    if failed is None and all(v is not None for v in alone.values()):
-        for ident in domains0:
-            if ident not in fixed:
-                decided[ident], kinds[ident] = candidates[alone[ident]], "order"
-        return "shape (the only way to fit)"
-    hypotheses = _order_keys(candidates)
-    if group_domains is not None:
-        hypotheses = hypotheses[:1]
+                    dom.domains[id(e)] = [fixed[id(e)]]
+                    continue
+                allowed = _open_domain(possible.get(id(e), set()), by_shape.get(e.z(o.z_key).shape, []), dom.taken,
+                                       taken_mask, p.candidates)
+                if p.group_domains is not None and g < len(p.group_domains):
+                    allowed = [i for i in allowed if p.candidates[i] in p.group_domains[g]]
+                dom.domains[id(e)] = allowed
+            dom.chains.append([id(e) for e in members])
+    return dom
+
+
+def _search_orders(dom: _OrderDomains, hypotheses: list[tuple[str, Callable[[int], Any]]]) -> _OrderSearch:
+    """Search the hypotheses in turn, stopping at the first that finds a placement or gives up."""
     # The model's order comes first: grouping code walks named_parameters(). Another order is used only
     # where the confirmed pairs rule the model's order out.
     results = []
     for label, key in hypotheses:
-        results.append((label, *order_search.solve(chains, domains0, key, SEARCH_BUDGET)))
+        results.append((label, *order_search.solve(dom.chains, dom.domains, key, SEARCH_BUDGET)))
         if results[-1][1] or results[-1][2]:
             break
-    distinct = [(label, s) for label, solutions, _ in results for s in solutions]
-    open_ids = [ident for ident in domains0 if ident not in fixed]
-    n_content = sum(1 for o, e in stateful if kinds.get(id(e)) == "content")
-    context = f"content confirms {n_content} of {len(stateful)} entries" + (f"; {notes[0]}" if notes else "")
-    exhausted = any(ex for _, _, ex in results)
-    if len(distinct) == 1 and not exhausted:
-        label, solution = distinct[0]
-        if not container_order_name:
-            _check_order_witnessed(chains, solution, fixed, possible, candidates, entry_of, context)
-        for ident in open_ids:
-            decided[ident], kinds[ident] = candidates[solution[ident]], "order"
-        return container_order_name or label
-    if exhausted:
-        raise Undecided(f"too many ways to match the optimizer's entries to the model's tensors ({context})",
-                        ORDER_HINT)
-    if not distinct:
-        failed, _ = order_search.propagate(chains, domains0, hypotheses[0][1])
-        o, e = entry_of[failed if failed is not None else open_ids[0]]
-        shape = e.z(o.z_key).shape
-        ruled_out = _ruled_out(e, shape, by_shape, taken, possible, candidates)
-        alike = _look_alikes(open_ids, domains0, candidates, weights)
-        if alike and not ruled_out and not container_order_name and candidates == sorted(candidates):
-            raise OrderFitsNothing(
-                f"cannot place {len([i for i in open_ids if len(domains0[i]) > 1])} optimizer entries: the weights "
-                f"file lists its tensors sorted by name, so it keeps no parameter order, and content cannot tell "
-                f"these tensors apart: {alike} ({context})", ORDER_HINT)
+    return _OrderSearch([(label, s) for label, solutions, _ in results for s in solutions],
+                        any(ex for _, _, ex in results))
+
+
+def _refuse_unplaced(p: OrderProblem, dom: _OrderDomains, possible, key: Callable[[int], Any],
+                     context: str) -> NoReturn:
+    """Raise OrderFitsNothing, naming the look-alikes a sorted weights file cannot order, else the first
+    entry the model's order cannot place."""
+    open_ids = dom.open_ids()
+    failed, _ = order_search.propagate(dom.chains, dom.domains, key)
+    o, e = dom.entry_of[failed if failed is not None else open_ids[0]]
+    shape = e.z(o.z_key).shape
+    ruled_out = _ruled_out(e, shape, dom.by_shape, dom.taken, possible, p.candidates)
+    alike = _look_alikes(open_ids, dom.domains, p.candidates, p.weights)
+    if alike and not ruled_out and not p.container_order_name and p.candidates == sorted(p.candidates):
         raise OrderFitsNothing(
-            f"{e.label()}, z of shape {format_shape(shape)}, fits no tensor of these weights in an order "
-            f"that the tensors told apart by content agree with ({context}{ruled_out}): "
-            "the optimizer trains tensors that are not in these weights, or lists them in an order sfckpt cannot follow",
-            ORDER_HINT,
-        )
-    a, b = distinct[0][1], distinct[1][1]
-    ident = next(i for i in open_ids if a[i] != b[i])
-    o, e = entry_of[ident]
-    raise Undecided(
-        f"cannot tell which tensor {e.label()} belongs to: '{candidates[a[ident]]}' and '{candidates[b[ident]]}' "
-        f"both fit, and content cannot tell them apart ({context})",
+            f"cannot place {len([i for i in open_ids if len(dom.domains[i]) > 1])} optimizer entries: the weights "
+            f"file lists its tensors sorted by name, so it keeps no parameter order, and content cannot tell "
+            f"these tensors apart: {alike} ({context})", ORDER_HINT)
+    raise OrderFitsNothing(
+        f"{e.label()}, z of shape {format_shape(shape)}, fits no tensor of these weights in an order "
+        f"that the tensors told apart by content agree with ({context}{ruled_out}): "
+        "the optimizer trains tensors that are not in these weights, or lists them in an order sfckpt cannot follow",
         ORDER_HINT,
     )
 
