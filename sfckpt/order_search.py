@@ -96,106 +96,141 @@ class _Problem:
 
         `dirty`: per chain whose domains changed since it was last narrowed, the first and last
         positions changed; `fresh`: entries decided since decided entries were last collected."""
-        base, keys, chains = self.base, self.keys, self.chains
-        lo, hi, single, holder = st.lo, st.hi, st.single, st.holder
-        members = self.members
         while True:
             for c in sorted(dirty):
-                # Entries before the first changed one are as the last pass left them, and a pass that
-                # leaves an entry past the last changed one as it was leaves the rest of the chain too.
-                chain = chains[c]
                 first, last = dirty[c]
-                low = keys[chain[first - 1]][lo[chain[first - 1]]] if first else None
-                for j in range(first, len(chain)):
-                    k = chain[j]
-                    moved = False
-                    if low is not None:
-                        if single[k] is not None:
-                            if keys[k][lo[k]] <= low:
-                                return k
-                        else:
-                            new = bisect_right(keys[k], low, lo[k], hi[k])
-                            if new != lo[k]:
-                                b, h = base[k], hi[k]
-                                while new < h and b[new] in holder:
-                                    new += 1
-                                lo[k] = new
-                                moved = True
-                                if new >= h:
-                                    return k
-                                if new == h - 1:
-                                    single[k] = b[new]
-                                    fresh.append(k)
-                    if j > last and not moved:
-                        break
-                    low = keys[k][lo[k]]
-                high = keys[chain[last + 1]][hi[chain[last + 1]] - 1] if last + 1 < len(chain) else None
-                for j in range(last, -1, -1):
-                    k = chain[j]
-                    moved = False
-                    if high is not None:
-                        if single[k] is not None:
-                            if keys[k][lo[k]] >= high:
-                                return k
-                        else:
-                            new = bisect_left(keys[k], high, lo[k], hi[k])
-                            if new != hi[k]:
-                                b, low_k = base[k], lo[k]
-                                while new > low_k and b[new - 1] in holder:
-                                    new -= 1
-                                hi[k] = new
-                                moved = True
-                                if new <= low_k:
-                                    return k
-                                if new == low_k + 1:
-                                    single[k] = b[low_k]
-                                    fresh.append(k)
-                    if j < first and not moved:
-                        break
-                    high = keys[k][hi[k] - 1]
-            # A candidate decided for two entries fails on the later of the two (in entry order).
+                failed = self._narrow_up(st, self.chains[c], first, last, fresh)
+                if failed is None:
+                    failed = self._narrow_down(st, self.chains[c], first, last, fresh)
+                if failed is not None:
+                    return failed
             by_value: dict[int, list[int]] = {}
             for k in fresh:
-                by_value.setdefault(single[k], []).append(k)
-            fresh = []
-            failed = None
-            for v, ks in by_value.items():
-                if v in holder:
-                    ks = ks + [holder[v]]
-                if len(ks) > 1:
-                    second = sorted(ks)[1]
-                    failed = second if failed is None else min(failed, second)
+                by_value.setdefault(st.single[k], []).append(k)
+            failed = _held_twice(by_value, st.holder)
             if failed is not None:
                 return failed
-            affected: set[int] = set()
-            for v, (k_v,) in by_value.items():
-                holder[v] = k_v
-                for d, p in self.where.get(v, ()):
-                    for k in members[d]:
-                        if single[k] is None and lo[k] <= p < hi[k]:
-                            affected.add(k)
+            affected = self._hold(st, by_value)
             if not affected:
                 return None
-            dirty = {}
-            for k in sorted(affected):
-                b, new_lo, new_hi = base[k], lo[k], hi[k]
-                while new_lo < new_hi and b[new_lo] in holder:
-                    new_lo += 1
-                while new_hi > new_lo and b[new_hi - 1] in holder:
-                    new_hi -= 1
-                if (new_lo, new_hi) == (lo[k], hi[k]):
-                    continue  # a candidate left from inside the domain: its bounds, all a chain looks at, stay
-                lo[k], hi[k] = new_lo, new_hi
-                if new_lo >= new_hi:
-                    return k
-                if new_lo == new_hi - 1:
-                    single[k] = b[new_lo]
-                    fresh.append(k)
-                c = self.chain_of[k]
-                if c >= 0:
-                    j = self.place[k]
-                    first, last = dirty.get(c, (j, j))
-                    dirty[c] = (min(first, j), max(last, j))
+            fresh, dirty = [], {}
+            failed = self._release(st, affected, fresh, dirty)
+            if failed is not None:
+                return failed
+
+    def _narrow_up(self, st: _State, chain: list[int], first: int, last: int, fresh: list[int]) -> int | None:
+        """Raise each lower bound of the chain above its predecessor's; the entry left empty (or placed
+        at or below its predecessor), or None. Entries decided on the way go to `fresh`."""
+        base, keys = self.base, self.keys
+        lo, hi, single, holder = st.lo, st.hi, st.single, st.holder
+        # Entries before the first changed one are as the last pass left them, and a pass that
+        # leaves an entry past the last changed one as it was leaves the rest of the chain too.
+        low = keys[chain[first - 1]][lo[chain[first - 1]]] if first else None
+        for j in range(first, len(chain)):
+            k = chain[j]
+            moved = False
+            if low is not None:
+                if single[k] is not None:
+                    if keys[k][lo[k]] <= low:
+                        return k
+                else:
+                    new = bisect_right(keys[k], low, lo[k], hi[k])
+                    if new != lo[k]:
+                        b, h = base[k], hi[k]
+                        while new < h and b[new] in holder:
+                            new += 1
+                        lo[k] = new
+                        moved = True
+                        if new >= h:
+                            return k
+                        if new == h - 1:
+                            single[k] = b[new]
+                            fresh.append(k)
+            if j > last and not moved:
+                break
+            low = keys[k][lo[k]]
+        return None
+
+    def _narrow_down(self, st: _State, chain: list[int], first: int, last: int, fresh: list[int]) -> int | None:
+        """Lower each upper bound of the chain below its successor's: `_narrow_up` run backwards."""
+        base, keys = self.base, self.keys
+        lo, hi, single, holder = st.lo, st.hi, st.single, st.holder
+        high = keys[chain[last + 1]][hi[chain[last + 1]] - 1] if last + 1 < len(chain) else None
+        for j in range(last, -1, -1):
+            k = chain[j]
+            moved = False
+            if high is not None:
+                if single[k] is not None:
+                    if keys[k][lo[k]] >= high:
+                        return k
+                else:
+                    new = bisect_left(keys[k], high, lo[k], hi[k])
+                    if new != hi[k]:
+                        b, low_k = base[k], lo[k]
+                        while new > low_k and b[new - 1] in holder:
+                            new -= 1
+                        hi[k] = new
+                        moved = True
+                        if new <= low_k:
+                            return k
+                        if new == low_k + 1:
+                            single[k] = b[low_k]
+                            fresh.append(k)
+            if j < first and not moved:
+                break
+            high = keys[k][hi[k] - 1]
+        return None
+
+    def _hold(self, st: _State, by_value: dict[int, list[int]]) -> set[int]:
+        """Record who holds each newly decided candidate; return the open entries whose domains hold it."""
+        single, lo, hi, members = st.single, st.lo, st.hi, self.members
+        affected: set[int] = set()
+        for v, (k_v,) in by_value.items():
+            st.holder[v] = k_v
+            for d, p in self.where.get(v, ()):
+                for k in members[d]:
+                    if single[k] is None and lo[k] <= p < hi[k]:
+                        affected.add(k)
+        return affected
+
+    def _release(self, st: _State, affected: set[int], fresh: list[int],
+                 dirty: dict[int, tuple[int, int]]) -> int | None:
+        """Move the bounds of the affected entries past held candidates; the entry left empty, or None.
+        Entries decided go to `fresh`, and the chain positions whose bounds moved to `dirty`."""
+        base, lo, hi, single, holder = self.base, st.lo, st.hi, st.single, st.holder
+        for k in sorted(affected):
+            b, new_lo, new_hi = base[k], lo[k], hi[k]
+            while new_lo < new_hi and b[new_lo] in holder:
+                new_lo += 1
+            while new_hi > new_lo and b[new_hi - 1] in holder:
+                new_hi -= 1
+            if (new_lo, new_hi) == (lo[k], hi[k]):
+                continue  # a candidate left from inside the domain: its bounds, all a chain looks at, stay
+            lo[k], hi[k] = new_lo, new_hi
+            if new_lo >= new_hi:
+                return k
+            if new_lo == new_hi - 1:
+                single[k] = b[new_lo]
+                fresh.append(k)
+            c = self.chain_of[k]
+            if c >= 0:
+                j = self.place[k]
+                first, last = dirty.get(c, (j, j))
+                dirty[c] = (min(first, j), max(last, j))
+        return None
+
+
+def _held_twice(by_value: dict[int, list[int]], holder: dict[int, int]) -> int | None:
+    """The entry a candidate decided for two entries fails on: the later of the two (in entry order),
+    the first such over all candidates; or None."""
+    failed = None
+    for v, ks in by_value.items():
+        if v in holder:
+            ks = ks + [holder[v]]
+        if len(ks) > 1:
+            second = sorted(ks)[1]
+            failed = second if failed is None else min(failed, second)
+    return failed
 
 
 def propagate(chains: Sequence[Sequence[Hashable]], domains: Mapping[Hashable, Sequence[int]],
