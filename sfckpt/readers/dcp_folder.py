@@ -352,9 +352,7 @@ class DcpFolder:
 def _validate(metadata: Any, path: Path, root: inputs.Root) -> None:
     """Check the unpickled metadata has the shape DCP's own classes promise (a flipped byte may not),
     names only files inside the folder, and describes no more data than the folder holds."""
-    from .dcp_records import (BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
-                              TensorStorageMetadata, TorchName)
-    from .dcp_records import StorageInfo as _StorageInfo
+    from .dcp_records import Metadata, StorageMeta
 
     damaged = DamagedInput(f"{path}/.metadata does not describe a checkpoint DCP can read", "the folder is damaged")
     if not isinstance(metadata, Metadata) or not isinstance(getattr(metadata, "storage_meta", None), (StorageMeta, type(None))):
@@ -367,8 +365,19 @@ def _validate(metadata: Any, path: Path, root: inputs.Root) -> None:
     if not (paths is None or (isinstance(paths, dict) and all(
             type(p) is tuple and p and all(type(part) in (str, int) for part in p) for p in paths.values()))):
         raise damaged
+    stored = _stored_bytes(storage, path, root, damaged)
+    max_chunks = limits.DCP_CHUNKS.value
+    for key, md in entries.items():
+        _check_entry(key, md, stored, max_chunks, path, damaged)
+    _check_nesting(entries, paths or {}, path)
 
-    # Where each entry's bytes are: files confined to the folder, slices inside them.
+
+def _stored_bytes(storage: dict, path: Path, root: inputs.Root, damaged: DamagedInput) -> dict[str, int]:
+    """Where each entry's bytes are, checked (files confined to the folder, slices inside them);
+    return the bytes stored per entry name."""
+    from .dcp_records import MetadataIndex
+    from .dcp_records import StorageInfo as _StorageInfo
+
     stored: dict[str, int] = {}  # fqn -> bytes stored for it
     files: dict[str, int] = {}  # relative path -> size
     for index, info in storage.items():
@@ -387,39 +396,43 @@ def _validate(metadata: Any, path: Path, root: inputs.Root) -> None:
         if offset + length > files[rel]:
             raise DamagedInput(f"{path}/{rel}: entry '{index.fqn}' lies past the end of the file", "the folder is damaged")
         stored[index.fqn] = stored.get(index.fqn, 0) + length
+    return stored
 
-    max_chunks = limits.DCP_CHUNKS.value
-    for key, md in entries.items():
-        if type(key) is not str:
-            raise damaged
-        if isinstance(md, BytesStorageMetadata):
-            continue
-        if not isinstance(md, TensorStorageMetadata):
-            raise damaged
-        dtype = getattr(getattr(md, "properties", None), "dtype", None)
-        size, chunks = getattr(md, "size", None), getattr(md, "chunks", None)
-        if not (isinstance(dtype, TorchName) and dtype.kind == "dtype" and isinstance(size, tuple) and all(type(n) is int and 0 <= n < 1 << 62 for n in size)
-                and isinstance(chunks, list)):
-            raise damaged
-        if len(chunks) > max_chunks:
-            raise limits.DCP_CHUNKS.exceeded(f"{path}/.metadata: tensor '{key}' is split into {len(chunks)} chunks")
-        for chunk in chunks:
-            offsets, sizes = getattr(chunk, "offsets", None), getattr(chunk, "sizes", None)
-            if not (type(chunk) is ChunkStorageMetadata and isinstance(offsets, tuple) and isinstance(sizes, tuple)
-                    and len(offsets) == len(sizes) == len(size)
-                    and all(type(o) is int and type(n) is int and 0 <= o and 0 <= n and o + n <= d
-                            for o, n, d in zip(offsets, sizes, size))):
-                raise damaged
-        # Chunks must tile the tensor: an element no chunk covers would be written uninitialised.
-        if sum(math.prod(chunk.sizes) for chunk in chunks) != math.prod(size) or not _tile(size, chunks, path, key):
-            raise DamagedInput(f"{path}/.metadata: the chunks of tensor '{key}' do not cover its shape {tuple(size)} "
-                             "exactly once", "the folder is damaged or incomplete")
-        nbytes = math.prod(size) * records.element_size(dtype)
-        if nbytes > stored.get(key, 0):
-            raise DamagedInput(f"{path}/.metadata: tensor '{key}' of shape {tuple(size)} needs {nbytes} bytes but its "
-                             f"shards hold {stored.get(key, 0)}", "the folder is damaged or incomplete")
 
-    _check_nesting(entries, paths or {}, path)
+def _check_entry(key: Any, md: Any, stored: dict[str, int], max_chunks: int, path: Path,
+                 damaged: DamagedInput) -> None:
+    """Check one entry's metadata: a tensor's dtype, shape and chunks, the chunks tiling the tensor,
+    and its shards holding all its bytes."""
+    from .dcp_records import BytesStorageMetadata, ChunkStorageMetadata, TensorStorageMetadata, TorchName
+
+    if type(key) is not str:
+        raise damaged
+    if isinstance(md, BytesStorageMetadata):
+        return
+    if not isinstance(md, TensorStorageMetadata):
+        raise damaged
+    dtype = getattr(getattr(md, "properties", None), "dtype", None)
+    size, chunks = getattr(md, "size", None), getattr(md, "chunks", None)
+    if not (isinstance(dtype, TorchName) and dtype.kind == "dtype" and isinstance(size, tuple) and all(type(n) is int and 0 <= n < 1 << 62 for n in size)
+            and isinstance(chunks, list)):
+        raise damaged
+    if len(chunks) > max_chunks:
+        raise limits.DCP_CHUNKS.exceeded(f"{path}/.metadata: tensor '{key}' is split into {len(chunks)} chunks")
+    for chunk in chunks:
+        offsets, sizes = getattr(chunk, "offsets", None), getattr(chunk, "sizes", None)
+        if not (type(chunk) is ChunkStorageMetadata and isinstance(offsets, tuple) and isinstance(sizes, tuple)
+                and len(offsets) == len(sizes) == len(size)
+                and all(type(o) is int and type(n) is int and 0 <= o and 0 <= n and o + n <= d
+                        for o, n, d in zip(offsets, sizes, size))):
+            raise damaged
+    # Chunks must tile the tensor: an element no chunk covers would be written uninitialised.
+    if sum(math.prod(chunk.sizes) for chunk in chunks) != math.prod(size) or not _tile(size, chunks, path, key):
+        raise DamagedInput(f"{path}/.metadata: the chunks of tensor '{key}' do not cover its shape {tuple(size)} "
+                         "exactly once", "the folder is damaged or incomplete")
+    nbytes = math.prod(size) * records.element_size(dtype)
+    if nbytes > stored.get(key, 0):
+        raise DamagedInput(f"{path}/.metadata: tensor '{key}' of shape {tuple(size)} needs {nbytes} bytes but its "
+                         f"shards hold {stored.get(key, 0)}", "the folder is damaged or incomplete")
 
 
 GRID_CELLS = 1 << 22  # cells of the grid a tensor's chunk boundaries make; honest saves split one or two dimensions
