@@ -15,7 +15,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
@@ -24,6 +24,9 @@ from .conventions import DTYPE_ALIASES, EXIT_INTERRUPTED, INTERRUPTED, JSON_VERS
 from .cli_words import cli_words, in_cli_words
 from .errors import InputError, Opt, OptionConflict, SfckptError, SfckptWarning
 from .options import Options
+
+if TYPE_CHECKING:  # annotations only: commands import the pipeline when they run, so that --help stays fast
+    from .reconstruct import Reconstruction
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 # The repository's pages: an installed package has no docs/ folder to point at
@@ -343,7 +346,18 @@ def convert(ckpt: Path, out: str, quiet: bool, as_json: bool, options: Options) 
             warnings.simplefilter("ignore", SfckptWarning)
             paths = save(recon, out, options=options, progress=update, distributed=True)
     _warn(recon.all_warnings(cli_words), quiet)  # after success, so that a failure is one line on stderr
-    summary = {
+    summary = _convert_summary(ckpt, recon, paths, total)
+    if shifts is not None:
+        summary["batchnorm"] = [s.as_json() for s in shifts]
+    if as_json:
+        textout.echo_json(summary)
+    elif not quiet:
+        _say_written(recon, paths, summary.get("batchnorm"))
+
+
+def _convert_summary(ckpt: Path, recon: Reconstruction, paths: list[Path], total: int) -> dict[str, Any]:
+    """What `convert --json` prints (less the BatchNorm shifts, which only calibration has)."""
+    return {
         "version": JSON_VERSION,
         "source": str(ckpt),
         "outputs": [str(p) for p in paths],
@@ -358,28 +372,23 @@ def convert(ckpt: Path, out: str, quiet: bool, as_json: bool, options: Options) 
         "bytes": total,
         "warnings": recon.all_warnings(cli_words),
     }
-    if shifts is not None:
-        summary["batchnorm"] = [s.as_json() for s in shifts]
-    if as_json:
-        textout.echo_json(summary)
-        return
-    if shifts is not None and not quiet:
-        from .tables import bn_table
 
-        textout.echo(bn_table(summary["batchnorm"]))
-    if not quiet:
-        from .tables import counted
 
-        what = "already held x: copied" if recon.source_held == "x" else f"{counted(recon.n_converted, 'tensor')} converted from y to x"
-        n_untrained = len(recon.mapping.untrained)
-        if n_untrained:
-            what += f"; {n_untrained} untrained parameter{'s' if n_untrained != 1 else ''} copied as saved"
-        families_used = ", ".join(dict.fromkeys(o.family.name for o in recon.optimizers))
-        textout.echo_line(f"wrote {', '.join(map(str, paths))} ({families_used}; {what})", err=True)
-        from .inspection import hints
+def _say_written(recon: Reconstruction, paths: list[Path], batchnorm: list[dict] | None) -> None:
+    """convert's words for people: the BatchNorm table if it calibrated, what it wrote, and hints."""
+    from .inspection import hints
+    from .tables import bn_table, counted
 
-        for hint in hints(recon):  # a Lightning prefix kept: the names loading code expects may lack it
-            textout.echo_line(f"hint: {hint}", err=True)
+    if batchnorm is not None:
+        textout.echo(bn_table(batchnorm))
+    what = "already held x: copied" if recon.source_held == "x" else f"{counted(recon.n_converted, 'tensor')} converted from y to x"
+    n_untrained = len(recon.mapping.untrained)
+    if n_untrained:
+        what += f"; {n_untrained} untrained parameter{'s' if n_untrained != 1 else ''} copied as saved"
+    families_used = ", ".join(dict.fromkeys(o.family.name for o in recon.optimizers))
+    textout.echo_line(f"wrote {', '.join(map(str, paths))} ({families_used}; {what})", err=True)
+    for hint in hints(recon):  # a Lightning prefix kept: the names loading code expects may lack it
+        textout.echo_line(f"hint: {hint}", err=True)
 
 
 @main.command(short_help="Convert each checkpoint a training run writes, once its save is complete.", epilog=DOCS_EPILOG)
