@@ -257,10 +257,7 @@ def decide(
         _place_rest_by_order(d, ev, weights, candidates, group_domains, container_order_name)
     used_names = _name_and_check_pairs(d, weights)
     misfits, references = _verify_content(d.stateful, ev.classes, d.order_name)
-    for o in d.used:
-        for e in o.entries:
-            if e.z(o.z_key) is None and e.name is None and e.saved_name in weights:
-                e.name = e.saved_name
+    _name_untrained_entries(d.used, weights)
 
     trained = set(used_names)
     z_of = {e.name: e.z(o.z_key) for o, e in d.stateful}
@@ -279,6 +276,14 @@ def decide(
     return ParameterMapping(method, entries, counts, confirmed, len(d.stateful), untrained, twin_map,
                             ignored_optimizers=d.ignored, warnings=warnings, misfits=misfits,
                             twin_refusal=twin_refusal, twin_sources=twin_sources, references=references)
+
+
+def _name_untrained_entries(used: list[OptimizerEntries], weights: Mapping[str, TensorRef]) -> None:
+    """Entries without z keep the names saved with them, where the weights hold such a tensor."""
+    for o in used:
+        for e in o.entries:
+            if e.z(o.z_key) is None and e.name is None and e.saved_name in weights:
+                e.name = e.saved_name
 
 
 def _ordered_candidates(weights: Mapping[str, TensorRef], model_order: Sequence[str] | None) -> list[str]:
