@@ -406,7 +406,6 @@ class DeepSpeedFolder:
             g["params"], g["param_names"] = [], []
         state: dict[int, dict[str, TensorRef]] = {}
         for index, (g, name, shape, y_parts, z_parts) in enumerate(layout):
-            numel = math.prod(shape)
             key = (str(self.tag), name)
             trainable[name] = _joined("float32", shape, y_parts, key)
             groups[g]["params"].append(index)
@@ -451,7 +450,7 @@ class DeepSpeedFolder:
         out = {}
         for name, raw in shapes.items():
             shape = _shape(raw, f"{self.tag}: frozen_param_shapes['{name}']")
-            numel, per_rank = math.prod(shape), math.ceil(math.prod(shape) / self.world)
+            per_rank = math.ceil(math.prod(shape) / self.world)
             parts = []
             for r, model in enumerate(self.models):
                 fragments = model.get("frozen_param_fragments")
