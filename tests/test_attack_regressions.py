@@ -1,0 +1,31 @@
+"""Holes an attack on the registry/options refactor (#21) and the new-user items (#24) found, kept closed."""
+import warnings
+
+import torch
+
+import sfckpt
+import trainers
+from conftest import assert_equal_tensors, read
+
+
+def dcp_tied_lm(path):
+    """A DCP folder of a tied LM: DCP saves the tie as a copy, which sfckpt converts with a warning."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = trainers.TiedLM()
+    opt = trainers.train(model, "adamw")
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path, no_dist=True)
+    return model, opt
+
+
+def test_api_tied_copy_warning_names_the_keyword_argument(tmp_path):
+    model, opt = dcp_tied_lm(tmp_path / "dcp")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", sfckpt.SfckptWarning)
+        sfckpt.convert(tmp_path / "dcp", tmp_path / "x.safetensors")
+    said = [str(w.message) for w in caught if issubclass(w.category, sfckpt.SfckptWarning)]
+    tie = [m for m in said if "'head.weight' is byte-identical to 'embed.weight'" in m]
+    assert tie and 'twins="frozen"' in tie[0] and "--twins" not in tie[0], said
+    assert_equal_tensors(read(tmp_path / "x.safetensors"), trainers.eval_x(model, opt))
