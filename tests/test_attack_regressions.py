@@ -29,3 +29,17 @@ def test_api_tied_copy_warning_names_the_keyword_argument(tmp_path):
     tie = [m for m in said if "'head.weight' is byte-identical to 'embed.weight'" in m]
     assert tie and 'twins="frozen"' in tie[0] and "--twins" not in tie[0], said
     assert_equal_tensors(read(tmp_path / "x.safetensors"), trainers.eval_x(model, opt))
+
+
+def test_sniffing_a_torch_zip_leaves_no_file_open(tmp_path):
+    import gc
+
+    from sfckpt.readers import sniff
+
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.zeros(2)}, path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        assert sniff(path) == "torch"
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
