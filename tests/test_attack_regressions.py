@@ -2,6 +2,7 @@
 import warnings
 
 import torch
+from safetensors.torch import save_file
 
 import sfckpt
 import trainers
@@ -43,3 +44,16 @@ def test_sniffing_a_torch_zip_leaves_no_file_open(tmp_path):
         assert sniff(path) == "torch"
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+def test_action_args_asking_for_help_are_an_error_not_a_pass(tmp_path):
+    from test_cli_ci import _run_action_check
+    from test_newuser_ci import _outputs, _repo
+
+    repo, _, y = _repo(tmp_path)
+    (repo / "release").mkdir()
+    save_file(y, str(repo / "release" / "model.safetensors"))  # y: `check` would say not-x
+    result, summary, output = _run_action_check(repo, tmp_path, "release/", "checkpoints/last.pt", "--top 3 -h")
+    assert result.returncode == 2 and _outputs(output) == {"passed": "false", "result": "error"}
+    assert "error: the action's inputs ask for --help" in result.stderr and "Usage:" not in result.stdout
+    assert "could not decide" in summary
