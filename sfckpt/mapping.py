@@ -717,7 +717,7 @@ def _verify_content(stateful, classes, order_name: str) -> tuple[dict[int, Input
     by_group = {g: float(np.median(r)) for g, r in in_group.items()}
     overall = float(np.median(list(of_entry.values()))) if of_entry else 0.0
     names_of = {shape: list(cols) for shape, (_, _, cols) in classes.items()}
-    how = {"names": "its saved name", "--param-order": "--param-order", "content": "content",
+    how = {"names": "its saved name", "--param-order": Opt("param_order"), "content": "content",
            "order": order_name or "order"}
     misfits: dict[int, InputError] = {}
     references = {id(e): by_group.get((o.key, e.group), overall) for o, e in stateful}
@@ -732,7 +732,7 @@ def _verify_content(stateful, classes, order_name: str) -> tuple[dict[int, Input
         reference = references[id(e)]
         if ev.looks_unrelated(i, j, reference):
             misfits[id(e)] = MappingUndecided(
-                f"{e.label()} is paired with '{e.name}' by {how.get(e.evidence, e.evidence)}, but its z is unrelated "
+                f"{e.label()} is paired with '{e.name}' by " + how.get(e.evidence, e.evidence) + ", but its z is unrelated "
                 f"to that tensor (d²/(‖y‖²+‖z‖²) = {ev.ratio(i, j):.2f}, as for independent tensors, where the "
                 f"checkpoint's confirmed pairs give {reference:.2g}): the optimizer state belongs to a different "
                 f"tensor — '{e.name}' was replaced or re-initialised after the optimizer was built, or the names "

@@ -1,6 +1,7 @@
 """Holes an attack on the registry/options refactor (#21) and the new-user items (#24) found, kept closed."""
 import warnings
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -57,3 +58,47 @@ def test_action_args_asking_for_help_are_an_error_not_a_pass(tmp_path):
     assert result.returncode == 2 and _outputs(output) == {"passed": "false", "result": "error"}
     assert "error: the action's inputs ask for --help" in result.stderr and "Usage:" not in result.stdout
     assert "could not decide" in summary
+
+
+class Deep(torch.nn.Module):
+    """Six same-shape layers between an input and an output layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(8, 16)
+        self.mid = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(6)])
+        self.out = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for layer in self.mid:
+            x = torch.tanh(layer(x))
+        return self.out(x)
+
+
+def replaced_layer_checkpoint(path):
+    """A layer re-initialised after training, saved with its optimizer: its z belongs to another tensor."""
+    torch.manual_seed(0)
+    model = Deep()
+    opt = trainers.train(model, "adamw", steps=30)
+    with torch.no_grad():
+        model.mid[3].weight.copy_(torch.randn(16, 16))
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    return [name for name, _ in model.named_parameters()]
+
+
+def test_api_misfit_of_a_given_order_names_the_keyword_argument(tmp_path):
+    names = replaced_layer_checkpoint(tmp_path / "ckpt.pt")
+    with pytest.raises(sfckpt.SfckptError) as info:
+        sfckpt.convert(tmp_path / "ckpt.pt", tmp_path / "x.safetensors", param_order=names)
+    assert "'mid.3.weight' by param_order, but its z is unrelated" in str(info.value)
+    assert "--param-order" not in str(info.value) + info.value.hint
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_cli_misfit_of_a_given_order_names_the_flag(run, tmp_path):
+    names = replaced_layer_checkpoint(tmp_path / "ckpt.pt")
+    (tmp_path / "order.txt").write_text("\n".join(names) + "\n")
+    result = run("convert", tmp_path / "ckpt.pt", tmp_path / "x.safetensors", "--param-order", tmp_path / "order.txt")
+    assert result.exit_code == 2 and "'mid.3.weight' by --param-order, but its z is unrelated" in result.stderr
+    assert not (tmp_path / "x.safetensors").exists()
