@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 import sfckpt
 import trainers
 from conftest import assert_equal_tensors, read
+from sfckpt.errors import OptionConflict
 
 
 def dcp_tied_lm(path):
@@ -102,3 +103,11 @@ def test_cli_misfit_of_a_given_order_names_the_flag(run, tmp_path):
     result = run("convert", tmp_path / "ckpt.pt", tmp_path / "x.safetensors", "--param-order", tmp_path / "order.txt")
     assert result.exit_code == 2 and "'mid.3.weight' by --param-order, but its z is unrelated" in result.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_api_param_order_given_as_a_file_name_is_refused_by_name(tmp_path):
+    (tmp_path / "order.txt").write_text("fc1.weight\nfc1.bias\nfc2.weight\nfc2.bias\n")
+    with pytest.raises(OptionConflict) as info:
+        sfckpt.Options(param_order=str(tmp_path / "order.txt"))
+    assert info.value.option == "param_order" and "is a list of names, not the str" in str(info.value)
+    assert "read_text().split()" in info.value.hint
