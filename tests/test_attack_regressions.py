@@ -111,3 +111,21 @@ def test_api_param_order_given_as_a_file_name_is_refused_by_name(tmp_path):
         sfckpt.Options(param_order=str(tmp_path / "order.txt"))
     assert info.value.option == "param_order" and "is a list of names, not the str" in str(info.value)
     assert "read_text().split()" in info.value.hint
+
+
+def test_api_limit_of_calibration_data_names_no_flag(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from sfckpt.errors import LimitExceeded
+    from test_reconstruct_batchnorm import MODEL_FILE
+
+    model = trainers.ConvBN()
+    ckpt = tmp_path / "c.pt"
+    torch.save({"model": model.state_dict(), "optimizer": trainers.train(model, "sgd").state_dict()}, ckpt)
+    (tmp_path / "model_def.py").write_text(MODEL_FILE.format(tests=str(Path(__file__).parent)))
+    torch.save(torch.randn(40, 3, 5, 5), tmp_path / "calib.pt")
+    monkeypatch.setenv("SFCKPT_MAX_CALIBRATION_BYTES", "1000")
+    with pytest.raises(LimitExceeded) as info:
+        sfckpt.convert(ckpt, tmp_path / "x.safetensors", bn_calib=str(tmp_path / "calib.pt"),
+                       bn_model=f"{tmp_path / 'model_def.py'}:build")
+    assert info.value.env == "SFCKPT_MAX_CALIBRATION_BYTES" and "--" not in str(info.value) + info.value.hint
