@@ -732,7 +732,8 @@ def _verify_content(stateful, classes, order_name: str) -> tuple[dict[int, Input
         reference = references[id(e)]
         if ev.looks_unrelated(i, j, reference):
             misfits[id(e)] = MappingUndecided(
-                f"{e.label()} is paired with '{e.name}' by " + how.get(e.evidence, e.evidence) + ", but its z is unrelated "
+                f"{e.label()} is paired with '{e.name}' by " + how.get(e.evidence, e.evidence)
+                + ", but its z is unrelated "
                 f"to that tensor (d²/(‖y‖²+‖z‖²) = {ev.ratio(i, j):.2f}, as for independent tensors, where the "
                 f"checkpoint's confirmed pairs give {reference:.2g}): the optimizer state belongs to a different "
                 f"tensor — '{e.name}' was replaced or re-initialised after the optimizer was built, or the names "
