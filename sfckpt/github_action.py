@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 RESULTS = {0: "x", 1: "not-x"}
+HELP = {"-h", "--help"}
 
 
 def append_step_summary(markdown: str) -> None:
@@ -42,10 +43,10 @@ def _split(name: str) -> list[str]:
         raise SystemExit(_refuse(f"the action's input in {name} cannot be split into words ({exc})"))
 
 
-def _refuse(message: str) -> int:
+def _refuse(message: str, hint: str = "quote each value once, as in a shell") -> int:
     from . import textout
 
-    textout.echo_line(f"error: {message}; quote each value once, as in a shell", err=True)
+    textout.echo_line(f"error: {message}; {hint}", err=True)
     textout.annotate_error("sfckpt", message, err=True)
     append_step_summary(error_summary("sfckpt check", message))
     _outputs(2)
@@ -62,6 +63,10 @@ def _outputs(code: int) -> None:
 def main() -> int:
     """Run `sfckpt check WEIGHTS --ckpt CKPT ARGS` and set the step's outputs; returns its exit code."""
     weights, args = _split("SFCKPT_WEIGHTS"), _split("SFCKPT_ARGS")
+    # `check --help` prints usage and exits 0: the step would pass, and say `x`, having checked nothing
+    if HELP.intersection(weights + args):
+        return _refuse("the action's inputs ask for --help, which prints the usage instead of checking (exit 0)",
+                       "remove it from args")
     command = [sys.executable, "-m", "sfckpt", "check", *weights, "--ckpt", os.environ.get("SFCKPT_CKPT", ""), *args]
     code = subprocess.call(command)
     _outputs(code)

@@ -76,11 +76,13 @@ EXPANSION_BYTES = Limit("SFCKPT_MAX_EXPANSION", 64 * MiB,
 # data.pkl of a torch.save file and a DCP .metadata: read whole into memory before unpickling.
 PICKLE_BYTES = Limit("SFCKPT_MAX_PICKLE_BYTES", 256 * MiB, "bytes of a pickle read whole (torch.save data.pkl, DCP .metadata)")
 # DeepSpeed's `latest`, --param-order: a few names.
-TEXT_BYTES = Limit("SFCKPT_MAX_TEXT_BYTES", 16 * MiB, "bytes of a text file (DeepSpeed latest, --param-order)")
+TEXT_BYTES = Limit("SFCKPT_MAX_TEXT_BYTES", 16 * MiB,
+                   "bytes of a text file (DeepSpeed's latest, a parameter-order file)")
 # config.json, tokenizer files, README.md: copied into a release beside the weights.
 SIDE_FILE_BYTES = Limit("SFCKPT_MAX_SIDE_FILE_BYTES", 1024 * MiB, "bytes of a file copied into a release (tokenizer, config)")
 # --bn-calib data files, loaded whole.
-CALIBRATION_BYTES = Limit("SFCKPT_MAX_CALIBRATION_BYTES", 16 * 1024 * MiB, "bytes of one --bn-calib data file")
+CALIBRATION_BYTES = Limit("SFCKPT_MAX_CALIBRATION_BYTES", 16 * 1024 * MiB,
+                          "bytes of one BatchNorm calibration data file")
 DCP_CHUNKS = Limit("SFCKPT_MAX_DCP_CHUNKS", 16_384, "chunks one torch.distributed.checkpoint tensor may be split into")
 CONFIG_LAYERS = Limit("SFCKPT_MAX_LAYERS", 1_000, "layers or experts config.json may ask the parameter-order model for")
 # transformers builds id2label/label2id with one Python entry per label (ImageNet-21k has 21,843).

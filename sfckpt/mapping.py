@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping, NoReturn, Sequence
 
 from . import content, order_search
 from .conventions import BN_BUFFERS
-from .errors import InputError, MappingUndecided, Opt, OptionConflict
+from .errors import InputError, MappingUndecided, Opt, OptionConflict, Words
 from .layout import check_text
 from .tensors import TensorRef, format_shape
 
@@ -159,7 +159,7 @@ class ParameterMapping:
     untrained: list[str]  # float parameters no optimizer trains: copied unchanged
     twins: dict[str, str] = field(default_factory=dict)  # untracked copy -> tensor whose x it gets
     ignored_optimizers: dict[str, str] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[Words] = field(default_factory=list)
     # id(entry) -> why content refuses its pair: raised when the pair is used to compute x (not where
     # the saved parameters already hold x and are copied, whatever z they are paired with)
     misfits: dict[int, InputError] = field(default_factory=dict)
@@ -806,7 +806,7 @@ def _verify_content(stateful, classes, order_name: str) -> tuple[dict[int, Input
     by_group = {g: float(np.median(r)) for g, r in in_group.items()}
     overall = float(np.median(list(of_entry.values()))) if of_entry else 0.0
     names_of = {shape: list(cols) for shape, (_, _, cols) in classes.items()}
-    how = {"names": "its saved name", "--param-order": "--param-order", "content": "content",
+    how = {"names": "its saved name", "--param-order": Opt("param_order"), "content": "content",
            "order": order_name or "order"}
     misfits: dict[int, InputError] = {}
     references = {id(e): by_group.get((o.key, e.group), overall) for o, e in stateful}
@@ -821,7 +821,8 @@ def _verify_content(stateful, classes, order_name: str) -> tuple[dict[int, Input
         reference = references[id(e)]
         if ev.looks_unrelated(i, j, reference):
             misfits[id(e)] = MappingUndecided(
-                f"{e.label()} is paired with '{e.name}' by {how.get(e.evidence, e.evidence)}, but its z is unrelated "
+                f"{e.label()} is paired with '{e.name}' by " + how.get(e.evidence, e.evidence)
+                + ", but its z is unrelated "
                 f"to that tensor (d²/(‖y‖²+‖z‖²) = {ev.ratio(i, j):.2f}, as for independent tensors, where the "
                 f"checkpoint's confirmed pairs give {reference:.2g}): the optimizer state belongs to a different "
                 f"tensor — '{e.name}' was replaced or re-initialised after the optimizer was built, or the names "
@@ -844,7 +845,7 @@ def _verify_content(stateful, classes, order_name: str) -> tuple[dict[int, Input
 
 
 def _find_twins(weights, candidates, trained, ties_visible, policy, sampler,
-                z_of) -> tuple[dict[str, str], list[str], InputError | None]:
+                z_of) -> tuple[dict[str, str], list[Words], InputError | None]:
     """Untracked tensors that are byte-identical copies of trained ones (copy -> trained tensor), warnings,
     and why `--twins` is needed if it is. They are tied weights saved apart or deliberate frozen copies;
     the bytes cannot tell which, so outside DCP (where every tie is saved as copies) any such copy needs
@@ -892,7 +893,8 @@ def _find_twins(weights, candidates, trained, ties_visible, policy, sampler,
             hint,
         )
     warnings = [f"'{a}' is byte-identical to '{b}', which the optimizer trains, and is treated as a tied weight "
-                "(it gets the same x); pass --twins frozen if it is a separate frozen copy" for a, b in found.items()]
+                "(it gets the same x); pass " + Opt("twins", "frozen") + " if it is a separate frozen copy"
+                for a, b in found.items()]
     return found, warnings, None
 
 

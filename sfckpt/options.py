@@ -76,6 +76,12 @@ class Options:
     def __post_init__(self) -> None:
         if self.dtype in DTYPE_ALIASES:  # dtype="bf16", as the CLI's --dtype bf16 and transformers spell it
             object.__setattr__(self, "dtype", DTYPE_ALIASES[self.dtype])
+        # A str is a sequence too: param_order="order.txt" (the CLI's habit) would be read as one name per letter
+        if isinstance(self.param_order, (str, bytes, Path)):
+            raise OptionConflict(Opt("param_order") + f" is a list of names, not the {type(self.param_order).__name__} "
+                                 f"{str(self.param_order)[:100]!r}",
+                                 "read a file of names with Path(FILE).read_text().split() (one name per line)",
+                                 option="param_order")
 
 
 _DEFAULTS = {f.name: f.default for f in fields(Options)}

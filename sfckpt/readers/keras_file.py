@@ -61,7 +61,8 @@ class KerasFile:
 def sniff_zip(file: inputs.InputFile) -> str | None:
     """'keras' for a zip holding Keras' members and no torch `data.pkl`; None for any other zip."""
     try:
-        with zipfile.ZipFile(file.fileobj()) as zf:
+        # ZipFile leaves a file object it was given open: close the duplicated descriptor here
+        with file.fileobj() as raw, zipfile.ZipFile(raw) as zf:
             names = zf.namelist()
     except Exception:  # whatever zipfile trips on is the torch reader's to explain, unless the name says Keras
         return "keras" if str(file.path).endswith(".keras") else None
