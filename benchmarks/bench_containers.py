@@ -253,8 +253,8 @@ def approaches(kind: str, ckpt: Path, out: Path) -> dict[str, list[str]]:
     half = str(x // 2 + 1)
     cmds = {
         "sfckpt": sf + [single, "--quiet", "--force"],
-        "sfckpt-shards": sf + [f"{out}/shards/", "--max-shard-size", half, "--quiet", "--force"],
-        "sfckpt-w2": sf + [f"{out}/shards/", "--max-shard-size", half, "--workers", "2", "--quiet", "--force"],
+        "sfckpt-shards": sf + [f"{out}/shards/", "--max-shard-size", f"{half}B", "--quiet", "--force"],
+        "sfckpt-w2": sf + [f"{out}/shards/", "--max-shard-size", f"{half}B", "--workers", "2", "--quiet", "--force"],
         "floor": [py, "-c", FLOOR, os.pathsep.join(files), str(yz), str(out / "floor.bin"), str(x)],
     }
     if kind == "torch":
