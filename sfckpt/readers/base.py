@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
-from ..errors import Words
+from ..errors import InputError, Words
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,16 @@ class ParameterOrder:
     source: str = ""  # how it was obtained, for the report
     missing: Words | None = None  # why it could not be rebuilt
     missing_hint: Words = ""
+
+    @classmethod
+    def rebuilt(cls, rebuild: Callable[[], tuple[list[str], list[set[str]]]], source: str) -> ParameterOrder:
+        """The order `rebuild()` gives (names, and the names each group may hold), or why it failed:
+        said only if the mapping needs the order (see reconstruct)."""
+        try:
+            names, domains = rebuild()
+        except InputError as exc:
+            return cls(missing=exc.text, missing_hint=exc.fix)
+        return cls(tuple(names), tuple(frozenset(d) for d in domains), source)
 
 
 @dataclass(frozen=True)

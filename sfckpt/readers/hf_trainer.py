@@ -148,14 +148,8 @@ class TrainerReader(Reader):
         weights, unloaded = read_weights(path)
         optimizer, opt_unloaded = load_torch(path / OPTIMIZER_NAME)
         obj = {"model": weights, "optimizer": optimizer, "global_step": trainer_state(path).get("global_step")}
-        order = None
-        if not request.entries_chosen:
-            try:
-                names, domains = parameter_order(path)
-                order = ParameterOrder(tuple(names), tuple(frozenset(d) for d in domains),
-                                       "the Hugging Face Trainer's grouping (model rebuilt from config.json)")
-            except InputError as exc:  # said only if the mapping needs the order (see reconstruct)
-                order = ParameterOrder(missing=exc.text, missing_hint=exc.fix)
+        order = None if request.entries_chosen else ParameterOrder.rebuilt(
+            lambda: parameter_order(path), "the Hugging Face Trainer's grouping (model rebuilt from config.json)")
         return Opened(obj, sorted(set(unloaded) | set(opt_unloaded)), self.name, order=order,
                       release=Release(RELEASE_FILES))
 

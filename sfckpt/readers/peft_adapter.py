@@ -246,14 +246,8 @@ class PeftAdapterReader(Reader):
 
     def open(self, path: Path, request: LoadRequest) -> Opened:
         obj, unloaded = load_object(path)
-        order = None
-        if not request.entries_chosen:
-            try:
-                names, domains = parameter_order(path)
-                order = ParameterOrder(tuple(names), tuple(frozenset(d) for d in domains),
-                                       "the PEFT model rebuilt from the base model's config, grouped as the Trainer does")
-            except InputError as exc:  # said only if the mapping needs the order (see reconstruct)
-                order = ParameterOrder(missing=exc.text, missing_hint=exc.fix)
+        order = None if request.entries_chosen else ParameterOrder.rebuilt(
+            lambda: parameter_order(path), "the PEFT model rebuilt from the base model's config, grouped as the Trainer does")
         return Opened(obj, unloaded, self.name, order=order, names_are_final=True,
                       release=Release(RELEASE_FILES, SAFE_NAME, shardable=False))
 
