@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from collections.abc import Set as AbstractSet
 from typing import Any, Callable, Mapping, NoReturn, Sequence
 
-from . import content, order_search
+from . import content, content_blocks, order_search
 from .conventions import BN_BUFFERS
 from .errors import InputError, MappingUndecided, Opt, OptionConflict, Words
 from .layout import check_text
@@ -170,10 +170,13 @@ class ParameterMapping:
     # id(entry) -> the median ratio of the confirmed pairs of its group (else of the file): the reference
     # of the content test, applied again to every block of the pair's data as x is computed
     references: dict[int, float] = field(default_factory=dict)
+    # id(entry) -> its pair's ratio on the samples (see _sampled_ratios): how closely the pair tracks where
+    # the pair test looked, which a part replaced in most of the tensor cannot lower
+    sampled: dict[int, float] = field(default_factory=dict)
 
-    def part_check(self, e: Entry) -> content.PartCheck:
-        """The content test for every block of e's pair, for the loop that computes x."""
-        return content.PartCheck(e.name, e.label(), self.references.get(id(e), 0.0))
+    def part_check(self, e: Entry) -> content_blocks.PartCheck:
+        """The content test for every block and column group of e's pair, for the loop that computes x."""
+        return content_blocks.PartCheck(e.name, e.label(), self.references.get(id(e), 0.0), self.sampled.get(id(e)))
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -257,6 +260,7 @@ def decide(
         _place_rest_by_order(d, ev, weights, candidates, group_domains, container_order_name)
     used_names = _name_and_check_pairs(d, weights)
     misfits, references = _verify_content(d.stateful, ev.classes, d.order_name)
+    sampled = _sampled_ratios(d.stateful, ev.classes)
     _name_untrained_entries(d.used, weights)
 
     trained = set(used_names)
@@ -275,7 +279,8 @@ def decide(
     entries = [e for o in d.used for e in o.entries]
     return ParameterMapping(method, entries, counts, confirmed, len(d.stateful), untrained, twin_map,
                             ignored_optimizers=d.ignored, warnings=warnings, misfits=misfits,
-                            twin_refusal=twin_refusal, twin_sources=twin_sources, references=references)
+                            twin_refusal=twin_refusal, twin_sources=twin_sources, references=references,
+                            sampled=sampled)
 
 
 def _name_untrained_entries(used: list[OptimizerEntries], weights: Mapping[str, TensorRef]) -> None:
@@ -781,6 +786,22 @@ def _verify_pair(e: Entry, o: OptimizerEntries, weights, method: str) -> None:
                 f"{e.label()} has {key} of dtype {ref.dtype} but parameter '{e.name}' is {param.dtype}",
                 "optimizer.eval() could not combine them either; the checkpoint is inconsistent",
             )
+
+
+def _sampled_ratios(stateful, classes) -> dict[int, float]:
+    """Per entry, its pair's ratio d² / (‖y‖² + ‖z‖²) on the samples (of VERIFY_MIN_ELEMENTS or more,
+    not all zero: zeros say nothing of how closely the pair tracks)."""
+    out: dict[int, float] = {}
+    for o, e in stateful:
+        found = classes.get(e.z(o.z_key).shape)
+        if found is None:
+            continue
+        ev, rows, cols = found
+        i, j = rows.get(id(e)), cols.get(e.name)
+        if i is not None and j is not None and ev.size >= content.VERIFY_MIN_ELEMENTS \
+                and (ev.z[i].any() or ev.y[j].any()):
+            out[id(e)] = ev.ratio(i, j)
+    return out
 
 
 def _verify_content(stateful, classes, order_name: str) -> tuple[dict[int, InputError], dict[int, float]]:
