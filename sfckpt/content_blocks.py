@@ -12,6 +12,7 @@ it too, where they also moved far more than the tensor's columns do (see COLUMN_
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -64,13 +65,12 @@ class BlockRatios:
 
     def __init__(self, check: PartCheck, shape: tuple[int, ...]) -> None:
         self.check = check
-        self.shape = shape
         self.full: list = []  # float32 tensors: ratios of whole blocks, in order
         self.tail: tuple[float, int, int] | None = None  # (ratio, first element, elements) of a shorter last block
         self.per_element = 1  # numbers per element (2 for complex)
         self.columns = None  # float64 (3, columns): d², ‖y‖², ‖z‖² summed over the rows; None: not tested
         self.column_count = shape[-1] if len(shape) >= 2 else 0
-        self.rows = _numel(shape) // self.column_count if self.column_count else 0
+        self.rows = math.prod(shape) // self.column_count if self.column_count else 0
 
     def add(self, y, z, start: int) -> None:
         """Flat slices of y and z starting at element `start` (a multiple of PART_BLOCK, as slices are)."""
@@ -91,12 +91,15 @@ class BlockRatios:
 
     def _add_blocks(self, squares, first: int) -> None:
         """The ratio of every whole block of one chunk, and of a shorter last one of VERIFY_MIN_ELEMENTS or more."""
-        n = squares.shape[1]
+        import torch
+
+        n = squares[0].numel()
         full = n // PART_BLOCK * PART_BLOCK
         if full:
-            self.full.append(_ratio(squares[:, :full].reshape(3, -1, PART_BLOCK).sum(dim=2)))
+            self.full.append(_ratio(torch.stack([t[:full].view(-1, PART_BLOCK).sum(dim=1) for t in squares])))
         if n - full >= VERIFY_MIN_ELEMENTS:
-            self.tail = (float(_ratio(squares[:, full:].sum(dim=1, keepdim=True))[0]), first + full, n - full)
+            sums = torch.stack([t[full:].sum().view(1) for t in squares])
+            self.tail = (float(_ratio(sums)[0]), first + full, n - full)
 
     def verify(self) -> None:
         """Refuse the first block, then the first column group, that looks unrelated while the pair tracks
@@ -140,8 +143,6 @@ class BlockRatios:
     def _verify_columns(self, ratios, firsts, widths, drift, bar: float) -> None:
         """Refuse the first column group over its limit that also moved COLUMN_DRIFT times more than the
         tensor's columns do (a last, narrower group from VERIFY_MIN_ELEMENTS)."""
-        import torch
-
         moved = drift[drift > 0]
         usual = float(moved.median()) if len(moved) else 0.0
         for k in ((ratios > bar) & (drift > COLUMN_DRIFT * usual)).nonzero().flatten().tolist():
@@ -171,16 +172,9 @@ class BlockRatios:
         )
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _squares(y, z):
-    """Flat y and z -> ((3, n) tensor of (y−z)², y², z² per element, scaled or not): float64 for float64
-    data (scaled by one power of two where squares would overflow), else float32."""
+    """Flat y and z -> (((y − z)², y², z²) per element, scaled or not): float64 for float64 data (scaled by one
+    power of two where squares would overflow), else float32."""
     import torch
 
     work = torch.float64 if y.dtype == torch.float64 else torch.float32
@@ -188,24 +182,26 @@ def _squares(y, z):
     scaled = False
     if work == torch.float64:
         y, z, scaled = _scaled_for_squares(y, z)
-    out = torch.stack([y - z, y, z])
-    return out.square_(), scaled
+    return ((y - z).square_(), y * y, z * z), scaled
 
 
 def _add_columns(columns, squares, start: int) -> None:
-    """Add a chunk's squares (flat elements from `start`) to the per-column sums: a partial first row,
-    whole rows, a partial last row."""
-    count, n = columns.shape[1], squares.shape[1]
+    """Add a chunk's squares (flat elements from `start`) to the per-column sums: a partial first row, whole
+    rows, a partial last row."""
+    count, n = columns.shape[1], squares[0].numel()
     at, i = start % count, 0
     if at:
         i = min(count - at, n)
-        columns[:, at:at + i] += squares[:, :i]
+        for row, t in zip(columns, squares):
+            row[at:at + i] += t[:i]
     whole = (n - i) // count * count
     if whole:
-        columns += squares[:, i:i + whole].reshape(3, -1, count).sum(dim=1, dtype=columns.dtype)
+        for row, t in zip(columns, squares):
+            row += t[i:i + whole].view(-1, count).sum(dim=0)
         i += whole
     if i < n:
-        columns[:, :n - i] += squares[:, i:]
+        for row, t in zip(columns, squares):
+            row[:n - i] += t[i:]
 
 
 def _ratio(sums):
@@ -229,8 +225,6 @@ def _lower_quartile(ratios) -> float:
 def _scaled_for_squares(y, z):
     """float64 data scaled by one power of two when its values are so large (±1e300) that squares would
     overflow: each ratio is unchanged and stays finite. Returns (y, z, scaled)."""
-    import math
-
     import torch
 
     peak = max(float(y.abs().max()) if y.numel() else 0.0, float(z.abs().max()) if z.numel() else 0.0)
