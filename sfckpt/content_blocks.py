@@ -153,18 +153,19 @@ class BlockRatios:
             if n >= VERIFY_MIN_ELEMENTS and limit < float(ratios[k]) < 2.0 - limit:
                 lo, per = int(firsts[k]) // self.per_element, self.per_element
                 hi = lo + int(widths[k]) // per - 1
-                where = f"column{'s' if hi > lo else ''} {lo:,}" + (f" to {hi:,}" if hi > lo else "")
-                self._refuse(f"{where} of the last dimension (across all {self.rows:,} rows)", float(ratios[k]), limit)
+                where = f"columns {lo:,} to {hi:,}" if hi > lo else f"column {lo:,}"
+                self._refuse(f"{where} of the last dimension (across all {self.rows:,} rows)", float(ratios[k]), limit,
+                             "give" if hi > lo else "gives")
 
     def _elements(self, first: int, n: int) -> str:
         per = self.per_element
         return f"{first // per:,} to {(first + n) // per - 1:,}"
 
-    def _refuse(self, where: str, ratio: float, limit: float) -> None:
+    def _refuse(self, where: str, ratio: float, limit: float, verb: str = "give") -> None:
         check = self.check
         raise InputError(
             f"{check.label} is paired with '{check.name}', but in part its z is unrelated to that tensor: {where} "
-            f"give d²/(‖y‖²+‖z‖²) = {ratio:.2f} (over {limit:.2f}), as for independent tensors, where the rest of "
+            f"{verb} d²/(‖y‖²+‖z‖²) = {ratio:.2f} (over {limit:.2f}), as for independent tensors, where the rest of "
             f"the tensor tracks closely: the optimizer state belongs in part to a different tensor — part of "
             f"'{check.name}' was replaced or re-initialised after the optimizer was built",
             "save the model together with the optimizer that trains it (build the optimizer after replacing "
