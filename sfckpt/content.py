@@ -117,7 +117,10 @@ class ClassEvidence:
         the second on samples under CLOSER_MIN_ELEMENTS elements, where chance and rounding can break
         them. Computed once, from the candidates `_closest` kept near each z."""
         if relaxed not in self._possible:
-            self._possible[relaxed] = [self._allowed(i, relaxed) for i in range(len(self.z))]
+            # Masks over every candidate are shared between the entries that have the same one: a class of
+            # 30,000 look-alikes holds one or two masks, not 30,000 (900 MB)
+            shared: dict[bytes, object] = {}
+            self._possible[relaxed] = [_shared_mask(self._allowed(i, relaxed), shared) for i in range(len(self.z))]
         return self._possible[relaxed]
 
     def _allowed(self, i: int, relaxed: bool):
@@ -158,6 +161,15 @@ class ClassEvidence:
         size (HISTORY_SIGMAS standard deviations of chance), so samples the work budget shrank for a
         class of thousands of tensors still count; none below VERIFY_MIN_ELEMENTS."""
         return [int(j) for j in self.history[i]]
+
+
+def _shared_mask(allowed, shared: dict):
+    """A row of `possible_rows`: a mask equal to one already in `shared` is that one (read-only), else added."""
+    if allowed.dtype != bool:
+        return allowed
+    kept = shared.setdefault(allowed.tobytes(), allowed)
+    kept.flags.writeable = False
+    return kept
 
 
 def _count(allowed) -> int:
@@ -309,9 +321,12 @@ def _closest(ev: ClassEvidence) -> None:
             if m > 1:
                 second[rows] = vals[:, 1]
             _merge_columns(col_d2, col_row, d2, rows.start)
-        # The candidates not MARGIN times farther than the closest (all of them where the closest is at 0)
+        # The candidates not MARGIN times farther than the closest (all of them where the closest is at 0); none
+        # kept where the samples are too small to rule anything out (every row is then a mask, see _allowed): a
+        # class of thousands of look-alikes would hold entries x candidates indices
         limit = np.where(best[rows] > 0, MARGIN ** 2 * best[rows], -1.0)
-        near = [c if b > 0 else None for c, b in zip(_split_rows((d2 <= limit[:, None]).nonzero(), count), best[rows])]
+        near = [c if b > 0 else None for c, b in zip(_split_rows((d2 <= limit[:, None]).nonzero(), count), best[rows])] \
+            if ev.informative else [None] * count
         if history_limit is None:
             return near, [np.zeros(0, dtype=np.int64)] * count
         return near, _split_rows(centred_below(rows, d2, history_limit), count)

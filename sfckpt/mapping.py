@@ -621,6 +621,9 @@ def _order_domains(p: OrderProblem, possible) -> _OrderDomains:
         by_shape.setdefault(p.weights[c].shape, []).append(i)
     dom = _OrderDomains(fixed, set(fixed.values()), by_shape)
     taken_mask = _taken_mask(dom.taken, len(p.candidates))
+    # Entries whose content rows are one shared mask (look-alikes) get one shared domain list: a class of
+    # thousands of look-alikes would otherwise hold entries x candidates Python integers
+    same: dict[tuple, list[int]] = {}
     for o in p.used:
         groups: dict[int, list[Entry]] = {}
         for e in o.stateful():
@@ -631,11 +634,17 @@ def _order_domains(p: OrderProblem, possible) -> _OrderDomains:
                 if id(e) in fixed:
                     dom.domains[id(e)] = [fixed[id(e)]]
                     continue
-                allowed = _open_domain(possible.get(id(e), set()), by_shape.get(e.z(o.z_key).shape, []), dom.taken,
-                                       taken_mask, p.candidates)
-                if p.group_domains is not None and g < len(p.group_domains):
-                    allowed = [i for i in allowed if p.candidates[i] in p.group_domains[g]]
-                dom.domains[id(e)] = allowed
+                row = possible.get(id(e), set())
+                shape = e.z(o.z_key).shape
+                key = (id(row.allowed), shape, g) if isinstance(row, content.PossibleRow) and row.allowed.dtype == bool \
+                    else None
+                if key is None or key not in same:
+                    allowed = _open_domain(row, by_shape.get(shape, []), dom.taken, taken_mask, p.candidates)
+                    if p.group_domains is not None and g < len(p.group_domains):
+                        allowed = [i for i in allowed if p.candidates[i] in p.group_domains[g]]
+                    if key is not None:
+                        same[key] = allowed
+                dom.domains[id(e)] = same[key] if key is not None else allowed
             dom.chains.append([id(e) for e in members])
     return dom
 
