@@ -22,7 +22,6 @@ from collections.abc import Iterator, Mapping, Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .errors import InputError
 from .tensors import TensorRef
 
 MARGIN = 4.0
@@ -58,13 +57,6 @@ VERIFY_MIN_ELEMENTS = 32  # below this, chance alone brings independent tensors 
 # a copy, or a tower trained from the same initialisation along z's path, stays below 0.01.
 SHARED = 0.25
 HISTORY_SIGMAS = 6.0
-
-# The samples cover only the start and the middle of a tensor, so a tensor replaced in part — a head
-# re-initialised except the rows the samples read — passes the test above. As x is computed (y and z
-# are read whole then anyway), every block of PART_BLOCK elements gets it again (see PartCheck).
-PART_BLOCK = 256
-PART_FACTOR = 2.0  # ...and over twice the lower quartile of the tensor's own blocks (see PartCheck)
-
 
 @dataclass(frozen=True)
 class Match:
@@ -125,7 +117,10 @@ class ClassEvidence:
         the second on samples under CLOSER_MIN_ELEMENTS elements, where chance and rounding can break
         them. Computed once, from the candidates `_closest` kept near each z."""
         if relaxed not in self._possible:
-            self._possible[relaxed] = [self._allowed(i, relaxed) for i in range(len(self.z))]
+            # Masks over every candidate are shared between the entries that have the same one: a class of
+            # 30,000 look-alikes holds one or two masks, not 30,000 (900 MB)
+            shared: dict[bytes, object] = {}
+            self._possible[relaxed] = [_shared_mask(self._allowed(i, relaxed), shared) for i in range(len(self.z))]
         return self._possible[relaxed]
 
     def _allowed(self, i: int, relaxed: bool):
@@ -166,6 +161,15 @@ class ClassEvidence:
         size (HISTORY_SIGMAS standard deviations of chance), so samples the work budget shrank for a
         class of thousands of tensors still count; none below VERIFY_MIN_ELEMENTS."""
         return [int(j) for j in self.history[i]]
+
+
+def _shared_mask(allowed, shared: dict):
+    """A row of `possible_rows`: a mask equal to one already in `shared` is that one (read-only), else added."""
+    if allowed.dtype != bool:
+        return allowed
+    kept = shared.setdefault(allowed.tobytes(), allowed)
+    kept.flags.writeable = False
+    return kept
 
 
 def _count(allowed) -> int:
@@ -317,9 +321,12 @@ def _closest(ev: ClassEvidence) -> None:
             if m > 1:
                 second[rows] = vals[:, 1]
             _merge_columns(col_d2, col_row, d2, rows.start)
-        # The candidates not MARGIN times farther than the closest (all of them where the closest is at 0)
+        # The candidates not MARGIN times farther than the closest (all of them where the closest is at 0); none
+        # kept where the samples are too small to rule anything out (every row is then a mask, see _allowed): a
+        # class of thousands of look-alikes would hold entries x candidates indices
         limit = np.where(best[rows] > 0, MARGIN ** 2 * best[rows], -1.0)
-        near = [c if b > 0 else None for c, b in zip(_split_rows((d2 <= limit[:, None]).nonzero(), count), best[rows])]
+        near = [c if b > 0 else None for c, b in zip(_split_rows((d2 <= limit[:, None]).nonzero(), count), best[rows])] \
+            if ev.informative else [None] * count
         if history_limit is None:
             return near, [np.zeros(0, dtype=np.int64)] * count
         return near, _split_rows(centred_below(rows, d2, history_limit), count)
@@ -442,114 +449,3 @@ def unrelated_limit(n: int, reference: float) -> float:
     chance gives independent tensors (their cosine is about N(0, 1/n)), and UNRELATED_FACTOR times how
     closely the confirmed pairs of the run track (`reference`, their median ratio)."""
     return max(UNRELATED_FLOOR, 1.0 - NOISE_SIGMAS / n ** 0.5, UNRELATED_FACTOR * reference)
-
-
-@dataclass(frozen=True)
-class PartCheck:
-    """The unrelated-content test on every block of one pair's data, applied while x is computed.
-
-    A block of PART_BLOCK elements (the tensor's last, shorter one too, from VERIFY_MIN_ELEMENTS) is
-    unrelated when its ratio d² / (‖y‖² + ‖z‖²) exceeds `unrelated_limit` for its size and also
-    PART_FACTOR times the lower quartile of the tensor's own blocks: a replaced part stands out from the
-    rest, while a true pair whose y and z drifted apart evenly (a zero-initialised head at a high lr,
-    0.8 in every block) does not. NaN and Inf make no ratio: the finiteness check reports them."""
-
-    name: str
-    label: str  # the optimizer entry, as errors name it
-    reference: float  # median ratio of the confirmed pairs of the entry's group (0 when none)
-
-    def blocks(self) -> BlockRatios:
-        """An accumulator for the slices of one computation of x: `add` each, then `verify`."""
-        return BlockRatios(self)
-
-    def __call__(self, y, z) -> None:
-        """Check whole tensors."""
-        blocks = self.blocks()
-        blocks.add(y, z, 0)
-        blocks.verify()
-
-
-class BlockRatios:
-    """The ratio of every block of a pair, gathered slice by slice (one float per PART_BLOCK elements)."""
-
-    def __init__(self, check: PartCheck) -> None:
-        self.check = check
-        self.full: list = []  # float32 tensors: ratios of whole blocks, in order
-        self.tail: tuple[float, int, int] | None = None  # (ratio, first element, elements) of a shorter last block
-        self.per_element = 1  # numbers per element (2 for complex)
-
-    def add(self, y, z, start: int) -> None:
-        """Flat slices of y and z starting at element `start` (a multiple of PART_BLOCK, as slices are)."""
-        import torch
-
-        if y.is_complex():  # as the samples read it: real and imaginary parts in turn
-            y, z, self.per_element = torch.view_as_real(y), torch.view_as_real(z), 2
-        y, z, start = y.reshape(-1), z.reshape(-1), start * self.per_element
-        step = PART_BLOCK * 1024  # bounds the temporaries of a whole tensor added at once
-        for lo in range(0, y.numel(), step):
-            part_y, part_z = y[lo:lo + step], z[lo:lo + step]
-            full = part_y.numel() // PART_BLOCK * PART_BLOCK
-            if full:
-                self.full.append(_ratios(part_y[:full].view(-1, PART_BLOCK), part_z[:full].view(-1, PART_BLOCK)))
-            if part_y.numel() - full >= VERIFY_MIN_ELEMENTS:
-                rest = part_y.numel() - full
-                ratio = _ratios(part_y[full:].view(1, -1), part_z[full:].view(1, -1))
-                self.tail = (float(ratio[0]), start + lo + full, rest)
-
-    def verify(self) -> None:
-        """Refuse the first block that looks unrelated while the tensor's own blocks track closely."""
-        import torch
-
-        ratios = torch.cat(self.full) if self.full else torch.zeros(0)
-        own = float(torch.kthvalue(ratios, max(1, len(ratios) // 4)).values) if len(ratios) else 0.0
-        check = self.check
-        limit = max(unrelated_limit(PART_BLOCK, check.reference), PART_FACTOR * own)
-        bad = (ratios > limit).nonzero()
-        if len(bad):
-            k = int(bad[0, 0])
-            self._refuse(float(ratios[k]), limit, k * PART_BLOCK, PART_BLOCK)
-        if self.tail is not None:
-            ratio, first, n = self.tail
-            limit = max(unrelated_limit(n, check.reference), PART_FACTOR * own)
-            if ratio > limit:
-                self._refuse(ratio, limit, first, n)
-
-    def _refuse(self, ratio: float, limit: float, first: int, n: int) -> None:
-        check, per = self.check, self.per_element
-        raise InputError(
-            f"{check.label} is paired with '{check.name}', but in part its z is unrelated to that tensor: elements "
-            f"{first // per:,} to {(first + n) // per - 1:,} give d²/(‖y‖²+‖z‖²) = {ratio:.2f} (over {limit:.2f}), "
-            f"as for independent tensors, where the rest of the tensor tracks closely: the optimizer state belongs "
-            f"in part to a different tensor — part of '{check.name}' was replaced or re-initialised after the "
-            "optimizer was built",
-            "save the model together with the optimizer that trains it (build the optimizer after replacing "
-            "layers or rows)",
-        )
-
-
-def _ratios(y, z):
-    """Blocks x elements -> d² / (‖y‖² + ‖z‖²) per block, float32 (0 where both are zero; NaN and Inf,
-    which the finiteness check reports, give 0)."""
-    import torch
-
-    work = torch.float64 if y.dtype == torch.float64 else torch.float32
-    if work == torch.float64:
-        y, z = _scaled_for_squares(y, z)
-    yy = torch.linalg.vector_norm(y, dim=1, dtype=work) ** 2
-    zz = torch.linalg.vector_norm(z, dim=1, dtype=work) ** 2
-    dd = torch.linalg.vector_norm(y - z, dim=1, dtype=work) ** 2
-    return torch.nan_to_num(dd / (yy + zz), nan=0.0, posinf=0.0).float()
-
-
-def _scaled_for_squares(y, z):
-    """float64 blocks scaled by one power of two when their values are so large (±1e300) that squares
-    would overflow: the ratio is unchanged and stays finite."""
-    import torch
-
-    peak = max(float(y.abs().max()) if y.numel() else 0.0, float(z.abs().max()) if z.numel() else 0.0)
-    if not peak > 2.0 ** SAFE_EXPONENT or peak == float("inf"):
-        return y, z
-    import math
-
-    shift = math.frexp(peak)[1] - SAFE_EXPONENT
-    return torch.ldexp(y, torch.tensor(-shift, dtype=torch.float64)), torch.ldexp(z, torch.tensor(-shift, dtype=torch.float64))

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from collections.abc import Set as AbstractSet
 from typing import Any, Callable, Mapping, NoReturn, Sequence
 
-from . import content, order_search
+from . import content, content_blocks, order_search
 from .conventions import BN_BUFFERS
 from .errors import InputError, MappingUndecided, Opt, OptionConflict, Words
 from .layout import check_text
@@ -170,10 +170,13 @@ class ParameterMapping:
     # id(entry) -> the median ratio of the confirmed pairs of its group (else of the file): the reference
     # of the content test, applied again to every block of the pair's data as x is computed
     references: dict[int, float] = field(default_factory=dict)
+    # id(entry) -> its pair's ratio on the samples (see _sampled_ratios): how closely the pair tracks where
+    # the pair test looked, which a part replaced in most of the tensor cannot lower
+    sampled: dict[int, float] = field(default_factory=dict)
 
-    def part_check(self, e: Entry) -> content.PartCheck:
-        """The content test for every block of e's pair, for the loop that computes x."""
-        return content.PartCheck(e.name, e.label(), self.references.get(id(e), 0.0))
+    def part_check(self, e: Entry) -> content_blocks.PartCheck:
+        """The content test for every block and column group of e's pair, for the loop that computes x."""
+        return content_blocks.PartCheck(e.name, e.label(), self.references.get(id(e), 0.0), self.sampled.get(id(e)))
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -257,6 +260,7 @@ def decide(
         _place_rest_by_order(d, ev, weights, candidates, group_domains, container_order_name)
     used_names = _name_and_check_pairs(d, weights)
     misfits, references = _verify_content(d.stateful, ev.classes, d.order_name)
+    sampled = _sampled_ratios(d.stateful, ev.classes)
     _name_untrained_entries(d.used, weights)
 
     trained = set(used_names)
@@ -275,7 +279,8 @@ def decide(
     entries = [e for o in d.used for e in o.entries]
     return ParameterMapping(method, entries, counts, confirmed, len(d.stateful), untrained, twin_map,
                             ignored_optimizers=d.ignored, warnings=warnings, misfits=misfits,
-                            twin_refusal=twin_refusal, twin_sources=twin_sources, references=references)
+                            twin_refusal=twin_refusal, twin_sources=twin_sources, references=references,
+                            sampled=sampled)
 
 
 def _name_untrained_entries(used: list[OptimizerEntries], weights: Mapping[str, TensorRef]) -> None:
@@ -616,6 +621,9 @@ def _order_domains(p: OrderProblem, possible) -> _OrderDomains:
         by_shape.setdefault(p.weights[c].shape, []).append(i)
     dom = _OrderDomains(fixed, set(fixed.values()), by_shape)
     taken_mask = _taken_mask(dom.taken, len(p.candidates))
+    # Entries whose content rows are one shared mask (look-alikes) get one shared domain list: a class of
+    # thousands of look-alikes would otherwise hold entries x candidates Python integers
+    same: dict[tuple, list[int]] = {}
     for o in p.used:
         groups: dict[int, list[Entry]] = {}
         for e in o.stateful():
@@ -626,11 +634,17 @@ def _order_domains(p: OrderProblem, possible) -> _OrderDomains:
                 if id(e) in fixed:
                     dom.domains[id(e)] = [fixed[id(e)]]
                     continue
-                allowed = _open_domain(possible.get(id(e), set()), by_shape.get(e.z(o.z_key).shape, []), dom.taken,
-                                       taken_mask, p.candidates)
-                if p.group_domains is not None and g < len(p.group_domains):
-                    allowed = [i for i in allowed if p.candidates[i] in p.group_domains[g]]
-                dom.domains[id(e)] = allowed
+                row = possible.get(id(e), set())
+                shape = e.z(o.z_key).shape
+                key = (id(row.allowed), shape, g) if isinstance(row, content.PossibleRow) and row.allowed.dtype == bool \
+                    else None
+                if key is None or key not in same:
+                    allowed = _open_domain(row, by_shape.get(shape, []), dom.taken, taken_mask, p.candidates)
+                    if p.group_domains is not None and g < len(p.group_domains):
+                        allowed = [i for i in allowed if p.candidates[i] in p.group_domains[g]]
+                    if key is not None:
+                        same[key] = allowed
+                dom.domains[id(e)] = same[key] if key is not None else allowed
             dom.chains.append([id(e) for e in members])
     return dom
 
@@ -781,6 +795,22 @@ def _verify_pair(e: Entry, o: OptimizerEntries, weights, method: str) -> None:
                 f"{e.label()} has {key} of dtype {ref.dtype} but parameter '{e.name}' is {param.dtype}",
                 "optimizer.eval() could not combine them either; the checkpoint is inconsistent",
             )
+
+
+def _sampled_ratios(stateful, classes) -> dict[int, float]:
+    """Per entry, its pair's ratio d² / (‖y‖² + ‖z‖²) on the samples (of VERIFY_MIN_ELEMENTS or more,
+    not all zero: zeros say nothing of how closely the pair tracks)."""
+    out: dict[int, float] = {}
+    for o, e in stateful:
+        found = classes.get(e.z(o.z_key).shape)
+        if found is None:
+            continue
+        ev, rows, cols = found
+        i, j = rows.get(id(e)), cols.get(e.name)
+        if i is not None and j is not None and ev.size >= content.VERIFY_MIN_ELEMENTS \
+                and (ev.z[i].any() or ev.y[j].any()):
+            out[id(e)] = ev.ratio(i, j)
+    return out
 
 
 def _verify_content(stateful, classes, order_name: str) -> tuple[dict[int, InputError], dict[int, float]]:

@@ -47,21 +47,26 @@ class _Problem:
             for j, k in enumerate(chain):
                 self.chain_of[k], self.place[k] = c, j
         # Look-alike entries (norm gains) often share one domain: sort and index each distinct one once.
-        top = max((max(d) for d in domains.values() if d), default=-1)
+        distinct = {id(d): d for d in domains.values()}.values()
+        top = max((max(d) for d in distinct if d), default=-1)
         rank = [key(c) for c in range(top + 1)]  # candidates are small integers: look keys up, don't call
         by_rank = rank.__getitem__
         shared: dict[tuple[int, ...], int] = {}
+        by_object: dict[int, int] = {}  # id of a domain list -> its distinct domain: a shared list is read once
         self.base, self.keys = [], []
         self.members: list[list[int]] = []  # distinct domain -> the entries that have it
         kinds: list[tuple[list[int], list[Any]]] = []
         for k, ident in enumerate(self.ids):
-            t = tuple(domains[ident])
-            d = shared.get(t)
+            d = by_object.get(id(domains[ident]))
             if d is None:
-                d = shared[t] = len(kinds)
-                b = sorted(t, key=by_rank)
-                kinds.append((b, list(map(by_rank, b))))
-                self.members.append([])
+                t = tuple(domains[ident])
+                d = shared.get(t)
+                if d is None:
+                    d = shared[t] = len(kinds)
+                    b = sorted(t, key=by_rank)
+                    kinds.append((b, list(map(by_rank, b))))
+                    self.members.append([])
+                by_object[id(domains[ident])] = d
             self.members[d].append(k)
             self.base.append(kinds[d][0])
             self.keys.append(kinds[d][1])

@@ -79,7 +79,7 @@ class OutputTensor:
     value: Any = None  # a tensor computed elsewhere (re-estimated BatchNorm statistics)
     in_float32: bool = False  # lerp in float32 and cast back, as heavyball's eval() does
     beta_dtype: str | None = None  # set: optax's (y − (1 − β)·z)/β with β stored in this dtype, not a lerp
-    check: Any = None  # content.PartCheck: refuses y and z that are unrelated in part, as x is computed
+    check: Any = None  # content_blocks.PartCheck: refuses y and z that are unrelated in part, as x is computed
 
     @property
     def dtype(self) -> str:
@@ -102,18 +102,8 @@ class OutputTensor:
                              where=self.name)
         if self.value is not None:
             t = self.value
-        elif self.how == "lerp" and self.beta_dtype is not None:
-            t = optax_eval.eval_params(self.ref.load(), self.z.load(), self.beta, self.beta_dtype)
-        elif self.how == "lerp" and self.in_float32:
-            y, z = self.ref.load(), self.z.load()
-            if self.check is not None:
-                self.check(y, z)
-            t = torch.lerp(y.float(), z.float(), 1 - 1 / self.beta).to(y.dtype)
-        elif self.how == "lerp":
-            # Exactly what the optimizer's eval() does: p.lerp_(end=z, weight=1 - 1/β).
-            t = _lerp(self.ref, self.z, 1 - 1 / self.beta, self.check)
-        elif self.how == "keras":
-            t = families.keras_x(self.ref.load(), self.z.load(), self.beta)
+        elif self.how in ("lerp", "keras"):
+            t = self._from_pair()
         elif self.how == "state-x":
             t = self.x.load()
         else:
@@ -122,6 +112,23 @@ class OutputTensor:
             t = t.to(getattr(torch, self.out_dtype))
         return t.contiguous()
 
+    def _from_pair(self):
+        """x from y and z by the family's formula. Every formula's pair passes `check` (the content test on
+        all of its data) before x is returned: the streaming lerp slice by slice, the others here, once, so
+        a family with a formula of its own inherits it."""
+        import torch
+
+        if self.how == "lerp" and self.beta_dtype is None and not self.in_float32:
+            # Exactly what the optimizer's eval() does: p.lerp_(end=z, weight=1 - 1/β).
+            return _lerp(self.ref, self.z, 1 - 1 / self.beta, self.check)
+        y, z = self.ref.load(), self.z.load()
+        if self.check is not None:
+            self.check(y, z)
+        if self.how == "keras":
+            return families.keras_x(y, z, self.beta)
+        if self.beta_dtype is not None:
+            return optax_eval.eval_params(y, z, self.beta, self.beta_dtype)
+        return torch.lerp(y.float(), z.float(), 1 - 1 / self.beta).to(y.dtype)  # heavyball's float32 eval()
 
 
 # Elements per slice: a multiple of every vector width, so that slices compute the bits one call would.
@@ -131,7 +138,7 @@ _SLICE = 1 << 18
 def _lerp(y: TensorRef, z: TensorRef, weight: float, check=None):
     """torch.lerp(y, z, weight), reading y and z a slice at a time where their files allow it: only x
     is held whole (tensor data is read into memory, not mapped, so y and z would each be a copy).
-    `check` (content.PartCheck) sees every slice, and refuses a pair unrelated in part before x is returned."""
+    `check` (content_blocks.PartCheck) sees every slice, and refuses a pair unrelated in part before x is returned."""
     import torch
 
     if y.reader is None or z.reader is None or y.dtype != z.dtype or y.shape != z.shape:
@@ -149,7 +156,7 @@ def _lerp(y: TensorRef, z: TensorRef, weight: float, check=None):
         raise InputError(f"a tensor of shape {y.shape} ({y.nbytes} bytes) does not fit in memory",
                          "the checkpoint is damaged or crafted, or this machine has too little memory for it") from None
     flat = x.view(-1)
-    blocks = check.blocks() if check is not None else None
+    blocks = check.blocks(y.shape) if check is not None else None
     for start, n, y_part, z_part in parts:  # the next slice is read while this one is computed
         if blocks is not None:
             blocks.add(y_part, z_part, start)

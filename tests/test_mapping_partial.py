@@ -1,7 +1,7 @@
 """A tensor replaced only in part (issue #20, round three): the mapping's content check reads samples from
 the start and the middle of each tensor, so a head re-initialised except the rows those samples read passed
 it, and lerp(y, unrelated z) was written for the rest with exit 0. x is now computed only after every block
-of PART_BLOCK elements of y and z passed the same test (`content.PartCheck`, in the loop that computes x).
+of PART_BLOCK elements of y and z passed the same test (`content_blocks.PartCheck`, in the loop that computes x).
 
 Each checkpoint is trained with the real optimizer. Refusals: exit 2, one `error:` line naming the tensor,
 nothing written (and `diff`/`check`, which compute x too, refuse the same way). Legitimate setups with
