@@ -50,6 +50,16 @@ UNRELATED_MIN_ELEMENTS = 256  # and the sample is large enough for that ratio to
 # track in this run).
 UNRELATED_FLOOR = 0.75
 NOISE_SIGMAS = 3.0
+# ...unless, on a sample of fewer than DRIFT_MAX_ELEMENTS, y and z lie within DRIFT_FACTOR times the run's
+# drift of each other (the RMS of y − z of the confirmed pairs of the entry's group: one lr, step count and
+# β). A zero-initialised tensor's y and z both stay that small, and with noisy gradients barely aligned (a
+# BatchNorm beta of 32 after 6 steps gives 0.86 at 0.44 times the drift), while a fresh tensor put in a
+# trained one's place lies its initialisation scale away (3.8 to 1,000 times the drift in the tests). On
+# larger samples the scale is not used: a fresh head initialised near zero (N(0, 0.02)) in the place of a
+# zero-initialised one trained 300 steps at lr 0.03 lies 1.7 times the drift away, as close as true pairs.
+# A y of one value while z is not (a fresh tensor of zeros) is never within drift: a true y moves with z.
+DRIFT_FACTOR = 2.0
+DRIFT_MAX_ELEMENTS = 256
 VERIFY_MIN_ELEMENTS = 32  # below this, chance alone brings independent tensors too close to tell
 # A candidate shares z's history when their centred samples are as close as a parameter and its
 # own z (the centred ratio below SHARED, a cosine of about 0.75 or more) and beyond chance
@@ -64,6 +74,26 @@ HISTORY_SIGMAS = 6.0
 # are read whole then anyway), every block of PART_BLOCK elements gets it again (see PartCheck).
 PART_BLOCK = 256
 PART_FACTOR = 2.0  # ...and over twice the lower quartile of the tensor's own blocks (see PartCheck)
+
+
+@dataclass(frozen=True)
+class RunScale:
+    """How closely y and z of a run's true pairs track: the median ratio d² / (‖y‖² + ‖z‖²) and the
+    median RMS of y − z of the confirmed pairs of a group (else of the file); 0 where none is known."""
+
+    ratio: float = 0.0
+    drift: float = 0.0
+
+
+def within_drift(y, z, drift: float) -> bool:
+    """Do the flat samples y and z (numpy or torch) lie within DRIFT_FACTOR times the run's drift of each
+    other, with y not one value where z is not? Never where the drift is unknown (0), nor on
+    DRIFT_MAX_ELEMENTS or more."""
+    if drift <= 0 or len(y) >= DRIFT_MAX_ELEMENTS:
+        return False
+    diff = y - z
+    one_value = bool((y == y[0]).all()) and not bool((z == z[0]).all())
+    return not one_value and float((diff * diff).mean()) ** 0.5 <= DRIFT_FACTOR * drift
 
 
 @dataclass(frozen=True)
@@ -99,6 +129,7 @@ class ClassEvidence:
     y_value: object = None  # per candidate: its first sampled value
     z_range: object = None  # per entry: the smallest and largest sampled z value
     y_ulp: object = None  # per candidate: the spacing of its dtype at its first sampled value
+    scale: float = 1.0  # the samples are the data divided by this (see _without_overflow)
     _possible: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -143,6 +174,9 @@ class ClassEvidence:
             # y is one constant c and every sampled z lies within ROUNDING_ULPS spacings of c: y = (1-β)·z + β·x
             # can round to c without any cancellation (a float32 gain at 1.0 whose z moved by one ulp)
             ok |= y_constant & (reach <= ROUNDING_ULPS * self.y_ulp[cols])
+            # ...or z varies by so little that (1-β)·z's variation rounds away in y (a zero-initialised head
+            # whose elements all get one gradient: z holds two values one ulp apart, y one)
+            ok |= y_constant & (self.z_range[1][i] - self.z_range[0][i] <= ROUNDING_ULPS * self.y_ulp[cols])
         if self.informative and self.unrelated_above is not None:
             d2 = ((self.z[i] - self.y[cols]) ** 2).sum(axis=1)
             ok &= ~(d2 > self.unrelated_above * ((self.z[i] @ self.z[i]) + (self.y[cols] ** 2).sum(axis=1)))
@@ -152,13 +186,17 @@ class ClassEvidence:
         """Does `possible_rows(relaxed=True)` allow any pair the strict rows rule out? (It only adds.)"""
         return any(_count(a) > _count(b) for a, b in zip(self.possible_rows(True), self.possible_rows()))
 
-    def looks_unrelated(self, i: int, j: int, reference: float) -> bool:
+    def drift(self, i: int, j: int) -> float:
+        """The RMS of z_i − y_j on the samples, in the data's units."""
+        return self.distance(i, j) / self.size ** 0.5 * self.scale
+
+    def looks_unrelated(self, i: int, j: int, run: RunScale) -> bool:
         """Are entry i's z and candidate j as far apart as independent tensors, while pairs that
-        belong together in this file (`reference`: their median ratio) are far closer? Near-zero
-        tensors, shared means (norm gains) and small samples are "cannot tell": False."""
-        if self.size < VERIFY_MIN_ELEMENTS:
+        belong together in this file (`run`) are far closer and drift less? Near-zero tensors, shared
+        means (norm gains) and small samples are "cannot tell": False."""
+        if self.size < VERIFY_MIN_ELEMENTS or self.ratio(i, j) <= unrelated_limit(self.size, run.ratio):
             return False
-        return bool(self.ratio(i, j) > unrelated_limit(self.size, reference))
+        return not within_drift(self.y[j], self.z[i], run.drift / self.scale)
 
     def sharing_history(self, i: int) -> list[int]:
         """Candidates whose centred samples are aligned with entry i's z beyond chance: the pair's own
@@ -234,7 +272,7 @@ def evidence(zs: Sequence[TensorRef], ys: Sequence[TensorRef], sampler: Sampler)
     size = min(size, max(1, zs[0].numel if zs else 1))
     z = np.stack([sampler.sample(r, size) for r in zs]) if n else np.zeros((0, size))
     y = np.stack([sampler.sample(r, size) for r in ys]) if m else np.zeros((0, size))
-    z, y = _without_overflow(z, y)
+    z, y, scale = _without_overflow(z, y)
     # Rounding can pin a 16-bit y to one value (bfloat16 gains at exactly 1.0) while z moves; not float32.
     exact = np.array([r.dtype in ("float32", "float64") for r in ys], dtype=bool)
     y_constant = (y == y[:, :1]).all(axis=1) & (y.shape[1] > 1) & exact
@@ -243,7 +281,7 @@ def evidence(zs: Sequence[TensorRef], ys: Sequence[TensorRef], sampler: Sampler)
     ev = ClassEvidence([], z, y, y_constant, z_constant, size >= MIN_CONTENT_ELEMENTS, None, [],
                        y_value=y[:, 0] if y.shape[1] else np.zeros(m),
                        z_range=(z.min(axis=1, initial=np.inf), z.max(axis=1, initial=-np.inf)),
-                       y_ulp=np.array(spacing, dtype=np.float64) if len(spacing) else np.zeros(m))
+                       y_ulp=np.array(spacing, dtype=np.float64) if len(spacing) else np.zeros(m), scale=scale)
     _closest(ev)
     confirmed = [i for i, match in enumerate(ev.matches) if match.confirmed]
     if confirmed and ev.size >= UNRELATED_MIN_ELEMENTS:
@@ -417,9 +455,9 @@ def _without_overflow(z, y):
 
     peak = max(float(np.abs(z).max(initial=0.0)), float(np.abs(y).max(initial=0.0)))
     if not peak > 2.0 ** SAFE_EXPONENT or not np.isfinite(peak):
-        return z, y
+        return z, y, 1.0
     shift = int(np.frexp(peak)[1]) - SAFE_EXPONENT
-    return np.ldexp(z, -shift), np.ldexp(y, -shift)
+    return np.ldexp(z, -shift), np.ldexp(y, -shift), float(np.ldexp(1.0, shift))
 
 
 def identical(a: TensorRef, b: TensorRef, sampler: Sampler) -> bool:
@@ -456,7 +494,7 @@ class PartCheck:
 
     name: str
     label: str  # the optimizer entry, as errors name it
-    reference: float  # median ratio of the confirmed pairs of the entry's group (0 when none)
+    run: RunScale  # how closely the confirmed pairs of the entry's group track
 
     def blocks(self) -> BlockRatios:
         """An accumulator for the slices of one computation of x: `add` each, then `verify`."""
@@ -475,7 +513,8 @@ class BlockRatios:
     def __init__(self, check: PartCheck) -> None:
         self.check = check
         self.full: list = []  # float32 tensors: ratios of whole blocks, in order
-        self.tail: tuple[float, int, int] | None = None  # (ratio, first element, elements) of a shorter last block
+        # (ratio, within the run's drift (see within_drift), first element, elements) of a shorter last block
+        self.tail: tuple[float, bool, int, int] | None = None
         self.per_element = 1  # numbers per element (2 for complex)
 
     def add(self, y, z, start: int) -> None:
@@ -493,8 +532,16 @@ class BlockRatios:
                 self.full.append(_ratios(part_y[:full].view(-1, PART_BLOCK), part_z[:full].view(-1, PART_BLOCK)))
             if part_y.numel() - full >= VERIFY_MIN_ELEMENTS:
                 rest = part_y.numel() - full
-                ratio = _ratios(part_y[full:].view(1, -1), part_z[full:].view(1, -1))
-                self.tail = (float(ratio[0]), start + lo + full, rest)
+                tail_y, tail_z = part_y[full:].view(1, -1), part_z[full:].view(1, -1)
+                ratio = _ratios(tail_y, tail_z)
+                self.tail = (float(ratio[0]), self._within_drift(tail_y, tail_z), start + lo + full, rest)
+
+    def _within_drift(self, y, z) -> bool:
+        """A short last block within the run's drift (see within_drift), in float32 or float64 as its ratio."""
+        import torch
+
+        work = torch.float64 if y.dtype == torch.float64 else torch.float32
+        return within_drift(y.to(work).reshape(-1), z.to(work).reshape(-1), self.check.run.drift)
 
     def verify(self) -> None:
         """Refuse the first block that looks unrelated while the tensor's own blocks track closely."""
@@ -503,15 +550,15 @@ class BlockRatios:
         ratios = torch.cat(self.full) if self.full else torch.zeros(0)
         own = float(torch.kthvalue(ratios, max(1, len(ratios) // 4)).values) if len(ratios) else 0.0
         check = self.check
-        limit = max(unrelated_limit(PART_BLOCK, check.reference), PART_FACTOR * own)
+        limit = max(unrelated_limit(PART_BLOCK, check.run.ratio), PART_FACTOR * own)
         bad = (ratios > limit).nonzero()
         if len(bad):
             k = int(bad[0, 0])
             self._refuse(float(ratios[k]), limit, k * PART_BLOCK, PART_BLOCK)
         if self.tail is not None:
-            ratio, first, n = self.tail
-            limit = max(unrelated_limit(n, check.reference), PART_FACTOR * own)
-            if ratio > limit:
+            ratio, tail_drifting, first, n = self.tail
+            limit = max(unrelated_limit(n, check.run.ratio), PART_FACTOR * own)
+            if ratio > limit and not tail_drifting:
                 self._refuse(ratio, limit, first, n)
 
     def _refuse(self, ratio: float, limit: float, first: int, n: int) -> None:

@@ -167,13 +167,13 @@ class ParameterMapping:
     # converted (where they already hold x, tied and frozen copies are the same bytes)
     twin_refusal: InputError | None = None
     twin_sources: set[str] = field(default_factory=set)
-    # id(entry) -> the median ratio of the confirmed pairs of its group (else of the file): the reference
+    # id(entry) -> how closely the confirmed pairs of its group (else of the file) track: the reference
     # of the content test, applied again to every block of the pair's data as x is computed
-    references: dict[int, float] = field(default_factory=dict)
+    references: dict[int, content.RunScale] = field(default_factory=dict)
 
     def part_check(self, e: Entry) -> content.PartCheck:
         """The content test for every block of e's pair, for the loop that computes x."""
-        return content.PartCheck(e.name, e.label(), self.references.get(id(e), 0.0))
+        return content.PartCheck(e.name, e.label(), self.references.get(id(e), content.RunScale()))
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -783,33 +783,42 @@ def _verify_pair(e: Entry, o: OptimizerEntries, weights, method: str) -> None:
             )
 
 
-def _verify_content(stateful, classes, order_name: str) -> tuple[dict[int, InputError], dict[int, float]]:
+def _run_scales(stateful, classes) -> dict[int, content.RunScale]:
+    """How closely y and z track in this run, per entry: the confirmed pairs of the entry's own group (one
+    lr, weight decay, β and step count: a new head at a hundred times the backbone's lr drifts far more),
+    else of the whole file."""
+    import numpy as np
+
+    of_entry = {ident: (ev.ratio(i, ev.matches[i].candidate), ev.drift(i, ev.matches[i].candidate))
+                for ev, rows, _ in classes.values() for ident, i in rows.items()
+                if ev.matches[i].confirmed and ev.size >= content.VERIFY_MIN_ELEMENTS}
+    in_group: dict[tuple, list[tuple[float, float]]] = {}
+    for o, e in stateful:
+        if id(e) in of_entry:
+            in_group.setdefault((o.key, e.group), []).append(of_entry[id(e)])
+
+    def median(pairs) -> content.RunScale:
+        return content.RunScale(*(float(v) for v in np.median(np.array(pairs), axis=0))) if pairs else content.RunScale()
+
+    by_group = {g: median(r) for g, r in in_group.items()}
+    overall = median(list(of_entry.values()))
+    return {id(e): by_group.get((o.key, e.group), overall) for o, e in stateful}
+
+
+def _verify_content(stateful, classes, order_name: str) -> tuple[dict[int, InputError], dict[int, content.RunScale]]:
     """Check every pair used against its samples, however it was found; return the refusals by entry,
-    and each entry's reference ratio (for the same test on all of its data, as x is computed).
+    and each entry's run scale (for the same test on all of its data, as x is computed).
 
     A pair whose z and tensor are as far apart as independent tensors, while the file's confirmed
     pairs track closely, is refused: names, an order or the only way to fit cannot make a fresh tensor
     (a head replaced after the optimizer was built, a re-initialised embedding) the owner of another
     tensor's z. Where content alone decided a pair, a second tensor that also shares z's history
     (a copy, a network trained along the same path) makes the decision ambiguous."""
-    import numpy as np
-
-    # How closely y and z track in this run: the confirmed pairs of the entry's own group (one lr, weight
-    # decay, β and step count: a new head at a hundred times the backbone's lr drifts far more), else
-    # of the whole file.
-    of_entry = {ident: ev.ratio(i, ev.matches[i].candidate) for ev, rows, _ in classes.values()
-                for ident, i in rows.items() if ev.matches[i].confirmed and ev.size >= content.VERIFY_MIN_ELEMENTS}
-    in_group: dict[tuple, list[float]] = {}
-    for o, e in stateful:
-        if id(e) in of_entry:
-            in_group.setdefault((o.key, e.group), []).append(of_entry[id(e)])
-    by_group = {g: float(np.median(r)) for g, r in in_group.items()}
-    overall = float(np.median(list(of_entry.values()))) if of_entry else 0.0
     names_of = {shape: list(cols) for shape, (_, _, cols) in classes.items()}
     how = {"names": "its saved name", "--param-order": Opt("param_order"), "content": "content",
            "order": order_name or "order"}
     misfits: dict[int, InputError] = {}
-    references = {id(e): by_group.get((o.key, e.group), overall) for o, e in stateful}
+    references = _run_scales(stateful, classes)
     for o, e in stateful:
         found = classes.get(e.z(o.z_key).shape)
         if found is None:
@@ -824,7 +833,7 @@ def _verify_content(stateful, classes, order_name: str) -> tuple[dict[int, Input
                 f"{e.label()} is paired with '{e.name}' by " + how.get(e.evidence, e.evidence)
                 + ", but its z is unrelated "
                 f"to that tensor (d²/(‖y‖²+‖z‖²) = {ev.ratio(i, j):.2f}, as for independent tensors, where the "
-                f"checkpoint's confirmed pairs give {reference:.2g}): the optimizer state belongs to a different "
+                f"checkpoint's confirmed pairs give {reference.ratio:.2g}{_drift_words(ev.drift(i, j), reference)}): the optimizer state belongs to a different "
                 f"tensor — '{e.name}' was replaced or re-initialised after the optimizer was built, or the names "
                 "or order are wrong",
                 "save the model together with the optimizer that trains it (build the optimizer after replacing "
@@ -842,6 +851,13 @@ def _verify_content(stateful, classes, order_name: str) -> tuple[dict[int, Input
                     ORDER_HINT,
                 )
     return misfits, references
+
+
+def _drift_words(drift: float, run: content.RunScale) -> str:
+    """How much farther apart a refused pair lies than the run's confirmed pairs (nothing if unknown)."""
+    if run.drift <= 0:
+        return ""
+    return f", with y and z {drift / run.drift:.2g} times as far apart as theirs"
 
 
 def _find_twins(weights, candidates, trained, ties_visible, policy, sampler,

@@ -101,9 +101,9 @@ class TFBatchNorm(nn.Module):
         return (x - mean) / (var + 1e-3).sqrt() * self.gamma + self.beta
 
 
-@pytest.mark.xfail(strict=True, reason="content confirms every pair, but the per-pair check refuses the second "
-                   "BatchNorm's zero-initialised beta after 6 steps (d²/(‖y‖²+‖z‖²) = 0.86, over the 0.75 floor)")
 def test_tf_style_batchnorm_with_moving_mean(run, tmp_path):
+    """The second BatchNorm's zero-initialised beta gives d²/(‖y‖²+‖z‖²) = 0.86 after 6 steps (y and z both
+    near zero, barely aligned), over the 0.75 floor, but lies within the run's drift: converted."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(W, W), TFBatchNorm(), nn.Tanh(), nn.Linear(W, W), TFBatchNorm())
     opt = schedulefree.AdamWScheduleFree(model.parameters(), lr=0.01)
