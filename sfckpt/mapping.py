@@ -29,7 +29,7 @@ plausible guess.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from collections.abc import Set as AbstractSet
 from typing import Any, Callable, Mapping, NoReturn, Sequence
 
@@ -372,7 +372,25 @@ def _place_rest_by_order(d: _Decision, ev: _ContentEvidence, weights: Mapping[st
                            candidates=candidates, cand_index={n: i for i, n in enumerate(candidates)},
                            group_domains=group_domains, container_order_name=container_order_name, notes=d.notes)
     try:
-        d.order_name = _place_by_order(problem, ev.possible)
+        d.order_name = _place_with_relaxing(problem, ev)
+    except MappingUndecided as under_rule:
+        if group_domains is None:
+            raise
+        # The container's grouping rule (the Trainer's decay / no-decay groups) is not the optimizer's when
+        # the user built it (Trainer(optimizers=(opt, None))): place as in any file, in the rebuilt model's
+        # order, with every check an order gets there.
+        plain = replace(problem, group_domains=None, container_order_name="")
+        try:
+            d.order_name = _place_with_relaxing(plain, ev)
+        except MappingUndecided:
+            raise under_rule from None
+
+
+def _place_with_relaxing(problem: OrderProblem, ev: _ContentEvidence) -> str:
+    """_place_by_order with content's rules, then (where they leave no placement) without the ones chance
+    and rounding can break."""
+    try:
+        return _place_by_order(problem, ev.possible)
     except NotInWeights:
         # Among many look-alikes of few elements, "another tensor lies 4x closer" can rule out a
         # true pair by chance, and rounding can pin a float32 y at its constant initial value while
@@ -381,7 +399,7 @@ def _place_rest_by_order(d: _Decision, ev: _ContentEvidence, weights: Mapping[st
         relaxed = _relaxed(ev.possible, ev.classes)
         if relaxed is None:
             raise
-        d.order_name = _place_by_order(problem, relaxed)
+        return _place_by_order(problem, relaxed)
 
 
 def _name_and_check_pairs(d: _Decision, weights: Mapping[str, TensorRef]) -> dict[str, Entry]:

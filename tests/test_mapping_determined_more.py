@@ -11,6 +11,7 @@ import schedulefree
 import torch
 from torch import nn
 
+from conftest import SCRIPTS, assert_equal_tensors, read
 from recipes import eval_x, fit
 from test_mapping_determined import TFBatchNorm
 from test_mapping_fit import STALE, assert_converts, assert_refused, convert
@@ -98,3 +99,34 @@ def test_zero_initialised_beta_replaced_by_a_fresh_init_is_refused(run, tmp_path
     with torch.no_grad():
         model[4].beta.copy_(nn.Linear(W, W).bias)
     assert_refused(*convert(run, tmp_path, _checkpoint(model, opt)), "optimizer entry 7 (group 0)", STALE)
+
+
+# ---- a Hugging Face Trainer with one frozen layer --------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["trainer", "own-all", "own-trainable"])
+def test_hf_trainer_with_one_frozen_layer(optimizer, run, tmp_path, monkeypatch):
+    """The real Trainer, a tiny Llama whose first layer is frozen, three steps: with optim="schedule_free_adamw"
+    (the Trainer's decay / no-decay groups), or an AdamWScheduleFree of the user's own through
+    `optimizers=(opt, None)` over all parameters or the trainable ones (one group, which the Trainer's grouping
+    rule does not describe: placed in the rebuilt model's order, as in any file)."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import tiny_llama
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_llama.config())
+    model.model.layers[0].requires_grad_(False)
+    params = model.parameters() if optimizer == "own-all" else [p for p in model.parameters() if p.requires_grad]
+    own = None if optimizer == "trainer" else schedulefree.AdamWScheduleFree(params, lr=1e-2)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), optim="schedule_free_adamw",
+                                          learning_rate=1e-2, weight_decay=0.1, per_device_train_batch_size=4,
+                                          max_steps=3, save_steps=3, report_to=[], use_cpu=True, logging_steps=100,
+                                          lr_scheduler_type="constant")
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=tiny_llama.data(), optimizers=(own, None))
+    trainer.train()
+    trainer.optimizer.eval()
+    expected = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: not saved
+    result = run("convert", tmp_path / "run" / "checkpoint-3", tmp_path / "release")
+    assert result.exit_code == 0, result.stderr
+    assert_equal_tensors(read(tmp_path / "release" / "model.safetensors"), expected)
