@@ -26,6 +26,14 @@ from .errors import InputError
 from .tensors import TensorRef
 
 MARGIN = 4.0
+# On samples of LARGE_SAMPLE elements or more, a pair is confirmed with LARGE_MARGIN: chance brings another
+# tensor that close to a z only among few numbers (a tensor independent of z lies at d² = ‖y‖² + ‖z‖² to
+# within about 3/√n), and where another candidate shares z's history (copies, EMA teachers, a tower trained
+# along z's path, layers copied from one another) MARGIN still applies. Linear layers of 1,024 elements
+# under big weight decay lie 3x closer to their own y than to each other's (under MARGIN, over
+# LARGE_MARGIN). Ruling pairs out keeps MARGIN.
+LARGE_SAMPLE = 1024
+LARGE_MARGIN = 2.0
 SAMPLE_ELEMENTS = 4096  # per tensor: half from the start, half from the middle of the data
 WORK_BUDGET = 100_000_000  # entries x candidates x sample elements per shape class
 MIN_SAMPLE = 64
@@ -103,10 +111,11 @@ class Match:
     candidate: int  # column index into the candidates given to `evidence`
     distance: float
     runner_up: float  # the smallest competing distance (other candidate, other entry; else the spread)
+    margin: float = MARGIN  # how many times closer than the runner-up confirms (see LARGE_MARGIN)
 
     @property
     def confirmed(self) -> bool:
-        return self.distance * MARGIN < self.runner_up
+        return self.distance * self.margin < self.runner_up
 
 
 @dataclass
@@ -441,7 +450,8 @@ def _match(ev: ClassEvidence, i: int, j: int, best2: float, second2: float, col_
     runner = float(min(others))
     if (ev.y_constant[j] and not ev.z_constant[i]) or not ev.informative:
         runner = 0.0  # never confirmed: see ClassEvidence.possible_rows; a handful of numbers tells nothing
-    return Match(j, float(best2) ** 0.5, runner)
+    alone = all(int(k) == j for k in ev.history[i])  # no other candidate shares z's history
+    return Match(j, float(best2) ** 0.5, runner, LARGE_MARGIN if ev.size >= LARGE_SAMPLE and alone else MARGIN)
 
 
 SAFE_EXPONENT = 480  # |v| <= 2**480: sums of squares of SAMPLE_ELEMENTS such values stay finite in float64

@@ -54,16 +54,15 @@ class Normed(nn.Module):
         return x
 
 
-@pytest.mark.xfail(strict=True, reason="each Linear's z lies about 3x closer to its own y than to the other three "
-                   "(1.3 against 3.9-4.3): the file tells them apart, but under content's 4x margin nothing is "
-                   "confirmed, and a group of one shape with no confirmed entry shows no order")
 @pytest.mark.slow
 def test_beta_095_big_weight_decay_interleaved_groups(run, tmp_path):
-    """β = 0.95, weight decay 0.5, nanoGPT's decay / no-decay groups (interleaved with the model's order)."""
+    """β = 0.95, weight decay 0.5, nanoGPT's decay / no-decay groups (interleaved with the model's order). Each
+    Linear's z lies about 3x closer to its own y than to the other three (1.3 against 3.9-4.3): under 4x, but
+    on 1,024 elements with no other tensor sharing z's history 2x confirms."""
     torch.manual_seed(0)
     model = Normed()
     opt = schedulefree.AdamWScheduleFree(recipes.nanogpt_groups(model, weight_decay=0.5), lr=0.01, betas=(0.95, 0.999))
-    fit(model, opt, steps=60)  # lr 0.01: each z lies 3x closer to its own y than to the others, under the 4x margin
+    fit(model, opt, steps=60)
     obj, x = saved(model, opt)
     assert_converts(*convert(run, tmp_path, obj), x)
 
