@@ -597,6 +597,10 @@ def _place_by_order(p: OrderProblem, possible) -> str:
     if p.group_domains is not None:
         hypotheses = hypotheses[:1]
     found = _search_orders(dom, hypotheses)
+    if not found.distinct and not found.exhausted and p.group_domains is None:
+        per_group = _per_group_order(dom, hypotheses)
+        if per_group is not None:
+            found = _search_orders(dom, [per_group])
     open_ids = dom.open_ids()
     n_content = sum(1 for o, e in p.stateful if p.kinds.get(id(e)) == "content")
     context = f"content confirms {n_content} of {len(p.stateful)} entries" + (f"; {p.notes[0]}" if p.notes else "")
@@ -664,6 +668,37 @@ def _search_orders(dom: _OrderDomains, hypotheses: list[tuple[str, Callable[[int
             break
     return _OrderSearch([(label, s) for label, solutions, _ in results for s in solutions],
                         any(ex for _, _, ex in results))
+
+
+def _per_group_order(dom: _OrderDomains, hypotheses: list[tuple[str, Callable[[int], Any]]]
+                     ) -> tuple[str, Callable[[int], Any]] | None:
+    """One order per group where no single order fits them all (LoRA+'s A group sorted by name, its B group
+    in the model's): each group follows the first hypothesis its own fixed entries (two or more) agree
+    with. A group of two or more entries that shows no order of its own would have to follow the others,
+    which disagree: None, as where two groups draw from one candidate under different orders."""
+    chosen: dict[int, int] = {}  # candidate -> hypothesis, from the groups whose domains hold it
+    labels = set()
+    for chain in dom.chains:
+        fixed = [dom.fixed[i] for i in chain if i in dom.fixed]
+        fits = [h for h, (_, key) in enumerate(hypotheses) if len(fixed) >= 2
+                and all(key(a) < key(b) for a, b in zip(fixed, fixed[1:]))]
+        if not fits:
+            if len(chain) >= 2:
+                return None
+            continue  # one entry: no order to follow
+        h = fits[0]
+        labels.add(hypotheses[h][0])
+        for i in chain:
+            for c in dom.domains[i]:
+                if chosen.setdefault(c, h) != h:
+                    return None
+    if len(labels) < 2:
+        return None  # one order for every group: the search has tried it
+
+    def key(c: int) -> Any:
+        return hypotheses[chosen.get(c, 0)][1](c)
+
+    return "each group's own order (" + " and ".join(sorted(labels)) + ")", key
 
 
 def _refuse_unplaced(p: OrderProblem, dom: _OrderDomains, possible, key: Callable[[int], Any],

@@ -13,7 +13,7 @@ from torch import nn
 
 from conftest import SCRIPTS, assert_equal_tensors, read
 from recipes import eval_x, fit
-from test_mapping_determined import TFBatchNorm
+from test_mapping_determined import LoRA, TFBatchNorm
 from test_mapping_fit import STALE, assert_converts, assert_refused, convert
 from test_mapping_partial import _trained
 
@@ -130,3 +130,47 @@ def test_hf_trainer_with_one_frozen_layer(optimizer, run, tmp_path, monkeypatch)
     result = run("convert", tmp_path / "run" / "checkpoint-3", tmp_path / "release")
     assert result.exit_code == 0, result.stderr
     assert_equal_tensors(read(tmp_path / "release" / "model.safetensors"), expected)
+
+
+# ---- each group in its own order ------------------------------------------------------------------------
+
+class ScaledLoRA(LoRA):
+    """LoRA pairs and a per-layer scale: a vector of ones (content tells them apart) or a zero scalar gate
+    (too few numbers for content: only an order places it)."""
+
+    def __init__(self, gate: bool, n: int = 12):
+        super().__init__(n)
+        self.gate = gate
+        self.C = nn.ParameterList(nn.Parameter(torch.zeros(1) if gate else torch.ones(W)) for _ in range(n))
+
+    def forward(self, x):
+        for base, a, b, c in zip(self.base, self.A, self.B, self.C):
+            x = torch.tanh(base(x) + x @ a.t() @ b.t()) * ((1 + c) if self.gate else c)
+        return x
+
+
+def _three_groups(gate: bool):
+    """A sorted by name, B in the model's order, C in the reverse of it."""
+    torch.manual_seed(0)
+    model = ScaledLoRA(gate)
+    named = dict(model.named_parameters())
+    a = [named[n] for n in sorted(n for n in named if n.startswith("A."))]
+    b = [p for n, p in named.items() if n.startswith("B.")]
+    c = [p for n, p in named.items() if n.startswith("C.")][::-1]
+    opt = schedulefree.AdamWScheduleFree([{"params": a, "lr": 0.005}, {"params": b, "lr": 0.08},
+                                          {"params": c, "lr": 0.001}])
+    fit(model, opt, steps=6)
+    return model, opt
+
+
+def test_three_groups_each_in_the_order_its_confirmed_entries_show(run, tmp_path):
+    model, opt = _three_groups(gate=False)
+    expected = eval_x(model, opt)
+    assert_converts(*convert(run, tmp_path, _checkpoint(model, opt)), expected)
+
+
+def test_group_of_gates_showing_no_order_beside_groups_that_disagree_is_refused(run, tmp_path):
+    """The gates (one element each) carry no content and their group no confirmed entry; the other groups
+    show two different orders, so none is theirs to follow: refused."""
+    model, opt = _three_groups(gate=True)
+    assert_refused(*convert(run, tmp_path, _checkpoint(model, opt)), "--param-order")
