@@ -9,7 +9,7 @@ that start equal and barely move (LayerNorm gains, zero-initialised tensors)
 cannot be told apart, and are reported as such rather than guessed.
 
 A pair (entry, tensor) is *confirmed* only with a margin: the distance must be
-MARGIN times smaller than the distance from that z to every other candidate
+MARGIN (LARGE_MARGIN on large samples no other candidate shares) times smaller than the distance from that z to every other candidate
 and from that y to every other entry's z; with no other tensor of that shape,
 smaller than the y's own spread around its mean (so that a lone candidate is
 confirmed only when z really lies next to it, not merely because nothing
@@ -62,7 +62,7 @@ NOISE_SIGMAS = 3.0
 # drift of each other (the RMS of y − z of the confirmed pairs of the entry's group: one lr, step count and
 # β). A zero-initialised tensor's y and z both stay that small, and with noisy gradients barely aligned (a
 # BatchNorm beta of 32 after 6 steps gives 0.86 at 0.44 times the drift), while a fresh tensor put in a
-# trained one's place lies its initialisation scale away (3.8 to 1,000 times the drift in the tests). On
+# trained one's place lies its initialisation scale away (11 to 160 times the drift in the tests). On
 # larger samples the scale is not used: a fresh head initialised near zero (N(0, 0.02)) in the place of a
 # zero-initialised one trained 300 steps at lr 0.03 lies 1.7 times the drift away, as close as true pairs.
 # A y of one value while z is not (a fresh tensor of zeros) is never within drift: a true y moves with z.
