@@ -9,8 +9,9 @@ that start equal and barely move (LayerNorm gains, zero-initialised tensors)
 cannot be told apart, and are reported as such rather than guessed.
 
 A pair (entry, tensor) is *confirmed* only with a margin: the distance must be
-MARGIN (LARGE_MARGIN on large samples no other candidate shares) times smaller than the distance from that z to every other candidate
-and from that y to every other entry's z; with no other tensor of that shape,
+MARGIN (LARGE_MARGIN on large samples no other candidate shares) times smaller
+than the distance from that z to every other candidate and from that y to
+every other entry's z; with no other tensor of that shape,
 smaller than the y's own spread around its mean (so that a lone candidate is
 confirmed only when z really lies next to it, not merely because nothing
 else has its shape). The same margin rules pairs out: a candidate MARGIN

@@ -675,9 +675,9 @@ def _per_group_order(dom: _OrderDomains, hypotheses: list[tuple[str, Callable[[i
     """One order per group where no single order fits them all (LoRA+'s A group sorted by name, its B group
     in the model's): each group follows the first hypothesis its own fixed entries (two or more) agree
     with. A group of two or more entries that shows no order of its own would have to follow the others,
-    which disagree: None, as where two groups draw from one candidate under different orders."""
-    chosen: dict[int, int] = {}  # candidate -> hypothesis, from the groups whose domains hold it
-    labels = set()
+    which disagree: None; so too where groups under different orders hold entries of one shape (decided
+    per shape: linear in the entries, not in their domains)."""
+    of_shape: dict[tuple, int] = {}  # shape -> hypothesis, from the groups holding entries of that shape
     for chain in dom.chains:
         fixed = [dom.fixed[i] for i in chain if i in dom.fixed]
         fits = [h for h, (_, key) in enumerate(hypotheses) if len(fixed) >= 2
@@ -686,19 +686,19 @@ def _per_group_order(dom: _OrderDomains, hypotheses: list[tuple[str, Callable[[i
             if len(chain) >= 2:
                 return None
             continue  # one entry: no order to follow
-        h = fits[0]
-        labels.add(hypotheses[h][0])
         for i in chain:
-            for c in dom.domains[i]:
-                if chosen.setdefault(c, h) != h:
-                    return None
-    if len(labels) < 2:
+            o, e = dom.entry_of[i]
+            if of_shape.setdefault(e.z(o.z_key).shape, fits[0]) != fits[0]:
+                return None
+    if len(set(of_shape.values())) < 2:
         return None  # one order for every group: the search has tried it
+    chosen = {c: h for shape, h in of_shape.items() for c in dom.by_shape.get(shape, [])}
 
     def key(c: int) -> Any:
         return hypotheses[chosen.get(c, 0)][1](c)
 
-    return "each group's own order (" + " and ".join(sorted(labels)) + ")", key
+    labels = sorted({hypotheses[h][0] for h in of_shape.values()})
+    return "each group's own order (" + " and ".join(labels) + ")", key
 
 
 def _refuse_unplaced(p: OrderProblem, dom: _OrderDomains, possible, key: Callable[[int], Any],
