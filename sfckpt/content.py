@@ -27,10 +27,11 @@ from .errors import InputError
 from .tensors import TensorRef
 
 MARGIN = 4.0
-# On samples of LARGE_SAMPLE elements or more, a pair is confirmed with LARGE_MARGIN: chance brings another
-# tensor that close to a z only among few numbers (a tensor independent of z lies at d² = ‖y‖² + ‖z‖² to
-# within about 3/√n), and where another candidate shares z's history (copies, EMA teachers, a tower trained
-# along z's path, layers copied from one another) MARGIN still applies. Linear layers of 1,024 elements
+# On samples of LARGE_SAMPLE elements or more, a pair is confirmed with LARGE_MARGIN where its tensor is the
+# one candidate that shares z's history (see sharing_history): chance brings another tensor that close to a z
+# only among few numbers (a tensor independent of z lies at d² = ‖y‖² + ‖z‖² to within about 3/√n). Where
+# another candidate shares it too (copies, EMA teachers, a tower trained along z's path, layers copied from
+# one another), or none does (look-alikes whose centred content is noise), MARGIN still applies. Linear layers of 1,024 elements
 # under big weight decay lie 3x closer to their own y than to each other's (under MARGIN, over
 # LARGE_MARGIN). Ruling pairs out keeps MARGIN.
 LARGE_SAMPLE = 1024
@@ -451,7 +452,7 @@ def _match(ev: ClassEvidence, i: int, j: int, best2: float, second2: float, col_
     runner = float(min(others))
     if (ev.y_constant[j] and not ev.z_constant[i]) or not ev.informative:
         runner = 0.0  # never confirmed: see ClassEvidence.possible_rows; a handful of numbers tells nothing
-    alone = all(int(k) == j for k in ev.history[i])  # no other candidate shares z's history
+    alone = [int(k) for k in ev.history[i]] == [j]  # j shares z's history, and no other candidate does
     return Match(j, float(best2) ** 0.5, runner, LARGE_MARGIN if ev.size >= LARGE_SAMPLE and alone else MARGIN)
 
 
