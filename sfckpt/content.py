@@ -570,7 +570,8 @@ class BlockRatios:
         if self.tail is not None:
             ratio, tail_drifting, first, n = self.tail
             limit = max(unrelated_limit(n, check.run.ratio), PART_FACTOR * own)
-            if ratio > limit and not tail_drifting:
+            # the drift allowance is for small tensors (see within_drift), not for the end of a large one
+            if ratio > limit and not (tail_drifting and not len(ratios)):
                 self._refuse(ratio, limit, first, n)
 
     def _refuse(self, ratio: float, limit: float, first: int, n: int) -> None:
