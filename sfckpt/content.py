@@ -9,8 +9,9 @@ that start equal and barely move (LayerNorm gains, zero-initialised tensors)
 cannot be told apart, and are reported as such rather than guessed.
 
 A pair (entry, tensor) is *confirmed* only with a margin: the distance must be
-MARGIN times smaller than the distance from that z to every other candidate
-and from that y to every other entry's z; with no other tensor of that shape,
+MARGIN (LARGE_MARGIN on large samples no other candidate shares) times smaller
+than the distance from that z to every other candidate and from that y to
+every other entry's z; with no other tensor of that shape,
 smaller than the y's own spread around its mean (so that a lone candidate is
 confirmed only when z really lies next to it, not merely because nothing
 else has its shape). The same margin rules pairs out: a candidate MARGIN
@@ -25,6 +26,15 @@ from typing import Sequence
 from .tensors import TensorRef
 
 MARGIN = 4.0
+# On samples of LARGE_SAMPLE elements or more, a pair is confirmed with LARGE_MARGIN where its tensor is the
+# one candidate that shares z's history (see sharing_history): chance brings another tensor that close to a z
+# only among few numbers (a tensor independent of z lies at d² = ‖y‖² + ‖z‖² to within about 3/√n). Where
+# another candidate shares it too (copies, EMA teachers, a tower trained along z's path, layers copied from
+# one another), or none does (look-alikes whose centred content is noise), MARGIN still applies. Linear layers of 1,024 elements
+# under big weight decay lie 3x closer to their own y than to each other's (under MARGIN, over
+# LARGE_MARGIN). Ruling pairs out keeps MARGIN.
+LARGE_SAMPLE = 1024
+LARGE_MARGIN = 2.0
 SAMPLE_ELEMENTS = 4096  # per tensor: half from the start, half from the middle of the data
 WORK_BUDGET = 100_000_000  # entries x candidates x sample elements per shape class
 MIN_SAMPLE = 64
@@ -49,6 +59,16 @@ UNRELATED_MIN_ELEMENTS = 256  # and the sample is large enough for that ratio to
 # track in this run).
 UNRELATED_FLOOR = 0.75
 NOISE_SIGMAS = 3.0
+# ...unless, on a sample of fewer than DRIFT_MAX_ELEMENTS, y and z lie within DRIFT_FACTOR times the run's
+# drift of each other (the RMS of y − z of the confirmed pairs of the entry's group: one lr, step count and
+# β). A zero-initialised tensor's y and z both stay that small, and with noisy gradients barely aligned (a
+# BatchNorm beta of 32 after 6 steps gives 0.86 at 0.44 times the drift), while a fresh tensor put in a
+# trained one's place lies its initialisation scale away (11 to 160 times the drift in the tests). On
+# larger samples the scale is not used: a fresh head initialised near zero (N(0, 0.02)) in the place of a
+# zero-initialised one trained 300 steps at lr 0.03 lies 1.7 times the drift away, as close as true pairs.
+# A y of one value while z is not (a fresh tensor of zeros) is never within drift: a true y moves with z.
+DRIFT_FACTOR = 2.0
+DRIFT_MAX_ELEMENTS = 256
 VERIFY_MIN_ELEMENTS = 32  # below this, chance alone brings independent tensors too close to tell
 # A candidate shares z's history when their centred samples are as close as a parameter and its
 # own z (the centred ratio below SHARED, a cosine of about 0.75 or more) and beyond chance
@@ -59,16 +79,37 @@ SHARED = 0.25
 HISTORY_SIGMAS = 6.0
 
 @dataclass(frozen=True)
+class RunScale:
+    """How closely y and z of a run's true pairs track: the median ratio d² / (‖y‖² + ‖z‖²) and the
+    median RMS of y − z of the confirmed pairs of a group (else of the file); 0 where none is known."""
+
+    ratio: float = 0.0
+    drift: float = 0.0
+
+
+def within_drift(y, z, drift: float) -> bool:
+    """Do the flat samples y and z (numpy or torch) lie within DRIFT_FACTOR times the run's drift of each
+    other, with y not one value where z is not? Never where the drift is unknown (0), nor on
+    DRIFT_MAX_ELEMENTS or more."""
+    if drift <= 0 or len(y) >= DRIFT_MAX_ELEMENTS:
+        return False
+    diff = y - z
+    one_value = bool((y == y[0]).all()) and not bool((z == z[0]).all())
+    return not one_value and float((diff * diff).mean()) ** 0.5 <= DRIFT_FACTOR * drift
+
+
+@dataclass(frozen=True)
 class Match:
     """The closest candidate for one entry, and how clearly it is the closest."""
 
     candidate: int  # column index into the candidates given to `evidence`
     distance: float
     runner_up: float  # the smallest competing distance (other candidate, other entry; else the spread)
+    margin: float = MARGIN  # how many times closer than the runner-up confirms (see LARGE_MARGIN)
 
     @property
     def confirmed(self) -> bool:
-        return self.distance * MARGIN < self.runner_up
+        return self.distance * self.margin < self.runner_up
 
 
 @dataclass
@@ -91,6 +132,7 @@ class ClassEvidence:
     y_value: object = None  # per candidate: its first sampled value
     z_range: object = None  # per entry: the smallest and largest sampled z value
     y_ulp: object = None  # per candidate: the spacing of its dtype at its first sampled value
+    scale: float = 1.0  # the samples are the data divided by this (see _without_overflow)
     _possible: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -138,6 +180,9 @@ class ClassEvidence:
             # y is one constant c and every sampled z lies within ROUNDING_ULPS spacings of c: y = (1-β)·z + β·x
             # can round to c without any cancellation (a float32 gain at 1.0 whose z moved by one ulp)
             ok |= y_constant & (reach <= ROUNDING_ULPS * self.y_ulp[cols])
+            # ...or z varies by so little that (1-β)·z's variation rounds away in y (a zero-initialised head
+            # whose elements all get one gradient: z holds two values one ulp apart, y one)
+            ok |= y_constant & (self.z_range[1][i] - self.z_range[0][i] <= ROUNDING_ULPS * self.y_ulp[cols])
         if self.informative and self.unrelated_above is not None:
             d2 = ((self.z[i] - self.y[cols]) ** 2).sum(axis=1)
             ok &= ~(d2 > self.unrelated_above * ((self.z[i] @ self.z[i]) + (self.y[cols] ** 2).sum(axis=1)))
@@ -147,13 +192,17 @@ class ClassEvidence:
         """Does `possible_rows(relaxed=True)` allow any pair the strict rows rule out? (It only adds.)"""
         return any(_count(a) > _count(b) for a, b in zip(self.possible_rows(True), self.possible_rows()))
 
-    def looks_unrelated(self, i: int, j: int, reference: float) -> bool:
+    def drift(self, i: int, j: int) -> float:
+        """The RMS of z_i − y_j on the samples, in the data's units."""
+        return self.distance(i, j) / self.size ** 0.5 * self.scale
+
+    def looks_unrelated(self, i: int, j: int, run: RunScale) -> bool:
         """Are entry i's z and candidate j as far apart as independent tensors, while pairs that
-        belong together in this file (`reference`: their median ratio) are far closer? Near-zero
-        tensors, shared means (norm gains) and small samples are "cannot tell": False."""
-        if self.size < VERIFY_MIN_ELEMENTS:
+        belong together in this file (`run`) are far closer and drift less? Near-zero tensors, shared
+        means (norm gains) and small samples are "cannot tell": False."""
+        if self.size < VERIFY_MIN_ELEMENTS or self.ratio(i, j) <= unrelated_limit(self.size, run.ratio):
             return False
-        return bool(self.ratio(i, j) > unrelated_limit(self.size, reference))
+        return not within_drift(self.y[j], self.z[i], run.drift / self.scale)
 
     def sharing_history(self, i: int) -> list[int]:
         """Candidates whose centred samples are aligned with entry i's z beyond chance: the pair's own
@@ -238,7 +287,7 @@ def evidence(zs: Sequence[TensorRef], ys: Sequence[TensorRef], sampler: Sampler)
     size = min(size, max(1, zs[0].numel if zs else 1))
     z = np.stack([sampler.sample(r, size) for r in zs]) if n else np.zeros((0, size))
     y = np.stack([sampler.sample(r, size) for r in ys]) if m else np.zeros((0, size))
-    z, y = _without_overflow(z, y)
+    z, y, scale = _without_overflow(z, y)
     # Rounding can pin a 16-bit y to one value (bfloat16 gains at exactly 1.0) while z moves; not float32.
     exact = np.array([r.dtype in ("float32", "float64") for r in ys], dtype=bool)
     y_constant = (y == y[:, :1]).all(axis=1) & (y.shape[1] > 1) & exact
@@ -247,7 +296,7 @@ def evidence(zs: Sequence[TensorRef], ys: Sequence[TensorRef], sampler: Sampler)
     ev = ClassEvidence([], z, y, y_constant, z_constant, size >= MIN_CONTENT_ELEMENTS, None, [],
                        y_value=y[:, 0] if y.shape[1] else np.zeros(m),
                        z_range=(z.min(axis=1, initial=np.inf), z.max(axis=1, initial=-np.inf)),
-                       y_ulp=np.array(spacing, dtype=np.float64) if len(spacing) else np.zeros(m))
+                       y_ulp=np.array(spacing, dtype=np.float64) if len(spacing) else np.zeros(m), scale=scale)
     _closest(ev)
     confirmed = [i for i, match in enumerate(ev.matches) if match.confirmed]
     if confirmed and ev.size >= UNRELATED_MIN_ELEMENTS:
@@ -410,7 +459,8 @@ def _match(ev: ClassEvidence, i: int, j: int, best2: float, second2: float, col_
     runner = float(min(others))
     if (ev.y_constant[j] and not ev.z_constant[i]) or not ev.informative:
         runner = 0.0  # never confirmed: see ClassEvidence.possible_rows; a handful of numbers tells nothing
-    return Match(j, float(best2) ** 0.5, runner)
+    alone = [int(k) for k in ev.history[i]] == [j]  # j shares z's history, and no other candidate does
+    return Match(j, float(best2) ** 0.5, runner, LARGE_MARGIN if ev.size >= LARGE_SAMPLE and alone else MARGIN)
 
 
 SAFE_EXPONENT = 480  # |v| <= 2**480: sums of squares of SAMPLE_ELEMENTS such values stay finite in float64
@@ -424,9 +474,9 @@ def _without_overflow(z, y):
 
     peak = max(float(np.abs(z).max(initial=0.0)), float(np.abs(y).max(initial=0.0)))
     if not peak > 2.0 ** SAFE_EXPONENT or not np.isfinite(peak):
-        return z, y
+        return z, y, 1.0
     shift = int(np.frexp(peak)[1]) - SAFE_EXPONENT
-    return np.ldexp(z, -shift), np.ldexp(y, -shift)
+    return np.ldexp(z, -shift), np.ldexp(y, -shift), float(np.ldexp(1.0, shift))
 
 
 def identical(a: TensorRef, b: TensorRef, sampler: Sampler) -> bool:

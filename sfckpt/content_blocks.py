@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from .content import SAFE_EXPONENT, VERIFY_MIN_ELEMENTS, unrelated_limit
+from .content import SAFE_EXPONENT, VERIFY_MIN_ELEMENTS, RunScale, unrelated_limit, within_drift
 from .errors import InputError
 
 PART_BLOCK = 256
@@ -41,11 +41,12 @@ class PartCheck:
     PART_FACTOR times how closely the pair tracks elsewhere: the lower quartile of its blocks, or its ratio
     on the mapping's samples (`sampled`) where smaller. A column group must also lie under 2 minus that
     limit (independent, not anti-aligned) and have moved COLUMN_DRIFT times the median column group. Blocks
-    whose y and z are both zero, and NaN and Inf (the finiteness check reports them), make no ratio."""
+    whose y and z are both zero, and NaN and Inf (the finiteness check reports them), make no ratio. A tensor
+    smaller than one block within the run's drift passes, as on the samples (content.within_drift)."""
 
     name: str
     label: str  # the optimizer entry, as errors name it
-    reference: float  # median ratio of the confirmed pairs of the entry's group (0 when none)
+    run: RunScale  # how closely the confirmed pairs of the entry's group track (ratio, drift)
     sampled: float | None = None  # the pair's ratio on the mapping's samples; None: not sampled, or all zero
 
     def blocks(self, shape: Sequence[int]) -> BlockRatios:
@@ -67,6 +68,7 @@ class BlockRatios:
         self.check = check
         self.full: list = []  # float32 tensors: ratios of whole blocks, in order
         self.tail: tuple[float, int, int] | None = None  # (ratio, first element, elements) of a shorter last block
+        self.small_within_drift = False  # a tensor shorter than one block, within the run's drift
         self.per_element = 1  # numbers per element (2 for complex)
         self.columns = None  # float64 (3, columns): d², ‖y‖², ‖z‖² summed over the rows; None: not tested
         self.column_count = shape[-1] if len(shape) >= 2 else 0
@@ -79,6 +81,9 @@ class BlockRatios:
         if y.is_complex():  # as the samples read it: real and imaginary parts in turn
             y, z, self.per_element = torch.view_as_real(y), torch.view_as_real(z), 2
         y, z, start = y.reshape(-1), z.reshape(-1), start * self.per_element
+        if start == 0 and y.numel() < PART_BLOCK:  # the whole tensor: the drift allowance is for small tensors only
+            work = torch.float64 if y.dtype == torch.float64 else torch.float32
+            self.small_within_drift = within_drift(y.to(work), z.to(work), self.check.run.drift)
         if self.columns is None and self.rows >= COLUMN_MIN_ROWS and self.column_count >= 2:
             self.columns = torch.zeros(3, self.column_count * self.per_element, dtype=torch.float64)
         for lo in range(0, y.numel(), _CHUNK):
@@ -109,15 +114,15 @@ class BlockRatios:
         ratios = torch.cat(self.full) if self.full else torch.zeros(0)
         own = _lower_quartile(ratios)
         bar = PART_FACTOR * (own if self.check.sampled is None else min(own, self.check.sampled))
-        limit = max(unrelated_limit(PART_BLOCK, self.check.reference), bar)
+        limit = max(unrelated_limit(PART_BLOCK, self.check.run.ratio), bar)
         bad = (ratios > limit).nonzero()
         if len(bad):
             k = int(bad[0, 0])
             self._refuse(f"elements {self._elements(k * PART_BLOCK, PART_BLOCK)}", float(ratios[k]), limit)
         if self.tail is not None:
             ratio, first, n = self.tail
-            limit = max(unrelated_limit(n, self.check.reference), bar)
-            if ratio > limit:
+            limit = max(unrelated_limit(n, self.check.run.ratio), bar)
+            if ratio > limit and not (self.small_within_drift and not len(ratios)):
                 self._refuse(f"elements {self._elements(first, n)}", ratio, limit)
         groups = self._column_groups()
         if groups is not None:
@@ -147,7 +152,7 @@ class BlockRatios:
         usual = float(moved.median()) if len(moved) else 0.0
         for k in ((ratios > bar) & (drift > COLUMN_DRIFT * usual)).nonzero().flatten().tolist():
             n = int(widths[k]) * self.rows  # numbers, as for blocks (two per complex element)
-            limit = max(unrelated_limit(n, self.check.reference), bar)
+            limit = max(unrelated_limit(n, self.check.run.ratio), bar)
             # as far from related as independent tensors: not anti-aligned either (2 − limit), which columns of
             # a zero-initialised head whose path turned back are (y ≈ −z, a ratio near 2)
             if n >= VERIFY_MIN_ELEMENTS and limit < float(ratios[k]) < 2.0 - limit:

@@ -29,7 +29,7 @@ plausible guess.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from collections.abc import Set as AbstractSet
 from typing import Any, Callable, Mapping, NoReturn, Sequence
 
@@ -167,16 +167,17 @@ class ParameterMapping:
     # converted (where they already hold x, tied and frozen copies are the same bytes)
     twin_refusal: InputError | None = None
     twin_sources: set[str] = field(default_factory=set)
-    # id(entry) -> the median ratio of the confirmed pairs of its group (else of the file): the reference
+    # id(entry) -> how closely the confirmed pairs of its group (else of the file) track: the reference
     # of the content test, applied again to every block of the pair's data as x is computed
-    references: dict[int, float] = field(default_factory=dict)
+    references: dict[int, content.RunScale] = field(default_factory=dict)
     # id(entry) -> its pair's ratio on the samples (see _sampled_ratios): how closely the pair tracks where
     # the pair test looked, which a part replaced in most of the tensor cannot lower
     sampled: dict[int, float] = field(default_factory=dict)
 
     def part_check(self, e: Entry) -> content_blocks.PartCheck:
         """The content test for every block and column group of e's pair, for the loop that computes x."""
-        return content_blocks.PartCheck(e.name, e.label(), self.references.get(id(e), 0.0), self.sampled.get(id(e)))
+        return content_blocks.PartCheck(e.name, e.label(), self.references.get(id(e), content.RunScale()),
+                                        self.sampled.get(id(e)))
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -377,7 +378,25 @@ def _place_rest_by_order(d: _Decision, ev: _ContentEvidence, weights: Mapping[st
                            candidates=candidates, cand_index={n: i for i, n in enumerate(candidates)},
                            group_domains=group_domains, container_order_name=container_order_name, notes=d.notes)
     try:
-        d.order_name = _place_by_order(problem, ev.possible)
+        d.order_name = _place_with_relaxing(problem, ev)
+    except MappingUndecided as under_rule:
+        if group_domains is None:
+            raise
+        # The container's grouping rule (the Trainer's decay / no-decay groups) is not the optimizer's when
+        # the user built it (Trainer(optimizers=(opt, None))): place as in any file, in the rebuilt model's
+        # order, with every check an order gets there.
+        plain = replace(problem, group_domains=None, container_order_name="")
+        try:
+            d.order_name = _place_with_relaxing(plain, ev)
+        except MappingUndecided:
+            raise under_rule from None
+
+
+def _place_with_relaxing(problem: OrderProblem, ev: _ContentEvidence) -> str:
+    """_place_by_order with content's rules, then (where they leave no placement) without the ones chance
+    and rounding can break."""
+    try:
+        return _place_by_order(problem, ev.possible)
     except NotInWeights:
         # Among many look-alikes of few elements, "another tensor lies 4x closer" can rule out a
         # true pair by chance, and rounding can pin a float32 y at its constant initial value while
@@ -386,7 +405,7 @@ def _place_rest_by_order(d: _Decision, ev: _ContentEvidence, weights: Mapping[st
         relaxed = _relaxed(ev.possible, ev.classes)
         if relaxed is None:
             raise
-        d.order_name = _place_by_order(problem, relaxed)
+        return _place_by_order(problem, relaxed)
 
 
 def _name_and_check_pairs(d: _Decision, weights: Mapping[str, TensorRef]) -> dict[str, Entry]:
@@ -584,6 +603,10 @@ def _place_by_order(p: OrderProblem, possible) -> str:
     if p.group_domains is not None:
         hypotheses = hypotheses[:1]
     found = _search_orders(dom, hypotheses)
+    if not found.distinct and not found.exhausted and p.group_domains is None:
+        per_group = _per_group_order(dom, hypotheses)
+        if per_group is not None:
+            found = _search_orders(dom, [per_group])
     open_ids = dom.open_ids()
     n_content = sum(1 for o, e in p.stateful if p.kinds.get(id(e)) == "content")
     context = f"content confirms {n_content} of {len(p.stateful)} entries" + (f"; {p.notes[0]}" if p.notes else "")
@@ -660,6 +683,37 @@ def _search_orders(dom: _OrderDomains, hypotheses: list[tuple[str, Callable[[int
             break
     return _OrderSearch([(label, s) for label, solutions, _ in results for s in solutions],
                         any(ex for _, _, ex in results))
+
+
+def _per_group_order(dom: _OrderDomains, hypotheses: list[tuple[str, Callable[[int], Any]]]
+                     ) -> tuple[str, Callable[[int], Any]] | None:
+    """One order per group where no single order fits them all (LoRA+'s A group sorted by name, its B group
+    in the model's): each group follows the first hypothesis its own fixed entries (two or more) agree
+    with. A group of two or more entries that shows no order of its own would have to follow the others,
+    which disagree: None; so too where groups under different orders hold entries of one shape (decided
+    per shape: linear in the entries, not in their domains)."""
+    of_shape: dict[tuple, int] = {}  # shape -> hypothesis, from the groups holding entries of that shape
+    for chain in dom.chains:
+        fixed = [dom.fixed[i] for i in chain if i in dom.fixed]
+        fits = [h for h, (_, key) in enumerate(hypotheses) if len(fixed) >= 2
+                and all(key(a) < key(b) for a, b in zip(fixed, fixed[1:]))]
+        if not fits:
+            if len(chain) >= 2:
+                return None
+            continue  # one entry: no order to follow
+        for i in chain:
+            o, e = dom.entry_of[i]
+            if of_shape.setdefault(e.z(o.z_key).shape, fits[0]) != fits[0]:
+                return None
+    if len(set(of_shape.values())) < 2:
+        return None  # one order for every group: the search has tried it
+    chosen = {c: h for shape, h in of_shape.items() for c in dom.by_shape.get(shape, [])}
+
+    def key(c: int) -> Any:
+        return hypotheses[chosen.get(c, 0)][1](c)
+
+    labels = sorted({hypotheses[h][0] for h in of_shape.values()})
+    return "each group's own order (" + " and ".join(labels) + ")", key
 
 
 def _refuse_unplaced(p: OrderProblem, dom: _OrderDomains, possible, key: Callable[[int], Any],
@@ -813,33 +867,42 @@ def _sampled_ratios(stateful, classes) -> dict[int, float]:
     return out
 
 
-def _verify_content(stateful, classes, order_name: str) -> tuple[dict[int, InputError], dict[int, float]]:
+def _run_scales(stateful, classes) -> dict[int, content.RunScale]:
+    """How closely y and z track in this run, per entry: the confirmed pairs of the entry's own group (one
+    lr, weight decay, β and step count: a new head at a hundred times the backbone's lr drifts far more),
+    else of the whole file."""
+    import numpy as np
+
+    of_entry = {ident: (ev.ratio(i, ev.matches[i].candidate), ev.drift(i, ev.matches[i].candidate))
+                for ev, rows, _ in classes.values() for ident, i in rows.items()
+                if ev.matches[i].confirmed and ev.size >= content.VERIFY_MIN_ELEMENTS}
+    in_group: dict[tuple, list[tuple[float, float]]] = {}
+    for o, e in stateful:
+        if id(e) in of_entry:
+            in_group.setdefault((o.key, e.group), []).append(of_entry[id(e)])
+
+    def median(pairs) -> content.RunScale:
+        return content.RunScale(*(float(v) for v in np.median(np.array(pairs), axis=0))) if pairs else content.RunScale()
+
+    by_group = {g: median(r) for g, r in in_group.items()}
+    overall = median(list(of_entry.values()))
+    return {id(e): by_group.get((o.key, e.group), overall) for o, e in stateful}
+
+
+def _verify_content(stateful, classes, order_name: str) -> tuple[dict[int, InputError], dict[int, content.RunScale]]:
     """Check every pair used against its samples, however it was found; return the refusals by entry,
-    and each entry's reference ratio (for the same test on all of its data, as x is computed).
+    and each entry's run scale (for the same test on all of its data, as x is computed).
 
     A pair whose z and tensor are as far apart as independent tensors, while the file's confirmed
     pairs track closely, is refused: names, an order or the only way to fit cannot make a fresh tensor
     (a head replaced after the optimizer was built, a re-initialised embedding) the owner of another
     tensor's z. Where content alone decided a pair, a second tensor that also shares z's history
     (a copy, a network trained along the same path) makes the decision ambiguous."""
-    import numpy as np
-
-    # How closely y and z track in this run: the confirmed pairs of the entry's own group (one lr, weight
-    # decay, β and step count: a new head at a hundred times the backbone's lr drifts far more), else
-    # of the whole file.
-    of_entry = {ident: ev.ratio(i, ev.matches[i].candidate) for ev, rows, _ in classes.values()
-                for ident, i in rows.items() if ev.matches[i].confirmed and ev.size >= content.VERIFY_MIN_ELEMENTS}
-    in_group: dict[tuple, list[float]] = {}
-    for o, e in stateful:
-        if id(e) in of_entry:
-            in_group.setdefault((o.key, e.group), []).append(of_entry[id(e)])
-    by_group = {g: float(np.median(r)) for g, r in in_group.items()}
-    overall = float(np.median(list(of_entry.values()))) if of_entry else 0.0
     names_of = {shape: list(cols) for shape, (_, _, cols) in classes.items()}
     how = {"names": "its saved name", "--param-order": Opt("param_order"), "content": "content",
            "order": order_name or "order"}
     misfits: dict[int, InputError] = {}
-    references = {id(e): by_group.get((o.key, e.group), overall) for o, e in stateful}
+    references = _run_scales(stateful, classes)
     for o, e in stateful:
         found = classes.get(e.z(o.z_key).shape)
         if found is None:
@@ -854,7 +917,7 @@ def _verify_content(stateful, classes, order_name: str) -> tuple[dict[int, Input
                 f"{e.label()} is paired with '{e.name}' by " + how.get(e.evidence, e.evidence)
                 + ", but its z is unrelated "
                 f"to that tensor (d²/(‖y‖²+‖z‖²) = {ev.ratio(i, j):.2f}, as for independent tensors, where the "
-                f"checkpoint's confirmed pairs give {reference:.2g}): the optimizer state belongs to a different "
+                f"checkpoint's confirmed pairs give {reference.ratio:.2g}{_drift_words(ev.drift(i, j), reference)}): the optimizer state belongs to a different "
                 f"tensor — '{e.name}' was replaced or re-initialised after the optimizer was built, or the names "
                 "or order are wrong",
                 "save the model together with the optimizer that trains it (build the optimizer after replacing "
@@ -872,6 +935,13 @@ def _verify_content(stateful, classes, order_name: str) -> tuple[dict[int, Input
                     ORDER_HINT,
                 )
     return misfits, references
+
+
+def _drift_words(drift: float, run: content.RunScale) -> str:
+    """How much farther apart a refused pair lies than the run's confirmed pairs (nothing if unknown)."""
+    if run.drift <= 0:
+        return ""
+    return f", with y and z {drift / run.drift:.2g} times as far apart as theirs"
 
 
 def _find_twins(weights, candidates, trained, ties_visible, policy, sampler,
