@@ -370,14 +370,17 @@ def _decide_mapping(ckpt: Checkpoint, found: list[FoundOptimizer],
     except mapping.Undecided as exc:
         if not opts.undecided_ok:
             raise
-        return _undecided_mapping(found), exc
+        return _undecided_mapping(found, exc), exc
 
 
 def _mapping_of(ckpt: Checkpoint, found: list[FoundOptimizer], opts: Options) -> mapping.ParameterMapping:
     """Which tensor each optimizer entry trains (mapping.decide), falling back to the file's other
     models when the optimizer also trains them."""
 
-    order = ckpt.order or ParameterOrder()
+    order, deferred = ckpt.order or ParameterOrder(), ""
+    if order.rebuild is not None and opts.param_order is None:
+        # Rebuilding imports transformers (seconds): inspect describes what the file shows instead
+        order, deferred = (ParameterOrder(), order.source) if opts.undecided_ok else (order.resolved(), "")
 
     def decide(weights: Mapping[str, TensorRef]) -> mapping.ParameterMapping:
         return mapping.decide(
@@ -391,6 +394,7 @@ def _mapping_of(ckpt: Checkpoint, found: list[FoundOptimizer], opts: Options) ->
             container_order_name=order.source if order.names else "",
             ties_visible=ckpt.ties_visible,
             twins=opts.twins,
+            order_deferred=deferred,
         )
 
     try:
@@ -637,8 +641,11 @@ def reconstruct(
                           optimizers=plan.optimizers, undecided=undecided)
 
 
-def _undecided_mapping(found: list[FoundOptimizer]) -> mapping.ParameterMapping:
-    """A mapping that names no entry, for describing a checkpoint whose mapping is left open."""
+def _undecided_mapping(found: list[FoundOptimizer], why: mapping.Undecided) -> mapping.ParameterMapping:
+    """A mapping that names no entry, for describing a checkpoint whose mapping is left open; with the
+    evidence that decided part of it, where only an order inspect left unbuilt is missing."""
     entries = [e for f in found for e in f.entries]
     with_z = sum(1 for f in found for e in f.entries if e.z(f.family.z_key) is not None)
+    if isinstance(why, mapping.OrderDeferred):
+        return mapping.ParameterMapping(why.method, entries, why.counts, why.confirmed, with_z, [])
     return mapping.ParameterMapping("undecided (see the warning)", entries, {}, 0, with_z, [])
