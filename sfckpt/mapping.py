@@ -239,6 +239,7 @@ def decide(
     ties_visible: bool = True,
     twins: str = "auto",
     order_deferred: str = "",
+    sampler: content.Sampler | None = None,
 ) -> ParameterMapping:
     """Name every optimizer entry that has a z; return the mapping and its evidence.
 
@@ -254,9 +255,10 @@ def decide(
             a copy of one tensor is its tie where ties are saved as copies; refused otherwise).
         order_deferred: how the container rebuilds the model's order where it was not rebuilt (inspect):
             entries names and content leave open then raise OrderDeferred instead of being placed.
+        sampler: the samples read so far, where an earlier decision read them.
     """
     candidates = _ordered_candidates(weights, model_order)
-    sampler = content.Sampler()
+    sampler = sampler or content.Sampler()
     every = [(o, e) for o in optimizers for e in o.stateful()]
     if len(optimizers) == 1:
         _require_shapes(every, weights, candidates)

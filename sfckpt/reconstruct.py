@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from . import families, mapping, optax_eval, optimizer_state, pipeline
+from . import content, families, mapping, optax_eval, optimizer_state, pipeline
 from .checkpoint import Checkpoint
 from .conventions import BN_STATISTICS, OUTPUT_DTYPES
 from .errors import (DamagedInput, InputError, MappingUndecided, NotScheduleFree, Opt, OptionConflict, Text, Words,
@@ -375,12 +375,29 @@ def _decide_mapping(ckpt: Checkpoint, found: list[FoundOptimizer],
 
 def _mapping_of(ckpt: Checkpoint, found: list[FoundOptimizer], opts: Options) -> mapping.ParameterMapping:
     """Which tensor each optimizer entry trains (mapping.decide), falling back to the file's other
-    models when the optimizer also trains them."""
+    models when the optimizer also trains them. An order the container rebuilds with transformers
+    (Trainer, PEFT) is rebuilt only where the mapping needs it: seconds of imports otherwise."""
+    order = ckpt.order or ParameterOrder()
+    sampler = content.Sampler()  # each sample read once, whichever passes run
+    if order.rebuild is None or opts.param_order is not None:
+        return _mapping_with(ckpt, found, opts, order, sampler)
+    if opts.undecided_ok:  # inspect: what the file shows, and the rest left to convert's order
+        return _mapping_with(ckpt, found, opts, ParameterOrder(), sampler, deferred=order.source)
+    try:
+        decision = _mapping_with(ckpt, found, opts, ParameterOrder(), sampler, deferred=order.source)
+    except InputError:
+        decision = None
+    # Names and content placed every entry, and nothing listed follows the model's order: the order
+    # would change nothing. Otherwise decide again with it, as if it had been there from the start.
+    if decision is not None and not (decision.untrained or decision.twins or decision.twin_refusal
+                                     or decision.misfits or decision.warnings or decision.ignored_optimizers):
+        return decision
+    return _mapping_with(ckpt, found, opts, order.resolved(), sampler)
 
-    order, deferred = ckpt.order or ParameterOrder(), ""
-    if order.rebuild is not None and opts.param_order is None:
-        # Rebuilding imports transformers (seconds): inspect describes what the file shows instead
-        order, deferred = (ParameterOrder(), order.source) if opts.undecided_ok else (order.resolved(), "")
+
+def _mapping_with(ckpt: Checkpoint, found: list[FoundOptimizer], opts: Options, order: ParameterOrder,
+                  sampler: content.Sampler, deferred: str = "") -> mapping.ParameterMapping:
+    """`_mapping_of` with this container order (or none, and `deferred` saying how it would be rebuilt)."""
 
     def decide(weights: Mapping[str, TensorRef]) -> mapping.ParameterMapping:
         return mapping.decide(
@@ -395,6 +412,7 @@ def _mapping_of(ckpt: Checkpoint, found: list[FoundOptimizer], opts: Options) ->
             ties_visible=ckpt.ties_visible,
             twins=opts.twins,
             order_deferred=deferred,
+            sampler=sampler,
         )
 
     try:
