@@ -382,6 +382,9 @@ def _mapping_of(ckpt: Checkpoint, found: list[FoundOptimizer], opts: Options) ->
     if order.rebuild is None or opts.param_order is not None:
         return _mapping_with(ckpt, found, opts, order, sampler)
     if opts.undecided_ok:  # inspect: what the file shows, and the rest left to convert's order
+        failed = order.checked()
+        if failed is not None:  # the rebuild would fail: decide as convert then does, without the order
+            return _mapping_with(ckpt, found, opts, failed, sampler)
         return _mapping_with(ckpt, found, opts, ParameterOrder(), sampler, deferred=order.source)
     try:
         decision = _mapping_with(ckpt, found, opts, ParameterOrder(), sampler, deferred=order.source)
@@ -632,7 +635,8 @@ def reconstruct(
         require_beta: False to plan without a β the checkpoint does not hold (inspect shows it as
             unknown); computing x then raises.
         undecided_ok: True to describe a checkpoint whose entries names, content and order leave
-            open (inspect): no tensor is then converted, and computing x raises why.
+            open (inspect): no tensor is then converted, and computing x raises why. A model order the
+            container rebuilds with transformers (Trainer, PEFT) is not rebuilt then.
         options: an `sfckpt.Options` instead of the keywords above (its other fields are not used here,
             but for param_order_from and model_config, which fill param_order from the user's model).
 

@@ -53,12 +53,15 @@ class ParameterOrder:
     missing: Words | None = None  # why it could not be rebuilt
     missing_hint: Words = ""
     rebuild: Callable[[], ParameterOrder] | None = field(default=None, repr=False, compare=False)
+    # vets what the rebuild reads as far as that needs no transformers (raises InputError): inspect
+    check: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def rebuilt(cls, rebuild: Callable[[], tuple[list[str], list[set[str]]]], source: str) -> ParameterOrder:
+    def rebuilt(cls, rebuild: Callable[[], tuple[list[str], list[set[str]]]], source: str,
+                check: Callable[[], None] | None = None) -> ParameterOrder:
         """The order `rebuild()` gives (names, and the names each group may hold), or why it failed,
         computed once, when `resolved()` first asks: the failure is said only if the mapping needs the
-        order (see reconstruct)."""
+        order (see reconstruct). `check` refuses at most what `rebuild` refuses, without its imports."""
         @functools.cache
         def run() -> ParameterOrder:
             try:
@@ -67,11 +70,21 @@ class ParameterOrder:
                 return cls(missing=exc.text, missing_hint=exc.fix)
             return cls(tuple(names), tuple(frozenset(d) for d in domains), source)
 
-        return cls(source=source, rebuild=run)
+        return cls(source=source, rebuild=run, check=check)
 
     def resolved(self) -> ParameterOrder:
         """This order with its rebuild run (the same object where there is none to run)."""
         return self if self.rebuild is None else self.rebuild()
+
+    def checked(self) -> ParameterOrder | None:
+        """Why the rebuild would fail as far as `check` tells without running it (an order with `missing`
+        set), or None."""
+        try:
+            if self.check is not None:
+                self.check()
+        except InputError as exc:
+            return ParameterOrder(missing=exc.text, missing_hint=exc.fix)
+        return None
 
 
 @dataclass(frozen=True)
