@@ -413,8 +413,8 @@ def _scalar(ref: TensorRef):
     """A 0-d variable's value, read with numpy where its bytes can be (inspect stays without torch)."""
     import numpy as np
 
-    raw = ref.raw_bytes()
-    if raw is None or ref.dtype == "bfloat16":
+    raw = ref.raw_bytes() if ref.dtype in ("int32", "int64", "float16", "float32", "float64") else None
+    if raw is None:  # bfloat16 and float8 learning rates: numpy has no such dtype
         return ref.load().item()
     return np.frombuffer(raw.tobytes(), dtype=np.dtype(ref.dtype).newbyteorder("<"))[0].item()
 
