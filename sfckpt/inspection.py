@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterable
 from . import provenance
 from .conventions import JSON_VERSION
 from .errors import Opt, api_words
+from .mapping import OrderDeferred
 from .reconstruct import GroupReport, Reconstruction, bn_layer
 from .tensors import TensorRef, count_nonfinite
 
@@ -111,7 +112,7 @@ def _tensor_totals(refs: Iterable[TensorRef]) -> dict[str, Any]:
 
 def _undecided(recon: Reconstruction, spell: Callable[[Opt], str]) -> list[str]:
     """Why x cannot be made from a plan whose mapping was left open (`undecided_ok`), as a warning."""
-    if recon.undecided is None:
+    if recon.undecided is None or isinstance(recon.undecided, OrderDeferred):  # the mapping's method says it
         return []
     message, hint = recon.undecided.in_words(spell)
     return [f"x cannot be made yet: {message}" + (f"; {hint}" if hint else "")]

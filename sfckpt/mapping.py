@@ -53,6 +53,16 @@ class Undecided(MappingUndecided):
     the checkpoint (container, optimizer, β, step) can still be described."""
 
 
+class OrderDeferred(Undecided):
+    """Names and content leave look-alike entries that only the container's model order places, and
+    that order was not rebuilt (inspect never imports transformers): what decided the rest is kept."""
+
+    def __init__(self, message: Words, method: str, counts: dict[str, int], confirmed: int):
+        super().__init__(message, "plan without undecided_ok (as convert does) to rebuild it, or pass "
+                         + Opt("param_order", usage=True) + " to give it without transformers")
+        self.method, self.counts, self.confirmed = method, counts, confirmed
+
+
 class OrderFitsNothing(NotInWeights, Undecided):
     """No order that content agrees with places the entries content leaves open."""
 
@@ -232,6 +242,8 @@ def decide(
     container_order_name: str = "",
     ties_visible: bool = True,
     twins: str = "auto",
+    order_deferred: str = "",
+    sampler: content.Sampler | None = None,
 ) -> ParameterMapping:
     """Name every optimizer entry that has a z; return the mapping and its evidence.
 
@@ -245,9 +257,12 @@ def decide(
         ties_visible: False where tied weights are saved as separate copies (DCP).
         twins: "auto", "tied" or "frozen": how untracked byte-identical copies are treated (auto:
             a copy of one tensor is its tie where ties are saved as copies; refused otherwise).
+        order_deferred: how the container rebuilds the model's order where it was not rebuilt (inspect):
+            entries names and content leave open then raise OrderDeferred instead of being placed.
+        sampler: the samples read so far, where an earlier decision read them.
     """
     candidates = _ordered_candidates(weights, model_order)
-    sampler = content.Sampler()
+    sampler = sampler or content.Sampler()
     every = [(o, e) for o in optimizers for e in o.stateful()]
     if len(optimizers) == 1:
         _require_shapes(every, weights, candidates)
@@ -258,6 +273,8 @@ def decide(
         if id(e) not in d.decided and id(e) in ev.anchors:
             d.decided[id(e)], d.kinds[id(e)] = ev.anchors[id(e)], "content"
     if any(id(e) not in d.decided for o, e in d.stateful):
+        if order_deferred:
+            _defer_order(d, ev, order_deferred)
         _place_rest_by_order(d, ev, weights, candidates, group_domains, container_order_name)
     used_names = _name_and_check_pairs(d, weights)
     misfits, references = _verify_content(d.stateful, ev.classes, d.order_name)
@@ -406,6 +423,23 @@ def _place_with_relaxing(problem: OrderProblem, ev: _ContentEvidence) -> str:
         if relaxed is None:
             raise
         return _place_by_order(problem, relaxed)
+
+
+def _defer_order(d: _Decision, ev: _ContentEvidence, source: str) -> NoReturn:
+    """Raise OrderDeferred: what names and content decided, and that the rest waits for `source`'s order.
+
+    The open entries are not placed by shapes alone either: the order convert rebuilds also limits
+    each group to its own names, so a placement found without it need not be the one convert uses."""
+    counts: dict[str, int] = {}
+    for o, e in d.stateful:
+        kind = d.kinds.get(id(e), "order")
+        counts[kind] = counts.get(kind, 0) + 1
+    confirmed = sum(1 for o, e in d.stateful if id(e) in d.decided and ev.anchors.get(id(e)) == d.decided[id(e)])
+    order_name = (f"the model's order, which convert rebuilds ({source}) and inspect does not (that imports "
+                  "transformers; --param-order FILE gives it without)")
+    message = (f"{counts['order']} of {len(d.stateful)} entries are look-alikes that only {source} places, "
+               "not rebuilt for a plan made with undecided_ok (inspect)")
+    raise OrderDeferred(message, _describe(counts, confirmed, len(d.stateful), order_name), counts, confirmed)
 
 
 def _name_and_check_pairs(d: _Decision, weights: Mapping[str, TensorRef]) -> dict[str, Entry]:

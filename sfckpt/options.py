@@ -38,7 +38,9 @@ class Options:
         dtype: write every floating tensor in this dtype.
         require_beta: False to plan without a β the checkpoint lacks (inspect); computing x then raises.
         undecided_ok: True to plan with the mapping left open where names, content and order cannot
-            decide it (inspect): nothing is converted, and computing or saving x raises why.
+            decide it (inspect): nothing is converted, and computing or saving x raises why. The model
+            order a container rebuilds with transformers (Trainer, PEFT) is then not rebuilt: entries
+            only it places are counted, not named (`mapping.OrderDeferred`).
     The output (`save`):
         force: replace an existing output. allow_nonfinite: write x holding NaN/Inf.
         max_shard_size: shards of at most this size (an int of bytes, or text such as "5GB").

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from . import families, mapping, optax_eval, optimizer_state, pipeline
+from . import content, families, mapping, optax_eval, optimizer_state, pipeline
 from .checkpoint import Checkpoint
 from .conventions import BN_STATISTICS, OUTPUT_DTYPES
 from .errors import (DamagedInput, InputError, MappingUndecided, NotScheduleFree, Opt, OptionConflict, Text, Words,
@@ -377,14 +377,37 @@ def _decide_mapping(ckpt: Checkpoint, found: list[FoundOptimizer],
     except mapping.Undecided as exc:
         if not opts.undecided_ok:
             raise
-        return _undecided_mapping(found), exc
+        return _undecided_mapping(found, exc), exc
 
 
 def _mapping_of(ckpt: Checkpoint, found: list[FoundOptimizer], opts: Options) -> mapping.ParameterMapping:
     """Which tensor each optimizer entry trains (mapping.decide), falling back to the file's other
-    models when the optimizer also trains them."""
-
+    models when the optimizer also trains them. An order the container rebuilds with transformers
+    (Trainer, PEFT) is rebuilt only where the mapping needs it: seconds of imports otherwise."""
     order = ckpt.order or ParameterOrder()
+    sampler = content.Sampler()  # each sample read once, whichever passes run
+    if order.rebuild is None or opts.param_order is not None:
+        return _mapping_with(ckpt, found, opts, order, sampler)
+    if opts.undecided_ok:  # inspect: what the file shows, and the rest left to convert's order
+        failed = order.checked()
+        if failed is not None:  # the rebuild would fail: decide as convert then does, without the order
+            return _mapping_with(ckpt, found, opts, failed, sampler)
+        return _mapping_with(ckpt, found, opts, ParameterOrder(), sampler, deferred=order.source)
+    try:
+        decision = _mapping_with(ckpt, found, opts, ParameterOrder(), sampler, deferred=order.source)
+    except InputError:
+        decision = None
+    # Names and content placed every entry, and nothing listed follows the model's order: the order
+    # would change nothing. Otherwise decide again with it, as if it had been there from the start.
+    if decision is not None and not (decision.untrained or decision.twins or decision.twin_refusal
+                                     or decision.misfits or decision.warnings or decision.ignored_optimizers):
+        return decision
+    return _mapping_with(ckpt, found, opts, order.resolved(), sampler)
+
+
+def _mapping_with(ckpt: Checkpoint, found: list[FoundOptimizer], opts: Options, order: ParameterOrder,
+                  sampler: content.Sampler, deferred: str = "") -> mapping.ParameterMapping:
+    """`_mapping_of` with this container order (or none, and `deferred` saying how it would be rebuilt)."""
 
     def decide(weights: Mapping[str, TensorRef]) -> mapping.ParameterMapping:
         return mapping.decide(
@@ -398,6 +421,8 @@ def _mapping_of(ckpt: Checkpoint, found: list[FoundOptimizer], opts: Options) ->
             container_order_name=order.source if order.names else "",
             ties_visible=ckpt.ties_visible,
             twins=opts.twins,
+            order_deferred=deferred,
+            sampler=sampler,
         )
 
     try:
@@ -617,7 +642,8 @@ def reconstruct(
         require_beta: False to plan without a β the checkpoint does not hold (inspect shows it as
             unknown); computing x then raises.
         undecided_ok: True to describe a checkpoint whose entries names, content and order leave
-            open (inspect): no tensor is then converted, and computing x raises why.
+            open (inspect): no tensor is then converted, and computing x raises why. A model order the
+            container rebuilds with transformers (Trainer, PEFT) is not rebuilt then.
         options: an `sfckpt.Options` instead of the keywords above (its other fields are not used here,
             but for param_order_from and model_config, which fill param_order from the user's model).
 
@@ -644,8 +670,11 @@ def reconstruct(
                           optimizers=plan.optimizers, undecided=undecided)
 
 
-def _undecided_mapping(found: list[FoundOptimizer]) -> mapping.ParameterMapping:
-    """A mapping that names no entry, for describing a checkpoint whose mapping is left open."""
+def _undecided_mapping(found: list[FoundOptimizer], why: mapping.Undecided) -> mapping.ParameterMapping:
+    """A mapping that names no entry, for describing a checkpoint whose mapping is left open; with the
+    evidence that decided part of it, where only an order inspect left unbuilt is missing."""
     entries = [e for f in found for e in f.entries]
     with_z = sum(1 for f in found for e in f.entries if e.z(f.family.z_key) is not None)
+    if isinstance(why, mapping.OrderDeferred):
+        return mapping.ParameterMapping(why.method, entries, why.counts, why.confirmed, with_z, [])
     return mapping.ParameterMapping("undecided (see the warning)", entries, {}, 0, with_z, [])

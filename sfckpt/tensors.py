@@ -80,6 +80,9 @@ class TensorRef:
     # (a parameter split across ranks), in order; `sample` then reads its pages without torch too.
     # A callable gives them (or None) when asked: where finding them means reading a little.
     runs: tuple[tuple[Any, int, int], ...] | Callable[[], Any] | None = field(default=None, repr=False)
+    # a numpy array holding the tensor's bytes (of any numpy dtype: bfloat16 as uint16, raw bytes), where a
+    # reader holds them so (Orbax's tensorstore, a small HDF5 dataset): `sample` and `raw_bytes` need no torch.
+    array: Callable[[], Any] | None = field(default=None, repr=False)
 
     @property
     def numel(self) -> int:
@@ -128,9 +131,13 @@ class TensorRef:
         total = self.numel * (2 if self.is_complex else 1)
         spans = [(0, total)] if total <= n else [(0, n // 2), (total // 2, total // 2 + n - n // 2)]
         runs = ((*self.location, total),) if self.location is not None else self.runs() if callable(self.runs) else self.runs
-        if runs is not None and self.dtype in _NUMPY_READ:
+        if self.dtype in _NUMPY_READ and (runs is not None or self.array is not None):
             code, size = _NUMPY_READ[self.dtype]
-            raw = np.concatenate([_read_span(runs, lo, hi, size, code) for lo, hi in spans])
+            if runs is not None:
+                raw = np.concatenate([_read_span(runs, lo, hi, size, code) for lo, hi in spans])
+            else:
+                flat = np.ascontiguousarray(self.array()).reshape(-1).view(code)
+                raw = np.concatenate([flat[lo:hi] for lo, hi in spans])
             if self.dtype == "bfloat16":  # the upper half of a float32
                 return (raw.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
             return raw.astype(np.float64)
@@ -142,6 +149,19 @@ class TensorRef:
         flat = (torch.view_as_real(t) if t.is_complex() else t).reshape(-1)
         picked = torch.cat([flat[lo:hi] for lo, hi in spans]) if len(spans) > 1 else flat
         return picked.to(torch.float64).numpy()
+
+    def raw_bytes(self):
+        """The tensor's bytes as a numpy uint8 array, read with numpy where the file's runs are known
+        (inspect stays without torch); None where only `load()` can read them."""
+        import numpy as np
+
+        if self.array is not None:
+            return np.ascontiguousarray(self.array()).reshape(-1).view(np.uint8)
+        runs = ((*self.location, self.numel),) if self.location is not None \
+            else self.runs() if callable(self.runs) else self.runs
+        if runs is None or self.dtype not in ITEMSIZES:
+            return None
+        return _read_span(runs, 0, self.numel, ITEMSIZES[self.dtype], "u1")
 
     def __str__(self) -> str:
         return f"tensor({self.dtype}, shape {format_shape(self.shape)})"

@@ -15,6 +15,7 @@ Adding a container is a new module with a `Reader` subclass and one line in `reg
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -42,23 +43,48 @@ class ParameterOrder:
     rebuilds it (the Trainer's grouping over a model rebuilt from config.json), or why it could not.
 
     `names is None` with `missing` set: the order exists but this machine could not rebuild it; the
-    reason is said only if the mapping needs the order to decide."""
+    reason is said only if the mapping needs the order to decide. `rebuild` set: not rebuilt yet
+    (`resolved()` does it), since rebuilding imports transformers and `--param-order` or inspect
+    never need it."""
 
     names: tuple[str, ...] | None = None
     group_domains: tuple[frozenset[str], ...] | None = None
     source: str = ""  # how it was obtained, for the report
     missing: Words | None = None  # why it could not be rebuilt
     missing_hint: Words = ""
+    rebuild: Callable[[], ParameterOrder] | None = field(default=None, repr=False, compare=False)
+    # vets what the rebuild reads as far as that needs no transformers (raises InputError): inspect
+    check: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def rebuilt(cls, rebuild: Callable[[], tuple[list[str], list[set[str]]]], source: str) -> ParameterOrder:
-        """The order `rebuild()` gives (names, and the names each group may hold), or why it failed:
-        said only if the mapping needs the order (see reconstruct)."""
+    def rebuilt(cls, rebuild: Callable[[], tuple[list[str], list[set[str]]]], source: str,
+                check: Callable[[], None] | None = None) -> ParameterOrder:
+        """The order `rebuild()` gives (names, and the names each group may hold), or why it failed,
+        computed once, when `resolved()` first asks: the failure is said only if the mapping needs the
+        order (see reconstruct). `check` refuses at most what `rebuild` refuses, without its imports."""
+        @functools.cache
+        def run() -> ParameterOrder:
+            try:
+                names, domains = rebuild()
+            except InputError as exc:
+                return cls(missing=exc.text, missing_hint=exc.fix)
+            return cls(tuple(names), tuple(frozenset(d) for d in domains), source)
+
+        return cls(source=source, rebuild=run, check=check)
+
+    def resolved(self) -> ParameterOrder:
+        """This order with its rebuild run (the same object where there is none to run)."""
+        return self if self.rebuild is None else self.rebuild()
+
+    def checked(self) -> ParameterOrder | None:
+        """Why the rebuild would fail as far as `check` tells without running it (an order with `missing`
+        set), or None."""
         try:
-            names, domains = rebuild()
+            if self.check is not None:
+                self.check()
         except InputError as exc:
-            return cls(missing=exc.text, missing_hint=exc.fix)
-        return cls(tuple(names), tuple(frozenset(d) for d in domains), source)
+            return ParameterOrder(missing=exc.text, missing_hint=exc.fix)
+        return None
 
 
 @dataclass(frozen=True)

@@ -181,24 +181,31 @@ def _dataset(h5py, d, path: str, file: InputFile, start: int, size: int, where: 
                         location=(file, at),
                         reader=(lambda first, count, out: file.read_tensor(at + first * itemsize, dtype, (count,), out)))
     elif nbytes <= 64 << 10 and (layout == h5py.h5d.COMPACT or nbytes == 0):
-        data = _read_small(d, nbytes, dtype, shape)
-        ref = TensorRef(dtype, shape, (lambda: data.clone()), storage_id=(where, path))
+        data = _read_small(d, nbytes, shape)
+        ref = TensorRef(dtype, shape, (lambda: _as_tensor(data, dtype, shape)), storage_id=(where, path),
+                        array=(lambda: data))
     else:
         raise InputError(f"{where}: dataset '{path[:200]}' has no data stored", "the file is truncated or damaged")
     return Dataset(path, dtype, shape, ref, d.dtype)
 
 
-def _read_small(d, nbytes: int, dtype: str, shape: tuple[int, ...]):
-    """A compact (or empty) dataset's data, read whole through h5py: at most 64 KiB by HDF5's own rule."""
+def _read_small(d, nbytes: int, shape: tuple[int, ...]):
+    """A compact (or empty) dataset's bytes, read whole through h5py: at most 64 KiB by HDF5's own rule."""
     import numpy as np
-    import torch
-
-    from ..tensors import torch_dtype
 
     raw = np.empty(shape, dtype=d.dtype)
     if nbytes:
         d.read_direct(raw)
-    return torch.from_numpy(raw.view(np.uint8).copy()).view(torch_dtype(dtype)).reshape(shape)
+    return raw.reshape(-1).view(np.uint8).copy()
+
+
+def _as_tensor(data, dtype: str, shape: tuple[int, ...]):
+    """A small dataset's bytes as a tensor of its own."""
+    import torch
+
+    from ..tensors import torch_dtype
+
+    return torch.from_numpy(data.copy()).view(torch_dtype(dtype)).reshape(shape)
 
 
 def _dtype_of(d, path: str, where: str) -> str:

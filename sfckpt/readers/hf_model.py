@@ -54,14 +54,23 @@ def vet_config(raw: Any, where: str, hint: Words) -> dict[str, Any]:
     prompt, other files or unbounded work; otherwise an InputError saying why, with `hint`."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    raw = vet_config_plain(raw, where, hint)
+    model_type = raw["model_type"]
+    if model_type not in CONFIG_MAPPING or not CONFIG_MAPPING[model_type].__module__.startswith("transformers."):
+        raise InputError(f"{where} names model_type {model_type[:80]!r}, which transformers does not ship", hint)
+    return raw
+
+
+def vet_config_plain(raw: Any, where: str, hint: Words) -> dict[str, Any]:
+    """The checks of `vet_config` that need no transformers (inspect imports none): all but whether
+    transformers ships the model_type, which must be a string here."""
     if not isinstance(raw, dict):
         raise InputError(f"{where} holds a JSON {type(raw).__name__}, not an object", hint)
     model_type = raw.get("model_type")
     if "auto_map" in raw:
         raise InputError(f"{where} names model_type {str(model_type)[:80]!r} with custom code (auto_map), "
                          "which sfckpt never runs", hint)
-    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING \
-            or not CONFIG_MAPPING[model_type].__module__.startswith("transformers."):
+    if not isinstance(model_type, str):
         raise InputError(f"{where} names model_type {str(model_type)[:80]!r}, which transformers does not ship", hint)
     if "configuration_files" in raw:  # transformers would read another file in place of this one
         raise InputError(f"{where} defers to other files (configuration_files), which sfckpt does not read", hint)
@@ -121,6 +130,14 @@ def read_config(path: Path, where: str, hint: Words, root=None):
     from .. import inputs
 
     return config_from_dict(inputs.read_json(path, "config.json", root=root), where, hint)
+
+
+def vet_class_name(name: Any, where: str, hint: Words) -> None:
+    """Refuse, without transformers, a class name no model class transformers ships can have (they are
+    all CamelCase identifiers); `model_class` decides the rest."""
+    if not (isinstance(name, str) and name.isidentifier() and name[:1].isupper()):
+        raise InputError(f"{where} names architecture {str(name)[:80]}, which is not a model class transformers ships",
+                         hint)
 
 
 def model_class(name: Any, config: Any, where: str, hint: Words) -> type:
@@ -200,14 +217,21 @@ def vet_adapter_config(raw: Any, where: str, hint: Words) -> dict[str, Any]:
     import peft
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    if not isinstance(raw, dict):
-        raise InputError(f"{where} holds a JSON {type(raw).__name__}, not an object", hint)
-    if not isinstance(raw.get("peft_type"), str) or raw["peft_type"] not in PEFT_TYPE_TO_CONFIG_MAPPING:
+    if isinstance(raw, dict) and (not isinstance(raw.get("peft_type"), str)
+                                  or raw["peft_type"] not in PEFT_TYPE_TO_CONFIG_MAPPING):
         raise InputError(f"{where} names peft_type {str(raw.get('peft_type'))[:60]!r}, which peft "
                          f"{peft.__version__} does not have", hint)
-    if raw["peft_type"] not in PEFT_TYPES:
-        raise InputError(f"{where} names peft_type {raw['peft_type']}; sfckpt rebuilds the order only for "
-                         f"{', '.join(sorted(PEFT_TYPES))}, whose configs name no other file or model", hint)
+    return vet_adapter_config_plain(raw, where, hint)
+
+
+def vet_adapter_config_plain(raw: Any, where: str, hint: Words) -> dict[str, Any]:
+    """The checks of `vet_adapter_config` that need no peft (inspect imports none): all but whether the
+    installed peft has the peft_type, which must be one of PEFT_TYPES here."""
+    if not isinstance(raw, dict):
+        raise InputError(f"{where} holds a JSON {type(raw).__name__}, not an object", hint)
+    if raw.get("peft_type") not in PEFT_TYPES:
+        raise InputError(f"{where} names peft_type {str(raw.get('peft_type'))[:60]}; sfckpt rebuilds the order only "
+                         f"for {', '.join(sorted(PEFT_TYPES))}, whose configs name no other file or model", hint)
     if raw.get("megatron_config") is not None:  # peft would import the module megatron_core names
         raise InputError(f"{where} sets megatron_config, which makes peft import a module the file names", hint)
     patterns: list[tuple[str, Any]] = []

@@ -104,9 +104,7 @@ def parameter_order(path: Path) -> tuple[list[str], list[set[str]]]:
             f"{path} is a Hugging Face Trainer checkpoint; matching its optimizer state to the weights needs transformers",
             "pip install 'sfckpt[hf]' (or pass " + Opt("param_order", usage=True) + ")",
         ) from None
-    if not (path / "config.json").is_file():
-        raise InputError(f"{path} has optimizer.pt but no config.json to rebuild the parameter order from",
-                         "copy config.json into the folder, or pass " + Opt("param_order", usage=True))
+    _require_config(path)
     config = load_config(path)
     archs = getattr(config, "architectures", None) or [None]
     model_cls = hf_model.model_class(archs[0], config, f"{path}/config.json", ORDER_HINT)
@@ -114,6 +112,23 @@ def parameter_order(path: Path) -> tuple[list[str], list[set[str]]]:
     decay = set(Trainer.get_decay_parameter_names(None, model))
     named = [n for n, _ in model.named_parameters()]
     return named, [{n for n in named if n in decay}, {n for n in named if n not in decay}]
+
+
+def _require_config(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path} has optimizer.pt but no config.json to rebuild the parameter order from",
+                         "copy config.json into the folder, or pass " + Opt("param_order", usage=True))
+
+
+def check_order_inputs(path: Path) -> None:
+    """config.json vetted as `parameter_order` vets it, as far as that needs no transformers (inspect):
+    an InputError here is one the rebuild raises too."""
+    from . import hf_model
+
+    _require_config(path)
+    where = f"{path}/config.json"
+    raw = hf_model.vet_config_plain(inputs.read_json(path / "config.json", "config.json"), where, ORDER_HINT)
+    hf_model.vet_class_name((raw.get("architectures") or [None])[0], where, ORDER_HINT)
 
 
 def save_complete(path: Path) -> bool:
@@ -149,7 +164,8 @@ class TrainerReader(Reader):
         optimizer, opt_unloaded = load_torch(path / OPTIMIZER_NAME)
         obj = {"model": weights, "optimizer": optimizer, "global_step": trainer_state(path).get("global_step")}
         order = None if request.entries_chosen else ParameterOrder.rebuilt(
-            lambda: parameter_order(path), "the Hugging Face Trainer's grouping (model rebuilt from config.json)")
+            lambda: parameter_order(path), "the Hugging Face Trainer's grouping (model rebuilt from config.json)",
+            lambda: check_order_inputs(path))
         return Opened(obj, sorted(set(unloaded) | set(opt_unloaded)), self.name, order=order,
                       release=Release(RELEASE_FILES))
 

@@ -409,6 +409,16 @@ def _natural(text: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
+def _scalar(ref: TensorRef):
+    """A 0-d variable's value, read with numpy where its bytes can be (inspect stays without torch)."""
+    import numpy as np
+
+    raw = ref.raw_bytes() if ref.dtype in ("int32", "int64", "float16", "float32", "float64") else None
+    if raw is None:  # bfloat16 and float8 learning rates: numpy has no such dtype
+        return ref.load().item()
+    return np.frombuffer(raw.tobytes(), dtype=np.dtype(ref.dtype).newbyteorder("<"))[0].item()
+
+
 def _optimizer_state(path: Path, tree: Tree, opt_cfg: Mapping | None) -> tuple[dict, list[str]]:
     """The optimizer's variables as a torch-style state dict: {"state": {i: {"z", "velocity"}}, "param_groups"}."""
     variables = sorted((d for p, d in tree.datasets.items() if p.startswith("optimizer/vars/")),
@@ -439,12 +449,12 @@ def _optimizer_state(path: Path, tree: Tree, opt_cfg: Mapping | None) -> tuple[d
     iterations = variables[0]
     if iterations.dtype not in ("int32", "int64") or iterations.shape != ():
         raise InputError(f"{path}: optimizer/vars/0 is not the iteration counter", "the file is damaged")
-    group["iterations"] = int(iterations.ref.load())
+    group["iterations"] = int(_scalar(iterations.ref))
     if has_lr:
         if variables[1].shape != () or not variables[1].ref.is_float:
             raise InputError(f"{path}: optimizer/vars/1 is not the learning rate the optimizer config says it is",
                              "the optimizer config does not match its variables; the file is damaged")
-        group["lr"] = float(variables[1].ref.load())
+        group["lr"] = float(_scalar(variables[1].ref))
     state: dict[int, dict[str, TensorRef]] = {}
     for k in range(count // width):
         # gradient accumulators (one per variable) come before the momentum/velocity pairs

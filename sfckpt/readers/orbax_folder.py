@@ -188,22 +188,27 @@ def _name(path: KeyPath) -> str:
 
 
 def _ref(leaf: Leaf) -> TensorRef:
-    return TensorRef(leaf.dtype, leaf.shape, lambda: _read(leaf))
+    return TensorRef(leaf.dtype, leaf.shape, lambda: _read(leaf), array=lambda: _array(leaf))
 
 
-def _read(leaf: Leaf):
-    """The array as a torch tensor (bfloat16 arrives as ml_dtypes' type, which torch reads as its bits)."""
+def _array(leaf: Leaf):
+    """The array as numpy (bfloat16, which arrives as ml_dtypes' type, as its uint16 bits)."""
     import numpy as np
-    import torch
 
     try:
         array = np.ascontiguousarray(leaf.store.read().result())
     except Exception as exc:
         raise InputError(f"array {_name(leaf.path)} cannot be read ({str(exc)[:160]})",
                          "the checkpoint is incomplete or damaged; copy the whole step folder") from None
-    if leaf.dtype == "bfloat16":
-        return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
-    return torch.from_numpy(array)
+    return array.view(np.uint16) if leaf.dtype == "bfloat16" else array
+
+
+def _read(leaf: Leaf):
+    """The array as a torch tensor."""
+    import torch
+
+    array = torch.from_numpy(_array(leaf))
+    return array.view(torch.bfloat16) if leaf.dtype == "bfloat16" else array
 
 
 def _scalar(leaf: Leaf) -> float:

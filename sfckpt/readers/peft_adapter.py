@@ -77,6 +77,39 @@ def _base_config_file(path: Path, name: str) -> tuple[Path, inputs.Root]:
                      f"download its config.json (huggingface-cli download {name[:100]} config.json), or " + ORDER_HINT)
 
 
+def _adapter_config(path: Path) -> tuple[dict[str, Any], str]:
+    """adapter_config.json as an object, and the base model it names."""
+    config = inputs.read_json(path / CONFIG_NAME, CONFIG_NAME)
+    if not isinstance(config, dict):
+        raise DamagedInput(f"{path}/{CONFIG_NAME} holds a JSON {type(config).__name__}, not an object",
+                         "the adapter checkpoint is damaged")
+    base_name = config.get("base_model_name_or_path")
+    if not (isinstance(base_name, str) and base_name.strip() and "\x00" not in base_name):
+        raise InputError(f"{path}/{CONFIG_NAME} has base_model_name_or_path {base_name!r:.60}, not the name of "
+                         "a model", ORDER_HINT)
+    return config, base_name
+
+
+def _base_class_name(config: dict[str, Any], architectures: Any) -> Any:
+    """The base model's class: the adapter config's `auto_mapping`, else the base config's first architecture."""
+    mapping = config.get("auto_mapping")
+    class_name = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    return class_name or (architectures or [None])[0]
+
+
+def check_order_inputs(path: Path) -> None:
+    """What `parameter_order` reads, vetted as far as that needs neither transformers nor peft (inspect):
+    an InputError here is one the rebuild raises too."""
+    from . import hf_model
+
+    config, base_name = _adapter_config(path)
+    base_file, base_root = _base_config_file(path, base_name)
+    where = f"{base_file} (the base model of {path.name})"
+    raw = hf_model.vet_config_plain(inputs.read_json(base_file, "config.json", root=base_root), where, ORDER_HINT)
+    hf_model.vet_adapter_config_plain(config, f"{path}/{CONFIG_NAME}", ORDER_HINT)
+    hf_model.vet_class_name(_base_class_name(config, raw.get("architectures")), where, ORDER_HINT)
+
+
 def parameter_order(path: Path) -> tuple[list[str], list[set[str]]]:
     """The adapter's names (as saved) in the PeftModel's `named_parameters()` order, and the names the
     Trainer's two groups (weight decay, no weight decay) may hold.
@@ -86,14 +119,7 @@ def parameter_order(path: Path) -> tuple[list[str], list[set[str]]]:
     adapter config. An InputError says why the order cannot be rebuilt here (no peft or transformers,
     the base model's config not at hand or refused); `load` keeps it for when shapes and content do not
     decide, since --param-order, which `load` does not see, may."""
-    config = inputs.read_json(path / CONFIG_NAME, CONFIG_NAME)
-    if not isinstance(config, dict):
-        raise DamagedInput(f"{path}/{CONFIG_NAME} holds a JSON {type(config).__name__}, not an object",
-                         "the adapter checkpoint is damaged")
-    base_name = config.get("base_model_name_or_path")
-    if not (isinstance(base_name, str) and base_name.strip() and "\x00" not in base_name):
-        raise InputError(f"{path}/{CONFIG_NAME} has base_model_name_or_path {base_name!r:.60}, not the name of "
-                         "a model", ORDER_HINT)
+    config, base_name = _adapter_config(path)
     try:
         import peft  # noqa: F401  (hf_model wraps the model with it)
         from transformers import Trainer
@@ -105,9 +131,7 @@ def parameter_order(path: Path) -> tuple[list[str], list[set[str]]]:
     base_file, base_root = _base_config_file(path, base_name)
     where = f"{base_file} (the base model of {path.name})"
     base_config = hf_model.read_config(base_file, where, ORDER_HINT, root=base_root)
-    mapping = config.get("auto_mapping")
-    class_name = mapping.get("base_model_class") if isinstance(mapping, dict) else None
-    class_name = class_name or (getattr(base_config, "architectures", None) or [None])[0]
+    class_name = _base_class_name(config, getattr(base_config, "architectures", None))
     model_cls = hf_model.model_class(class_name, base_config, where, ORDER_HINT)
     model = hf_model.peft_model(hf_model.build_on_meta(model_cls, base_config, where, ORDER_HINT), config,
                                 f"{path}/{CONFIG_NAME}", ORDER_HINT)
@@ -247,7 +271,8 @@ class PeftAdapterReader(Reader):
     def open(self, path: Path, request: LoadRequest) -> Opened:
         obj, unloaded = load_object(path)
         order = None if request.entries_chosen else ParameterOrder.rebuilt(
-            lambda: parameter_order(path), "the PEFT model rebuilt from the base model's config, grouped as the Trainer does")
+            lambda: parameter_order(path), "the PEFT model rebuilt from the base model's config, grouped as the Trainer does",
+            lambda: check_order_inputs(path))
         return Opened(obj, unloaded, self.name, order=order, names_are_final=True,
                       release=Release(RELEASE_FILES, SAFE_NAME, shardable=False))
 
