@@ -345,6 +345,7 @@ def convert(ckpt: Path, out: str, quiet: bool, as_json: bool, options: Options) 
     Keras loads (model.load_weights, keras.models.load_model).
     """
     from .options import wants_calibration
+    from .pipeline import reuse_freed_memory
     from .save import save
 
     calibrating = wants_calibration(options)
@@ -359,6 +360,7 @@ def convert(ckpt: Path, out: str, quiet: bool, as_json: bool, options: Options) 
         with _progress(limit, "BatchNorm statistics", not (quiet or as_json), "batches") as update:
             shifts = calibrate_with(recon, options, update)
     total = sum(t.nbytes for t in recon.tensors)
+    reuse_freed_memory()  # the process ends with the command: its allocator is ours to tune
     with _progress(total, "writing x", not (quiet or as_json)) as update:
         with warnings.catch_warnings():  # said below in the CLI's words
             warnings.simplefilter("ignore", SfckptWarning)

@@ -38,6 +38,29 @@ def one_thread_per_op() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+KEEP_BELOW = 32 << 20  # the largest mmap threshold glibc accepts (64-bit)
+
+
+def reuse_freed_memory() -> None:
+    """Let this process's allocator keep memory it frees (glibc; elsewhere nothing changes).
+
+    Each x and its slice buffers are allocated and freed once per tensor. glibc serves an
+    allocation of a few MiB with a fresh mmap, and a fresh page costs a fault and zeroing: for a
+    0.8 GB model of 4 MiB tensors, about a second of CPU (sys 2.7 s instead of 1.6 s). Below
+    KEEP_BELOW, the memory a tensor frees now serves the next one; the peak stays that of two
+    tensors and four slices, since it is memory that was in use already."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # no C library to load by that name, or no mallopt in it
+        return
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt(M_MMAP_THRESHOLD, KEEP_BELOW)
+    mallopt(M_TRIM_THRESHOLD, 2 * KEEP_BELOW)
+
+
 def slices(y: TensorRef, z: TensorRef, step: int) -> Iterator[tuple[int, int, Any, Any]]:
     """(start, count, y's elements, z's elements) for each run of `step` elements of y and z, in order.
 
