@@ -22,8 +22,10 @@ For each, in interleaved rounds, each run after `sync` (no run pays for another'
            `dcp_to_torch_save`, and `dcp.load` + lerp + `save_file` by hand; zero2/zero3:
            DeepSpeed's `zero_to_fp32.py --safe_serialization` (gives y: it reads no z).
 
-Wall time (median) and peak anonymous memory (RssAnon summed over the process tree, sampled
-every 5 ms, max over rounds) are printed as a markdown table with the ratios to the floor.
+Wall time (median) and peak anonymous memory (max over rounds) are printed as a markdown table
+with the ratios to the floor. Memory is Pss_Anon (from /proc/PID/smaps_rollup; RssAnon where the
+kernel has no smaps_rollup) summed over the process tree, sampled every 5 ms: a page that forked
+workers share with their parent counts once in all, where RssAnon would count it once per process.
 """
 from __future__ import annotations
 
@@ -216,16 +218,26 @@ def y_z_x_bytes(ckpt: Path) -> tuple[list[str], int, int]:
     return files, sum(t.ref.nbytes for t in recon.tensors) + z, x
 
 
-def rss_anon_kib(pid: int) -> int:
-    """RssAnon of a process and all its descendants, in KiB."""
+def _field_kib(path: Path, name: str) -> int | None:
+    for line in path.read_text().splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1])
+    return None
+
+
+def anon_kib(pid: int) -> int:
+    """Anonymous memory of a process and all its descendants, in KiB: the sum of their Pss_Anon
+    (each shared page split among the processes sharing it), or of their RssAnon without smaps_rollup."""
     total = 0
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                total += int(line.split()[1])
+        try:
+            own = _field_kib(Path(f"/proc/{pid}/smaps_rollup"), "Pss_Anon")
+        except FileNotFoundError:
+            own = None
+        total += own if own is not None else _field_kib(Path(f"/proc/{pid}/status"), "RssAnon") or 0
         for task in Path(f"/proc/{pid}/task").iterdir():
             for child in (task / "children").read_text().split():
-                total += rss_anon_kib(int(child))
+                total += anon_kib(int(child))
     except OSError:
         pass
     return total
@@ -237,7 +249,7 @@ def measure(cmd: list[str]) -> tuple[float, float]:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = 0
     while proc.poll() is None:
-        peak = max(peak, rss_anon_kib(proc.pid))
+        peak = max(peak, anon_kib(proc.pid))
         time.sleep(0.005)
     wall = time.perf_counter() - start
     if proc.returncode != 0:

@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from . import inputs, keras_output, parallel, writer
+from . import inputs, keras_output, parallel, pipeline, writer
 from .conventions import SINGLE_NAME
 from .errors import InputError, Opt, OptionConflict, OutputError, SfckptWarning
 from .options import Options, resolve, wants_calibration
@@ -57,7 +57,8 @@ def save(
                              option="workers")
     ranks = parallel.launched() if distributed else None
     try:
-        paths = _save(recon, out, opts, progress, metadata, extra_files, ranks)
+        with pipeline.one_thread_per_op():
+            paths = _save(recon, out, opts, progress, metadata, extra_files, ranks)
     except BaseException as exc:
         if ranks is not None and ranks.rank == 0:
             ranks.finish(exc)
