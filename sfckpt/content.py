@@ -134,6 +134,7 @@ class ClassEvidence:
     y_ulp: object = None  # per candidate: the spacing of its dtype at its first sampled value
     scale: float = 1.0  # the samples are the data divided by this (see _without_overflow)
     _possible: dict = field(default_factory=dict, repr=False)
+    _yy: object = field(default=None, repr=False)
 
     @property
     def size(self) -> int:
@@ -184,9 +185,18 @@ class ClassEvidence:
             # whose elements all get one gradient: z holds two values one ulp apart, y one)
             ok |= y_constant & (self.z_range[1][i] - self.z_range[0][i] <= ROUNDING_ULPS * self.y_ulp[cols])
         if self.informative and self.unrelated_above is not None:
-            d2 = ((self.z[i] - self.y[cols]) ** 2).sum(axis=1)
-            ok &= ~(d2 > self.unrelated_above * ((self.z[i] @ self.z[i]) + (self.y[cols] ** 2).sum(axis=1)))
+            # ‖z − y‖² from the norms and one matrix-vector product: only far pairs are in question here, where
+            # the expansion loses nothing, and a row of every candidate would otherwise cost a pass per entry
+            yy, zz = self._y_squares()[cols], float(self.z[i] @ self.z[i])
+            d2 = zz + yy - 2.0 * (self.y[cols] @ self.z[i])
+            ok &= ~(d2 > self.unrelated_above * (zz + yy))
         return ok if dense else cols[ok]  # a row of every candidate stays a mask: a byte per candidate
+
+    def _y_squares(self):
+        """‖y‖² of every candidate's samples, computed once."""
+        if self._yy is None:
+            self._yy = (self.y * self.y).sum(axis=1)
+        return self._yy
 
     def relaxing_adds(self) -> bool:
         """Does `possible_rows(relaxed=True)` allow any pair the strict rows rule out? (It only adds.)"""
