@@ -30,7 +30,8 @@ MARGIN = 4.0
 # one candidate that shares z's history (see sharing_history): chance brings another tensor that close to a z
 # only among few numbers (a tensor independent of z lies at d² = ‖y‖² + ‖z‖² to within about 3/√n). Where
 # another candidate shares it too (copies, EMA teachers, a tower trained along z's path, layers copied from
-# one another), or none does (look-alikes whose centred content is noise), MARGIN still applies. Linear layers of 1,024 elements
+# one another), or none does (look-alikes whose centred content is noise), or the shape has a tensor no entry
+# trains (which can be the one sharing z's history: see _match), MARGIN still applies. Linear layers of 1,024 elements
 # under big weight decay lie 3x closer to their own y than to each other's (under MARGIN, over
 # LARGE_MARGIN). Ruling pairs out keeps MARGIN.
 LARGE_SAMPLE = 1024
@@ -212,7 +213,10 @@ class ClassEvidence:
         means (norm gains) and small samples are "cannot tell": False."""
         if self.size < VERIFY_MIN_ELEMENTS or self.ratio(i, j) <= unrelated_limit(self.size, run.ratio):
             return False
-        return not within_drift(self.y[j], self.z[i], run.drift / self.scale)
+        # The drift allowance needs content's own word for the pair: a fresh tensor initialised near zero in a
+        # zero-initialised one's place is as small as the run's drift too, but no closer to z than the others
+        confirmed = self.matches[i].candidate == j and self.matches[i].confirmed
+        return not (confirmed and within_drift(self.y[j], self.z[i], run.drift / self.scale))
 
     def sharing_history(self, i: int) -> list[int]:
         """Candidates whose centred samples are aligned with entry i's z beyond chance: the pair's own
@@ -470,7 +474,12 @@ def _match(ev: ClassEvidence, i: int, j: int, best2: float, second2: float, col_
     if (ev.y_constant[j] and not ev.z_constant[i]) or not ev.informative:
         runner = 0.0  # never confirmed: see ClassEvidence.possible_rows; a handful of numbers tells nothing
     alone = [int(k) for k in ev.history[i]] == [j]  # j shares z's history, and no other candidate does
-    return Match(j, float(best2) ** 0.5, runner, LARGE_MARGIN if ev.size >= LARGE_SAMPLE and alone else MARGIN)
+    # ...and every tensor of the shape has an entry: beside a tensor no entry trains (a tower trained by plain
+    # Adam along z's path, a frozen identity an adapter is pulled towards), the one sharing z's history can be
+    # that tensor, 2-2.4x closer to z than the pair's own y, which long training moved off z's path
+    square = len(ev.y) == len(ev.z)
+    large = ev.size >= LARGE_SAMPLE and alone and square
+    return Match(j, float(best2) ** 0.5, runner, LARGE_MARGIN if large else MARGIN)
 
 
 SAFE_EXPONENT = 480  # |v| <= 2**480: sums of squares of SAMPLE_ELEMENTS such values stay finite in float64
