@@ -301,6 +301,8 @@ def evidence(zs: Sequence[TensorRef], ys: Sequence[TensorRef], sampler: Sampler)
     size = min(size, max(1, zs[0].numel if zs else 1))
     z = np.stack([sampler.sample(r, size) for r in zs]) if n else np.zeros((0, size))
     y = np.stack([sampler.sample(r, size) for r in ys]) if m else np.zeros((0, size))
+    if z.shape[1] == 0 or y.shape[1] == 0:  # 0-element tensors: one zero each, which tells nothing (see informative)
+        z, y = np.zeros((n, 1)), np.zeros((m, 1))
     z, y, scale = _without_overflow(z, y)
     # Rounding can pin a 16-bit y to one value (bfloat16 gains at exactly 1.0) while z moves; not float32.
     exact = np.array([r.dtype in ("float32", "float64") for r in ys], dtype=bool)
