@@ -24,7 +24,7 @@ For each, in interleaved rounds, each run after `sync` (no run pays for another'
 
 Wall time (median) and peak anonymous memory (max over rounds) are printed as a markdown table
 with the ratios to the floor. Memory is Pss_Anon (from /proc/PID/smaps_rollup; RssAnon where the
-kernel has no smaps_rollup) summed over the process tree, sampled every 5 ms: a page that forked
+kernel has no smaps_rollup) summed over the process tree, sampled every 25 ms: a page that forked
 workers share with their parent counts once in all, where RssAnon would count it once per process.
 """
 from __future__ import annotations
@@ -250,7 +250,9 @@ def measure(cmd: list[str]) -> tuple[float, float]:
     peak = 0
     while proc.poll() is None:
         peak = max(peak, anon_kib(proc.pid))
-        time.sleep(0.005)
+        # Reading smaps_rollup of every thread's children walks page tables: every 5 ms it took half a
+        # core of the two, slowing what it measured; memory peaks here last far longer than 25 ms
+        time.sleep(0.025)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} failed: {proc.stderr.read().decode()[-2000:]}")
