@@ -114,14 +114,14 @@ class BlockRatios:
         ratios = torch.cat(self.full) if self.full else torch.zeros(0)
         own = _lower_quartile(ratios)
         bar = PART_FACTOR * (own if self.check.sampled is None else min(own, self.check.sampled))
-        limit = max(unrelated_limit(PART_BLOCK, self.check.run.ratio), bar)
+        limit = max(unrelated_limit(PART_BLOCK), bar)
         bad = (ratios > limit).nonzero()
         if len(bad):
             k = int(bad[0, 0])
             self._refuse(f"elements {self._elements(k * PART_BLOCK, PART_BLOCK)}", float(ratios[k]), limit)
         if self.tail is not None:
             ratio, first, n = self.tail
-            limit = max(unrelated_limit(n, self.check.run.ratio), bar)
+            limit = max(unrelated_limit(n), bar)
             if ratio > limit and not (self.small_within_drift and not len(ratios)):
                 self._refuse(f"elements {self._elements(first, n)}", ratio, limit)
         groups = self._column_groups()
@@ -152,7 +152,7 @@ class BlockRatios:
         usual = float(moved.median()) if len(moved) else 0.0
         for k in ((ratios > bar) & (drift > COLUMN_DRIFT * usual)).nonzero().flatten().tolist():
             n = int(widths[k]) * self.rows  # numbers, as for blocks (two per complex element)
-            limit = max(unrelated_limit(n, self.check.run.ratio), bar)
+            limit = max(unrelated_limit(n), bar)
             # as far from related as independent tensors: not anti-aligned either (2 − limit), which columns of
             # a zero-initialised head whose path turned back are (y ≈ −z, a ratio near 2)
             if n >= VERIFY_MIN_ELEMENTS and limit < float(ratios[k]) < 2.0 - limit:
