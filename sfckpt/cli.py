@@ -318,8 +318,8 @@ def _describe_not_schedule_free(path: Path, exc, as_json: bool, options: Options
 @click.option("--max-shard-size", metavar="SIZE", help="In the folder OUT, shards of at most SIZE (e.g. 5GB) and model.safetensors.index.json; "
               "x smaller than SIZE stays one model.safetensors, as with Hugging Face.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Write the shards of a folder OUT in this many processes (same bytes as one).")
+@click.option("--workers", type=click.IntRange(min=1, max=1024), default=1, show_default=True,
+              help="Write the shards of a folder OUT in this many processes (same bytes as one; at most 1024).")
 @click.option("--allow-nonfinite", is_flag=True, help="Write x even if it holds NaN or Inf.")
 @click.option("--bn-calib", metavar="DATA", help="Re-estimate BatchNorm statistics at x on DATA: a .pt/.safetensors/.npy "
               "file of inputs (first dimension = samples), a folder of them, or module:callable returning a DataLoader.")

@@ -22,7 +22,7 @@ import signal
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import InputError, OutputError, SfckptError
+from .errors import InputError, Opt, OutputError, SfckptError, Text, Words
 
 Job = tuple[Path, list]  # (file to write, the specs it holds, in order)
 WriteOne = Callable[[Path, list, Callable[[int], None] | None], None]
@@ -76,11 +76,22 @@ def _write(jobs: list[Job], sizes: list[int], write_one: WriteOne, workers: int,
 
 
 def failure(exc: BaseException) -> dict:
-    """An error as a dict another process can raise again (`_raise`)."""
+    """An error as a JSON-able dict another process can raise again (`_raise`): its words and the options
+    they name, not spelled, so that the CLI writes `--allow-nonfinite` where the API writes its argument."""
     if isinstance(exc, SfckptError):
         kind = "OutputError" if isinstance(exc, OutputError) else "InputError"
-        return {"kind": kind, "message": exc.message, "hint": exc.hint}
+        return {"kind": kind, "message": _parts(exc.text), "hint": None if exc.fix is None else _parts(exc.fix)}
     return {"kind": "bug", "message": f"{type(exc).__name__}: {exc}"[:500], "hint": None}
+
+
+def _parts(text: Text) -> list:
+    return [p if isinstance(p, str) else {"opt": p.name, "value": p.value, "usage": p.usage} for p in text]
+
+
+def _text(parts: list | str | None) -> Words | None:
+    if parts is None or isinstance(parts, str):
+        return parts
+    return Text(p if isinstance(p, str) else Opt(p["opt"], p["value"], p["usage"]) for p in parts)
 
 
 def _run_here(jobs: list[Job], write_one: WriteOne, progress) -> dict | None:
@@ -97,7 +108,7 @@ def _raise(error: dict) -> None:
     kind = {"InputError": InputError, "OutputError": OutputError}.get(error["kind"])
     if kind is None:
         raise RuntimeError(f"a worker failed: {error['message']}")
-    raise kind(error["message"], error["hint"])
+    raise kind(_text(error["message"]), _text(error["hint"]))
 
 
 def _run_forked(shares: list[list[Job]], write_one: WriteOne, progress) -> None:
