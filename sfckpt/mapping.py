@@ -532,11 +532,28 @@ def _name_conflict(o, names, weights, anchors, candidates, classes) -> str | Non
         if weights[name].shape != z.shape:
             return (f"{e.label()} is named '{name}' of shape {format_shape(weights[name].shape)} but its z is "
                     f"{format_shape(z.shape)}")
-        if id(e) in anchors and anchors[id(e)] != name:
+        # Content nearer elsewhere contradicts a name only where the named pair is itself unrelated: a true
+        # pair's y can lie farther from z than a tensor from the same initialisation does (towers whose
+        # gradients came late), while a stale name (modules moved) pairs z with an independent tensor
+        related = _named_pair_related(e, name, o.z_key, classes)
+        if id(e) in anchors and anchors[id(e)] != name and not related:
             return f"{e.label()} is named '{name}' but its z lies next to '{anchors[id(e)]}'"
-        if name in claimed and claimed[name] != id(e):
+        if name in claimed and claimed[name] != id(e) and not related:
             return f"{e.label()} is named '{name}' but another entry's z lies next to '{name}'"
     return _swapped_by_content(o, names, classes)
+
+
+def _named_pair_related(e, name: str, z_key, classes) -> bool:
+    """Do e's z and the tensor `name` look related on their samples (not as far apart as independent
+    tensors, with enough elements to tell)?"""
+    known = classes.get(e.z(z_key).shape)
+    if known is None:
+        return False
+    ev, rows, column = known
+    i, a = rows.get(id(e)), column.get(name)
+    if i is None or a is None or ev.size < content.VERIFY_MIN_ELEMENTS:
+        return False
+    return ev.ratio(i, a) <= content.unrelated_limit(ev.size)
 
 
 SWAP_FACTOR = 2.0  # how much closer each z must lie to the other's tensor for two names to be swapped
