@@ -543,17 +543,24 @@ def _name_conflict(o, names, weights, anchors, candidates, classes) -> str | Non
     return _swapped_by_content(o, names, classes)
 
 
+def _pair_in_samples(e, name: str, z_key, classes):
+    """(the shape class's evidence, e's row, the column of tensor `name`), or None where either is not
+    in the samples or the samples are too small to tell (under VERIFY_MIN_ELEMENTS)."""
+    known = classes.get(e.z(z_key).shape)
+    if known is None:
+        return None
+    ev, rows, column = known
+    i, j = rows.get(id(e)), column.get(name)
+    if i is None or j is None or ev.size < content.VERIFY_MIN_ELEMENTS:
+        return None
+    return ev, i, j
+
+
 def _named_pair_related(e, name: str, z_key, classes) -> bool:
     """Do e's z and the tensor `name` look related on their samples (not as far apart as independent
     tensors, with enough elements to tell)?"""
-    known = classes.get(e.z(z_key).shape)
-    if known is None:
-        return False
-    ev, rows, column = known
-    i, a = rows.get(id(e)), column.get(name)
-    if i is None or a is None or ev.size < content.VERIFY_MIN_ELEMENTS:
-        return False
-    return ev.ratio(i, a) <= content.unrelated_limit(ev.size)
+    found = _pair_in_samples(e, name, z_key, classes)
+    return found is not None and found[0].ratio(found[1], found[2]) <= content.unrelated_limit(found[0].size)
 
 
 SWAP_FACTOR = 2.0  # how much closer each z must lie to the other's tensor for two names to be swapped
@@ -907,14 +914,9 @@ def _sampled_ratios(stateful, classes) -> dict[int, float]:
     not all zero: zeros say nothing of how closely the pair tracks)."""
     out: dict[int, float] = {}
     for o, e in stateful:
-        found = classes.get(e.z(o.z_key).shape)
-        if found is None:
-            continue
-        ev, rows, cols = found
-        i, j = rows.get(id(e)), cols.get(e.name)
-        if i is not None and j is not None and ev.size >= content.VERIFY_MIN_ELEMENTS \
-                and (ev.z[i].any() or ev.y[j].any()):
-            out[id(e)] = ev.ratio(i, j)
+        found = _pair_in_samples(e, e.name, o.z_key, classes)
+        if found is not None and (found[0].z[found[1]].any() or found[0].y[found[2]].any()):
+            out[id(e)] = found[0].ratio(found[1], found[2])
     return out
 
 
