@@ -195,3 +195,41 @@ class Evil:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+def run_script(name: str, *args) -> None:
+    """Run tests/scripts/NAME with `args` in a child process (the framework's training run); it must succeed."""
+    result = subprocess.run([sys.executable, SCRIPTS / name, *map(str, args)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def lora_checkpoint(tmp_path_factory):
+    """A LoRA adapter checkpoint as the Trainer saves it (scripts/peft_lora.py, as tests/test_readers_peft.py runs it)."""
+    pytest.importorskip("peft")
+    out = tmp_path_factory.mktemp("lora")
+    run_script("peft_lora.py", out)
+    return out / "run" / "checkpoint-3"
+
+
+@pytest.fixture(scope="module")
+def trainer_checkpoint(tmp_path_factory):
+    """A Hugging Face Trainer checkpoint-N folder (scripts/hf_trainer.py, as tests/test_readers_hf_trainer.py runs it)."""
+    pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("hf")
+    run_script("hf_trainer.py", out, "schedule_free_adamw", "train")
+    return out / "checkpoint-3"
+
+
+def convert_traced(run, tmp_path: Path, model, opt):
+    """Save {"model", "optimizer"} and convert it with Python's allocations traced: (result, output, peak bytes)."""
+    import tracemalloc
+
+    ckpt, out = tmp_path / "ckpt.pt", tmp_path / "x.safetensors"
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, ckpt)
+    tracemalloc.start()
+    try:
+        result = run("convert", ckpt, out)
+        return result, out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

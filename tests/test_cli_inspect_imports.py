@@ -69,30 +69,11 @@ def test_dcp_tied_copies_are_compared_without_torch(tmp_path):
     assert report["mapping"]["tied_copies"] == {"head.weight": "embed.weight"}
 
 
-@pytest.fixture(scope="module")
-def trainer_folder(tmp_path_factory):
-    pytest.importorskip("transformers")
-    out = tmp_path_factory.mktemp("hf")
-    result = subprocess.run([sys.executable, SCRIPTS / "hf_trainer.py", out, "schedule_free_adamw", "train"],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out / "checkpoint-3"
-
-
-@pytest.fixture(scope="module")
-def adapter_folder(tmp_path_factory):
-    pytest.importorskip("peft")
-    out = tmp_path_factory.mktemp("lora")
-    result = subprocess.run([sys.executable, SCRIPTS / "peft_lora.py", out], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out / "run" / "checkpoint-3"
-
-
 @pytest.mark.slow
-def test_trainer_inspect_leaves_the_look_alikes_to_converts_order(trainer_folder):
+def test_trainer_inspect_leaves_the_look_alikes_to_converts_order(trainer_checkpoint):
     """The Llama's norm gains look alike: content places the rest; the evidence counts are convert's."""
-    report = assert_inspected_without_torch(trainer_folder)
-    converted, imported = cli_imports("convert", trainer_folder, trainer_folder.parent / "release", "--json")
+    report = assert_inspected_without_torch(trainer_checkpoint)
+    converted, imported = cli_imports("convert", trainer_checkpoint, trainer_checkpoint.parent / "release", "--json")
     assert "transformers" in imported
     mapping, used = report["mapping"], converted["mapping"]
     assert 0 < mapping["evidence"]["order"] < mapping["entries_with_z"]
@@ -103,26 +84,26 @@ def test_trainer_inspect_leaves_the_look_alikes_to_converts_order(trainer_folder
 
 
 @pytest.mark.slow
-def test_peft_adapter_inspect_does_not_import_torch(adapter_folder):
-    report = assert_inspected_without_torch(adapter_folder)
+def test_peft_adapter_inspect_does_not_import_torch(lora_checkpoint):
+    report = assert_inspected_without_torch(lora_checkpoint)
     assert report["container"] == "peft-adapter"
 
 
 @pytest.mark.slow
-def test_convert_with_param_order_does_not_rebuild_the_order(adapter_folder, tmp_path):
+def test_convert_with_param_order_does_not_rebuild_the_order(lora_checkpoint, tmp_path):
     """--param-order gives the order: the model is not rebuilt, transformers and peft are not imported."""
-    order = adapter_folder.parent.parent / "order.txt"
-    _, imported = cli_imports("convert", adapter_folder, tmp_path / "release", "--param-order", order, "--quiet")
+    order = lora_checkpoint.parent.parent / "order.txt"
+    _, imported = cli_imports("convert", lora_checkpoint, tmp_path / "release", "--param-order", order, "--quiet")
     assert imported == ["torch"]
 
 
 @pytest.mark.slow
-def test_api_plan_with_the_order_deferred_is_never_written(trainer_folder, tmp_path):
+def test_api_plan_with_the_order_deferred_is_never_written(trainer_checkpoint, tmp_path):
     """reconstruct(undecided_ok=True) leaves the order unbuilt; saving such a plan says what to do."""
     import sfckpt
     from sfckpt.mapping import OrderDeferred
 
-    recon = sfckpt.reconstruct(sfckpt.load(trainer_folder), undecided_ok=True)
+    recon = sfckpt.reconstruct(sfckpt.load(trainer_checkpoint), undecided_ok=True)
     assert isinstance(recon.undecided, OrderDeferred)
     with pytest.raises(OrderDeferred, match="not rebuilt for a plan made with undecided_ok"):
         sfckpt.save(recon, tmp_path / "x.safetensors")

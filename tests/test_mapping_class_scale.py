@@ -4,14 +4,13 @@ works a block of entries at a time and keeps only each entry's nearby candidates
 """
 from __future__ import annotations
 
-import tracemalloc
 
 import pytest
 import schedulefree
 import torch
 from torch import nn
 
-from conftest import assert_equal_tensors, read
+from conftest import assert_equal_tensors, convert_traced, read
 from recipes import eval_x
 
 EXPERTS = 3000
@@ -41,14 +40,7 @@ def test_3000_same_shape_experts_map_in_bounded_memory(run, tmp_path):
         model(torch.randn(4, 8)).pow(2).mean().backward()
         opt.step()
     expected = eval_x(model, opt)
-    ckpt, out = tmp_path / "ckpt.pt", tmp_path / "x.safetensors"
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, ckpt)
-    tracemalloc.start()
-    try:
-        result = run("convert", ckpt, out)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    result, out, peak = convert_traced(run, tmp_path, model, opt)
     assert result.exit_code == 0, result.stderr
     assert_equal_tensors(read(out), expected)
     assert peak < 128 * 2 ** 20, f"{peak / 2 ** 20:.0f} MiB traced while mapping {EXPERTS:,} same-shape tensors"

@@ -8,14 +8,13 @@ whose rows are equal share one mask and one domain list (`content._shared_mask`,
 """
 from __future__ import annotations
 
-import tracemalloc
 
 import pytest
 import schedulefree
 import torch
 from torch import nn
 
-from conftest import assert_equal_tensors, read
+from conftest import assert_equal_tensors, convert_traced, read
 from recipes import eval_x
 
 BLOCKS = 3000
@@ -47,14 +46,7 @@ def test_3000_look_alike_gains_map_in_bounded_memory(run, tmp_path):
         sum(b(torch.randn(2, 4)).pow(2).sum() for b in model).backward()
         opt.step()
     expected = eval_x(model, opt)
-    ckpt, out = tmp_path / "ckpt.pt", tmp_path / "x.safetensors"
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, ckpt)
-    tracemalloc.start()
-    try:
-        result = run("convert", ckpt, out)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    result, out, peak = convert_traced(run, tmp_path, model, opt)
     assert result.exit_code == 0, result.stderr
     assert_equal_tensors(read(out), expected)
     assert peak < 192 * 2 ** 20, f"{peak / 2 ** 20:.0f} MiB traced while converting {BLOCKS:,} look-alike gains"

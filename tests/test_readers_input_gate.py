@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 import trainers
-from conftest import assert_one_error_line, FIXTURES, SCRIPTS
+from conftest import assert_one_error_line, FIXTURES
 from sfckpt.errors import InputError
 from sfckpt.sources import released_weights
 
@@ -402,27 +402,6 @@ def test_param_order_file_is_the_users_own_and_may_lie_anywhere(trained, run, tm
 
 
 # ---- real Trainer and PEFT folders ---------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def lora_checkpoint(tmp_path_factory):
-    """A LoRA adapter checkpoint as the Trainer saves it (scripts/peft_lora.py, as tests/test_readers_peft.py runs it)."""
-    pytest.importorskip("peft")
-    out = tmp_path_factory.mktemp("lora")
-    result = subprocess.run([sys.executable, SCRIPTS / "peft_lora.py", out], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out / "run" / "checkpoint-3"
-
-
-@pytest.fixture(scope="module")
-def trainer_checkpoint(tmp_path_factory):
-    """A Hugging Face Trainer checkpoint-N folder (scripts/hf_trainer.py, as tests/test_readers_hf_trainer.py runs it)."""
-    pytest.importorskip("transformers")
-    out = tmp_path_factory.mktemp("hf")
-    result = subprocess.run([sys.executable, SCRIPTS / "hf_trainer.py", out, "schedule_free_adamw", "train"],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out / "checkpoint-3"
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["README.md", "adapter_config.json"])

@@ -1,12 +1,9 @@
 """The Trainer folder's parameter order is rebuilt from config.json (importing transformers) only where
 the mapping needs it: where names and content place every optimizer entry, the order changes nothing."""
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from conftest import SCRIPTS, assert_equal_tensors, read
+from conftest import assert_equal_tensors, read, run_script
 from test_cli_inspect_imports import cli_imports
 
 pytestmark = pytest.mark.slow  # every test here reads a Hugging Face Trainer run made in a child process
@@ -16,8 +13,7 @@ pytestmark = pytest.mark.slow  # every test here reads a Hugging Face Trainer ru
 def one_step(tmp_path_factory):
     pytest.importorskip("transformers")
     out = tmp_path_factory.mktemp("hf-one-step")
-    result = subprocess.run([sys.executable, SCRIPTS / "hf_trainer_one_step.py", out], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script("hf_trainer_one_step.py", out)
     return out / "checkpoint-1", torch.load(out / "expected_x.pt")
 
 
